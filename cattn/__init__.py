@@ -1,0 +1,29 @@
+"""cattn: exact, fast self-attention on the CPU.
+
+    import cattn
+    out = cattn.scaled_dot_product_attention(query, key, value, is_causal=True)
+
+`cattn.reference` holds the readable NumPy definition the kernel is tested against.
+"""
+from cattn._api import merge_attention, scaled_dot_product_attention
+from cattn._kernel import openmp_enabled
+from cattn import reference
+
+__version__ = "0.1.0"
+
+
+def show_config():
+    """How this build runs: OpenMP, threads, the SIMD path for exp, the BLAS limiter."""
+    from cattn import _kernel
+    from cattn._blas_threads import single_threaded_blas
+    return {
+        "version": __version__,
+        "openmp": _kernel.openmp_enabled(),
+        "default_num_threads": _kernel.default_num_threads(),
+        "simd": _kernel.simd_path(),
+        "blas_thread_control": single_threaded_blas.backend,
+    }
+
+
+__all__ = ["scaled_dot_product_attention", "merge_attention", "reference",
+           "openmp_enabled", "show_config", "__version__"]

@@ -1,0 +1,417 @@
+"""The validating front of the kernel: every check happens here, once per call.
+
+A call is turned into a small plan for `cattn._kernel.attention`: one table row per
+(batch..., head) item with the element offsets of its query, key, value, mask and output
+matrices, its key length and where its causal diagonal lies. Broadcasting, grouped-query
+heads and arbitrary strides are all expressed as offsets, so nothing is copied or
+expanded, except a matrix whose last axis is not contiguous (BLAS needs unit stride there).
+"""
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from cattn import _kernel
+from cattn._blas_threads import single_threaded_blas
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INT32_MAX = 2**31 - 1
+# "No limit" for window sides: far beyond any index, far below int64 overflow.
+_UNBOUNDED = 2**60
+_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+# ------------------------------------------------------------------ validation helpers
+
+def _check_array(x, name):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64, "
+                        f"got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (..., length, features), "
+                         f"got shape {x.shape}")
+
+
+def _check_int(x, name, minimum):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
+    x = operator.index(x)
+    if x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    return x
+
+
+def _check_positive_float(x, name):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a positive real number, got {type(x).__name__}")
+    x = float(x)
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {x}")
+    return x
+
+
+def _check_flag(x, name):
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {x!r}")
+    return bool(x)
+
+
+def _broadcast_batch(shapes, names):
+    try:
+        return np.broadcast_shapes(*shapes)
+    except ValueError:
+        listed = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
+        raise ValueError(f"leading (batch) dimensions do not broadcast: {listed}") from None
+
+
+def _element_strides(x):
+    """Strides in elements; None when some stride is not a whole number of elements."""
+    item = x.itemsize
+    if any(s % item for s in x.strides):
+        return None
+    return tuple(s // item for s in x.strides)
+
+
+def _blas_ready(x):
+    """x itself, or a copy whose matrices BLAS can read: unit stride along the last axis
+    and a row stride that is a valid, positive leading dimension."""
+    strides = _element_strides(x)
+    rows, cols = x.shape[-2:]
+    if strides is not None:
+        rs, cs = strides[-2:]
+        if (cs == 1 or cols <= 1) and (rs >= max(cols, 1) or rows <= 1) and rs <= _INT32_MAX:
+            return x
+    return np.ascontiguousarray(x)
+
+
+def _matrix_strides(x):
+    """(row stride, column stride) in elements of a _blas_ready array, normalized so the
+    degenerate 1-row or 1-column cases still satisfy BLAS's leading-dimension rules."""
+    strides = _element_strides(x)
+    rows, cols = x.shape[-2:]
+    rs = strides[-2] if rows > 1 else max(cols, 1)
+    return rs, 1
+
+
+def _overlaps(a, b):
+    """Whether a and b share memory; undecidable cases count as sharing."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return np.shares_memory(a, b, max_work=10**5)
+    except np.exceptions.TooHardError:
+        return True
+
+
+def _item_offsets(x, batch_shape):
+    """Element offset of each batch item's matrix in x (x's leading dims broadcast
+    against batch_shape, right-aligned), flattened in C order over batch_shape."""
+    strides = _element_strides(x)
+    lead = x.ndim - 2
+    offsets = np.zeros(batch_shape, dtype=np.intp)
+    for axis in range(lead):
+        size = x.shape[axis]
+        if size == 1:
+            continue
+        target_axis = len(batch_shape) - lead + axis
+        shape = [1] * len(batch_shape)
+        shape[target_axis] = size
+        offsets += (np.arange(size, dtype=np.intp) * strides[axis]).reshape(shape)
+    return offsets.reshape(-1)
+
+
+# ---------------------------------------------------------------------- the public API
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False,
+                                 scale=None, *, enable_gqa=False, window=None,
+                                 alignment="top_left", key_lengths=None, softcap=None,
+                                 return_lse=False, return_weights=False, out=None,
+                                 num_threads=None, dropout_p=0.0):
+    """Exact attention softmax(Q·Kᵀ·scale + mask)·V, computed tile by tile.
+
+    Parameters
+    ----------
+    query : ndarray (..., L, E), float32 or float64
+    key : ndarray (..., S, E), same dtype
+    value : ndarray (..., S, Ev), same dtype
+        Leading dimensions broadcast as in NumPy. Any strides are accepted.
+    attn_mask : ndarray, optional
+        Broadcastable to (..., L, S). Boolean: True means the key takes part (as in
+        PyTorch). Float: added to the scaled scores (-inf excludes a key). Never expanded.
+    is_causal : bool
+        Mask keys after the query's position, on the diagonal chosen by `alignment`.
+    scale : float, optional
+        Multiplies Q·Kᵀ; defaults to 1/sqrt(E).
+    enable_gqa : bool
+        Grouped-query attention: query heads (axis -3) Hq, key/value heads Hkv with
+        Hq % Hkv == 0; query head h uses key/value head h // (Hq // Hkv). Nothing is copied.
+    window : (left, right), optional
+        Sliding-window attention: query i sees keys j with i - left <= j <= i + right
+        (relative to the diagonal); either side may be None for no limit.
+    alignment : "top_left" or "bottom_right"
+        Where the diagonal of `is_causal` and `window` lies when L != S. "top_left"
+        (PyTorch's is_causal): query i is aligned with key i. "bottom_right": the last
+        query is aligned with the last (valid) key, as a KV cache or chunked prefill needs.
+    key_lengths : int or integer array, optional
+        Valid keys per batch item; keys at or past the length are ignored. Its axes index
+        the leading batch axes from the left, so a (B,) array with (B, H, L, E) queries
+        gives one length per sequence. With "bottom_right", the diagonal follows each
+        item's own length.
+    softcap : float, optional
+        Scores become softcap·tanh(scores/softcap) before the mask (Gemma 2).
+    return_lse : bool
+        Also return the natural-log sum of exp of each row's scores, shape (..., L).
+    return_weights : bool
+        Also return the attention weights (..., L, S); each visible row sums to 1.
+    out : ndarray, optional
+        Preallocated output of shape (..., L, Ev) and the inputs' dtype (any strides).
+    num_threads : int, optional
+        Threads for this call; defaults to OpenMP's (OMP_NUM_THREADS or all cores).
+    dropout_p : float
+        Accepted for PyTorch compatibility; must be 0 (cattn computes inference).
+
+    Returns
+    -------
+    out, or a tuple (out, weights), (out, lse) or (out, weights, lse).
+
+    A query row that sees no key at all (fully masked) gets output 0 and lse -inf.
+    """
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        _check_array(x, name)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError("query, key and value must have the same dtype, got "
+                        f"{query.dtype}, {key.dtype} and {value.dtype}")
+    dtype = query.dtype
+    L, E = query.shape[-2:]
+    S, E_k = key.shape[-2:]
+    S_v, Ev = value.shape[-2:]
+    if E_k != E:
+        raise ValueError(f"query and key must have the same feature size E (last axis), "
+                         f"got query {query.shape} and key {key.shape}")
+    if S_v != S:
+        raise ValueError(f"key and value must have the same number of keys S (axis -2), "
+                         f"got key {key.shape} and value {value.shape}")
+    is_causal = _check_flag(is_causal, "is_causal")
+    enable_gqa = _check_flag(enable_gqa, "enable_gqa")
+    return_lse = _check_flag(return_lse, "return_lse")
+    return_weights = _check_flag(return_weights, "return_weights")
+    if not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
+        raise ValueError("dropout_p must be 0: cattn computes attention for inference")
+    if E == 0 or Ev == 0:
+        raise ValueError(f"query/key and value need at least one feature (last axis), got "
+                         f"E = {E} and Ev = {Ev}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    else:
+        scale = _check_positive_float(scale, "scale")
+    softcap = 0.0 if softcap is None else _check_positive_float(softcap, "softcap")
+    if alignment not in _ALIGNMENTS:
+        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
+    if num_threads is None:
+        num_threads = _kernel.default_num_threads()
+    else:
+        num_threads = _check_int(num_threads, "num_threads", 1)
+
+    # ---- batch shape, with grouped-query heads
+    names = ("query", "key", "value")
+    if enable_gqa:
+        for name, x in zip(names, (query, key, value)):
+            if x.ndim < 3:
+                raise ValueError(f"enable_gqa needs a head axis (-3): {name} has shape "
+                                 f"{x.shape}")
+        Hq, Hk, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        if Hk != Hv:
+            raise ValueError(f"key and value must have the same number of heads, got "
+                             f"{Hk} and {Hv}")
+        if Hk == 0 or Hq % Hk:
+            raise ValueError(f"enable_gqa needs query heads to be a multiple of key/value "
+                             f"heads, got {Hq} query heads and {Hk} key/value heads")
+        outer = _broadcast_batch([x.shape[:-3] for x in (query, key, value)], names)
+        batch_shape = outer + (Hq,)
+        group = Hq // Hk
+    else:
+        batch_shape = _broadcast_batch([x.shape[:-2] for x in (query, key, value)], names)
+        group = 1
+    n_items = math.prod(batch_shape)
+    out_shape = batch_shape + (L, Ev)
+
+    # ---- mask
+    mask_kind = _kernel.MASK_NONE
+    mask = None
+    mask_rs = mask_cs = 0
+    mask_offsets = 0
+    if attn_mask is not None:
+        if not isinstance(attn_mask, np.ndarray):
+            raise TypeError(f"attn_mask must be a numpy.ndarray (bool or float), got "
+                            f"{type(attn_mask).__name__}")
+        full = batch_shape + (L, S)
+        if attn_mask.ndim < 2:
+            raise ValueError(f"attn_mask must have at least 2 dimensions (L, S) "
+                             f"broadcastable to {full}, got shape {attn_mask.shape}")
+        try:
+            fits = np.broadcast_shapes(attn_mask.shape, full) == full
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"attn_mask of shape {attn_mask.shape} does not broadcast to "
+                             f"the attention shape (..., L, S) = {full}")
+        if attn_mask.dtype == np.bool_:
+            mask_kind = _kernel.MASK_BOOL
+            mask = attn_mask.view(np.uint8)
+        elif attn_mask.dtype.kind == "f":
+            mask_kind = _kernel.MASK_ADDITIVE
+            mask = attn_mask.astype(dtype, copy=False)
+        else:
+            raise TypeError(f"attn_mask must be boolean (True = attend) or floating "
+                            f"(added to the scores), got dtype {attn_mask.dtype}")
+        if _element_strides(mask) is None:
+            mask = np.ascontiguousarray(mask)
+        m_strides = _element_strides(mask)
+        mask_rs = m_strides[-2] if mask.shape[-2] > 1 else 0
+        mask_cs = m_strides[-1] if mask.shape[-1] > 1 else 0
+        mask_offsets = _item_offsets(mask, batch_shape)
+
+    # ---- key lengths and the causal diagonal
+    if key_lengths is None:
+        kv_len = np.full(n_items, S, dtype=np.intp)
+    else:
+        kl = np.asarray(key_lengths)
+        if kl.dtype.kind not in "iu":
+            raise TypeError(f"key_lengths must be integers, got dtype {kl.dtype}")
+        if kl.ndim > len(batch_shape) or kl.shape != batch_shape[:kl.ndim]:
+            raise ValueError(f"key_lengths of shape {kl.shape} must match the leading batch "
+                             f"axes {batch_shape} from the left (e.g. one per sequence)")
+        if kl.size and (kl.min() < 0 or kl.max() > S):
+            raise ValueError(f"key_lengths must lie in [0, S={S}], got values from "
+                             f"{kl.min()} to {kl.max()}")
+        kl = kl.astype(np.intp).reshape(kl.shape + (1,) * (len(batch_shape) - kl.ndim))
+        kv_len = np.broadcast_to(kl, batch_shape).reshape(-1)
+    diag = kv_len - L if alignment == "bottom_right" else np.zeros(n_items, dtype=np.intp)
+
+    # ---- window (relative to the diagonal); causal closes its right side
+    win_left, win_right = _UNBOUNDED, _UNBOUNDED
+    if window is not None:
+        try:
+            left, right = window
+        except (TypeError, ValueError):
+            raise TypeError(f"window must be a pair (left, right) of ints or None, "
+                            f"got {window!r}") from None
+        if left is not None:
+            win_left = _check_int(left, "window left", 0)
+        if right is not None:
+            win_right = _check_int(right, "window right", 0)
+    if is_causal:
+        win_right = 0
+
+    # ---- outputs
+    if out is None:
+        out = np.empty(out_shape, dtype=dtype)
+    else:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        if out.shape != out_shape or out.dtype != dtype:
+            raise ValueError(f"out must have shape {out_shape} and dtype {dtype}, got "
+                             f"shape {out.shape} and dtype {out.dtype}")
+        if not out.flags.writeable:
+            raise ValueError("out is read-only")
+        for name, x in (("query", query), ("key", key), ("value", value),
+                        ("attn_mask", attn_mask)):
+            if x is not None and _overlaps(out, x):
+                raise ValueError(f"out overlaps {name}: the output must not share memory "
+                                 f"with an input")
+        if _element_strides(out) is None:
+            raise ValueError("out has strides that are not a multiple of its item size")
+    lse = np.empty(batch_shape + (L,), dtype=dtype) if return_lse else None
+    weights = np.zeros(batch_shape + (L, S), dtype=dtype) if return_weights else None
+
+    # ---- operands BLAS can read, and the per-item table
+    query, key, value = _blas_ready(query), _blas_ready(key), _blas_ready(value)
+    q_rs, _ = _matrix_strides(query)
+    k_rs, _ = _matrix_strides(key)
+    v_rs, _ = _matrix_strides(value)
+    out_strides = _element_strides(out)
+    table = np.empty((n_items, _kernel.TABLE_COLUMNS), dtype=np.intp)
+    table[:, 0] = _item_offsets(query, batch_shape)
+    if enable_gqa:
+        kv_batch = batch_shape[:-1] + (batch_shape[-1] // group,)
+        head_of_query = np.arange(batch_shape[-1]) // group
+        for col, x in ((1, key), (2, value)):
+            offs = _item_offsets(x, kv_batch).reshape(kv_batch)
+            table[:, col] = offs[..., head_of_query].reshape(-1)
+    else:
+        table[:, 1] = _item_offsets(key, batch_shape)
+        table[:, 2] = _item_offsets(value, batch_shape)
+    table[:, 3] = _item_offsets(out, batch_shape)
+    table[:, 4] = mask_offsets
+    table[:, 5] = kv_len
+    table[:, 6] = diag
+
+    block_q, block_k = _block_sizes(L, S, E, Ev)
+    n_tasks = n_items * -(-L // block_q)
+    threads = max(1, min(num_threads, n_tasks))
+    scratch = np.empty(threads * _kernel.scratch_elements(block_q, block_k, Ev,
+                                                           return_weights), dtype=dtype)
+    with single_threaded_blas:
+        _kernel.attention(query, key, value, out, lse, weights, mask, mask_kind, table,
+                          scratch, L, S, E, Ev, q_rs, k_rs, v_rs,
+                          out_strides[-2], out_strides[-1], mask_rs, mask_cs,
+                          win_left, win_right, scale, softcap, block_q, block_k,
+                          return_weights, threads)
+    if return_weights and return_lse:
+        return out, weights, lse
+    if return_weights:
+        return out, weights
+    if return_lse:
+        return out, lse
+    return out
+
+
+def _block_sizes(L, S, E, Ev):
+    """Query rows per task and keys per block."""
+    block_q = min(max(L, 1), 128)
+    block_k = min(max(S, 1), 512)
+    return block_q, block_k
+
+
+def merge_attention(outputs, lses):
+    """Combine attention results over disjoint chunks of keys into the result over all.
+
+    outputs : sequence of arrays (..., L, Ev), one per chunk of keys
+    lses : sequence of arrays (..., L), the matching `return_lse=True` results
+
+    Returns (out, lse): exactly what one call over the union of the keys returns, up to
+    rounding. Each chunk is weighted by exp(lse_chunk - lse_total); chunks in which a row
+    sees no key (lse -inf) contribute nothing, and a row that sees no key in any chunk
+    gets output 0 and lse -inf.
+    """
+    if isinstance(outputs, np.ndarray) or isinstance(lses, np.ndarray):
+        raise TypeError("outputs and lses must be sequences (lists) of arrays, one per chunk")
+    outputs, lses = list(outputs), list(lses)
+    if not outputs or len(outputs) != len(lses):
+        raise ValueError(f"need one lse per output and at least one chunk, got "
+                         f"{len(outputs)} outputs and {len(lses)} lses")
+    for o, s in zip(outputs, lses):
+        _check_array(o, "each output")
+        if not isinstance(s, np.ndarray) or s.dtype != o.dtype:
+            raise TypeError("each lse must be an ndarray of its output's dtype")
+        if s.shape != o.shape[:-1] or o.shape != outputs[0].shape:
+            raise ValueError(f"outputs must all have one shape (..., L, Ev) and lses "
+                             f"(..., L); got output {o.shape} with lse {s.shape}")
+    dtype = outputs[0].dtype
+    if any(o.dtype != dtype for o in outputs):
+        raise TypeError("all outputs must have the same dtype")
+    lse_stack = np.stack(lses)
+    lse_max = lse_stack.max(axis=0)
+    safe_max = np.where(np.isfinite(lse_max), lse_max, 0).astype(dtype)
+    chunk_weights = np.exp(lse_stack - safe_max)  # exp(-inf) = 0 for empty chunks
+    total = chunk_weights.sum(axis=0)
+    out = np.zeros_like(outputs[0])
+    for o, w in zip(outputs, chunk_weights):
+        out += o * w[..., None]
+    np.divide(out, total[..., None], out=out, where=total[..., None] != 0)
+    with np.errstate(divide="ignore"):
+        lse = (safe_max + np.log(total)).astype(dtype)
+    return out, lse

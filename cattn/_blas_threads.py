@@ -1,0 +1,95 @@
+"""Keep BLAS on one thread while the kernel's OpenMP threads call it.
+
+Each OpenMP thread of the kernel calls GEMM on its own small blocks; if BLAS also spread
+each call over all cores, 2 threads would run 2 × n BLAS threads (oversubscription).
+So BLAS is limited to one thread for the duration of a kernel call, once per call, never
+per block.
+
+SciPy's wheels bundle OpenBLAS (the library `scipy.linalg.cython_blas` calls), whose
+`openblas_set_num_threads` takes effect at once and costs well under a microsecond through
+ctypes. threadpoolctl does the same for any BLAS but costs tens of microseconds a call,
+which would dominate tiny inputs: it is only the fallback, when installed, for SciPy
+builds against another BLAS.
+
+The limit is reference-counted, so concurrent cattn calls from several Python threads
+restore the user's setting only when the last of them returns.
+"""
+import ctypes
+import glob
+import os
+import threading
+
+import scipy
+
+_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+            "openblas_set_num_threads64_", "openblas_set_num_threads")
+_GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+            "openblas_get_num_threads64_", "openblas_get_num_threads")
+
+
+def _find_openblas():
+    """(get, set) ctypes functions of the OpenBLAS that SciPy uses, or None."""
+    root = os.path.dirname(os.path.dirname(scipy.__file__))
+    patterns = [os.path.join(root, d, "*openblas*") for d in ("scipy.libs", "scipy/.dylibs")]
+    for path in sorted(p for pat in patterns for p in glob.glob(pat)):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get_name, set_name in zip(_GETTERS, _SETTERS):
+            get = getattr(lib, get_name, None)
+            set_ = getattr(lib, set_name, None)
+            if get is not None and set_ is not None:
+                get.restype = ctypes.c_int
+                get.argtypes = []
+                set_.restype = None
+                set_.argtypes = [ctypes.c_int]
+                return get, set_
+    return None
+
+
+class _SingleThreadedBlas:
+    """Context manager: BLAS on one thread inside, the user's setting restored after."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = None
+        self._openblas = _find_openblas()
+        self._threadpoolctl = None
+        self.backend = "openblas" if self._openblas is not None else "none"
+        if self._openblas is None:
+            try:
+                import threadpoolctl
+                self._threadpoolctl = threadpoolctl
+                self.backend = "threadpoolctl"
+            except ImportError:
+                pass
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                if self._openblas is not None:
+                    get, set_ = self._openblas
+                    self._saved = get()
+                    if self._saved != 1:
+                        set_(1)
+                elif self._threadpoolctl is not None:
+                    self._saved = self._threadpoolctl.threadpool_limits(1, user_api="blas")
+            self._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                if self._openblas is not None:
+                    if self._saved != 1:
+                        self._openblas[1](self._saved)
+                elif self._saved is not None:
+                    self._saved.restore_original_limits()
+                self._saved = None
+        return False
+
+
+single_threaded_blas = _SingleThreadedBlas()

@@ -1,0 +1,332 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, infer_types=False
+"""The tiled (FlashAttention-style) attention loop nest.
+
+One task is one block of query rows of one (batch, head) item. For each block of keys it
+visible to it, the task computes the scores with one GEMM, applies mask, window and
+softcap, folds the block into a running (online) softmax, and accumulates P·V with a
+second GEMM. The L×S score matrix never exists; scratch is one block per thread.
+
+Every variant is a parameter of the same loop nest: which keys a query row may see is the
+interval [i + diag - left, i + diag + right] ∩ [0, kv_len), where `diag` places the
+causal diagonal (top-left or bottom-right) and kv_len is the batch item's key length.
+Whole key blocks outside the union of those intervals are never visited.
+
+The caller (cattn._api) validates everything; nothing here checks or raises.
+"""
+from cython cimport floating
+from cython.parallel cimport prange, parallel, threadid
+from libc.math cimport INFINITY, log, tanh
+from libc.stdint cimport uint8_t
+from libc.string cimport memset
+
+cimport numpy as cnp
+
+from cattn._blas cimport gemm_ab, gemm_abt
+from cattn._simd cimport (
+    cattn_row_max_f32, cattn_row_max_f64, cattn_exp_shift_sum_f32,
+    cattn_exp_shift_sum_f64, cattn_expf_scalar, cattn_exp_scalar, cattn_simd_path,
+    CATTN_OPENMP_ENABLED, omp_get_max_threads,
+)
+
+cnp.import_array()
+
+# Columns of the per-batch-item table built by the Python layer: element offsets of each
+# operand's (L, ·) matrix, then the item's key length and causal diagonal.
+cdef enum:
+    COL_Q = 0
+    COL_K = 1
+    COL_V = 2
+    COL_OUT = 3
+    COL_MASK = 4
+    COL_KV_LEN = 5
+    COL_DIAG = 6
+    N_COLS = 7
+TABLE_COLUMNS = N_COLS
+
+MASK_NONE = 0
+MASK_BOOL = 1
+MASK_ADDITIVE = 2
+
+
+cdef struct Plan:
+    Py_ssize_t n_items, L, S, E, Ev
+    Py_ssize_t q_rs, k_rs, v_rs, out_rs, out_cs, mask_rs, mask_cs   # element strides
+    int mask_kind
+    Py_ssize_t win_left, win_right        # visible keys: [i+diag-left, i+diag+right]
+    double scale, softcap                  # softcap <= 0: off
+    Py_ssize_t block_q, block_k, n_q_blocks
+    bint weights_mode                      # scores go straight into the weights output
+    const Py_ssize_t* table                # (n_items, N_COLS)
+
+
+cdef inline floating row_max(const floating* x, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return cattn_row_max_f32(x, n)
+    else:
+        return cattn_row_max_f64(x, n)
+
+
+cdef inline floating exp_shift_sum(floating* x, Py_ssize_t n, floating shift) noexcept nogil:
+    """x <- exp(x - shift), returning the sum of the new x."""
+    if floating is float:
+        return cattn_exp_shift_sum_f32(x, n, shift)
+    else:
+        return cattn_exp_shift_sum_f64(x, n, shift)
+
+
+cdef inline floating exp_scalar(floating x) noexcept nogil:
+    if floating is float:
+        return cattn_expf_scalar(x)
+    else:
+        return cattn_exp_scalar(x)
+
+
+cdef inline Py_ssize_t clamp(Py_ssize_t x, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    return lo if x < lo else (hi if x > hi else x)
+
+
+cdef inline void apply_softcap(floating* x, Py_ssize_t n, floating cap) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef floating inv_cap = 1 / cap
+    for j in range(n):
+        x[j] = cap * <floating> tanh(x[j] * inv_cap)
+
+
+cdef inline void apply_mask(floating* x, Py_ssize_t n, const Plan* p,
+                            const floating* mask_add, const uint8_t* mask_bool,
+                            Py_ssize_t mask_pos) noexcept nogil:
+    """Add the float mask or drop (-inf) the keys the boolean mask excludes."""
+    cdef Py_ssize_t j, cs = p.mask_cs
+    if p.mask_kind == 2:
+        mask_add += mask_pos
+        if cs == 1:
+            for j in range(n):
+                x[j] += mask_add[j]
+        else:
+            for j in range(n):
+                x[j] += mask_add[j * cs]
+    elif p.mask_kind == 1:
+        mask_bool += mask_pos
+        for j in range(n):
+            if not mask_bool[j * cs]:
+                x[j] = -INFINITY
+
+
+cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssize_t b,
+                          Py_ssize_t r, Py_ssize_t mask_pos, const Plan* p,
+                          const floating* mask_add, const uint8_t* mask_bool,
+                          floating* acc, floating* run_max, floating* run_sum) noexcept nogil:
+    """Turn one row of block scores into probabilities P (visible keys [a, b) of the block)
+    and fold them into the running max, sum and accumulator of query row r."""
+    cdef Py_ssize_t j, Ev = p.Ev
+    cdef floating blk_max, m_old, m_new, corr
+    cdef floating* x = row + a
+    cdef Py_ssize_t n = b - a
+    if n <= 0:
+        memset(row, 0, n_keys * sizeof(floating))
+        return
+    if a > 0:
+        memset(row, 0, a * sizeof(floating))
+    if b < n_keys:
+        memset(row + b, 0, (n_keys - b) * sizeof(floating))
+    if p.softcap > 0:
+        apply_softcap(x, n, <floating> p.softcap)
+    if p.mask_kind != 0:
+        apply_mask(x, n, p, mask_add, mask_bool, mask_pos)
+    blk_max = row_max(x, n)
+    m_old = run_max[r]
+    m_new = blk_max if blk_max > m_old else m_old
+    if m_new == -INFINITY:  # nothing visible yet: exp(-inf - -inf) would be NaN
+        memset(x, 0, n * sizeof(floating))
+        return
+    cdef floating block_sum = exp_shift_sum(x, n, m_new)
+    if m_new != m_old:
+        # Rescale what earlier blocks accumulated to the new maximum.
+        corr = exp_scalar(m_old - m_new)
+        run_sum[r] *= corr
+        acc += r * Ev
+        for j in range(Ev):
+            acc[j] *= corr
+    run_sum[r] += block_sum
+    run_max[r] = m_new
+
+
+cdef void attend_query_block(const Plan* p, Py_ssize_t task,
+                             const floating* q, const floating* k, const floating* v,
+                             const floating* mask_add, const uint8_t* mask_bool,
+                             floating* out, floating* lse, floating* weights,
+                             floating* scratch) noexcept nogil:
+    """One block of query rows of one batch item, over all the key blocks it can see.
+
+    scratch (this thread's own) holds, in order: running row max and row sum (block_q
+    each), the unnormalized output rows (block_q × Ev) and the block scores
+    (block_q × block_k, unused when the scores go straight into the weights output).
+    """
+    cdef const Py_ssize_t* item = p.table + (task // p.n_q_blocks) * N_COLS
+    cdef Py_ssize_t n = task // p.n_q_blocks
+    cdef Py_ssize_t i0 = (task % p.n_q_blocks) * p.block_q
+    cdef Py_ssize_t i1 = i0 + p.block_q if i0 + p.block_q < p.L else p.L
+    cdef Py_ssize_t rows = i1 - i0, Ev = p.Ev
+    cdef Py_ssize_t kv_len = item[COL_KV_LEN], diag = item[COL_DIAG]
+    cdef Py_ssize_t r, i, j, kb0, kb1, n_keys, lo, hi, ld
+    cdef floating* run_max = scratch
+    cdef floating* run_sum = scratch + p.block_q
+    cdef floating* acc = scratch + 2 * p.block_q
+    cdef floating* scores
+    cdef floating* weights_rows = NULL
+    cdef floating* out_row
+    cdef floating inv_sum
+    cdef const floating* q_block = q + item[COL_Q] + i0 * p.q_rs
+
+    # Keys any row of the block may see; lo and hi grow with i, so the first row gives
+    # the start and the last row the end.
+    cdef Py_ssize_t k_begin = clamp(i0 + diag - p.win_left, 0, kv_len)
+    cdef Py_ssize_t k_end = clamp(i1 - 1 + diag + p.win_right + 1, 0, kv_len)
+
+    for r in range(rows):
+        run_max[r] = -INFINITY
+        run_sum[r] = 0
+    memset(acc, 0, rows * Ev * sizeof(floating))
+    if p.weights_mode:
+        weights_rows = weights + (n * p.L + i0) * p.S
+
+    kb0 = k_begin
+    while kb0 < k_end:
+        if p.weights_mode:  # one block over all visible keys, written into the output
+            kb1 = k_end
+            scores = weights_rows + kb0
+            ld = p.S
+        else:
+            kb1 = kb0 + p.block_k if kb0 + p.block_k < k_end else k_end
+            scores = acc + p.block_q * Ev
+            ld = p.block_k
+        n_keys = kb1 - kb0
+        gemm_abt(<int> rows, <int> n_keys, <int> p.E, <floating> p.scale,
+                 q_block, <int> p.q_rs, k + item[COL_K] + kb0 * p.k_rs, <int> p.k_rs,
+                 <floating> 0, scores, <int> ld)
+        for r in range(rows):
+            i = i0 + r
+            lo = clamp(i + diag - p.win_left, 0, kv_len)
+            hi = clamp(i + diag + p.win_right + 1, 0, kv_len)
+            fold_row(scores + r * ld, n_keys, clamp(lo - kb0, 0, n_keys),
+                     clamp(hi - kb0, 0, n_keys), r,
+                     item[COL_MASK] + i * p.mask_rs + kb0 * p.mask_cs, p,
+                     mask_add, mask_bool, acc, run_max, run_sum)
+        gemm_ab(<int> rows, <int> Ev, <int> n_keys, <floating> 1, scores, <int> ld,
+                v + item[COL_V] + kb0 * p.v_rs, <int> p.v_rs, <floating> 1, acc, <int> Ev)
+        kb0 = kb1
+
+    for r in range(rows):
+        i = i0 + r
+        out_row = out + item[COL_OUT] + i * p.out_rs
+        if run_sum[r] == 0:  # no visible key: output 0, lse -inf (never NaN)
+            for j in range(Ev):
+                out_row[j * p.out_cs] = 0
+            if lse != NULL:
+                lse[n * p.L + i] = -INFINITY
+            continue
+        inv_sum = 1 / run_sum[r]
+        for j in range(Ev):
+            out_row[j * p.out_cs] = acc[r * Ev + j] * inv_sum
+        if lse != NULL:
+            lse[n * p.L + i] = run_max[r] + <floating> log(run_sum[r])
+        if p.weights_mode:
+            for j in range(k_begin, k_end):
+                weights_rows[r * p.S + j] *= inv_sum
+
+
+cdef void run_tasks(const Plan* p, int num_threads,
+                    const floating* q, const floating* k, const floating* v,
+                    const floating* mask_add, const uint8_t* mask_bool,
+                    floating* out, floating* lse, floating* weights,
+                    floating* scratch_base, Py_ssize_t scratch_stride) noexcept nogil:
+    cdef Py_ssize_t n_tasks = p.n_items * p.n_q_blocks
+    cdef Py_ssize_t task
+    cdef floating* mine = scratch_base
+    if num_threads <= 1:  # no parallel region at all: it costs microseconds on tiny inputs
+        for task in range(n_tasks):
+            attend_query_block(p, task, q, k, v, mask_add, mask_bool, out, lse, weights,
+                               mine)
+        return
+    with parallel(num_threads=num_threads):
+        # Each thread owns one slice of the scratch array (no shared mutable state).
+        mine = scratch_base + threadid() * scratch_stride
+        for task in prange(n_tasks, schedule='dynamic', chunksize=1):
+            attend_query_block(p, task, q, k, v, mask_add, mask_bool, out, lse, weights,
+                               mine)
+
+
+def scratch_elements(Py_ssize_t block_q, Py_ssize_t block_k, Py_ssize_t Ev,
+                     bint weights_mode):
+    """Elements of per-thread scratch, padded to 64 bytes so threads never share a line."""
+    cdef Py_ssize_t n = 2 * block_q + block_q * Ev + (0 if weights_mode else block_q * block_k)
+    return (n + 15) // 16 * 16
+
+
+cdef inline void* data_or_null(object arr):
+    if arr is None:
+        return NULL
+    return cnp.PyArray_DATA(<cnp.ndarray> arr)
+
+
+def attention(object q, object k, object v, object out, object lse, object weights,
+              object mask, int mask_kind, cnp.ndarray table, object scratch,
+              Py_ssize_t L, Py_ssize_t S, Py_ssize_t E, Py_ssize_t Ev,
+              Py_ssize_t q_rs, Py_ssize_t k_rs, Py_ssize_t v_rs,
+              Py_ssize_t out_rs, Py_ssize_t out_cs, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
+              Py_ssize_t win_left, Py_ssize_t win_right, double scale, double softcap,
+              Py_ssize_t block_q, Py_ssize_t block_k, bint weights_mode, int num_threads):
+    """Run the loop nest on validated operands (see cattn._api for their meaning).
+
+    q, k, v, out, lse, weights, mask and scratch are arrays whose data pointers point at
+    element 0 of every operand; all offsets are in elements and come from `table`.
+    """
+    cdef Plan p
+    p.n_items = table.shape[0]
+    p.L, p.S, p.E, p.Ev = L, S, E, Ev
+    p.q_rs, p.k_rs, p.v_rs = q_rs, k_rs, v_rs
+    p.out_rs, p.out_cs, p.mask_rs, p.mask_cs = out_rs, out_cs, mask_rs, mask_cs
+    p.mask_kind = mask_kind
+    p.win_left, p.win_right = win_left, win_right
+    p.scale, p.softcap = scale, softcap
+    p.block_q, p.block_k = block_q, block_k
+    p.n_q_blocks = (L + block_q - 1) // block_q
+    p.weights_mode = weights_mode
+    p.table = <const Py_ssize_t*> cnp.PyArray_DATA(table)
+    cdef Py_ssize_t stride = scratch_elements(block_q, block_k, Ev, weights_mode)
+    cdef void* qp = data_or_null(q)
+    cdef void* kp = data_or_null(k)
+    cdef void* vp = data_or_null(v)
+    cdef void* op = data_or_null(out)
+    cdef void* lp = data_or_null(lse)
+    cdef void* wp = data_or_null(weights)
+    cdef void* sp = data_or_null(scratch)
+    cdef void* mp = data_or_null(mask)
+    cdef bint is_double = (<cnp.ndarray> q).descr.type_num == cnp.NPY_DOUBLE
+    if p.n_items * p.n_q_blocks == 0:
+        return
+    with nogil:
+        if is_double:
+            run_tasks[double](&p, num_threads, <double*> qp, <double*> kp, <double*> vp,
+                              <double*> mp, <uint8_t*> mp, <double*> op, <double*> lp,
+                              <double*> wp, <double*> sp, stride)
+        else:
+            run_tasks[float](&p, num_threads, <float*> qp, <float*> kp, <float*> vp,
+                             <float*> mp, <uint8_t*> mp, <float*> op, <float*> lp,
+                             <float*> wp, <float*> sp, stride)
+
+
+def openmp_enabled():
+    """Whether this build was compiled with OpenMP (otherwise it runs on one thread)."""
+    return bool(CATTN_OPENMP_ENABLED)
+
+
+def default_num_threads():
+    """OpenMP's default team size (OMP_NUM_THREADS, else the number of cores)."""
+    return omp_get_max_threads()
+
+
+def simd_path():
+    """The row-operation code path this CPU takes: 'avx2+fma' or 'generic'."""
+    return cattn_simd_path().decode()

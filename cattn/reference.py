@@ -1,0 +1,100 @@
+"""The readable definition of attention, in plain NumPy, step by step.
+
+This is what cattn computes, written for clarity rather than speed: it materializes the
+full L×S matrix of scores. It has the same signature as
+`cattn.scaled_dot_product_attention` (without out= and num_threads=), stays in the input
+dtype (float32 stays float32), and is the baseline the benchmarks compare against. The
+tests call it on float64 copies of their inputs as the independent ground truth.
+
+The steps, as in the seeds: every query is scored against every key (Q·Kᵀ, scaled);
+keys a query may not see are removed; a softmax turns each row of scores into weights
+that sum to 1; each output is the weighted sum of the values.
+"""
+import math
+
+import numpy as np
+
+
+def visible_keys(L, S, is_causal=False, window=None, alignment="top_left",
+                 key_lengths=None, batch_shape=()):
+    """Boolean (..., L, S): which key each query may see, from the structural options."""
+    visible = np.ones(batch_shape + (L, S), dtype=bool)
+    if key_lengths is not None:
+        kl = np.asarray(key_lengths)
+        kl = kl.reshape(kl.shape + (1,) * (len(batch_shape) - kl.ndim))
+        kl = np.broadcast_to(kl, batch_shape)
+    else:
+        kl = np.full(batch_shape, S)
+    kl = kl[..., None, None]
+    i = np.arange(L)[:, None]
+    j = np.arange(S)[None, :]
+    # The diagonal: key (i + diag) is "the same position" as query i.
+    diag = kl - L if alignment == "bottom_right" else np.zeros_like(kl)
+    visible &= j < kl
+    if is_causal:
+        visible &= j <= i + diag
+    if window is not None:
+        left, right = window
+        if left is not None:
+            visible &= j >= i + diag - left
+        if right is not None:
+            visible &= j <= i + diag + right
+    return visible
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False,
+                                 scale=None, *, enable_gqa=False, window=None,
+                                 alignment="top_left", key_lengths=None, softcap=None,
+                                 return_lse=False, return_weights=False):
+    """softmax(Q·Kᵀ·scale + mask)·V with the full score matrix (see cattn for options)."""
+    dtype = query.dtype
+    L, E = query.shape[-2:]
+    S = key.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    scale = dtype.type(scale)  # a Python float would promote float32 to float64
+
+    # Grouped-query attention: each key/value head serves Hq // Hkv query heads.
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        group = query.shape[-3] // key.shape[-3]
+        key = np.repeat(key, group, axis=-3)
+        value = np.repeat(value, group, axis=-3)
+
+    # Step 1: score every query against every key.
+    scores = (query @ np.swapaxes(key, -1, -2)) * scale
+    if softcap is not None:
+        cap = dtype.type(softcap)
+        scores = cap * np.tanh(scores / cap)
+
+    # Step 2: remove what a query may not see.
+    batch_shape = scores.shape[:-2]
+    if attn_mask is not None:
+        if attn_mask.dtype == bool:
+            scores = np.where(attn_mask, scores, -np.inf).astype(dtype)
+        else:
+            scores = scores + attn_mask.astype(dtype)
+    structural = (is_causal or window is not None or key_lengths is not None)
+    if structural:
+        visible = visible_keys(L, S, is_causal, window, alignment, key_lengths, batch_shape)
+        scores = np.where(visible, scores, -np.inf).astype(dtype)
+
+    # Step 3: softmax over each row (subtract the row max so exp never overflows).
+    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
+    safe_max = np.where(np.isfinite(row_max), row_max, 0).astype(dtype)
+    exp_scores = np.exp(scores - safe_max)
+    row_sum = exp_scores.sum(axis=-1, keepdims=True)
+    # A row that sees no key has weights 0 (and output 0); NaN inputs stay NaN.
+    weights = np.divide(exp_scores, row_sum, out=np.zeros_like(exp_scores),
+                        where=row_sum != 0)
+
+    # Step 4: each output is the weighted sum of the values.
+    output = weights @ value
+
+    results = [output]
+    if return_weights:
+        results.append(weights)
+    if return_lse:
+        with np.errstate(divide="ignore"):
+            lse = (safe_max + np.log(row_sum))[..., 0]
+        results.append(lse.astype(dtype))
+    return results[0] if len(results) == 1 else tuple(results)

@@ -1,0 +1,84 @@
+"""Build the compiled core: Cython modules with OpenMP when the compiler has it.
+
+Environment variables:
+  CATTN_NO_OPENMP=1   build without OpenMP (serial kernels)
+  CATTN_CFLAGS="..."  extra compiler flags (for instance "-march=native"); the default
+                      build targets the baseline of the platform and picks AVX2 at run time.
+"""
+import os
+import shlex
+import sys
+import tempfile
+import textwrap
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+OPENMP_PROBE = textwrap.dedent("""
+    #include <omp.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        return omp_get_max_threads() > 0 && n > 0 ? 0 : 1;
+    }
+""")
+
+
+def openmp_flags(compiler):
+    """(compile flags, link flags) for OpenMP, or None when the compiler lacks it."""
+    if os.environ.get("CATTN_NO_OPENMP"):
+        return None
+    if compiler.compiler_type == "msvc":
+        candidates = [(["/openmp"], [])]
+    elif sys.platform == "darwin":
+        candidates = [(["-Xpreprocessor", "-fopenmp"], ["-lomp"]), (["-fopenmp"], ["-fopenmp"])]
+    else:
+        candidates = [(["-fopenmp"], ["-fopenmp"])]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(OPENMP_PROBE)
+        for cflags, ldflags in candidates:
+            try:
+                objs = compiler.compile([src], output_dir=tmp, extra_postargs=cflags)
+                compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=ldflags)
+                return cflags, ldflags
+            except Exception:
+                continue
+    return None
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        flags = openmp_flags(self.compiler)
+        if flags is None:
+            print("cattn: WARNING: no OpenMP support found in the compiler; building the "
+                  "serial kernels (every call runs on one thread).", file=sys.stderr)
+        extra_c = []
+        if self.compiler.compiler_type != "msvc":
+            extra_c = ["-O3", "-fno-math-errno", "-Wno-unused-function"]
+        extra_c += shlex.split(os.environ.get("CATTN_CFLAGS", ""))
+        for ext in self.extensions:
+            ext.extra_compile_args = extra_c + (flags[0] if flags else [])
+            ext.extra_link_args = list(flags[1]) if flags else []
+        super().build_extensions()
+
+
+extensions = [
+    Extension(
+        "cattn._kernel",
+        ["cattn/_kernel.pyx"],
+        include_dirs=[os.path.join(HERE, "src"), numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    ),
+]
+
+setup(
+    ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}),
+    cmdclass={"build_ext": BuildExt},
+)

@@ -1,0 +1,298 @@
+/*
+ * Row operations of the online softmax: row max, and x <- exp(x - shift) with the row sum.
+ *
+ * A scalar libm exp per score would dominate the run time of attention, so exp is a
+ * polynomial after range reduction (Cephes-style for float, degree-13 Taylor for double,
+ * both within about 1 ulp of libm on the range the softmax uses, x <= 0).
+ *
+ * Two builds of each function: AVX2+FMA intrinsics, compiled with a target attribute so a
+ * default (baseline x86-64) wheel still carries them, and a portable scalar version. The
+ * choice is made at run time from the CPU's features, so the same binary runs everywhere
+ * and the result never depends on the thread that computes it.
+ */
+#ifndef CATTN_SIMD_H
+#define CATTN_SIMD_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define CATTN_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#else
+#define CATTN_HAVE_AVX2_PATH 0
+#endif
+
+/* ---------------------------------------------------------------- scalar exp */
+
+/* exp(x) for float; 0 below the underflow threshold, NaN stays NaN. */
+static inline float cattn_expf_scalar(float x)
+{
+    if (x < -87.33654f) return 0.0f;
+    if (x > 88.0f) x = 88.0f; /* keeps 2^n finite */
+    float n = nearbyintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float y = 1.9875691500E-4f;
+    y = y * r + 1.3981999507E-3f;
+    y = y * r + 8.3334519073E-3f;
+    y = y * r + 4.1665795894E-2f;
+    y = y * r + 1.6666665459E-1f;
+    y = y * r + 5.0000001201E-1f;
+    y = y * r * r + r + 1.0f;
+    if (x != x) return x;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return y * two_n;
+}
+
+/* Taylor coefficients 1/k!, k = 13 down to 2, for exp on |r| <= ln(2)/2. */
+#define CATTN_EXP_D_COEFFS                                                         \
+    1.6059043836821614599e-10, 2.0876756987868098979e-9, 2.5052108385441718775e-8, \
+    2.7557319223985890653e-7, 2.7557319223985890653e-6, 2.4801587301587301587e-5,  \
+    1.9841269841269841270e-4, 1.3888888888888888889e-3, 8.3333333333333333333e-3,  \
+    4.1666666666666666667e-2, 1.6666666666666666667e-1, 0.5
+
+static const double cattn_exp_d_coeffs[12] = {CATTN_EXP_D_COEFFS};
+
+/* exp(x) for double; 0 below the underflow threshold, NaN stays NaN. */
+static inline double cattn_exp_scalar(double x)
+{
+    if (x < -708.3964185322641) return 0.0;
+    if (x > 709.0) x = 709.0; /* keeps 2^n finite */
+    double n = nearbyint(x * 1.4426950408889634074);
+    double r = x - n * 6.93145751953125e-1;
+    r = r - n * 1.42860682030941723212e-6;
+    double y = cattn_exp_d_coeffs[0];
+    for (int c = 1; c < 12; c++) y = y * r + cattn_exp_d_coeffs[c];
+    y = (y * r + 1.0) * r + 1.0;
+    if (x != x) return x;
+    int64_t bits = ((int64_t)n + 1023) << 52;
+    double two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return y * two_n;
+}
+
+/* ------------------------------------------------------ portable row functions */
+
+static float cattn_row_max_f32_generic(const float *x, ptrdiff_t n)
+{
+    float m = -INFINITY;
+    for (ptrdiff_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+static double cattn_row_max_f64_generic(const double *x, ptrdiff_t n)
+{
+    double m = -INFINITY;
+    for (ptrdiff_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+static float cattn_exp_shift_sum_f32_generic(float *x, ptrdiff_t n, float shift)
+{
+    float sum = 0.0f;
+    for (ptrdiff_t j = 0; j < n; j++) {
+        x[j] = cattn_expf_scalar(x[j] - shift);
+        sum += x[j];
+    }
+    return sum;
+}
+
+static double cattn_exp_shift_sum_f64_generic(double *x, ptrdiff_t n, double shift)
+{
+    double sum = 0.0;
+    for (ptrdiff_t j = 0; j < n; j++) {
+        x[j] = cattn_exp_scalar(x[j] - shift);
+        sum += x[j];
+    }
+    return sum;
+}
+
+/* ------------------------------------------------------------ AVX2 + FMA path */
+#if CATTN_HAVE_AVX2_PATH
+#define CATTN_AVX2 __attribute__((target("avx2,fma")))
+
+CATTN_AVX2 static inline __m256 cattn_exp_avx2_ps(__m256 x)
+{
+    const __m256 too_small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
+    /* min(bound, x) returns x when x is NaN, so NaN propagates. */
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+    return _mm256_andnot_ps(too_small, y);
+}
+
+CATTN_AVX2 static inline __m256d cattn_exp_avx2_pd(__m256d x)
+{
+    const __m256d too_small = _mm256_cmp_pd(x, _mm256_set1_pd(-708.3964185322641), _CMP_LT_OQ);
+    x = _mm256_min_pd(_mm256_set1_pd(709.0), x);
+    __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634074)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93145751953125e-1), x);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.42860682030941723212e-6), r);
+    __m256d y = _mm256_set1_pd(cattn_exp_d_coeffs[0]);
+    for (int c = 1; c < 12; c++) y = _mm256_fmadd_pd(y, r, _mm256_set1_pd(cattn_exp_d_coeffs[c]));
+    y = _mm256_fmadd_pd(y, r, _mm256_set1_pd(1.0));
+    y = _mm256_fmadd_pd(y, r, _mm256_set1_pd(1.0));
+    /* n is integral and within [-1022, 1024] here: build 2^n from its 64-bit exponent. */
+    __m256i n64 = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n));
+    __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(n64, _mm256_set1_epi64x(1023)), 52);
+    y = _mm256_mul_pd(y, _mm256_castsi256_pd(bits));
+    return _mm256_andnot_pd(too_small, y);
+}
+
+CATTN_AVX2 static float cattn_row_max_f32_avx2(const float *x, ptrdiff_t n)
+{
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
+    ptrdiff_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + j));
+        m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + j + 8));
+    }
+    for (; j + 8 <= n; j += 8) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + j));
+    m0 = _mm256_max_ps(m0, m1);
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m0);
+    float m = cattn_row_max_f32_generic(lanes, 8);
+    float tail = cattn_row_max_f32_generic(x + j, n - j);
+    return tail > m ? tail : m;
+}
+
+CATTN_AVX2 static double cattn_row_max_f64_avx2(const double *x, ptrdiff_t n)
+{
+    __m256d m0 = _mm256_set1_pd(-INFINITY), m1 = m0;
+    ptrdiff_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        m0 = _mm256_max_pd(m0, _mm256_loadu_pd(x + j));
+        m1 = _mm256_max_pd(m1, _mm256_loadu_pd(x + j + 4));
+    }
+    for (; j + 4 <= n; j += 4) m0 = _mm256_max_pd(m0, _mm256_loadu_pd(x + j));
+    m0 = _mm256_max_pd(m0, m1);
+    double lanes[4];
+    _mm256_storeu_pd(lanes, m0);
+    double m = cattn_row_max_f64_generic(lanes, 4);
+    double tail = cattn_row_max_f64_generic(x + j, n - j);
+    return tail > m ? tail : m;
+}
+
+CATTN_AVX2 static float cattn_exp_shift_sum_f32_avx2(float *x, ptrdiff_t n, float shift)
+{
+    const __m256 vshift = _mm256_set1_ps(shift);
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    ptrdiff_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m256 e0 = cattn_exp_avx2_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vshift));
+        __m256 e1 = cattn_exp_avx2_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vshift));
+        _mm256_storeu_ps(x + j, e0);
+        _mm256_storeu_ps(x + j + 8, e1);
+        s0 = _mm256_add_ps(s0, e0);
+        s1 = _mm256_add_ps(s1, e1);
+    }
+    for (; j + 8 <= n; j += 8) {
+        __m256 e0 = cattn_exp_avx2_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vshift));
+        _mm256_storeu_ps(x + j, e0);
+        s0 = _mm256_add_ps(s0, e0);
+    }
+    s0 = _mm256_add_ps(s0, s1);
+    float lanes[8];
+    _mm256_storeu_ps(lanes, s0);
+    float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    return sum + cattn_exp_shift_sum_f32_generic(x + j, n - j, shift);
+}
+
+CATTN_AVX2 static double cattn_exp_shift_sum_f64_avx2(double *x, ptrdiff_t n, double shift)
+{
+    const __m256d vshift = _mm256_set1_pd(shift);
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+    ptrdiff_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256d e0 = cattn_exp_avx2_pd(_mm256_sub_pd(_mm256_loadu_pd(x + j), vshift));
+        __m256d e1 = cattn_exp_avx2_pd(_mm256_sub_pd(_mm256_loadu_pd(x + j + 4), vshift));
+        _mm256_storeu_pd(x + j, e0);
+        _mm256_storeu_pd(x + j + 4, e1);
+        s0 = _mm256_add_pd(s0, e0);
+        s1 = _mm256_add_pd(s1, e1);
+    }
+    for (; j + 4 <= n; j += 4) {
+        __m256d e0 = cattn_exp_avx2_pd(_mm256_sub_pd(_mm256_loadu_pd(x + j), vshift));
+        _mm256_storeu_pd(x + j, e0);
+        s0 = _mm256_add_pd(s0, e0);
+    }
+    s0 = _mm256_add_pd(s0, s1);
+    double lanes[4];
+    _mm256_storeu_pd(lanes, s0);
+    double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    return sum + cattn_exp_shift_sum_f64_generic(x + j, n - j, shift);
+}
+
+static int cattn_cpu_has_avx2_fma(void)
+{
+    static int cached = -1; /* a benign race: every thread computes the same value */
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    return cached;
+}
+#else
+static int cattn_cpu_has_avx2_fma(void) { return 0; }
+#endif
+
+/* ------------------------------------------------------------------ dispatch */
+
+static inline float cattn_row_max_f32(const float *x, ptrdiff_t n)
+{
+#if CATTN_HAVE_AVX2_PATH
+    if (cattn_cpu_has_avx2_fma()) return cattn_row_max_f32_avx2(x, n);
+#endif
+    return cattn_row_max_f32_generic(x, n);
+}
+
+static inline double cattn_row_max_f64(const double *x, ptrdiff_t n)
+{
+#if CATTN_HAVE_AVX2_PATH
+    if (cattn_cpu_has_avx2_fma()) return cattn_row_max_f64_avx2(x, n);
+#endif
+    return cattn_row_max_f64_generic(x, n);
+}
+
+static inline float cattn_exp_shift_sum_f32(float *x, ptrdiff_t n, float shift)
+{
+#if CATTN_HAVE_AVX2_PATH
+    if (cattn_cpu_has_avx2_fma()) return cattn_exp_shift_sum_f32_avx2(x, n, shift);
+#endif
+    return cattn_exp_shift_sum_f32_generic(x, n, shift);
+}
+
+static inline double cattn_exp_shift_sum_f64(double *x, ptrdiff_t n, double shift)
+{
+#if CATTN_HAVE_AVX2_PATH
+    if (cattn_cpu_has_avx2_fma()) return cattn_exp_shift_sum_f64_avx2(x, n, shift);
+#endif
+    return cattn_exp_shift_sum_f64_generic(x, n, shift);
+}
+
+/* Which row-operation path this CPU takes, for cattn.show_config(). */
+static const char *cattn_simd_path(void)
+{
+    return cattn_cpu_has_avx2_fma() ? "avx2+fma" : "generic";
+}
+
+#endif /* CATTN_SIMD_H */
