@@ -1,0 +1,67 @@
+"""Shared test helpers: the float64 reference comparison and the slow-test switch.
+
+Every numerical test compares cattn with `cattn.reference` evaluated in float64 on float64
+copies of the same inputs (an independent computation: full score matrix, NumPy's exp),
+at a tolerance that follows from the dtype under test.
+"""
+import numpy as np
+import pytest
+
+import cattn
+from cattn import reference
+
+# Absolute/relative tolerance per dtype for outputs of unit-scale inputs. float32 attention
+# accumulates O(sqrt(S)) rounding errors of eps32 = 1.2e-7; 2e-5 leaves room for S ~ 10^4.
+TOLERANCE = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-11, atol=1e-12)}
+
+
+def tolerance(dtype):
+    return TOLERANCE[np.dtype(dtype).type]
+
+
+def as64(x):
+    return None if x is None else (x.astype(np.float64) if x.dtype.kind == "f" else x)
+
+
+def reference64(query, key, value, attn_mask=None, **options):
+    """The reference on float64 copies (masks keep their kind; float masks go to float64)."""
+    return reference.scaled_dot_product_attention(
+        as64(query), as64(key), as64(value), attn_mask=as64(attn_mask), **options)
+
+
+def assert_matches_reference(query, key, value, attn_mask=None, **options):
+    """Run cattn and the float64 reference with the same options and compare every result."""
+    got = cattn.scaled_dot_product_attention(query, key, value, attn_mask, **options)
+    ref_options = {k: v for k, v in options.items() if k not in ("out", "num_threads")}
+    want = reference64(query, key, value, attn_mask, **ref_options)
+    got_t = got if isinstance(got, tuple) else (got,)
+    want_t = want if isinstance(want, tuple) else (want,)
+    assert len(got_t) == len(want_t)
+    for g, w in zip(got_t, want_t):
+        assert g.dtype == query.dtype
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, **tolerance(query.dtype))
+    return got
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the slow (long-suite) tests")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test, run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261122)
