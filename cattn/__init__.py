@@ -8,6 +8,7 @@
 from cattn._api import merge_attention, scaled_dot_product_attention
 from cattn._kernel import openmp_enabled
 from cattn import reference
+from cattn.layers import KVCache, MultiHeadAttention
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,5 @@ def show_config():
 
 
 __all__ = ["scaled_dot_product_attention", "merge_attention", "reference",
+           "MultiHeadAttention", "KVCache",
            "openmp_enabled", "show_config", "__version__"]

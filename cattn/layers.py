@@ -1,0 +1,647 @@
+"""Attention as a layer: `MultiHeadAttention` (PyTorch's nn.MultiheadAttention on NumPy) and
+`KVCache` (preallocated keys and values for incremental decoding).
+
+The layer holds the seeds' three matrices Wq, Wk, Wv (rows = output features, as in PyTorch)
+and the output projection Wo. A call projects the inputs with one BLAS GEMM per distinct
+input (one for all of Q, K, V in self-attention), splits the heads as strided *views* of the
+projections (a (B, L, H·D) array seen as (B, H, L, D), nothing copied), and hands them to
+`cattn.scaled_dot_product_attention`, which writes the heads straight back into a
+(B, L, H, D) buffer that the output projection reads as (B·L, E).
+
+Masks follow nn.MultiheadAttention, not scaled_dot_product_attention: in `key_padding_mask`
+*and* in a boolean `attn_mask`, True means "ignore this key" (the opposite of cattn's and
+F.scaled_dot_product_attention's boolean masks, where True means "take part"). A float mask
+is added to the scaled scores in both places.
+"""
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from cattn._api import scaled_dot_product_attention
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _positive_int(x, name):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
+    x = operator.index(x)
+    if x < 1:
+        raise ValueError(f"{name} must be >= 1, got {x}")
+    return x
+
+
+def _float_dtype(dtype):
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _as_generator(rng):
+    if rng is None or isinstance(rng, (numbers.Integral, np.random.SeedSequence)):
+        return np.random.default_rng(rng)
+    if isinstance(rng, np.random.Generator):
+        return rng
+    raise TypeError(f"rng must be None, an int seed or a numpy.random.Generator, "
+                    f"got {type(rng).__name__}")
+
+
+def _xavier_uniform(rng, shape):
+    """PyTorch's xavier_uniform_ for a (fan_out, fan_in) weight: U(-a, a), a = √(6/(in+out))."""
+    bound = math.sqrt(6.0 / (shape[0] + shape[1]))
+    return rng.uniform(-bound, bound, size=shape)
+
+
+def _linear_uniform(rng, shape):
+    """nn.Linear's weight init, kaiming_uniform_(a=√5): U(-1/√fan_in, 1/√fan_in)."""
+    bound = 1.0 / math.sqrt(shape[1])
+    return rng.uniform(-bound, bound, size=shape)
+
+
+def _linear(x, weight, bias):
+    """x @ weightᵀ + bias over the last axis, as one GEMM on the (rows, in) matrix."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = rows @ weight.T
+    if bias is not None:
+        y += bias
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def _split_heads(x, num_heads):
+    """(B, L, H·D) -> (B, H, L, D) as a view (splitting the last axis never copies)."""
+    B, L, width = x.shape
+    return x.reshape(B, L, num_heads, width // num_heads).transpose(0, 2, 1, 3)
+
+
+def _to_numpy(x):
+    """An ndarray from an ndarray or anything array-like (a CPU torch tensor included)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# ------------------------------------------------------------------------- the layer
+
+class MultiHeadAttention:
+    """Multi-head attention with PyTorch's weights, initialization and call.
+
+    Parameters
+    ----------
+    embed_dim : int
+        E, the width of the queries and of the output; split into `num_heads` heads of
+        E // num_heads features.
+    num_heads : int
+        H, the number of query heads; must divide `embed_dim`.
+    num_kv_heads : int, optional
+        Grouped-query attention: key/value heads (default `num_heads`); must divide
+        `num_heads`. Query head h reads key/value head h // (num_heads // num_kv_heads).
+    kdim, vdim : int, optional
+        Feature sizes of the key and value inputs (default `embed_dim`).
+    bias : bool
+        Biases on the input and output projections (zero-initialized, as in PyTorch).
+    out_proj : bool
+        With False there is no output projection: with `num_heads=1` the layer is exactly the
+        seeds' single-head flow softmax(Q·Kᵀ/√E)·V with Q = x·Wqᵀ, K = x·Wkᵀ, V = x·Wvᵀ.
+    dtype : float32 or float64
+    rng : None, int or numpy.random.Generator
+        Source of the random initial weights.
+
+    Weights (PyTorch layout, rows = output features): `q_proj_weight` (E, E),
+    `k_proj_weight` (Hkv·D, kdim), `v_proj_weight` (Hkv·D, vdim), `in_proj_bias`,
+    `out_proj_weight` (E, E), `out_proj_bias`. When kdim = vdim = E they are row blocks of
+    one `in_proj_weight` (E + 2·Hkv·D, E), as in PyTorch, so self-attention projects Q, K
+    and V with a single GEMM. Initialized like nn.MultiheadAttention: xavier_uniform over
+    the input projection (the fused matrix as a whole), nn.Linear's uniform for Wo, zero
+    biases. `state_dict()` / `load_state_dict()` speak PyTorch's key names.
+    """
+
+    def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
+                 bias=True, out_proj=True, dtype=np.float32, rng=None):
+        embed_dim = _positive_int(embed_dim, "embed_dim")
+        num_heads = _positive_int(num_heads, "num_heads")
+        if embed_dim % num_heads:
+            raise ValueError(f"num_heads must divide embed_dim, got embed_dim={embed_dim} "
+                             f"and num_heads={num_heads}")
+        num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads,
+                                                                            "num_kv_heads")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads must divide num_heads, got num_heads={num_heads} "
+                             f"and num_kv_heads={num_kv_heads}")
+        kdim = embed_dim if kdim is None else _positive_int(kdim, "kdim")
+        vdim = embed_dim if vdim is None else _positive_int(vdim, "vdim")
+        for name, flag in (("bias", bias), ("out_proj", out_proj)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.kdim, self.vdim = kdim, vdim
+        self.head_dim = embed_dim // num_heads
+        self.kv_dim = num_kv_heads * self.head_dim
+        self.bias, self.has_out_proj = bool(bias), bool(out_proj)
+        self.dtype = _float_dtype(dtype)
+        # PyTorch's _qkv_same_embed_dim: one fused in_proj_weight, else three matrices.
+        self.fused = kdim == embed_dim and vdim == embed_dim
+        rng = _as_generator(rng)
+
+        E, kv = embed_dim, self.kv_dim
+        if self.fused:
+            self.in_proj_weight = _xavier_uniform(rng, (E + 2 * kv, E)).astype(self.dtype)
+        else:
+            self.in_proj_weight = None
+            self._q_w = _xavier_uniform(rng, (E, E)).astype(self.dtype)
+            self._k_w = _xavier_uniform(rng, (kv, kdim)).astype(self.dtype)
+            self._v_w = _xavier_uniform(rng, (kv, vdim)).astype(self.dtype)
+        self.in_proj_bias = np.zeros(E + 2 * kv, dtype=self.dtype) if bias else None
+        if out_proj:
+            self.out_proj_weight = _linear_uniform(rng, (E, E)).astype(self.dtype)
+            self.out_proj_bias = np.zeros(E, dtype=self.dtype) if bias else None
+        else:
+            self.out_proj_weight = self.out_proj_bias = None
+
+    # ---- the projection blocks (views into the fused arrays when fused)
+
+    @property
+    def q_proj_weight(self):
+        return self.in_proj_weight[:self.embed_dim] if self.fused else self._q_w
+
+    @property
+    def k_proj_weight(self):
+        E, kv = self.embed_dim, self.kv_dim
+        return self.in_proj_weight[E:E + kv] if self.fused else self._k_w
+
+    @property
+    def v_proj_weight(self):
+        E, kv = self.embed_dim, self.kv_dim
+        return self.in_proj_weight[E + kv:] if self.fused else self._v_w
+
+    def _bias_block(self, which):
+        if self.in_proj_bias is None:
+            return None
+        E, kv = self.embed_dim, self.kv_dim
+        return {"q": self.in_proj_bias[:E], "k": self.in_proj_bias[E:E + kv],
+                "v": self.in_proj_bias[E + kv:], "kv": self.in_proj_bias[E:]}[which]
+
+    def __repr__(self):
+        extra = "" if self.num_kv_heads == self.num_heads else \
+            f", num_kv_heads={self.num_kv_heads}"
+        if not self.fused:
+            extra += f", kdim={self.kdim}, vdim={self.vdim}"
+        return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}"
+                f"{extra}, bias={self.bias}, out_proj={self.has_out_proj}, "
+                f"dtype={self.dtype.name})")
+
+    # ---- state dict
+
+    def _expected_shapes(self, fused_form):
+        E, kv = self.embed_dim, self.kv_dim
+        shapes = {}
+        if fused_form:
+            shapes["in_proj_weight"] = (E + 2 * kv, E)
+        else:
+            shapes.update(q_proj_weight=(E, E), k_proj_weight=(kv, self.kdim),
+                          v_proj_weight=(kv, self.vdim))
+        if self.bias:
+            shapes["in_proj_bias"] = (E + 2 * kv,)
+        if self.has_out_proj:
+            shapes["out_proj.weight"] = (E, E)
+            if self.bias:
+                shapes["out_proj.bias"] = (E,)
+        return shapes
+
+    def state_dict(self):
+        """The weights as nn.MultiheadAttention names them (copies, as NumPy arrays):
+        `in_proj_weight` when kdim = vdim = E, else `q_proj_weight`, `k_proj_weight`,
+        `v_proj_weight`; plus `in_proj_bias`, `out_proj.weight`, `out_proj.bias` as present."""
+        arrays = {"in_proj_weight": self.in_proj_weight, "q_proj_weight": self.q_proj_weight,
+                  "k_proj_weight": self.k_proj_weight, "v_proj_weight": self.v_proj_weight,
+                  "in_proj_bias": self.in_proj_bias, "out_proj.weight": self.out_proj_weight,
+                  "out_proj.bias": self.out_proj_bias}
+        return {name: arrays[name].copy() for name in self._expected_shapes(self.fused)}
+
+    def load_state_dict(self, state_dict):
+        """Copy weights in from a PyTorch-style state dict (NumPy arrays or CPU tensors).
+
+        Takes either form of the input projection: `in_proj_weight`, or the three
+        `q_proj_weight` / `k_proj_weight` / `v_proj_weight` (the only form when kdim or vdim
+        differs from embed_dim). Missing or unexpected keys and wrong shapes raise
+        ValueError, non-numeric values TypeError; nothing is changed unless all is valid.
+        The arrays are copied (cast to the layer's dtype), never kept or modified.
+        """
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict must be a mapping of names to arrays, got "
+                            f"{type(state_dict).__name__}")
+        keys = set(state_dict.keys())
+        fused_form = "in_proj_weight" in keys
+        if fused_form and not self.fused:
+            raise ValueError(f"in_proj_weight needs kdim = vdim = embed_dim; this layer has "
+                             f"kdim={self.kdim}, vdim={self.vdim}, embed_dim={self.embed_dim}: "
+                             f"give q_proj_weight, k_proj_weight and v_proj_weight")
+        expected = self._expected_shapes(fused_form)
+        missing = sorted(set(expected) - keys)
+        unexpected = sorted(keys - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"state_dict does not fit {self!r}: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+        arrays = {}
+        for name, shape in expected.items():
+            a = _to_numpy(state_dict[name])
+            if a.dtype.kind not in "fiu":
+                raise TypeError(f"state_dict[{name!r}] must be numeric, got dtype {a.dtype}")
+            if a.shape != shape:
+                raise ValueError(f"state_dict[{name!r}] must have shape {shape}, got {a.shape}")
+            arrays[name] = a
+        # All valid: copy into the existing arrays (the fused views stay valid).
+        if fused_form:
+            self.in_proj_weight[...] = arrays["in_proj_weight"]
+        else:
+            self.q_proj_weight[...] = arrays["q_proj_weight"]
+            self.k_proj_weight[...] = arrays["k_proj_weight"]
+            self.v_proj_weight[...] = arrays["v_proj_weight"]
+        if self.bias:
+            self.in_proj_bias[...] = arrays["in_proj_bias"]
+        if self.has_out_proj:
+            self.out_proj_weight[...] = arrays["out_proj.weight"]
+            if self.bias:
+                self.out_proj_bias[...] = arrays["out_proj.bias"]
+
+    # ---- the call
+
+    def _check_input(self, x, name, width):
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but the layer is {self.dtype}: cast "
+                            f"it (x.astype(np.{self.dtype.name})) or build the layer with "
+                            f"dtype=np.{x.dtype.name}")
+        if x.ndim != 3 or x.shape[-1] != width:
+            raise ValueError(f"{name} must have shape (batch, length, {width}), "
+                             f"got {x.shape}")
+
+    def __call__(self, query, key=None, value=None, *, key_padding_mask=None, attn_mask=None,
+                 is_causal=False, need_weights=False, average_attn_weights=True, cache=None):
+        """Attention of `query` over `key`/`value`, batch first, as nn.MultiheadAttention.
+
+        Parameters
+        ----------
+        query : (B, L, E) array, or (L, E) unbatched
+        key : (B, S, kdim) array, optional; defaults to `query` (self-attention)
+        value : (B, S, vdim) array, optional; defaults to `key`
+        key_padding_mask : (B, S) array, optional
+            Boolean: True marks a key to ignore (padding). Float: added to the scores.
+        attn_mask : array, optional
+            (L, S), (B·H, L, S) as in PyTorch, or broadcastable to (B, H, L, S). Boolean:
+            True marks a position that may NOT be attended (PyTorch's nn.MultiheadAttention
+            convention). Float: added to the scaled scores.
+        is_causal : bool
+            Query i sees keys j <= i (with a cache: aligned to the end of the cache). Unlike
+            PyTorch's hint, no attn_mask is needed; given both, both apply.
+        need_weights, average_attn_weights : bool
+            Also return the attention weights, averaged over heads (B, L, S) or per head
+            (B, H, L, S).
+        cache : KVCache (of one layer) or KVCache.layer(i), optional
+            Incremental self-attention: the projected keys/values of `query` are appended to
+            the cache and the queries attend to everything cached (bottom-right aligned:
+            pass is_causal=True when `query` holds more than one new token). With a cache,
+            `key_padding_mask` (B, L) marks *left* padding of the new tokens (True first),
+            and `attn_mask` is not accepted.
+
+        Returns
+        -------
+        (output (B, L, E), weights or None). A query that sees no key gets attention output 0
+        (PyTorch gives NaN there).
+        """
+        unbatched = isinstance(query, np.ndarray) and query.ndim == 2
+        if unbatched:
+            query = query[None]
+            key = None if key is None else key[None] if isinstance(key, np.ndarray) else key
+            value = None if value is None else \
+                value[None] if isinstance(value, np.ndarray) else value
+            if key_padding_mask is not None and isinstance(key_padding_mask, np.ndarray):
+                key_padding_mask = key_padding_mask[None]
+        self._check_input(query, "query", self.embed_dim)
+        self_attention = key is None and value is None
+        if key is None:
+            key = query
+        if value is None:
+            value = key
+        for name, flag in (("is_causal", is_causal), ("need_weights", need_weights),
+                           ("average_attn_weights", average_attn_weights)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if cache is not None:
+            out, weights = self._cached(query, key, value, self_attention, key_padding_mask,
+                                        attn_mask, bool(is_causal), bool(need_weights),
+                                        cache)
+        else:
+            out, weights = self._full(query, key, value, self_attention, key_padding_mask,
+                                      attn_mask, bool(is_causal), bool(need_weights))
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(axis=1)
+        if unbatched:
+            out = out[0]
+            weights = None if weights is None else weights[0]
+        return out, weights
+
+    def _project(self, query, key, value, self_attention):
+        """Q, K, V as (B, L|S, width) arrays, sharing one GEMM where the inputs allow."""
+        E, kv = self.embed_dim, self.kv_dim
+        if self_attention and self.fused:
+            qkv = _linear(query, self.in_proj_weight, self.in_proj_bias)
+            return qkv[..., :E], qkv[..., E:E + kv], qkv[..., E + kv:]
+        q = _linear(query, self.q_proj_weight, self._bias_block("q"))
+        if key is value and self.fused:
+            kv_proj = _linear(key, self.in_proj_weight[E:], self._bias_block("kv"))
+            return q, kv_proj[..., :kv], kv_proj[..., kv:]
+        return (q, _linear(key, self.k_proj_weight, self._bias_block("k")),
+                _linear(value, self.v_proj_weight, self._bias_block("v")))
+
+    def _attend(self, q, k, v, B, L, **options):
+        """Heads of q/k/v (as views) through the kernel into a (B, L, H, D) buffer, then
+        the output projection. Returns (out (B, L, E), per-head weights or None)."""
+        context = np.empty((B, L, self.num_heads, self.head_dim), dtype=self.dtype)
+        result = scaled_dot_product_attention(
+            q, k, v, enable_gqa=self.num_kv_heads != self.num_heads,
+            out=context.transpose(0, 2, 1, 3), **options)
+        weights = result[1] if options.get("return_weights") else None
+        context = context.reshape(B, L, self.embed_dim)
+        if self.has_out_proj:
+            context = _linear(context, self.out_proj_weight, self.out_proj_bias)
+        return context, weights
+
+    def _full(self, query, key, value, self_attention, key_padding_mask, attn_mask,
+              is_causal, need_weights):
+        B, L, _ = query.shape
+        self._check_input(key, "key", self.kdim)
+        self._check_input(value, "value", self.vdim)
+        if key.shape[0] != B or value.shape[0] != B:
+            raise ValueError(f"query, key and value must have the same batch size, got "
+                             f"{query.shape}, {key.shape} and {value.shape}")
+        if key.shape[1] != value.shape[1]:
+            raise ValueError(f"key and value must have the same length S, got {key.shape} "
+                             f"and {value.shape}")
+        S = key.shape[1]
+        mask, key_lengths = self._combine_masks(key_padding_mask, attn_mask, B, L, S)
+        q, k, v = self._project(query, key, value, self_attention)
+        q, k, v = (_split_heads(q, self.num_heads), _split_heads(k, self.num_kv_heads),
+                   _split_heads(v, self.num_kv_heads))
+        return self._attend(q, k, v, B, L, attn_mask=mask, is_causal=is_causal,
+                            key_lengths=key_lengths, return_weights=need_weights)
+
+    def _combine_masks(self, key_padding_mask, attn_mask, B, L, S):
+        """PyTorch's two masks as one cattn mask broadcastable to (B, H, L, S) (boolean True =
+        attend, or additive float), and key lengths when the padding is a right padding."""
+        H = self.num_heads
+        parts = []
+        key_lengths = None
+        if key_padding_mask is not None:
+            kpm = self._mask_array(key_padding_mask, "key_padding_mask")
+            if kpm.shape != (B, S):
+                raise ValueError(f"key_padding_mask must have shape (batch, S) = {(B, S)}, "
+                                 f"got {kpm.shape}")
+            if kpm.dtype == np.bool_:
+                valid = S - np.count_nonzero(kpm, axis=1)
+                if np.array_equal(kpm, np.arange(S) >= valid[:, None]):
+                    key_lengths = valid  # right padding: the kernel skips it, no mask read
+                else:
+                    parts.append(kpm[:, None, None, :])
+            else:
+                parts.append(kpm[:, None, None, :])
+        if attn_mask is not None:
+            am = self._mask_array(attn_mask, "attn_mask")
+            if am.ndim == 3 and am.shape == (B * H, L, S):
+                am = am.reshape(B, H, L, S)  # PyTorch's layout: item b·H + h
+            elif am.ndim == 3 and am.shape[0] != 1:
+                raise ValueError(f"a 3-D attn_mask must have shape (batch·num_heads, L, S) = "
+                                 f"{(B * H, L, S)}, got {am.shape}")
+            full = (B, H, L, S)
+            try:
+                fits = am.ndim >= 2 and np.broadcast_shapes(am.shape, full) == full
+            except ValueError:
+                fits = False
+            if not fits:
+                raise ValueError(f"attn_mask must have shape (L, S) = {(L, S)}, "
+                                 f"(batch·num_heads, L, S) = {(B * H, L, S)} or broadcast to "
+                                 f"(batch, num_heads, L, S) = {full}, got {am.shape}")
+            parts.append(am)
+        if not parts:
+            return None, key_lengths
+        if all(p.dtype == np.bool_ for p in parts):
+            # PyTorch: True = ignore; cattn: True = attend.
+            mask = ~parts[0] if len(parts) == 1 else ~(parts[0] | parts[1])
+            return mask, key_lengths
+        additive = [np.where(p, -np.inf, 0.0).astype(self.dtype) if p.dtype == np.bool_
+                    else p.astype(self.dtype, copy=False) for p in parts]
+        mask = additive[0] if len(additive) == 1 else additive[0] + additive[1]
+        return mask, key_lengths
+
+    @staticmethod
+    def _mask_array(mask, name):
+        if not isinstance(mask, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray (bool or float), got "
+                            f"{type(mask).__name__}")
+        if mask.dtype != np.bool_ and mask.dtype.kind != "f":
+            raise TypeError(f"{name} must be boolean (True = ignore, as in PyTorch's "
+                            f"nn.MultiheadAttention) or floating (added to the scores), got "
+                            f"dtype {mask.dtype}")
+        return mask
+
+    def _cached(self, query, key, value, self_attention, key_padding_mask, attn_mask,
+                is_causal, need_weights, cache):
+        if not self_attention:
+            raise ValueError("a cache serves incremental self-attention: call "
+                             "mha(query, cache=...) without key and value")
+        if attn_mask is not None:
+            raise ValueError("attn_mask is not supported with a cache: the cache positions "
+                             "are given by is_causal and the cached lengths")
+        if not self.fused:
+            raise ValueError("a cache needs kdim = vdim = embed_dim (self-attention)")
+        layer = cache
+        if isinstance(cache, KVCache):
+            if cache.num_layers != 1:
+                raise ValueError(f"this KVCache holds {cache.num_layers} layers: pass "
+                                 f"cache.layer(i) (or cache[i]) for the layer being run")
+            layer = cache.layer(0)
+        if not isinstance(layer, KVCacheLayer):
+            raise TypeError(f"cache must be a KVCache or KVCache.layer(i), got "
+                            f"{type(cache).__name__}")
+        if (layer.num_kv_heads, layer.head_dim, layer.value_dim, layer.dtype) != \
+                (self.num_kv_heads, self.head_dim, self.head_dim, self.dtype):
+            raise ValueError(f"the cache holds {layer.num_kv_heads} key/value heads of "
+                             f"{layer.head_dim}/{layer.value_dim} {layer.dtype} features; "
+                             f"this layer needs {self.num_kv_heads} heads of {self.head_dim} "
+                             f"{self.dtype} (make it with KVCache.for_layer(mha, ...))")
+        B, L, _ = query.shape
+        if B != layer.batch_size:
+            raise ValueError(f"query has batch size {B} but the cache holds "
+                             f"{layer.batch_size} sequences")
+        num_new = None
+        if key_padding_mask is not None:
+            kpm = self._mask_array(key_padding_mask, "key_padding_mask")
+            if kpm.dtype != np.bool_ or kpm.shape != (B, L):
+                raise ValueError(f"with a cache, key_padding_mask must be boolean of shape "
+                                 f"(batch, new tokens) = {(B, L)}, got {kpm.dtype} "
+                                 f"{kpm.shape}")
+            num_new = L - np.count_nonzero(kpm, axis=1)
+            if not np.array_equal(kpm, np.arange(L) < (L - num_new)[:, None]):
+                raise ValueError("with a cache, key_padding_mask must mark left padding "
+                                 "(True only before the first real token of each row)")
+        q, k, v = self._project(query, query, query, True)
+        layer.append(_split_heads(k, self.num_kv_heads), _split_heads(v, self.num_kv_heads),
+                     num_new=num_new)
+        lengths = layer.lengths.copy()
+        out, weights = self._attend(_split_heads(q, self.num_heads), layer.keys, layer.values,
+                                    B, L, is_causal=is_causal, alignment="bottom_right",
+                                    key_lengths=lengths, return_weights=need_weights)
+        if weights is not None:
+            weights = weights[..., :lengths.max(initial=0)]
+        return out, weights
+
+
+# --------------------------------------------------------------------------- the cache
+
+class KVCache:
+    """Preallocated keys and values for incremental (token by token, or chunked) decoding.
+
+    One pair of arrays for all layers, allocated once:
+
+    - `keys`   (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+    - `values` (num_layers, batch_size, num_kv_heads, max_len, value_dim)
+    - `lengths` (num_layers, batch_size): the valid positions of each layer and sequence.
+
+    `cache.layer(i)` (or `cache[i]`) is layer i's view (arrays shared, nothing copied): it is
+    what `MultiHeadAttention(..., cache=...)` takes (a one-layer KVCache may be passed
+    itself), and its `append` writes new keys/values after each sequence's valid ones and
+    grows the lengths, never reallocating. Sequences may have different lengths (ragged
+    prompts: left-pad them and pass a key_padding_mask). Appending past `max_len` raises
+    ValueError and changes nothing.
+    """
+
+    def __init__(self, batch_size, max_len, num_kv_heads, head_dim, *, num_layers=1,
+                 value_dim=None, dtype=np.float32):
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.max_len = _positive_int(max_len, "max_len")
+        self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
+        self.head_dim = _positive_int(head_dim, "head_dim")
+        self.num_layers = _positive_int(num_layers, "num_layers")
+        self.value_dim = self.head_dim if value_dim is None else _positive_int(value_dim,
+                                                                               "value_dim")
+        self.dtype = _float_dtype(dtype)
+        lead = (self.num_layers, self.batch_size, self.num_kv_heads, self.max_len)
+        self.keys = np.zeros(lead + (self.head_dim,), dtype=self.dtype)
+        self.values = np.zeros(lead + (self.value_dim,), dtype=self.dtype)
+        self.lengths = np.zeros((self.num_layers, self.batch_size), dtype=np.intp)
+
+    @classmethod
+    def for_layer(cls, mha, batch_size, max_len, *, num_layers=1):
+        """A cache shaped for `mha` (its key/value heads, head size and dtype)."""
+        if not isinstance(mha, MultiHeadAttention):
+            raise TypeError(f"mha must be a MultiHeadAttention, got {type(mha).__name__}")
+        return cls(batch_size, max_len, mha.num_kv_heads, mha.head_dim, num_layers=num_layers,
+                   dtype=mha.dtype)
+
+    def layer(self, index):
+        """Layer `index`'s view of the cache."""
+        if isinstance(index, (bool, np.bool_)) or not isinstance(index, numbers.Integral):
+            raise TypeError(f"layer index must be an integer, got {type(index).__name__}")
+        index = operator.index(index)
+        if not -self.num_layers <= index < self.num_layers:
+            raise IndexError(f"layer {index} out of range for a cache of {self.num_layers} "
+                             f"layers")
+        return KVCacheLayer(self, index % self.num_layers)
+
+    __getitem__ = layer
+
+    def __len__(self):
+        return self.num_layers
+
+    def reset(self, batch_index=None):
+        """Forget the cached positions (of all sequences, or of one), keeping the memory."""
+        if batch_index is None:
+            self.lengths[...] = 0
+        else:
+            self.lengths[:, batch_index] = 0
+
+    @property
+    def nbytes(self):
+        return self.keys.nbytes + self.values.nbytes
+
+    def __repr__(self):
+        return (f"KVCache(batch_size={self.batch_size}, max_len={self.max_len}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"num_layers={self.num_layers}, value_dim={self.value_dim}, "
+                f"dtype={self.dtype.name})")
+
+
+class KVCacheLayer:
+    """One layer of a KVCache: `keys` (B, Hkv, max_len, D), `values` (B, Hkv, max_len, Dv)
+    and `lengths` (B,) are views of the cache's arrays."""
+
+    def __init__(self, cache, index):
+        self.cache, self.index = cache, index
+        self.keys = cache.keys[index]
+        self.values = cache.values[index]
+        self.lengths = cache.lengths[index]
+        for name in ("batch_size", "max_len", "num_kv_heads", "head_dim", "value_dim",
+                     "dtype"):
+            setattr(self, name, getattr(cache, name))
+
+    def __repr__(self):
+        return f"<layer {self.index} of {self.cache!r}, lengths {self.lengths.tolist()}>"
+
+    def append(self, keys, values, num_new=None):
+        """Write new positions after each sequence's cached ones and grow its length.
+
+        keys : (B, Hkv, T, D) and values : (B, Hkv, T, Dv), the cache's dtype (any strides).
+        num_new : (B,) ints, optional
+            How many of the T new positions are real for each sequence (default all): the
+            last num_new[b] (left padding), written at positions lengths[b] onwards.
+        Raises ValueError (changing nothing) when a sequence would exceed max_len.
+        """
+        B, Hkv = self.batch_size, self.num_kv_heads
+        for name, x, width in (("keys", keys, self.head_dim), ("values", values,
+                                                               self.value_dim)):
+            if not isinstance(x, np.ndarray):
+                raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+            if x.dtype != self.dtype:
+                raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {self.dtype}")
+            if x.ndim != 4 or x.shape[0] != B or x.shape[1] != Hkv or x.shape[3] != width:
+                raise ValueError(f"{name} must have shape (batch={B}, kv_heads={Hkv}, new, "
+                                 f"{width}), got {x.shape}")
+        T = keys.shape[2]
+        if values.shape[2] != T:
+            raise ValueError(f"keys and values must hold the same number of new positions, "
+                             f"got {keys.shape} and {values.shape}")
+        if num_new is None:
+            num_new = np.full(B, T, dtype=np.intp)
+        else:
+            num_new = np.asarray(num_new)
+            if num_new.dtype.kind not in "iu":
+                raise TypeError(f"num_new must be integers, got dtype {num_new.dtype}")
+            if num_new.shape != (B,) or num_new.min(initial=0) < 0 or \
+                    num_new.max(initial=0) > T:
+                raise ValueError(f"num_new must be {B} integers in [0, {T}], got {num_new}")
+            num_new = num_new.astype(np.intp)
+        new_lengths = self.lengths + num_new
+        if new_lengths.max(initial=0) > self.max_len:
+            b = int(np.argmax(new_lengths))
+            raise ValueError(f"KV cache overflow: sequence {b} holds {self.lengths[b]} of "
+                             f"max_len={self.max_len} positions and {num_new[b]} more do not "
+                             f"fit (make the cache with a larger max_len)")
+        start = self.lengths
+        if np.all(start == start[0]) and np.all(num_new == T):
+            # The common case: one slice for the whole batch.
+            self.keys[:, :, start[0]:start[0] + T] = keys
+            self.values[:, :, start[0]:start[0] + T] = values
+        else:
+            for b in range(B):
+                n, s = num_new[b], start[b]
+                self.keys[b, :, s:s + n] = keys[b, :, T - n:]
+                self.values[b, :, s:s + n] = values[b, :, T - n:]
+        self.lengths[...] = new_lengths
