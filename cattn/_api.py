@@ -352,7 +352,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     block_q, block_k = _block_sizes(L, S, E, Ev)
     n_tasks = n_items * -(-L // block_q)
     threads = max(1, min(num_threads, n_tasks))
-    scratch = np.empty(threads * _kernel.scratch_elements(block_q, block_k, Ev,
+    scratch = np.empty(threads * _kernel.scratch_elements(block_q, block_k, E, Ev,
                                                            return_weights), dtype=dtype)
     with single_threaded_blas:
         _kernel.attention(query, key, value, out, lse, weights, mask, mask_kind, table,

@@ -26,7 +26,9 @@ from cattn._blas cimport gemm_ab, gemm_abt
 from cattn._simd cimport (
     cattn_row_max_f32, cattn_row_max_f64, cattn_exp_shift_sum_f32,
     cattn_exp_shift_sum_f64, cattn_expf_scalar, cattn_exp_scalar, cattn_simd_path,
-    CATTN_OPENMP_ENABLED, omp_get_max_threads,
+    CATTN_OPENMP_ENABLED, omp_get_max_threads, cattn_gemm_available,
+    cattn_pack_keys_f32, cattn_pack_keys_f64, cattn_gemm_qkt_f32, cattn_gemm_qkt_f64,
+    cattn_gemm_pv_f32, cattn_gemm_pv_f64,
 )
 
 cnp.import_array()
@@ -57,6 +59,7 @@ cdef struct Plan:
     double scale, softcap                  # softcap <= 0: off
     Py_ssize_t block_q, block_k, n_q_blocks
     bint weights_mode                      # scores go straight into the weights output
+    bint microkernels                      # AVX2 block GEMMs (else BLAS)
     const Py_ssize_t* table                # (n_items, N_COLS)
 
 
@@ -152,6 +155,56 @@ cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssi
     run_max[r] = m_new
 
 
+cdef inline void block_scores(const Plan* p, Py_ssize_t rows, Py_ssize_t n_keys,
+                              const floating* q_block, const floating* k_block,
+                              floating* packed, floating* scores, Py_ssize_t ld) noexcept nogil:
+    """scores[rows, n_keys] (row stride ld) = scale · Q_blk · K_blkᵀ."""
+    if p.microkernels:
+        if floating is float:
+            cattn_pack_keys_f32(k_block, p.k_rs, n_keys, p.E, packed)
+            cattn_gemm_qkt_f32(rows, n_keys, p.E, <float> p.scale, q_block, p.q_rs, packed,
+                               scores, ld)
+        else:
+            cattn_pack_keys_f64(k_block, p.k_rs, n_keys, p.E, packed)
+            cattn_gemm_qkt_f64(rows, n_keys, p.E, p.scale, q_block, p.q_rs, packed,
+                               scores, ld)
+    else:
+        gemm_abt(<int> rows, <int> n_keys, <int> p.E, <floating> p.scale, q_block,
+                 <int> p.q_rs, k_block, <int> p.k_rs, <floating> 0, scores, <int> ld)
+
+
+cdef inline void block_pv(const Plan* p, Py_ssize_t rows, Py_ssize_t n_keys,
+                          const floating* probs, Py_ssize_t ld, const floating* v_block,
+                          floating* acc) noexcept nogil:
+    """acc[rows, Ev] += P[rows, n_keys] · V_blk."""
+    if p.microkernels:
+        if floating is float:
+            cattn_gemm_pv_f32(rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc, p.Ev)
+        else:
+            cattn_gemm_pv_f64(rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc, p.Ev)
+    else:
+        gemm_ab(<int> rows, <int> p.Ev, <int> n_keys, <floating> 1, probs, <int> ld,
+                v_block, <int> p.v_rs, <floating> 1, acc, <int> p.Ev)
+
+
+cdef inline void fold_block(const Plan* p, const Py_ssize_t* item, Py_ssize_t i0,
+                            Py_ssize_t rows, Py_ssize_t kb0, Py_ssize_t n_keys,
+                            floating* scores, Py_ssize_t ld,
+                            const floating* mask_add, const uint8_t* mask_bool,
+                            floating* acc, floating* run_max, floating* run_sum) noexcept nogil:
+    """Fold the scores of keys [kb0, kb0 + n_keys) into the online softmax of every row."""
+    cdef Py_ssize_t r, i, lo, hi
+    cdef Py_ssize_t kv_len = item[COL_KV_LEN], diag = item[COL_DIAG]
+    for r in range(rows):
+        i = i0 + r
+        lo = clamp(i + diag - p.win_left, 0, kv_len)
+        hi = clamp(i + diag + p.win_right + 1, 0, kv_len)
+        fold_row(scores + r * ld, n_keys, clamp(lo - kb0, 0, n_keys),
+                 clamp(hi - kb0, 0, n_keys), r,
+                 item[COL_MASK] + i * p.mask_rs + kb0 * p.mask_cs, p,
+                 mask_add, mask_bool, acc, run_max, run_sum)
+
+
 cdef void attend_query_block(const Plan* p, Py_ssize_t task,
                              const floating* q, const floating* k, const floating* v,
                              const floating* mask_add, const uint8_t* mask_bool,
@@ -160,8 +213,9 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task,
     """One block of query rows of one batch item, over all the key blocks it can see.
 
     scratch (this thread's own) holds, in order: running row max and row sum (block_q
-    each), the unnormalized output rows (block_q × Ev) and the block scores
-    (block_q × block_k, unused when the scores go straight into the weights output).
+    each), the unnormalized output rows (block_q × Ev), the block scores (block_q ×
+    block_k, absent when the scores go straight into the weights output) and the packed
+    keys of one block (block_k × E rounded up to whole panels; micro-kernels only).
     """
     cdef const Py_ssize_t* item = p.table + (task // p.n_q_blocks) * N_COLS
     cdef Py_ssize_t n = task // p.n_q_blocks
@@ -169,15 +223,18 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task,
     cdef Py_ssize_t i1 = i0 + p.block_q if i0 + p.block_q < p.L else p.L
     cdef Py_ssize_t rows = i1 - i0, Ev = p.Ev
     cdef Py_ssize_t kv_len = item[COL_KV_LEN], diag = item[COL_DIAG]
-    cdef Py_ssize_t r, i, j, kb0, kb1, n_keys, lo, hi, ld
+    cdef Py_ssize_t r, i, j, kb0, kb1
     cdef floating* run_max = scratch
     cdef floating* run_sum = scratch + p.block_q
     cdef floating* acc = scratch + 2 * p.block_q
-    cdef floating* scores
+    cdef floating* scores = acc + p.block_q * Ev
+    cdef floating* packed = scores + (0 if p.weights_mode else p.block_q * p.block_k)
     cdef floating* weights_rows = NULL
     cdef floating* out_row
     cdef floating inv_sum
     cdef const floating* q_block = q + item[COL_Q] + i0 * p.q_rs
+    cdef const floating* k_item = k + item[COL_K]
+    cdef const floating* v_item = v + item[COL_V]
 
     # Keys any row of the block may see; lo and hi grow with i, so the first row gives
     # the start and the last row the end.
@@ -188,34 +245,38 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task,
         run_max[r] = -INFINITY
         run_sum[r] = 0
     memset(acc, 0, rows * Ev * sizeof(floating))
-    if p.weights_mode:
-        weights_rows = weights + (n * p.L + i0) * p.S
 
-    kb0 = k_begin
-    while kb0 < k_end:
-        if p.weights_mode:  # one block over all visible keys, written into the output
-            kb1 = k_end
-            scores = weights_rows + kb0
-            ld = p.S
-        else:
+    if p.weights_mode:
+        # The scores of all visible keys go straight into the weights output, are turned
+        # into probabilities in one fold (one max per row: no rescaling of earlier
+        # blocks), normalized at the end; the GEMMs still run block by block.
+        weights_rows = weights + (n * p.L + i0) * p.S
+        kb0 = k_begin
+        while kb0 < k_end:
             kb1 = kb0 + p.block_k if kb0 + p.block_k < k_end else k_end
-            scores = acc + p.block_q * Ev
-            ld = p.block_k
-        n_keys = kb1 - kb0
-        gemm_abt(<int> rows, <int> n_keys, <int> p.E, <floating> p.scale,
-                 q_block, <int> p.q_rs, k + item[COL_K] + kb0 * p.k_rs, <int> p.k_rs,
-                 <floating> 0, scores, <int> ld)
-        for r in range(rows):
-            i = i0 + r
-            lo = clamp(i + diag - p.win_left, 0, kv_len)
-            hi = clamp(i + diag + p.win_right + 1, 0, kv_len)
-            fold_row(scores + r * ld, n_keys, clamp(lo - kb0, 0, n_keys),
-                     clamp(hi - kb0, 0, n_keys), r,
-                     item[COL_MASK] + i * p.mask_rs + kb0 * p.mask_cs, p,
-                     mask_add, mask_bool, acc, run_max, run_sum)
-        gemm_ab(<int> rows, <int> Ev, <int> n_keys, <floating> 1, scores, <int> ld,
-                v + item[COL_V] + kb0 * p.v_rs, <int> p.v_rs, <floating> 1, acc, <int> Ev)
-        kb0 = kb1
+            block_scores(p, rows, kb1 - kb0, q_block, k_item + kb0 * p.k_rs, packed,
+                         weights_rows + kb0, p.S)
+            kb0 = kb1
+        if k_end > k_begin:
+            fold_block(p, item, i0, rows, k_begin, k_end - k_begin,
+                       weights_rows + k_begin, p.S, mask_add, mask_bool, acc, run_max,
+                       run_sum)
+        kb0 = k_begin
+        while kb0 < k_end:
+            kb1 = kb0 + p.block_k if kb0 + p.block_k < k_end else k_end
+            block_pv(p, rows, kb1 - kb0, weights_rows + kb0, p.S, v_item + kb0 * p.v_rs,
+                     acc)
+            kb0 = kb1
+    else:
+        kb0 = k_begin
+        while kb0 < k_end:
+            kb1 = kb0 + p.block_k if kb0 + p.block_k < k_end else k_end
+            block_scores(p, rows, kb1 - kb0, q_block, k_item + kb0 * p.k_rs, packed,
+                         scores, p.block_k)
+            fold_block(p, item, i0, rows, kb0, kb1 - kb0, scores, p.block_k, mask_add,
+                       mask_bool, acc, run_max, run_sum)
+            block_pv(p, rows, kb1 - kb0, scores, p.block_k, v_item + kb0 * p.v_rs, acc)
+            kb0 = kb1
 
     for r in range(rows):
         i = i0 + r
@@ -257,10 +318,12 @@ cdef void run_tasks(const Plan* p, int num_threads,
                                mine)
 
 
-def scratch_elements(Py_ssize_t block_q, Py_ssize_t block_k, Py_ssize_t Ev,
-                     bint weights_mode):
+def scratch_elements(Py_ssize_t block_q, Py_ssize_t block_k, Py_ssize_t E,
+                     Py_ssize_t Ev, bint weights_mode):
     """Elements of per-thread scratch, padded to 64 bytes so threads never share a line."""
     cdef Py_ssize_t n = 2 * block_q + block_q * Ev + (0 if weights_mode else block_q * block_k)
+    if cattn_gemm_available():  # packed keys: whole panels of up to 16 keys
+        n += (block_k + 15) // 16 * 16 * E
     return (n + 15) // 16 * 16
 
 
@@ -294,7 +357,8 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.n_q_blocks = (L + block_q - 1) // block_q
     p.weights_mode = weights_mode
     p.table = <const Py_ssize_t*> cnp.PyArray_DATA(table)
-    cdef Py_ssize_t stride = scratch_elements(block_q, block_k, Ev, weights_mode)
+    p.microkernels = cattn_gemm_available()
+    cdef Py_ssize_t stride = scratch_elements(block_q, block_k, E, Ev, weights_mode)
     cdef void* qp = data_or_null(q)
     cdef void* kp = data_or_null(k)
     cdef void* vp = data_or_null(v)

@@ -1,4 +1,5 @@
-# The C row operations of src/cattn_simd.h and the OpenMP shim of src/cattn_omp.h.
+# The C row operations (src/cattn_simd.h), block GEMM micro-kernels (src/cattn_gemm.h)
+# and the OpenMP shim (src/cattn_omp.h).
 cdef extern from "cattn_simd.h" nogil:
     float cattn_row_max_f32(const float* x, Py_ssize_t n)
     double cattn_row_max_f64(const double* x, Py_ssize_t n)
@@ -7,6 +8,25 @@ cdef extern from "cattn_simd.h" nogil:
     float cattn_expf_scalar(float x)
     double cattn_exp_scalar(double x)
     const char* cattn_simd_path()
+
+cdef extern from "cattn_gemm.h" nogil:
+    int cattn_gemm_available()
+    void cattn_pack_keys_f32(const float* k, Py_ssize_t k_rs, Py_ssize_t n_keys,
+                             Py_ssize_t E, float* packed)
+    void cattn_pack_keys_f64(const double* k, Py_ssize_t k_rs, Py_ssize_t n_keys,
+                             Py_ssize_t E, double* packed)
+    void cattn_gemm_qkt_f32(Py_ssize_t rows, Py_ssize_t n_keys, Py_ssize_t E, float alpha,
+                            const float* q, Py_ssize_t q_rs, const float* packed, float* c,
+                            Py_ssize_t ldc)
+    void cattn_gemm_qkt_f64(Py_ssize_t rows, Py_ssize_t n_keys, Py_ssize_t E, double alpha,
+                            const double* q, Py_ssize_t q_rs, const double* packed,
+                            double* c, Py_ssize_t ldc)
+    void cattn_gemm_pv_f32(Py_ssize_t rows, Py_ssize_t Ev, Py_ssize_t n_keys, const float* p,
+                           Py_ssize_t ldp, const float* v, Py_ssize_t v_rs, float* acc,
+                           Py_ssize_t ld_acc)
+    void cattn_gemm_pv_f64(Py_ssize_t rows, Py_ssize_t Ev, Py_ssize_t n_keys,
+                           const double* p, Py_ssize_t ldp, const double* v,
+                           Py_ssize_t v_rs, double* acc, Py_ssize_t ld_acc)
 
 cdef extern from "cattn_omp.h" nogil:
     int CATTN_OPENMP_ENABLED

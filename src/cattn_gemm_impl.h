@@ -1,0 +1,208 @@
+/*
+ * One precision of the block GEMMs; included by cattn_gemm.h once per precision with
+ *   T       element type          V       AVX2 vector of T        W   lanes per vector
+ *   SFX     name suffix (f32/f64) and the intrinsic macros VLOAD, VSTORE, VBCAST, VFMA,
+ *   VMUL, VZERO, VMASK (lanes < n), VMASKLOAD, VMASKSTORE.
+ *
+ * Register tile: MR rows × NR = 2·W columns, 2·MR accumulators (12 of the 16 ymm registers
+ * for MR = 6), two loads and MR broadcasts per 2·MR FMAs: the classic Haswell shape.
+ */
+#define CATTN_CAT_(a, b) a##_##b
+#define CATTN_CAT(a, b) CATTN_CAT_(a, b)
+#define FN(name) CATTN_CAT(name, SFX)
+#define NR (2 * W)
+
+/* Pack keys [0, n_keys) of a block as panels of NR keys: panel p holds, for each feature e,
+ * the NR values k[p·NR + c][e] side by side (zeros past n_keys), so the Q·Kᵀ tile loads two
+ * vectors per feature instead of gathering. Done once per key block and reused by every
+ * row tile of the query block. */
+static void FN(cattn_pack_keys)(const T *k, ptrdiff_t k_rs, ptrdiff_t n_keys, ptrdiff_t E,
+                                T *packed)
+{
+    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += NR) {
+        ptrdiff_t nc = n_keys - j0 < NR ? n_keys - j0 : NR;
+        T *panel = packed + j0 * E;
+        for (ptrdiff_t c = 0; c < nc; c++) {
+            const T *row = k + (j0 + c) * k_rs;
+            for (ptrdiff_t e = 0; e < E; e++) panel[e * NR + c] = row[e];
+        }
+        for (ptrdiff_t c = nc; c < NR; c++)
+            for (ptrdiff_t e = 0; e < E; e++) panel[e * NR + c] = 0;
+    }
+}
+
+#if CATTN_HAVE_AVX2_PATH
+
+/* c[r][0:nc] = alpha · Σ_e q[r][e] · panel[e][0:nc] for r < MR_ (a compile-time constant
+ * after inlining, so the accumulators live in registers). */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+FN(cattn_qkt_tile)(const int MR_, ptrdiff_t E, T alpha, const T *q, ptrdiff_t q_rs,
+                   const T *panel, T *c, ptrdiff_t ldc, ptrdiff_t nc)
+{
+    V acc0[6], acc1[6];
+#pragma GCC unroll 6
+    for (int r = 0; r < MR_; r++) acc0[r] = acc1[r] = VZERO();
+    for (ptrdiff_t e = 0; e < E; e++) {
+        V b0 = VLOAD(panel + e * NR), b1 = VLOAD(panel + e * NR + W);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR_; r++) {
+            V a = VBCAST(q + r * q_rs + e);
+            acc0[r] = VFMA(a, b0, acc0[r]);
+            acc1[r] = VFMA(a, b1, acc1[r]);
+        }
+    }
+    V va = VBCAST(&alpha);
+    if (nc == NR) {
+#pragma GCC unroll 6
+        for (int r = 0; r < MR_; r++) {
+            VSTORE(c + r * ldc, VMUL(acc0[r], va));
+            VSTORE(c + r * ldc + W, VMUL(acc1[r], va));
+        }
+    } else {
+        VI m0 = VMASK(nc), m1 = VMASK(nc - W);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR_; r++) {
+            VMASKSTORE(c + r * ldc, m0, VMUL(acc0[r], va));
+            VMASKSTORE(c + r * ldc + W, m1, VMUL(acc1[r], va));
+        }
+    }
+}
+
+/* C[rows, n_keys] = alpha · Q[rows, E] · Kᵀ, K given as cattn_pack_keys panels. */
+__attribute__((target("avx2,fma"))) static void
+FN(cattn_gemm_qkt)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
+                        const T *q, ptrdiff_t q_rs, const T *packed, T *c, ptrdiff_t ldc)
+{
+    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += NR) {
+        ptrdiff_t nc = n_keys - j0 < NR ? n_keys - j0 : NR;
+        const T *panel = packed + j0 * E;
+        ptrdiff_t i = 0;
+        for (; i + 6 <= rows; i += 6)
+            FN(cattn_qkt_tile)(6, E, alpha, q + i * q_rs, q_rs, panel, c + i * ldc + j0, ldc, nc);
+        switch (rows - i) {
+        case 5: FN(cattn_qkt_tile)(5, E, alpha, q + i * q_rs, q_rs, panel, c + i * ldc + j0, ldc, nc); break;
+        case 4: FN(cattn_qkt_tile)(4, E, alpha, q + i * q_rs, q_rs, panel, c + i * ldc + j0, ldc, nc); break;
+        case 3: FN(cattn_qkt_tile)(3, E, alpha, q + i * q_rs, q_rs, panel, c + i * ldc + j0, ldc, nc); break;
+        case 2: FN(cattn_qkt_tile)(2, E, alpha, q + i * q_rs, q_rs, panel, c + i * ldc + j0, ldc, nc); break;
+        case 1: FN(cattn_qkt_tile)(1, E, alpha, q + i * q_rs, q_rs, panel, c + i * ldc + j0, ldc, nc); break;
+        default: break;
+        }
+    }
+}
+
+/* acc[r][0:nc] += Σ_j p[r][j] · v[j][0:nc] for r < MR_. MASKED_ (nc < NR) reads and writes
+ * only the first nc lanes, never past the end of a row of V or of the accumulator; both
+ * MR_ and MASKED_ are compile-time constants after inlining. */
+#define PV_LOAD(ptr, m) (MASKED_ ? VMASKLOAD(ptr, m) : VLOAD(ptr))
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+FN(cattn_pv_tile)(const int MR_, const int MASKED_, ptrdiff_t n_keys, const T *p,
+                  ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc,
+                  ptrdiff_t nc)
+{
+    V c0[6], c1[6];
+    VI m0 = VMASK(nc), m1 = VMASK(nc - W);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR_; r++) {
+        c0[r] = PV_LOAD(acc + r * ld_acc, m0);
+        c1[r] = PV_LOAD(acc + r * ld_acc + W, m1);
+    }
+    for (ptrdiff_t j = 0; j < n_keys; j++) {
+        V b0 = PV_LOAD(v + j * v_rs, m0), b1 = PV_LOAD(v + j * v_rs + W, m1);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR_; r++) {
+            V a = VBCAST(p + r * ldp + j);
+            c0[r] = VFMA(a, b0, c0[r]);
+            c1[r] = VFMA(a, b1, c1[r]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < MR_; r++) {
+        if (MASKED_) {
+            VMASKSTORE(acc + r * ld_acc, m0, c0[r]);
+            VMASKSTORE(acc + r * ld_acc + W, m1, c1[r]);
+        } else {
+            VSTORE(acc + r * ld_acc, c0[r]);
+            VSTORE(acc + r * ld_acc + W, c1[r]);
+        }
+    }
+}
+#undef PV_LOAD
+
+/* All rows of one column tile (the V slab of a tile is reused by every row tile from L1). */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+FN(cattn_pv_column)(const int MASKED_, ptrdiff_t rows, ptrdiff_t n_keys, const T *p,
+                    ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc,
+                    ptrdiff_t nc)
+{
+    ptrdiff_t i = 0;
+    for (; i + 6 <= rows; i += 6)
+        FN(cattn_pv_tile)(6, MASKED_, n_keys, p + i * ldp, ldp, v, v_rs, acc + i * ld_acc, ld_acc, nc);
+    p += i * ldp;
+    acc += i * ld_acc;
+    switch (rows - i) {
+    case 5: FN(cattn_pv_tile)(5, MASKED_, n_keys, p, ldp, v, v_rs, acc, ld_acc, nc); break;
+    case 4: FN(cattn_pv_tile)(4, MASKED_, n_keys, p, ldp, v, v_rs, acc, ld_acc, nc); break;
+    case 3: FN(cattn_pv_tile)(3, MASKED_, n_keys, p, ldp, v, v_rs, acc, ld_acc, nc); break;
+    case 2: FN(cattn_pv_tile)(2, MASKED_, n_keys, p, ldp, v, v_rs, acc, ld_acc, nc); break;
+    case 1: FN(cattn_pv_tile)(1, MASKED_, n_keys, p, ldp, v, v_rs, acc, ld_acc, nc); break;
+    default: break;
+    }
+}
+
+/* ACC[rows, Ev] += P[rows, n_keys] · V[n_keys, Ev] (row-major, V rows read in place). */
+__attribute__((target("avx2,fma"))) static void
+FN(cattn_gemm_pv)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p, ptrdiff_t ldp,
+                  const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc)
+{
+    ptrdiff_t c = 0;
+    for (; c + NR <= Ev; c += NR)
+        FN(cattn_pv_column)(0, rows, n_keys, p, ldp, v + c, v_rs, acc + c, ld_acc, NR);
+    if (c < Ev)
+        FN(cattn_pv_column)(1, rows, n_keys, p, ldp, v + c, v_rs, acc + c, ld_acc, Ev - c);
+}
+
+#else /* no AVX2 path compiled: plain loops keep the build complete; callers use BLAS. */
+
+static void FN(cattn_gemm_qkt)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
+                               const T *q, ptrdiff_t q_rs, const T *packed, T *c,
+                               ptrdiff_t ldc)
+{
+    for (ptrdiff_t i = 0; i < rows; i++)
+        for (ptrdiff_t j = 0; j < n_keys; j++) {
+            const T *panel = packed + (j / NR) * NR * E + j % NR;
+            T s = 0;
+            for (ptrdiff_t e = 0; e < E; e++) s += q[i * q_rs + e] * panel[e * NR];
+            c[i * ldc + j] = alpha * s;
+        }
+}
+
+static void FN(cattn_gemm_pv)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p,
+                              ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc,
+                              ptrdiff_t ld_acc)
+{
+    for (ptrdiff_t i = 0; i < rows; i++)
+        for (ptrdiff_t j = 0; j < n_keys; j++)
+            for (ptrdiff_t c = 0; c < Ev; c++) acc[i * ld_acc + c] += p[i * ldp + j] * v[j * v_rs + c];
+}
+
+#endif /* CATTN_HAVE_AVX2_PATH */
+
+#undef FN
+#undef NR
+#undef CATTN_CAT
+#undef CATTN_CAT_
+/* The parameters of this precision (set by cattn_gemm.h). */
+#undef T
+#undef SFX
+#undef W
+#undef V
+#undef VI
+#undef VLOAD
+#undef VSTORE
+#undef VBCAST
+#undef VFMA
+#undef VMUL
+#undef VZERO
+#undef VMASK
+#undef VMASKLOAD
+#undef VMASKSTORE
