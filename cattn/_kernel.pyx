@@ -136,7 +136,7 @@ cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssi
     if p.softcap > 0:
         apply_softcap(x, n, <floating> p.softcap)
     if p.mask_kind != 0:
-        apply_mask(x, n, p, mask_add, mask_bool, mask_pos)
+        apply_mask(x, n, p, mask_add, mask_bool, mask_pos + a * p.mask_cs)
     blk_max = row_max(x, n)
     m_old = run_max[r]
     m_new = blk_max if blk_max > m_old else m_old
