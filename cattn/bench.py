@@ -1,0 +1,911 @@
+"""The cattn benchmark: cattn against the NumPy reference, PyTorch and ONNX Runtime.
+
+    python -m cattn.bench --quick                      # the whole suite, small, < 1 minute
+    python -m cattn.bench                              # the whole suite (the RESULTS.md run)
+    python -m cattn.bench --shape 1,8,2048,2048,64 --threads 1,2 [--causal] [--dtype float64]
+
+How it measures (so the numbers can be trusted on a shared, noisy machine):
+
+* Every implementation gets the SAME input arrays (B, H, L, E) and its output is checked
+  against the NumPy reference (float64 ground truth, on a slice of rows for big shapes)
+  before it is timed; a peer that computes something else is reported and never timed.
+* One "case" is a list of runners (implementation x thread count x options) plus, as the
+  ceiling, the machine's own large GEMM (sgemm for float32, dgemm for float64) at every
+  thread count. All runners of a case are timed round-robin, rep after rep, with the start
+  of the round rotated every rep, so that a burst of load from other processes hits every
+  runner alike; the result is the median of the timed reps (after untimed warm-up reps).
+  Ratios (cattn / peer, % of GEMM, 2 threads / 1 thread) are computed within a case.
+* A timing that would be shorter than `min_timing` (tiny inputs) runs the call `number`
+  times in a loop and reports the time per call (Python overhead included).
+* Threads: cattn through `num_threads=`; PyTorch through `torch.set_num_threads`; ONNX
+  Runtime through the session's `intra_op_num_threads` (one session per thread count,
+  spinning disabled so idle ORT threads don't steal the core from the next runner);
+  NumPy (the reference) and the GEMM ceiling through threadpoolctl's BLAS limit, or, when
+  threadpoolctl is absent, SciPy's OpenBLAS `openblas_set_num_threads` (NumPy's own BLAS
+  is then not limited; the JSON says so).
+* FLOPs: 4*B*H*L*S*E (two GEMMs of 2*L*S*E each). For causal and windowed attention the
+  GFLOP/s is "dense-equivalent" (same count as non-causal, so it measures time); the
+  "useful" GFLOP/s counts only the visible (query, key) pairs.
+* Decode (one query against a long cache) is memory-bound: it is reported as GB/s of K and
+  V read (2*H*S*E*itemsize bytes / time) against the machine's streaming read rate measured
+  in the same round-robin: the fastest of `cattn._kernel.stream_sum` (if the build has it),
+  NumPy sums over one chunk per thread, and `torch.sum`, over a 512 MiB float32 array.
+* Peak extra memory: tracemalloc around the first (checking) call; it sees NumPy
+  allocations (the reference, cattn's output and scratch), not PyTorch's or ORT's own
+  allocators (reported as n/a). It includes the output array.
+"""
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+# ------------------------------------------------------------------- optional packages
+
+
+def _try_import(name):
+    try:
+        return __import__(name, fromlist=["_"])
+    except Exception:  # ImportError, or a broken install
+        return None
+
+
+_OPTIONAL = {}
+
+
+def _optional(name):
+    if name not in _OPTIONAL:
+        _OPTIONAL[name] = _try_import(name)
+    return _OPTIONAL[name]
+
+
+ALL_IMPLS = ("cattn", "numpy", "torch", "ort")
+PEERS = ("torch", "ort")
+
+
+class Skip(Exception):
+    """An implementation that cannot run this case (not installed, unsupported option)."""
+
+
+# ------------------------------------------------------------------------ thread control
+
+class BlasThreads:
+    """Limits BLAS threads for the NumPy reference and the GEMM ceiling."""
+
+    def __init__(self):
+        tpc = _optional("threadpoolctl")
+        self._controller = None
+        self._openblas = None
+        if tpc is not None:
+            try:
+                self._controller = tpc.ThreadpoolController()
+            except Exception:
+                self._controller = None
+        if self._controller is not None:
+            self.method = "threadpoolctl (all BLAS libraries: NumPy's and SciPy's OpenBLAS)"
+        else:
+            try:
+                from cattn._blas_threads import _find_openblas
+                self._openblas = _find_openblas()
+            except Exception:
+                self._openblas = None
+            if self._openblas is not None:
+                self.method = ("SciPy's openblas_set_num_threads (threadpoolctl not installed: "
+                               "NumPy's own BLAS is NOT limited)")
+            else:
+                self.method = "none (threadpoolctl not installed, no OpenBLAS found)"
+
+    def limit(self, n):
+        """Set BLAS to n threads; returns the function that restores the previous setting."""
+        if self._controller is not None:
+            lim = self._controller.limit(limits=n, user_api="blas")
+            return lim.restore_original_limits
+        if self._openblas is not None:
+            get, set_ = self._openblas
+            old = get()
+            set_(n)
+            return lambda: set_(old)
+        return lambda: None
+
+
+_BLAS = None
+
+
+def blas_threads():
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = BlasThreads()
+    return _BLAS
+
+
+def _torch_threads(n):
+    torch = _optional("torch")
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return lambda: torch.set_num_threads(old)
+
+
+THREAD_CONTROL = {
+    "cattn": "num_threads= argument (BLAS inside the kernel is kept on 1 thread by cattn)",
+    "numpy": "BLAS limit (see blas)",
+    "torch": "torch.set_num_threads(n) before each timing",
+    "ort": "SessionOptions.intra_op_num_threads=n, inter_op_num_threads=1, "
+           "session.intra_op.allow_spinning=0 (one session per thread count)",
+    "gemm": "BLAS limit (see blas)",
+}
+
+
+# ------------------------------------------------------------------------------ a case
+
+class Spec:
+    """One attention problem: shape, dtype and the options that define what is computed."""
+
+    def __init__(self, B, H, L, S, E, dtype="float32", causal=False, window=None,
+                 return_weights=False):
+        self.B, self.H, self.L, self.S, self.E = (int(B), int(H), int(L), int(S), int(E))
+        self.dtype = np.dtype(dtype)
+        self.causal = bool(causal)
+        self.window = None if window is None else tuple(window)
+        self.return_weights = bool(return_weights)
+
+    @property
+    def shape(self):
+        return (self.B, self.H, self.L, self.S, self.E)
+
+    def options(self):
+        """The option part of the label."""
+        parts = []
+        if self.causal:
+            parts.append("causal")
+        if self.window is not None:
+            parts.append("window=%s,%s" % self.window)
+        if self.return_weights:
+            parts.append("weights")
+        return "+".join(parts) or "full"
+
+    def flops(self):
+        """Dense-equivalent flops: 4*B*H*L*S*E."""
+        return 4.0 * self.B * self.H * self.L * self.S * self.E
+
+    def visible_pairs(self):
+        """How many (query, key) pairs are visible (per batch item and head)."""
+        if not self.causal and self.window is None:
+            return float(self.L) * self.S
+        from cattn.reference import visible_keys
+        # Count by rows in chunks so an 8192 x 8192 mask is never built at once.
+        total = 0
+        for r0 in range(0, self.L, 512):
+            vis = self._visible_rows(r0, min(self.L, r0 + 512), visible_keys)
+            total += int(vis.sum())
+        return float(total)
+
+    def _visible_rows(self, r0, r1, visible_keys):
+        full = visible_keys(self.L, self.S, self.causal, self.window)
+        return full[r0:r1]
+
+    def useful_flops(self):
+        return 4.0 * self.B * self.H * self.E * self.visible_pairs()
+
+    def kv_bytes(self):
+        return 2.0 * self.B * self.H * self.S * self.E * self.dtype.itemsize
+
+    def to_json(self):
+        return {"B": self.B, "H": self.H, "L": self.L, "S": self.S, "E": self.E,
+                "dtype": self.dtype.name, "causal": self.causal,
+                "window": None if self.window is None else list(self.window),
+                "return_weights": self.return_weights, "options": self.options()}
+
+
+def make_inputs(spec, seed=0):
+    """q, k, v: C-contiguous (B, H, L|S, E) arrays of spec.dtype, N(0, 1) entries."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((spec.B, spec.H, spec.L, spec.E), dtype=np.float32)
+    k = rng.standard_normal((spec.B, spec.H, spec.S, spec.E), dtype=np.float32)
+    v = rng.standard_normal((spec.B, spec.H, spec.S, spec.E), dtype=np.float32)
+    return tuple(x.astype(spec.dtype, copy=False) for x in (q, k, v))
+
+
+# ------------------------------------------------------------- checking against the truth
+
+CHECK_ROWS = 1024  # rows of one (batch, head) item checked against the float64 reference
+
+
+def reference_check_slice(spec, q, k, v):
+    """(rows, expected): the float64 reference for item (0, 0) and a set of query rows
+    (all rows when L <= CHECK_ROWS, else the first and the last CHECK_ROWS/2 rows, where
+    a causal query sees the most keys). Built with an explicit mask so slicing rows keeps
+    the causal/window diagonal in place."""
+    from cattn.reference import scaled_dot_product_attention as ref, visible_keys
+    L = spec.L
+    if L <= CHECK_ROWS:
+        rows = np.arange(L)
+    else:
+        half = CHECK_ROWS // 2
+        rows = np.concatenate([np.arange(half), np.arange(L - half, L)])
+    q64 = q[0, 0, rows].astype(np.float64)
+    k64 = k[0, 0].astype(np.float64)
+    v64 = v[0, 0].astype(np.float64)
+    mask = None
+    if spec.causal or spec.window is not None:
+        mask = visible_keys(L, spec.S, spec.causal, spec.window)[rows]
+    scale = 1.0 / math.sqrt(spec.E)
+    return rows, ref(q64, k64, v64, attn_mask=mask, scale=scale)
+
+
+def max_abs_diff(out, rows, expected):
+    got = np.asarray(out)[0, 0, rows].astype(np.float64)
+    return float(np.max(np.abs(got - expected))) if got.size else 0.0
+
+
+def tolerance(dtype):
+    return 1e-4 if np.dtype(dtype) == np.float32 else 1e-10
+
+
+# --------------------------------------------------------------- the implementations
+#
+# make_<impl>(spec, q, k, v, threads) -> (fn, to_output, setup, note)
+#   fn():            the timed call
+#   to_output(res):  fn's result as a (B, H, L, E) NumPy array (outside timing)
+#   setup():         called before each timing (thread settings); returns a restore callable
+
+def _sdpa_options(spec):
+    """Keyword options of cattn's (and the reference's) call for this spec."""
+    opts = {"is_causal": spec.causal}
+    if spec.window is not None:
+        opts["window"] = spec.window
+    if spec.return_weights:
+        opts["return_weights"] = True
+    return opts
+
+
+def _first_output(res):
+    return res[0] if isinstance(res, tuple) else res
+
+
+def make_cattn(spec, q, k, v, threads):
+    import cattn
+    opts = _sdpa_options(spec)
+    sdpa = cattn.scaled_dot_product_attention
+
+    def fn():
+        return sdpa(q, k, v, num_threads=threads, **opts)
+    return fn, _first_output, None, ""
+
+
+def make_numpy(spec, q, k, v, threads):
+    from cattn import reference
+    opts = _sdpa_options(spec)
+    sdpa = reference.scaled_dot_product_attention
+
+    def fn():
+        return sdpa(q, k, v, **opts)
+    limiter = blas_threads()
+    return fn, _first_output, (lambda: limiter.limit(threads)), ""
+
+
+def make_torch(spec, q, k, v, threads):
+    torch = _optional("torch")
+    if torch is None:
+        raise Skip("torch not installed (pip install 'cattn[torch]')")
+    if spec.window is not None:
+        raise Skip("PyTorch SDPA has no sliding window (only through a dense mask)")
+    if spec.return_weights:
+        raise Skip("PyTorch SDPA does not return weights")
+    import torch.nn.functional as F
+    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))  # zero-copy views
+    sdpa = F.scaled_dot_product_attention
+    causal = spec.causal
+
+    def fn():
+        with torch.inference_mode():
+            return sdpa(tq, tk, tv, is_causal=causal)
+
+    def to_output(res):
+        return res.numpy()
+    return fn, to_output, (lambda: _torch_threads(threads)), ""
+
+
+_ORT_SESSIONS = {}
+
+
+def _ort_session(op, dtype, num_heads, causal, threads):
+    key = (op, np.dtype(dtype).name, num_heads, causal, threads)
+    if key in _ORT_SESSIONS:
+        return _ORT_SESSIONS[key]
+    ort = _optional("onnxruntime")
+    from onnx import TensorProto, helper
+    elem = TensorProto.FLOAT if np.dtype(dtype) == np.float32 else TensorProto.DOUBLE
+    if op == "mha":
+        node = helper.make_node("MultiHeadAttention", ["Q", "K", "V"], ["Y"],
+                                domain="com.microsoft", num_heads=num_heads,
+                                unidirectional=int(causal))
+        opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    else:
+        node = helper.make_node("Attention", ["Q", "K", "V"], ["Y"], is_causal=int(causal))
+        opsets = [helper.make_opsetid("", 23)]
+    graph = helper.make_graph(
+        [node], "attention",
+        [helper.make_tensor_value_info(n, elem, None) for n in ("Q", "K", "V")],
+        [helper.make_tensor_value_info("Y", elem, None)])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    _ORT_SESSIONS[key] = sess
+    return sess
+
+
+ORT_OP = "auto"  # "mha" (com.microsoft MultiHeadAttention), "attention" (opset 23), "auto"
+
+
+def make_ort(spec, q, k, v, threads):
+    if _optional("onnxruntime") is None or _optional("onnx") is None:
+        raise Skip("onnxruntime/onnx not installed (pip install 'cattn[onnx]')")
+    if spec.window is not None:
+        raise Skip("no sliding window in ORT's attention ops")
+    if spec.return_weights:
+        raise Skip("ORT's attention ops do not return weights here")
+    op = ORT_OP
+    if op == "auto":  # MultiHeadAttention is float32 only: opset-23 Attention for float64
+        op = "mha" if spec.dtype == np.float32 else "attention"
+    B, H, L, S, E = spec.shape
+    try:
+        sess = _ort_session(op, spec.dtype, H, spec.causal, threads)
+    except Exception as exc:
+        raise Skip(f"ORT cannot build {op}: {str(exc)[:160]}")
+    if op == "mha":
+        # ORT's natural layout (B, L, H*E): the transposes are done once, outside timing.
+        def bsh(x):
+            return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(B, -1, H * E))
+        feeds = {"Q": bsh(q), "K": bsh(k), "V": bsh(v)}
+
+        def to_output(res):
+            return res[0].reshape(B, L, H, E).transpose(0, 2, 1, 3)
+        note = ("com.microsoft MultiHeadAttention on (B, L, H*E) inputs "
+                "(layout transposes done once, not timed)")
+    else:
+        feeds = {"Q": q, "K": k, "V": v}
+
+        def to_output(res):
+            return res[0]
+        note = "opset-23 Attention on (B, H, L, E) inputs"
+    run = sess.run
+
+    def fn():
+        return run(None, feeds)
+    return fn, to_output, None, note
+
+
+MAKERS = {"cattn": make_cattn, "numpy": make_numpy, "torch": make_torch, "ort": make_ort}
+
+
+# --------------------------------------------------------------- ceilings: GEMM, stream
+
+_GEMM_OPERANDS = {}
+
+
+def make_gemm(dtype, n, threads):
+    """The ceiling: a large n x n x n GEMM through SciPy's BLAS (2*n^3 flops)."""
+    from scipy.linalg import blas
+    dtype = np.dtype(dtype)
+    key = (dtype.name, n)
+    if key not in _GEMM_OPERANDS:
+        rng = np.random.default_rng(1)
+        a = np.asfortranarray(rng.standard_normal((n, n)).astype(dtype))
+        b = np.asfortranarray(rng.standard_normal((n, n)).astype(dtype))
+        _GEMM_OPERANDS[key] = (a, b)
+    a, b = _GEMM_OPERANDS[key]
+    gemm = blas.sgemm if dtype == np.float32 else blas.dgemm
+    limiter = blas_threads()
+
+    def fn():
+        return gemm(1.0, a, b)
+    return fn, (lambda: limiter.limit(threads))
+
+
+_STREAM_ARRAY = {}
+STREAM_MIB = 512
+
+
+def _stream_array():
+    if "x" not in _STREAM_ARRAY:
+        n = STREAM_MIB * 2**20 // 4
+        x = np.empty(n, dtype=np.float32)
+        x.fill(1.0)  # touch every page
+        _STREAM_ARRAY["x"] = x
+    return _STREAM_ARRAY["x"]
+
+
+_POOL = {}
+
+
+def _thread_pool(n):
+    if n not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL[n] = ThreadPoolExecutor(max_workers=n)
+    return _POOL[n]
+
+
+def make_stream_probes(threads):
+    """[(name, fn, setup)]: read-only passes over a 512 MiB float32 array."""
+    x = _stream_array()
+    probes = []
+    try:
+        from cattn import _kernel
+        stream_sum = getattr(_kernel, "stream_sum", None)
+    except Exception:
+        stream_sum = None
+    if stream_sum is not None:
+        probes.append(("stream_sum", lambda: stream_sum(x, threads), None))
+    if threads == 1:
+        probes.append(("np.sum", lambda: np.sum(x), None))
+    else:
+        chunks = np.array_split(x, threads)
+        pool = _thread_pool(threads)
+
+        def threaded_sum():
+            return sum(pool.map(np.sum, chunks))
+        probes.append((f"np.sum x{threads} py-threads", threaded_sum, None))
+    torch = _optional("torch")
+    if torch is not None:
+        tx = torch.from_numpy(x)
+        probes.append(("torch.sum", lambda: tx.sum(), lambda: _torch_threads(threads)))
+    return probes
+
+
+# ----------------------------------------------------------------------------- timing
+
+class Runner:
+    def __init__(self, label, impl, threads, kind, fn, setup=None, spec=None,
+                 to_output=None, note="", work=None):
+        self.label, self.impl, self.threads, self.kind = label, impl, threads, kind
+        self.fn, self.setup, self.spec, self.to_output = fn, setup, spec, to_output
+        self.note, self.work = note, work  # work: flops (gemm/attention) or bytes (stream)
+        self.number = 1
+        self.times = []
+        self.first_call = None
+        self.peak_bytes = None
+        self.max_abs_diff = None
+
+    def call(self, number=1):
+        restore = self.setup() if self.setup is not None else None
+        try:
+            t0 = time.perf_counter()
+            for _ in range(number):
+                self.fn()
+            return time.perf_counter() - t0
+        finally:
+            if restore is not None:
+                restore()
+
+
+def _first_call(runner, trace_memory):
+    """The untimed first call: output (for the check), peak traced memory, call time."""
+    restore = runner.setup() if runner.setup is not None else None
+    try:
+        gc.collect()
+        if trace_memory:
+            tracemalloc.start()
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+        t0 = time.perf_counter()
+        res = runner.fn()
+        t = time.perf_counter() - t0
+        if trace_memory:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            runner.peak_bytes = max(0, peak - base)
+    finally:
+        if restore is not None:
+            restore()
+    return res, t
+
+
+def time_round_robin(runners, reps, warmup, min_timing, log=None):
+    """Time all runners interleaved; each runner's .times gets `reps` seconds-per-call."""
+    n = len(runners)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for rep in range(warmup + reps):
+            k = rep % n
+            for r in runners[k:] + runners[:k]:
+                t = r.call(r.number) / r.number
+                if rep >= warmup:
+                    r.times.append(t)
+            gc.collect()
+            if log is not None:
+                log(".")
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _calibrate(runner, t_single, min_timing):
+    if t_single < min_timing:
+        # Re-measure a short loop: the first call is cold and overestimates.
+        n = 1
+        while True:
+            t = runner.call(n)
+            if t >= min_timing / 10 or n >= 1 << 20:
+                break
+            n *= 4
+        per_call = max(t / n, 1e-9)
+        runner.number = max(1, int(math.ceil(min_timing / per_call)))
+
+
+def median(xs):
+    return float(np.median(xs)) if len(xs) else float("nan")
+
+
+# ------------------------------------------------------------------------- running a case
+
+def run_case(name, spec_list, threads, impls, *, reps=7, warmup=1, min_timing=0.02,
+             gemm_n=2048, ceiling=True, check=True, trace_memory=True, stream=False,
+             seed=0, log=None, kind="attention"):
+    """Time every implementation on every spec in spec_list (same shape, same inputs,
+    different options) at every thread count, plus the GEMM ceiling (and, with stream,
+    the streaming-read probes), all in one round-robin. Returns the case's result dict."""
+    log = log or (lambda s: None)
+    base = spec_list[0]
+    q, k, v = make_inputs(base, seed)
+    runners, skipped, wrong = [], [], []
+    checks = {}
+    for spec in spec_list:
+        expected = reference_check_slice(spec, q, k, v) if check else None
+        for impl in impls:
+            for t in threads:
+                label = f"{impl}/{t}t/{spec.options()}"
+                try:
+                    fn, to_output, setup, note = MAKERS[impl](spec, q, k, v, t)
+                except Skip as exc:
+                    skipped.append({"label": label, "impl": impl, "threads": t,
+                                    "options": spec.options(), "reason": str(exc)})
+                    continue
+                r = Runner(label, impl, t, kind, fn, setup, spec, to_output, note,
+                           work=spec.flops())
+                res, t_single = _first_call(r, trace_memory and impl in ("cattn", "numpy"))
+                if check:
+                    rows, exp = expected
+                    r.max_abs_diff = max_abs_diff(to_output(res), rows, exp)
+                    checks[label] = r.max_abs_diff
+                    if not (r.max_abs_diff <= tolerance(spec.dtype)):
+                        wrong.append({"label": label, "impl": impl, "threads": t,
+                                      "options": spec.options(),
+                                      "max_abs_diff": r.max_abs_diff})
+                        log(f"\n  !! {label}: max abs diff {r.max_abs_diff:.3g} vs the "
+                            f"reference: NOT timed\n")
+                        continue
+                del res
+                _calibrate(r, t_single, min_timing)
+                runners.append(r)
+    if ceiling:
+        gname = "sgemm" if base.dtype == np.float32 else "dgemm"
+        for t in threads:
+            fn, setup = make_gemm(base.dtype, gemm_n, t)
+            r = Runner(f"{gname}/{t}t", gname, t, "gemm", fn, setup, work=2.0 * gemm_n ** 3,
+                       note=f"{gemm_n}x{gemm_n}x{gemm_n} {gname} through scipy.linalg.blas")
+            fn()  # warm
+            runners.append(r)
+    if stream:
+        for t in threads:
+            for pname, fn, setup in make_stream_probes(t):
+                r = Runner(f"stream:{pname}/{t}t", "stream:" + pname, t, "stream", fn, setup,
+                           work=float(_stream_array().nbytes),
+                           note=f"read-only pass over {STREAM_MIB} MiB float32")
+                r.call(1)
+                runners.append(r)
+    log(f"  {name}: {len(runners)} runners ")
+    t0 = time.perf_counter()
+    time_round_robin(runners, reps, warmup, min_timing, log=log)
+    log(f" {time.perf_counter() - t0:.1f}s\n")
+    return _summarize(name, base, spec_list, threads, runners, skipped, wrong, kind)
+
+
+def _summarize(name, base, spec_list, threads, runners, skipped, wrong, kind):
+    rows = []
+    ceilings = {}
+    streams = {}
+    for r in runners:
+        med = median(r.times)
+        row = {"label": r.label, "impl": r.impl, "threads": r.threads, "kind": r.kind,
+               "median_s": med, "min_s": float(min(r.times)), "times_s": r.times,
+               "calls_per_timing": r.number, "note": r.note}
+        if r.kind == "gemm":
+            row["gflops"] = r.work / med / 1e9
+            ceilings[r.threads] = row["gflops"]
+        elif r.kind == "stream":
+            row["gbps"] = r.work / med / 1e9
+            streams[r.threads] = max(streams.get(r.threads, 0.0), row["gbps"])
+        else:
+            row["options"] = r.spec.options()
+            row["gflops"] = r.work / med / 1e9
+            row["gflops_useful"] = r.spec.useful_flops() / med / 1e9
+            row["max_abs_diff"] = r.max_abs_diff
+            row["peak_extra_mib"] = (None if r.peak_bytes is None
+                                     else r.peak_bytes / 2**20)
+            if kind == "decode":
+                row["kv_gbps"] = r.spec.kv_bytes() / med / 1e9
+        rows.append(row)
+    by = {(r["impl"], r["threads"], r.get("options")): r for r in rows}
+    for r in rows:
+        if r["kind"] in ("attention", "decode"):
+            c = ceilings.get(r["threads"])
+            r["pct_of_gemm"] = None if c is None else 100.0 * r["gflops"] / c
+            if kind == "decode" and streams.get(r["threads"]):
+                r["pct_of_stream"] = 100.0 * r["kv_gbps"] / streams[r["threads"]]
+            mine = by.get(("cattn", r["threads"], r["options"]))
+            r["cattn_speedup"] = (None if mine is None
+                                  else r["median_s"] / mine["median_s"])
+            one = by.get((r["impl"], 1, r["options"]))
+            r["speedup_vs_1t"] = (None if one is None or r["threads"] == 1
+                                  else one["median_s"] / r["median_s"])
+    return {"name": name, "kind": kind, "spec": base.to_json(),
+            "options": [s.options() for s in spec_list], "threads": list(threads),
+            "rows": rows, "gemm_gflops": {str(t): g for t, g in ceilings.items()},
+            "stream_gbps": {str(t): g for t, g in streams.items()},
+            "skipped": skipped, "wrong_output": wrong}
+
+
+# ------------------------------------------------------------------------ printing
+
+def _fmt(x, spec="{:.1f}", none="-"):
+    return none if x is None or (isinstance(x, float) and math.isnan(x)) else spec.format(x)
+
+
+def _fmt_time(s):
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.3f} s"
+
+
+def format_case(case):
+    spec = case["spec"]
+    out = []
+    shape = f"B={spec['B']} H={spec['H']} L={spec['L']} S={spec['S']} E={spec['E']}"
+    out.append(f"== {case['name']}: {shape} {spec['dtype']}")
+    extras = []
+    for t, g in case["gemm_gflops"].items():
+        extras.append(f"{'sgemm' if spec['dtype'] == 'float32' else 'dgemm'} {t}t "
+                      f"{g:.1f} GFLOP/s")
+    for t, g in case["stream_gbps"].items():
+        extras.append(f"stream read {t}t {g:.1f} GB/s")
+    if extras:
+        out.append("   ceiling (same run): " + ", ".join(extras))
+    decode = case["kind"] == "decode"
+    head = (f"   {'impl':<7}{'thr':>4} {'options':<16}{'median':>11}"
+            + (f"{'KV GB/s':>9}{'%strm':>7}" if decode else
+               f"{'GFLOP/s':>9}{'%gemm':>7}{'useful':>8}")
+            + f"{'cattn x':>8}{'vs 1t':>7}{'maxdiff':>10}{'peakMiB':>9}")
+    out.append(head)
+    rows = [r for r in case["rows"] if r["kind"] != "gemm" and r["kind"] != "stream"]
+    rows.sort(key=lambda r: (r["options"], r["threads"], ALL_IMPLS.index(r["impl"])))
+    for r in rows:
+        line = f"   {r['impl']:<7}{r['threads']:>4} {r['options']:<16}{_fmt_time(r['median_s']):>11}"
+        if decode:
+            line += f"{_fmt(r['kv_gbps']):>9}{_fmt(r.get('pct_of_stream'), '{:.0f}%'):>7}"
+        else:
+            useful = r["gflops_useful"] if r["options"] != "full" else None
+            line += (f"{_fmt(r['gflops']):>9}{_fmt(r['pct_of_gemm'], '{:.0f}%'):>7}"
+                     f"{_fmt(useful):>8}")
+        sp = r["cattn_speedup"] if r["impl"] != "cattn" else None
+        line += (f"{_fmt(sp, '{:.2f}x'):>8}{_fmt(r['speedup_vs_1t'], '{:.2f}x'):>7}"
+                 f"{_fmt(r['max_abs_diff'], '{:.1e}'):>10}"
+                 f"{_fmt(r['peak_extra_mib'], '{:.1f}', 'n/a'):>9}")
+        out.append(line)
+    for s in case["skipped"]:
+        out.append(f"   skipped {s['label']}: {s['reason']}")
+    for w in case["wrong_output"]:
+        out.append(f"   WRONG OUTPUT (not timed) {w['label']}: max abs diff "
+                   f"{w['max_abs_diff']:.3g}")
+    if any(r["options"] != "full" for r in rows) and not decode:
+        out.append("   (GFLOP/s is dense-equivalent 4*B*H*L*S*E for masked options; "
+                   "'useful' counts visible pairs only)")
+    out.append("   (cattn x = peer time / cattn time at the same threads and options)")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------- machine info
+
+def machine_info():
+    info = {"python": sys.version.split()[0], "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "argv": sys.argv}
+    try:
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        info["usable_cpus"] = os.cpu_count()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
+        for line in cpuinfo.splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                      if line.startswith("flags")), [])
+        info["simd_flags"] = [f for f in ("avx", "avx2", "fma", "avx512f") if f in flags]
+    except OSError:
+        info["cpu_model"] = platform.processor()
+    try:
+        info["loadavg_start"] = os.getloadavg()
+    except OSError:
+        pass
+    versions = {"numpy": np.__version__}
+    for mod in ("scipy", "torch", "onnxruntime", "onnx", "matplotlib", "threadpoolctl"):
+        m = _optional(mod)
+        versions[mod] = getattr(m, "__version__", None) if m is not None else None
+    info["versions"] = versions
+    try:
+        import cattn
+        info["cattn_config"] = cattn.show_config()
+    except Exception as exc:
+        info["cattn_config"] = f"unavailable: {exc}"
+    tpc = _optional("threadpoolctl")
+    if tpc is not None:
+        info["threadpools"] = [{k: d.get(k) for k in ("internal_api", "prefix", "version",
+                                                      "num_threads", "filepath")}
+                               for d in tpc.threadpool_info()]
+    info["thread_control"] = dict(THREAD_CONTROL, blas=blas_threads().method)
+    return info
+
+
+# ------------------------------------------------------------------ single shape
+
+def bench_shape(B, H, L, S, E, dtype="float32", causal=False, threads=(1,),
+                impls=ALL_IMPLS, reps=7, warmup=1, gemm_n=2048, ceiling=True, check=True,
+                seed=0, verbose=True):
+    """Priority-1 entry point: one shape, one dtype, causal or not, at each thread count.
+    Returns the case dict (see run_case); prints the table when verbose."""
+    spec = Spec(B, H, L, S, E, dtype, causal)
+    log = (lambda s: (sys.stderr.write(s), sys.stderr.flush())) if verbose else None
+    case = run_case("shape", [spec], list(threads), list(impls), reps=reps, warmup=warmup,
+                    gemm_n=gemm_n, ceiling=ceiling, check=check, seed=seed, log=log)
+    if verbose:
+        print(format_case(case))
+    return case
+
+
+# ------------------------------------------------------------------------------ CLI
+
+def _ints(s):
+    return [int(x) for x in s.replace(" ", "").split(",") if x]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m cattn.bench",
+        description="Benchmark cattn against the NumPy reference, PyTorch SDPA and ONNX "
+                    "Runtime, interleaved in one run, with the machine's GEMM ceiling.")
+    p.add_argument("--quick", action="store_true",
+                   help="the small suite (< 1 minute on 2 cores)")
+    p.add_argument("--preset", default=None,
+                   help="comma-separated workloads: " + ", ".join(PRESET_NAMES))
+    p.add_argument("--shape", default=None, metavar="B,H,L,S,E",
+                   help="benchmark this one shape only (issue 2's single-shape benchmark)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--causal", action="store_true", help="with --shape: causal")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated thread counts (default: 1 and all cores)")
+    p.add_argument("--impls", default=",".join(ALL_IMPLS),
+                   help="comma-separated subset of " + ",".join(ALL_IMPLS))
+    p.add_argument("--reps", type=int, default=None, help="timed reps (median; >= 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed round-robin reps")
+    p.add_argument("--gemm-n", type=int, default=None,
+                   help="size of the square GEMM ceiling (default 2048, 1024 with --quick)")
+    p.add_argument("--ort-op", default="auto", choices=("auto", "mha", "attention"),
+                   help="ORT op: com.microsoft MultiHeadAttention (float32 only), opset-23 "
+                        "Attention, or auto (MHA for float32, Attention for float64)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the check against the reference (not recommended)")
+    p.add_argument("--json", default=None, help="JSON output path "
+                   "(default benchmarks/out/bench-<preset>-<time>.json; '-' for none)")
+    p.add_argument("--plot", default=None, help="PNG plot path (default next to the JSON; "
+                   "'-' for none)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _default_threads():
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return [1] if n == 1 else [1, n]
+
+
+def _out_dir():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = os.path.join(here, "benchmarks", "out")
+    if not os.path.isdir(os.path.join(here, "benchmarks")):
+        d = os.path.join(os.getcwd(), "benchmarks", "out")
+    return d
+
+
+def write_json(result, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=float)
+
+
+PRESET_NAMES = ()
+
+
+def main(argv=None):
+    global ORT_OP
+    args = build_parser().parse_args(argv)
+    ORT_OP = args.ort_op
+    threads = _ints(args.threads) if args.threads else _default_threads()
+    impls = [i for i in _ints_or_names(args.impls)]
+    for i in impls:
+        if i not in ALL_IMPLS:
+            raise SystemExit(f"unknown implementation {i!r}; choose from {ALL_IMPLS}")
+    reps = args.reps if args.reps is not None else (5 if args.quick else 7)
+    if reps < 1:
+        raise SystemExit("--reps must be >= 1")
+    gemm_n = args.gemm_n or (1024 if args.quick else 2048)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    t_start = time.perf_counter()
+    info = machine_info()
+    if args.shape:
+        shape = _ints(args.shape)
+        if len(shape) != 5:
+            raise SystemExit("--shape takes B,H,L,S,E")
+        case = bench_shape(*shape, dtype=args.dtype, causal=args.causal, threads=threads,
+                           impls=impls, reps=reps, warmup=args.warmup, gemm_n=gemm_n,
+                           check=not args.no_check, seed=args.seed)
+        result = {"machine": info, "mode": "shape", "cases": [case]}
+        tag = "shape"
+    else:
+        result = run_suite(args, threads, impls, reps, gemm_n, info)
+        tag = "quick" if args.quick else (args.preset or "full").replace(",", "+")
+    try:
+        info["loadavg_end"] = os.getloadavg()
+    except OSError:
+        pass
+    result["elapsed_s"] = time.perf_counter() - t_start
+    json_path = args.json or os.path.join(_out_dir(), f"bench-{tag}-{stamp}.json")
+    if json_path != "-":
+        write_json(result, json_path)
+        print(f"\nJSON: {json_path}")
+    if args.plot != "-" and not args.shape:
+        plot_path = args.plot or (os.path.splitext(json_path)[0] + ".png"
+                                  if json_path != "-" else
+                                  os.path.join(_out_dir(), f"bench-{tag}-{stamp}.png"))
+        msg = plot(result, plot_path)
+        print(msg)
+    print(f"elapsed: {result['elapsed_s']:.1f} s")
+    return result
+
+
+def _ints_or_names(s):
+    return [x for x in s.replace(" ", "").split(",") if x]
+
+
+def run_suite(args, threads, impls, reps, gemm_n, info):
+    raise SystemExit("the suite is not written yet; use --shape")
+
+
+def plot(result, path):
+    return "plot: not written yet"
+
+
+if __name__ == "__main__":
+    main()
