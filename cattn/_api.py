@@ -350,16 +350,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     table[:, 6] = diag
 
     block_q, block_k = _block_sizes(L, S, E, Ev)
-    n_tasks = n_items * -(-L // block_q)
+    n_q_blocks = -(-L // block_q)
+    n_splits, split_keys = _key_splits(n_items * n_q_blocks, S, block_k, return_weights)
+    n_tasks = n_items * n_q_blocks * n_splits
     threads = max(1, min(num_threads, n_tasks))
     scratch = np.empty(threads * _kernel.scratch_elements(block_q, block_k, E, Ev,
                                                            return_weights), dtype=dtype)
+    partials = (np.empty((n_splits, n_items, L, Ev + 2), dtype=dtype) if n_splits > 1
+                else None)
     with single_threaded_blas:
         _kernel.attention(query, key, value, out, lse, weights, mask, mask_kind, table,
                           scratch, L, S, E, Ev, q_rs, k_rs, v_rs,
                           out_strides[-2], out_strides[-1], mask_rs, mask_cs,
                           win_left, win_right, scale, softcap, block_q, block_k,
-                          return_weights, threads)
+                          return_weights, partials, n_splits, split_keys, threads)
     if return_weights and return_lse:
         return out, weights, lse
     if return_weights:
@@ -374,6 +378,23 @@ def _block_sizes(L, S, E, Ev):
     block_q = min(max(L, 1), 128)
     block_k = min(max(S, 1), 512)
     return block_q, block_k
+
+
+# Fewer (item, query block) tasks than this: split the keys too, so that the cores stay
+# busy when a few heads decode against a long cache. A property of the problem, never of
+# the thread count, so results stay bitwise identical whatever the number of threads.
+_MIN_TASKS = 16
+_MIN_SPLIT_KEYS = 512
+
+
+def _key_splits(n_tasks, S, block_k, weights_mode):
+    """(number of chunks of keys, keys per chunk: a multiple of block_k)."""
+    if weights_mode or n_tasks == 0 or n_tasks >= _MIN_TASKS or S < 2 * _MIN_SPLIT_KEYS:
+        return 1, S
+    n_splits = min(-(-_MIN_TASKS // n_tasks), S // _MIN_SPLIT_KEYS)
+    split_keys = -(-S // n_splits)
+    split_keys = -(-split_keys // block_k) * block_k
+    return -(-S // split_keys), split_keys
 
 
 def merge_attention(outputs, lses):

@@ -18,7 +18,7 @@ from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport INFINITY, log, tanh
 from libc.stdint cimport uint8_t
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 cimport numpy as cnp
 
@@ -26,9 +26,11 @@ from cattn._blas cimport gemm_ab, gemm_abt
 from cattn._simd cimport (
     cattn_row_max_f32, cattn_row_max_f64, cattn_exp_shift_sum_f32,
     cattn_exp_shift_sum_f64, cattn_expf_scalar, cattn_exp_scalar, cattn_simd_path,
+    cattn_stream_sum_f32,
     CATTN_OPENMP_ENABLED, omp_get_max_threads, cattn_gemm_available,
     cattn_pack_keys_f32, cattn_pack_keys_f64, cattn_gemm_qkt_f32, cattn_gemm_qkt_f64,
-    cattn_gemm_pv_f32, cattn_gemm_pv_f64,
+    cattn_gemm_pv_f32, cattn_gemm_pv_f64, CATTN_DIRECT_ROWS, cattn_gemm_qkt_direct_f32,
+    cattn_gemm_qkt_direct_f64, cattn_gemm_pv_direct_f32, cattn_gemm_pv_direct_f64,
 )
 
 cnp.import_array()
@@ -58,6 +60,7 @@ cdef struct Plan:
     Py_ssize_t win_left, win_right        # visible keys: [i+diag-left, i+diag+right]
     double scale, softcap                  # softcap <= 0: off
     Py_ssize_t block_q, block_k, n_q_blocks
+    Py_ssize_t n_splits, split_keys         # keys split into chunks merged by lse
     bint weights_mode                      # scores go straight into the weights output
     bint microkernels                      # AVX2 block GEMMs (else BLAS)
     const Py_ssize_t* table                # (n_items, N_COLS)
@@ -159,7 +162,14 @@ cdef inline void block_scores(const Plan* p, Py_ssize_t rows, Py_ssize_t n_keys,
                               const floating* q_block, const floating* k_block,
                               floating* packed, floating* scores, Py_ssize_t ld) noexcept nogil:
     """scores[rows, n_keys] (row stride ld) = scale · Q_blk · K_blkᵀ."""
-    if p.microkernels:
+    if p.microkernels and rows <= CATTN_DIRECT_ROWS:  # decoding: stream K, no packing
+        if floating is float:
+            cattn_gemm_qkt_direct_f32(rows, n_keys, p.E, <float> p.scale, q_block, p.q_rs,
+                                      k_block, p.k_rs, scores, ld)
+        else:
+            cattn_gemm_qkt_direct_f64(rows, n_keys, p.E, p.scale, q_block, p.q_rs,
+                                      k_block, p.k_rs, scores, ld)
+    elif p.microkernels:
         if floating is float:
             cattn_pack_keys_f32(k_block, p.k_rs, n_keys, p.E, packed)
             cattn_gemm_qkt_f32(rows, n_keys, p.E, <float> p.scale, q_block, p.q_rs, packed,
@@ -177,7 +187,14 @@ cdef inline void block_pv(const Plan* p, Py_ssize_t rows, Py_ssize_t n_keys,
                           const floating* probs, Py_ssize_t ld, const floating* v_block,
                           floating* acc) noexcept nogil:
     """acc[rows, Ev] += P[rows, n_keys] · V_blk."""
-    if p.microkernels:
+    if p.microkernels and rows <= CATTN_DIRECT_ROWS:  # decoding: stream V
+        if floating is float:
+            cattn_gemm_pv_direct_f32(rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc,
+                                     p.Ev)
+        else:
+            cattn_gemm_pv_direct_f64(rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc,
+                                     p.Ev)
+    elif p.microkernels:
         if floating is float:
             cattn_gemm_pv_f32(rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc, p.Ev)
         else:
@@ -209,17 +226,20 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task,
                              const floating* q, const floating* k, const floating* v,
                              const floating* mask_add, const uint8_t* mask_bool,
                              floating* out, floating* lse, floating* weights,
-                             floating* scratch) noexcept nogil:
-    """One block of query rows of one batch item, over all the key blocks it can see.
+                             floating* partials, floating* scratch) noexcept nogil:
+    """One block of query rows of one batch item, over the key blocks it can see (of one
+    chunk of keys, when the keys are split: then the unnormalized rows, row max and row
+    sum go to `partials`, for merge_split_row).
 
     scratch (this thread's own) holds, in order: running row max and row sum (block_q
     each), the unnormalized output rows (block_q × Ev), the block scores (block_q ×
     block_k, absent when the scores go straight into the weights output) and the packed
     keys of one block (block_k × E rounded up to whole panels; micro-kernels only).
     """
-    cdef const Py_ssize_t* item = p.table + (task // p.n_q_blocks) * N_COLS
-    cdef Py_ssize_t n = task // p.n_q_blocks
-    cdef Py_ssize_t i0 = (task % p.n_q_blocks) * p.block_q
+    cdef Py_ssize_t split = task % p.n_splits
+    cdef Py_ssize_t n = task // p.n_splits // p.n_q_blocks
+    cdef Py_ssize_t i0 = (task // p.n_splits % p.n_q_blocks) * p.block_q
+    cdef const Py_ssize_t* item = p.table + n * N_COLS
     cdef Py_ssize_t i1 = i0 + p.block_q if i0 + p.block_q < p.L else p.L
     cdef Py_ssize_t rows = i1 - i0, Ev = p.Ev
     cdef Py_ssize_t kv_len = item[COL_KV_LEN], diag = item[COL_DIAG]
@@ -240,6 +260,10 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task,
     # the start and the last row the end.
     cdef Py_ssize_t k_begin = clamp(i0 + diag - p.win_left, 0, kv_len)
     cdef Py_ssize_t k_end = clamp(i1 - 1 + diag + p.win_right + 1, 0, kv_len)
+    cdef floating* part_row
+    if p.n_splits > 1:
+        k_begin = clamp(k_begin, split * p.split_keys, (split + 1) * p.split_keys)
+        k_end = clamp(k_end, k_begin, (split + 1) * p.split_keys)
 
     for r in range(rows):
         run_max[r] = -INFINITY
@@ -278,6 +302,14 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task,
             block_pv(p, rows, kb1 - kb0, scores, p.block_k, v_item + kb0 * p.v_rs, acc)
             kb0 = kb1
 
+    if p.n_splits > 1:  # one chunk of the keys: leave the merging to merge_split_row
+        for r in range(rows):
+            part_row = partials + ((split * p.n_items + n) * p.L + i0 + r) * (Ev + 2)
+            memcpy(part_row, acc + r * Ev, Ev * sizeof(floating))
+            part_row[Ev] = run_max[r]
+            part_row[Ev + 1] = run_sum[r]
+        return
+
     for r in range(rows):
         i = i0 + r
         out_row = out + item[COL_OUT] + i * p.out_rs
@@ -297,25 +329,63 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task,
                 weights_rows[r * p.S + j] *= inv_sum
 
 
+cdef void merge_split_row(const Plan* p, Py_ssize_t row, const floating* partials,
+                          floating* out, floating* lse) noexcept nogil:
+    """Combine the chunks of keys of one query row (row = n·L + i): each chunk's sum and
+    unnormalized output are rescaled to the common maximum, as in the online softmax."""
+    cdef Py_ssize_t n = row // p.L, i = row % p.L, s, j, Ev = p.Ev
+    cdef Py_ssize_t part_stride = p.n_items * p.L * (Ev + 2)
+    cdef const floating* part = partials + row * (Ev + 2)
+    cdef floating* out_row = out + p.table[n * N_COLS + COL_OUT] + i * p.out_rs
+    cdef floating m = -INFINITY, total = 0, w
+    for s in range(p.n_splits):
+        if part[s * part_stride + Ev + 1] > 0 and part[s * part_stride + Ev] > m:
+            m = part[s * part_stride + Ev]
+    for j in range(Ev):
+        out_row[j * p.out_cs] = 0
+    if m == -INFINITY:  # no visible key in any chunk
+        if lse != NULL:
+            lse[row] = -INFINITY
+        return
+    for s in range(p.n_splits):
+        if part[s * part_stride + Ev + 1] > 0:
+            w = exp_scalar(part[s * part_stride + Ev] - m)
+            total += part[s * part_stride + Ev + 1] * w
+            for j in range(Ev):
+                out_row[j * p.out_cs] += part[s * part_stride + j] * w
+    for j in range(Ev):
+        out_row[j * p.out_cs] /= total
+    if lse != NULL:
+        lse[row] = m + <floating> log(total)
+
+
 cdef void run_tasks(const Plan* p, int num_threads,
                     const floating* q, const floating* k, const floating* v,
                     const floating* mask_add, const uint8_t* mask_bool,
-                    floating* out, floating* lse, floating* weights,
+                    floating* out, floating* lse, floating* weights, floating* partials,
                     floating* scratch_base, Py_ssize_t scratch_stride) noexcept nogil:
-    cdef Py_ssize_t n_tasks = p.n_items * p.n_q_blocks
-    cdef Py_ssize_t task
+    cdef Py_ssize_t n_tasks = p.n_items * p.n_q_blocks * p.n_splits
+    cdef Py_ssize_t n_rows = p.n_items * p.L
+    cdef Py_ssize_t task, row
     cdef floating* mine = scratch_base
     if num_threads <= 1:  # no parallel region at all: it costs microseconds on tiny inputs
         for task in range(n_tasks):
             attend_query_block(p, task, q, k, v, mask_add, mask_bool, out, lse, weights,
-                               mine)
+                               partials, mine)
+        if p.n_splits > 1:
+            for row in range(n_rows):
+                merge_split_row(p, row, partials, out, lse)
         return
     with parallel(num_threads=num_threads):
         # Each thread owns one slice of the scratch array (no shared mutable state).
         mine = scratch_base + threadid() * scratch_stride
         for task in prange(n_tasks, schedule='dynamic', chunksize=1):
             attend_query_block(p, task, q, k, v, mask_add, mask_bool, out, lse, weights,
-                               mine)
+                               partials, mine)
+        # (prange ends with a barrier: every chunk is done before any row is merged)
+        if p.n_splits > 1:
+            for row in prange(n_rows, schedule='static'):
+                merge_split_row(p, row, partials, out, lse)
 
 
 def scratch_elements(Py_ssize_t block_q, Py_ssize_t block_k, Py_ssize_t E,
@@ -339,11 +409,14 @@ def attention(object q, object k, object v, object out, object lse, object weigh
               Py_ssize_t q_rs, Py_ssize_t k_rs, Py_ssize_t v_rs,
               Py_ssize_t out_rs, Py_ssize_t out_cs, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
               Py_ssize_t win_left, Py_ssize_t win_right, double scale, double softcap,
-              Py_ssize_t block_q, Py_ssize_t block_k, bint weights_mode, int num_threads):
+              Py_ssize_t block_q, Py_ssize_t block_k, bint weights_mode,
+              object partials, Py_ssize_t n_splits, Py_ssize_t split_keys, int num_threads):
     """Run the loop nest on validated operands (see cattn._api for their meaning).
 
     q, k, v, out, lse, weights, mask and scratch are arrays whose data pointers point at
     element 0 of every operand; all offsets are in elements and come from `table`.
+    With n_splits > 1 the keys are cut into chunks of split_keys keys, processed as
+    separate tasks and merged; partials then holds (n_splits, n_items, L, Ev + 2).
     """
     cdef Plan p
     p.n_items = table.shape[0]
@@ -355,6 +428,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.scale, p.softcap = scale, softcap
     p.block_q, p.block_k = block_q, block_k
     p.n_q_blocks = (L + block_q - 1) // block_q
+    p.n_splits, p.split_keys = n_splits, split_keys
     p.weights_mode = weights_mode
     p.table = <const Py_ssize_t*> cnp.PyArray_DATA(table)
     p.microkernels = cattn_gemm_available()
@@ -367,6 +441,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     cdef void* wp = data_or_null(weights)
     cdef void* sp = data_or_null(scratch)
     cdef void* mp = data_or_null(mask)
+    cdef void* pp = data_or_null(partials)
     cdef bint is_double = (<cnp.ndarray> q).descr.type_num == cnp.NPY_DOUBLE
     if p.n_items * p.n_q_blocks == 0:
         return
@@ -374,11 +449,26 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         if is_double:
             run_tasks[double](&p, num_threads, <double*> qp, <double*> kp, <double*> vp,
                               <double*> mp, <uint8_t*> mp, <double*> op, <double*> lp,
-                              <double*> wp, <double*> sp, stride)
+                              <double*> wp, <double*> pp, <double*> sp, stride)
         else:
             run_tasks[float](&p, num_threads, <float*> qp, <float*> kp, <float*> vp,
                              <float*> mp, <uint8_t*> mp, <float*> op, <float*> lp,
-                             <float*> wp, <float*> sp, stride)
+                             <float*> wp, <float*> pp, <float*> sp, stride)
+
+
+def stream_sum(float[::1] x, int num_threads):
+    """Sum of a float32 array read once by num_threads threads: the benchmark's probe of
+    the machine's streaming read rate (bytes / time of this call)."""
+    cdef Py_ssize_t n = x.shape[0], chunk, c, n_chunks = 64 * max(num_threads, 1)
+    cdef double total = 0
+    chunk = (n + n_chunks - 1) // n_chunks
+    if n == 0:
+        return 0.0
+    with nogil:
+        for c in prange(n_chunks, num_threads=max(num_threads, 1), schedule='static'):
+            if c * chunk < n:
+                total += cattn_stream_sum_f32(&x[c * chunk], min(chunk, n - c * chunk))
+    return total
 
 
 def openmp_enabled():

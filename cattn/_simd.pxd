@@ -7,10 +7,25 @@ cdef extern from "cattn_simd.h" nogil:
     double cattn_exp_shift_sum_f64(double* x, Py_ssize_t n, double shift)
     float cattn_expf_scalar(float x)
     double cattn_exp_scalar(double x)
+    float cattn_stream_sum_f32(const float* x, Py_ssize_t n)
     const char* cattn_simd_path()
 
 cdef extern from "cattn_gemm.h" nogil:
     int cattn_gemm_available()
+    int CATTN_DIRECT_ROWS
+    void cattn_gemm_qkt_direct_f32(Py_ssize_t rows, Py_ssize_t n_keys, Py_ssize_t E,
+                                   float alpha, const float* q, Py_ssize_t q_rs,
+                                   const float* k, Py_ssize_t k_rs, float* c, Py_ssize_t ldc)
+    void cattn_gemm_qkt_direct_f64(Py_ssize_t rows, Py_ssize_t n_keys, Py_ssize_t E,
+                                   double alpha, const double* q, Py_ssize_t q_rs,
+                                   const double* k, Py_ssize_t k_rs, double* c,
+                                   Py_ssize_t ldc)
+    void cattn_gemm_pv_direct_f32(Py_ssize_t rows, Py_ssize_t Ev, Py_ssize_t n_keys,
+                                  const float* p, Py_ssize_t ldp, const float* v,
+                                  Py_ssize_t v_rs, float* acc, Py_ssize_t ld_acc)
+    void cattn_gemm_pv_direct_f64(Py_ssize_t rows, Py_ssize_t Ev, Py_ssize_t n_keys,
+                                  const double* p, Py_ssize_t ldp, const double* v,
+                                  Py_ssize_t v_rs, double* acc, Py_ssize_t ld_acc)
     void cattn_pack_keys_f32(const float* k, Py_ssize_t k_rs, Py_ssize_t n_keys,
                              Py_ssize_t E, float* packed)
     void cattn_pack_keys_f64(const double* k, Py_ssize_t k_rs, Py_ssize_t n_keys,

@@ -15,6 +15,24 @@
 
 #include "cattn_simd.h"
 
+#if CATTN_HAVE_AVX2_PATH
+__attribute__((target("avx2,fma"))) static inline float cattn_hsum_ps(__m256 x)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+__attribute__((target("avx2,fma"))) static inline double cattn_hsum_pd(__m256d x)
+{
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+#endif
+
+/* Up to this many query rows, the block GEMMs stream K and V in place (decoding). */
+#define CATTN_DIRECT_ROWS 4
+
 /* ---- float: 8 lanes, 6×16 register tile */
 #define T float
 #define SFX f32
@@ -32,6 +50,8 @@
                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
 #define VMASKLOAD(p, m) _mm256_maskload_ps(p, m)
 #define VMASKSTORE(p, m, x) _mm256_maskstore_ps(p, m, x)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VHSUM(x) cattn_hsum_ps(x)
 #endif
 #include "cattn_gemm_impl.h"
 
@@ -52,6 +72,8 @@
                                     _mm256_setr_epi64x(0, 1, 2, 3))
 #define VMASKLOAD(p, m) _mm256_maskload_pd(p, m)
 #define VMASKSTORE(p, m, x) _mm256_maskstore_pd(p, m, x)
+#define VADD(a, b) _mm256_add_pd(a, b)
+#define VHSUM(x) cattn_hsum_pd(x)
 #endif
 #include "cattn_gemm_impl.h"
 

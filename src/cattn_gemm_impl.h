@@ -161,6 +161,122 @@ FN(cattn_gemm_pv)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p, pt
         FN(cattn_pv_column)(1, rows, n_keys, p, ldp, v + c, v_rs, acc + c, ld_acc, Ev - c);
 }
 
+/* ---- Few query rows (decoding): memory-bound, so keys and values are streamed in place,
+ * each read exactly once, without packing. */
+
+/* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4), two accumulators per row to halve the
+ * FMA dependency chain. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+FN(cattn_qkt_direct_rows)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha, const T *q,
+                          ptrdiff_t q_rs, const T *k, ptrdiff_t k_rs, T *c, ptrdiff_t ldc)
+{
+    const ptrdiff_t E_full = E - E % W;
+    const VI tail = VMASK(E % W);
+    for (ptrdiff_t j = 0; j < n_keys; j++) {
+        const T *kj = k + j * k_rs;
+        V acc0[4], acc1[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < MR_; r++) acc0[r] = acc1[r] = VZERO();
+        ptrdiff_t e = 0;
+        for (; e + 2 * W <= E_full; e += 2 * W) {
+            V k0 = VLOAD(kj + e), k1 = VLOAD(kj + e + W);
+#pragma GCC unroll 4
+            for (int r = 0; r < MR_; r++) {
+                acc0[r] = VFMA(VLOAD(q + r * q_rs + e), k0, acc0[r]);
+                acc1[r] = VFMA(VLOAD(q + r * q_rs + e + W), k1, acc1[r]);
+            }
+        }
+        if (e < E_full) {
+            V k0 = VLOAD(kj + e);
+#pragma GCC unroll 4
+            for (int r = 0; r < MR_; r++) acc0[r] = VFMA(VLOAD(q + r * q_rs + e), k0, acc0[r]);
+            e += W;
+        }
+        if (e < E) {
+            V k1 = VMASKLOAD(kj + e, tail);
+#pragma GCC unroll 4
+            for (int r = 0; r < MR_; r++)
+                acc1[r] = VFMA(VMASKLOAD(q + r * q_rs + e, tail), k1, acc1[r]);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < MR_; r++) c[r * ldc + j] = alpha * VHSUM(VADD(acc0[r], acc1[r]));
+    }
+}
+
+/* acc[r] += Σ_j p[r][j] · v[j] for r < MR_ (≤ 4): four keys per pass over the accumulator
+ * rows, so each accumulator vector is loaded and stored once per four keys. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+FN(cattn_pv_direct_rows)(const int MR_, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p,
+                         ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc)
+{
+    const ptrdiff_t Ev_full = Ev - Ev % W;
+    const VI tail = VMASK(Ev % W);
+    ptrdiff_t j = 0;
+    for (; j + 4 <= n_keys; j += 4) {
+        const T *v0 = v + j * v_rs, *v1 = v0 + v_rs, *v2 = v1 + v_rs, *v3 = v2 + v_rs;
+#pragma GCC unroll 4
+        for (int r = 0; r < MR_; r++) {
+            const T *pr = p + r * ldp + j;
+            V a0 = VBCAST(pr), a1 = VBCAST(pr + 1), a2 = VBCAST(pr + 2), a3 = VBCAST(pr + 3);
+            T *ar = acc + r * ld_acc;
+            ptrdiff_t e = 0;
+            for (; e < Ev_full; e += W) {
+                V x = VFMA(a0, VLOAD(v0 + e), VLOAD(ar + e));
+                x = VFMA(a1, VLOAD(v1 + e), x);
+                x = VFMA(a2, VLOAD(v2 + e), x);
+                VSTORE(ar + e, VFMA(a3, VLOAD(v3 + e), x));
+            }
+            if (e < Ev) {
+                V x = VFMA(a0, VMASKLOAD(v0 + e, tail), VMASKLOAD(ar + e, tail));
+                x = VFMA(a1, VMASKLOAD(v1 + e, tail), x);
+                x = VFMA(a2, VMASKLOAD(v2 + e, tail), x);
+                VMASKSTORE(ar + e, tail, VFMA(a3, VMASKLOAD(v3 + e, tail), x));
+            }
+        }
+    }
+    for (; j < n_keys; j++) {
+        const T *vj = v + j * v_rs;
+#pragma GCC unroll 4
+        for (int r = 0; r < MR_; r++) {
+            V a = VBCAST(p + r * ldp + j);
+            T *ar = acc + r * ld_acc;
+            ptrdiff_t e = 0;
+            for (; e < Ev_full; e += W) VSTORE(ar + e, VFMA(a, VLOAD(vj + e), VLOAD(ar + e)));
+            if (e < Ev)
+                VMASKSTORE(ar + e, tail, VFMA(a, VMASKLOAD(vj + e, tail), VMASKLOAD(ar + e, tail)));
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void
+FN(cattn_gemm_qkt_direct)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
+                          const T *q, ptrdiff_t q_rs, const T *k, ptrdiff_t k_rs, T *c,
+                          ptrdiff_t ldc)
+{
+    for (; rows >= 4; rows -= 4, q += 4 * q_rs, c += 4 * ldc)
+        FN(cattn_qkt_direct_rows)(4, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc);
+    switch (rows) {
+    case 3: FN(cattn_qkt_direct_rows)(3, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
+    case 2: FN(cattn_qkt_direct_rows)(2, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
+    case 1: FN(cattn_qkt_direct_rows)(1, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
+    default: break;
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void
+FN(cattn_gemm_pv_direct)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p,
+                         ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc)
+{
+    for (; rows >= 4; rows -= 4, p += 4 * ldp, acc += 4 * ld_acc)
+        FN(cattn_pv_direct_rows)(4, Ev, n_keys, p, ldp, v, v_rs, acc, ld_acc);
+    switch (rows) {
+    case 3: FN(cattn_pv_direct_rows)(3, Ev, n_keys, p, ldp, v, v_rs, acc, ld_acc); break;
+    case 2: FN(cattn_pv_direct_rows)(2, Ev, n_keys, p, ldp, v, v_rs, acc, ld_acc); break;
+    case 1: FN(cattn_pv_direct_rows)(1, Ev, n_keys, p, ldp, v, v_rs, acc, ld_acc); break;
+    default: break;
+    }
+}
+
 #else /* no AVX2 path compiled: plain loops keep the build complete; callers use BLAS. */
 
 static void FN(cattn_gemm_qkt)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
@@ -185,6 +301,25 @@ static void FN(cattn_gemm_pv)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, co
             for (ptrdiff_t c = 0; c < Ev; c++) acc[i * ld_acc + c] += p[i * ldp + j] * v[j * v_rs + c];
 }
 
+static void FN(cattn_gemm_qkt_direct)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
+                                      const T *q, ptrdiff_t q_rs, const T *k, ptrdiff_t k_rs,
+                                      T *c, ptrdiff_t ldc)
+{
+    for (ptrdiff_t i = 0; i < rows; i++)
+        for (ptrdiff_t j = 0; j < n_keys; j++) {
+            T s = 0;
+            for (ptrdiff_t e = 0; e < E; e++) s += q[i * q_rs + e] * k[j * k_rs + e];
+            c[i * ldc + j] = alpha * s;
+        }
+}
+
+static void FN(cattn_gemm_pv_direct)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys,
+                                     const T *p, ptrdiff_t ldp, const T *v, ptrdiff_t v_rs,
+                                     T *acc, ptrdiff_t ld_acc)
+{
+    FN(cattn_gemm_pv)(rows, Ev, n_keys, p, ldp, v, v_rs, acc, ld_acc);
+}
+
 #endif /* CATTN_HAVE_AVX2_PATH */
 
 #undef FN
@@ -206,3 +341,5 @@ static void FN(cattn_gemm_pv)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, co
 #undef VMASK
 #undef VMASKLOAD
 #undef VMASKSTORE
+#undef VADD
+#undef VHSUM
