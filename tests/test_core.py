@@ -205,6 +205,20 @@ def test_default_scale_is_one_over_sqrt_e(rng, dtype):
     assert not np.allclose(sdpa(*arrays), sdpa(*arrays, scale=1.0))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [{}, {"is_causal": True}, {"return_weights": True}],
+                         ids=["plain", "causal", "weights"])
+def test_scores_far_beyond_the_range_of_exp(rng, options, dtype):
+    # Integer queries and keys with a power-of-two scale make every score an exact integer
+    # in both dtypes, in the thousands: exp of a raw score would overflow (past 88 in
+    # float32, 709 in float64), so only the row-max shift of the softmax keeps it finite.
+    query, key = (rng.integers(-7, 8, shape).astype(dtype)
+                  for shape in [(2, 130, 64), (2, 600, 64)])
+    value = randn(rng, (2, 600, 8), dtype)
+    got = assert_matches_reference(query, key, value, scale=4.0, return_lse=True, **options)
+    assert np.max(got[-1]) > 709
+
+
 # ------------------------------------------------------------------------------- masks
 
 B, H, L, S = 2, 3, 20, 530
