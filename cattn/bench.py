@@ -588,7 +588,8 @@ def run_case(name, spec_list, threads, impls, *, reps=7, warmup=1, min_timing=0.
                                       "options": spec.options(),
                                       "max_abs_diff": r.max_abs_diff})
                         log(f"\n  !! {label}: max abs diff {r.max_abs_diff:.3g} vs the "
-                            f"reference: NOT timed\n")
+                            f"float64 reference (tolerance {tolerance(spec.dtype):g}): "
+                            f"NOT timed\n")
                         continue
                 del res
                 _calibrate(r, t_single, min_timing)
@@ -612,8 +613,11 @@ def run_case(name, spec_list, threads, impls, *, reps=7, warmup=1, min_timing=0.
     log(f"  {name}: {len(runners)} runners ")
     t0 = time.perf_counter()
     time_round_robin(runners, reps, warmup, min_timing, log=log)
-    log(f" {time.perf_counter() - t0:.1f}s\n")
-    return _summarize(name, base, spec_list, threads, runners, skipped, wrong, kind)
+    elapsed = time.perf_counter() - t0
+    log(f" {elapsed:.1f}s\n")
+    case = _summarize(name, base, spec_list, threads, runners, skipped, wrong, kind)
+    case["timing_s"] = elapsed
+    return case
 
 
 def _summarize(name, base, spec_list, threads, runners, skipped, wrong, kind):
@@ -713,7 +717,8 @@ def format_case(case):
         out.append(f"   skipped {s['label']}: {s['reason']}")
     for w in case["wrong_output"]:
         out.append(f"   WRONG OUTPUT (not timed) {w['label']}: max abs diff "
-                   f"{w['max_abs_diff']:.3g}")
+                   f"{w['max_abs_diff']:.3g} > tolerance {tolerance(spec['dtype']):g}"
+                   + (" (less precise than float64)" if spec["dtype"] == "float64" else ""))
     if any(r["options"] != "full" for r in rows) and not decode:
         out.append("   (GFLOP/s is dense-equivalent 4*B*H*L*S*E for masked options; "
                    "'useful' counts visible pairs only)")
@@ -807,7 +812,10 @@ def build_parser():
     p.add_argument("--impls", default=",".join(ALL_IMPLS),
                    help="comma-separated subset of " + ",".join(ALL_IMPLS))
     p.add_argument("--reps", type=int, default=None, help="timed reps (median; >= 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed round-robin reps")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed round-robin reps before the timed ones (default 1, 0 with "
+                        "--quick; every runner's first call, the output check, is untimed "
+                        "anyway)")
     p.add_argument("--gemm-n", type=int, default=None,
                    help="size of the square GEMM ceiling (default 2048, 1024 with --quick)")
     p.add_argument("--ort-op", default="auto", choices=("auto", "mha", "attention"),
@@ -845,8 +853,7 @@ def write_json(result, path):
         json.dump(result, f, indent=1, default=float)
 
 
-PRESET_NAMES = ()
-
+PRESET_NAMES = ()  # filled in below
 
 def main(argv=None):
     global ORT_OP
@@ -861,6 +868,8 @@ def main(argv=None):
     if reps < 1:
         raise SystemExit("--reps must be >= 1")
     gemm_n = args.gemm_n or (1024 if args.quick else 2048)
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
     stamp = time.strftime("%Y%m%d-%H%M%S")
     t_start = time.perf_counter()
     info = machine_info()
@@ -899,13 +908,326 @@ def _ints_or_names(s):
     return [x for x in s.replace(" ", "").split(",") if x]
 
 
-def run_suite(args, threads, impls, reps, gemm_n, info):
-    raise SystemExit("the suite is not written yet; use --shape")
+# ------------------------------------------------------------------------------ the suite
+#
+# A workload is a list of cases; a case is (name, [Spec, ...], options for run_case).
+# Specs of one case share shape and inputs and are timed in the same round-robin (so
+# causal vs non-causal, window vs full, weights vs none are same-run ratios).
 
+PREFILL_LENGTHS = {"full": (512, 1024, 2048, 4096, 8192), "quick": (512, 1024)}
+REF_MAX_LEN = 4096  # the NumPy reference materializes (B, H, L, S) scores: skipped above
+
+
+def _prefill_cases(mode, dtype="float32"):
+    cases = []
+    lengths = PREFILL_LENGTHS[mode]
+    if dtype == "float64":
+        lengths = (1024, 2048, 4096) if mode == "full" else (512,)
+    for L in lengths:
+        specs = [Spec(1, 8, L, L, 64, dtype, causal=False)]
+        if dtype == "float32":
+            specs.append(Spec(1, 8, L, L, 64, dtype, causal=True))
+        name = f"prefill{'' if dtype == 'float32' else '-f64'} L={L}"
+        cases.append((name, specs, {"kind": "attention", "ref": L <= REF_MAX_LEN,
+                                    "reps_cap": 5 if L >= 4096 else None}))
+    return cases
+
+
+def _encoder_cases(mode):
+    lengths = (128, 384) if mode == "full" else (128,)
+    return [(f"encoder L={L}", [Spec(8, 12, L, L, 64)], {"kind": "attention"})
+            for L in lengths]
+
+
+def _decode_cases(mode):
+    return [("decode S=4096", [Spec(1, 32, 1, 4096, 128)],
+             {"kind": "decode", "stream": True, "ceiling": False})]
+
+
+def _tiny_cases(mode):
+    return [("tiny L=S=5", [Spec(1, 1, 5, 5, 64)], {"kind": "attention", "ceiling": False})]
+
+
+def _variant_cases(mode):
+    """Issue 3's same-run ratios: a 256 window vs full at 8192, weights vs none at 1024
+    (causal vs full at 4096 comes from the prefill workload)."""
+    L = 8192 if mode == "full" else 1024
+    cases = [(f"window L={L}", [Spec(1, 8, L, L, 64), Spec(1, 8, L, L, 64, window=(256, 0))],
+              {"kind": "attention", "impls": ("cattn",), "reps_cap": 5}),
+             ("weights L=1024" if mode == "full" else "weights L=512",
+              [Spec(1, 8, 1024 if mode == "full" else 512, 1024 if mode == "full" else 512,
+                    64),
+               Spec(1, 8, 1024 if mode == "full" else 512, 1024 if mode == "full" else 512,
+                    64, return_weights=True)],
+              {"kind": "attention", "impls": ("cattn", "numpy")})]
+    return cases
+
+
+def _memory_cases(mode):
+    """Issue 2: extra memory at L = S = 16384, one head, E = 64 (cattn; one timed rep)."""
+    if mode != "full":
+        return []
+    return [("memory L=16384", [Spec(1, 1, 16384, 16384, 64)],
+             {"kind": "attention", "impls": ("cattn",), "ceiling": False, "reps_cap": 1,
+              "warmup": 0, "threads": "all"})]
+
+
+WORKLOADS = {
+    "prefill": lambda mode: _prefill_cases(mode),
+    "encoder": _encoder_cases,
+    "decode": _decode_cases,
+    "tiny": _tiny_cases,
+    "float64": lambda mode: _prefill_cases(mode, "float64"),
+    "variants": _variant_cases,
+    "memory": _memory_cases,
+}
+PRESET_NAMES = tuple(WORKLOADS)
+
+
+def run_suite(args, threads, impls, reps, gemm_n, info):
+    global STREAM_MIB
+    mode = "quick" if args.quick else "full"
+    if args.quick:
+        STREAM_MIB = 256
+    names = _ints_or_names(args.preset) if args.preset else list(WORKLOADS)
+    for n in names:
+        if n not in WORKLOADS:
+            raise SystemExit(f"unknown preset {n!r}; choose from {', '.join(WORKLOADS)}")
+    log = lambda s: (sys.stderr.write(s), sys.stderr.flush())  # noqa: E731
+    cases = []
+    for wname in names:
+        for name, specs, opts in WORKLOADS[wname](mode):
+            case_impls = [i for i in impls if i in opts.get("impls", ALL_IMPLS)]
+            if not opts.get("ref", True):
+                case_impls = [i for i in case_impls if i != "numpy"]
+            if not case_impls:
+                continue
+            case_threads = threads if opts.get("threads") != "all" else threads[-1:]
+            case_reps = reps if opts.get("reps_cap") is None else min(reps, opts["reps_cap"])
+            case = run_case(name, specs, case_threads, case_impls, reps=case_reps,
+                            warmup=opts.get("warmup", args.warmup), gemm_n=gemm_n,
+                            ceiling=opts.get("ceiling", True), check=not args.no_check,
+                            stream=opts.get("stream", False), seed=args.seed, log=log,
+                            kind=opts["kind"])
+            case["workload"] = wname
+            if not opts.get("ref", True) and "numpy" in impls:
+                case["skipped"].append({"label": "numpy", "impl": "numpy", "threads": None,
+                                        "options": None,
+                                        "reason": f"reference skipped above L={REF_MAX_LEN} "
+                                                  "(it materializes the L x S scores)"})
+            print(format_case(case))
+            print(flush=True)
+            cases.append(case)
+    result = {"machine": info, "mode": mode, "presets": names, "reps": reps,
+              "gemm_n": gemm_n, "threads": threads, "cases": cases}
+    result["targets"] = check_targets(result)
+    print(format_targets(result["targets"]))
+    return result
+
+
+# --------------------------------------------------------------------------- targets
+
+def _rows(result, workload=None, name_prefix=None, **match):
+    for case in result["cases"]:
+        if workload is not None and case.get("workload") != workload:
+            continue
+        if name_prefix is not None and not case["name"].startswith(name_prefix):
+            continue
+        for r in case["rows"]:
+            if all(r.get(k) == v for k, v in match.items()):
+                yield case, r
+
+
+def _target(tid, text, checks, unit="x", indicative=False):
+    """checks: [(where, value, threshold, higher_is_better)] -> one target row.
+    indicative: measured on other shapes than the target's (a --quick run): no verdict."""
+    if not checks:
+        return {"id": tid, "target": text, "measured": "n/a (not in this run)",
+                "verdict": "n/a", "details": []}
+    details = []
+    ok = True
+    for where, value, need, higher in checks:
+        passed = value is not None and (value >= need if higher else value <= need)
+        ok &= passed
+        details.append({"where": where, "value": value, "need": need, "pass": passed})
+    vals = [d for d in details if d["value"] is not None]
+    worst = (min(vals, key=lambda d: d["value"] / d["need"]) if checks[0][3]
+             else max(vals, key=lambda d: d["value"] / d["need"])) if vals else None
+    measured = ("n/a" if worst is None else
+                f"worst {worst['value']:.2f}{unit} ({worst['where']})")
+    verdict = "PASS" if ok else "FAIL"
+    if indicative:
+        verdict = f"({verdict.lower()})"
+        measured += " [other shape]"
+    return {"id": tid, "target": text, "measured": measured, "verdict": verdict,
+            "indicative": indicative, "details": details}
+
+
+def _speedup(case, r, peers):
+    """cattn's speedup over the fastest of `peers` in the same case/threads/options."""
+    best = None
+    for p in case["rows"]:
+        if (p["impl"] in peers and p["threads"] == r["threads"]
+                and p.get("options") == r["options"]):
+            best = p["median_s"] if best is None else min(best, p["median_s"])
+    return None if best is None else best / r["median_s"]
+
+
+def check_targets(result):
+    T = []
+    f32 = dict(workload="prefill", impl="cattn")
+    mid = lambda c: c["spec"]["L"] in (1024, 2048, 4096)  # noqa: E731
+
+    # 1. Non-causal prefill 1024..4096: >= 80% sgemm, >= 1.15x the faster peer.
+    checks = [(f"L={c['spec']['L']} {r['threads']}t", r["pct_of_gemm"], 80.0, True)
+              for c, r in _rows(result, options="full", **f32) if mid(c)]
+    T.append(_target("5.1a", "non-causal prefill L=S 1024-4096, 1 and 2 threads: >=80% of "
+                     "sgemm", checks, "%"))
+    checks = [(f"L={c['spec']['L']} {r['threads']}t", _speedup(c, r, PEERS), 1.15, True)
+              for c, r in _rows(result, options="full", **f32) if mid(c)
+              and _speedup(c, r, PEERS) is not None]
+    T.append(_target("5.1b", "non-causal prefill L=S 1024-4096, 1 and 2 threads: >=1.15x "
+                     "the faster of torch and ORT", checks))
+    # 2. Causal prefill: >= 1.15x torch.
+    checks = [(f"L={c['spec']['L']} {r['threads']}t", _speedup(c, r, ("torch",)), 1.15, True)
+              for c, r in _rows(result, options="causal", **f32) if mid(c)
+              and _speedup(c, r, ("torch",)) is not None]
+    T.append(_target("5.2", "causal prefill L=S 1024-4096: >=1.15x torch SDPA", checks))
+    # 3. Encoder batches: >= 1.2x torch, >= 1.0x ORT.
+    checks = []
+    for c, r in _rows(result, workload="encoder", impl="cattn"):
+        for peer, need in (("torch", 1.2), ("ort", 1.0)):
+            sp = _speedup(c, r, (peer,))
+            if sp is not None:
+                checks.append((f"L={c['spec']['L']} {r['threads']}t vs {peer}", sp, need, True))
+    T.append(_target("5.3", "encoder B=8 H=12 L=128/384: >=1.2x torch and >=1.0x ORT", checks,
+                     indicative=not any(c["spec"]["L"] == 384 for c, _ in
+                                        _rows(result, workload="encoder"))))
+    # 4. Two threads >= 1.85x one thread at L=S=2048.
+    checks = [(f"L=2048 {r['threads']}t", r["speedup_vs_1t"], 1.85, True)
+              for c, r in _rows(result, options="full", **f32)
+              if c["spec"]["L"] == 2048 and r["speedup_vs_1t"] is not None]
+    T.append(_target("5.4", "2 threads >= 1.85x 1 thread at L=S=2048 (non-causal)", checks))
+    # 5. Tiny case < 10 us per call.
+    checks = [(f"{r['threads']}t", r["median_s"] * 1e6, 10.0, False)
+              for c, r in _rows(result, workload="tiny", impl="cattn")]
+    T.append(_target("5.5", "tiny case L=S=5 E=64: < 10 us per call", checks, " us"))
+    # 6. Float64 >= 80% dgemm.
+    checks = [(f"L={c['spec']['L']} {r['threads']}t", r["pct_of_gemm"], 80.0, True)
+              for c, r in _rows(result, workload="float64", impl="cattn")]
+    T.append(_target("5.6", "float64 prefill L=S 1024-4096: >=80% of dgemm", checks, "%",
+                     indicative=not any(mid(c) for c, _ in _rows(result, workload="float64"))))
+    # 7. Decode (issue 4): >= 80% of the streaming read rate, faster than torch and ORT.
+    checks = []
+    for c, r in _rows(result, workload="decode", impl="cattn"):
+        if r.get("pct_of_stream") is not None:
+            checks.append((f"{r['threads']}t %stream", r["pct_of_stream"], 80.0, True))
+        for peer in PEERS:
+            sp = _speedup(c, r, (peer,))
+            if sp is not None:
+                checks.append((f"{r['threads']}t vs {peer} (x100)", sp * 100, 100.0, True))
+    T.append(_target("5.7", "decode H=32 S=4096 E=128: K+V read >=80% of stream rate, "
+                     "faster than torch and ORT (issue 4), in %", checks, "%"))
+    # Issue 2: (1,8,2048,2048,64): >= 1.6x NumPy, >= 0.9x torch, 1 and 2 threads.
+    checks = []
+    for c, r in _rows(result, options="full", **f32):
+        if c["spec"]["L"] == 2048:
+            for peer, need in (("numpy", 1.6), ("torch", 0.9)):
+                sp = _speedup(c, r, (peer,))
+                if sp is not None:
+                    checks.append((f"{r['threads']}t vs {peer}", sp, need, True))
+    T.append(_target("2", "(1,8,2048,2048,64) float32: >=1.6x NumPy ref, >=0.9x torch",
+                     checks))
+    checks = [(f"{r['threads']}t", r["peak_extra_mib"], 64.0, False)
+              for c, r in _rows(result, workload="memory", impl="cattn")
+              if r["peak_extra_mib"] is not None]
+    T.append(_target("2m", "extra memory at L=S=16384, 1 head, E=64: < 64 MiB (incl. the "
+                     "4 MiB output)", checks, " MiB"))
+    # Issue 3: causal >= 1.8x faster than non-causal at 4096; window >= 10x; weights <= 2x.
+    checks = []
+    for c, r in _rows(result, options="causal", **f32):
+        if c["spec"]["L"] == 4096:
+            full = next((x for x in c["rows"] if x["impl"] == "cattn" and x["options"] == "full"
+                         and x["threads"] == r["threads"]), None)
+            if full:
+                checks.append((f"{r['threads']}t", full["median_s"] / r["median_s"], 1.8, True))
+    T.append(_target("3c", "causal >=1.8x faster than non-causal, L=S=4096 H=8 E=64", checks))
+    for tid, prefix, opt, need, text, higher, target_L in (
+            ("3w", "window", "window=256,0", 10.0,
+             "window (256, 0) >=10x faster than full attention at L=S=8192", True, 8192),
+            ("3r", "weights", "weights", 2.0,
+             "return_weights <= 2x the cost without, L=S=1024", False, 1024)):
+        checks = []
+        for c, r in _rows(result, workload="variants", name_prefix=prefix, impl="cattn",
+                          options=opt):
+            full = next((x for x in c["rows"] if x["impl"] == "cattn" and x["options"] == "full"
+                         and x["threads"] == r["threads"]), None)
+            if full:
+                ratio = (full["median_s"] / r["median_s"] if higher
+                         else r["median_s"] / full["median_s"])
+                checks.append((f"L={c['spec']['L']} {r['threads']}t", ratio, need, higher))
+        other = any(c["spec"]["L"] != target_L for c, _ in
+                    _rows(result, workload="variants", name_prefix=prefix))
+        T.append(_target(tid, text, checks, indicative=other))
+    return T
+
+
+def format_targets(targets):
+    lines = ["== targets (issue 5: 5.x; issue 2: 2, 2m; issue 3: 3x)",
+             f"   {'id':<4} {'verdict':<7} {'measured':<44} target"]
+    for t in targets:
+        lines.append(f"   {t['id']:<4} {t['verdict']:<7} {t['measured']:<44} {t['target']}")
+    if any(t.get("indicative") for t in targets):
+        lines.append("   (verdicts in parentheses: measured on smaller shapes than the "
+                     "target's, e.g. --quick; indicative only)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ plot
 
 def plot(result, path):
-    return "plot: not written yet"
-
+    """GFLOP/s against sequence length (prefill, float32) per thread count, with the sgemm
+    ceiling of the same run. Returns a message (matplotlib is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return "plot: skipped (matplotlib not installed: pip install 'cattn[plot]')"
+    cases = [c for c in result["cases"] if c.get("workload") == "prefill"]
+    if not cases:
+        return "plot: skipped (no prefill cases in this run)"
+    threads = sorted({r["threads"] for c in cases for r in c["rows"]})
+    fig, axes = plt.subplots(1, len(threads), figsize=(6 * len(threads), 4.5), squeeze=False,
+                             sharey=True)
+    colors = {"cattn": "C0", "numpy": "C1", "torch": "C2", "ort": "C3"}
+    for ax, t in zip(axes[0], threads):
+        for impl in ALL_IMPLS:
+            for opt, style in (("full", "-"), ("causal", "--")):
+                pts = sorted((c["spec"]["L"], r["gflops"]) for c in cases for r in c["rows"]
+                             if r["impl"] == impl and r["threads"] == t
+                             and r.get("options") == opt)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", color=colors[impl],
+                            label=f"{impl} {opt}")
+        ceil = [c["gemm_gflops"].get(str(t)) for c in cases if c["gemm_gflops"].get(str(t))]
+        if ceil:
+            g = float(np.median(ceil))
+            ax.axhline(g, color="k", linestyle=":", label=f"sgemm {result.get('gemm_n')}^3 "
+                       f"(median {g:.0f})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length L = S (B=1, H=8, E=64, float32)")
+        ax.set_title(f"{t} thread{'s' if t > 1 else ''}")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("GFLOP/s (4*B*H*L*S*E / time; causal: dense-equivalent)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    cpu = result["machine"].get("cpu_model", "")
+    fig.suptitle(f"cattn benchmark ({result.get('mode')}), {cpu}", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot: {path}"
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmark (cattn.bench): CLI, JSON, checks, targets. Tiny sizes, fast."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cattn import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--threads", "1", "--impls", "cattn,numpy", "--reps", "5", "--warmup", "0",
+         "--gemm-n", "128", "--plot", "-"]
+
+
+def test_cli_single_shape_json(tmp_path):
+    out = tmp_path / "r.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "cattn.bench", "--shape", "1,2,32,48,16",
+                           "--causal", "--json", str(out)] + SMALL,
+                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "cattn" in proc.stdout and "sgemm" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["mode"] == "shape"
+    assert "cpu_model" in result["machine"] or "platform" in result["machine"]
+    assert result["machine"]["versions"]["numpy"] == np.__version__
+    case = result["cases"][0]
+    assert case["spec"]["causal"] is True and case["spec"]["S"] == 48
+    labels = {r["label"] for r in case["rows"]}
+    assert {"cattn/1t/causal", "numpy/1t/causal", "sgemm/1t"} <= labels
+    for r in case["rows"]:
+        assert len(r["times_s"]) == 5 and r["median_s"] > 0
+        if r["kind"] == "attention":
+            assert r["max_abs_diff"] < 1e-4
+            assert r["gflops_useful"] < r["gflops"]  # causal: fewer visible pairs
+    numpy_row = next(r for r in case["rows"] if r["impl"] == "numpy")
+    assert numpy_row["cattn_speedup"] > 0 and numpy_row["peak_extra_mib"] > 0
+
+
+def test_suite_tiny_preset_and_targets(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    result = bench.main(["--preset", "tiny", "--json", str(out)] + SMALL)
+    text = capsys.readouterr().out
+    assert "targets" in text and "5.5" in text
+    saved = json.loads(out.read_text())
+    assert [c["name"] for c in saved["cases"]] == ["tiny L=S=5"]
+    tiny = next(t for t in result["targets"] if t["id"] == "5.5")
+    assert tiny["verdict"] in ("PASS", "FAIL") and tiny["details"]
+    rows = saved["cases"][0]["rows"]
+    assert all(r["calls_per_timing"] > 1 for r in rows)  # many calls per timing
+    # Targets without data in this run say so instead of passing.
+    assert next(t for t in result["targets"] if t["id"] == "5.1a")["verdict"] == "n/a"
+
+
+def test_wrong_peer_is_not_timed(monkeypatch):
+    def make_wrong(spec, q, k, v, threads):
+        return (lambda: np.zeros_like(q)), (lambda res: res), None, ""
+    monkeypatch.setitem(bench.MAKERS, "torch", make_wrong)
+    case = bench.run_case("wrong", [bench.Spec(1, 1, 16, 16, 8)], [1], ["cattn", "torch"],
+                          reps=5, warmup=0, ceiling=False)
+    assert [w["impl"] for w in case["wrong_output"]] == ["torch"]
+    assert {r["impl"] for r in case["rows"]} == {"cattn"}
+
+
+def test_missing_peer_is_skipped_with_a_note(monkeypatch):
+    monkeypatch.setitem(bench._OPTIONAL, "torch", None)
+    case = bench.run_case("skip", [bench.Spec(1, 1, 8, 8, 8)], [1], ["cattn", "torch"],
+                          reps=5, warmup=0, ceiling=False)
+    assert case["skipped"] and "not installed" in case["skipped"][0]["reason"]
+    assert "skipped torch" in bench.format_case(case)
+
+
+def test_decode_reports_bandwidth(monkeypatch):
+    monkeypatch.setattr(bench, "STREAM_MIB", 8)
+    monkeypatch.setattr(bench, "_STREAM_ARRAY", {})
+    case = bench.run_case("decode", [bench.Spec(1, 2, 1, 256, 32)], [1], ["cattn"],
+                          reps=5, warmup=0, ceiling=False, stream=True, kind="decode")
+    row = next(r for r in case["rows"] if r["impl"] == "cattn")
+    assert row["kv_gbps"] > 0 and row["pct_of_stream"] > 0
+    assert case["stream_gbps"]["1"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_flops_and_visible_pairs(dtype):
+    s = bench.Spec(2, 3, 4, 4, 8, dtype, causal=True)
+    assert s.flops() == 4 * 2 * 3 * 4 * 4 * 8
+    assert s.visible_pairs() == 10  # 1 + 2 + 3 + 4
+    assert s.kv_bytes() == 2 * 2 * 3 * 4 * 8 * np.dtype(dtype).itemsize
