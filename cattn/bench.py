@@ -467,6 +467,128 @@ def make_stream_probes(threads):
     return probes
 
 
+# ------------------------------------------------------------------ peak memory (RSS)
+#
+# tracemalloc sees only NumPy's allocations. For a figure that covers every
+# implementation alike (PyTorch's and ORT's allocators included), each implementation
+# runs in a fresh process: after imports, inputs and the ORT session exist, the kernel's
+# peak-RSS counter is reset (/proc/self/clear_refs, Linux), two calls run, and the peak
+# RSS above that baseline is the extra memory (output array and one-time allocations such
+# as ORT's arena included).
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+def memprobe(impl, spec, threads):
+    """Run in a fresh process (see rss_peak_mib): peak extra RSS in MiB of two calls."""
+    q, k, v = make_inputs(spec)
+    fn, _, setup, _ = MAKERS[impl](spec, q, k, v, threads)
+    if setup is not None:
+        setup()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _status_kib("VmRSS")
+    fn()
+    fn()
+    rss = (_status_kib("VmHWM") - base) / 1024.0
+    traced = None
+    if impl in ("cattn", "numpy"):
+        gc.collect()
+        tracemalloc.start()
+        t0 = tracemalloc.get_traced_memory()[0]
+        fn()
+        traced = (tracemalloc.get_traced_memory()[1] - t0) / 2**20
+        tracemalloc.stop()
+    return rss, traced
+
+
+def rss_peak(impl, spec, threads, timeout=900):
+    """{"rss_mib", "traced_mib"} of `impl` on `spec`, measured in a fresh process, or
+    {"rss_mib": None, "reason": ...} (not Linux, implementation skipped, failure)."""
+    import subprocess
+    if not os.path.exists("/proc/self/clear_refs"):
+        return {"rss_mib": None, "reason": "needs Linux /proc/self/clear_refs"}
+    arg = json.dumps({"impl": impl, "spec": spec.to_json(), "threads": threads,
+                      "ort_op": ORT_OP})
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cattn.bench", "--memprobe", arg],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"rss_mib": None, "reason": "timed out"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"rss_mib": None,
+                "reason": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(lines[-1])
+
+
+def _memprobe_main(arg):
+    global ORT_OP
+    d = json.loads(arg)
+    ORT_OP = d.get("ort_op", "auto")
+    s = d["spec"]
+    spec = Spec(s["B"], s["H"], s["L"], s["S"], s["E"], s["dtype"], s["causal"],
+                s["window"], s["return_weights"])
+    try:
+        rss, traced = memprobe(d["impl"], spec, d["threads"])
+        print(json.dumps({"rss_mib": rss, "traced_mib": traced}))
+    except Skip as exc:
+        print(json.dumps({"rss_mib": None, "reason": str(exc)}))
+
+
+def run_memory_case(name, spec_list, impls, threads=1, log=None):
+    """Peak extra memory of each implementation (fresh process each; no timing)."""
+    log = log or (lambda s: None)
+    rows, skipped = [], []
+    t0 = time.perf_counter()
+    for spec in spec_list:
+        for impl in impls:
+            res = rss_peak(impl, spec, threads)
+            label = f"{impl}/{threads}t/{spec.options()}"
+            if res.get("rss_mib") is None:
+                skipped.append({"label": label, "impl": impl, "threads": threads,
+                                "options": spec.options(), "reason": res.get("reason")})
+                continue
+            rows.append({"label": label, "impl": impl, "threads": threads, "kind": "memory",
+                         "options": spec.options(), "peak_rss_mib": res["rss_mib"],
+                         "peak_traced_mib": res.get("traced_mib")})
+            log(".")
+    elapsed = time.perf_counter() - t0
+    log(f"  {name}: {elapsed:.1f}s\n")
+    return {"name": name, "kind": "memory", "spec": spec_list[0].to_json(),
+            "options": [s.options() for s in spec_list], "threads": [threads], "rows": rows,
+            "gemm_gflops": {}, "stream_gbps": {}, "skipped": skipped, "wrong_output": [],
+            "timing_s": elapsed,
+            "method": "peak RSS above the baseline (after imports, inputs, ORT session) over "
+                      "two calls, in a fresh process per implementation; traced = "
+                      "tracemalloc peak of a third call (NumPy allocations only)"}
+
+
+def format_memory_case(case):
+    spec = case["spec"]
+    out = [f"== {case['name']}: B={spec['B']} H={spec['H']} L={spec['L']} S={spec['S']} "
+           f"E={spec['E']} {spec['dtype']}, peak extra memory (fresh process per impl)",
+           f"   {'impl':<7}{'thr':>4} {'options':<16}{'RSS MiB':>9}{'traced MiB':>12}"]
+    for r in case["rows"]:
+        out.append(f"   {r['impl']:<7}{r['threads']:>4} {r['options']:<16}"
+                   f"{r['peak_rss_mib']:>9.1f}{_fmt(r['peak_traced_mib'], '{:.1f}', 'n/a'):>12}")
+    for s in case["skipped"]:
+        out.append(f"   skipped {s['label']}: {s['reason']}")
+    out.append("   (RSS: peak resident memory above inputs/imports over two calls, output "
+               "and one-time allocations such as ORT's arena included; traced: tracemalloc, "
+               "NumPy allocations only)")
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------- timing
 
 class Runner:
@@ -754,9 +876,12 @@ def machine_info():
     except OSError:
         pass
     versions = {"numpy": np.__version__}
+    from importlib import metadata  # not importing torch & co. just for their versions
     for mod in ("scipy", "torch", "onnxruntime", "onnx", "matplotlib", "threadpoolctl"):
-        m = _optional(mod)
-        versions[mod] = getattr(m, "__version__", None) if m is not None else None
+        try:
+            versions[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
+            versions[mod] = None
     info["versions"] = versions
     try:
         import cattn
@@ -787,6 +912,74 @@ def bench_shape(B, H, L, S, E, dtype="float32", causal=False, threads=(1,),
         print(format_case(case))
     return case
 
+
+# -------------------------------------------------------------------------- markdown
+
+def format_markdown(result):
+    """The run as Markdown (for benchmarks/RESULTS.md): machine, tables, targets."""
+    m = result["machine"]
+    v = m.get("versions", {})
+    lines = [f"Command: `{' '.join(['python -m cattn.bench'] + m.get('argv', [])[1:])}`  ",
+             f"Date: {m.get('date')}, elapsed {result.get('elapsed_s', 0):.0f} s, "
+             f"load average at start/end {_fmt_load(m.get('loadavg_start'))} / "
+             f"{_fmt_load(m.get('loadavg_end'))}  ",
+             f"Machine: {m.get('cpu_model')}, {m.get('usable_cpus')} cores, "
+             f"{'+'.join(m.get('simd_flags', []))}  ",
+             "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + "  ",
+             f"cattn: `{m.get('cattn_config')}`  ",
+             f"Reps: median of {result.get('reps')} timed round-robin reps per case; GEMM "
+             f"ceiling {result.get('gemm_n')}^3.", ""]
+    for case in result["cases"]:
+        spec = case["spec"]
+        lines.append(f"### {case['name']} (B={spec['B']} H={spec['H']} L={spec['L']} "
+                     f"S={spec['S']} E={spec['E']} {spec['dtype']})")
+        lines.append("")
+        ceil = [f"{'sgemm' if spec['dtype'] == 'float32' else 'dgemm'} {t}t "
+                f"{g:.1f} GFLOP/s" for t, g in case["gemm_gflops"].items()]
+        ceil += [f"stream read {t}t {g:.1f} GB/s" for t, g in case["stream_gbps"].items()]
+        if ceil:
+            lines += ["Same-run ceiling: " + ", ".join(ceil), ""]
+        if case["kind"] == "memory":
+            lines += ["| impl | threads | options | peak extra RSS MiB | traced MiB |",
+                      "|---|---|---|---|---|"]
+            for r in case["rows"]:
+                lines.append(f"| {r['impl']} | {r['threads']} | {r['options']} | "
+                             f"{r['peak_rss_mib']:.1f} | "
+                             f"{_fmt(r['peak_traced_mib'], '{:.1f}', 'n/a')} |")
+        else:
+            decode = case["kind"] == "decode"
+            lines += [("| impl | threads | options | median | "
+                       + ("KV GB/s | % stream" if decode else "GFLOP/s | % gemm")
+                       + " | cattn speedup | vs 1 thread | max abs diff |"),
+                      "|---|---|---|---|---|---|---|---|---|"]
+            rows = sorted((r for r in case["rows"] if r["kind"] not in ("gemm", "stream")),
+                          key=lambda r: (r["options"], r["threads"],
+                                         ALL_IMPLS.index(r["impl"])))
+            for r in rows:
+                a, b = ((r["kv_gbps"], r.get("pct_of_stream")) if decode
+                        else (r["gflops"], r["pct_of_gemm"]))
+                sp = r["cattn_speedup"] if r["impl"] != "cattn" else None
+                lines.append(f"| {r['impl']} | {r['threads']} | {r['options']} | "
+                             f"{_fmt_time(r['median_s'])} | {_fmt(a)} | "
+                             f"{_fmt(b, '{:.0f}%')} | {_fmt(sp, '{:.2f}x')} | "
+                             f"{_fmt(r['speedup_vs_1t'], '{:.2f}x')} | "
+                             f"{_fmt(r['max_abs_diff'], '{:.1e}')} |")
+        for s in case["skipped"]:
+            lines.append(f"\nSkipped {s['label']}: {s['reason']}")
+        for w in case["wrong_output"]:
+            lines.append(f"\nWrong output, not timed: {w['label']} (max abs diff "
+                         f"{w['max_abs_diff']:.3g})")
+        lines.append("")
+    if result.get("targets"):
+        lines += ["### Targets", "", "| id | target | measured | verdict |", "|---|---|---|---|"]
+        for t in result["targets"]:
+            lines.append(f"| {t['id']} | {t['target']} | {t['measured']} | {t['verdict']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt_load(x):
+    return "-" if not x else "/".join(f"{v:.1f}" for v in x)
 
 # ------------------------------------------------------------------------------ CLI
 
@@ -827,7 +1020,10 @@ def build_parser():
                    "(default benchmarks/out/bench-<preset>-<time>.json; '-' for none)")
     p.add_argument("--plot", default=None, help="PNG plot path (default next to the JSON; "
                    "'-' for none)")
+    p.add_argument("--markdown", default=None,
+                   help="also write the run as Markdown (tables and targets) to this path")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memprobe", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -858,6 +1054,8 @@ PRESET_NAMES = ()  # filled in below
 def main(argv=None):
     global ORT_OP
     args = build_parser().parse_args(argv)
+    if args.memprobe:
+        return _memprobe_main(args.memprobe)
     ORT_OP = args.ort_op
     threads = _ints(args.threads) if args.threads else _default_threads()
     impls = [i for i in _ints_or_names(args.impls)]
@@ -894,6 +1092,10 @@ def main(argv=None):
     if json_path != "-":
         write_json(result, json_path)
         print(f"\nJSON: {json_path}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(result) + "\n")
+        print(f"Markdown: {args.markdown}")
     if args.plot != "-" and not args.shape:
         plot_path = args.plot or (os.path.splitext(json_path)[0] + ".png"
                                   if json_path != "-" else
@@ -964,12 +1166,13 @@ def _variant_cases(mode):
 
 
 def _memory_cases(mode):
-    """Issue 2: extra memory at L = S = 16384, one head, E = 64 (cattn; one timed rep)."""
-    if mode != "full":
+    """Peak extra memory per implementation (fresh processes, no timing); issue 2's
+    L = S = 16384, one head, E = 64 (cattn and the peers; not the reference: 1 GiB scores)."""
+    if mode != "full":  # --quick: the tables' tracemalloc column only
         return []
-    return [("memory L=16384", [Spec(1, 1, 16384, 16384, 64)],
-             {"kind": "attention", "impls": ("cattn",), "ceiling": False, "reps_cap": 1,
-              "warmup": 0, "threads": "all"})]
+    return [("memory L=4096", [Spec(1, 8, 4096, 4096, 64)], {"kind": "memory"}),
+            ("memory L=16384", [Spec(1, 1, 16384, 16384, 64)],
+             {"kind": "memory", "ref": False})]
 
 
 WORKLOADS = {
@@ -1004,6 +1207,13 @@ def run_suite(args, threads, impls, reps, gemm_n, info):
                 continue
             case_threads = threads if opts.get("threads") != "all" else threads[-1:]
             case_reps = reps if opts.get("reps_cap") is None else min(reps, opts["reps_cap"])
+            if opts["kind"] == "memory":
+                case = run_memory_case(name, specs, case_impls, 1, log=log)
+                case["workload"] = wname
+                print(format_memory_case(case))
+                print(flush=True)
+                cases.append(case)
+                continue
             case = run_case(name, specs, case_threads, case_impls, reps=case_reps,
                             warmup=opts.get("warmup", args.warmup), gemm_n=gemm_n,
                             ceiling=opts.get("ceiling", True), check=not args.no_check,
@@ -1138,9 +1348,9 @@ def check_targets(result):
                     checks.append((f"{r['threads']}t vs {peer}", sp, need, True))
     T.append(_target("2", "(1,8,2048,2048,64) float32: >=1.6x NumPy ref, >=0.9x torch",
                      checks))
-    checks = [(f"{r['threads']}t", r["peak_extra_mib"], 64.0, False)
+    checks = [(f"{r['threads']}t RSS", r["peak_rss_mib"], 64.0, False)
               for c, r in _rows(result, workload="memory", impl="cattn")
-              if r["peak_extra_mib"] is not None]
+              if c["spec"]["L"] == 16384]
     T.append(_target("2m", "extra memory at L=S=16384, 1 head, E=64: < 64 MiB (incl. the "
                      "4 MiB output)", checks, " MiB"))
     # Issue 3: causal >= 1.8x faster than non-causal at 4096; window >= 10x; weights <= 2x.

@@ -75,6 +75,7 @@ def test_missing_peer_is_skipped_with_a_note(monkeypatch):
 def test_decode_reports_bandwidth(monkeypatch):
     monkeypatch.setattr(bench, "STREAM_MIB", 8)
     monkeypatch.setattr(bench, "_STREAM_ARRAY", {})
+    monkeypatch.setitem(bench._OPTIONAL, "torch", None)  # NumPy probe only: no torch import
     case = bench.run_case("decode", [bench.Spec(1, 2, 1, 256, 32)], [1], ["cattn"],
                           reps=5, warmup=0, ceiling=False, stream=True, kind="decode")
     row = next(r for r in case["rows"] if r["impl"] == "cattn")
@@ -88,3 +89,16 @@ def test_flops_and_visible_pairs(dtype):
     assert s.flops() == 4 * 2 * 3 * 4 * 4 * 8
     assert s.visible_pairs() == 10  # 1 + 2 + 3 + 4
     assert s.kv_bytes() == 2 * 2 * 3 * 4 * 8 * np.dtype(dtype).itemsize
+
+
+def test_rss_memory_probe_and_markdown():
+    case = bench.run_memory_case("mem", [bench.Spec(1, 2, 64, 64, 16)], ["cattn"])
+    if case["skipped"]:
+        pytest.skip(case["skipped"][0]["reason"])
+    row = case["rows"][0]
+    assert row["peak_rss_mib"] >= 0 and row["peak_traced_mib"] > 0
+    assert "RSS MiB" in bench.format_memory_case(case)
+    result = {"machine": bench.machine_info(), "cases": [case], "reps": 5, "gemm_n": 128}
+    result["targets"] = bench.check_targets(result)
+    md = bench.format_markdown(result)
+    assert "| cattn |" in md and "### Targets" in md
