@@ -57,6 +57,32 @@ def test_decode_step_equals_the_last_rows_of_the_full_causal_call(rng, L, dtype)
     np.testing.assert_allclose(step, full[..., -L:, :], **tolerance(dtype))
 
 
+DECODE_OPTIONS = {  # a few query rows against a long cache (B = 4, Hq = 4, S = 2100)
+    "plain": {},
+    "causal": {"is_causal": True},
+    "lengths": {"is_causal": True, "key_lengths": [2100, 600, 0, 1025]},
+    "window": {"is_causal": True, "window": (300, None), "key_lengths": [2100, 1500, 1024, 5]},
+    "mask-row-empty": {"attn_mask": "bool"},
+    "gqa-mask-softcap": {"enable_gqa": True, "attn_mask": "float32", "softcap": 5.0},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L", [1, 4])
+@pytest.mark.parametrize("options", DECODE_OPTIONS.values(), ids=DECODE_OPTIONS.keys())
+def test_decode_against_a_long_cache(rng, options, L, dtype):
+    # Few tasks and many keys: the kernel may cut the keys into chunks and merge them, so
+    # some chunks of a row see nothing (lengths, windows, masks) and must weigh nothing.
+    options = dict(options, alignment="bottom_right", return_lse=True)
+    query, key, value = problem(rng, dtype, L, 2100, B=4, Hq=4,
+                                Hkv=1 if options.get("enable_gqa") else 4)
+    if "attn_mask" in options:
+        mask = random_mask(rng, (4, 1, L, 2100), options["attn_mask"])
+        mask[:, :, -1, :] = False if mask.dtype == bool else -np.inf
+        options["attn_mask"] = mask
+    assert_matches_reference(query, key, value, **options)
+
+
 # ------------------------------------------------------------------------- key lengths
 
 LENGTHS_B = [0, 1, 511, 512, 513, 700]   # one per batch item, S = 700
@@ -336,11 +362,12 @@ def test_fully_masked_rows_give_zero_and_minus_inf(rng, options, weights, dtype)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weights", [False, True])
-def test_one_and_two_threads_agree_bitwise(rng, weights, dtype):
-    query, key, value = problem(rng, dtype, 300, 1100, Hq=4, Hkv=2)
+@pytest.mark.parametrize("L, S", [(300, 1100), (4, 2100)], ids=["prefill", "decode"])
+def test_one_and_two_threads_agree_bitwise(rng, L, S, weights, dtype):
+    query, key, value = problem(rng, dtype, L, S, Hq=4, Hkv=2)
     options = dict(enable_gqa=True, is_causal=True, alignment="bottom_right",
-                   key_lengths=[1100, 700], window=(600, None), softcap=30.0,
-                   attn_mask=random_mask(rng, (2, 1, 1, 1100), "bool"),
+                   key_lengths=[S, 700], window=(600, None), softcap=30.0,
+                   attn_mask=random_mask(rng, (2, 1, 1, S), "bool"),
                    return_lse=True, return_weights=weights)
     one = sdpa(query, key, value, num_threads=1, **options)
     two = sdpa(query, key, value, num_threads=2, **options)
