@@ -6,6 +6,7 @@ matrices, its key length and where its causal diagonal lies. Broadcasting, group
 heads and arbitrary strides are all expressed as offsets, so nothing is copied or
 expanded, except a matrix whose last axis is not contiguous (BLAS needs unit stride there).
 """
+import contextlib
 import math
 import numbers
 import operator
@@ -20,6 +21,7 @@ _INT32_MAX = 2**31 - 1
 # "No limit" for window sides: far beyond any index, far below int64 overflow.
 _UNBOUNDED = 2**60
 _ALIGNMENTS = ("top_left", "bottom_right")
+_NO_LIMIT = contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------ validation helpers
@@ -54,12 +56,16 @@ def _check_positive_float(x, name):
 
 
 def _check_flag(x, name):
-    if not isinstance(x, (bool, np.bool_)):
+    if x is False or x is True:
+        return x
+    if not isinstance(x, np.bool_):
         raise TypeError(f"{name} must be True or False, got {x!r}")
     return bool(x)
 
 
 def _broadcast_batch(shapes, names):
+    if shapes[0] == shapes[1] == shapes[2]:  # the common case, without NumPy's machinery
+        return shapes[0]
     try:
         return np.broadcast_shapes(*shapes)
     except ValueError:
@@ -70,30 +76,20 @@ def _broadcast_batch(shapes, names):
 def _element_strides(x):
     """Strides in elements; None when some stride is not a whole number of elements."""
     item = x.itemsize
-    if any(s % item for s in x.strides):
-        return None
-    return tuple(s // item for s in x.strides)
+    strides = x.strides
+    for st in strides:
+        if st % item:
+            return None
+    return tuple([st // item for st in strides])
 
 
 def _blas_ready(x):
-    """x itself, or a copy whose matrices BLAS can read: unit stride along the last axis
-    and a row stride that is a valid, positive leading dimension."""
-    strides = _element_strides(x)
-    rows, cols = x.shape[-2:]
-    if strides is not None:
-        rs, cs = strides[-2:]
-        if (cs == 1 or cols <= 1) and (rs >= max(cols, 1) or rows <= 1) and rs <= _INT32_MAX:
-            return x
-    return np.ascontiguousarray(x)
-
-
-def _matrix_strides(x):
-    """(row stride, column stride) in elements of a _blas_ready array, normalized so the
-    degenerate 1-row or 1-column cases still satisfy BLAS's leading-dimension rules."""
-    strides = _element_strides(x)
-    rows, cols = x.shape[-2:]
-    rs = strides[-2] if rows > 1 else max(cols, 1)
-    return rs, 1
+    """(x or a contiguous copy, its row stride): matrices GEMM can read in place."""
+    row_stride = _kernel.gemm_row_stride(x)
+    if row_stride < 0:
+        x = np.ascontiguousarray(x)
+        row_stride = _kernel.gemm_row_stride(x)
+    return x, row_stride
 
 
 def _overlaps(a, b):
@@ -104,23 +100,6 @@ def _overlaps(a, b):
         return np.shares_memory(a, b, max_work=10**5)
     except np.exceptions.TooHardError:
         return True
-
-
-def _item_offsets(x, batch_shape):
-    """Element offset of each batch item's matrix in x (x's leading dims broadcast
-    against batch_shape, right-aligned), flattened in C order over batch_shape."""
-    strides = _element_strides(x)
-    lead = x.ndim - 2
-    offsets = np.zeros(batch_shape, dtype=np.intp)
-    for axis in range(lead):
-        size = x.shape[axis]
-        if size == 1:
-            continue
-        target_axis = len(batch_shape) - lead + axis
-        shape = [1] * len(batch_shape)
-        shape[target_axis] = size
-        offsets += (np.arange(size, dtype=np.intp) * strides[axis]).reshape(shape)
-    return offsets.reshape(-1)
 
 
 # ---------------------------------------------------------------------- the public API
@@ -198,7 +177,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     enable_gqa = _check_flag(enable_gqa, "enable_gqa")
     return_lse = _check_flag(return_lse, "return_lse")
     return_weights = _check_flag(return_weights, "return_weights")
-    if not isinstance(dropout_p, numbers.Real) or dropout_p != 0:
+    if not (isinstance(dropout_p, (int, float, np.number)) and dropout_p == 0):
         raise ValueError("dropout_p must be 0: cattn computes attention for inference")
     if E == 0 or Ev == 0:
         raise ValueError(f"query/key and value need at least one feature (last axis), got "
@@ -242,7 +221,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     mask_kind = _kernel.MASK_NONE
     mask = None
     mask_rs = mask_cs = 0
-    mask_offsets = 0
     if attn_mask is not None:
         if not isinstance(attn_mask, np.ndarray):
             raise TypeError(f"attn_mask must be a numpy.ndarray (bool or float), got "
@@ -267,16 +245,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         else:
             raise TypeError(f"attn_mask must be boolean (True = attend) or floating "
                             f"(added to the scores), got dtype {attn_mask.dtype}")
-        if _element_strides(mask) is None:
-            mask = np.ascontiguousarray(mask)
         m_strides = _element_strides(mask)
+        if m_strides is None:
+            mask = np.ascontiguousarray(mask)
+            m_strides = _element_strides(mask)
         mask_rs = m_strides[-2] if mask.shape[-2] > 1 else 0
         mask_cs = m_strides[-1] if mask.shape[-1] > 1 else 0
-        mask_offsets = _item_offsets(mask, batch_shape)
 
     # ---- key lengths and the causal diagonal
     if key_lengths is None:
-        kv_len = np.full(n_items, S, dtype=np.intp)
+        kv_len = S
     else:
         kl = np.asarray(key_lengths)
         if kl.dtype.kind not in "iu":
@@ -289,7 +267,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                              f"{kl.min()} to {kl.max()}")
         kl = kl.astype(np.intp).reshape(kl.shape + (1,) * (len(batch_shape) - kl.ndim))
         kv_len = np.broadcast_to(kl, batch_shape).reshape(-1)
-    diag = kv_len - L if alignment == "bottom_right" else np.zeros(n_items, dtype=np.intp)
+    diag = kv_len - L if alignment == "bottom_right" else 0
 
     # ---- window (relative to the diagonal); causal closes its right side
     win_left, win_right = _UNBOUNDED, _UNBOUNDED
@@ -307,7 +285,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         win_right = 0
 
     # ---- outputs
-    if out is None:
+    user_out = out is not None
+    if not user_out:
         out = np.empty(out_shape, dtype=dtype)
     else:
         if not isinstance(out, np.ndarray):
@@ -327,25 +306,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     lse = np.empty(batch_shape + (L,), dtype=dtype) if return_lse else None
     weights = np.zeros(batch_shape + (L, S), dtype=dtype) if return_weights else None
 
-    # ---- operands BLAS can read, and the per-item table
-    query, key, value = _blas_ready(query), _blas_ready(key), _blas_ready(value)
-    q_rs, _ = _matrix_strides(query)
-    k_rs, _ = _matrix_strides(key)
-    v_rs, _ = _matrix_strides(value)
-    out_strides = _element_strides(out)
+    # ---- operands GEMM can read, and the per-item table
+    query, q_rs = _blas_ready(query)
+    key, k_rs = _blas_ready(key)
+    value, v_rs = _blas_ready(value)
+    out_strides = _element_strides(out) if user_out else (Ev, 1)
     table = np.empty((n_items, _kernel.TABLE_COLUMNS), dtype=np.intp)
-    table[:, 0] = _item_offsets(query, batch_shape)
-    if enable_gqa:
-        kv_batch = batch_shape[:-1] + (batch_shape[-1] // group,)
-        head_of_query = np.arange(batch_shape[-1]) // group
-        for col, x in ((1, key), (2, value)):
-            offs = _item_offsets(x, kv_batch).reshape(kv_batch)
-            table[:, col] = offs[..., head_of_query].reshape(-1)
-    else:
-        table[:, 1] = _item_offsets(key, batch_shape)
-        table[:, 2] = _item_offsets(value, batch_shape)
-    table[:, 3] = _item_offsets(out, batch_shape)
-    table[:, 4] = mask_offsets
+    _kernel.fill_offsets(table, 0, query, batch_shape)
+    _kernel.fill_offsets(table, 1, key, batch_shape, group)
+    _kernel.fill_offsets(table, 2, value, batch_shape, group)
+    _kernel.fill_offsets(table, 3, out, batch_shape)
+    _kernel.fill_offsets(table, 4, mask, batch_shape)
     table[:, 5] = kv_len
     table[:, 6] = diag
 
@@ -358,7 +329,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                                                            return_weights), dtype=dtype)
     partials = (np.empty((n_splits, n_items, L, Ev + 2), dtype=dtype) if n_splits > 1
                 else None)
-    with single_threaded_blas:
+    with single_threaded_blas if _kernel.calls_blas() else _NO_LIMIT:
         _kernel.attention(query, key, value, out, lse, weights, mask, mask_kind, table,
                           scratch, L, S, E, Ev, q_rs, k_rs, v_rs,
                           out_strides[-2], out_strides[-1], mask_rs, mask_cs,

@@ -471,6 +471,80 @@ def stream_sum(float[::1] x, int num_threads):
     return total
 
 
+# ------------------------------------------------------ planning helpers (per call)
+# Typed versions of the per-call bookkeeping of cattn._api: in Python they cost more
+# than the whole computation on a tiny input.
+
+def gemm_row_stride(cnp.ndarray x):
+    """Row stride in elements of x's matrices when GEMM can read them in place (unit
+    stride along the last axis, positive row stride ≥ the row length, fitting in 32 bits;
+    normalized to the row length when there is one row), else -1 (x needs a copy)."""
+    cdef int nd = x.ndim
+    cdef Py_ssize_t item = x.descr.itemsize
+    cdef Py_ssize_t rows = x.shape[nd - 2], cols = x.shape[nd - 1]
+    cdef Py_ssize_t rs = x.strides[nd - 2], cs = x.strides[nd - 1]
+    cdef Py_ssize_t min_rs = cols if cols > 1 else 1
+    cdef int a
+    for a in range(nd):  # every offset must be a whole number of elements
+        if x.strides[a] % item:
+            return -1
+    rs //= item
+    cs //= item
+    if cols > 1 and cs != 1:
+        return -1
+    if rows <= 1:
+        return min_rs
+    if rs < min_rs or rs > 2147483647:
+        return -1
+    return rs
+
+
+def fill_offsets(Py_ssize_t[:, ::1] table, int col, object x_or_none, tuple batch_shape,
+                 Py_ssize_t group=1):
+    """table[:, col] = element offset of each batch item's matrix in x (0 for None).
+
+    Items run in C order over batch_shape; x's leading axes broadcast against it,
+    right-aligned (an axis of size 1 always gives offset 0). With group > 1, x has
+    batch_shape[-1] // group heads on its last leading axis and item head h reads x's
+    head h // group (grouped-query attention).
+    """
+    cdef Py_ssize_t n, offset, n_items = table.shape[0]
+    if x_or_none is None:
+        for n in range(n_items):
+            table[n, col] = 0
+        return
+    cdef cnp.ndarray x = x_or_none
+    cdef int nb = len(batch_shape), lead = x.ndim - 2, a, xa
+    cdef Py_ssize_t dims[64]
+    cdef Py_ssize_t steps[64]
+    cdef Py_ssize_t idx[64]
+    cdef Py_ssize_t item = x.descr.itemsize
+    for a in range(nb):
+        dims[a] = batch_shape[a]
+        steps[a] = 0
+        idx[a] = 0
+        xa = a - (nb - lead)
+        if xa >= 0 and x.shape[xa] > 1:
+            steps[a] = x.strides[xa] // item
+    for n in range(n_items):
+        offset = 0
+        for a in range(nb):
+            offset += (idx[a] // group if a == nb - 1 else idx[a]) * steps[a]
+        table[n, col] = offset
+        a = nb - 1
+        while a >= 0:  # next item: increment the multi-index, last axis fastest
+            idx[a] += 1
+            if idx[a] < dims[a]:
+                break
+            idx[a] = 0
+            a -= 1
+
+
+def calls_blas():
+    """Whether the kernel calls BLAS on this CPU (only without the AVX2 micro-kernels)."""
+    return not cattn_gemm_available()
+
+
 def openmp_enabled():
     """Whether this build was compiled with OpenMP (otherwise it runs on one thread)."""
     return bool(CATTN_OPENMP_ENABLED)
