@@ -116,13 +116,52 @@ def layer_norm(x, weight, bias, eps):
     return centered
 
 
+# Abramowitz & Stegun 7.1.26, erfc(u) = t·(a1 + t·(a2 + ... + t·a5))·exp(-u²), t = 1/(1 + p·u)
+# for u >= 0, absolute error <= 1.5e-7: written for u = |x|/√2 and halved, it gives
+# Φ(-|x|) = erfc(|x|/√2)/2 directly.
+_AS_P = 0.3275911 / math.sqrt(2)
+_AS_A = tuple(a / 2 for a in (0.254829592, -0.284496736, 1.421413741, -1.453152027,
+                              1.061405429))
+_GELU_CHUNK = 16384  # elements: the scratch rows stay in the L2 cache between the passes
+
+
 def gelu(x):
-    """BERT's exact GELU, x·Φ(x) = x·(1 + erf(x/√2))/2, in place on x."""
-    half_x = x * 0.5
-    np.multiply(x, 1 / math.sqrt(2), out=x)
-    erf(x, out=x)
-    x += 1
-    x *= half_x
+    """BERT's exact GELU, x·Φ(x) = x·(1 + erf(x/√2))/2, in place on x.
+
+    float64 goes through SciPy's erf. float32 uses the A&S 7.1.26 form above, within
+    1.5e-7·|x| of the exact value (about one float32 rounding), evaluated chunk by chunk
+    in cache-resident scratch: 4 to 5 times faster than scipy.special.erf, which computes
+    float32 through double precision one element at a time. With q = Φ(-|x|),
+    x·Φ(x) = max(x, 0) - |x|·q for both signs of x.
+    """
+    if x.dtype != np.float32:
+        half_x = x * 0.5
+        np.multiply(x, 1 / math.sqrt(2), out=x)
+        erf(x, out=x)
+        x += 1
+        x *= half_x
+        return x
+    flat = x.reshape(-1)
+    scratch = np.empty((4, min(_GELU_CHUNK, flat.size)), dtype=x.dtype)
+    for start in range(0, flat.size, _GELU_CHUNK):
+        v = flat[start:start + _GELU_CHUNK]
+        n = v.size
+        abs_x, t, q, gauss = scratch[0, :n], scratch[1, :n], scratch[2, :n], scratch[3, :n]
+        np.abs(v, out=abs_x)
+        np.multiply(abs_x, _AS_P, out=t)
+        t += 1
+        np.divide(1, t, out=t)
+        np.square(abs_x, out=gauss)
+        gauss *= -0.5
+        np.exp(gauss, out=gauss)
+        np.multiply(t, _AS_A[4], out=q)
+        for a in _AS_A[3::-1]:
+            q += a
+            q *= t
+        q *= gauss  # q = Φ(-|x|)
+        abs_x *= q
+        np.maximum(v, 0, out=v)
+        v -= abs_x
     return x
 
 
@@ -223,6 +262,12 @@ class BertEncoder:
         if token_type_ids is None:
             token_type_ids = np.zeros((B, L), dtype=np.intp)
 
+        # The feed-forward half of each layer (2/3 of the FLOPs) runs on the real tokens
+        # only; hidden states at padding positions are left as the attention half made them.
+        real_rows = None
+        if padding is not None and padding.any():
+            real_rows = np.flatnonzero(~padding.reshape(-1))
+
         x = self.word_embeddings[input_ids]
         x += self.position_embeddings[:L]
         x += self.token_type_embeddings[token_type_ids]
@@ -237,13 +282,18 @@ class BertEncoder:
             x = layer_norm(attended, *layer["attention_norm"], cfg.layer_norm_eps)
             w_in, b_in = layer["ff_in"]
             w_out, b_out = layer["ff_out"]
-            rows = x.reshape(B * L, -1)
+            all_rows = x.reshape(B * L, -1)
+            rows = all_rows if real_rows is None else all_rows[real_rows]
             hidden = rows @ w_in
             hidden += b_in
             ff = gelu(hidden) @ w_out
             ff += b_out
             ff += rows
-            x = layer_norm(ff, *layer["output_norm"], cfg.layer_norm_eps).reshape(B, L, -1)
+            ff = layer_norm(ff, *layer["output_norm"], cfg.layer_norm_eps)
+            if real_rows is None:
+                x = ff.reshape(B, L, -1)
+            else:
+                all_rows[real_rows] = ff  # x is this layer's own array: safe to write
         return (x, attentions) if output_attentions else x
 
 

@@ -206,3 +206,22 @@ def test_real_model_matches_sentence_transformers(real_model):
     a, b, c = real_model.encode(["I love Apple phones", "I really like iPhones",
                                  "He fed the dog"])
     assert a @ b > a @ c + 0.2
+
+
+def test_gelu_is_exact_to_float32_resolution(rng):
+    """The float32 GELU (A&S 7.1.26 form) stays within ~1 float32 rounding of the exact
+    x·Φ(x); float64 is exact. Both work in place over any size (chunk edges included)."""
+    x32 = np.concatenate([np.linspace(-12, 12, 20001), rng.standard_normal(40000) * 4,
+                          [0.0, -0.0, 1e-30, -1e-30, 7.5, -7.5, 30.0]]).astype(np.float32)
+    x64 = x32.astype(np.float64)  # the exact GELU of the very same inputs
+    exact = 0.5 * x64 * (1 + erf(x64 / math.sqrt(2)))
+    got32 = minilm.gelu(x32.copy())
+    assert got32.dtype == np.float32
+    err = np.abs(got32 - exact)
+    assert np.all(err <= 2e-7 * np.maximum(np.abs(x64), 1) + np.spacing(np.abs(exact)
+                                                                        .astype(np.float32)))
+    got64 = minilm.gelu(x64.copy())
+    np.testing.assert_allclose(got64, exact, rtol=1e-12, atol=1e-15)
+    y = x32.reshape(-1, 4)[:, ::-1].copy()  # 2-D, and a different chunking
+    assert minilm.gelu(y) is y
+    np.testing.assert_array_equal(y[:, ::-1].reshape(-1), got32)
