@@ -967,6 +967,9 @@ def format_markdown(result):
                              f"{_fmt(b, '{:.0f}%')} | {_fmt(sp, '{:.2f}x')} | "
                              f"{_fmt(r['speedup_vs_1t'], '{:.2f}x')} | "
                              f"{_fmt(r['max_abs_diff'], '{:.1e}')} |")
+        if case["kind"] == "attention" and any(o != "full" for o in case["options"]):
+            lines.append("\nGFLOP/s of masked options (causal, window) is dense-equivalent "
+                         "(4·B·H·L·S·E / time); the JSON also has the useful GFLOP/s.")
         for s in case["skipped"]:
             lines.append(f"\nSkipped {s['label']}: {s['reason']}")
         for w in case["wrong_output"]:
