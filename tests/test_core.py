@@ -22,6 +22,20 @@ sdpa = cattn.scaled_dot_product_attention
 DTYPES = [np.float32, np.float64]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_threaded_reference_blas():
+    """NumPy's BLAS on one thread while the reference runs: its products are small, and on
+    shared cores a second OpenBLAS thread mostly spins (it made the reference 5x costlier).
+    cattn is unaffected: it keeps BLAS on one thread during its calls anyway."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def randn(rng, shape, dtype):
     return rng.standard_normal(shape).astype(dtype)
 

@@ -14,6 +14,7 @@ import cattn
 from cattn import reference
 from conftest import assert_matches_reference, reference64, tolerance
 from test_core import DTYPES, in_layout, qkv, random_mask, sdpa
+from test_core import single_threaded_reference_blas  # noqa: F401 (an autouse fixture)
 
 # A warning (overflow, invalid value, 0/0) is a failure everywhere in this file.
 pytestmark = pytest.mark.filterwarnings("error")
