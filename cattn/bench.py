@@ -588,6 +588,62 @@ def format_memory_case(case):
     return "\n".join(out)
 
 
+# ------------------------------------------------------------- GEMM on the block shapes
+
+BLOCK_SHAPES = [  # (m, k, n): scores Q_blk·K_blkᵀ (bq, E, bk) and P·V_blk (bq, bk, E), E=64
+    (128, 64, 64), (128, 64, 128), (128, 64, 256), (128, 64, 512),
+    (128, 64, 64), (128, 128, 64), (128, 256, 64), (128, 512, 64),
+    (64, 64, 256), (256, 64, 256), (64, 256, 64), (256, 256, 64)]
+
+
+def run_block_gemm_case(name, threads=1, reps=7, warmup=1, gemm_n=2048, flops_per_call=2e8,
+                        log=None):
+    """How fast BLAS (NumPy's OpenBLAS, batched matmul: one C loop of BLAS calls) runs the
+    small GEMMs of the kernel's blocks, against the large square sgemm, one round-robin."""
+    log = log or (lambda s: None)
+    rng = np.random.default_rng(2)
+    limiter = blas_threads()
+    runners = []
+    for m, k, n in dict.fromkeys(BLOCK_SHAPES):
+        count = max(1, int(flops_per_call / (2.0 * m * k * n)))
+        a = rng.standard_normal((count, m, k), dtype=np.float32)
+        bb = rng.standard_normal((count, k, n), dtype=np.float32)
+        c = np.empty((count, m, n), dtype=np.float32)
+        fn = (lambda a=a, bb=bb, c=c: np.matmul(a, bb, out=c))
+        r = Runner(f"{m}x{k}x{n}", "block", threads, "blockgemm", fn,
+                   (lambda: limiter.limit(threads)), work=2.0 * m * k * n * count,
+                   note=f"{count} GEMMs (m, k, n) = ({m}, {k}, {n}) per call")
+        r.call(1)
+        runners.append(r)
+    fn, setup = make_gemm(np.float32, gemm_n, threads)
+    fn()
+    runners.append(Runner(f"sgemm/{threads}t", "sgemm", threads, "gemm", fn, setup,
+                          work=2.0 * gemm_n ** 3))
+    t0 = time.perf_counter()
+    log(f"  {name}: {len(runners)} runners ")
+    time_round_robin(runners, reps, warmup, 0.02, log=log)
+    log(f" {time.perf_counter() - t0:.1f}s\n")
+    big = runners[-1].work / median(runners[-1].times) / 1e9
+    rows = []
+    for r in runners:
+        g = r.work / median(r.times) / 1e9
+        rows.append({"label": r.label, "impl": r.impl, "threads": threads, "kind": r.kind,
+                     "median_s": median(r.times), "times_s": r.times, "gflops": g,
+                     "pct_of_gemm": 100.0 * g / big, "note": r.note})
+    return {"name": name, "kind": "blockgemm", "spec": {"dtype": "float32"},
+            "options": [], "threads": [threads], "rows": rows,
+            "gemm_gflops": {str(threads): big}, "stream_gbps": {}, "skipped": [],
+            "wrong_output": [], "timing_s": time.perf_counter() - t0}
+
+
+def format_block_gemm_case(case):
+    out = [f"== {case['name']}: BLAS on the kernel's block shapes (m x k x n), "
+           f"{case['threads'][0]} thread, vs the large sgemm of the same round-robin",
+           f"   {'m x k x n':<14}{'GFLOP/s':>9}{'%sgemm':>8}"]
+    for r in case["rows"]:
+        out.append(f"   {r['label']:<14}{r['gflops']:>9.1f}{r['pct_of_gemm']:>7.0f}%")
+    return "\n".join(out)
+
 # ----------------------------------------------------------------------------- timing
 
 class Runner:
@@ -933,8 +989,11 @@ def format_markdown(result):
              f"ceiling {result.get('gemm_n')}^3.", ""]
     for case in result["cases"]:
         spec = case["spec"]
-        lines.append(f"### {case['name']} (B={spec['B']} H={spec['H']} L={spec['L']} "
-                     f"S={spec['S']} E={spec['E']} {spec['dtype']})")
+        if "B" in spec:
+            lines.append(f"### {case['name']} (B={spec['B']} H={spec['H']} L={spec['L']} "
+                         f"S={spec['S']} E={spec['E']} {spec['dtype']})")
+        else:
+            lines.append(f"### {case['name']} ({spec['dtype']})")
         lines.append("")
         ceil = [f"{'sgemm' if spec['dtype'] == 'float32' else 'dgemm'} {t}t "
                 f"{g:.1f} GFLOP/s" for t, g in case["gemm_gflops"].items()]
@@ -942,7 +1001,11 @@ def format_markdown(result):
                  for t, g in case["stream_gbps"].items()]
         if ceil:
             lines += ["Same-run ceiling: " + ", ".join(ceil), ""]
-        if case["kind"] == "memory":
+        if case["kind"] == "blockgemm":
+            lines += ["| m x k x n | GFLOP/s | % of the large sgemm |", "|---|---|---|"]
+            lines += [f"| {r['label']} | {r['gflops']:.1f} | {r['pct_of_gemm']:.0f}% |"
+                      for r in case["rows"]]
+        elif case["kind"] == "memory":
             lines += ["| impl | threads | options | peak extra RSS MiB | traced MiB |",
                       "|---|---|---|---|---|"]
             for r in case["rows"]:
@@ -1189,6 +1252,7 @@ WORKLOADS = {
     "float64": lambda mode: _prefill_cases(mode, "float64"),
     "variants": _variant_cases,
     "memory": _memory_cases,
+    "blocks": lambda mode: [("blocks", [], {"kind": "blockgemm"})],
 }
 PRESET_NAMES = tuple(WORKLOADS)
 
@@ -1209,10 +1273,20 @@ def run_suite(args, threads, impls, reps, gemm_n, info):
             case_impls = [i for i in impls if i in opts.get("impls", ALL_IMPLS)]
             if not opts.get("ref", True):
                 case_impls = [i for i in case_impls if i != "numpy"]
-            if not case_impls:
+            if not case_impls and opts["kind"] != "blockgemm":
                 continue
             case_threads = threads if opts.get("threads") != "all" else threads[-1:]
             case_reps = reps if opts.get("reps_cap") is None else min(reps, opts["reps_cap"])
+            if opts["kind"] == "blockgemm":
+                case = run_block_gemm_case(name, 1, reps=reps, warmup=args.warmup,
+                                           gemm_n=gemm_n,
+                                           flops_per_call=5e7 if args.quick else 2e8,
+                                           log=log)
+                case["workload"] = wname
+                print(format_block_gemm_case(case))
+                print(flush=True)
+                cases.append(case)
+                continue
             if opts["kind"] == "memory":
                 case = run_memory_case(name, specs, case_impls, 1, log=log)
                 case["workload"] = wname

@@ -102,3 +102,13 @@ def test_rss_memory_probe_and_markdown():
     result["targets"] = bench.check_targets(result)
     md = bench.format_markdown(result)
     assert "| cattn |" in md and "### Targets" in md
+
+
+def test_block_gemm_case():
+    case = bench.run_block_gemm_case("blocks", reps=5, warmup=0, gemm_n=128,
+                                     flops_per_call=2e5)
+    assert {r["label"] for r in case["rows"]} >= {"128x64x512", "sgemm/1t"}
+    assert all(r["gflops"] > 0 for r in case["rows"])
+    assert "128x64x64" in bench.format_block_gemm_case(case)
+    md = bench.format_markdown({"machine": {}, "cases": [case]})
+    assert "| 128x64x512 |" in md
