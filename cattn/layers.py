@@ -639,6 +639,11 @@ class KVCacheLayer:
             # The common case: one slice for the whole batch.
             self.keys[:, :, start[0]:start[0] + T] = keys
             self.values[:, :, start[0]:start[0] + T] = values
+        elif T == 1 and np.all(num_new == 1):
+            # Decoding sequences of different lengths: one token each, one scatter.
+            items = np.arange(B)
+            self.keys[items, :, start] = keys[:, :, 0]
+            self.values[items, :, start] = values[:, :, 0]
         else:
             for b in range(B):
                 n, s = num_new[b], start[b]

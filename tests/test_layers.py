@@ -465,3 +465,16 @@ def test_state_dict_keys_match_pytorch(rng):
         theirs = {n: tuple(t.shape) for n, t in mod.state_dict().items()}
         ours = {n: w.shape for n, w in mha.state_dict().items()}
         assert ours == theirs
+
+
+def test_seeds_walkthrough_example(capsys):
+    """examples/seeds_walkthrough.py: the step-by-step flow equals the kernel and the layer
+    (the script asserts it) and prints the five steps."""
+    import os
+    import runpy
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "examples",
+                          "seeds_walkthrough.py")
+    runpy.run_path(script, run_name="__main__")
+    out = capsys.readouterr().out
+    assert all(f"Step {n}" in out for n in range(1, 6))
+    assert out.count("equals the step-by-step result") == 4

@@ -225,3 +225,18 @@ def test_gelu_is_exact_to_float32_resolution(rng):
     y = x32.reshape(-1, 4)[:, ::-1].copy()  # 2-D, and a different chunking
     assert minilm.gelu(y) is y
     np.testing.assert_array_equal(y[:, ::-1].reshape(-1), got32)
+
+
+def test_example_script_reports_match_and_speed(real_model, monkeypatch, capsys):
+    """examples/minilm_embeddings.py, small: it checks the embeddings and times both."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sentence_transformers")
+    import runpy
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "examples",
+                          "minilm_embeddings.py")
+    monkeypatch.setattr(sys, "argv", [script, "--batch", "6", "--batch-size", "4",
+                                      "--repeats", "1"])
+    runpy.run_path(script, run_name="__main__")
+    out = capsys.readouterr().out
+    assert "6 sentences: embeddings (6, 384)" in out and "(OK: < 1e-4)" in out
+    assert out.count("cattn + NumPy") == 2 and out.count("PyTorch") >= 3
