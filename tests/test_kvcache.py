@@ -214,3 +214,33 @@ def test_cache_errors(rng):
         cache.layer(1)
     with pytest.raises(ValueError, match=">= 1"):
         cattn.KVCache(2, 0, H, 8)
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_long_cache_decode_matches_full_pass(rng, num_kv_heads):
+    """Few heads and a long, partly filled cache: the kernel's decode path (chunks of the
+    cache merged by log-sum-exp) must agree with the full causal pass."""
+    dtype = np.float32
+    mha = cattn.MultiHeadAttention(16, 2, num_kv_heads=num_kv_heads, dtype=dtype, rng=rng)
+    mha.load_state_dict({n: rng.standard_normal(w.shape) * 0.3
+                         for n, w in mha.state_dict().items()})
+    lengths, steps = [1500, 900], 3
+    seqs = [rng.standard_normal((n + steps, 16)).astype(dtype) for n in lengths]
+    P = max(lengths)
+    prompt = np.zeros((2, P, 16), dtype=dtype)
+    pad = np.zeros((2, P), dtype=bool)
+    for b, n in enumerate(lengths):
+        prompt[b, P - n:] = seqs[b][:n]
+        pad[b, :P - n] = True
+    cache = cattn.KVCache.for_layer(mha, batch_size=2, max_len=2048)
+    mha(prompt, cache=cache, is_causal=True, key_padding_mask=pad)
+    for t in range(steps):
+        step = np.stack([s[n + t] for s, n in zip(seqs, lengths)])[:, None]
+        # weights only on the last step: the kernel may take another path for them
+        out, w = mha(step, cache=cache, need_weights=t == steps - 1)
+        for b, n in enumerate(lengths):
+            want, want_w = mha(seqs[b][None, :n + t + 1], is_causal=True, need_weights=True)
+            assert_close(out[b, 0], want[0, -1], dtype)
+            if w is not None:
+                assert_close(w[b, 0, :n + t + 1], want_w[0, -1], dtype)
+                assert np.all(w[b, 0, n + t + 1:] == 0)
