@@ -317,16 +317,16 @@ class MultiHeadAttention:
         (output (B, L, E), weights or None). A query that sees no key gets attention output 0
         (PyTorch gives NaN there).
         """
+        # Self-attention (one fused Q/K/V GEMM) when key and value are omitted or are query.
+        self_attention = (key is None or key is query) and (value is None or value is query)
+        if self_attention:
+            key = value = None
         unbatched = isinstance(query, np.ndarray) and query.ndim == 2
         if unbatched:
-            query = query[None]
-            key = None if key is None else key[None] if isinstance(key, np.ndarray) else key
-            value = None if value is None else \
-                value[None] if isinstance(value, np.ndarray) else value
-            if key_padding_mask is not None and isinstance(key_padding_mask, np.ndarray):
-                key_padding_mask = key_padding_mask[None]
+            query, key, value, key_padding_mask = (
+                x[None] if isinstance(x, np.ndarray) else x
+                for x in (query, key, value, key_padding_mask))
         self._check_input(query, "query", self.embed_dim)
-        self_attention = key is None and value is None
         if key is None:
             key = query
         if value is None:
@@ -456,7 +456,7 @@ class MultiHeadAttention:
                 is_causal, need_weights, cache):
         if not self_attention:
             raise ValueError("a cache serves incremental self-attention: call "
-                             "mha(query, cache=...) without key and value")
+                             "mha(query, cache=...) without a different key or value")
         if attn_mask is not None:
             raise ValueError("attn_mask is not supported with a cache: the cache positions "
                              "are given by is_causal and the cached lengths")

@@ -189,7 +189,7 @@ def test_cache_errors(rng):
          "batch size 2 but the cache holds 3"),
         (dict(cache=cattn.KVCache(2, 8, 2, E // H)), ValueError, "key/value heads"),
         (dict(cache=cattn.KVCache(2, 8, H, E // H, dtype=np.float64)), ValueError, "float64"),
-        (dict(cache=cache, key=x), ValueError, "without key and value"),
+        (dict(cache=cache, key=x.copy()), ValueError, "without a different key"),
         (dict(cache=cache, attn_mask=np.ones((3, 3), bool)), ValueError, "attn_mask"),
         (dict(cache=cache, key_padding_mask=np.array([[False, True, False]] * 2)),
          ValueError, "left padding"),

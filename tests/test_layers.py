@@ -271,6 +271,17 @@ def test_heads_reach_the_kernel_as_views(rng, monkeypatch):
     assert np.may_share_memory(qh, kh) and np.may_share_memory(kh, vh)
     assert qh.strides[2] == (E + 2 * 2 * (E // H)) * qh.itemsize
     assert not out.flags.c_contiguous  # written straight into the (B, L, H, D) buffer
+    # mha(x, x, x) is recognized as self-attention too (one fused projection), unbatched too
+    x0 = q[0]
+    for args in ((q, q, q), (x0, x0, x0)):
+        seen.clear()
+        mha(*args)
+        (qh, kh, vh, _), = seen
+        assert np.may_share_memory(qh, kh) and np.may_share_memory(kh, vh)
+    seen.clear()
+    mha(q, q.copy())
+    (qh, kh, vh, _), = seen
+    assert not np.may_share_memory(qh, kh) and np.may_share_memory(kh, vh)
 
 
 # --------------------------------------------------------------------------- init
