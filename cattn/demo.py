@@ -168,10 +168,10 @@ def run(sentences=SENTENCES, layer=None, head=None, out_dir="cattn-demo", plots=
         if found:
             lh, hh, w = found
             i = tokens.index("it")
-            say("", f'Where does "it" look? The head that sends most of it to "dog": layer '
-                    f'{lh}, head {hh} ({100 * w:.0f}% to dog, '
-                    f'{100 * weights[lh, hh, i, tokens.index("he")]:.0f}% to he): '
-                    f'python -m cattn demo --layer {lh} --head {hh}')
+            to_he = weights[lh, hh, i, tokens.index("he")] if "he" in tokens else 0.0
+            say("", f'Where does "it" look? The head that sends most of it to "dog" is '
+                    f'layer {lh}, head {hh} ({100 * w:.0f}% to dog, {100 * to_he:.0f}% to he):',
+                f"  python -m cattn demo --layer {lh} --head {hh}")
 
     paths = None
     if plots:
