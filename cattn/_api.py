@@ -10,6 +10,7 @@ import contextlib
 import math
 import numbers
 import operator
+import os
 
 import numpy as np
 
@@ -22,6 +23,13 @@ _INT32_MAX = 2**31 - 1
 _UNBOUNDED = 2**60
 _ALIGNMENTS = ("top_left", "bottom_right")
 _NO_LIMIT = contextlib.nullcontext()
+# The most threads one call starts, whatever num_threads asks: far more than can help, far
+# fewer than the tens of thousands at which libgomp exits the process (thread creation
+# fails) or OpenBLAS aborts it (too many threads calling it at once).
+_MAX_THREADS = max(64, os.cpu_count() or 1)
+# Positive numbers that stay finite and nonzero once rounded to the dtype (scale, softcap).
+_POSITIVE_RANGE = {np.dtype(np.float32): (2.0**-150, float(np.finfo(np.float32).max)),
+                   np.dtype(np.float64): (0.0, math.inf)}
 
 
 # ------------------------------------------------------------------ validation helpers
@@ -30,11 +38,19 @@ def _check_array(x, name):
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64, "
                         f"got {type(x).__name__}")
+    _reject_masked(x, name)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (..., length, features), "
                          f"got shape {x.shape}")
+
+
+def _reject_masked(x, name):
+    """A masked array's mask would be silently ignored: refuse it."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be a plain numpy.ndarray, got a masked array (its mask "
+                        f"would be ignored: pass .filled() data and an attn_mask instead)")
 
 
 def _check_int(x, name, minimum):
@@ -46,12 +62,20 @@ def _check_int(x, name, minimum):
     return x
 
 
-def _check_positive_float(x, name):
+def _check_positive_float(x, name, dtype):
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a positive real number, got {type(x).__name__}")
-    x = float(x)
+    try:
+        x = float(x)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite and > 0, got an integer too large for a "
+                         f"float") from None
     if not (math.isfinite(x) and x > 0):
         raise ValueError(f"{name} must be finite and > 0, got {x}")
+    low, high = _POSITIVE_RANGE[dtype]  # the kernel computes in the inputs' dtype
+    if not low < x <= high:
+        raise ValueError(f"{name} must be finite and > 0 in the inputs' dtype {dtype}, got "
+                         f"{x}, which rounds to {'0' if x <= low else 'inf'} in {dtype}")
     return x
 
 
@@ -68,9 +92,10 @@ def _broadcast_batch(shapes, names):
         return shapes[0]
     try:
         return np.broadcast_shapes(*shapes)
-    except ValueError:
+    except ValueError as e:  # incompatible sizes, or a result too large
         listed = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
-        raise ValueError(f"leading (batch) dimensions do not broadcast: {listed}") from None
+        raise ValueError(f"leading (batch) dimensions do not broadcast: {listed} ({e})"
+                         ) from None
 
 
 def _element_strides(x):
@@ -86,7 +111,7 @@ def _element_strides(x):
 def _blas_ready(x):
     """(x or a contiguous copy, its row stride): matrices GEMM can read in place."""
     row_stride = _kernel.gemm_row_stride(x)
-    if row_stride < 0:
+    if row_stride < 0 or not x.flags.aligned:
         x = np.ascontiguousarray(x)
         row_stride = _kernel.gemm_row_stride(x)
     return x, row_stride
@@ -182,12 +207,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     if E == 0 or Ev == 0:
         raise ValueError(f"query/key and value need at least one feature (last axis), got "
                          f"E = {E} and Ev = {Ev}")
+    if E > _INT32_MAX or Ev > _INT32_MAX:  # before anything is allocated or copied
+        raise ValueError(f"feature sizes must be < 2**31 (BLAS dimensions are 32-bit ints), "
+                         f"got E = {E} and Ev = {Ev}")
+    if return_weights and S > _INT32_MAX:
+        raise ValueError(f"return_weights needs S < 2**31 keys (a weights row is one BLAS "
+                         f"matrix with 32-bit dimensions), got S = {S}")
     if scale is None:
         scale = 1.0 / math.sqrt(E)
     else:
-        scale = _check_positive_float(scale, "scale")
-    softcap = 0.0 if softcap is None else _check_positive_float(softcap, "softcap")
-    if alignment not in _ALIGNMENTS:
+        scale = _check_positive_float(scale, "scale", dtype)
+    softcap = 0.0 if softcap is None else _check_positive_float(softcap, "softcap", dtype)
+    if not isinstance(alignment, str) or alignment not in _ALIGNMENTS:
         raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
     if num_threads is None:
         num_threads = _kernel.default_num_threads()
@@ -225,6 +256,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         if not isinstance(attn_mask, np.ndarray):
             raise TypeError(f"attn_mask must be a numpy.ndarray (bool or float), got "
                             f"{type(attn_mask).__name__}")
+        _reject_masked(attn_mask, "attn_mask")
         full = batch_shape + (L, S)
         if attn_mask.ndim < 2:
             raise ValueError(f"attn_mask must have at least 2 dimensions (L, S) "
@@ -246,7 +278,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
             raise TypeError(f"attn_mask must be boolean (True = attend) or floating "
                             f"(added to the scores), got dtype {attn_mask.dtype}")
         m_strides = _element_strides(mask)
-        if m_strides is None:
+        if m_strides is None or not mask.flags.aligned:
             mask = np.ascontiguousarray(mask)
             m_strides = _element_strides(mask)
         mask_rs = m_strides[-2] if mask.shape[-2] > 1 else 0
@@ -277,10 +309,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         except (TypeError, ValueError):
             raise TypeError(f"window must be a pair (left, right) of ints or None, "
                             f"got {window!r}") from None
+        # (a side beyond any index is no limit: clamped, it stays a C integer)
         if left is not None:
-            win_left = _check_int(left, "window left", 0)
+            win_left = min(_check_int(left, "window left", 0), _UNBOUNDED)
         if right is not None:
-            win_right = _check_int(right, "window right", 0)
+            win_right = min(_check_int(right, "window right", 0), _UNBOUNDED)
     if is_causal:
         win_right = 0
 
@@ -294,6 +327,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         if out.shape != out_shape or out.dtype != dtype:
             raise ValueError(f"out must have shape {out_shape} and dtype {dtype}, got "
                              f"shape {out.shape} and dtype {out.dtype}")
+        _reject_masked(out, "out")
         if not out.flags.writeable:
             raise ValueError("out is read-only")
         for name, x in (("query", query), ("key", key), ("value", value),
@@ -301,8 +335,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
             if x is not None and _overlaps(out, x):
                 raise ValueError(f"out overlaps {name}: the output must not share memory "
                                  f"with an input")
-        if _element_strides(out) is None:
-            raise ValueError("out has strides that are not a multiple of its item size")
+        if _element_strides(out) is None or not out.flags.aligned:
+            raise ValueError("out must be aligned, with strides that are multiples of its "
+                             "item size")
+        if out.size > 1 and any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
+            raise ValueError(f"out has overlapping elements (a zero stride: strides "
+                             f"{out.strides} for shape {out.shape})")
     lse = np.empty(batch_shape + (L,), dtype=dtype) if return_lse else None
     weights = np.zeros(batch_shape + (L, S), dtype=dtype) if return_weights else None
 
@@ -324,7 +362,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     n_q_blocks = -(-L // block_q)
     n_splits, split_keys = _key_splits(n_items * n_q_blocks, S, block_k, return_weights)
     n_tasks = n_items * n_q_blocks * n_splits
-    threads = max(1, min(num_threads, n_tasks))
+    threads = max(1, min(num_threads, n_tasks, _MAX_THREADS))
     scratch = np.empty(threads * _kernel.scratch_elements(block_q, block_k, E, Ev,
                                                            return_weights), dtype=dtype)
     partials = (np.empty((n_splits, n_items, L, Ev + 2), dtype=dtype) if n_splits > 1
@@ -381,7 +419,12 @@ def merge_attention(outputs, lses):
     """
     if isinstance(outputs, np.ndarray) or isinstance(lses, np.ndarray):
         raise TypeError("outputs and lses must be sequences (lists) of arrays, one per chunk")
-    outputs, lses = list(outputs), list(lses)
+    try:
+        outputs, lses = list(outputs), list(lses)
+    except TypeError:
+        raise TypeError(f"outputs and lses must be sequences (lists) of arrays, one per "
+                        f"chunk, got {type(outputs).__name__} and {type(lses).__name__}"
+                        ) from None
     if not outputs or len(outputs) != len(lses):
         raise ValueError(f"need one lse per output and at least one chunk, got "
                          f"{len(outputs)} outputs and {len(lses)} lses")
