@@ -1502,15 +1502,20 @@ def plot(result, path):
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", color=colors[impl],
                             label=f"{impl} {opt}")
+
+        ceil = sorted((c["spec"]["L"], c["gemm_gflops"][str(t)]) for c in cases
+                      if c["gemm_gflops"].get(str(t)))
+        if ceil:
+            g = float(np.median([x[1] for x in ceil]))
+            ax.axhline(g, color="k", linestyle=":", label=f"sgemm {result.get('gemm_n')}^3 "
+                       f"(median {g:.0f})")
+            ax.plot(*zip(*ceil), "k:", marker="x", alpha=0.5,
+                    label="sgemm, each case's round-robin")
+        ax.set_xscale("log", base=2)
         lengths = sorted({c["spec"]["L"] for c in cases})
         ax.set_xticks(lengths)
         ax.set_xticklabels([str(x) for x in lengths])
-        ceil = [c["gemm_gflops"].get(str(t)) for c in cases if c["gemm_gflops"].get(str(t))]
-        if ceil:
-            g = float(np.median(ceil))
-            ax.axhline(g, color="k", linestyle=":", label=f"sgemm {result.get('gemm_n')}^3 "
-                       f"(median {g:.0f})")
-        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("sequence length L = S (B=1, H=8, E=64, float32)")
         ax.set_title(f"{t} thread{'s' if t > 1 else ''}")
         ax.grid(True, alpha=0.3)
