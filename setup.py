@@ -76,6 +76,9 @@ extensions = [
         include_dirs=[os.path.join(HERE, "src"), numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     ),
+    # The validating front, plain Python compiled as is: its per-call bookkeeping would
+    # otherwise cost more than the whole computation on a tiny input.
+    Extension("cattn._api", ["cattn/_api.py"]),
 ]
 
 setup(

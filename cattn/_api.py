@@ -23,6 +23,7 @@ _INT32_MAX = 2**31 - 1
 _UNBOUNDED = 2**60
 _ALIGNMENTS = ("top_left", "bottom_right")
 _NO_LIMIT = contextlib.nullcontext()
+_MaskedArray = np.ma.MaskedArray
 # The most threads one call starts, whatever num_threads asks: far more than can help, far
 # fewer than the tens of thousands at which libgomp exits the process (thread creation
 # fails) or OpenBLAS aborts it (too many threads calling it at once).
@@ -48,7 +49,7 @@ def _check_array(x, name):
 
 def _reject_masked(x, name):
     """A masked array's mask would be silently ignored: refuse it."""
-    if isinstance(x, np.ma.MaskedArray):
+    if isinstance(x, _MaskedArray):
         raise TypeError(f"{name} must be a plain numpy.ndarray, got a masked array (its mask "
                         f"would be ignored: pass .filled() data and an attn_mask instead)")
 
@@ -112,7 +113,7 @@ def _blas_ready(x):
     """(x or a contiguous copy, its row stride): matrices GEMM can read in place."""
     row_stride = _kernel.gemm_row_stride(x)
     if row_stride < 0 or not x.flags.aligned:
-        x = np.ascontiguousarray(x)
+        x = np.require(x, requirements="CA")  # (ascontiguousarray keeps misaligned data)
         row_stride = _kernel.gemm_row_stride(x)
     return x, row_stride
 
@@ -279,7 +280,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                             f"(added to the scores), got dtype {attn_mask.dtype}")
         m_strides = _element_strides(mask)
         if m_strides is None or not mask.flags.aligned:
-            mask = np.ascontiguousarray(mask)
+            mask = np.require(mask, requirements="CA")
             m_strides = _element_strides(mask)
         mask_rs = m_strides[-2] if mask.shape[-2] > 1 else 0
         mask_cs = m_strides[-1] if mask.shape[-1] > 1 else 0
@@ -355,21 +356,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     _kernel.fill_offsets(table, 2, value, batch_shape, group)
     _kernel.fill_offsets(table, 3, out, batch_shape)
     _kernel.fill_offsets(table, 4, mask, batch_shape)
-    table[:, 5] = kv_len
-    table[:, 6] = diag
+    _kernel.fill_column(table, 5, kv_len)
+    _kernel.fill_column(table, 6, diag)
 
     block_q, block_k = _block_sizes(L, S, E, Ev)
     n_q_blocks = -(-L // block_q)
     n_splits, split_keys = _key_splits(n_items * n_q_blocks, S, block_k, return_weights)
     n_tasks = n_items * n_q_blocks * n_splits
     threads = max(1, min(num_threads, n_tasks, _MAX_THREADS))
-    scratch = np.empty(threads * _kernel.scratch_elements(block_q, block_k, E, Ev,
-                                                           return_weights), dtype=dtype)
     partials = (np.empty((n_splits, n_items, L, Ev + 2), dtype=dtype) if n_splits > 1
                 else None)
     with single_threaded_blas if _kernel.calls_blas() else _NO_LIMIT:
         _kernel.attention(query, key, value, out, lse, weights, mask, mask_kind, table,
-                          scratch, L, S, E, Ev, q_rs, k_rs, v_rs,
+                          L, S, E, Ev, q_rs, k_rs, v_rs,
                           out_strides[-2], out_strides[-1], mask_rs, mask_cs,
                           win_left, win_right, scale, softcap, block_q, block_k,
                           return_weights, partials, n_splits, split_keys, threads)

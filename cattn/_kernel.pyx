@@ -19,6 +19,7 @@ from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport INFINITY, log, tanh
 from libc.stdint cimport uint8_t
 from libc.string cimport memcpy, memset
+from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 
 cimport numpy as cnp
 
@@ -388,8 +389,8 @@ cdef void run_tasks(const Plan* p, int num_threads,
                 merge_split_row(p, row, partials, out, lse)
 
 
-def scratch_elements(Py_ssize_t block_q, Py_ssize_t block_k, Py_ssize_t E,
-                     Py_ssize_t Ev, bint weights_mode):
+cdef Py_ssize_t scratch_elements(Py_ssize_t block_q, Py_ssize_t block_k, Py_ssize_t E,
+                                 Py_ssize_t Ev, bint weights_mode) noexcept:
     """Elements of per-thread scratch, padded to 64 bytes so threads never share a line."""
     cdef Py_ssize_t n = 2 * block_q + block_q * Ev + (0 if weights_mode else block_q * block_k)
     if cattn_gemm_available():  # packed keys: whole panels of up to 16 keys
@@ -404,7 +405,7 @@ cdef inline void* data_or_null(object arr):
 
 
 def attention(object q, object k, object v, object out, object lse, object weights,
-              object mask, int mask_kind, cnp.ndarray table, object scratch,
+              object mask, int mask_kind, cnp.ndarray table,
               Py_ssize_t L, Py_ssize_t S, Py_ssize_t E, Py_ssize_t Ev,
               Py_ssize_t q_rs, Py_ssize_t k_rs, Py_ssize_t v_rs,
               Py_ssize_t out_rs, Py_ssize_t out_cs, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
@@ -413,8 +414,9 @@ def attention(object q, object k, object v, object out, object lse, object weigh
               object partials, Py_ssize_t n_splits, Py_ssize_t split_keys, int num_threads):
     """Run the loop nest on validated operands (see cattn._api for their meaning).
 
-    q, k, v, out, lse, weights, mask and scratch are arrays whose data pointers point at
-    element 0 of every operand; all offsets are in elements and come from `table`.
+    q, k, v, out, lse, weights and mask are arrays whose data pointers point at element 0
+    of every operand; all offsets are in elements and come from `table`. Per-thread scratch
+    is allocated here, for num_threads threads.
     With n_splits > 1 the keys are cut into chunks of split_keys keys, processed as
     separate tasks and merged; partials then holds (n_splits, n_items, L, Ev + 2).
     """
@@ -439,19 +441,32 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     cdef void* op = data_or_null(out)
     cdef void* lp = data_or_null(lse)
     cdef void* wp = data_or_null(weights)
-    cdef void* sp = data_or_null(scratch)
+    cdef size_t item = sizeof(double) if (<cnp.ndarray> q).descr.type_num == cnp.NPY_DOUBLE \
+        else sizeof(float)
+    cdef void* sp
     cdef void* mp = data_or_null(mask)
     cdef void* pp = data_or_null(partials)
-    cdef bint is_double = (<cnp.ndarray> q).descr.type_num == cnp.NPY_DOUBLE
     if p.n_items * p.n_q_blocks == 0:
         return
+    sp = PyMem_RawMalloc(max(num_threads, 1) * stride * item)
+    if sp == NULL:
+        raise MemoryError(f"cannot allocate {max(num_threads, 1) * stride * item} bytes of "
+                          f"scratch for {num_threads} threads")
+    run_on_operands(&p, num_threads, qp, kp, vp, mp, op, lp, wp, pp, sp, stride,
+                    item == sizeof(double))
+    PyMem_RawFree(sp)
+
+
+cdef void run_on_operands(const Plan* p, int num_threads, void* qp, void* kp, void* vp,
+                          void* mp, void* op, void* lp, void* wp, void* pp, void* sp,
+                          Py_ssize_t stride, bint is_double) noexcept:
     with nogil:
         if is_double:
-            run_tasks[double](&p, num_threads, <double*> qp, <double*> kp, <double*> vp,
+            run_tasks[double](p, num_threads, <double*> qp, <double*> kp, <double*> vp,
                               <double*> mp, <uint8_t*> mp, <double*> op, <double*> lp,
                               <double*> wp, <double*> pp, <double*> sp, stride)
         else:
-            run_tasks[float](&p, num_threads, <float*> qp, <float*> kp, <float*> vp,
+            run_tasks[float](p, num_threads, <float*> qp, <float*> kp, <float*> vp,
                              <float*> mp, <uint8_t*> mp, <float*> op, <float*> lp,
                              <float*> wp, <float*> pp, <float*> sp, stride)
 
@@ -538,6 +553,20 @@ def fill_offsets(Py_ssize_t[:, ::1] table, int col, object x_or_none, tuple batc
                 break
             idx[a] = 0
             a -= 1
+
+
+def fill_column(Py_ssize_t[:, ::1] table, int col, object values):
+    """table[:, col] = values: one int for every item, or one per item (1-D intp array)."""
+    cdef Py_ssize_t n, value
+    cdef const Py_ssize_t[:] per_item
+    if not isinstance(values, cnp.ndarray):
+        value = values
+        for n in range(table.shape[0]):
+            table[n, col] = value
+    else:
+        per_item = values
+        for n in range(table.shape[0]):
+            table[n, col] = per_item[n]
 
 
 def calls_blas():
