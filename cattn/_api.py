@@ -384,7 +384,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
 def _block_sizes(L, S, E, Ev):
     """Query rows per task and keys per block."""
     block_q = min(max(L, 1), 128)
-    block_k = min(max(S, 1), 512)
+    block_k = min(max(S, 1), 256)
     return block_q, block_k
 
 

@@ -11,6 +11,7 @@
 #define CATTN_CAT(a, b) CATTN_CAT_(a, b)
 #define FN(name) CATTN_CAT(name, SFX)
 #define NR (2 * W)
+#define PV_KC 128
 
 /* Pack keys [0, n_keys) of a block as panels of NR keys: panel p holds, for each feature e,
  * the NR values k[p·NR + c][e] side by side (zeros past n_keys), so the Q·Kᵀ tile loads two
@@ -68,25 +69,35 @@ FN(cattn_qkt_tile)(const int MR_, ptrdiff_t E, T alpha, const T *q, ptrdiff_t q_
     }
 }
 
-/* C[rows, n_keys] = alpha · Q[rows, E] · Kᵀ, K given as cattn_pack_keys panels. */
-__attribute__((target("avx2,fma"))) static void
-FN(cattn_gemm_qkt)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
-                        const T *q, ptrdiff_t q_rs, const T *packed, T *c, ptrdiff_t ldc)
+/* One row tile (MR_ rows) against every panel: the tile's queries stay in L1 while the
+ * packed keys stream through in order. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+FN(cattn_qkt_rows)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha, const T *q,
+                   ptrdiff_t q_rs, const T *packed, T *c, ptrdiff_t ldc)
 {
     for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += NR) {
         ptrdiff_t nc = n_keys - j0 < NR ? n_keys - j0 : NR;
-        const T *panel = packed + j0 * E;
-        ptrdiff_t i = 0;
-        for (; i + 6 <= rows; i += 6)
-            FN(cattn_qkt_tile)(6, E, alpha, q + i * q_rs, q_rs, panel, c + i * ldc + j0, ldc, nc);
-        switch (rows - i) {
-        case 5: FN(cattn_qkt_tile)(5, E, alpha, q + i * q_rs, q_rs, panel, c + i * ldc + j0, ldc, nc); break;
-        case 4: FN(cattn_qkt_tile)(4, E, alpha, q + i * q_rs, q_rs, panel, c + i * ldc + j0, ldc, nc); break;
-        case 3: FN(cattn_qkt_tile)(3, E, alpha, q + i * q_rs, q_rs, panel, c + i * ldc + j0, ldc, nc); break;
-        case 2: FN(cattn_qkt_tile)(2, E, alpha, q + i * q_rs, q_rs, panel, c + i * ldc + j0, ldc, nc); break;
-        case 1: FN(cattn_qkt_tile)(1, E, alpha, q + i * q_rs, q_rs, panel, c + i * ldc + j0, ldc, nc); break;
-        default: break;
-        }
+        FN(cattn_qkt_tile)(MR_, E, alpha, q, q_rs, packed + j0 * E, c + j0, ldc, nc);
+    }
+}
+
+/* C[rows, n_keys] = alpha · Q[rows, E] · Kᵀ, K given as cattn_pack_keys panels. */
+__attribute__((target("avx2,fma"))) static void
+FN(cattn_gemm_qkt)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
+                   const T *q, ptrdiff_t q_rs, const T *packed, T *c, ptrdiff_t ldc)
+{
+    ptrdiff_t i = 0;
+    for (; i + 6 <= rows; i += 6)
+        FN(cattn_qkt_rows)(6, n_keys, E, alpha, q + i * q_rs, q_rs, packed, c + i * ldc, ldc);
+    q += i * q_rs;
+    c += i * ldc;
+    switch (rows - i) {
+    case 5: FN(cattn_qkt_rows)(5, n_keys, E, alpha, q, q_rs, packed, c, ldc); break;
+    case 4: FN(cattn_qkt_rows)(4, n_keys, E, alpha, q, q_rs, packed, c, ldc); break;
+    case 3: FN(cattn_qkt_rows)(3, n_keys, E, alpha, q, q_rs, packed, c, ldc); break;
+    case 2: FN(cattn_qkt_rows)(2, n_keys, E, alpha, q, q_rs, packed, c, ldc); break;
+    case 1: FN(cattn_qkt_rows)(1, n_keys, E, alpha, q, q_rs, packed, c, ldc); break;
+    default: break;
     }
 }
 
@@ -154,11 +165,17 @@ __attribute__((target("avx2,fma"))) static void
 FN(cattn_gemm_pv)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p, ptrdiff_t ldp,
                   const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc)
 {
-    ptrdiff_t c = 0;
-    for (; c + NR <= Ev; c += NR)
-        FN(cattn_pv_column)(0, rows, n_keys, p, ldp, v + c, v_rs, acc + c, ld_acc, NR);
-    if (c < Ev)
-        FN(cattn_pv_column)(1, rows, n_keys, p, ldp, v + c, v_rs, acc + c, ld_acc, Ev - c);
+    /* Keys in chunks of PV_KC, so that the column slab of V a tile reads (PV_KC × NR)
+     * stays in L1 while every row tile of the block reuses it. */
+    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += PV_KC) {
+        ptrdiff_t kc = n_keys - j0 < PV_KC ? n_keys - j0 : PV_KC;
+        const T *pj = p + j0, *vj = v + j0 * v_rs;
+        ptrdiff_t c = 0;
+        for (; c + NR <= Ev; c += NR)
+            FN(cattn_pv_column)(0, rows, kc, pj, ldp, vj + c, v_rs, acc + c, ld_acc, NR);
+        if (c < Ev)
+            FN(cattn_pv_column)(1, rows, kc, pj, ldp, vj + c, v_rs, acc + c, ld_acc, Ev - c);
+    }
 }
 
 /* ---- Few query rows (decoding): memory-bound, so keys and values are streamed in place,
@@ -324,6 +341,7 @@ static void FN(cattn_gemm_pv_direct)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_k
 
 #undef FN
 #undef NR
+#undef PV_KC
 #undef CATTN_CAT
 #undef CATTN_CAT_
 /* The parameters of this precision (set by cattn_gemm.h). */
