@@ -143,7 +143,8 @@ cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssi
         apply_mask(x, n, p, mask_add, mask_bool, mask_pos + a * p.mask_cs)
     blk_max = row_max(x, n)
     m_old = run_max[r]
-    m_new = blk_max if blk_max > m_old else m_old
+    # (a NaN block max wins, so that a NaN score poisons its row as in the definition)
+    m_new = blk_max if (blk_max > m_old or blk_max != blk_max) else m_old
     if m_new == -INFINITY:  # nothing visible yet: exp(-inf - -inf) would be NaN
         memset(x, 0, n * sizeof(floating))
         return
@@ -339,9 +340,12 @@ cdef void merge_split_row(const Plan* p, Py_ssize_t row, const floating* partial
     cdef const floating* part = partials + row * (Ev + 2)
     cdef floating* out_row = out + p.table[n * N_COLS + COL_OUT] + i * p.out_rs
     cdef floating m = -INFINITY, total = 0, w
+    # A chunk counts unless its sum is exactly 0 (nothing visible): a NaN sum or max (a
+    # NaN or +inf score in the chunk) must poison the row, not vanish.
     for s in range(p.n_splits):
-        if part[s * part_stride + Ev + 1] > 0 and part[s * part_stride + Ev] > m:
-            m = part[s * part_stride + Ev]
+        w = part[s * part_stride + Ev]
+        if part[s * part_stride + Ev + 1] != 0 and (w > m or w != w):
+            m = w
     for j in range(Ev):
         out_row[j * p.out_cs] = 0
     if m == -INFINITY:  # no visible key in any chunk
@@ -349,7 +353,7 @@ cdef void merge_split_row(const Plan* p, Py_ssize_t row, const floating* partial
             lse[row] = -INFINITY
         return
     for s in range(p.n_splits):
-        if part[s * part_stride + Ev + 1] > 0:
+        if part[s * part_stride + Ev + 1] != 0:
             w = exp_scalar(part[s * part_stride + Ev] - m)
             total += part[s * part_stride + Ev + 1] * w
             for j in range(Ev):

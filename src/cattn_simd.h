@@ -78,18 +78,28 @@ static inline double cattn_exp_scalar(double x)
 
 /* ------------------------------------------------------ portable row functions */
 
+/* Row max; NaN if any element is NaN (a NaN score must poison its row, as in the
+ * definition, not vanish from the max). */
 static float cattn_row_max_f32_generic(const float *x, ptrdiff_t n)
 {
     float m = -INFINITY;
-    for (ptrdiff_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
-    return m;
+    int nan = 0;
+    for (ptrdiff_t j = 0; j < n; j++) {
+        m = x[j] > m ? x[j] : m;
+        nan |= x[j] != x[j];
+    }
+    return nan ? NAN : m;
 }
 
 static double cattn_row_max_f64_generic(const double *x, ptrdiff_t n)
 {
     double m = -INFINITY;
-    for (ptrdiff_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
-    return m;
+    int nan = 0;
+    for (ptrdiff_t j = 0; j < n; j++) {
+        m = x[j] > m ? x[j] : m;
+        nan |= x[j] != x[j];
+    }
+    return nan ? NAN : m;
 }
 
 static float cattn_exp_shift_sum_f32_generic(float *x, ptrdiff_t n, float shift)
@@ -159,35 +169,50 @@ CATTN_AVX2 static inline __m256d cattn_exp_avx2_pd(__m256d x)
 
 CATTN_AVX2 static float cattn_row_max_f32_avx2(const float *x, ptrdiff_t n)
 {
-    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
+    /* max_ps drops NaN depending on operand order: NaN is tracked separately. */
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, nan = _mm256_setzero_ps();
     ptrdiff_t j = 0;
     for (; j + 16 <= n; j += 16) {
-        m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + j));
-        m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + j + 8));
+        __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + 8);
+        m0 = _mm256_max_ps(m0, a);
+        m1 = _mm256_max_ps(m1, b);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
     }
-    for (; j + 8 <= n; j += 8) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + j));
+    for (; j + 8 <= n; j += 8) {
+        __m256 a = _mm256_loadu_ps(x + j);
+        m0 = _mm256_max_ps(m0, a);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    }
     m0 = _mm256_max_ps(m0, m1);
     float lanes[8];
     _mm256_storeu_ps(lanes, m0);
     float m = cattn_row_max_f32_generic(lanes, 8);
     float tail = cattn_row_max_f32_generic(x + j, n - j);
+    if (_mm256_movemask_ps(nan) || tail != tail) return NAN;
     return tail > m ? tail : m;
 }
 
 CATTN_AVX2 static double cattn_row_max_f64_avx2(const double *x, ptrdiff_t n)
 {
-    __m256d m0 = _mm256_set1_pd(-INFINITY), m1 = m0;
+    __m256d m0 = _mm256_set1_pd(-INFINITY), m1 = m0, nan = _mm256_setzero_pd();
     ptrdiff_t j = 0;
     for (; j + 8 <= n; j += 8) {
-        m0 = _mm256_max_pd(m0, _mm256_loadu_pd(x + j));
-        m1 = _mm256_max_pd(m1, _mm256_loadu_pd(x + j + 4));
+        __m256d a = _mm256_loadu_pd(x + j), b = _mm256_loadu_pd(x + j + 4);
+        m0 = _mm256_max_pd(m0, a);
+        m1 = _mm256_max_pd(m1, b);
+        nan = _mm256_or_pd(nan, _mm256_cmp_pd(a, b, _CMP_UNORD_Q));
     }
-    for (; j + 4 <= n; j += 4) m0 = _mm256_max_pd(m0, _mm256_loadu_pd(x + j));
+    for (; j + 4 <= n; j += 4) {
+        __m256d a = _mm256_loadu_pd(x + j);
+        m0 = _mm256_max_pd(m0, a);
+        nan = _mm256_or_pd(nan, _mm256_cmp_pd(a, a, _CMP_UNORD_Q));
+    }
     m0 = _mm256_max_pd(m0, m1);
     double lanes[4];
     _mm256_storeu_pd(lanes, m0);
     double m = cattn_row_max_f64_generic(lanes, 4);
     double tail = cattn_row_max_f64_generic(x + j, n - j);
+    if (_mm256_movemask_pd(nan) || tail != tail) return NAN;
     return tail > m ? tail : m;
 }
 

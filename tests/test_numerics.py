@@ -241,15 +241,8 @@ def test_inf_in_a_query_row_changes_that_row_only(rng, dtype, bad, signs, visibi
     _assert_rows_exact(lse, want_lse, others, dtype)
 
 
-NAN_ONLY_VISIBLE_XFAIL = pytest.mark.xfail(
-    strict=True, reason="kernel bug: the row max ignores NaN, so a block in which every "
-    "visible score of a row is NaN is taken as 'nothing visible' and dropped (output 0, "
-    "lse -inf, or the NaN vanishes next to later finite blocks)")
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weights_mode", [False, True])
-@NAN_ONLY_VISIBLE_XFAIL
 def test_nan_in_a_query_row_poisons_that_row(rng, dtype, weights_mode):
     q, k, v, options, _ = _setup(rng, dtype, "causal")
     want, want_lse = reference64(q, k, v, return_lse=True, **options)
@@ -270,7 +263,7 @@ def test_nan_in_a_query_row_poisons_that_row(rng, dtype, weights_mode):
 def test_bad_key_row_poisons_the_rows_that_see_it(rng, dtype, bad, visibility, threads):
     q, k, v, options, sees = _setup(rng, dtype, visibility)
     # (Every row that sees key 5 or 20 also sees finite keys; a row that sees only NaN
-    # scores is the bug of test_nan_key_that_fills_a_rows_block_poisons_it.)
+    # scores is test_nan_key_that_fills_a_rows_block_poisons_it.)
     for j in (5, 20):
         k_bad = k.copy()
         k_bad[j] = bad
@@ -286,7 +279,6 @@ def test_bad_key_row_poisons_the_rows_that_see_it(rng, dtype, bad, visibility, t
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["causal_first_key_nan", "window_sees_only_the_nan_key",
                                   "first_block_all_nan_then_finite_keys"])
-@NAN_ONLY_VISIBLE_XFAIL
 def test_nan_key_that_fills_a_rows_block_poisons_it(dtype, case):
     """Minimal reproducers of the row-max bug."""
     if case == "causal_first_key_nan":  # query 0 sees key 0 only
@@ -299,7 +291,7 @@ def test_nan_key_that_fills_a_rows_block_poisons_it(dtype, case):
         k[1, 0] = np.nan
         out, lse = sdpa(q, k, v, window=(0, 0), return_lse=True)
         poisoned = [1]
-    else:  # S = 600 > the 512-key block: keys 0..511 NaN, then 88 finite keys
+    else:  # keys 0..511 NaN (whole key blocks of 256 or 512), then 88 finite keys
         q, k, v = np.ones((1, 4), dtype), np.ones((600, 4), dtype), np.ones((600, 4), dtype)
         k[:512, 0] = np.nan
         out, lse = sdpa(q, k, v, return_lse=True)
@@ -307,15 +299,9 @@ def test_nan_key_that_fills_a_rows_block_poisons_it(dtype, case):
     assert np.isnan(out[poisoned]).all() and np.isnan(lse[poisoned]).all()
 
 
-SPLIT_MERGE_XFAIL = pytest.mark.xfail(
-    strict=True, reason="kernel bug: when few query rows meet many keys, the keys are split "
-    "into chunks merged by merge_split_row, which skips a chunk whose row sum is not > 0: a "
-    "NaN sum (a NaN or +inf score in the chunk) is dropped as if the chunk were empty")
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad_input", ["key", "query"])
-@pytest.mark.parametrize("S", [600, pytest.param(4096, marks=SPLIT_MERGE_XFAIL)])
+@pytest.mark.parametrize("S", [600, 4096])
 def test_bad_score_among_many_keys_poisons_the_row(dtype, bad_input, S):
     """One query row, one head, many keys (the kernel's decode paths). A NaN key row, or
     an inf query entry whose scores are +inf and -inf, makes the row NaN."""
