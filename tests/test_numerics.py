@@ -262,9 +262,7 @@ def test_nan_in_a_query_row_poisons_that_row(rng, dtype, weights_mode):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bad_key_row_poisons_the_rows_that_see_it(rng, dtype, bad, visibility, threads):
     q, k, v, options, sees = _setup(rng, dtype, visibility)
-    # (Every row that sees key 5 or 20 also sees finite keys; a row that sees only NaN
-    # scores is test_nan_key_that_fills_a_rows_block_poisons_it.)
-    for j in (5, 20):
+    for j in (0, 5, 20):  # (with causal, row 0 sees key 0 only)
         k_bad = k.copy()
         k_bad[j] = bad
         q_pos = np.abs(q)  # scores with a +inf key are +inf (NaN for NaN)
@@ -280,7 +278,8 @@ def test_bad_key_row_poisons_the_rows_that_see_it(rng, dtype, bad, visibility, t
 @pytest.mark.parametrize("case", ["causal_first_key_nan", "window_sees_only_the_nan_key",
                                   "first_block_all_nan_then_finite_keys"])
 def test_nan_key_that_fills_a_rows_block_poisons_it(dtype, case):
-    """Minimal reproducers of the row-max bug."""
+    """Rows whose visible scores are all NaN, in one block or in whole blocks before
+    finite ones (a fixed bug: the row max ignored NaN and the block was taken as empty)."""
     if case == "causal_first_key_nan":  # query 0 sees key 0 only
         q, k, v = (np.ones((3, 4), dtype) for _ in range(3))
         k[0, 0] = np.nan
