@@ -692,6 +692,10 @@ def _first_call(runner, trace_memory):
     return res, t
 
 
+# Seconds of idling before each timed call (see time_round_robin).
+IDLE_BEFORE_TIMING = 0.1
+
+
 def time_round_robin(runners, reps, warmup, min_timing, log=None):
     """Time all runners interleaved; each runner's .times gets `reps` seconds-per-call."""
     n = len(runners)
@@ -701,6 +705,10 @@ def time_round_robin(runners, reps, warmup, min_timing, log=None):
         for rep in range(warmup + reps):
             k = rep % n
             for r in runners[k:] + runners[:k]:
+                # Let the previous runner's thread pools go idle first: OpenBLAS and OpenMP
+                # workers busy-wait for a while after a call and would steal the cores of
+                # whichever runner comes next.
+                time.sleep(IDLE_BEFORE_TIMING)
                 t = r.call(r.number) / r.number
                 if rep >= warmup:
                     r.times.append(t)
