@@ -60,6 +60,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         key = np.repeat(key, group, axis=-3)
         value = np.repeat(value, group, axis=-3)
 
+    # Leading (batch) dimensions broadcast as in NumPy, value's included.
+    batch = np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    query = np.broadcast_to(query, batch + query.shape[-2:])
+    key = np.broadcast_to(key, batch + key.shape[-2:])
+    value = np.broadcast_to(value, batch + value.shape[-2:])
+
     # Step 1: score every query against every key.
     scores = (query @ np.swapaxes(key, -1, -2)) * scale
     if softcap is not None:
