@@ -5,8 +5,14 @@
 
 `cattn.reference` holds the readable NumPy definition the kernel is tested against.
 """
+try:
+    from cattn._kernel import openmp_enabled
+except ImportError as exc:  # the source tree without its compiled core
+    raise ImportError(
+        "cattn's compiled core (cattn._kernel) is missing next to "
+        f"{__file__}: this is the source tree. Build it in place with `pip install -e .`, "
+        "or run from another directory to use an installed cattn.") from exc
 from cattn._api import merge_attention, scaled_dot_product_attention
-from cattn._kernel import openmp_enabled
 from cattn import reference
 from cattn.layers import KVCache, MultiHeadAttention
 
