@@ -359,7 +359,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     _kernel.fill_column(table, 5, kv_len)
     _kernel.fill_column(table, 6, diag)
 
-    block_q, block_k = _block_sizes(L, S, E, Ev)
+    block_q, block_k = _block_sizes(L, S)
     n_q_blocks = -(-L // block_q)
     n_splits, split_keys = _key_splits(n_items * n_q_blocks, S, block_k, return_weights)
     n_tasks = n_items * n_q_blocks * n_splits
@@ -381,7 +381,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     return out
 
 
-def _block_sizes(L, S, E, Ev):
+def _block_sizes(L, S):
     """Query rows per task and keys per block."""
     block_q = min(max(L, 1), 128)
     block_k = min(max(S, 1), 256)

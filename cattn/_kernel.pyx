@@ -2,17 +2,19 @@
 # cython: initializedcheck=False, nonecheck=False, infer_types=False
 """The tiled (FlashAttention-style) attention loop nest.
 
-One task is one block of query rows of one (batch, head) item. For each block of keys it
-visible to it, the task computes the scores with one GEMM, applies mask, window and
-softcap, folds the block into a running (online) softmax, and accumulates P·V with a
-second GEMM. The L×S score matrix never exists; scratch is one block per thread.
+One task is one block of query rows of one (batch, head) item (and, when tasks are few, one
+chunk of its keys). For each block of keys visible to it, the task computes the scores with
+one GEMM, applies mask, window and softcap, folds the block into a running (online)
+softmax, and accumulates P·V with a second GEMM. The L×S score matrix never exists; scratch
+is one block per thread.
 
 Every variant is a parameter of the same loop nest: which keys a query row may see is the
 interval [i + diag - left, i + diag + right] ∩ [0, kv_len), where `diag` places the
 causal diagonal (top-left or bottom-right) and kv_len is the batch item's key length.
 Whole key blocks outside the union of those intervals are never visited.
 
-The caller (cattn._api) validates everything; nothing here checks or raises.
+The caller (cattn._api) validates everything; nothing here checks inputs (the only error
+raised is MemoryError when the per-thread scratch cannot be allocated).
 """
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid

@@ -2,7 +2,7 @@
  * One precision of the block GEMMs; included by cattn_gemm.h once per precision with
  *   T       element type          V       AVX2 vector of T        W   lanes per vector
  *   SFX     name suffix (f32/f64) and the intrinsic macros VLOAD, VSTORE, VBCAST, VFMA,
- *   VMUL, VZERO, VMASK (lanes < n), VMASKLOAD, VMASKSTORE.
+ *   VMUL, VADD, VZERO, VHSUM (horizontal sum), VMASK (lanes < n), VMASKLOAD, VMASKSTORE.
  *
  * Register tile: MR rows × NR = 2·W columns, 2·MR accumulators (12 of the 16 ymm registers
  * for MR = 6), two loads and MR broadcasts per 2·MR FMAs: the classic Haswell shape.
