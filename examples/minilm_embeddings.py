@@ -4,7 +4,7 @@
     python examples/minilm_embeddings.py           # check against PyTorch, then time both
     python examples/minilm_embeddings.py --threads 1 --batch 128 --repeats 9
 
-The model runs in `cattn.minilm`: NumPy GEMMs for the projections and the feed-forward,
+The model runs in `cattn.models.minilm`: NumPy GEMMs for the projections and the feed-forward,
 cattn.MultiHeadAttention (so cattn's kernel) for the 6 × 12 attention heads, mean pooling and
 L2 normalization as sentence-transformers does. The reference implementation is
 sentence-transformers itself, running the same package's weights in PyTorch (it is installed
@@ -82,7 +82,7 @@ def main():
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)
     import numpy as np
-    from cattn.minilm import MiniLM, pretrained_available
+    from cattn.models.minilm import MiniLM, pretrained_available
     if not pretrained_available():
         sys.exit('the model is not installed: pip install "cattn[model]"')
     try:

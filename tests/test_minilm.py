@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from cattn import minilm
-from cattn.minilm import BertConfig, BertEncoder, MiniLM
+from cattn.models import minilm
+from cattn.models.minilm import BertConfig, BertEncoder, MiniLM
 
 TINY = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=48, max_position_embeddings=16)
@@ -240,3 +240,14 @@ def test_example_script_reports_match_and_speed(real_model, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert "6 sentences: embeddings (6, 384)" in out and "(OK: < 1e-4)" in out
     assert out.count("cattn + NumPy") == 2 and out.count("PyTorch") >= 3
+
+
+def test_old_import_path_is_the_same_module():
+    """`from cattn.minilm import MiniLM` keeps working: the old name is the moved module."""
+    import cattn.minilm as old_path
+    from cattn.minilm import MiniLM as OldMiniLM
+    from cattn.models import bert
+
+    assert old_path is minilm
+    assert OldMiniLM is MiniLM
+    assert minilm.BertEncoder is bert.BertEncoder
