@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cattn import bench
+from cattn.bench import peers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--threads", "1", "--impls", "cattn,numpy", "--reps", "5", "--warmup", "0",
@@ -22,9 +23,11 @@ def test_cli_single_shape_json(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "cattn" in proc.stdout and "sgemm" in proc.stdout
+    assert proc.stdout.startswith("cattn benchmark on ")  # the header: CPU and kernels
     result = json.loads(out.read_text())
     assert result["mode"] == "shape"
     assert "cpu_model" in result["machine"] or "platform" in result["machine"]
+    assert result["machine"]["isa"]["cattn"]  # the ISA path cattn's kernel runs on
     assert result["machine"]["versions"]["numpy"] == np.__version__
     case = result["cases"][0]
     assert case["spec"]["causal"] is True and case["spec"]["S"] == 48
@@ -43,44 +46,49 @@ def test_suite_tiny_preset_and_targets(tmp_path, capsys):
     out = tmp_path / "t.json"
     result = bench.main(["--preset", "tiny", "--json", str(out)] + SMALL)
     text = capsys.readouterr().out
-    assert "targets" in text and "5.5" in text
+    assert "targets" in text and "tiny-call-time" in text
     saved = json.loads(out.read_text())
     assert [c["name"] for c in saved["cases"]] == ["tiny L=S=5"]
-    tiny = next(t for t in result["targets"] if t["id"] == "5.5")
+    tiny = next(t for t in saved["targets"] if t["id"] == "tiny-call-time")
     assert tiny["verdict"] in ("PASS", "FAIL") and tiny["details"]
+    assert set(tiny["details"][0]) == {"where", "value", "need", "pass"}
     rows = saved["cases"][0]["rows"]
     assert all(r["calls_per_timing"] > 1 for r in rows)  # many calls per timing
+    assert "pct_of_stream" not in rows[0]  # decode-only fields stay out of other rows
     # Targets without data in this run say so instead of passing.
-    assert next(t for t in result["targets"] if t["id"] == "5.1a")["verdict"] == "n/a"
+    prefill = next(t for t in result["targets"] if t.id == "prefill-pct-of-sgemm")
+    assert prefill.verdict == "n/a"
 
 
 def test_wrong_peer_is_not_timed(monkeypatch):
-    def make_wrong(spec, q, k, v, threads):
+    def make_wrong(spec, q, k, v, threads, config):
         return (lambda: np.zeros_like(q)), (lambda res: res), None, ""
     monkeypatch.setitem(bench.MAKERS, "torch", make_wrong)
-    case = bench.run_case("wrong", [bench.Spec(1, 1, 16, 16, 8)], [1], ["cattn", "torch"],
-                          reps=5, warmup=0, ceiling=False)
-    assert [w["impl"] for w in case["wrong_output"]] == ["torch"]
-    assert {r["impl"] for r in case["rows"]} == {"cattn"}
+    case = bench.run_case("wrong", [bench.Spec(1, 1, 16, 16, 8)],
+                          bench.BenchConfig(impls=["cattn", "torch"], reps=5, warmup=0),
+                          ceiling=False)
+    assert [w.impl for w in case.wrong_output] == ["torch"]
+    assert {r.impl for r in case.rows} == {"cattn"}
 
 
 def test_missing_peer_is_skipped_with_a_note(monkeypatch):
-    monkeypatch.setitem(bench._OPTIONAL, "torch", None)
-    case = bench.run_case("skip", [bench.Spec(1, 1, 8, 8, 8)], [1], ["cattn", "torch"],
-                          reps=5, warmup=0, ceiling=False)
-    assert case["skipped"] and "not installed" in case["skipped"][0]["reason"]
+    monkeypatch.setitem(peers._OPTIONAL, "torch", None)
+    case = bench.run_case("skip", [bench.Spec(1, 1, 8, 8, 8)],
+                          bench.BenchConfig(impls=["cattn", "torch"], reps=5, warmup=0),
+                          ceiling=False)
+    assert case.skipped and "not installed" in case.skipped[0].reason
     assert "skipped torch" in bench.format_case(case)
 
 
 def test_decode_reports_bandwidth(monkeypatch):
-    monkeypatch.setattr(bench, "STREAM_MIB", 8)
-    monkeypatch.setattr(bench, "_STREAM_ARRAY", {})
-    monkeypatch.setitem(bench._OPTIONAL, "torch", None)  # NumPy probe only: no torch import
-    case = bench.run_case("decode", [bench.Spec(1, 2, 1, 256, 32)], [1], ["cattn"],
-                          reps=5, warmup=0, ceiling=False, stream=True, kind="decode")
-    row = next(r for r in case["rows"] if r["impl"] == "cattn")
-    assert row["kv_gbps"] > 0 and row["pct_of_stream"] > 0
-    assert case["stream_gbps"]["1"] > 0
+    monkeypatch.setitem(peers._OPTIONAL, "torch", None)  # NumPy probe only: no torch import
+    config = bench.BenchConfig(impls=["cattn"], reps=5, warmup=0, stream_mib=8)
+    case = bench.run_case("decode", [bench.Spec(1, 2, 1, 256, 32)], config, ceiling=False,
+                          stream=True, kind="decode")
+    row = next(r for r in case.rows if r.impl == "cattn")
+    assert row.kv_gbps > 0 and row.pct_of_stream > 0
+    assert case.stream_gbps["1"] > 0
+    assert row.to_json()["pct_of_stream"] == row.pct_of_stream
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -93,10 +101,10 @@ def test_flops_and_visible_pairs(dtype):
 
 def test_rss_memory_probe_and_markdown():
     case = bench.run_memory_case("mem", [bench.Spec(1, 2, 64, 64, 16)], ["cattn"])
-    if case["skipped"]:
-        pytest.skip(case["skipped"][0]["reason"])
-    row = case["rows"][0]
-    assert row["peak_rss_mib"] >= 0 and row["peak_traced_mib"] > 0
+    if case.skipped:
+        pytest.skip(case.skipped[0].reason)
+    row = case.rows[0]
+    assert row.peak_rss_mib >= 0 and row.peak_traced_mib > 0
     assert "RSS MiB" in bench.format_memory_case(case)
     result = {"machine": bench.machine_info(), "cases": [case], "reps": 5, "gemm_n": 128}
     result["targets"] = bench.check_targets(result)
@@ -107,8 +115,29 @@ def test_rss_memory_probe_and_markdown():
 def test_block_gemm_case():
     case = bench.run_block_gemm_case("blocks", reps=5, warmup=0, gemm_n=128,
                                      flops_per_call=2e5)
-    assert {r["label"] for r in case["rows"]} >= {"128x64x512", "sgemm/1t"}
-    assert all(r["gflops"] > 0 for r in case["rows"])
+    assert {r.label for r in case.rows} >= {"128x64x512", "sgemm/1t"}
+    assert all(r.gflops > 0 for r in case.rows)
     assert "128x64x64" in bench.format_block_gemm_case(case)
     md = bench.format_markdown({"machine": {}, "cases": [case]})
     assert "| 128x64x512 |" in md
+
+
+def test_cpu_description_without_proc(monkeypatch):
+    """No /proc/cpuinfo (another OS, a sandbox): the machine info still builds."""
+    from cattn.bench import probes
+    real_open = open
+
+    def no_cpuinfo(path, *args, **kwargs):
+        if path == "/proc/cpuinfo":
+            raise OSError("no /proc here")
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", no_cpuinfo)
+    monkeypatch.setattr(probes.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(
+        OSError("no lscpu")))
+    info = probes.cpu_description()
+    assert set(info) <= {"cpu_model", "cpu_flags", "simd_flags"} and "cpu_model" in info
+
+
+def test_prefill_preset_has_head_size_128():
+    cases = bench.WORKLOADS["prefill"]("quick")
+    assert {spec.E for _, specs, _ in cases for spec in specs} == {64, 128}

@@ -1,0 +1,3 @@
+from cattn.bench.cli import main
+
+main()

@@ -1,0 +1,115 @@
+"""Workload specs: one attention problem (shape, dtype, options), its inputs, and the
+float64 truth its outputs are checked against."""
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+CHECK_ROWS = 1024  # rows of one (batch, head) item checked against the float64 reference
+
+
+@dataclass
+class Spec:
+    """One attention problem: shape, dtype and the options that define what is computed."""
+    B: int
+    H: int
+    L: int
+    S: int
+    E: int
+    dtype: Any = "float32"
+    causal: bool = False
+    window: Optional[Tuple[int, int]] = None
+    return_weights: bool = False
+
+    def __post_init__(self) -> None:
+        self.B, self.H, self.L, self.S, self.E = (int(self.B), int(self.H), int(self.L),
+                                                  int(self.S), int(self.E))
+        self.dtype = np.dtype(self.dtype)
+        self.causal = bool(self.causal)
+        self.window = None if self.window is None else tuple(self.window)
+        self.return_weights = bool(self.return_weights)
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "Spec":
+        return cls(d["B"], d["H"], d["L"], d["S"], d["E"], d["dtype"], d["causal"],
+                   d["window"], d["return_weights"])
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int, int]:
+        return (self.B, self.H, self.L, self.S, self.E)
+
+    def options(self) -> str:
+        """The option part of the label."""
+        parts = []
+        if self.causal:
+            parts.append("causal")
+        if self.window is not None:
+            parts.append("window=%s,%s" % self.window)
+        if self.return_weights:
+            parts.append("weights")
+        return "+".join(parts) or "full"
+
+    def flops(self) -> float:
+        """Dense-equivalent flops: 4*B*H*L*S*E."""
+        return 4.0 * self.B * self.H * self.L * self.S * self.E
+
+    def visible_pairs(self) -> float:
+        """How many (query, key) pairs are visible (per batch item and head)."""
+        if not self.causal and self.window is None:
+            return float(self.L) * self.S
+        from cattn.reference import visible_keys
+        # One boolean mask, 64 MiB at L = S = 8192: built once per spec, not per timing.
+        return float(visible_keys(self.L, self.S, self.causal, self.window).sum())
+
+    def useful_flops(self) -> float:
+        return 4.0 * self.B * self.H * self.E * self.visible_pairs()
+
+    def kv_bytes(self) -> float:
+        return 2.0 * self.B * self.H * self.S * self.E * self.dtype.itemsize
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"B": self.B, "H": self.H, "L": self.L, "S": self.S, "E": self.E,
+                "dtype": self.dtype.name, "causal": self.causal,
+                "window": None if self.window is None else list(self.window),
+                "return_weights": self.return_weights, "options": self.options()}
+
+
+def make_inputs(spec: Spec, seed: int = 0):
+    """q, k, v: C-contiguous (B, H, L|S, E) arrays of spec.dtype, N(0, 1) entries."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((spec.B, spec.H, spec.L, spec.E), dtype=np.float32)
+    k = rng.standard_normal((spec.B, spec.H, spec.S, spec.E), dtype=np.float32)
+    v = rng.standard_normal((spec.B, spec.H, spec.S, spec.E), dtype=np.float32)
+    return tuple(x.astype(spec.dtype, copy=False) for x in (q, k, v))
+
+
+def reference_check_slice(spec: Spec, q, k, v):
+    """(rows, expected): the float64 reference for item (0, 0) and a set of query rows
+    (all rows when L <= CHECK_ROWS, else the first and the last CHECK_ROWS/2 rows, where
+    a causal query sees the most keys). Built with an explicit mask so slicing rows keeps
+    the causal/window diagonal in place."""
+    from cattn.reference import scaled_dot_product_attention as ref, visible_keys
+    L = spec.L
+    if L <= CHECK_ROWS:
+        rows = np.arange(L)
+    else:
+        half = CHECK_ROWS // 2
+        rows = np.concatenate([np.arange(half), np.arange(L - half, L)])
+    q64 = q[0, 0, rows].astype(np.float64)
+    k64 = k[0, 0].astype(np.float64)
+    v64 = v[0, 0].astype(np.float64)
+    mask = None
+    if spec.causal or spec.window is not None:
+        mask = visible_keys(L, spec.S, spec.causal, spec.window)[rows]
+    scale = 1.0 / math.sqrt(spec.E)
+    return rows, ref(q64, k64, v64, attn_mask=mask, scale=scale)
+
+
+def max_abs_diff(out, rows, expected) -> float:
+    got = np.asarray(out)[0, 0, rows].astype(np.float64)
+    return float(np.max(np.abs(got - expected))) if got.size else 0.0
+
+
+def tolerance(dtype) -> float:
+    return 1e-4 if np.dtype(dtype) == np.float32 else 1e-10

@@ -1,0 +1,175 @@
+"""Performance targets, each named by what it measures, checked against one run's rows."""
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from cattn.bench.peers import PEERS
+from cattn.bench.results import Case, Check, Target
+
+
+def _rows(result: Dict[str, Any], workload: Optional[str] = None,
+          name_prefix: Optional[str] = None, **match: Any) -> Iterator[Tuple[Case, Any]]:
+    for case in result["cases"]:
+        if workload is not None and case.workload != workload:
+            continue
+        if name_prefix is not None and not case.name.startswith(name_prefix):
+            continue
+        for r in case.rows:
+            if all(getattr(r, k, None) == v for k, v in match.items()):
+                yield case, r
+
+
+def _target(tid: str, text: str, checks: List[tuple], unit: str = "x",
+            indicative: bool = False) -> Target:
+    """checks: [(where, value, threshold, higher_is_better)] -> one target row.
+    indicative: measured on other shapes than the target's (a --quick run): no verdict."""
+    if not checks:
+        return Target(tid, text, "n/a (not in this run)", "n/a")
+    details = []
+    for where, value, need, higher in checks:
+        passed = value is not None and (value >= need if higher else value <= need)
+        details.append(Check(where, value, need, passed))
+    vals = [d for d in details if d.value is not None]
+    ratio = (lambda d: d.value / d.need)  # noqa: E731
+    worst = (min(vals, key=ratio) if checks[0][3] else max(vals, key=ratio)) if vals else None
+    measured = "n/a" if worst is None else f"worst {worst.value:.2f}{unit} ({worst.where})"
+    verdict = "PASS" if all(d.passed for d in details) else "FAIL"
+    if indicative:
+        verdict = f"({verdict.lower()})"
+        measured += " [other shape]"
+    return Target(tid, text, measured, verdict, indicative, details)
+
+
+def _speedup(case: Case, r: Any, peers) -> Optional[float]:
+    """cattn's speedup over the fastest of `peers` in the same case/threads/options."""
+    best = None
+    for p in case.rows:
+        if (p.impl in peers and p.threads == r.threads
+                and getattr(p, "options", None) == r.options):
+            best = p.median_s if best is None else min(best, p.median_s)
+    return None if best is None else best / r.median_s
+
+
+def _cattn_full(case: Case, r: Any) -> Any:
+    """cattn's full-attention row at r's thread count in the same case."""
+    return next((x for x in case.rows if x.impl == "cattn"
+                 and getattr(x, "options", None) == "full" and x.threads == r.threads), None)
+
+
+def _is_prefill_target_shape(case: Case) -> bool:
+    return case.spec["L"] in (1024, 2048, 4096) and case.spec["E"] == 64
+
+
+def _prefill_targets(result) -> List[Target]:
+    f32 = dict(workload="prefill", impl="cattn")
+    mid = _is_prefill_target_shape
+    full = [(c, r) for c, r in _rows(result, options="full", **f32) if mid(c)]
+    causal = [(c, r) for c, r in _rows(result, options="causal", **f32) if mid(c)]
+    where = (lambda c, r: f"L={c.spec['L']} {r.threads}t")  # noqa: E731
+    out = [_target("prefill-pct-of-sgemm", "non-causal prefill L=S 1024-4096, 1 and 2 "
+                   "threads: >=80% of sgemm",
+                   [(where(c, r), r.pct_of_gemm, 80.0, True) for c, r in full], "%")]
+    out.append(_target("prefill-vs-peers", "non-causal prefill L=S 1024-4096, 1 and 2 "
+                       "threads: >=1.15x the faster of torch and ORT",
+                       [(where(c, r), _speedup(c, r, PEERS), 1.15, True) for c, r in full
+                        if _speedup(c, r, PEERS) is not None]))
+    out.append(_target("causal-prefill-vs-torch", "causal prefill L=S 1024-4096: >=1.15x "
+                       "torch SDPA",
+                       [(where(c, r), _speedup(c, r, ("torch",)), 1.15, True)
+                        for c, r in causal if _speedup(c, r, ("torch",)) is not None]))
+    out.append(_target("two-thread-scaling", "2 threads >= 1.85x 1 thread at L=S=2048 "
+                       "(non-causal)",
+                       [(f"L=2048 {r.threads}t", r.speedup_vs_1t, 1.85, True)
+                        for c, r in full if c.spec["L"] == 2048
+                        and r.speedup_vs_1t is not None]))
+    checks = []
+    for c, r in full:
+        if c.spec["L"] == 2048:
+            for peer, need in (("numpy", 1.6), ("torch", 0.9)):
+                sp = _speedup(c, r, (peer,))
+                if sp is not None:
+                    checks.append((f"{r.threads}t vs {peer}", sp, need, True))
+    out.append(_target("shape-2048-vs-numpy-torch", "(1,8,2048,2048,64) float32: >=1.6x "
+                       "NumPy ref, >=0.9x torch", checks))
+    checks = []
+    for c, r in causal:
+        dense = _cattn_full(c, r)
+        if c.spec["L"] == 4096 and dense:
+            checks.append((f"{r.threads}t", dense.median_s / r.median_s, 1.8, True))
+    out.append(_target("causal-saving", "causal >=1.8x faster than non-causal, L=S=4096 "
+                       "H=8 E=64", checks))
+    return out
+
+
+def _encoder_decode_targets(result) -> List[Target]:
+    checks = []
+    for c, r in _rows(result, workload="encoder", impl="cattn"):
+        for peer, need in (("torch", 1.2), ("ort", 1.0)):
+            sp = _speedup(c, r, (peer,))
+            if sp is not None:
+                checks.append((f"L={c.spec['L']} {r.threads}t vs {peer}", sp, need, True))
+    out = [_target("encoder-vs-peers", "encoder B=8 H=12 L=128/384: >=1.2x torch and "
+                   ">=1.0x ORT", checks,
+                   indicative=not any(c.spec["L"] == 384 for c, _ in
+                                      _rows(result, workload="encoder")))]
+    out.append(_target("tiny-call-time", "tiny case L=S=5 E=64: < 10 us per call",
+                       [(f"{r.threads}t", r.median_s * 1e6, 10.0, False)
+                        for c, r in _rows(result, workload="tiny", impl="cattn")], " us"))
+    out.append(_target("float64-pct-of-dgemm", "float64 prefill L=S 1024-4096: >=80% of "
+                       "dgemm",
+                       [(f"L={c.spec['L']} {r.threads}t", r.pct_of_gemm, 80.0, True)
+                        for c, r in _rows(result, workload="float64", impl="cattn")], "%",
+                       indicative=not any(_is_prefill_target_shape(c) for c, _ in
+                                          _rows(result, workload="float64"))))
+    checks = []
+    for c, r in _rows(result, workload="decode", impl="cattn"):
+        if r.pct_of_stream is not None:
+            checks.append((f"{r.threads}t %stream", r.pct_of_stream, 80.0, True))
+        for peer in PEERS:
+            sp = _speedup(c, r, (peer,))
+            if sp is not None:
+                checks.append((f"{r.threads}t vs {peer} (x100)", sp * 100, 100.0, True))
+    out.append(_target("decode-bandwidth", "decode H=32 S=4096 E=128: K+V read >=80% of "
+                       "stream rate, faster than torch and ORT, in %", checks, "%"))
+    return out
+
+
+def _memory_and_variant_targets(result) -> List[Target]:
+    out = [_target("long-sequence-memory", "extra memory at L=S=16384, 1 head, E=64: "
+                   "< 64 MiB (incl. the 4 MiB output)",
+                   [(f"{r.threads}t RSS", r.peak_rss_mib, 64.0, False)
+                    for c, r in _rows(result, workload="memory", impl="cattn")
+                    if c.spec["L"] == 16384], " MiB")]
+    for tid, prefix, opt, need, text, higher, target_L in (
+            ("window-saving", "window", "window=256,0", 10.0,
+             "window (256, 0) >=10x faster than full attention at L=S=8192", True, 8192),
+            ("weights-cost", "weights", "weights", 2.0,
+             "return_weights <= 2x the cost without, L=S=1024", False, 1024)):
+        checks = []
+        for c, r in _rows(result, workload="variants", name_prefix=prefix, impl="cattn",
+                          options=opt):
+            dense = _cattn_full(c, r)
+            if dense:
+                ratio = (dense.median_s / r.median_s if higher
+                         else r.median_s / dense.median_s)
+                checks.append((f"L={c.spec['L']} {r.threads}t", ratio, need, higher))
+        other = any(c.spec["L"] != target_L for c, _ in
+                    _rows(result, workload="variants", name_prefix=prefix))
+        out.append(_target(tid, text, checks, indicative=other))
+    return out
+
+
+def check_targets(result: Dict[str, Any]) -> List[Target]:
+    """Every target's verdict in this run: PASS, FAIL, n/a (no data), or in parentheses
+    when measured on other shapes than the target's (indicative only)."""
+    return (_prefill_targets(result) + _encoder_decode_targets(result)
+            + _memory_and_variant_targets(result))
+
+
+def format_targets(targets: List[Target]) -> str:
+    width = max([len(t.id) for t in targets] + [6])
+    lines = ["== targets", f"   {'target':<{width}} {'verdict':<7} {'measured':<44} asks"]
+    for t in targets:
+        lines.append(f"   {t.id:<{width}} {t.verdict:<7} {t.measured:<44} {t.target}")
+    if any(t.indicative for t in targets):
+        lines.append("   (verdicts in parentheses: measured on smaller shapes than the "
+                     "target's, e.g. --quick; indicative only)")
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""Timing: runners, the untimed first call, and the round-robin that times them all alike."""
+import gc
+import math
+import time
+import tracemalloc
+from typing import Callable, List, Optional
+
+import numpy as np
+
+# Seconds of idling before each timed call (see time_round_robin).
+IDLE_BEFORE_TIMING = 0.1
+
+
+class Runner:
+    """One thing to time: fn (the call), setup (thread settings, returns a restore callable)
+    and what its time means (work: flops for GEMM and attention, bytes for streams)."""
+
+    def __init__(self, label, impl, threads, kind, fn, setup=None, spec=None,
+                 to_output=None, note="", work=None):
+        self.label, self.impl, self.threads, self.kind = label, impl, threads, kind
+        self.fn, self.setup, self.spec, self.to_output = fn, setup, spec, to_output
+        self.note, self.work = note, work
+        self.number = 1
+        self.times: List[float] = []
+        self.first_call = None
+        self.peak_bytes: Optional[int] = None
+        self.max_abs_diff: Optional[float] = None
+
+    def call(self, number: int = 1) -> float:
+        restore = self.setup() if self.setup is not None else None
+        try:
+            t0 = time.perf_counter()
+            for _ in range(number):
+                self.fn()
+            return time.perf_counter() - t0
+        finally:
+            if restore is not None:
+                restore()
+
+
+def first_call(runner: Runner, trace_memory: bool):
+    """The untimed first call: output (for the check), peak traced memory, call time."""
+    restore = runner.setup() if runner.setup is not None else None
+    try:
+        gc.collect()
+        if trace_memory:
+            tracemalloc.start()
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+        t0 = time.perf_counter()
+        res = runner.fn()
+        t = time.perf_counter() - t0
+        if trace_memory:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            runner.peak_bytes = max(0, peak - base)
+    finally:
+        if restore is not None:
+            restore()
+    return res, t
+
+
+def time_round_robin(runners: List[Runner], reps: int, warmup: int,
+                     log: Optional[Callable[[str], None]] = None) -> None:
+    """Time all runners interleaved; each runner's .times gets `reps` seconds-per-call."""
+    n = len(runners)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for rep in range(warmup + reps):
+            k = rep % n
+            for r in runners[k:] + runners[:k]:
+                # Let the previous runner's thread pools go idle first: OpenBLAS and OpenMP
+                # workers busy-wait for a while after a call and would steal the cores of
+                # whichever runner comes next.
+                time.sleep(IDLE_BEFORE_TIMING)
+                t = r.call(r.number) / r.number
+                if rep >= warmup:
+                    r.times.append(t)
+            gc.collect()
+            if log is not None:
+                log(".")
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def calibrate(runner: Runner, t_single: float, min_timing: float) -> None:
+    """Calls per timing, so that one timing lasts at least min_timing (tiny inputs)."""
+    if t_single < min_timing:
+        # Re-measure a short loop: the first call is cold and overestimates.
+        n = 1
+        while True:
+            t = runner.call(n)
+            if t >= min_timing / 10 or n >= 1 << 20:
+                break
+            n *= 4
+        per_call = max(t / n, 1e-9)
+        runner.number = max(1, int(math.ceil(min_timing / per_call)))
+
+
+def median(xs) -> float:
+    return float(np.median(xs)) if len(xs) else float("nan")
