@@ -20,16 +20,17 @@ __version__ = "0.1.0"
 
 
 def show_config():
-    """How this build runs: OpenMP, threads, the SIMD path for exp, who computes the block
-    GEMMs, the BLAS limiter."""
+    """How this build runs: OpenMP, threads, the instruction-set path the kernels take
+    (CATTN_ISA caps it), who computes the block GEMMs, the BLAS limiter."""
     from cattn import _kernel
     from cattn._blas_threads import single_threaded_blas
     return {
         "version": __version__,
         "openmp": _kernel.openmp_enabled(),
         "default_num_threads": _kernel.default_num_threads(),
-        "simd": _kernel.simd_path(),
-        "block_gemm": "blas" if _kernel.calls_blas() else "avx2+fma micro-kernels",
+        "isa": _kernel.isa_path(),
+        "isa_supported": list(_kernel.supported_isa_paths()),
+        "block_gemm": "blas" if _kernel.calls_blas() else f"{_kernel.isa_path()} micro-kernels",
         "blas_thread_control": single_threaded_blas.backend,
     }
 

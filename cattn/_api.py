@@ -134,7 +134,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                                  scale=None, *, enable_gqa=False, window=None,
                                  alignment="top_left", key_lengths=None, softcap=None,
                                  return_lse=False, return_weights=False, out=None,
-                                 num_threads=None, dropout_p=0.0):
+                                 num_threads=None, dropout_p=0.0, _block_sizes=None,
+                                 _isa=None):
     """Exact attention softmax(Q·Kᵀ·scale + mask)·V, computed tile by tile.
 
     Parameters
@@ -183,6 +184,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     out, or a tuple (out, weights), (out, lse) or (out, weights, lse).
 
     A query row that sees no key at all (fully masked) gets output 0 and lse -inf.
+    Ctrl-C interrupts a long call within about 0.1 s with KeyboardInterrupt; `out` then
+    holds NaN, never a partial result.
+
+    `_block_sizes=(block_q, block_k)` and `_isa="avx512"|"avx2"|"portable"` are private
+    hooks for the tests: the result must not depend on either, beyond rounding.
     """
     for name, x in (("query", query), ("key", key), ("value", value)):
         _check_array(x, name)
@@ -250,7 +256,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     out_shape = batch_shape + (L, Ev)
 
     # ---- mask
-    mask_kind = _kernel.MASK_NONE
+    mask_kind = _kernel.MaskKind.MASK_NONE
     mask = None
     mask_rs = mask_cs = 0
     if attn_mask is not None:
@@ -270,10 +276,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
             raise ValueError(f"attn_mask of shape {attn_mask.shape} does not broadcast to "
                              f"the attention shape (..., L, S) = {full}")
         if attn_mask.dtype == np.bool_:
-            mask_kind = _kernel.MASK_BOOL
+            mask_kind = _kernel.MaskKind.MASK_BOOL
             mask = attn_mask.view(np.uint8)
         elif attn_mask.dtype.kind == "f":
-            mask_kind = _kernel.MASK_ADDITIVE
+            mask_kind = _kernel.MaskKind.MASK_ADDITIVE
             mask = attn_mask.astype(dtype, copy=False)
         else:
             raise TypeError(f"attn_mask must be boolean (True = attend) or floating "
@@ -351,27 +357,33 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     value, v_rs = _blas_ready(value)
     out_strides = _element_strides(out) if user_out else (Ev, 1)
     table = np.empty((n_items, _kernel.TABLE_COLUMNS), dtype=np.intp)
-    _kernel.fill_offsets(table, 0, query, batch_shape)
-    _kernel.fill_offsets(table, 1, key, batch_shape, group)
-    _kernel.fill_offsets(table, 2, value, batch_shape, group)
-    _kernel.fill_offsets(table, 3, out, batch_shape)
-    _kernel.fill_offsets(table, 4, mask, batch_shape)
-    _kernel.fill_column(table, 5, kv_len)
-    _kernel.fill_column(table, 6, diag)
+    column = _kernel.Column
+    _kernel.fill_offsets(table, column.Q, query, batch_shape)
+    _kernel.fill_offsets(table, column.K, key, batch_shape, group)
+    _kernel.fill_offsets(table, column.V, value, batch_shape, group)
+    _kernel.fill_offsets(table, column.OUT, out, batch_shape)
+    _kernel.fill_offsets(table, column.MASK, mask, batch_shape)
+    _kernel.fill_column(table, column.KV_LEN, kv_len)
+    _kernel.fill_column(table, column.DIAG, diag)
 
-    block_q, block_k = _block_sizes(L, S)
+    isa = _kernel.default_isa_index() if _isa is None else _kernel.isa_index(_isa)
+    block_q, block_k = (_choose_block_sizes(L, S, isa) if _block_sizes is None
+                        else _checked_block_sizes(_block_sizes))
     n_q_blocks = -(-L // block_q)
     n_splits, split_keys = _key_splits(n_items * n_q_blocks, S, block_k, return_weights)
     n_tasks = n_items * n_q_blocks * n_splits
     threads = max(1, min(num_threads, n_tasks, _MAX_THREADS))
     partials = (np.empty((n_splits, n_items, L, Ev + 2), dtype=dtype) if n_splits > 1
                 else None)
-    with single_threaded_blas if _kernel.calls_blas() else _NO_LIMIT:
-        _kernel.attention(query, key, value, out, lse, weights, mask, mask_kind, table,
-                          L, S, E, Ev, q_rs, k_rs, v_rs,
-                          out_strides[-2], out_strides[-1], mask_rs, mask_cs,
-                          win_left, win_right, scale, softcap, block_q, block_k,
-                          return_weights, partials, n_splits, split_keys, threads)
+    with single_threaded_blas if _kernel.calls_blas(isa) else _NO_LIMIT:
+        _kernel.attention(query, key, value, out, lse, weights, mask, mask_kind=mask_kind,
+                          table=table, L=L, S=S, E=E, Ev=Ev, q_rs=q_rs, k_rs=k_rs,
+                          v_rs=v_rs, out_rs=out_strides[-2], out_cs=out_strides[-1],
+                          mask_rs=mask_rs, mask_cs=mask_cs, win_left=win_left,
+                          win_right=win_right, scale=scale, softcap=softcap,
+                          block_q=block_q, block_k=block_k, weights_mode=return_weights,
+                          partials=partials, n_splits=n_splits, split_keys=split_keys,
+                          num_threads=threads, isa=isa)
     if return_weights and return_lse:
         return out, weights, lse
     if return_weights:
@@ -381,11 +393,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     return out
 
 
-def _block_sizes(L, S):
+def _choose_block_sizes(L, S, isa):
     """Query rows per task and keys per block."""
     block_q = min(max(L, 1), 128)
     block_k = min(max(S, 1), 256)
     return block_q, block_k
+
+
+def _checked_block_sizes(sizes):
+    block_q, block_k = sizes
+    return _check_int(block_q, "block_q", 1), _check_int(block_k, "block_k", 1)
 
 
 # Fewer (item, query block) tasks than this: split the keys too, so that the cores stay

@@ -16,27 +16,34 @@ Whole key blocks outside the union of those intervals are never visited.
 The caller (cattn._api) validates everything; nothing here checks inputs (the only error
 raised is MemoryError when the per-thread scratch cannot be allocated).
 """
+import os
+import threading
+
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
-from libc.math cimport INFINITY, log, tanh
+from libc.math cimport INFINITY, NAN, log, tanh
 from libc.stdint cimport uint8_t
 from libc.string cimport memcpy, memset
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 
 cimport numpy as cnp
 
 from cattn._blas cimport gemm_ab, gemm_abt
 from cattn._simd cimport (
-    cattn_row_max_f32, cattn_row_max_f64, cattn_exp_shift_sum_f32,
-    cattn_exp_shift_sum_f64, cattn_expf_scalar, cattn_exp_scalar, cattn_simd_path,
-    cattn_stream_sum_f32,
-    CATTN_OPENMP_ENABLED, omp_get_max_threads, cattn_gemm_available,
+    CATTN_ISA_PORTABLE, CATTN_ISA_AVX2, CATTN_ISA_AVX512, cattn_isa_supported,
+    cattn_isa_name, cattn_row_max_f32, cattn_row_max_f64, cattn_exp_shift_sum_f32,
+    cattn_exp_shift_sum_f64, cattn_expf_scalar, cattn_exp_scalar, cattn_stream_sum_f32,
+    CATTN_OPENMP_ENABLED, omp_get_max_threads, cattn_panel_keys,
     cattn_pack_keys_f32, cattn_pack_keys_f64, cattn_gemm_qkt_f32, cattn_gemm_qkt_f64,
     cattn_gemm_pv_f32, cattn_gemm_pv_f64, CATTN_DIRECT_ROWS, cattn_gemm_qkt_direct_f32,
     cattn_gemm_qkt_direct_f64, cattn_gemm_pv_direct_f32, cattn_gemm_pv_direct_f64,
 )
 
 cnp.import_array()
+
+cdef extern from "cattn_omp.h" nogil:
+    int omp_get_num_threads()
 
 # Columns of the per-batch-item table built by the Python layer: element offsets of each
 # operand's (L, ·) matrix, then the item's key length and causal diagonal.
@@ -51,9 +58,59 @@ cdef enum:
     N_COLS = 7
 TABLE_COLUMNS = N_COLS
 
-MASK_NONE = 0
-MASK_BOOL = 1
-MASK_ADDITIVE = 2
+
+class Column:
+    """The table's columns, by name (for the front that fills them)."""
+    Q, K, V, OUT, MASK, KV_LEN, DIAG = COL_Q, COL_K, COL_V, COL_OUT, COL_MASK, COL_KV_LEN, COL_DIAG
+
+cpdef enum MaskKind:
+    MASK_NONE = 0
+    MASK_BOOL = 1
+    MASK_ADDITIVE = 2
+
+
+# ------------------------------------------------------------------ instruction sets
+ISA_NAMES = tuple(cattn_isa_name(i).decode() for i in range(3))
+
+
+def _isa_cap_from_environment():
+    """The path the user allows: CATTN_ISA=avx512|avx2|portable (CATTN_DISABLE_AVX2=1 is
+    the older spelling of portable); unset means the best the CPU has."""
+    value = os.environ.get("CATTN_ISA", "").strip().lower()
+    if value:
+        if value not in ISA_NAMES:
+            raise ValueError(f"CATTN_ISA must be one of {', '.join(reversed(ISA_NAMES))}, "
+                             f"got {os.environ['CATTN_ISA']!r}")
+        return ISA_NAMES.index(value)
+    off = os.environ.get("CATTN_DISABLE_AVX2", "")
+    return CATTN_ISA_PORTABLE if off and off[0] != "0" else CATTN_ISA_AVX512
+
+
+# Read once, at import: no later race, and the same path for every call of the process.
+cdef int SUPPORTED_ISA = cattn_isa_supported()
+cdef int DEFAULT_ISA = min(SUPPORTED_ISA, _isa_cap_from_environment())
+
+
+def isa_path():
+    """The instruction-set path calls take: 'avx512', 'avx2' or 'portable'."""
+    return ISA_NAMES[DEFAULT_ISA]
+
+
+def supported_isa_paths():
+    """Every path this CPU can run, best first (a call may ask for any of them)."""
+    return ISA_NAMES[SUPPORTED_ISA::-1]
+
+
+def isa_index(str name):
+    """The plan's number for a path name (a ValueError for a path this CPU lacks)."""
+    if name not in ISA_NAMES[:SUPPORTED_ISA + 1]:
+        raise ValueError(f"the {name!r} path is not available on this CPU; available: "
+                         f"{', '.join(supported_isa_paths())}")
+    return ISA_NAMES.index(name)
+
+
+def default_isa_index():
+    return DEFAULT_ISA
 
 
 cdef struct Plan:
@@ -65,23 +122,47 @@ cdef struct Plan:
     Py_ssize_t block_q, block_k, n_q_blocks
     Py_ssize_t n_splits, split_keys         # keys split into chunks merged by lse
     bint weights_mode                      # scores go straight into the weights output
-    bint microkernels                      # AVX2 block GEMMs (else BLAS)
+    int isa                                # CATTN_ISA_*: micro-kernels, or BLAS (portable)
     const Py_ssize_t* table                # (n_items, N_COLS)
+    Py_ssize_t* counters                   # per thread, COUNTER_STRIDE apart (statistics)
 
 
-cdef inline floating row_max(const floating* x, Py_ssize_t n) noexcept nogil:
+# Per-thread statistics, one cache line apart so the threads never share a line.
+cdef enum:
+    COUNTER_TASKS = 0
+    COUNTER_KEY_BLOCKS = 1
+    COUNTER_TEAM = 2        # (thread 0's slot only) the team size OpenMP gave
+    COUNTER_STRIDE = 8
+
+
+# Where one task works: batch item n (its table row), query rows [i0, i0 + rows), and the
+# keys [k_begin, k_end) that any of those rows can see (within its chunk of keys `split`).
+cdef struct Task:
+    Py_ssize_t n, split, i0, rows, k_begin, k_end
+    const Py_ssize_t* item
+
+
+# Steps of a key-block visit (step_key_blocks).
+cdef enum:
+    STEP_SCORES = 1
+    STEP_FOLD = 2
+    STEP_PV = 4
+
+
+cdef inline floating row_max(int isa, const floating* x, Py_ssize_t n) noexcept nogil:
     if floating is float:
-        return cattn_row_max_f32(x, n)
+        return cattn_row_max_f32(isa, x, n)
     else:
-        return cattn_row_max_f64(x, n)
+        return cattn_row_max_f64(isa, x, n)
 
 
-cdef inline floating exp_shift_sum(floating* x, Py_ssize_t n, floating shift) noexcept nogil:
+cdef inline floating exp_shift_sum(int isa, floating* x, Py_ssize_t n,
+                                   floating shift) noexcept nogil:
     """x <- exp(x - shift), returning the sum of the new x."""
     if floating is float:
-        return cattn_exp_shift_sum_f32(x, n, shift)
+        return cattn_exp_shift_sum_f32(isa, x, n, shift)
     else:
-        return cattn_exp_shift_sum_f64(x, n, shift)
+        return cattn_exp_shift_sum_f64(isa, x, n, shift)
 
 
 cdef inline floating exp_scalar(floating x) noexcept nogil:
@@ -107,7 +188,7 @@ cdef inline void apply_mask(floating* x, Py_ssize_t n, const Plan* p,
                             Py_ssize_t mask_pos) noexcept nogil:
     """Add the float mask or drop (-inf) the keys the boolean mask excludes."""
     cdef Py_ssize_t j, cs = p.mask_cs
-    if p.mask_kind == 2:
+    if p.mask_kind == MASK_ADDITIVE:
         mask_add += mask_pos
         if cs == 1:
             for j in range(n):
@@ -115,7 +196,7 @@ cdef inline void apply_mask(floating* x, Py_ssize_t n, const Plan* p,
         else:
             for j in range(n):
                 x[j] += mask_add[j * cs]
-    elif p.mask_kind == 1:
+    elif p.mask_kind == MASK_BOOL:
         mask_bool += mask_pos
         for j in range(n):
             if not mask_bool[j * cs]:
@@ -141,16 +222,16 @@ cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssi
         memset(row + b, 0, (n_keys - b) * sizeof(floating))
     if p.softcap > 0:
         apply_softcap(x, n, <floating> p.softcap)
-    if p.mask_kind != 0:
+    if p.mask_kind != MASK_NONE:
         apply_mask(x, n, p, mask_add, mask_bool, mask_pos + a * p.mask_cs)
-    blk_max = row_max(x, n)
+    blk_max = row_max(p.isa, x, n)
     m_old = run_max[r]
     # (a NaN block max wins, so that a NaN score poisons its row as in the definition)
     m_new = blk_max if (blk_max > m_old or blk_max != blk_max) else m_old
     if m_new == -INFINITY:  # nothing visible yet: exp(-inf - -inf) would be NaN
         memset(x, 0, n * sizeof(floating))
         return
-    cdef floating block_sum = exp_shift_sum(x, n, m_new)
+    cdef floating block_sum = exp_shift_sum(p.isa, x, n, m_new)
     if m_new != m_old:
         # Rescale what earlier blocks accumulated to the new maximum.
         corr = exp_scalar(m_old - m_new)
@@ -166,171 +247,207 @@ cdef inline void block_scores(const Plan* p, Py_ssize_t rows, Py_ssize_t n_keys,
                               const floating* q_block, const floating* k_block,
                               floating* packed, floating* scores, Py_ssize_t ld) noexcept nogil:
     """scores[rows, n_keys] (row stride ld) = scale · Q_blk · K_blkᵀ."""
-    if p.microkernels and rows <= CATTN_DIRECT_ROWS:  # decoding: stream K, no packing
-        if floating is float:
-            cattn_gemm_qkt_direct_f32(rows, n_keys, p.E, <float> p.scale, q_block, p.q_rs,
-                                      k_block, p.k_rs, scores, ld)
-        else:
-            cattn_gemm_qkt_direct_f64(rows, n_keys, p.E, p.scale, q_block, p.q_rs,
-                                      k_block, p.k_rs, scores, ld)
-    elif p.microkernels:
-        if floating is float:
-            cattn_pack_keys_f32(k_block, p.k_rs, n_keys, p.E, packed)
-            cattn_gemm_qkt_f32(rows, n_keys, p.E, <float> p.scale, q_block, p.q_rs, packed,
-                               scores, ld)
-        else:
-            cattn_pack_keys_f64(k_block, p.k_rs, n_keys, p.E, packed)
-            cattn_gemm_qkt_f64(rows, n_keys, p.E, p.scale, q_block, p.q_rs, packed,
-                               scores, ld)
-    else:
+    if p.isa == CATTN_ISA_PORTABLE:
         gemm_abt(<int> rows, <int> n_keys, <int> p.E, <floating> p.scale, q_block,
                  <int> p.q_rs, k_block, <int> p.k_rs, <floating> 0, scores, <int> ld)
+    elif rows <= CATTN_DIRECT_ROWS:  # decoding: stream K, no packing
+        if floating is float:
+            cattn_gemm_qkt_direct_f32(p.isa, rows, n_keys, p.E, <float> p.scale, q_block,
+                                      p.q_rs, k_block, p.k_rs, scores, ld)
+        else:
+            cattn_gemm_qkt_direct_f64(p.isa, rows, n_keys, p.E, p.scale, q_block, p.q_rs,
+                                      k_block, p.k_rs, scores, ld)
+    else:
+        if floating is float:
+            cattn_pack_keys_f32(p.isa, k_block, p.k_rs, n_keys, p.E, packed)
+            cattn_gemm_qkt_f32(p.isa, rows, n_keys, p.E, <float> p.scale, q_block, p.q_rs,
+                               packed, scores, ld)
+        else:
+            cattn_pack_keys_f64(p.isa, k_block, p.k_rs, n_keys, p.E, packed)
+            cattn_gemm_qkt_f64(p.isa, rows, n_keys, p.E, p.scale, q_block, p.q_rs, packed,
+                               scores, ld)
 
 
 cdef inline void block_pv(const Plan* p, Py_ssize_t rows, Py_ssize_t n_keys,
                           const floating* probs, Py_ssize_t ld, const floating* v_block,
                           floating* acc) noexcept nogil:
     """acc[rows, Ev] += P[rows, n_keys] · V_blk."""
-    if p.microkernels and rows <= CATTN_DIRECT_ROWS:  # decoding: stream V
-        if floating is float:
-            cattn_gemm_pv_direct_f32(rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc,
-                                     p.Ev)
-        else:
-            cattn_gemm_pv_direct_f64(rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc,
-                                     p.Ev)
-    elif p.microkernels:
-        if floating is float:
-            cattn_gemm_pv_f32(rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc, p.Ev)
-        else:
-            cattn_gemm_pv_f64(rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc, p.Ev)
-    else:
+    if p.isa == CATTN_ISA_PORTABLE:
         gemm_ab(<int> rows, <int> p.Ev, <int> n_keys, <floating> 1, probs, <int> ld,
                 v_block, <int> p.v_rs, <floating> 1, acc, <int> p.Ev)
+    elif rows <= CATTN_DIRECT_ROWS:  # decoding: stream V
+        if floating is float:
+            cattn_gemm_pv_direct_f32(p.isa, rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs,
+                                     acc, p.Ev)
+        else:
+            cattn_gemm_pv_direct_f64(p.isa, rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs,
+                                     acc, p.Ev)
+    else:
+        if floating is float:
+            cattn_gemm_pv_f32(p.isa, rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc,
+                              p.Ev)
+        else:
+            cattn_gemm_pv_f64(p.isa, rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc,
+                              p.Ev)
 
 
-cdef inline void fold_block(const Plan* p, const Py_ssize_t* item, Py_ssize_t i0,
-                            Py_ssize_t rows, Py_ssize_t kb0, Py_ssize_t n_keys,
+cdef inline void fold_block(const Plan* p, const Task* t, Py_ssize_t kb0, Py_ssize_t n_keys,
                             floating* scores, Py_ssize_t ld,
                             const floating* mask_add, const uint8_t* mask_bool,
                             floating* acc, floating* run_max, floating* run_sum) noexcept nogil:
     """Fold the scores of keys [kb0, kb0 + n_keys) into the online softmax of every row."""
     cdef Py_ssize_t r, i, lo, hi
-    cdef Py_ssize_t kv_len = item[COL_KV_LEN], diag = item[COL_DIAG]
-    for r in range(rows):
-        i = i0 + r
+    cdef Py_ssize_t kv_len = t.item[COL_KV_LEN], diag = t.item[COL_DIAG]
+    for r in range(t.rows):
+        i = t.i0 + r
         lo = clamp(i + diag - p.win_left, 0, kv_len)
         hi = clamp(i + diag + p.win_right + 1, 0, kv_len)
         fold_row(scores + r * ld, n_keys, clamp(lo - kb0, 0, n_keys),
                  clamp(hi - kb0, 0, n_keys), r,
-                 item[COL_MASK] + i * p.mask_rs + kb0 * p.mask_cs, p,
+                 t.item[COL_MASK] + i * p.mask_rs + kb0 * p.mask_cs, p,
                  mask_add, mask_bool, acc, run_max, run_sum)
 
 
-cdef void attend_query_block(const Plan* p, Py_ssize_t task,
+cdef inline void task_of(const Plan* p, Py_ssize_t task_index, Task* t) noexcept nogil:
+    """The coordinates of a task: tasks run item-major, then query block, then key chunk."""
+    t.split = task_index % p.n_splits
+    t.n = task_index // p.n_splits // p.n_q_blocks
+    t.i0 = (task_index // p.n_splits % p.n_q_blocks) * p.block_q
+    t.item = p.table + t.n * N_COLS
+    t.rows = (p.block_q if t.i0 + p.block_q < p.L else p.L - t.i0)
+    cdef Py_ssize_t kv_len = t.item[COL_KV_LEN], diag = t.item[COL_DIAG]
+    # Keys any row of the block may see; lo and hi grow with i, so the first row gives
+    # the start and the last row the end.
+    t.k_begin = clamp(t.i0 + diag - p.win_left, 0, kv_len)
+    t.k_end = clamp(t.i0 + t.rows - 1 + diag + p.win_right + 1, 0, kv_len)
+    if p.n_splits > 1:
+        t.k_begin = clamp(t.k_begin, t.split * p.split_keys, (t.split + 1) * p.split_keys)
+        t.k_end = clamp(t.k_end, t.k_begin, (t.split + 1) * p.split_keys)
+
+
+cdef void step_key_blocks(const Plan* p, const Task* t, int steps, Py_ssize_t kb_first,
+                          Py_ssize_t kb_last, const floating* q_block,
+                          const floating* k_item, const floating* v_item, floating* packed,
+                          floating* scores, Py_ssize_t ld, bint scores_follow_keys,
+                          const floating* mask_add, const uint8_t* mask_bool,
+                          floating* acc, floating* run_max, floating* run_sum,
+                          Py_ssize_t* counters) noexcept nogil:
+    """Visit keys [kb_first, kb_last) one block at a time, doing `steps` on each: the
+    scores (into `scores`, or at the keys' own columns of it when scores_follow_keys), the
+    fold into the online softmax, and acc += P·V."""
+    cdef Py_ssize_t kb0 = kb_first, kb1
+    cdef floating* block
+    while kb0 < kb_last:
+        kb1 = kb0 + p.block_k if kb0 + p.block_k < kb_last else kb_last
+        block = scores + kb0 if scores_follow_keys else scores
+        if steps & STEP_SCORES:
+            block_scores(p, t.rows, kb1 - kb0, q_block, k_item + kb0 * p.k_rs, packed,
+                         block, ld)
+            counters[COUNTER_KEY_BLOCKS] += 1
+        if steps & STEP_FOLD:
+            fold_block(p, t, kb0, kb1 - kb0, block, ld, mask_add, mask_bool, acc, run_max,
+                       run_sum)
+        if steps & STEP_PV:
+            block_pv(p, t.rows, kb1 - kb0, block, ld, v_item + kb0 * p.v_rs, acc)
+        kb0 = kb1
+
+
+cdef void store_partials(const Plan* p, const Task* t, const floating* acc,
+                         const floating* run_max, const floating* run_sum,
+                         floating* partials) noexcept nogil:
+    """One chunk of the keys: its unnormalized rows, row max and row sum, for
+    merge_split_row."""
+    cdef Py_ssize_t r, Ev = p.Ev
+    cdef floating* part_row
+    for r in range(t.rows):
+        part_row = partials + ((t.split * p.n_items + t.n) * p.L + t.i0 + r) * (Ev + 2)
+        memcpy(part_row, acc + r * Ev, Ev * sizeof(floating))
+        part_row[Ev] = run_max[r]
+        part_row[Ev + 1] = run_sum[r]
+
+
+cdef void finish_rows(const Plan* p, const Task* t, const floating* acc,
+                      const floating* run_max, const floating* run_sum, floating* out,
+                      floating* lse, floating* weights_rows) noexcept nogil:
+    """Normalize the rows into the output (and lse, and the weights when asked)."""
+    cdef Py_ssize_t r, i, j, Ev = p.Ev
+    cdef floating inv_sum
+    cdef floating* out_row
+    for r in range(t.rows):
+        i = t.i0 + r
+        out_row = out + t.item[COL_OUT] + i * p.out_rs
+        if run_sum[r] == 0:  # no visible key: output 0, lse -inf (never NaN)
+            for j in range(Ev):
+                out_row[j * p.out_cs] = 0
+            if lse != NULL:
+                lse[t.n * p.L + i] = -INFINITY
+            continue
+        inv_sum = 1 / run_sum[r]
+        for j in range(Ev):
+            out_row[j * p.out_cs] = acc[r * Ev + j] * inv_sum
+        if lse != NULL:
+            lse[t.n * p.L + i] = run_max[r] + <floating> log(run_sum[r])
+        if weights_rows != NULL:
+            for j in range(t.k_begin, t.k_end):
+                weights_rows[r * p.S + j] *= inv_sum
+
+
+cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
                              const floating* q, const floating* k, const floating* v,
                              const floating* mask_add, const uint8_t* mask_bool,
                              floating* out, floating* lse, floating* weights,
-                             floating* partials, floating* scratch) noexcept nogil:
-    """One block of query rows of one batch item, over the key blocks it can see (of one
-    chunk of keys, when the keys are split: then the unnormalized rows, row max and row
-    sum go to `partials`, for merge_split_row).
+                             floating* partials, floating* scratch,
+                             Py_ssize_t* counters) noexcept nogil:
+    """One task: a block of query rows of one batch item, over the key blocks it can see
+    (of one chunk of keys, when the keys are split).
 
     scratch (this thread's own) holds, in order: running row max and row sum (block_q
     each), the unnormalized output rows (block_q × Ev), the block scores (block_q ×
     block_k, absent when the scores go straight into the weights output) and the packed
     keys of one block (block_k × E rounded up to whole panels; micro-kernels only).
     """
-    cdef Py_ssize_t split = task % p.n_splits
-    cdef Py_ssize_t n = task // p.n_splits // p.n_q_blocks
-    cdef Py_ssize_t i0 = (task // p.n_splits % p.n_q_blocks) * p.block_q
-    cdef const Py_ssize_t* item = p.table + n * N_COLS
-    cdef Py_ssize_t i1 = i0 + p.block_q if i0 + p.block_q < p.L else p.L
-    cdef Py_ssize_t rows = i1 - i0, Ev = p.Ev
-    cdef Py_ssize_t kv_len = item[COL_KV_LEN], diag = item[COL_DIAG]
-    cdef Py_ssize_t r, i, j, kb0, kb1
+    cdef Task t
+    task_of(p, task_index, &t)
+    cdef Py_ssize_t r
     cdef floating* run_max = scratch
     cdef floating* run_sum = scratch + p.block_q
     cdef floating* acc = scratch + 2 * p.block_q
-    cdef floating* scores = acc + p.block_q * Ev
+    cdef floating* scores = acc + p.block_q * p.Ev
     cdef floating* packed = scores + (0 if p.weights_mode else p.block_q * p.block_k)
     cdef floating* weights_rows = NULL
-    cdef floating* out_row
-    cdef floating inv_sum
-    cdef const floating* q_block = q + item[COL_Q] + i0 * p.q_rs
-    cdef const floating* k_item = k + item[COL_K]
-    cdef const floating* v_item = v + item[COL_V]
+    cdef const floating* q_block = q + t.item[COL_Q] + t.i0 * p.q_rs
+    cdef const floating* k_item = k + t.item[COL_K]
+    cdef const floating* v_item = v + t.item[COL_V]
 
-    # Keys any row of the block may see; lo and hi grow with i, so the first row gives
-    # the start and the last row the end.
-    cdef Py_ssize_t k_begin = clamp(i0 + diag - p.win_left, 0, kv_len)
-    cdef Py_ssize_t k_end = clamp(i1 - 1 + diag + p.win_right + 1, 0, kv_len)
-    cdef floating* part_row
-    if p.n_splits > 1:
-        k_begin = clamp(k_begin, split * p.split_keys, (split + 1) * p.split_keys)
-        k_end = clamp(k_end, k_begin, (split + 1) * p.split_keys)
-
-    for r in range(rows):
+    for r in range(t.rows):
         run_max[r] = -INFINITY
         run_sum[r] = 0
-    memset(acc, 0, rows * Ev * sizeof(floating))
+    memset(acc, 0, t.rows * p.Ev * sizeof(floating))
+    counters[COUNTER_TASKS] += 1
 
     if p.weights_mode:
         # The scores of all visible keys go straight into the weights output, are turned
         # into probabilities in one fold (one max per row: no rescaling of earlier
         # blocks), normalized at the end; the GEMMs still run block by block.
-        weights_rows = weights + (n * p.L + i0) * p.S
-        kb0 = k_begin
-        while kb0 < k_end:
-            kb1 = kb0 + p.block_k if kb0 + p.block_k < k_end else k_end
-            block_scores(p, rows, kb1 - kb0, q_block, k_item + kb0 * p.k_rs, packed,
-                         weights_rows + kb0, p.S)
-            kb0 = kb1
-        if k_end > k_begin:
-            fold_block(p, item, i0, rows, k_begin, k_end - k_begin,
-                       weights_rows + k_begin, p.S, mask_add, mask_bool, acc, run_max,
-                       run_sum)
-        kb0 = k_begin
-        while kb0 < k_end:
-            kb1 = kb0 + p.block_k if kb0 + p.block_k < k_end else k_end
-            block_pv(p, rows, kb1 - kb0, weights_rows + kb0, p.S, v_item + kb0 * p.v_rs,
-                     acc)
-            kb0 = kb1
+        weights_rows = weights + (t.n * p.L + t.i0) * p.S
+        step_key_blocks(p, &t, STEP_SCORES, t.k_begin, t.k_end, q_block, k_item, v_item,
+                        packed, weights_rows, p.S, True, mask_add, mask_bool, acc, run_max,
+                        run_sum, counters)
+        if t.k_end > t.k_begin:
+            fold_block(p, &t, t.k_begin, t.k_end - t.k_begin, weights_rows + t.k_begin,
+                       p.S, mask_add, mask_bool, acc, run_max, run_sum)
+        step_key_blocks(p, &t, STEP_PV, t.k_begin, t.k_end, q_block, k_item, v_item,
+                        packed, weights_rows, p.S, True, mask_add, mask_bool, acc, run_max,
+                        run_sum, counters)
     else:
-        kb0 = k_begin
-        while kb0 < k_end:
-            kb1 = kb0 + p.block_k if kb0 + p.block_k < k_end else k_end
-            block_scores(p, rows, kb1 - kb0, q_block, k_item + kb0 * p.k_rs, packed,
-                         scores, p.block_k)
-            fold_block(p, item, i0, rows, kb0, kb1 - kb0, scores, p.block_k, mask_add,
-                       mask_bool, acc, run_max, run_sum)
-            block_pv(p, rows, kb1 - kb0, scores, p.block_k, v_item + kb0 * p.v_rs, acc)
-            kb0 = kb1
+        step_key_blocks(p, &t, STEP_SCORES | STEP_FOLD | STEP_PV, t.k_begin, t.k_end,
+                        q_block, k_item, v_item, packed, scores, p.block_k, False,
+                        mask_add, mask_bool, acc, run_max, run_sum, counters)
 
     if p.n_splits > 1:  # one chunk of the keys: leave the merging to merge_split_row
-        for r in range(rows):
-            part_row = partials + ((split * p.n_items + n) * p.L + i0 + r) * (Ev + 2)
-            memcpy(part_row, acc + r * Ev, Ev * sizeof(floating))
-            part_row[Ev] = run_max[r]
-            part_row[Ev + 1] = run_sum[r]
-        return
-
-    for r in range(rows):
-        i = i0 + r
-        out_row = out + item[COL_OUT] + i * p.out_rs
-        if run_sum[r] == 0:  # no visible key: output 0, lse -inf (never NaN)
-            for j in range(Ev):
-                out_row[j * p.out_cs] = 0
-            if lse != NULL:
-                lse[n * p.L + i] = -INFINITY
-            continue
-        inv_sum = 1 / run_sum[r]
-        for j in range(Ev):
-            out_row[j * p.out_cs] = acc[r * Ev + j] * inv_sum
-        if lse != NULL:
-            lse[n * p.L + i] = run_max[r] + <floating> log(run_sum[r])
-        if p.weights_mode:
-            for j in range(k_begin, k_end):
-                weights_rows[r * p.S + j] *= inv_sum
+        store_partials(p, &t, acc, run_max, run_sum, partials)
+    else:
+        finish_rows(p, &t, acc, run_max, run_sum, out, lse, weights_rows)
 
 
 cdef void merge_split_row(const Plan* p, Py_ssize_t row, const floating* partials,
@@ -366,42 +483,76 @@ cdef void merge_split_row(const Plan* p, Py_ssize_t row, const floating* partial
         lse[row] = m + <floating> log(total)
 
 
-cdef void run_tasks(const Plan* p, int num_threads,
-                    const floating* q, const floating* k, const floating* v,
-                    const floating* mask_add, const uint8_t* mask_bool,
-                    floating* out, floating* lse, floating* weights, floating* partials,
-                    floating* scratch_base, Py_ssize_t scratch_stride) noexcept nogil:
-    cdef Py_ssize_t n_tasks = p.n_items * p.n_q_blocks * p.n_splits
-    cdef Py_ssize_t n_rows = p.n_items * p.L
-    cdef Py_ssize_t task, row
-    cdef floating* mine = scratch_base
+cdef int run_tasks(const Plan* p, int num_threads, Py_ssize_t first, Py_ssize_t last,
+                   const floating* q, const floating* k, const floating* v,
+                   const floating* mask_add, const uint8_t* mask_bool,
+                   floating* out, floating* lse, floating* weights, floating* partials,
+                   floating* scratch_base, Py_ssize_t scratch_stride) noexcept nogil:
+    """Tasks [first, last), on num_threads threads."""
+    cdef Py_ssize_t task
+    p.counters[COUNTER_TEAM] = 1
     if num_threads <= 1:  # no parallel region at all: it costs microseconds on tiny inputs
-        for task in range(n_tasks):
+        for task in range(first, last):
             attend_query_block(p, task, q, k, v, mask_add, mask_bool, out, lse, weights,
-                               partials, mine)
-        if p.n_splits > 1:
-            for row in range(n_rows):
-                merge_split_row(p, row, partials, out, lse)
-        return
+                               partials, scratch_base, p.counters)
+        return 0
+    cdef floating* mine = scratch_base
     with parallel(num_threads=num_threads):
         # Each thread owns one slice of the scratch array (no shared mutable state).
         mine = scratch_base + threadid() * scratch_stride
-        for task in prange(n_tasks, schedule='dynamic', chunksize=1):
+        if threadid() == 0:
+            p.counters[COUNTER_TEAM] = omp_get_num_threads()
+        for task in prange(first, last, schedule='dynamic', chunksize=1):
             attend_query_block(p, task, q, k, v, mask_add, mask_bool, out, lse, weights,
-                               partials, mine)
-        # (prange ends with a barrier: every chunk is done before any row is merged)
-        if p.n_splits > 1:
-            for row in prange(n_rows, schedule='static'):
-                merge_split_row(p, row, partials, out, lse)
+                               partials, mine, p.counters + threadid() * COUNTER_STRIDE)
+    return 0
 
 
-cdef Py_ssize_t scratch_elements(Py_ssize_t block_q, Py_ssize_t block_k, Py_ssize_t E,
-                                 Py_ssize_t Ev, bint weights_mode) noexcept:
+cdef void merge_splits(const Plan* p, int num_threads, floating* out, floating* lse,
+                       const floating* partials) noexcept nogil:
+    cdef Py_ssize_t row, n_rows = p.n_items * p.L
+    if num_threads <= 1:
+        for row in range(n_rows):
+            merge_split_row(p, row, partials, out, lse)
+        return
+    for row in prange(n_rows, num_threads=num_threads, schedule='static'):
+        merge_split_row(p, row, partials, out, lse)
+
+
+cdef void fill_nan(const Plan* p, floating* out) noexcept nogil:
+    """Every output element becomes NaN: what an interrupted call leaves behind, so that no
+    partly computed `out` passes for a result."""
+    cdef Py_ssize_t n, i, j
+    cdef floating* row
+    for n in range(p.n_items):
+        for i in range(p.L):
+            row = out + p.table[n * N_COLS + COL_OUT] + i * p.out_rs
+            for j in range(p.Ev):
+                row[j * p.out_cs] = NAN
+
+
+cdef Py_ssize_t scratch_elements(const Plan* p, bint is_double) noexcept:
     """Elements of per-thread scratch, padded to 64 bytes so threads never share a line."""
-    cdef Py_ssize_t n = 2 * block_q + block_q * Ev + (0 if weights_mode else block_q * block_k)
-    if cattn_gemm_available():  # packed keys: whole panels of up to 16 keys
-        n += (block_k + 15) // 16 * 16 * E
+    cdef Py_ssize_t panel
+    cdef Py_ssize_t n = 2 * p.block_q + p.block_q * p.Ev
+    if not p.weights_mode:
+        n += p.block_q * p.block_k
+    if p.isa != CATTN_ISA_PORTABLE:  # packed keys: whole panels
+        panel = cattn_panel_keys(p.isa, is_double)
+        n += (p.block_k + panel - 1) // panel * panel * p.E
     return (n + 15) // 16 * 16
+
+
+cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double) noexcept:
+    """Tasks run between two checks for Ctrl-C: about 0.1 s of work on a fast core (more on
+    a slow one), and at least one per thread."""
+    cdef double keys = <double> min(p.S, p.split_keys)
+    cdef double task_flops = 2.0 * p.block_q * keys * (p.E + p.Ev) + 1.0
+    cdef double rate = 1e11 if p.isa == CATTN_ISA_AVX512 else 5e10
+    if is_double:
+        rate /= 2
+    cdef double group = 0.1 * rate * threads / task_flops
+    return max(<Py_ssize_t> threads, <Py_ssize_t> min(group, 1e15))
 
 
 cdef inline void* data_or_null(object arr):
@@ -410,14 +561,31 @@ cdef inline void* data_or_null(object arr):
     return cnp.PyArray_DATA(<cnp.ndarray> arr)
 
 
+# The last call's statistics, per calling thread (a private hook for the tests).
+_last_call = threading.local()
+
+
+def last_call_stats():
+    """What the calling thread's most recent kernel call did (a private testing hook):
+    its path, OpenMP team size, tasks and how many threads ran some, key chunks, block
+    sizes, key blocks visited and the per-thread scratch in bytes."""
+    stats = getattr(_last_call, "stats", None)
+    if stats is None:
+        return None
+    keys = ("isa", "team_size", "threads_with_tasks", "n_tasks", "n_splits", "split_keys",
+            "block_q", "block_k", "key_blocks_visited", "scratch_bytes", "interrupt_checks")
+    return dict(zip(keys, stats))
+
+
 def attention(object q, object k, object v, object out, object lse, object weights,
-              object mask, int mask_kind, cnp.ndarray table,
+              object mask, *, int mask_kind, cnp.ndarray table,
               Py_ssize_t L, Py_ssize_t S, Py_ssize_t E, Py_ssize_t Ev,
               Py_ssize_t q_rs, Py_ssize_t k_rs, Py_ssize_t v_rs,
               Py_ssize_t out_rs, Py_ssize_t out_cs, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
               Py_ssize_t win_left, Py_ssize_t win_right, double scale, double softcap,
               Py_ssize_t block_q, Py_ssize_t block_k, bint weights_mode,
-              object partials, Py_ssize_t n_splits, Py_ssize_t split_keys, int num_threads):
+              object partials, Py_ssize_t n_splits, Py_ssize_t split_keys, int num_threads,
+              int isa):
     """Run the loop nest on validated operands (see cattn._api for their meaning).
 
     q, k, v, out, lse, weights and mask are arrays whose data pointers point at element 0
@@ -425,6 +593,8 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     is allocated here, for num_threads threads.
     With n_splits > 1 the keys are cut into chunks of split_keys keys, processed as
     separate tasks and merged; partials then holds (n_splits, n_items, L, Ev + 2).
+    Between groups of tasks the call checks for signals: Ctrl-C raises KeyboardInterrupt
+    within about 0.1 s and leaves NaN in `out`.
     """
     cdef Plan p
     p.n_items = table.shape[0]
@@ -439,42 +609,86 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.n_splits, p.split_keys = n_splits, split_keys
     p.weights_mode = weights_mode
     p.table = <const Py_ssize_t*> cnp.PyArray_DATA(table)
-    p.microkernels = cattn_gemm_available()
-    cdef Py_ssize_t stride = scratch_elements(block_q, block_k, E, Ev, weights_mode)
+    p.isa = min(isa, SUPPORTED_ISA)  # never an instruction the CPU lacks
+    cdef bint is_double = (<cnp.ndarray> q).descr.type_num == cnp.NPY_DOUBLE
+    cdef size_t item = sizeof(double) if is_double else sizeof(float)
+    cdef Py_ssize_t stride = scratch_elements(&p, is_double)
+    cdef Py_ssize_t n_tasks = p.n_items * p.n_q_blocks * p.n_splits
+    cdef int threads = max(num_threads, 1)
     cdef void* qp = data_or_null(q)
     cdef void* kp = data_or_null(k)
     cdef void* vp = data_or_null(v)
     cdef void* op = data_or_null(out)
     cdef void* lp = data_or_null(lse)
     cdef void* wp = data_or_null(weights)
-    cdef size_t item = sizeof(double) if (<cnp.ndarray> q).descr.type_num == cnp.NPY_DOUBLE \
-        else sizeof(float)
-    cdef void* sp
     cdef void* mp = data_or_null(mask)
     cdef void* pp = data_or_null(partials)
-    if p.n_items * p.n_q_blocks == 0:
+    cdef void* sp
+    cdef Py_ssize_t* counters
+    cdef Py_ssize_t first = 0, last, group, key_blocks = 0
+    cdef int team = 1, with_tasks = 0, checks = 0, th
+    if n_tasks == 0:
         return
-    sp = PyMem_RawMalloc(max(num_threads, 1) * stride * item)
-    if sp == NULL:
-        raise MemoryError(f"cannot allocate {max(num_threads, 1) * stride * item} bytes of "
-                          f"scratch for {num_threads} threads")
-    run_on_operands(&p, num_threads, qp, kp, vp, mp, op, lp, wp, pp, sp, stride,
-                    item == sizeof(double))
-    PyMem_RawFree(sp)
+    sp = PyMem_RawMalloc(threads * stride * item)
+    counters = <Py_ssize_t*> PyMem_RawMalloc(threads * COUNTER_STRIDE * sizeof(Py_ssize_t))
+    if sp == NULL or counters == NULL:
+        PyMem_RawFree(sp)
+        PyMem_RawFree(counters)
+        raise MemoryError(f"cannot allocate {threads * stride * item} bytes of scratch for "
+                          f"{threads} threads")
+    memset(counters, 0, threads * COUNTER_STRIDE * sizeof(Py_ssize_t))
+    p.counters = counters
+    group = tasks_per_group(&p, threads, is_double)
+    try:
+        while first < n_tasks:
+            last = min(first + group, n_tasks)
+            run_on_operands(&p, threads, first, last, qp, kp, vp, mp, op, lp, wp, pp, sp,
+                            stride, is_double)
+            team = max(team, <int> counters[COUNTER_TEAM])
+            first = last
+            if first < n_tasks:
+                checks += 1
+                try:
+                    PyErr_CheckSignals()  # raises what a signal handler raised
+                except BaseException:
+                    with nogil:
+                        if is_double:
+                            fill_nan[double](&p, <double*> op)
+                        else:
+                            fill_nan[float](&p, <float*> op)
+                    raise
+        if p.n_splits > 1:
+            with nogil:
+                if is_double:
+                    merge_splits[double](&p, threads, <double*> op, <double*> lp,
+                                         <double*> pp)
+                else:
+                    merge_splits[float](&p, threads, <float*> op, <float*> lp, <float*> pp)
+        for th in range(threads):
+            key_blocks += counters[th * COUNTER_STRIDE + COUNTER_KEY_BLOCKS]
+            with_tasks += counters[th * COUNTER_STRIDE + COUNTER_TASKS] > 0
+        _last_call.stats = (ISA_NAMES[p.isa], team, with_tasks, n_tasks, n_splits,
+                            split_keys, block_q, block_k, key_blocks, stride * item, checks)
+    finally:
+        PyMem_RawFree(sp)
+        PyMem_RawFree(counters)
 
 
-cdef void run_on_operands(const Plan* p, int num_threads, void* qp, void* kp, void* vp,
-                          void* mp, void* op, void* lp, void* wp, void* pp, void* sp,
-                          Py_ssize_t stride, bint is_double) noexcept:
+cdef void run_on_operands(const Plan* p, int num_threads, Py_ssize_t first, Py_ssize_t last,
+                          void* qp, void* kp, void* vp, void* mp, void* op, void* lp,
+                          void* wp, void* pp, void* sp, Py_ssize_t stride,
+                          bint is_double) noexcept:
     with nogil:
         if is_double:
-            run_tasks[double](p, num_threads, <double*> qp, <double*> kp, <double*> vp,
-                              <double*> mp, <uint8_t*> mp, <double*> op, <double*> lp,
-                              <double*> wp, <double*> pp, <double*> sp, stride)
+            run_tasks[double](p, num_threads, first, last, <double*> qp,
+                                     <double*> kp, <double*> vp, <double*> mp,
+                                     <uint8_t*> mp, <double*> op, <double*> lp,
+                                     <double*> wp, <double*> pp, <double*> sp, stride)
         else:
-            run_tasks[float](p, num_threads, <float*> qp, <float*> kp, <float*> vp,
-                             <float*> mp, <uint8_t*> mp, <float*> op, <float*> lp,
-                             <float*> wp, <float*> pp, <float*> sp, stride)
+            run_tasks[float](p, num_threads, first, last, <float*> qp, <float*> kp,
+                                    <float*> vp, <float*> mp, <uint8_t*> mp, <float*> op,
+                                    <float*> lp, <float*> wp, <float*> pp, <float*> sp,
+                                    stride)
 
 
 def stream_sum(float[::1] x, int num_threads):
@@ -482,13 +696,14 @@ def stream_sum(float[::1] x, int num_threads):
     the machine's streaming read rate (bytes / time of this call)."""
     cdef Py_ssize_t n = x.shape[0], chunk, c, n_chunks = 64 * max(num_threads, 1)
     cdef double total = 0
+    cdef int isa = DEFAULT_ISA
     chunk = (n + n_chunks - 1) // n_chunks
     if n == 0:
         return 0.0
     with nogil:
         for c in prange(n_chunks, num_threads=max(num_threads, 1), schedule='static'):
             if c * chunk < n:
-                total += cattn_stream_sum_f32(&x[c * chunk], min(chunk, n - c * chunk))
+                total += cattn_stream_sum_f32(isa, &x[c * chunk], min(chunk, n - c * chunk))
     return total
 
 
@@ -575,9 +790,10 @@ def fill_column(Py_ssize_t[:, ::1] table, int col, object values):
             table[n, col] = per_item[n]
 
 
-def calls_blas():
-    """Whether the kernel calls BLAS on this CPU (only without the AVX2 micro-kernels)."""
-    return not cattn_gemm_available()
+def calls_blas(isa=None):
+    """Whether the kernel calls BLAS on the given path (the portable one; default: this
+    process's path)."""
+    return (DEFAULT_ISA if isa is None else isa) == CATTN_ISA_PORTABLE
 
 
 def openmp_enabled():
@@ -588,8 +804,3 @@ def openmp_enabled():
 def default_num_threads():
     """OpenMP's default team size (OMP_NUM_THREADS, else the number of cores)."""
     return omp_get_max_threads()
-
-
-def simd_path():
-    """The row-operation code path this CPU takes: 'avx2+fma' or 'generic'."""
-    return cattn_simd_path().decode()

@@ -1,5 +1,5 @@
 /*
- * The two block GEMMs of the attention loop, as register-tiled AVX2+FMA micro-kernels:
+ * The two block GEMMs of the attention loop, as register-tiled micro-kernels:
  *   scores = alpha · Q_blk · K_blkᵀ   (inner dimension E, often only 64)
  *   acc   += P · V_blk                (inner dimension block_k)
  *
@@ -7,15 +7,21 @@
  * general sgemm packs both operands on every call: for the P·V product that is a copy of
  * the whole probability block, measured at ~12% of the run time with OpenBLAS. Here Q and
  * P are read in place, V rows are read in place, and K is packed once per key block and
- * reused by every row tile. The caller uses BLAS instead when the CPU lacks AVX2+FMA
- * (cattn_gemm_available() is 0): other CPUs still get a vendor-tuned GEMM.
+ * reused by every row tile. On the portable path (no AVX2) the caller uses BLAS instead:
+ * other CPUs still get a vendor-tuned GEMM.
+ *
+ * One template (cattn_gemm_impl.h), instantiated per precision and instruction set; the
+ * functions without a suffix dispatch on the plan's `isa` (cattn_cpu.h).
  */
 #ifndef CATTN_GEMM_H
 #define CATTN_GEMM_H
 
 #include "cattn_simd.h"
 
-#if CATTN_HAVE_AVX2_PATH
+/* Up to this many query rows, the block GEMMs stream K and V in place (decoding). */
+#define CATTN_DIRECT_ROWS 4
+
+#if CATTN_HAVE_X86_PATHS
 __attribute__((target("avx2,fma"))) static inline float cattn_hsum_ps(__m256 x)
 {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -28,16 +34,14 @@ __attribute__((target("avx2,fma"))) static inline double cattn_hsum_pd(__m256d x
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
-#endif
 
-/* Up to this many query rows, the block GEMMs stream K and V in place (decoding). */
-#define CATTN_DIRECT_ROWS 4
-
-/* ---- float: 8 lanes, 6×16 register tile */
+/* ---- AVX2 + FMA, float: 8 lanes, 6×16 register tile */
 #define T float
 #define SFX f32
+#define ISFX avx2
+#define TGT __attribute__((target("avx2,fma")))
 #define W 8
-#if CATTN_HAVE_AVX2_PATH
+#define MR 6
 #define V __m256
 #define VI __m256i
 #define VLOAD(p) _mm256_loadu_ps(p)
@@ -52,14 +56,15 @@ __attribute__((target("avx2,fma"))) static inline double cattn_hsum_pd(__m256d x
 #define VMASKSTORE(p, m, x) _mm256_maskstore_ps(p, m, x)
 #define VADD(a, b) _mm256_add_ps(a, b)
 #define VHSUM(x) cattn_hsum_ps(x)
-#endif
 #include "cattn_gemm_impl.h"
 
-/* ---- double: 4 lanes, 6×8 register tile */
+/* ---- AVX2 + FMA, double: 4 lanes, 6×8 register tile */
 #define T double
 #define SFX f64
+#define ISFX avx2
+#define TGT __attribute__((target("avx2,fma")))
 #define W 4
-#if CATTN_HAVE_AVX2_PATH
+#define MR 6
 #define V __m256d
 #define VI __m256i
 #define VLOAD(p) _mm256_loadu_pd(p)
@@ -74,14 +79,114 @@ __attribute__((target("avx2,fma"))) static inline double cattn_hsum_pd(__m256d x
 #define VMASKSTORE(p, m, x) _mm256_maskstore_pd(p, m, x)
 #define VADD(a, b) _mm256_add_pd(a, b)
 #define VHSUM(x) cattn_hsum_pd(x)
-#endif
 #include "cattn_gemm_impl.h"
 
-/* Keys per packed panel (the micro-kernels' column width), per precision. */
-#define CATTN_PANEL_F32 16
-#define CATTN_PANEL_F64 8
+/* ---- AVX-512F, float: 16 lanes, 12×32 register tile (the broadcasts fold into the FMAs
+ * as embedded-broadcast memory operands) */
+#define T float
+#define SFX f32
+#define ISFX avx512
+#define TGT __attribute__((target("avx512f,fma")))
+#define W 16
+#define MR 12
+#define V __m512
+#define VI __mmask16
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, x) _mm512_storeu_ps(p, x)
+#define VBCAST(p) _mm512_set1_ps(*(p))
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+#define VZERO() _mm512_setzero_ps()
+#define VMASK(n) cattn_mask16(n)
+#define VMASKLOAD(p, m) _mm512_maskz_loadu_ps(m, p)
+#define VMASKSTORE(p, m, x) _mm512_mask_storeu_ps(p, m, x)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VHSUM(x) _mm512_reduce_add_ps(x)
+#include "cattn_gemm_impl.h"
 
-/* Whether cattn_gemm_qkt/pv_* are the fast kernels on this CPU (else the caller uses BLAS). */
-static inline int cattn_gemm_available(void) { return cattn_cpu_has_avx2_fma(); }
+/* ---- AVX-512F, double: 8 lanes, 12×16 register tile */
+#define T double
+#define SFX f64
+#define ISFX avx512
+#define TGT __attribute__((target("avx512f,fma")))
+#define W 8
+#define MR 12
+#define V __m512d
+#define VI __mmask8
+#define VLOAD(p) _mm512_loadu_pd(p)
+#define VSTORE(p, x) _mm512_storeu_pd(p, x)
+#define VBCAST(p) _mm512_set1_pd(*(p))
+#define VFMA(a, b, c) _mm512_fmadd_pd(a, b, c)
+#define VMUL(a, b) _mm512_mul_pd(a, b)
+#define VZERO() _mm512_setzero_pd()
+#define VMASK(n) cattn_mask8(n)
+#define VMASKLOAD(p, m) _mm512_maskz_loadu_pd(m, p)
+#define VMASKSTORE(p, m, x) _mm512_mask_storeu_pd(p, m, x)
+#define VADD(a, b) _mm512_add_pd(a, b)
+#define VHSUM(x) _mm512_reduce_add_pd(x)
+#include "cattn_gemm_impl.h"
+
+/* Keys per packed panel (the micro-kernels' column width NR = 2·W). */
+static inline ptrdiff_t cattn_panel_keys(int isa, int is_double)
+{
+    return (isa == CATTN_ISA_AVX512 ? 32 : 16) / (is_double ? 2 : 1);
+}
+
+#define CATTN_GEMM_OP(isa, name, sfx, args) \
+    ((isa) == CATTN_ISA_AVX512 ? name##_##sfx##_avx512 args : name##_##sfx##_avx2 args)
+
+#else /* no x86 paths compiled: the portable path uses BLAS and never calls these */
+
+static inline ptrdiff_t cattn_panel_keys(int isa, int is_double)
+{
+    (void)isa;
+    (void)is_double;
+    return 1;
+}
+#define CATTN_GEMM_OP(isa, name, sfx, args) ((void)(isa))
+#endif
+
+/* The entry points: the plan's instruction set picks the instance. */
+#define CATTN_GEMM_ENTRY_POINTS(T, sfx)                                                     \
+    static inline void cattn_pack_keys_##sfx(int isa, const T *k, ptrdiff_t k_rs,            \
+                                             ptrdiff_t n_keys, ptrdiff_t E, T *packed)       \
+    {                                                                                        \
+        CATTN_GEMM_OP(isa, cattn_pack_keys, sfx, (k, k_rs, n_keys, E, packed));              \
+    }                                                                                        \
+    static inline void cattn_gemm_qkt_##sfx(int isa, ptrdiff_t rows, ptrdiff_t n_keys,       \
+                                            ptrdiff_t E, T alpha, const T *q, ptrdiff_t q_rs,\
+                                            const T *packed, T *c, ptrdiff_t ldc)            \
+    {                                                                                        \
+        CATTN_GEMM_OP(isa, cattn_gemm_qkt, sfx, (rows, n_keys, E, alpha, q, q_rs, packed, c, \
+                                                 ldc));                                      \
+    }                                                                                        \
+    static inline void cattn_gemm_pv_##sfx(int isa, ptrdiff_t rows, ptrdiff_t Ev,            \
+                                           ptrdiff_t n_keys, const T *p, ptrdiff_t ldp,      \
+                                           const T *v, ptrdiff_t v_rs, T *acc,               \
+                                           ptrdiff_t ld_acc)                                 \
+    {                                                                                        \
+        CATTN_GEMM_OP(isa, cattn_gemm_pv, sfx, (rows, Ev, n_keys, p, ldp, v, v_rs, acc,      \
+                                                ld_acc));                                    \
+    }                                                                                        \
+    static inline void cattn_gemm_qkt_direct_##sfx(int isa, ptrdiff_t rows,                  \
+                                                   ptrdiff_t n_keys, ptrdiff_t E, T alpha,   \
+                                                   const T *q, ptrdiff_t q_rs, const T *k,   \
+                                                   ptrdiff_t k_rs, T *c, ptrdiff_t ldc)      \
+    {                                                                                        \
+        CATTN_GEMM_OP(isa, cattn_gemm_qkt_direct, sfx, (rows, n_keys, E, alpha, q, q_rs, k,  \
+                                                        k_rs, c, ldc));                      \
+    }                                                                                        \
+    static inline void cattn_gemm_pv_direct_##sfx(int isa, ptrdiff_t rows, ptrdiff_t Ev,     \
+                                                  ptrdiff_t n_keys, const T *p,              \
+                                                  ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, \
+                                                  T *acc, ptrdiff_t ld_acc)                  \
+    {                                                                                        \
+        CATTN_GEMM_OP(isa, cattn_gemm_pv_direct, sfx, (rows, Ev, n_keys, p, ldp, v, v_rs,    \
+                                                       acc, ld_acc));                        \
+    }
+
+CATTN_GEMM_ENTRY_POINTS(float, f32)
+CATTN_GEMM_ENTRY_POINTS(double, f64)
+#undef CATTN_GEMM_ENTRY_POINTS
 
 #endif /* CATTN_GEMM_H */

@@ -1,15 +1,21 @@
 /*
- * One precision of the block GEMMs; included by cattn_gemm.h once per precision with
- *   T       element type          V       AVX2 vector of T        W   lanes per vector
- *   SFX     name suffix (f32/f64) and the intrinsic macros VLOAD, VSTORE, VBCAST, VFMA,
- *   VMUL, VADD, VZERO, VHSUM (horizontal sum), VMASK (lanes < n), VMASKLOAD, VMASKSTORE.
+ * One (precision, instruction set) instance of the block GEMMs; included by cattn_gemm.h
+ * once per instance with
+ *   T       element type            SFX   precision suffix (f32/f64)
+ *   ISFX    instruction-set suffix  TGT   the function attribute that enables it
+ *   V       vector of T             W     lanes per vector      VI  lane mask type
+ *   MR      rows of the register tile (its columns are NR = 2·W)
+ * and the intrinsic macros VLOAD, VSTORE, VBCAST, VFMA, VMUL, VADD, VZERO, VHSUM (horizontal
+ * sum), VMASK (lanes < n, any n), VMASKLOAD (masked-off lanes read 0, never touched),
+ * VMASKSTORE. Every instance shares this one code; only the vector width, the register
+ * tile and the intrinsics differ.
  *
- * Register tile: MR rows × NR = 2·W columns, 2·MR accumulators (12 of the 16 ymm registers
- * for MR = 6), two loads and MR broadcasts per 2·MR FMAs: the classic Haswell shape.
+ * Register tile: MR rows × NR columns, 2·MR accumulators, two loads and MR broadcasts per
+ * 2·MR FMAs (AVX2: 6 rows, 12 of 16 ymm; AVX-512: 12 rows, 24 of 32 zmm).
  */
-#define CATTN_CAT_(a, b) a##_##b
-#define CATTN_CAT(a, b) CATTN_CAT_(a, b)
-#define FN(name) CATTN_CAT(name, SFX)
+#define CATTN_CAT3_(a, b, c) a##_##b##_##c
+#define CATTN_CAT3(a, b, c) CATTN_CAT3_(a, b, c)
+#define FN(name) CATTN_CAT3(name, SFX, ISFX)
 #define NR (2 * W)
 #define PV_KC 128
 
@@ -32,20 +38,18 @@ static void FN(cattn_pack_keys)(const T *k, ptrdiff_t k_rs, ptrdiff_t n_keys, pt
     }
 }
 
-#if CATTN_HAVE_AVX2_PATH
-
 /* c[r][0:nc] = alpha · Σ_e q[r][e] · panel[e][0:nc] for r < MR_ (a compile-time constant
  * after inlining, so the accumulators live in registers). */
-static inline __attribute__((always_inline, target("avx2,fma"))) void
+static inline __attribute__((always_inline)) TGT void
 FN(cattn_qkt_tile)(const int MR_, ptrdiff_t E, T alpha, const T *q, ptrdiff_t q_rs,
                    const T *panel, T *c, ptrdiff_t ldc, ptrdiff_t nc)
 {
-    V acc0[6], acc1[6];
-#pragma GCC unroll 6
+    V acc0[MR], acc1[MR];
+#pragma GCC unroll 16
     for (int r = 0; r < MR_; r++) acc0[r] = acc1[r] = VZERO();
     for (ptrdiff_t e = 0; e < E; e++) {
         V b0 = VLOAD(panel + e * NR), b1 = VLOAD(panel + e * NR + W);
-#pragma GCC unroll 6
+#pragma GCC unroll 16
         for (int r = 0; r < MR_; r++) {
             V a = VBCAST(q + r * q_rs + e);
             acc0[r] = VFMA(a, b0, acc0[r]);
@@ -54,14 +58,14 @@ FN(cattn_qkt_tile)(const int MR_, ptrdiff_t E, T alpha, const T *q, ptrdiff_t q_
     }
     V va = VBCAST(&alpha);
     if (nc == NR) {
-#pragma GCC unroll 6
+#pragma GCC unroll 16
         for (int r = 0; r < MR_; r++) {
             VSTORE(c + r * ldc, VMUL(acc0[r], va));
             VSTORE(c + r * ldc + W, VMUL(acc1[r], va));
         }
     } else {
         VI m0 = VMASK(nc), m1 = VMASK(nc - W);
-#pragma GCC unroll 6
+#pragma GCC unroll 16
         for (int r = 0; r < MR_; r++) {
             VMASKSTORE(c + r * ldc, m0, VMUL(acc0[r], va));
             VMASKSTORE(c + r * ldc + W, m1, VMUL(acc1[r], va));
@@ -71,7 +75,7 @@ FN(cattn_qkt_tile)(const int MR_, ptrdiff_t E, T alpha, const T *q, ptrdiff_t q_
 
 /* One row tile (MR_ rows) against every panel: the tile's queries stay in L1 while the
  * packed keys stream through in order. */
-static inline __attribute__((always_inline, target("avx2,fma"))) void
+static inline __attribute__((always_inline)) TGT void
 FN(cattn_qkt_rows)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha, const T *q,
                    ptrdiff_t q_rs, const T *packed, T *c, ptrdiff_t ldc)
 {
@@ -82,51 +86,50 @@ FN(cattn_qkt_rows)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha, const 
 }
 
 /* C[rows, n_keys] = alpha · Q[rows, E] · Kᵀ, K given as cattn_pack_keys panels. */
-__attribute__((target("avx2,fma"))) static void
+TGT static void
 FN(cattn_gemm_qkt)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
                    const T *q, ptrdiff_t q_rs, const T *packed, T *c, ptrdiff_t ldc)
 {
     ptrdiff_t i = 0;
-    for (; i + 6 <= rows; i += 6)
-        FN(cattn_qkt_rows)(6, n_keys, E, alpha, q + i * q_rs, q_rs, packed, c + i * ldc, ldc);
-    q += i * q_rs;
-    c += i * ldc;
-    switch (rows - i) {
-    case 5: FN(cattn_qkt_rows)(5, n_keys, E, alpha, q, q_rs, packed, c, ldc); break;
-    case 4: FN(cattn_qkt_rows)(4, n_keys, E, alpha, q, q_rs, packed, c, ldc); break;
-    case 3: FN(cattn_qkt_rows)(3, n_keys, E, alpha, q, q_rs, packed, c, ldc); break;
-    case 2: FN(cattn_qkt_rows)(2, n_keys, E, alpha, q, q_rs, packed, c, ldc); break;
-    case 1: FN(cattn_qkt_rows)(1, n_keys, E, alpha, q, q_rs, packed, c, ldc); break;
-    default: break;
+    for (; i + MR <= rows; i += MR)
+        FN(cattn_qkt_rows)(MR, n_keys, E, alpha, q + i * q_rs, q_rs, packed, c + i * ldc, ldc);
+    /* the last rows in tiles of 8, 4, 2, 1 (each a compile-time shape) */
+#define QKT_TAIL(R)                                                                          \
+    if ((R) < MR && rows - i >= (R)) {                                                      \
+        FN(cattn_qkt_rows)((R) < MR ? (R) : 1, n_keys, E, alpha, q + i * q_rs, q_rs, packed, \
+                           c + i * ldc, ldc);                                                \
+        i += (R);                                                                            \
     }
+    QKT_TAIL(8) QKT_TAIL(4) QKT_TAIL(2) QKT_TAIL(1)
+#undef QKT_TAIL
 }
 
 /* acc[r][0:nc] += Σ_j p[r][j] · v[j][0:nc] for r < MR_. MASKED_ (nc < NR) reads and writes
  * only the first nc lanes, never past the end of a row of V or of the accumulator; both
  * MR_ and MASKED_ are compile-time constants after inlining. */
 #define PV_LOAD(ptr, m) (MASKED_ ? VMASKLOAD(ptr, m) : VLOAD(ptr))
-static inline __attribute__((always_inline, target("avx2,fma"))) void
+static inline __attribute__((always_inline)) TGT void
 FN(cattn_pv_tile)(const int MR_, const int MASKED_, ptrdiff_t n_keys, const T *p,
                   ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc,
                   ptrdiff_t nc)
 {
-    V c0[6], c1[6];
+    V c0[MR], c1[MR];
     VI m0 = VMASK(nc), m1 = VMASK(nc - W);
-#pragma GCC unroll 6
+#pragma GCC unroll 16
     for (int r = 0; r < MR_; r++) {
         c0[r] = PV_LOAD(acc + r * ld_acc, m0);
         c1[r] = PV_LOAD(acc + r * ld_acc + W, m1);
     }
     for (ptrdiff_t j = 0; j < n_keys; j++) {
         V b0 = PV_LOAD(v + j * v_rs, m0), b1 = PV_LOAD(v + j * v_rs + W, m1);
-#pragma GCC unroll 6
+#pragma GCC unroll 16
         for (int r = 0; r < MR_; r++) {
             V a = VBCAST(p + r * ldp + j);
             c0[r] = VFMA(a, b0, c0[r]);
             c1[r] = VFMA(a, b1, c1[r]);
         }
     }
-#pragma GCC unroll 6
+#pragma GCC unroll 16
     for (int r = 0; r < MR_; r++) {
         if (MASKED_) {
             VMASKSTORE(acc + r * ld_acc, m0, c0[r]);
@@ -140,28 +143,26 @@ FN(cattn_pv_tile)(const int MR_, const int MASKED_, ptrdiff_t n_keys, const T *p
 #undef PV_LOAD
 
 /* All rows of one column tile (the V slab of a tile is reused by every row tile from L1). */
-static inline __attribute__((always_inline, target("avx2,fma"))) void
+static inline __attribute__((always_inline)) TGT void
 FN(cattn_pv_column)(const int MASKED_, ptrdiff_t rows, ptrdiff_t n_keys, const T *p,
                     ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc,
                     ptrdiff_t nc)
 {
     ptrdiff_t i = 0;
-    for (; i + 6 <= rows; i += 6)
-        FN(cattn_pv_tile)(6, MASKED_, n_keys, p + i * ldp, ldp, v, v_rs, acc + i * ld_acc, ld_acc, nc);
-    p += i * ldp;
-    acc += i * ld_acc;
-    switch (rows - i) {
-    case 5: FN(cattn_pv_tile)(5, MASKED_, n_keys, p, ldp, v, v_rs, acc, ld_acc, nc); break;
-    case 4: FN(cattn_pv_tile)(4, MASKED_, n_keys, p, ldp, v, v_rs, acc, ld_acc, nc); break;
-    case 3: FN(cattn_pv_tile)(3, MASKED_, n_keys, p, ldp, v, v_rs, acc, ld_acc, nc); break;
-    case 2: FN(cattn_pv_tile)(2, MASKED_, n_keys, p, ldp, v, v_rs, acc, ld_acc, nc); break;
-    case 1: FN(cattn_pv_tile)(1, MASKED_, n_keys, p, ldp, v, v_rs, acc, ld_acc, nc); break;
-    default: break;
+    for (; i + MR <= rows; i += MR)
+        FN(cattn_pv_tile)(MR, MASKED_, n_keys, p + i * ldp, ldp, v, v_rs, acc + i * ld_acc, ld_acc, nc);
+#define PV_TAIL(R)                                                                           \
+    if ((R) < MR && rows - i >= (R)) {                                                      \
+        FN(cattn_pv_tile)((R) < MR ? (R) : 1, MASKED_, n_keys, p + i * ldp, ldp, v, v_rs,   \
+                          acc + i * ld_acc, ld_acc, nc);                                     \
+        i += (R);                                                                            \
     }
+    PV_TAIL(8) PV_TAIL(4) PV_TAIL(2) PV_TAIL(1)
+#undef PV_TAIL
 }
 
 /* ACC[rows, Ev] += P[rows, n_keys] · V[n_keys, Ev] (row-major, V rows read in place). */
-__attribute__((target("avx2,fma"))) static void
+TGT static void
 FN(cattn_gemm_pv)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p, ptrdiff_t ldp,
                   const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc)
 {
@@ -183,7 +184,7 @@ FN(cattn_gemm_pv)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p, pt
 
 /* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4), two accumulators per row to halve the
  * FMA dependency chain. */
-static inline __attribute__((always_inline, target("avx2,fma"))) void
+static inline __attribute__((always_inline)) TGT void
 FN(cattn_qkt_direct_rows)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha, const T *q,
                           ptrdiff_t q_rs, const T *k, ptrdiff_t k_rs, T *c, ptrdiff_t ldc)
 {
@@ -222,7 +223,7 @@ FN(cattn_qkt_direct_rows)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
 
 /* acc[r] += Σ_j p[r][j] · v[j] for r < MR_ (≤ 4): four keys per pass over the accumulator
  * rows, so each accumulator vector is loaded and stored once per four keys. */
-static inline __attribute__((always_inline, target("avx2,fma"))) void
+static inline __attribute__((always_inline)) TGT void
 FN(cattn_pv_direct_rows)(const int MR_, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p,
                          ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc)
 {
@@ -265,7 +266,7 @@ FN(cattn_pv_direct_rows)(const int MR_, ptrdiff_t Ev, ptrdiff_t n_keys, const T 
     }
 }
 
-__attribute__((target("avx2,fma"))) static void
+TGT static void
 FN(cattn_gemm_qkt_direct)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
                           const T *q, ptrdiff_t q_rs, const T *k, ptrdiff_t k_rs, T *c,
                           ptrdiff_t ldc)
@@ -280,7 +281,7 @@ FN(cattn_gemm_qkt_direct)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha
     }
 }
 
-__attribute__((target("avx2,fma"))) static void
+TGT static void
 FN(cattn_gemm_pv_direct)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p,
                          ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc)
 {
@@ -294,59 +295,18 @@ FN(cattn_gemm_pv_direct)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T
     }
 }
 
-#else /* no AVX2 path compiled: plain loops keep the build complete; callers use BLAS. */
-
-static void FN(cattn_gemm_qkt)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
-                               const T *q, ptrdiff_t q_rs, const T *packed, T *c,
-                               ptrdiff_t ldc)
-{
-    for (ptrdiff_t i = 0; i < rows; i++)
-        for (ptrdiff_t j = 0; j < n_keys; j++) {
-            const T *panel = packed + (j / NR) * NR * E + j % NR;
-            T s = 0;
-            for (ptrdiff_t e = 0; e < E; e++) s += q[i * q_rs + e] * panel[e * NR];
-            c[i * ldc + j] = alpha * s;
-        }
-}
-
-static void FN(cattn_gemm_pv)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p,
-                              ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc,
-                              ptrdiff_t ld_acc)
-{
-    for (ptrdiff_t i = 0; i < rows; i++)
-        for (ptrdiff_t j = 0; j < n_keys; j++)
-            for (ptrdiff_t c = 0; c < Ev; c++) acc[i * ld_acc + c] += p[i * ldp + j] * v[j * v_rs + c];
-}
-
-static void FN(cattn_gemm_qkt_direct)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
-                                      const T *q, ptrdiff_t q_rs, const T *k, ptrdiff_t k_rs,
-                                      T *c, ptrdiff_t ldc)
-{
-    for (ptrdiff_t i = 0; i < rows; i++)
-        for (ptrdiff_t j = 0; j < n_keys; j++) {
-            T s = 0;
-            for (ptrdiff_t e = 0; e < E; e++) s += q[i * q_rs + e] * k[j * k_rs + e];
-            c[i * ldc + j] = alpha * s;
-        }
-}
-
-static void FN(cattn_gemm_pv_direct)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys,
-                                     const T *p, ptrdiff_t ldp, const T *v, ptrdiff_t v_rs,
-                                     T *acc, ptrdiff_t ld_acc)
-{
-    FN(cattn_gemm_pv)(rows, Ev, n_keys, p, ldp, v, v_rs, acc, ld_acc);
-}
-
-#endif /* CATTN_HAVE_AVX2_PATH */
 
 #undef FN
 #undef NR
 #undef PV_KC
-#undef CATTN_CAT
-#undef CATTN_CAT_
+#undef CATTN_CAT3
+#undef CATTN_CAT3_
 /* The parameters of this precision (set by cattn_gemm.h). */
 #undef T
 #undef SFX
+#undef ISFX
+#undef TGT
+#undef MR
 #undef W
 #undef V
 #undef VI

@@ -5,10 +5,11 @@
  * polynomial after range reduction (Cephes-style for float, degree-13 Taylor for double,
  * both within about 1 ulp of libm on the range the softmax uses, x <= 0).
  *
- * Two builds of each function: AVX2+FMA intrinsics, compiled with a target attribute so a
- * default (baseline x86-64) wheel still carries them, and a portable scalar version. The
- * choice is made at run time from the CPU's features, so the same binary runs everywhere
- * and the result never depends on the thread that computes it.
+ * One build of each function per instruction-set path (cattn_cpu.h): AVX-512F and AVX2+FMA
+ * intrinsics, each compiled with a target attribute so a default (baseline x86-64) wheel
+ * still carries them, and a portable scalar version. The path is a parameter (`isa`) chosen
+ * once per call from the CPU's features, so the same binary runs everywhere and the result
+ * never depends on the thread that computes it.
  */
 #ifndef CATTN_SIMD_H
 #define CATTN_SIMD_H
@@ -19,12 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define CATTN_HAVE_AVX2_PATH 1
-#include <immintrin.h>
-#else
-#define CATTN_HAVE_AVX2_PATH 0
-#endif
+#include "cattn_cpu.h"
 
 /* ---------------------------------------------------------------- scalar exp */
 
@@ -124,7 +120,7 @@ static double cattn_exp_shift_sum_f64_generic(double *x, ptrdiff_t n, double shi
 }
 
 /* ------------------------------------------------------------ AVX2 + FMA path */
-#if CATTN_HAVE_AVX2_PATH
+#if CATTN_HAVE_X86_PATHS
 #define CATTN_AVX2 __attribute__((target("avx2,fma")))
 
 CATTN_AVX2 static inline __m256 cattn_exp_avx2_ps(__m256 x)
@@ -268,60 +264,177 @@ CATTN_AVX2 static double cattn_exp_shift_sum_f64_avx2(double *x, ptrdiff_t n, do
     return sum + cattn_exp_shift_sum_f64_generic(x + j, n - j, shift);
 }
 
-static int cattn_cpu_has_avx2_fma(void)
+#endif /* CATTN_HAVE_X86_PATHS (AVX2) */
+
+/* ---------------------------------------------------------------- AVX-512F path */
+#if CATTN_HAVE_X86_PATHS
+#define CATTN_AVX512 __attribute__((target("avx512f,fma")))
+
+/* The same polynomial as the AVX2 exp; 2^n is applied with scalef, which needs no integer
+ * conversion. */
+CATTN_AVX512 static inline __m512 cattn_exp_avx512_ps(__m512 x)
 {
-    static int cached = -1; /* a benign race: every thread computes the same value */
-    if (cached < 0) {
-        __builtin_cpu_init();
-        /* CATTN_DISABLE_AVX2=1 takes the portable path (exp, row ops, BLAS block GEMMs)
-         * on any CPU: how the tests cover what other CPUs run. */
-        const char *off = getenv("CATTN_DISABLE_AVX2");
-        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                 !(off && off[0] && off[0] != '0');
-    }
-    return cached;
+    const __mmask16 too_small = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), x); /* NaN stays NaN (second operand) */
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps(~too_small, _mm512_scalef_ps(y, n));
 }
-#else
-static int cattn_cpu_has_avx2_fma(void) { return 0; }
-#endif
+
+CATTN_AVX512 static inline __m512d cattn_exp_avx512_pd(__m512d x)
+{
+    const __mmask8 too_small = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-708.3964185322641), _CMP_LT_OQ);
+    x = _mm512_min_pd(_mm512_set1_pd(709.0), x);
+    __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(1.4426950408889634074)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(6.93145751953125e-1), x);
+    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.42860682030941723212e-6), r);
+    __m512d y = _mm512_set1_pd(cattn_exp_d_coeffs[0]);
+    for (int c = 1; c < 12; c++) y = _mm512_fmadd_pd(y, r, _mm512_set1_pd(cattn_exp_d_coeffs[c]));
+    y = _mm512_fmadd_pd(y, r, _mm512_set1_pd(1.0));
+    y = _mm512_fmadd_pd(y, r, _mm512_set1_pd(1.0));
+    return _mm512_maskz_mov_pd(~too_small, _mm512_scalef_pd(y, n));
+}
+
+/* Lanes [0, n) of a 16- or 8-lane mask (n may be <= 0 or past the width). */
+static inline __mmask16 cattn_mask16(ptrdiff_t n)
+{
+    return n <= 0 ? 0 : n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+}
+
+static inline __mmask8 cattn_mask8(ptrdiff_t n)
+{
+    return n <= 0 ? 0 : n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << n) - 1);
+}
+
+CATTN_AVX512 static float cattn_row_max_f32_avx512(const float *x, ptrdiff_t n)
+{
+    /* max_ps drops NaN depending on operand order: NaN is tracked separately. */
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+    __m512 m0 = neg_inf, m1 = neg_inf;
+    __mmask16 nan = 0;
+    ptrdiff_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
+        m0 = _mm512_max_ps(m0, a);
+        m1 = _mm512_max_ps(m1, b);
+        nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
+    }
+    for (; j < n; j += 16) { /* masked lanes read -inf, never past the end */
+        __m512 a = _mm512_mask_loadu_ps(neg_inf, cattn_mask16(n - j), x + j);
+        m0 = _mm512_max_ps(m0, a);
+        nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    }
+    return nan ? NAN : _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+
+CATTN_AVX512 static double cattn_row_max_f64_avx512(const double *x, ptrdiff_t n)
+{
+    const __m512d neg_inf = _mm512_set1_pd(-INFINITY);
+    __m512d m0 = neg_inf, m1 = neg_inf;
+    __mmask8 nan = 0;
+    ptrdiff_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512d a = _mm512_loadu_pd(x + j), b = _mm512_loadu_pd(x + j + 8);
+        m0 = _mm512_max_pd(m0, a);
+        m1 = _mm512_max_pd(m1, b);
+        nan |= _mm512_cmp_pd_mask(a, b, _CMP_UNORD_Q);
+    }
+    for (; j < n; j += 8) {
+        __m512d a = _mm512_mask_loadu_pd(neg_inf, cattn_mask8(n - j), x + j);
+        m0 = _mm512_max_pd(m0, a);
+        nan |= _mm512_cmp_pd_mask(a, a, _CMP_UNORD_Q);
+    }
+    return nan ? NAN : _mm512_reduce_max_pd(_mm512_max_pd(m0, m1));
+}
+
+CATTN_AVX512 static float cattn_exp_shift_sum_f32_avx512(float *x, ptrdiff_t n, float shift)
+{
+    const __m512 vshift = _mm512_set1_ps(shift);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    ptrdiff_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        __m512 e0 = cattn_exp_avx512_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vshift));
+        __m512 e1 = cattn_exp_avx512_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), vshift));
+        _mm512_storeu_ps(x + j, e0);
+        _mm512_storeu_ps(x + j + 16, e1);
+        s0 = _mm512_add_ps(s0, e0);
+        s1 = _mm512_add_ps(s1, e1);
+    }
+    for (; j < n; j += 16) {
+        __mmask16 m = cattn_mask16(n - j);
+        __m512 e0 = cattn_exp_avx512_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + j), vshift));
+        _mm512_mask_storeu_ps(x + j, m, e0);
+        s0 = _mm512_mask_add_ps(s0, m, s0, e0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+CATTN_AVX512 static double cattn_exp_shift_sum_f64_avx512(double *x, ptrdiff_t n, double shift)
+{
+    const __m512d vshift = _mm512_set1_pd(shift);
+    __m512d s0 = _mm512_setzero_pd(), s1 = s0;
+    ptrdiff_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512d e0 = cattn_exp_avx512_pd(_mm512_sub_pd(_mm512_loadu_pd(x + j), vshift));
+        __m512d e1 = cattn_exp_avx512_pd(_mm512_sub_pd(_mm512_loadu_pd(x + j + 8), vshift));
+        _mm512_storeu_pd(x + j, e0);
+        _mm512_storeu_pd(x + j + 8, e1);
+        s0 = _mm512_add_pd(s0, e0);
+        s1 = _mm512_add_pd(s1, e1);
+    }
+    for (; j < n; j += 8) {
+        __mmask8 m = cattn_mask8(n - j);
+        __m512d e0 = cattn_exp_avx512_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(m, x + j), vshift));
+        _mm512_mask_storeu_pd(x + j, m, e0);
+        s0 = _mm512_mask_add_pd(s0, m, s0, e0);
+    }
+    return _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+}
+#endif /* CATTN_HAVE_X86_PATHS (AVX-512) */
 
 /* ------------------------------------------------------------------ dispatch */
 
-static inline float cattn_row_max_f32(const float *x, ptrdiff_t n)
-{
-#if CATTN_HAVE_AVX2_PATH
-    if (cattn_cpu_has_avx2_fma()) return cattn_row_max_f32_avx2(x, n);
+#if CATTN_HAVE_X86_PATHS
+#define CATTN_ROW_OP(isa, name, args)                                                   \
+    ((isa) == CATTN_ISA_AVX512 ? name##_avx512 args                                    \
+     : (isa) == CATTN_ISA_AVX2 ? name##_avx2 args : name##_generic args)
+#else
+#define CATTN_ROW_OP(isa, name, args) name##_generic args
 #endif
-    return cattn_row_max_f32_generic(x, n);
+
+static inline float cattn_row_max_f32(int isa, const float *x, ptrdiff_t n)
+{
+    return CATTN_ROW_OP(isa, cattn_row_max_f32, (x, n));
 }
 
-static inline double cattn_row_max_f64(const double *x, ptrdiff_t n)
+static inline double cattn_row_max_f64(int isa, const double *x, ptrdiff_t n)
 {
-#if CATTN_HAVE_AVX2_PATH
-    if (cattn_cpu_has_avx2_fma()) return cattn_row_max_f64_avx2(x, n);
-#endif
-    return cattn_row_max_f64_generic(x, n);
+    return CATTN_ROW_OP(isa, cattn_row_max_f64, (x, n));
 }
 
-static inline float cattn_exp_shift_sum_f32(float *x, ptrdiff_t n, float shift)
+static inline float cattn_exp_shift_sum_f32(int isa, float *x, ptrdiff_t n, float shift)
 {
-#if CATTN_HAVE_AVX2_PATH
-    if (cattn_cpu_has_avx2_fma()) return cattn_exp_shift_sum_f32_avx2(x, n, shift);
-#endif
-    return cattn_exp_shift_sum_f32_generic(x, n, shift);
+    return CATTN_ROW_OP(isa, cattn_exp_shift_sum_f32, (x, n, shift));
 }
 
-static inline double cattn_exp_shift_sum_f64(double *x, ptrdiff_t n, double shift)
+static inline double cattn_exp_shift_sum_f64(int isa, double *x, ptrdiff_t n, double shift)
 {
-#if CATTN_HAVE_AVX2_PATH
-    if (cattn_cpu_has_avx2_fma()) return cattn_exp_shift_sum_f64_avx2(x, n, shift);
-#endif
-    return cattn_exp_shift_sum_f64_generic(x, n, shift);
+    return CATTN_ROW_OP(isa, cattn_exp_shift_sum_f64, (x, n, shift));
 }
 
 /* Sum of a contiguous float array, as fast as the loads go (4 independent accumulators):
  * the probe the benchmark uses for the machine's streaming read rate. */
-#if CATTN_HAVE_AVX2_PATH
+#if CATTN_HAVE_X86_PATHS
 CATTN_AVX2 static float cattn_stream_sum_f32_avx2(const float *x, ptrdiff_t n)
 {
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
@@ -340,23 +453,18 @@ CATTN_AVX2 static float cattn_stream_sum_f32_avx2(const float *x, ptrdiff_t n)
 }
 #endif
 
-static inline float cattn_stream_sum_f32(const float *x, ptrdiff_t n)
+static inline float cattn_stream_sum_f32(int isa, const float *x, ptrdiff_t n)
 {
-#if CATTN_HAVE_AVX2_PATH
-    if (cattn_cpu_has_avx2_fma()) return cattn_stream_sum_f32_avx2(x, n);
+#if CATTN_HAVE_X86_PATHS
+    if (isa >= CATTN_ISA_AVX2) return cattn_stream_sum_f32_avx2(x, n);
 #endif
+    (void)isa;
     float s[4] = {0, 0, 0, 0};
     ptrdiff_t j = 0;
     for (; j + 4 <= n; j += 4)
         for (int l = 0; l < 4; l++) s[l] += x[j + l];
     for (; j < n; j++) s[0] += x[j];
     return (s[0] + s[1]) + (s[2] + s[3]);
-}
-
-/* Which row-operation path this CPU takes, for cattn.show_config(). */
-static const char *cattn_simd_path(void)
-{
-    return cattn_cpu_has_avx2_fma() ? "avx2+fma" : "generic";
 }
 
 #endif /* CATTN_SIMD_H */

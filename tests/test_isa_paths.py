@@ -1,0 +1,205 @@
+"""Every instruction-set path this CPU has (AVX-512, AVX2, portable), the block sizes and the
+interruptible loop, against the float64 reference.
+
+The path is chosen per call through a private hook (`_isa=`), so one process tests them
+all; paths the CPU lacks are skipped with a reason (and must still be refused, never run).
+"""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import cattn
+from cattn import _kernel
+from conftest import reference64, tolerance
+
+PATHS = ("avx512", "avx2", "portable")
+sdpa = cattn.scaled_dot_product_attention
+
+
+def path_param(name):
+    available = name in _kernel.supported_isa_paths()
+    return pytest.param(name, id=name, marks=pytest.mark.skipif(
+        not available, reason=f"this CPU lacks the {name} path"))
+
+
+ALL_PATHS = [path_param(p) for p in PATHS]
+
+
+def compare(got, want, dtype):
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == dtype
+        np.testing.assert_allclose(g, w, **tolerance(dtype))
+
+
+# (batch, L, S, E, Ev, options): row counts around the register tiles (1-13 rows, 8/4/2/1
+# tails), key counts around the panels (16, 32 keys) and the blocks, feature sizes around
+# the vector widths (1, 7, 8, 15, 16, 17, 33, 100), every variant.
+CASES = [
+    ((2,), 1, 1, 1, 1, {}),
+    ((2, 3), 13, 47, 17, 9, {}),
+    ((3,), 29, 33, 64, 64, {}),
+    ((1, 2), 130, 300, 64, 48, {"is_causal": True}),
+    ((2,), 27, 515, 33, 100, {"window": (40, 3)}),
+    ((2,), 3, 700, 128, 128, {"alignment": "bottom_right", "is_causal": True,
+                              "key_lengths": np.array([700, 333])}),
+    ((2, 2), 45, 65, 15, 7, {"softcap": 2.5, "return_lse": True}),
+    ((1, 2), 37, 80, 8, 16, {"return_weights": True}),
+    ((2, 3), 12, 96, 16, 32, {"mask": "bool"}),
+    ((2, 3), 25, 50, 31, 31, {"mask": "float"}),
+    ((1, 1), 1, 5000, 64, 64, {"return_lse": True}),  # decode: the keys split in chunks
+    ((1, 4), 4, 2049, 32, 32, {"is_causal": True, "alignment": "bottom_right"}),
+]
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c[1]}-S{c[2]}-E{c[3]}-Ev{c[4]}")
+def test_path_matches_reference(path, dtype, case, rng):
+    batch, L, S, E, Ev, options = case
+    options = dict(options)
+    q = rng.standard_normal(batch + (L, E)).astype(dtype)
+    k = rng.standard_normal(batch + (S, E)).astype(dtype)
+    v = rng.standard_normal(batch + (S, Ev)).astype(dtype)
+    mask = options.pop("mask", None)
+    if mask == "bool":
+        mask = rng.random((L, S)) > 0.3
+    elif mask == "float":
+        mask = rng.standard_normal((L, S)).astype(dtype)
+    got = sdpa(q, k, v, mask, _isa=path, **options)
+    assert _kernel.last_call_stats()["isa"] == path
+    compare(got, reference64(q, k, v, mask, **options), dtype)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_path_reads_strided_operands(path, dtype, rng):
+    # (B, L, H, E) viewed as (B, H, L, E), a sliced key and a negative-stride value
+    q = rng.standard_normal((2, 70, 3, 40)).astype(dtype).transpose(0, 2, 1, 3)
+    k = rng.standard_normal((2, 3, 90, 80)).astype(dtype)[..., ::1][..., :40]
+    v = rng.standard_normal((2, 3, 90, 24)).astype(dtype)[:, :, ::-1]
+    out = np.zeros((2, 70, 3, 24), dtype).transpose(0, 2, 1, 3)
+    sdpa(q, k, v, is_causal=True, out=out, _isa=path)
+    compare(out, reference64(q, k, v, is_causal=True), dtype)
+
+
+def test_unavailable_path_is_refused():
+    missing = [p for p in PATHS if p not in _kernel.supported_isa_paths()]
+    q = np.ones((4, 8), np.float32)
+    for name in missing + ["sse9"]:
+        with pytest.raises(ValueError, match="not available on this CPU"):
+            sdpa(q, q, q, _isa=name)
+
+
+BLOCK_SIZES = [(1, 1), (5, 7), (12, 32), (13, 33), (64, 128), (128, 256), (300, 1000)]
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("block_sizes", BLOCK_SIZES, ids=str)
+def test_block_size_agnosticism(path, block_sizes, rng):
+    """Any block sizes give the reference's result, bitwise the same at any thread count."""
+    dtype = np.float32
+    B, H, L, S, E = 2, 3, 150, 211, 24
+    q = rng.standard_normal((B, H, L, E)).astype(dtype)
+    k = rng.standard_normal((B, H, S, E)).astype(dtype)
+    v = rng.standard_normal((B, H, S, E)).astype(dtype)
+    mask = rng.random((B, 1, L, S)) > 0.2
+    options = dict(is_causal=True, alignment="bottom_right", window=(90, 5),
+                   key_lengths=np.array([S, 170]), return_lse=True)
+    runs = [sdpa(q, k, v, mask, num_threads=t, _isa=path, _block_sizes=block_sizes,
+                 **options) for t in (1, 2, 3)]
+    stats = _kernel.last_call_stats()
+    assert (stats["block_q"], stats["block_k"]) == block_sizes
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert np.array_equal(a, b, equal_nan=True), "thread count changed the result"
+    compare(runs[0], reference64(q, k, v, mask, **options), dtype)
+
+
+def test_block_sizes_are_validated():
+    q = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="block_q must be >= 1"):
+        sdpa(q, q, q, _block_sizes=(0, 16))
+    with pytest.raises(TypeError, match="block_k must be an integer"):
+        sdpa(q, q, q, _block_sizes=(16, 2.5))
+
+
+@pytest.mark.skipif(not cattn.openmp_enabled(), reason="built without OpenMP")
+def test_threads_really_run():
+    q = np.ones((1, 4, 512, 16), np.float32)
+    sdpa(q, q, q, num_threads=2)
+    stats = _kernel.last_call_stats()
+    assert stats["team_size"] == 2
+    sdpa(q, q, q, num_threads=1)
+    assert _kernel.last_call_stats()["team_size"] == 1
+
+
+CHILD = """
+import json, numpy as np, cattn
+from cattn import _kernel
+from cattn import reference
+rng = np.random.default_rng(1)
+q, k, v = (rng.standard_normal((2, 40, 16)) for _ in range(3))
+got = cattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+want = reference.scaled_dot_product_attention(q, k, v, is_causal=True)
+print(json.dumps({"isa": cattn.show_config()["isa"], "ran": _kernel.last_call_stats()["isa"],
+                  "err": float(np.abs(got - want).max())}))
+"""
+
+
+def run_child(env_update):
+    env = {k: v for k, v in os.environ.items() if k not in ("CATTN_ISA", "CATTN_DISABLE_AVX2")}
+    env.update(env_update)
+    return subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["avx512", "avx2", "portable"])
+def test_environment_caps_the_path(name):
+    import json
+    proc = run_child({"CATTN_ISA": name})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    supported = _kernel.supported_isa_paths()
+    expected = name if name in supported else supported[0]  # a cap, never an upgrade
+    assert result["isa"] == result["ran"] == expected
+    assert result["err"] < 1e-12
+
+
+def test_environment_names_an_unknown_path():
+    proc = run_child({"CATTN_ISA": "avx1024"})
+    assert proc.returncode != 0
+    assert "CATTN_ISA must be one of avx512, avx2, portable, got 'avx1024'" in proc.stderr
+
+
+def test_ctrl_c_interrupts_a_long_call():
+    """SIGINT during a long call raises KeyboardInterrupt promptly and leaves NaN in out."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 8, 4096, 64)).astype(np.float32)
+    t0 = time.perf_counter()
+    sdpa(q[:, :2], q[:, :2], q[:, :2])  # a quarter of the work, to size the wait
+    quarter = time.perf_counter() - t0
+    out = np.zeros_like(q)
+    sent = []
+
+    def interrupt():
+        time.sleep(min(quarter, 0.5))
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Thread(target=interrupt)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in range(50):  # if one call ends before the signal, the next one gets it
+            sdpa(q, q, q, out=out, num_threads=2)
+    latency = time.perf_counter() - sent[0]
+    timer.join()
+    assert latency < 0.5, f"Ctrl-C took {latency:.2f} s"
+    assert np.isnan(out).all()
