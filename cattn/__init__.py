@@ -13,6 +13,7 @@ except ImportError as exc:  # the source tree without its compiled core
         f"{__file__}: this is the source tree. Build it in place with `pip install -e .`, "
         "or run from another directory to use an installed cattn.") from exc
 from cattn._api import merge_attention, scaled_dot_product_attention
+from cattn._runtime import get_num_threads, set_num_threads, threads
 from cattn import reference
 from cattn.layers import KVCache, MultiHeadAttention
 
@@ -37,4 +38,5 @@ def show_config():
 
 __all__ = ["scaled_dot_product_attention", "merge_attention", "reference",
            "MultiHeadAttention", "KVCache",
+           "set_num_threads", "get_num_threads", "threads",
            "openmp_enabled", "show_config", "__version__"]

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from cattn import _kernel
+from cattn import _kernel, _runtime
 from cattn._blas_threads import single_threaded_blas
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -24,10 +24,6 @@ _UNBOUNDED = 2**60
 _ALIGNMENTS = ("top_left", "bottom_right")
 _NO_LIMIT = contextlib.nullcontext()
 _MaskedArray = np.ma.MaskedArray
-# The most threads one call starts, whatever num_threads asks: far more than can help, far
-# fewer than the tens of thousands at which libgomp exits the process (thread creation
-# fails) or OpenBLAS aborts it (too many threads calling it at once).
-_MAX_THREADS = max(64, os.cpu_count() or 1)
 # Positive numbers that stay finite and nonzero once rounded to the dtype (scale, softcap).
 _POSITIVE_RANGE = {np.dtype(np.float32): (2.0**-150, float(np.finfo(np.float32).max)),
                    np.dtype(np.float64): (0.0, math.inf)}
@@ -80,6 +76,18 @@ def _check_positive_float(x, name, dtype):
     return x
 
 
+def _check_softcap(x, dtype):
+    """The kernel divides scores by the softcap: its reciprocal must be finite in the
+    dtype too (a subnormal softcap would turn a zero score into 0·inf = NaN)."""
+    x = _check_positive_float(x, "softcap", dtype)
+    with np.errstate(over="ignore", divide="ignore"):
+        reciprocal = dtype.type(1) / dtype.type(x)
+    if not np.isfinite(reciprocal):
+        raise ValueError(f"softcap must be at least about {1 / float(np.finfo(dtype).max):.3g} "
+                         f"in {dtype} (1/softcap must be finite), got {x}")
+    return x
+
+
 def _check_flag(x, name):
     if x is False or x is True:
         return x
@@ -126,6 +134,35 @@ def _overlaps(a, b):
         return np.shares_memory(a, b, max_work=10**5)
     except np.exceptions.TooHardError:
         return True
+
+
+def _has_internal_overlap(x):
+    """Whether two distinct elements of x share memory (undecidable cases count as yes).
+
+    Two elements overlap when their offsets differ by sum(d_i * stride_i) = 0 for index
+    differences |d_i| < shape_i, not all 0. Most layouts are ruled out at once: sorted by
+    stride, each stride exceeds the span of the smaller ones. Otherwise, an overlap whose
+    last nonzero difference is on axis k is also one between x[..., 1:, 0, ..., 0] and
+    x[..., :1, 0, ..., 0] (slicing axis k, later axes at 0; offsets are translation
+    invariant), which NumPy's exact shares_memory decides."""
+    axes = [(abs(st), n) for st, n in zip(x.strides, x.shape) if n > 1]
+    if x.size == 0 or not axes:
+        return False
+    span = 0
+    for stride, n in sorted(axes):
+        if stride < x.itemsize + span:
+            break
+        span += stride * (n - 1)
+    else:
+        return False
+    for k in range(x.ndim):
+        if x.shape[k] < 2:
+            continue
+        later = (0,) * (x.ndim - k - 1)
+        if _overlaps(x[(Ellipsis, slice(1, None)) + later],
+                     x[(Ellipsis, slice(0, 1)) + later]):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------- the public API
@@ -224,11 +261,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         scale = 1.0 / math.sqrt(E)
     else:
         scale = _check_positive_float(scale, "scale", dtype)
-    softcap = 0.0 if softcap is None else _check_positive_float(softcap, "softcap", dtype)
+    softcap = 0.0 if softcap is None else _check_softcap(softcap, dtype)
     if not isinstance(alignment, str) or alignment not in _ALIGNMENTS:
         raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
     if num_threads is None:
-        num_threads = _kernel.default_num_threads()
+        num_threads = _runtime.get_num_threads()
     else:
         num_threads = _check_int(num_threads, "num_threads", 1)
 
@@ -295,6 +332,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     if key_lengths is None:
         kv_len = S
     else:
+        _reject_masked(key_lengths, "key_lengths")
         kl = np.asarray(key_lengths)
         if kl.dtype.kind not in "iu":
             raise TypeError(f"key_lengths must be integers, got dtype {kl.dtype}")
@@ -312,6 +350,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     win_left, win_right = _UNBOUNDED, _UNBOUNDED
     if window is not None:
         try:
+            if isinstance(window, (set, frozenset, dict, str)):  # no order: not a pair
+                raise TypeError
             left, right = window
         except (TypeError, ValueError):
             raise TypeError(f"window must be a pair (left, right) of ints or None, "
@@ -345,9 +385,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         if _element_strides(out) is None or not out.flags.aligned:
             raise ValueError("out must be aligned, with strides that are multiples of its "
                              "item size")
-        if out.size > 1 and any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
-            raise ValueError(f"out has overlapping elements (a zero stride: strides "
-                             f"{out.strides} for shape {out.shape})")
+        if _has_internal_overlap(out):
+            raise ValueError(f"out has overlapping elements (two of its elements share "
+                             f"memory: strides {out.strides} for shape {out.shape})")
     lse = np.empty(batch_shape + (L,), dtype=dtype) if return_lse else None
     weights = np.zeros(batch_shape + (L, S), dtype=dtype) if return_weights else None
 
@@ -372,7 +412,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     n_q_blocks = -(-L // block_q)
     n_splits, split_keys = _key_splits(n_items * n_q_blocks, S, block_k, return_weights)
     n_tasks = n_items * n_q_blocks * n_splits
-    threads = max(1, min(num_threads, n_tasks, _MAX_THREADS))
+    threads = _runtime.team_size(min(num_threads, n_tasks))
     partials = (np.empty((n_splits, n_items, L, Ev + 2), dtype=dtype) if n_splits > 1
                 else None)
     with single_threaded_blas if _kernel.calls_blas(isa) else _NO_LIMIT:

@@ -82,9 +82,16 @@ def _split_heads(x, num_heads):
 
 
 def _to_numpy(x):
-    """An ndarray from an ndarray or anything array-like (a CPU torch tensor included)."""
+    """An ndarray from an ndarray or anything array-like (a torch tensor included)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
+        if getattr(x, "is_meta", False):
+            raise ValueError("a tensor on the meta device has shapes but no values: load the "
+                             "weights (e.g. module.to_empty(device='cpu') and a checkpoint) "
+                             "before copying them into cattn")
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.element_size() < 4:  # bfloat16, float16: no NumPy view
+            x = x.float()
+        x = x.numpy()
     return np.asarray(x)
 
 
@@ -276,6 +283,9 @@ class MultiHeadAttention:
     def _check_input(self, x, name, width):
         if not isinstance(x, np.ndarray):
             raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+        if isinstance(x, (np.matrix, np.ma.MaskedArray)):
+            raise TypeError(f"{name} must be a plain numpy.ndarray, got {type(x).__name__} "
+                            f"(pass np.asarray({name}))")
         if x.dtype != self.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but the layer is {self.dtype}: cast "
                             f"it (x.astype(np.{self.dtype.name})) or build the layer with "
@@ -565,8 +575,15 @@ class KVCache:
         """Forget the cached positions (of all sequences, or of one), keeping the memory."""
         if batch_index is None:
             self.lengths[...] = 0
-        else:
-            self.lengths[:, batch_index] = 0
+            return
+        batch = self.lengths.shape[1]
+        if isinstance(batch_index, (bool, np.bool_)) or not isinstance(batch_index,
+                                                                       numbers.Integral):
+            raise TypeError(f"batch_index must be an int (one sequence) or None (all), got "
+                            f"{type(batch_index).__name__}")
+        if not -batch <= batch_index < batch:
+            raise ValueError(f"batch_index must lie in [{-batch}, {batch}), got {batch_index}")
+        self.lengths[:, batch_index] = 0
 
     @property
     def nbytes(self):

@@ -1,0 +1,242 @@
+"""How many threads a call gets: the default, a process-wide budget, and fork safety.
+
+GNU OpenMP (libgomp) keeps one pool of worker threads per Python thread that starts a
+parallel region, sized by that thread's last team: N Python threads asking for T threads
+each keep N·(T-1) OS threads alive, and a pool that cannot grow makes libgomp print
+"Thread creation failed" and exit the process. A pool does not survive fork(): a child
+that reuses it waits forever for threads that do not exist. So every call's team comes
+from here:
+
+- the default count: `threads(n)` for the calling thread, else `set_num_threads(n)`, else
+  OpenMP's default (OMP_NUM_THREADS, else the cores);
+- a budget: the worker threads of all pools together stay within 4 x cores, one team
+  within 2 x cores; a caller that finds the budget spent runs its call on its own thread;
+- before a pool grows, the threads it needs are started (and stopped) here first, where a
+  refusal is an exception, not an exit: the call runs on the threads the OS allowed;
+- before fork(), the forking thread's pool is released (omp_pause_resource_all), so the
+  child starts a fresh one. Where that is impossible, the child runs that thread's calls
+  on one thread and says so once.
+"""
+import contextlib
+import ctypes
+import numbers
+import os
+import threading
+import time
+import warnings
+import weakref
+
+import numpy as np
+
+from cattn import _kernel
+
+try:
+    _CORES = len(os.sched_getaffinity(0))
+except (AttributeError, OSError):
+    _CORES = os.cpu_count() or 1
+_CORES = max(_CORES, 1)
+_OPENMP = _kernel.openmp_enabled()
+MAX_TEAM = 2 * _CORES                 # threads of one call, the caller included
+WORKER_BUDGET = max(4 * _CORES, 4)    # OpenMP worker threads of all pools together
+
+_lock = threading.RLock()  # (re-entrant: a thread-exit finalizer may run while held)
+_pools = {}               # thread ident -> team size its libgomp pool holds (>= 2)
+_stale_pool_thread = None  # in a forked child: the thread whose pool could not be released
+_process_default = None   # set_num_threads
+_local = threading.local()  # .override (threads()), .pool_owner (finalizer anchor)
+_warned = set()
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+# ----------------------------------------------------------------- the default count
+
+def _check_count(n, name):
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return int(n)
+
+
+def set_num_threads(n):
+    """Default number of threads of every call in this process (None: OpenMP's default,
+    OMP_NUM_THREADS or the cores). A call's num_threads= and `threads(n)` take precedence."""
+    global _process_default
+    _process_default = None if n is None else _check_count(n, "set_num_threads(n): n")
+
+
+def get_num_threads():
+    """The number of threads a call from this thread uses when it does not say
+    num_threads= (an upper bound: the budget and the size of the problem may lower it)."""
+    override = getattr(_local, "override", None)
+    if override is not None:
+        return override
+    if _process_default is not None:
+        return _process_default
+    return _kernel.default_num_threads()
+
+
+@contextlib.contextmanager
+def threads(n):
+    """`with cattn.threads(n):` calls from this thread default to n threads inside the
+    block (other Python threads are not affected); blocks nest."""
+    n = _check_count(n, "threads(n): n")
+    previous = getattr(_local, "override", None)
+    _local.override = n
+    try:
+        yield n
+    finally:
+        _local.override = previous
+
+
+# ----------------------------------------------------------------- the thread budget
+
+def team_size(wanted):
+    """Threads to run a call with, the caller included, for at most `wanted` threads."""
+    if wanted <= 1 or not _OPENMP:
+        return 1
+    wanted = min(wanted, MAX_TEAM)
+    ident = threading.get_ident()
+    if ident == _stale_pool_thread:
+        _warn_once("fork", "cattn: in this forked child, calls from the thread that called "
+                   "fork() run on one thread: its OpenMP threads did not survive fork() and "
+                   "could not be released before it (calls from other threads are not "
+                   "affected)")
+        return 1
+    have = _pools.get(ident, 1)
+    if wanted == have:
+        return have
+    with _lock:
+        if wanted < have:  # libgomp lets the extra workers exit: their budget is free again
+            _pools[ident] = wanted
+            return wanted
+        free = WORKER_BUDGET - sum(size - 1 for size in _pools.values()) + (have - 1)
+        target = min(wanted, 1 + free)
+        if target <= have:
+            return have
+        started = _can_start_threads(target - have)
+        team = have + started
+        if started < target - have:
+            _warn_once("refused", f"cattn: the system refused to start more threads; "
+                       f"calls run on {team} thread(s) where {wanted} were asked for")
+        if team > 1:
+            if getattr(_local, "pool_owner", None) is None:
+                _watch_thread_exit()
+            _pools[ident] = team
+        return team
+
+
+def _watch_thread_exit():
+    """Free the calling thread's share of the budget when it ends (libgomp then ends its
+    pool too): a finalizer on an object only this thread's locals hold."""
+    anchor = type("_PoolOwner", (), {})()
+    ident = threading.get_ident()
+    weakref.finalize(anchor, _forget_pool, ident)
+    _local.pool_owner = anchor
+
+
+def _forget_pool(ident):
+    with _lock:
+        _pools.pop(ident, None)
+
+
+def _can_start_threads(n):
+    """How many of n more threads the OS lets this process start right now (at most n).
+
+    Started as Python threads, where a refusal is a RuntimeError, and stopped again before
+    returning: libgomp then starts its own in the room they leave, instead of exiting the
+    process when the OS says no."""
+    release = threading.Event()
+    started = []
+    native_ids = []
+
+    def wait():
+        native_ids.append(threading.get_native_id())
+        release.wait()
+
+    try:
+        for _ in range(n):
+            t = threading.Thread(target=wait, daemon=True)
+            t.start()
+            started.append(t)
+    except RuntimeError:  # "can't start new thread": the limit is reached
+        pass
+    release.set()
+    for t in started:
+        t.join()
+    # join() returns before the OS thread is gone: wait until the kernel has reaped them,
+    # so that they do not count against a process limit when libgomp starts its own.
+    for tid in native_ids:
+        path = f"/proc/self/task/{tid}"
+        for _ in range(1000):
+            if not os.path.exists(path):
+                break
+            time.sleep(0.0001)
+    return len(started)
+
+
+def thread_report():
+    """{Python thread ident: OpenMP team size its pool holds} (for tests and diagnostics)."""
+    with _lock:
+        return dict(_pools)
+
+
+# ------------------------------------------------------------------------ fork safety
+
+def _openmp_library():
+    """ctypes handle on the libgomp this process loaded for cattn, or None (another
+    runtime, e.g. LLVM's libomp, which re-initializes itself in a forked child)."""
+    if not _kernel.openmp_enabled() or not hasattr(os, "RTLD_NOLOAD"):
+        return None
+    try:
+        lib = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+        release = lib.omp_pause_resource_all
+    except (OSError, AttributeError):
+        return None
+    release.argtypes = [ctypes.c_int]
+    release.restype = ctypes.c_int
+    return release
+
+
+_pause_resource_all = _openmp_library()
+_OMP_PAUSE_HARD = 2
+
+
+def _release_pool():
+    """Stop the calling thread's OpenMP workers; whether that succeeded."""
+    if _pause_resource_all is None:
+        return False
+    return _pause_resource_all(_OMP_PAUSE_HARD) == 0
+
+
+def _before_fork():
+    global _fork_pool_released
+    _lock.acquire()  # the child must not inherit it held by a thread that is gone
+    ident = threading.get_ident()
+    _fork_pool_released = ident not in _pools or _release_pool()
+    if _fork_pool_released:
+        _pools.pop(ident, None)
+
+
+def _after_fork_in_parent():
+    _lock.release()
+
+
+def _after_fork_in_child():
+    global _lock, _stale_pool_thread
+    ident = threading.get_ident()
+    stale = ident in _pools and not _fork_pool_released
+    _pools.clear()  # the other threads, and their pools, are not in the child
+    _stale_pool_thread = ident if stale else None
+    _lock = threading.RLock()  # (re-entrant: a thread-exit finalizer may run while held)
+
+
+_fork_pool_released = True
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
