@@ -1,26 +1,77 @@
 """cattn: exact, fast self-attention on the CPU.
 
-    import cattn
-    out = cattn.scaled_dot_product_attention(query, key, value, is_causal=True)
+>>> import numpy as np
+>>> import cattn
+>>> q = k = v = np.ones((1, 2, 4, 8), dtype=np.float32)   # (batch, heads, length, features)
+>>> cattn.scaled_dot_product_attention(q, k, v, is_causal=True).shape
+(1, 2, 4, 8)
 
-`cattn.reference` holds the readable NumPy definition the kernel is tested against.
+How the package is layered, from what a user calls down to the compiled loop nest:
+
+    cattn.models      real models on the layers: a BERT encoder, MiniLM sentence embeddings
+        |
+    cattn.layers      MultiHeadAttention (projections, masks, grouped-query heads), KVCache
+        |
+    cattn._api        the validating front: every check happens here, once per call; the
+        |             call becomes a plan (one table row of offsets per batch/head item)
+    cattn._kernel     the tiled loop nest (Cython + OpenMP): online softmax over key blocks,
+        |             block GEMMs through BLAS or its own micro-kernels; it never raises
+    src/*.h           C: SIMD exp and row operations, the GEMM micro-kernels, CPU features
+
+Beside them: `cattn.reference` is the readable float64 NumPy definition that everything is
+tested against, and `cattn.bench` the benchmark (`python -m cattn.bench`).
+
+The compiled core and NumPy/SciPy are loaded on first use of the API, not by
+`import cattn`, so that importing the package stays cheap.
 """
-try:
-    from cattn._kernel import openmp_enabled
-except ImportError as exc:  # the source tree without its compiled core
-    raise ImportError(
-        "cattn's compiled core (cattn._kernel) is missing next to "
-        f"{__file__}: this is the source tree. Build it in place with `pip install -e .`, "
-        "or run from another directory to use an installed cattn.") from exc
-from cattn._api import merge_attention, scaled_dot_product_attention
-from cattn._runtime import get_num_threads, set_num_threads, threads
-from cattn import reference
-from cattn.layers import KVCache, MultiHeadAttention
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any, Dict, List
 
 __version__ = "0.1.0"
 
+if importlib.util.find_spec("cattn._kernel") is None:  # the source tree without its build
+    raise ImportError(
+        "cattn's compiled core (cattn._kernel) is missing next to "
+        f"{__file__}: this is the source tree. Build it in place with `pip install -e .`, "
+        "or run from another directory to use an installed cattn.")
 
-def show_config():
+if TYPE_CHECKING:  # what the lazy loader below provides, for type checkers
+    from cattn import reference
+    from cattn._api import merge_attention, scaled_dot_product_attention
+    from cattn._kernel import openmp_enabled
+    from cattn._runtime import get_num_threads, set_num_threads, threads
+    from cattn.layers import KVCache, MultiHeadAttention
+
+# Public name -> the module that defines it (None: the name is that submodule).
+_LAZY = {
+    "scaled_dot_product_attention": "cattn._api",
+    "merge_attention": "cattn._api",
+    "MultiHeadAttention": "cattn.layers",
+    "KVCache": "cattn.layers",
+    "openmp_enabled": "cattn._kernel",
+    "set_num_threads": "cattn._runtime",
+    "get_num_threads": "cattn._runtime",
+    "threads": "cattn._runtime",
+    "reference": None,
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'cattn' has no attribute {name!r}")
+    module = _LAZY[name]
+    value = (importlib.import_module(f"cattn.{name}") if module is None
+             else getattr(importlib.import_module(module), name))
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def show_config() -> Dict[str, Any]:
     """How this build runs: OpenMP, threads, the instruction-set path the kernels take
     (CATTN_ISA caps it), who computes the block GEMMs, the BLAS limiter."""
     from cattn import _kernel
