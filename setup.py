@@ -2,6 +2,8 @@
 
 Environment variables:
   CATTN_NO_OPENMP=1   build without OpenMP (serial kernels)
+  CATTN_FAIL_NO_OPENMP=1  fail the build instead of falling back to serial kernels when
+                      OpenMP is missing or disabled (CI and release builds set it)
   CATTN_CFLAGS="..."  extra compiler flags (for instance "-march=native"); the default
                       build targets the baseline of the platform and picks AVX2 at run time.
 """
@@ -56,6 +58,12 @@ def openmp_flags(compiler):
 class BuildExt(build_ext):
     def build_extensions(self):
         flags = openmp_flags(self.compiler)
+        if flags is None and os.environ.get("CATTN_FAIL_NO_OPENMP"):
+            raise RuntimeError(
+                "cattn: no OpenMP (the compiler lacks it, or CATTN_NO_OPENMP is set), and "
+                "CATTN_FAIL_NO_OPENMP=1 asks for a build that runs on several threads: "
+                "install a compiler with OpenMP (gcc, or clang with libomp) or unset "
+                "CATTN_FAIL_NO_OPENMP to build the serial kernels.")
         if flags is None:
             print("cattn: WARNING: no OpenMP support found in the compiler; building the "
                   "serial kernels (every call runs on one thread).", file=sys.stderr)
