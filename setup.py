@@ -55,6 +55,11 @@ def openmp_flags(compiler):
     return None
 
 
+# The encoder's row loops select with ?: around floating-point operations: GCC vectorizes
+# them only when it may assume those operations do not trap (results are unchanged).
+EXTRA_GCC_ARGS = {"cattn._encoder_ops": ["-fno-trapping-math"]}
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         flags = openmp_flags(self.compiler)
@@ -72,7 +77,8 @@ class BuildExt(build_ext):
             extra_c = ["-O3", "-fno-math-errno", "-Wno-unused-function"]
         extra_c += shlex.split(os.environ.get("CATTN_CFLAGS", ""))
         for ext in self.extensions:
-            ext.extra_compile_args = extra_c + (flags[0] if flags else [])
+            own = EXTRA_GCC_ARGS.get(ext.name, []) if self.compiler.compiler_type != "msvc" else []
+            ext.extra_compile_args = extra_c + own + (flags[0] if flags else [])
             ext.extra_link_args = list(flags[1]) if flags else []
         super().build_extensions()
 
@@ -87,6 +93,13 @@ extensions = [
     # The validating front, plain Python compiled as is: its per-call bookkeeping would
     # otherwise cost more than the whole computation on a tiny input.
     Extension("cattn._api", ["cattn/_api.py"]),
+    # The encoder's fused row operations (GELU, residual + layer norm, pooling).
+    Extension(
+        "cattn._encoder_ops",
+        ["cattn/_encoder_ops.pyx"],
+        include_dirs=[os.path.join(HERE, "src"), numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    ),
 ]
 
 setup(

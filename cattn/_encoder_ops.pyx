@@ -1,0 +1,379 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, infer_types=False
+"""Fused row operations of a transformer encoder: the steps between the GEMMs.
+
+NumPy spends several passes over memory (and temporaries) on each of these; here each is
+one pass over a row while it sits in the L1 cache:
+
+    bias_gelu                 x <- GELU(x + bias), BERT's exact erf form
+    bias_residual_layernorm   out <- LayerNorm(x + bias + residual)
+    embed_layernorm           out <- LayerNorm(word[ids] + position[pos] + token_type[types])
+    scatter_rows / gather_rows   packed (tokens, width) rows <-> padded (batch, length, width)
+    pool                      mean, max, CLS or mean/√n of each sequence's packed rows
+
+Rows are spread over OpenMP threads (prange); one row is one thread's work, so results do
+not depend on the thread count. The loops are plain C that the compiler vectorizes: built
+twice, for the platform baseline and (with a target attribute) for AVX2+FMA, chosen at run
+time from the CPU's features like the attention kernel (CATTN_DISABLE_AVX2=1 forces the
+baseline build). float32 GELU uses the Abramowitz & Stegun 7.1.26 erfc (absolute error
+<= 1.5e-7, about one float32 rounding) with the attention kernel's polynomial exp; float64
+uses libm's erf.
+
+The Python functions check shapes and dtypes (ValueError); the loops never raise.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.stdint cimport int64_t
+
+import numpy as np
+
+cdef extern from *:
+    """
+    #include "cattn_simd.h"  /* the attention kernel's exp and CPU dispatch */
+
+    #define ENC_INLINE static inline __attribute__((always_inline))
+    #if CATTN_HAVE_AVX2_PATH
+    #define ENC_AVX2 __attribute__((target("avx2,fma")))
+    #else
+    #define ENC_AVX2
+    #endif
+    #define ENC_LANES 16  /* independent partial sums: reductions the compiler can vectorize */
+
+    /* BERT's GELU, v·Φ(v). With a = |v| and q = Φ(-a) = erfc(a/√2)/2 (A&S 7.1.26 rescaled):
+       v·Φ(v) = max(v, 0) - a·q for both signs of v. A NaN stays NaN through a·q;
+       GELU(inf) = inf and GELU(-inf) = 0, the limits. */
+    ENC_INLINE void enc_bias_gelu_f32_body(float *x, const float *bias, ptrdiff_t n)
+    {
+        const float p = 0.3275911f * 0.70710678118654752f;
+        const float a1 = 0.254829592f / 2, a2 = -0.284496736f / 2, a3 = 1.421413741f / 2,
+                    a4 = -1.453152027f / 2, a5 = 1.061405429f / 2;
+        for (ptrdiff_t j = 0; j < n; j++) {
+            float v = x[j] + bias[j];
+            float a = fabsf(v);
+            float t = 1.0f / (1.0f + p * a);
+            float poly = t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5))));
+            float q = poly * cattn_expf_scalar(-0.5f * a * a);
+            /* q = 0 far in the tails: a·q = 0 there even for a = inf */
+            float aq = a * q;
+            x[j] = (v > 0.0f ? v : 0.0f) - (q == 0.0f ? 0.0f : aq);
+        }
+    }
+
+    static void enc_bias_gelu_f32_generic(float *x, const float *bias, ptrdiff_t n)
+    { enc_bias_gelu_f32_body(x, bias, n); }
+    #if CATTN_HAVE_AVX2_PATH
+    ENC_AVX2 static void enc_bias_gelu_f32_avx2(float *x, const float *bias, ptrdiff_t n)
+    { enc_bias_gelu_f32_body(x, bias, n); }
+    #endif
+
+    static void enc_bias_gelu_f64(double *x, const double *bias, ptrdiff_t n)
+    {
+        for (ptrdiff_t j = 0; j < n; j++) {
+            double v = x[j] + bias[j];
+            x[j] = 0.5 * v * (1.0 + erf(v * 0.70710678118654752440));
+        }
+    }
+
+    /* out <- LayerNorm(x + bias + residual) over one row; x is overwritten with the sum.
+       bias may be NULL. out may be residual (each element is read before it is written).
+       Mean and variance are two passes over the row held in x, with ENC_LANES partial sums. */
+    #define ENC_DEFINE_LAYERNORM(NAME, T)                                                   \
+    ENC_INLINE void NAME(T *x, const T *bias, const T *residual, const T *weight,         \
+                         const T *beta, T eps, T *out, ptrdiff_t n)                        \
+    {                                                                                      \
+        T acc[ENC_LANES] = {0};                                                            \
+        ptrdiff_t j = 0, k;                                                                \
+        if (bias) for (j = 0; j < n; j++) x[j] += bias[j];                                 \
+        if (residual) for (j = 0; j < n; j++) x[j] += residual[j];                         \
+        for (j = 0; j + ENC_LANES <= n; j += ENC_LANES)                                    \
+            for (k = 0; k < ENC_LANES; k++) acc[k] += x[j + k];                            \
+        T sum = 0;                                                                         \
+        for (; j < n; j++) sum += x[j];                                                    \
+        for (k = 0; k < ENC_LANES; k++) sum += acc[k];                                     \
+        T mean = sum / (T)n;                                                               \
+        for (k = 0; k < ENC_LANES; k++) acc[k] = 0;                                        \
+        for (j = 0; j + ENC_LANES <= n; j += ENC_LANES)                                    \
+            for (k = 0; k < ENC_LANES; k++) {                                              \
+                T c = x[j + k] - mean;                                                     \
+                acc[k] += c * c;                                                           \
+            }                                                                              \
+        T ss = 0;                                                                          \
+        for (; j < n; j++) ss += (x[j] - mean) * (x[j] - mean);                            \
+        for (k = 0; k < ENC_LANES; k++) ss += acc[k];                                      \
+        T inv = (T)1 / (T)sqrt((double)(ss / (T)n + eps));                                 \
+        for (j = 0; j < n; j++) out[j] = (x[j] - mean) * inv * weight[j] + beta[j];        \
+    }
+    ENC_DEFINE_LAYERNORM(enc_layernorm_f32_body, float)
+    ENC_DEFINE_LAYERNORM(enc_layernorm_f64_body, double)
+
+    #define ENC_DEFINE_BUILDS(BODY, T)                                                     \
+    static void BODY##_generic(T *x, const T *bias, const T *residual, const T *weight,    \
+                               const T *beta, T eps, T *out, ptrdiff_t n)                  \
+    { BODY(x, bias, residual, weight, beta, eps, out, n); }                               \
+    ENC_AVX2 static void BODY##_avx2(T *x, const T *bias, const T *residual,               \
+                                     const T *weight, const T *beta, T eps, T *out,        \
+                                     ptrdiff_t n)                                          \
+    { BODY(x, bias, residual, weight, beta, eps, out, n); }
+    ENC_DEFINE_BUILDS(enc_layernorm_f32_body, float)
+    ENC_DEFINE_BUILDS(enc_layernorm_f64_body, double)
+
+    typedef void (*enc_gelu_f32_fn)(float *, const float *, ptrdiff_t);
+    typedef void (*enc_layernorm_f32_fn)(float *, const float *, const float *, const float *,
+                                         const float *, float, float *, ptrdiff_t);
+    typedef void (*enc_layernorm_f64_fn)(double *, const double *, const double *,
+                                         const double *, const double *, double, double *,
+                                         ptrdiff_t);
+
+    static enc_gelu_f32_fn enc_gelu_f32_impl(void)
+    {
+    #if CATTN_HAVE_AVX2_PATH
+        if (cattn_cpu_has_avx2_fma()) return enc_bias_gelu_f32_avx2;
+    #endif
+        return enc_bias_gelu_f32_generic;
+    }
+    static enc_layernorm_f32_fn enc_layernorm_f32_impl(void)
+    {
+    #if CATTN_HAVE_AVX2_PATH
+        if (cattn_cpu_has_avx2_fma()) return enc_layernorm_f32_body_avx2;
+    #endif
+        return enc_layernorm_f32_body_generic;
+    }
+    static enc_layernorm_f64_fn enc_layernorm_f64_impl(void)
+    {
+    #if CATTN_HAVE_AVX2_PATH
+        if (cattn_cpu_has_avx2_fma()) return enc_layernorm_f64_body_avx2;
+    #endif
+        return enc_layernorm_f64_body_generic;
+    }
+    """
+    ctypedef void (*enc_gelu_f32_fn)(float*, const float*, Py_ssize_t) noexcept nogil
+    ctypedef void (*enc_layernorm_f32_fn)(float*, const float*, const float*, const float*,
+                                          const float*, float, float*, Py_ssize_t) noexcept nogil
+    ctypedef void (*enc_layernorm_f64_fn)(double*, const double*, const double*, const double*,
+                                          const double*, double, double*,
+                                          Py_ssize_t) noexcept nogil
+    enc_gelu_f32_fn enc_gelu_f32_impl() noexcept nogil
+    enc_layernorm_f32_fn enc_layernorm_f32_impl() noexcept nogil
+    enc_layernorm_f64_fn enc_layernorm_f64_impl() noexcept nogil
+    void enc_bias_gelu_f64(double* x, const double* bias, Py_ssize_t n) noexcept nogil
+    const char* cattn_simd_path() noexcept nogil
+
+cdef extern from "cattn_omp.h":
+    int omp_get_max_threads() noexcept nogil
+
+# Below this many elements a call stays on one thread: starting a team costs more.
+cdef Py_ssize_t PARALLEL_MIN_ELEMENTS = 32768
+
+cdef enum:
+    MEAN = 0
+    MAX = 1
+    CLS = 2
+    MEAN_SQRT_LEN = 3
+POOL_MEAN, POOL_MAX, POOL_CLS, POOL_MEAN_SQRT_LEN = MEAN, MAX, CLS, MEAN_SQRT_LEN
+
+
+def simd_path():
+    """The code path these loops take on this CPU: 'avx2+fma' or 'generic'."""
+    return cattn_simd_path().decode()
+
+
+cdef int team_size(Py_ssize_t elements, num_threads):
+    cdef int n = omp_get_max_threads() if num_threads is None else int(num_threads)
+    if n < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    return 1 if elements < PARALLEL_MIN_ELEMENTS else n
+
+
+def _check_vector(v, n, name):
+    if v.shape[0] != n:
+        raise ValueError(f"{name} must have {n} elements (one per column), got {v.shape[0]}")
+
+
+cdef inline void bias_gelu_row(floating* x, const floating* bias, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        enc_gelu_f32_impl()(x, bias, n)
+    else:
+        enc_bias_gelu_f64(x, bias, n)
+
+
+def bias_gelu(floating[:, ::1] x, const floating[::1] bias, num_threads=None):
+    """x <- GELU(x + bias) in place, row by row (x: C-contiguous (rows, n), bias (n,))."""
+    cdef Py_ssize_t rows = x.shape[0], n = x.shape[1], i
+    _check_vector(bias, n, "bias")
+    cdef int nt = team_size(rows * n, num_threads)
+    if rows == 0 or n == 0:
+        return
+    with nogil:
+        for i in prange(rows, num_threads=nt, schedule="static"):
+            bias_gelu_row(&x[i, 0], &bias[0], n)
+
+
+cdef inline void layernorm_row(floating* x, const floating* bias, const floating* residual,
+                               const floating* weight, const floating* beta, floating eps,
+                               floating* out, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        enc_layernorm_f32_impl()(x, bias, residual, weight, beta, eps, out, n)
+    else:
+        enc_layernorm_f64_impl()(x, bias, residual, weight, beta, eps, out, n)
+
+
+cdef void layernorm_rows(floating* x, const floating* bias, const floating* residual,
+                         const floating* weight, const floating* beta, floating eps,
+                         floating* out, Py_ssize_t rows, Py_ssize_t n, int nt) noexcept nogil:
+    """LayerNorm of C-contiguous (rows, n) matrices; residual and bias may be NULL."""
+    cdef Py_ssize_t i
+    for i in prange(rows, num_threads=nt, schedule="static"):
+        layernorm_row(x + i * n, bias, residual + i * n if residual != NULL else NULL,
+                      weight, beta, eps, out + i * n, n)
+
+
+def _check_rows(a, rows, n, name):
+    if a.shape[0] != rows or a.shape[1] != n:
+        raise ValueError(f"{name} must have shape ({rows}, {n}), got "
+                         f"({a.shape[0]}, {a.shape[1]})")
+
+
+def bias_residual_layernorm(floating[:, ::1] x, const floating[::1] bias,
+                            floating[:, ::1] residual, const floating[::1] weight,
+                            const floating[::1] beta, double eps, floating[:, ::1] out,
+                            num_threads=None):
+    """out <- LayerNorm(x + bias + residual) row by row; x is used as scratch (it holds
+    x + bias + residual afterwards). `bias` and `residual` may be None; `out` may be
+    `residual` or `x`."""
+    cdef Py_ssize_t rows = x.shape[0], n = x.shape[1]
+    if bias is not None:
+        _check_vector(bias, n, "bias")
+    if residual is not None:
+        _check_rows(residual, rows, n, "residual")
+    _check_vector(weight, n, "weight")
+    _check_vector(beta, n, "beta")
+    _check_rows(out, rows, n, "out")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    cdef int nt = team_size(rows * n, num_threads)
+    cdef const floating* bias_p = NULL if bias is None else &bias[0]
+    if rows == 0 or n == 0:
+        return
+    cdef const floating* residual_p = NULL if residual is None else &residual[0, 0]
+    with nogil:
+        layernorm_rows(&x[0, 0], bias_p, residual_p, &weight[0], &beta[0], <floating>eps,
+                       &out[0, 0], rows, n, nt)
+
+
+def embed_layernorm(const int64_t[::1] ids, const int64_t[::1] positions,
+                    const int64_t[::1] token_types, const floating[:, ::1] word,
+                    const floating[:, ::1] position, const floating[:, ::1] token_type,
+                    const floating[::1] weight, const floating[::1] beta, double eps,
+                    floating[:, ::1] out, num_threads=None):
+    """out[t] <- LayerNorm(word[ids[t]] + position[positions[t]] + token_type[types[t]]):
+    BERT's embeddings for packed tokens. Indices must be in range (checked here)."""
+    cdef Py_ssize_t rows = ids.shape[0], n = word.shape[1], t, j
+    for table, index, name in ((word, ids, "ids"), (position, positions, "positions"),
+                               (token_type, token_types, "token_types")):
+        if table.shape[1] != n:
+            raise ValueError("the embedding tables must have the same width")
+        if index.shape[0] != rows:
+            raise ValueError(f"{name} must have {rows} elements, got {index.shape[0]}")
+        if rows and (np.min(index) < 0 or np.max(index) >= table.shape[0]):
+            raise ValueError(f"{name} must lie in [0, {table.shape[0]})")
+    _check_vector(weight, n, "weight")
+    _check_vector(beta, n, "beta")
+    _check_rows(out, rows, n, "out")
+    cdef int nt = team_size(rows * n, num_threads)
+    if rows == 0 or n == 0:
+        return
+    with nogil:
+        for t in range(rows):  # the gather is memory-bound: one thread streams it
+            for j in range(n):
+                out[t, j] = (word[ids[t], j] + position[positions[t], j]
+                             + token_type[token_types[t], j])
+        layernorm_rows(&out[0, 0], NULL, NULL, &weight[0], &beta[0], <floating>eps,
+                       &out[0, 0], rows, n, nt)
+
+
+def _check_offsets(const int64_t[::1] offsets, Py_ssize_t total):
+    o = np.asarray(offsets)
+    if o.shape[0] < 1 or o[0] != 0 or o[o.shape[0] - 1] != total or np.any(np.diff(o) < 0):
+        raise ValueError(f"offsets must rise from 0 to the number of rows ({total})")
+    return int(np.max(np.diff(o))) if o.shape[0] > 1 else 0
+
+
+def scatter_rows(const floating[:, ::1] packed, const floating[::1] bias,
+                 const int64_t[::1] offsets, floating[:, :, ::1] padded):
+    """padded[b, :n_b] <- packed[offsets[b]:offsets[b+1]] + bias (bias may be None); the
+    padding rows of `padded` are left as they are."""
+    cdef Py_ssize_t B = offsets.shape[0] - 1, n = packed.shape[1], b, t, j, r
+    longest = _check_offsets(offsets, packed.shape[0])
+    if padded.shape[0] != B or padded.shape[1] < longest or padded.shape[2] != n:
+        raise ValueError(f"padded must have shape ({B}, >= {longest}, {n}), got "
+                         f"({padded.shape[0]}, {padded.shape[1]}, {padded.shape[2]})")
+    if bias is not None:
+        _check_vector(bias, n, "bias")
+    cdef bint has_bias = bias is not None
+    with nogil:
+        for b in range(B):
+            for t in range(offsets[b + 1] - offsets[b]):
+                r = offsets[b] + t
+                if has_bias:
+                    for j in range(n):
+                        padded[b, t, j] = packed[r, j] + bias[j]
+                else:
+                    for j in range(n):
+                        padded[b, t, j] = packed[r, j]
+
+
+def gather_rows(const floating[:, :, ::1] padded, const int64_t[::1] offsets,
+                floating[:, ::1] packed):
+    """packed[offsets[b]:offsets[b+1]] <- padded[b, :n_b]: the real rows, packed."""
+    cdef Py_ssize_t B = offsets.shape[0] - 1, n = packed.shape[1], b, t, j
+    longest = _check_offsets(offsets, packed.shape[0])
+    if padded.shape[0] != B or padded.shape[1] < longest or padded.shape[2] != n:
+        raise ValueError(f"padded must have shape ({B}, >= {longest}, {n}), got "
+                         f"({padded.shape[0]}, {padded.shape[1]}, {padded.shape[2]})")
+    with nogil:
+        for b in range(B):
+            for t in range(offsets[b + 1] - offsets[b]):
+                for j in range(n):
+                    packed[offsets[b] + t, j] = padded[b, t, j]
+
+
+def pool(const floating[:, ::1] x, const int64_t[::1] offsets, int mode,
+         floating[:, ::1] out, num_threads=None):
+    """out[b] <- pooling of the packed rows x[offsets[b]:offsets[b+1]] of sequence b:
+    POOL_MEAN, POOL_MAX, POOL_CLS (the first row) or POOL_MEAN_SQRT_LEN (sum / √n). An
+    empty sequence pools to zeros."""
+    cdef Py_ssize_t B = offsets.shape[0] - 1, n = x.shape[1], b, t, j, start, count
+    _check_offsets(offsets, x.shape[0])
+    _check_rows(out, B, n, "out")
+    if mode not in (POOL_MEAN, POOL_MAX, POOL_CLS, POOL_MEAN_SQRT_LEN):
+        raise ValueError(f"unknown pooling mode {mode}")
+    cdef int nt = team_size(x.shape[0] * n, num_threads)
+    cdef floating scale
+    if B == 0 or n == 0:
+        return
+    with nogil:
+        for b in prange(B, num_threads=nt, schedule="static"):
+            start = offsets[b]
+            count = offsets[b + 1] - start
+            for j in range(n):
+                out[b, j] = x[start, j] if count else 0
+            if mode == CLS:
+                continue
+            for t in range(1, count):
+                if mode == MAX:
+                    for j in range(n):
+                        if x[start + t, j] > out[b, j] or x[start + t, j] != x[start + t, j]:
+                            out[b, j] = x[start + t, j]
+                else:
+                    for j in range(n):
+                        out[b, j] = out[b, j] + x[start + t, j]
+            if count and mode == MEAN:
+                scale = 1 / <floating>count
+            elif count and mode == MEAN_SQRT_LEN:
+                scale = 1 / <floating>sqrt(<double>count)
+            else:
+                scale = 1
+            if mode != MAX:
+                for j in range(n):
+                    out[b, j] = out[b, j] * scale

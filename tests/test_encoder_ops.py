@@ -1,0 +1,203 @@
+"""The encoder's fused row operations (cattn._encoder_ops) against their float64 NumPy
+definitions, on both code paths (the AVX2 build and the baseline build forced by
+CATTN_DISABLE_AVX2=1 in a child process), at one and two threads."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from cattn import _encoder_ops as ops
+
+
+def gelu64(v):
+    return 0.5 * v * (1 + erf(v / math.sqrt(2)))
+
+
+def layer_norm64(x, weight, beta, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight + beta
+
+
+def tol(dtype):
+    return dict(rtol=2e-6, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-13, atol=1e-13)
+
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_bias_gelu(rng, dtype, num_threads):
+    # odd widths (vector tails), a wide range (both tails of erf), and enough rows to thread
+    for rows, n in [(1, 1), (3, 37), (700, 131)]:
+        x = (rng.standard_normal((rows, n)) * 4).astype(dtype)
+        bias = rng.standard_normal(n).astype(dtype)
+        # the sum rounds to the dtype first, as any implementation's does
+        want = gelu64((x + bias).astype(np.float64))
+        got = x.copy()
+        assert ops.bias_gelu(got, bias, num_threads=num_threads) is None
+        if dtype == np.float32:
+            # A&S 7.1.26 errs by <= 1.5e-7 in erf, so by <= 0.75e-7·|v| in v·Φ(v); plus the
+            # float32 roundings of the result
+            v = np.abs((x + bias).astype(np.float64))
+            bound = 1e-7 * np.maximum(v, 1) + 2 * np.spacing(np.abs(want).astype(dtype))
+            assert np.all(np.abs(got - want) <= bound)
+        else:
+            np.testing.assert_allclose(got, want, **tol(dtype))
+
+
+def test_gelu_special_values():
+    x = np.array([[0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 100.0, -100.0, np.inf, -np.inf,
+                   np.nan, 1e-45]], dtype=np.float32)
+    got = x.copy()
+    ops.bias_gelu(got, np.zeros(x.shape[1], np.float32))
+    with np.errstate(invalid="ignore"):
+        want = gelu64(x.astype(np.float64))
+    want[0, 9] = 0.0  # GELU(-inf) = -inf·Φ(-inf) -> 0 in the limit
+    np.testing.assert_allclose(got[0, :10], want[0, :10], rtol=1e-6, atol=1e-37)
+    assert np.isnan(got[0, 10]) and got[0, 11] >= 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_bias_residual_layernorm(rng, dtype, num_threads):
+    for rows, n in [(1, 1), (5, 17), (300, 384)]:
+        x = rng.standard_normal((rows, n)).astype(dtype) * 3 + 1
+        bias = rng.standard_normal(n).astype(dtype)
+        residual = rng.standard_normal((rows, n)).astype(dtype)
+        weight = (1 + 0.3 * rng.standard_normal(n)).astype(dtype)
+        beta = (0.1 * rng.standard_normal(n)).astype(dtype)
+        f64 = [a.astype(np.float64) for a in (x, bias, residual, weight, beta)]
+        want = layer_norm64(f64[0] + f64[1] + f64[2], f64[3], f64[4], 1e-12)
+        out = np.empty_like(x)
+        residual_before = residual.copy()
+        ops.bias_residual_layernorm(x.copy(), bias, residual, weight, beta, 1e-12, out,
+                                    num_threads=num_threads)
+        np.testing.assert_allclose(out, want, **tol(dtype))
+        np.testing.assert_array_equal(residual, residual_before)
+        # in place over the residual, and with neither bias nor residual
+        ops.bias_residual_layernorm(x.copy(), bias, residual, weight, beta, 1e-12, residual,
+                                    num_threads=num_threads)
+        np.testing.assert_allclose(residual, want, **tol(dtype))
+        plain = x.copy()
+        ops.bias_residual_layernorm(plain, None, None, weight, beta, 1e-5, plain)
+        np.testing.assert_allclose(plain, layer_norm64(f64[0], f64[3], f64[4], 1e-5),
+                                   **tol(dtype))
+
+
+def test_layernorm_constant_row_and_large_offset():
+    """A constant row normalizes to beta (variance 0 + eps); a large common offset does not
+    cost precision (two-pass variance)."""
+    n = 64
+    weight, beta = np.ones(n, np.float32), np.linspace(-1, 1, n, dtype=np.float32)
+    x = np.full((2, n), 7.0, np.float32)
+    x[1] = 1000 + np.arange(n, dtype=np.float32) / n
+    out = np.empty_like(x)
+    ops.bias_residual_layernorm(x.copy(), None, None, weight, beta, 1e-12, out)
+    np.testing.assert_allclose(out[0], beta, atol=1e-6)
+    want = layer_norm64(x[1:].astype(np.float64), 1.0, beta.astype(np.float64), 1e-12)
+    np.testing.assert_allclose(out[1:], want, atol=2e-3)  # inputs rounded at 1000 (ulp 6e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embed_layernorm(rng, dtype):
+    vocab, positions_n, types_n, n, rows = 50, 20, 2, 24, 40
+    word, position, token_type = (rng.standard_normal((m, n)).astype(dtype)
+                                  for m in (vocab, positions_n, types_n))
+    weight = (1 + 0.2 * rng.standard_normal(n)).astype(dtype)
+    beta = rng.standard_normal(n).astype(dtype)
+    ids = rng.integers(0, vocab, rows)
+    pos = rng.integers(0, positions_n, rows)
+    types = rng.integers(0, types_n, rows)
+    out = np.empty((rows, n), dtype)
+    ops.embed_layernorm(ids, pos, types, word, position, token_type, weight, beta, 1e-12, out)
+    summed = (word[ids].astype(np.float64) + position[pos] + token_type[types])
+    np.testing.assert_allclose(out, layer_norm64(summed, weight.astype(np.float64),
+                                                 beta.astype(np.float64), 1e-12), **tol(dtype))
+    bad = ids.copy()
+    bad[3] = vocab
+    with pytest.raises(ValueError, match="ids must lie in"):
+        ops.embed_layernorm(bad, pos, types, word, position, token_type, weight, beta,
+                            1e-12, out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_and_gather_rows(rng, dtype):
+    lengths = [3, 0, 5, 1]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    packed = rng.standard_normal((sum(lengths), 6)).astype(dtype)
+    bias = rng.standard_normal(6).astype(dtype)
+    padded = np.full((4, 5, 6), -7, dtype)
+    ops.scatter_rows(packed, bias, offsets, padded)
+    for b, n in enumerate(lengths):
+        np.testing.assert_array_equal(padded[b, :n], packed[offsets[b]:offsets[b + 1]] + bias)
+        assert np.all(padded[b, n:] == -7)  # padding untouched
+    back = np.empty_like(packed)
+    ops.gather_rows(padded, offsets, back)
+    np.testing.assert_array_equal(back, packed + bias)
+    ops.scatter_rows(packed, None, offsets, padded)
+    ops.gather_rows(padded, offsets, back)
+    np.testing.assert_array_equal(back, packed)
+    with pytest.raises(ValueError, match="offsets"):
+        ops.gather_rows(padded, offsets[::-1].copy(), back)
+    with pytest.raises(ValueError, match="padded must have shape"):
+        ops.scatter_rows(packed, None, offsets, padded[:, :4].copy())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_pool(rng, dtype, num_threads):
+    lengths = [4, 1, 0, 7] * 30
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    x = rng.standard_normal((offsets[-1], 300)).astype(dtype)
+    x64 = x.astype(np.float64)
+    segments = [x64[offsets[b]:offsets[b + 1]] for b in range(len(lengths))]
+    zero = np.zeros(x.shape[1])
+    want = {
+        ops.POOL_MEAN: [s.mean(0) if len(s) else zero for s in segments],
+        ops.POOL_MAX: [s.max(0) if len(s) else zero for s in segments],
+        ops.POOL_CLS: [s[0] if len(s) else zero for s in segments],
+        ops.POOL_MEAN_SQRT_LEN: [s.sum(0) / math.sqrt(len(s)) if len(s) else zero
+                                 for s in segments],
+    }
+    for mode, expected in want.items():
+        out = np.full((len(lengths), x.shape[1]), np.nan, dtype)
+        ops.pool(x, offsets, mode, out, num_threads=num_threads)
+        np.testing.assert_allclose(out, np.array(expected), **tol(dtype))
+    with pytest.raises(ValueError, match="pooling mode"):
+        ops.pool(x, offsets, 9, out)
+
+
+def test_bad_shapes_and_dtypes():
+    x = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="bias must have 4"):
+        ops.bias_gelu(x, np.zeros(5, np.float32))
+    with pytest.raises(ValueError):  # mixed dtypes
+        ops.bias_gelu(x, np.zeros(4, np.float64))
+    with pytest.raises(ValueError):  # not C-contiguous
+        ops.bias_gelu(np.zeros((4, 3), np.float32).T, np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="num_threads"):
+        ops.bias_gelu(np.zeros((300, 300), np.float32), np.zeros(300, np.float32),
+                      num_threads=0)
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.bias_residual_layernorm(x, None, None, np.ones(4, np.float32),
+                                    np.zeros(4, np.float32), 1e-5, np.zeros((2, 4), np.float32))
+
+
+def test_baseline_build_in_a_child_process():
+    """CATTN_DISABLE_AVX2=1 runs the baseline loops: this file's tests pass there too."""
+    if ops.simd_path() != "avx2+fma":
+        pytest.skip("this CPU already runs the baseline build")
+    env = dict(os.environ, CATTN_DISABLE_AVX2="1")
+    code = ("import sys, pytest; from cattn import _encoder_ops as ops; "
+            "assert ops.simd_path() == 'generic'; "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r}, "
+            "'-k', 'not child_process']))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
