@@ -14,8 +14,8 @@ one pass over a row while it sits in the L1 cache:
 Rows are spread over OpenMP threads (prange); one row is one thread's work, so results do
 not depend on the thread count. The loops are plain C that the compiler vectorizes: built
 twice, for the platform baseline and (with a target attribute) for AVX2+FMA, chosen at run
-time from the CPU's features like the attention kernel (CATTN_DISABLE_AVX2=1 forces the
-baseline build). float32 GELU uses the Abramowitz & Stegun 7.1.26 erfc (absolute error
+time as the attention kernel chooses its path (CATTN_ISA=portable or CATTN_DISABLE_AVX2=1
+force the baseline build). float32 GELU uses the Abramowitz & Stegun 7.1.26 erfc (absolute error
 <= 1.5e-7, about one float32 rounding) with a branch-free polynomial exp; float64 uses
 libm's erf.
 
@@ -28,14 +28,21 @@ from libc.stdint cimport int64_t
 
 import numpy as np
 
+from cattn import _kernel, _runtime
+
 cdef extern from *:
     """
-    #include "cattn_simd.h"  /* the attention kernel's CPU dispatch */
+    #include <math.h>
+    #include <stddef.h>
+    #include <stdint.h>
+    #include <string.h>
 
     #define ENC_INLINE static inline __attribute__((always_inline))
-    #if CATTN_HAVE_AVX2_PATH
+    #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+    #define ENC_HAVE_AVX2_BUILD 1
     #define ENC_AVX2 __attribute__((target("avx2,fma")))
     #else
+    #define ENC_HAVE_AVX2_BUILD 0
     #define ENC_AVX2
     #endif
     #define ENC_LANES 16  /* independent partial sums: reductions the compiler can vectorize */
@@ -88,7 +95,7 @@ cdef extern from *:
 
     static void enc_bias_gelu_f32_generic(float *x, const float *bias, ptrdiff_t n)
     { enc_bias_gelu_f32_body(x, bias, n); }
-    #if CATTN_HAVE_AVX2_PATH
+    #if ENC_HAVE_AVX2_BUILD
     ENC_AVX2 static void enc_bias_gelu_f32_avx2(float *x, const float *bias, ptrdiff_t n)
     { enc_bias_gelu_f32_body(x, bias, n); }
     #endif
@@ -151,24 +158,24 @@ cdef extern from *:
                                          const double *, const double *, double, double *,
                                          ptrdiff_t);
 
-    static enc_gelu_f32_fn enc_gelu_f32_impl(void)
+    static enc_gelu_f32_fn enc_gelu_f32_impl(int avx2)
     {
-    #if CATTN_HAVE_AVX2_PATH
-        if (cattn_cpu_has_avx2_fma()) return enc_bias_gelu_f32_avx2;
+    #if ENC_HAVE_AVX2_BUILD
+        if (avx2) return enc_bias_gelu_f32_avx2;
     #endif
         return enc_bias_gelu_f32_generic;
     }
-    static enc_layernorm_f32_fn enc_layernorm_f32_impl(void)
+    static enc_layernorm_f32_fn enc_layernorm_f32_impl(int avx2)
     {
-    #if CATTN_HAVE_AVX2_PATH
-        if (cattn_cpu_has_avx2_fma()) return enc_layernorm_f32_body_avx2;
+    #if ENC_HAVE_AVX2_BUILD
+        if (avx2) return enc_layernorm_f32_body_avx2;
     #endif
         return enc_layernorm_f32_body_generic;
     }
-    static enc_layernorm_f64_fn enc_layernorm_f64_impl(void)
+    static enc_layernorm_f64_fn enc_layernorm_f64_impl(int avx2)
     {
-    #if CATTN_HAVE_AVX2_PATH
-        if (cattn_cpu_has_avx2_fma()) return enc_layernorm_f64_body_avx2;
+    #if ENC_HAVE_AVX2_BUILD
+        if (avx2) return enc_layernorm_f64_body_avx2;
     #endif
         return enc_layernorm_f64_body_generic;
     }
@@ -179,14 +186,12 @@ cdef extern from *:
     ctypedef void (*enc_layernorm_f64_fn)(double*, const double*, const double*, const double*,
                                           const double*, double, double*,
                                           Py_ssize_t) noexcept nogil
-    enc_gelu_f32_fn enc_gelu_f32_impl() noexcept nogil
-    enc_layernorm_f32_fn enc_layernorm_f32_impl() noexcept nogil
-    enc_layernorm_f64_fn enc_layernorm_f64_impl() noexcept nogil
+    enc_gelu_f32_fn enc_gelu_f32_impl(int avx2) noexcept nogil
+    int ENC_HAVE_AVX2_BUILD
+    enc_layernorm_f32_fn enc_layernorm_f32_impl(int avx2) noexcept nogil
+    enc_layernorm_f64_fn enc_layernorm_f64_impl(int avx2) noexcept nogil
     void enc_bias_gelu_f64(double* x, const double* bias, Py_ssize_t n) noexcept nogil
-    const char* cattn_simd_path() noexcept nogil
 
-cdef extern from "cattn_omp.h":
-    int omp_get_max_threads() noexcept nogil
 
 # Below this many elements a call stays on one thread: starting a team costs more.
 cdef Py_ssize_t PARALLEL_MIN_ELEMENTS = 32768
@@ -199,16 +204,25 @@ cdef enum:
 POOL_MEAN, POOL_MAX, POOL_CLS, POOL_MEAN_SQRT_LEN = MEAN, MAX, CLS, MEAN_SQRT_LEN
 
 
+# The attention kernel's choice of instruction set (the CPU's best, capped by CATTN_ISA or
+# CATTN_DISABLE_AVX2): its AVX2 and AVX-512 paths take the AVX2 build of these loops.
+cdef bint USE_AVX2 = ENC_HAVE_AVX2_BUILD and _kernel.default_isa_index() >= 1
+
+
 def simd_path():
     """The code path these loops take on this CPU: 'avx2+fma' or 'generic'."""
-    return cattn_simd_path().decode()
+    return "avx2+fma" if USE_AVX2 else "generic"
 
 
 cdef int team_size(Py_ssize_t elements, num_threads):
-    cdef int n = omp_get_max_threads() if num_threads is None else int(num_threads)
-    if n < 1:
-        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-    return 1 if elements < PARALLEL_MIN_ELEMENTS else n
+    """Threads for a call, as the attention kernel counts them (num_threads=, else
+    cattn.threads()/set_num_threads()/OpenMP's default, within the process's budget)."""
+    if num_threads is None:
+        num_threads = _runtime.get_num_threads()
+    elif isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) \
+            or num_threads < 1:
+        raise ValueError(f"num_threads must be an integer >= 1, got {num_threads!r}")
+    return 1 if elements < PARALLEL_MIN_ELEMENTS else _runtime.team_size(int(num_threads))
 
 
 def _check_vector(v, n, name):
@@ -218,7 +232,7 @@ def _check_vector(v, n, name):
 
 cdef inline void bias_gelu_row(floating* x, const floating* bias, Py_ssize_t n) noexcept nogil:
     if floating is float:
-        enc_gelu_f32_impl()(x, bias, n)
+        enc_gelu_f32_impl(USE_AVX2)(x, bias, n)
     else:
         enc_bias_gelu_f64(x, bias, n)
 
@@ -239,9 +253,9 @@ cdef inline void layernorm_row(floating* x, const floating* bias, const floating
                                const floating* weight, const floating* beta, floating eps,
                                floating* out, Py_ssize_t n) noexcept nogil:
     if floating is float:
-        enc_layernorm_f32_impl()(x, bias, residual, weight, beta, eps, out, n)
+        enc_layernorm_f32_impl(USE_AVX2)(x, bias, residual, weight, beta, eps, out, n)
     else:
-        enc_layernorm_f64_impl()(x, bias, residual, weight, beta, eps, out, n)
+        enc_layernorm_f64_impl(USE_AVX2)(x, bias, residual, weight, beta, eps, out, n)
 
 
 cdef void layernorm_rows(floating* x, const floating* bias, const floating* residual,
