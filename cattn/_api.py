@@ -16,6 +16,7 @@ import numpy as np
 
 from cattn import _kernel, _runtime
 from cattn._blas_threads import single_threaded_blas
+from cattn._interop import from_dlpack
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _INT32_MAX = 2**31 - 1
@@ -180,7 +181,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     query : ndarray (..., L, E), float32 or float64
     key : ndarray (..., S, E), same dtype
     value : ndarray (..., S, Ev), same dtype
-        Leading dimensions broadcast as in NumPy. Any strides are accepted.
+        Leading dimensions broadcast as in NumPy. Any strides are accepted. Objects with
+        `__dlpack__` (CPU PyTorch tensors; also for attn_mask and out) are used in place,
+        without a copy.
     attn_mask : ndarray, optional
         Broadcastable to (..., L, S). Boolean: True means the key takes part (as in
         PyTorch). Float: added to the scaled scores (-inf excludes a key). Never expanded.
@@ -227,6 +230,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     `_block_sizes=(block_q, block_k)` and `_isa="avx512"|"avx2"|"portable"` are private
     hooks for the tests: the result must not depend on either, beyond rounding.
     """
+    query, key, value, attn_mask, out = (
+        from_dlpack(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value"),
+                                             (attn_mask, "attn_mask"), (out, "out")))
     for name, x in (("query", query), ("key", key), ("value", value)):
         _check_array(x, name)
     if not (query.dtype == key.dtype == value.dtype):

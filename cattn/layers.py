@@ -20,6 +20,7 @@ import operator
 import numpy as np
 
 from cattn._api import scaled_dot_product_attention
+from cattn._interop import from_dlpack
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -300,7 +301,9 @@ class MultiHeadAttention:
 
         Parameters
         ----------
-        query : (B, L, E) array, or (L, E) unbatched
+        query : (B, L, E) array, or (L, E) unbatched. Here and for key, value and the masks,
+            objects with `__dlpack__` (CPU PyTorch tensors) are used without a copy; the
+            results are NumPy arrays.
         key : (B, S, kdim) array, optional; defaults to `query` (self-attention)
         value : (B, S, vdim) array, optional; defaults to `key`
         key_padding_mask : (B, S) array, optional
@@ -331,6 +334,10 @@ class MultiHeadAttention:
         self_attention = (key is None or key is query) and (value is None or value is query)
         if self_attention:
             key = value = None
+        query, key, value, key_padding_mask, attn_mask = (
+            from_dlpack(x, name) for x, name in (
+                (query, "query"), (key, "key"), (value, "value"),
+                (key_padding_mask, "key_padding_mask"), (attn_mask, "attn_mask")))
         unbatched = isinstance(query, np.ndarray) and query.ndim == 2
         if unbatched:
             query, key, value, key_padding_mask = (
