@@ -73,7 +73,35 @@ def __dir__() -> List[str]:
 
 def show_config() -> Dict[str, Any]:
     """How this build runs: OpenMP, threads, the instruction-set path the kernels take
-    (CATTN_ISA caps it), who computes the block GEMMs, the BLAS limiter."""
+    (CATTN_ISA caps it), who computes the block GEMMs, the BLAS limiter.
+
+    Returns
+    -------
+    dict
+        ``version``; ``openmp`` (False: a serial build, every call on one thread);
+        ``default_num_threads`` (OpenMP's default team); ``isa`` (the path calls take:
+        "avx512", "avx2" or "portable") and ``isa_supported`` (every path this CPU can
+        run); ``block_gemm`` (BLAS or cattn's own micro-kernels); ``blas_thread_control``
+        (how BLAS is kept on one thread inside the kernel's threads).
+
+    Raises
+    ------
+    ImportError
+        When the compiled core cannot be loaded (a source tree without its build).
+
+    See Also
+    --------
+    get_num_threads : the thread count a call from this thread uses by default.
+
+    Examples
+    --------
+    >>> import cattn
+    >>> config = cattn.show_config()
+    >>> config["isa"] in config["isa_supported"]
+    True
+    >>> sorted(config)[:3]
+    ['blas_thread_control', 'block_gemm', 'default_num_threads']
+    """
     from cattn import _kernel
     from cattn._blas_threads import single_threaded_blas
     return {

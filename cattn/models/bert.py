@@ -5,8 +5,10 @@ weights. The sentence models of `cattn.models` are built on it.
 import math
 import re
 from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 from scipy.special import erf
 
 from cattn.layers import MultiHeadAttention
@@ -28,7 +30,7 @@ class BertConfig:
     hidden_act: str = "gelu"
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: Mapping[str, Any]) -> "BertConfig":
         config = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
         if config.hidden_act != "gelu":
             raise ValueError(f"only BERT's exact GELU is implemented, the config asks for "
@@ -38,7 +40,7 @@ class BertConfig:
                              f"hidden_size={config.hidden_size}")
         return config
 
-    def weight_shapes(self):
+    def weight_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Name -> shape of every weight the encoder needs (Hugging Face BertModel names)."""
         E, F = self.hidden_size, self.intermediate_size
         shapes = {"embeddings.word_embeddings.weight": (self.vocab_size, E),
@@ -68,7 +70,10 @@ _IGNORED = re.compile(r"^(embeddings\.position_ids|pooler\..*)$")
 
 # --------------------------------------------------------------------------- the encoder
 
-def layer_norm(x, weight, bias, eps):
+def layer_norm(x: NDArray[Any], weight: NDArray[Any], bias: NDArray[Any],
+               eps: float) -> NDArray[Any]:
+    """Layer normalization over the last axis (a new array): (x - mean) / sqrt(var + eps),
+    scaled by `weight` and shifted by `bias`."""
     mean = x.mean(axis=-1, keepdims=True)
     centered = x - mean
     var = np.mean(centered * centered, axis=-1, keepdims=True)
@@ -87,7 +92,7 @@ _AS_A = tuple(a / 2 for a in (0.254829592, -0.284496736, 1.421413741, -1.4531520
 _GELU_CHUNK = 16384  # elements: the scratch rows stay in the L2 cache between the passes
 
 
-def gelu(x):
+def gelu(x: NDArray[Any]) -> NDArray[Any]:
     """BERT's exact GELU, x·Φ(x) = x·(1 + erf(x/√2))/2, in place on x.
 
     float64 goes through SciPy's erf. float32 uses the A&S 7.1.26 form above, within
@@ -136,7 +141,8 @@ class BertEncoder:
     its state dict (the separate q/k/v form).
     """
 
-    def __init__(self, config, weights, dtype=np.float32):
+    def __init__(self, config: BertConfig, weights: Mapping[str, ArrayLike],
+                 dtype: DTypeLike = np.float32) -> None:
         self.config = config
         self.dtype = np.dtype(dtype)
         weights = {(k[5:] if k.startswith("bert.") else k): v for k, v in weights.items()}
@@ -182,7 +188,8 @@ class BertEncoder:
                 output_norm=(w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"])))
 
     @classmethod
-    def random(cls, config, rng=None, dtype=np.float32):
+    def random(cls, config: BertConfig, rng: Union[None, int, np.random.Generator] = None,
+               dtype: DTypeLike = np.float32) -> "BertEncoder":
         """An encoder with random weights (BERT's init: N(0, 0.02), unit layer norms)."""
         rng = np.random.default_rng(rng)
         weights = {}
@@ -195,8 +202,21 @@ class BertEncoder:
                 weights[name] = rng.normal(0.0, 0.02, size=shape)
         return cls(config, weights, dtype)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                 output_attentions=False):
+    @overload
+    def __call__(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
+                 token_type_ids: Optional[ArrayLike] = None, *,
+                 output_attentions: Literal[False] = False) -> NDArray[Any]: ...
+
+    @overload
+    def __call__(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
+                 token_type_ids: Optional[ArrayLike] = None, *,
+                 output_attentions: Literal[True]) -> Tuple[NDArray[Any], List[NDArray[Any]]]:
+        ...
+
+    def __call__(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
+                 token_type_ids: Optional[ArrayLike] = None, *,
+                 output_attentions: bool = False
+                 ) -> Union[NDArray[Any], Tuple[NDArray[Any], List[NDArray[Any]]]]:
         """Last hidden states (B, L, hidden_size) for token ids (B, L).
 
         attention_mask : (B, L), 1 for real tokens and 0 for padding (as from a tokenizer).

@@ -1,0 +1,81 @@
+"""Type signatures of the validating front, which is compiled by Cython (see _api.py).
+
+The result of scaled_dot_product_attention depends on its flags: the output alone, or a
+tuple of the output with the attention weights and/or the log-sum-exp, in that order.
+"""
+from typing import Literal, Optional, Sequence, Tuple, TypeVar, Union, overload
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+_F = TypeVar("_F", np.float32, np.float64)
+_Alignment = Literal["top_left", "bottom_right"]
+
+@overload
+def scaled_dot_product_attention(  # type: ignore[overload-overlap]
+    query: NDArray[_F], key: NDArray[_F], value: NDArray[_F],
+    attn_mask: Optional[ArrayLike] = ..., is_causal: bool = ..., scale: Optional[float] = ...,
+    *, enable_gqa: bool = ..., window: Optional[Tuple[Optional[int], Optional[int]]] = ...,
+    alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
+    softcap: Optional[float] = ...,
+    return_lse: Literal[False] = ..., return_weights: Literal[False] = ...,
+    out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
+    dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    _isa: Optional[str] = ...,
+) -> NDArray[_F]: ...
+
+@overload
+def scaled_dot_product_attention(  # type: ignore[overload-overlap]
+    query: NDArray[_F], key: NDArray[_F], value: NDArray[_F],
+    attn_mask: Optional[ArrayLike] = ..., is_causal: bool = ..., scale: Optional[float] = ...,
+    *, enable_gqa: bool = ..., window: Optional[Tuple[Optional[int], Optional[int]]] = ...,
+    alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
+    softcap: Optional[float] = ...,
+    return_lse: Literal[True], return_weights: Literal[False] = ...,
+    out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
+    dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    _isa: Optional[str] = ...,
+) -> Tuple[NDArray[_F], NDArray[_F]]: ...
+
+@overload
+def scaled_dot_product_attention(  # type: ignore[overload-overlap]
+    query: NDArray[_F], key: NDArray[_F], value: NDArray[_F],
+    attn_mask: Optional[ArrayLike] = ..., is_causal: bool = ..., scale: Optional[float] = ...,
+    *, enable_gqa: bool = ..., window: Optional[Tuple[Optional[int], Optional[int]]] = ...,
+    alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
+    softcap: Optional[float] = ...,
+    return_lse: Literal[False] = ..., return_weights: Literal[True],
+    out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
+    dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    _isa: Optional[str] = ...,
+) -> Tuple[NDArray[_F], NDArray[_F]]: ...
+
+@overload
+def scaled_dot_product_attention(  # type: ignore[overload-overlap]
+    query: NDArray[_F], key: NDArray[_F], value: NDArray[_F],
+    attn_mask: Optional[ArrayLike] = ..., is_causal: bool = ..., scale: Optional[float] = ...,
+    *, enable_gqa: bool = ..., window: Optional[Tuple[Optional[int], Optional[int]]] = ...,
+    alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
+    softcap: Optional[float] = ...,
+    return_lse: Literal[True], return_weights: Literal[True],
+    out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
+    dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    _isa: Optional[str] = ...,
+) -> Tuple[NDArray[_F], NDArray[_F], NDArray[_F]]: ...
+
+@overload
+def scaled_dot_product_attention(
+    query: NDArray[_F], key: NDArray[_F], value: NDArray[_F],
+    attn_mask: Optional[ArrayLike] = ..., is_causal: bool = ..., scale: Optional[float] = ...,
+    *, enable_gqa: bool = ..., window: Optional[Tuple[Optional[int], Optional[int]]] = ...,
+    alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
+    softcap: Optional[float] = ...,
+    return_lse: bool = ..., return_weights: bool = ...,
+    out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
+    dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    _isa: Optional[str] = ...,
+) -> Union[NDArray[_F], Tuple[NDArray[_F], ...]]: ...
+
+
+def merge_attention(outputs: Sequence[NDArray[_F]],
+                    lses: Sequence[NDArray[_F]]) -> Tuple[NDArray[_F], NDArray[_F]]: ...
