@@ -12,7 +12,15 @@ which would dominate tiny inputs: it is only the fallback, when installed, for S
 builds against another BLAS.
 
 The limit is reference-counted, so concurrent cattn calls from several Python threads
-restore the user's setting only when the last of them returns.
+restore the user's setting only when the last of them returns, and only if the count is
+still the 1 set here (a count the user sets meanwhile is kept).
+
+This is a process-wide setting of scipy's OpenBLAS (NumPy's wheels bundle a separate
+OpenBLAS, which is never touched): while a call on this path runs, other threads calling
+scipy's BLAS run it on one thread. OpenBLAS has no per-thread count (its
+`openblas_set_num_threads_local` changes the global count too), and without the limit this
+path is several times slower (each block GEMM would wake BLAS threads). Only the portable
+path (CPUs without AVX2) calls BLAS; the AVX2 and AVX-512 paths leave BLAS alone.
 """
 import ctypes
 import glob
@@ -83,13 +91,35 @@ class _SingleThreadedBlas:
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
-                if self._openblas is not None:
-                    if self._saved != 1:
-                        self._openblas[1](self._saved)
-                elif self._saved is not None:
-                    self._saved.restore_original_limits()
-                self._saved = None
+                self._restore()
         return False
+
+    def _restore(self):
+        if self._openblas is not None:
+            get, set_ = self._openblas
+            # A count someone set while cattn ran is theirs to keep: restore only ours.
+            if self._saved is not None and self._saved != 1 and get() == 1:
+                set_(self._saved)
+        elif self._saved is not None:
+            self._saved.restore_original_limits()
+        self._saved = None
+
+    # fork(): a child must not inherit the lock held, nor a limit no call will lift
+    def _before_fork(self):
+        self._lock.acquire()
+
+    def _after_fork_in_parent(self):
+        self._lock.release()
+
+    def _after_fork_in_child(self):
+        self._lock = threading.Lock()
+        if self._depth:  # calls of threads that do not exist in the child
+            self._depth = 0
+            self._restore()
 
 
 single_threaded_blas = _SingleThreadedBlas()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=single_threaded_blas._before_fork,
+                        after_in_parent=single_threaded_blas._after_fork_in_parent,
+                        after_in_child=single_threaded_blas._after_fork_in_child)

@@ -502,3 +502,66 @@ def test_meta_device_state_dict_is_refused_clearly():
         mha.load_state_dict(module.state_dict())
     for name, value in mha.state_dict().items():
         np.testing.assert_array_equal(value, before[name])
+
+
+# ------------------------------------------------------- BLAS settings of other users
+
+BLAS_CHILD = """
+import threading, time, numpy as np, threadpoolctl, cattn
+from cattn._blas_threads import _find_openblas
+assert cattn._kernel.calls_blas()
+get, set_ = _find_openblas()                 # scipy's OpenBLAS: the one cattn calls
+def numpy_blas_threads():
+    return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+            if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+rng = np.random.default_rng(0)
+q = rng.standard_normal((2, 4, 300, 64)).astype(np.float32)
+set_(2)
+numpy_before = numpy_blas_threads()
+want = cattn.scaled_dot_product_attention(q, q, q, num_threads=2)
+
+# 1. another thread keeps changing BLAS limits with threadpoolctl: identical results
+stop = threading.Event()
+def other_user():
+    while not stop.is_set():
+        for n in (1, 3, 2):
+            with threadpoolctl.threadpool_limits(n, user_api="blas"):
+                time.sleep(0.001)
+user = threading.Thread(target=other_user); user.start()
+calls = identical = 0
+deadline = time.monotonic() + 3
+while time.monotonic() < deadline:
+    got = cattn.scaled_dot_product_attention(q, q, q, num_threads=2)
+    calls += 1
+    identical += np.array_equal(got, want)
+stop.set(); user.join()
+
+# 2. a count the user sets while a call runs is kept, and NumPy's BLAS is never touched
+set_(2)
+big = rng.standard_normal((1, 4, 1024, 64)).astype(np.float32)
+seen_numpy = []
+call = threading.Thread(target=cattn.scaled_dot_product_attention, args=(big, big, big),
+                        kwargs=dict(num_threads=2))
+call.start()
+while get() != 1 and call.is_alive():
+    pass
+seen_numpy.append(numpy_blas_threads())
+set_(3)
+call.join()
+print(calls, identical, get(), seen_numpy[0] == numpy_before, numpy_blas_threads() == numpy_before)
+"""
+
+
+def test_blas_path_keeps_other_users_blas_settings():
+    """The portable path (CATTN_ISA=portable) limits scipy's OpenBLAS while it runs: results
+    stay bitwise identical while another thread changes BLAS limits with threadpoolctl, a
+    count set by the user during a call is kept, NumPy's own BLAS is never touched."""
+    pytest.importorskip("threadpoolctl")
+    status, out, err = run_child(BLAS_CHILD, env=dict(os.environ, CATTN_ISA="portable"))
+    assert status == 0, err[-3000:]
+    calls, identical, after, numpy_during, numpy_after = out.split()
+    print(f"{calls} portable-path calls under a concurrent threadpoolctl user, "
+          f"{identical} bitwise identical")
+    assert int(calls) >= 5 and identical == calls
+    assert after == "3"
+    assert numpy_during == numpy_after == "True"
