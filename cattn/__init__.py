@@ -82,7 +82,8 @@ def show_config() -> Dict[str, Any]:
         ``default_num_threads`` (OpenMP's default team); ``isa`` (the path calls take:
         "avx512", "avx2" or "portable") and ``isa_supported`` (every path this CPU can
         run); ``block_gemm`` (BLAS or cattn's own micro-kernels); ``blas_thread_control``
-        (how BLAS is kept on one thread inside the kernel's threads).
+        (how BLAS is kept on one thread inside the kernel's threads); ``openmp_wait_policy``
+        (how idle OpenMP workers wait, and who chose it).
 
     Raises
     ------
@@ -102,7 +103,7 @@ def show_config() -> Dict[str, Any]:
     >>> sorted(config)[:3]
     ['blas_thread_control', 'block_gemm', 'default_num_threads']
     """
-    from cattn import _kernel
+    from cattn import _runtime, _kernel
     from cattn._blas_threads import single_threaded_blas
     return {
         "version": __version__,
@@ -112,6 +113,7 @@ def show_config() -> Dict[str, Any]:
         "isa_supported": list(_kernel.supported_isa_paths()),
         "block_gemm": "blas" if _kernel.calls_blas() else f"{_kernel.isa_path()} micro-kernels",
         "blas_thread_control": single_threaded_blas.backend,
+        "openmp_wait_policy": _runtime.WAIT_POLICY,
     }
 
 

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from cattn import _kernel, _runtime
+from cattn import _runtime, _kernel  # _runtime first: it loads OpenMP (wait policy)
 from cattn._blas_threads import single_threaded_blas
 from cattn._interop import from_dlpack
 

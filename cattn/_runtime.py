@@ -28,7 +28,52 @@ import weakref
 
 import numpy as np
 
-from cattn import _kernel
+
+# ----------------------------------------------------- idle workers sleep, not spin
+# After a parallel region, OpenMP workers busy-wait for the next one (libgomp: 300,000
+# spins, a few ms of a core) and so steal the cores NumPy's BLAS threads need between
+# cattn calls. The wait policy is read once, when the runtime loads: if cattn is the one
+# loading it and the user chose no policy, it loads with OMP_WAIT_POLICY=passive, set in
+# the environment only for the moment of loading (subprocesses and later readers see the
+# user's environment). Other libraries sharing this OpenMP runtime get the same policy;
+# OMP_WAIT_POLICY=active (or GOMP_SPINCOUNT) restores spinning.
+_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+_OPENMP_RUNTIMES = ("libgomp.so.1", "libomp.so", "libomp.so.5", "libiomp5.so",
+                    "libomp.dylib", "libiomp5.dylib")
+
+
+def _openmp_runtime_loaded():
+    mode = getattr(os, "RTLD_NOLOAD", None)
+    if mode is None:
+        return True  # cannot tell: leave the choice to the runtime
+    for name in _OPENMP_RUNTIMES:
+        try:
+            ctypes.CDLL(name, mode=mode)
+            return True
+        except OSError:
+            pass
+    return False
+
+
+def _import_kernel():
+    """cattn._kernel, loading the OpenMP runtime with passive waiting when that is ours to
+    choose; and who chose the wait policy."""
+    chosen = [f"{v}={os.environ[v]}" for v in _WAIT_VARIABLES if v in os.environ]
+    if chosen:
+        from cattn import _kernel
+        return _kernel, "the user's (" + ", ".join(chosen) + ")"
+    if _openmp_runtime_loaded():
+        from cattn import _kernel
+        return _kernel, "the runtime's default (it was loaded before cattn)"
+    os.environ["OMP_WAIT_POLICY"] = "passive"
+    try:
+        from cattn import _kernel
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+    return _kernel, "passive (set by cattn when it loaded the OpenMP runtime)"
+
+
+_kernel, WAIT_POLICY = _import_kernel()
 
 try:
     _CORES = len(os.sched_getaffinity(0))

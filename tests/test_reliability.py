@@ -256,7 +256,8 @@ with warnings.catch_warnings(record=True) as caught:
     got = cattn.scaled_dot_product_attention(q, q, q, num_threads=4)
 assert np.array_equal(got, want)
 assert any("refused" in str(w.message) for w in caught), [str(w.message) for w in caught]
-print("alive", cattn._runtime.thread_report())
+from cattn import _runtime
+print("alive", _runtime.thread_report())
 """
 
 
@@ -508,8 +509,9 @@ def test_meta_device_state_dict_is_refused_clearly():
 
 BLAS_CHILD = """
 import threading, time, numpy as np, threadpoolctl, cattn
+from cattn import _kernel
 from cattn._blas_threads import _find_openblas
-assert cattn._kernel.calls_blas()
+assert _kernel.calls_blas()
 get, set_ = _find_openblas()                 # scipy's OpenBLAS: the one cattn calls
 def numpy_blas_threads():
     return [i["num_threads"] for i in threadpoolctl.threadpool_info()
@@ -565,3 +567,35 @@ def test_blas_path_keeps_other_users_blas_settings():
     assert int(calls) >= 5 and identical == calls
     assert after == "3"
     assert numpy_during == numpy_after == "True"
+
+
+# ---------------------------------------------------------- idle OpenMP workers sleep
+
+IDLE_CHILD = """
+import os, time, numpy as np, cattn
+q = np.random.default_rng(0).standard_normal((4, 8, 128, 64)).astype(np.float32)
+cattn.scaled_dot_product_attention(q, q, q, num_threads=2)
+burnt = []
+for _ in range(10):
+    cattn.scaled_dot_product_attention(q, q, q, num_threads=2)
+    start = time.process_time()
+    time.sleep(0.03)   # the workers are idle: what they burn now is spinning
+    burnt.append(time.process_time() - start)
+print(sorted(burnt)[5] * 1e3, "OMP_WAIT_POLICY" in os.environ,
+      repr(cattn.show_config()["openmp_wait_policy"]))
+"""
+
+
+@pytest.mark.skipif(not cattn.openmp_enabled(), reason="a serial build has no workers")
+def test_idle_workers_sleep_after_a_call_without_touching_the_environment():
+    """Busy-waiting workers would burn a few ms of CPU after every call (stolen from NumPy's
+    BLAS threads in a layer loop); the environment the user sees is unchanged."""
+    env = {k: v for k, v in os.environ.items() if k not in _runtime._WAIT_VARIABLES}
+    status, out, err = run_child(IDLE_CHILD, env=env)
+    assert status == 0, err[-3000:]
+    burnt_ms, in_environment, policy = out.split(maxsplit=2)
+    assert float(burnt_ms) < 1.0
+    assert in_environment == "False" and "passive" in policy
+    # the user's choice wins, and show_config says whose it is
+    status, out, err = run_child(IDLE_CHILD, env=dict(env, OMP_WAIT_POLICY="active"))
+    assert status == 0 and "OMP_WAIT_POLICY=active" in out, err[-3000:]

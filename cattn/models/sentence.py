@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from cattn import _runtime  # noqa: F401  (first: it loads OpenMP with its wait policy)
 from cattn import _encoder_ops as ops
 from cattn._api import scaled_dot_product_attention
 from cattn.models.bert import BertConfig, BertEncoder
