@@ -19,6 +19,7 @@ from here:
 """
 import contextlib
 import ctypes
+import glob
 import numbers
 import os
 import threading
@@ -234,18 +235,22 @@ def thread_report():
 # ------------------------------------------------------------------------ fork safety
 
 def _openmp_library():
-    """ctypes handle on the libgomp this process loaded for cattn, or None (another
-    runtime, e.g. LLVM's libomp, which re-initializes itself in a forked child)."""
-    if not _kernel.openmp_enabled() or not hasattr(os, "RTLD_NOLOAD"):
+    """ctypes handle on omp_pause_resource_all of the libgomp cattn's core uses, or None
+    (another runtime, e.g. LLVM's libomp, which re-initializes itself in a forked child)."""
+    if not _OPENMP or not hasattr(os, "RTLD_NOLOAD"):
         return None
-    try:
-        lib = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
-        release = lib.omp_pause_resource_all
-    except (OSError, AttributeError):
-        return None
-    release.argtypes = [ctypes.c_int]
-    release.restype = ctypes.c_int
-    return release
+    # A wheel bundles its own copy under a unique name next to the package (auditwheel).
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    bundled = glob.glob(os.path.join(os.path.dirname(package_dir), "cattn.libs", "libgomp*"))
+    for name in sorted(bundled) + ["libgomp.so.1"]:
+        try:
+            release = ctypes.CDLL(name, mode=os.RTLD_NOLOAD).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        release.argtypes = [ctypes.c_int]
+        release.restype = ctypes.c_int
+        return release
+    return None
 
 
 _pause_resource_all = _openmp_library()
