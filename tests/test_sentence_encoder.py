@@ -336,10 +336,13 @@ def test_inputs_are_not_modified(tiny):
     assert sentences == SENTENCES
 
 
-def test_packed_forward_equals_padded_forward(rng):
-    """The packed pass (GEMMs on real tokens, fused row operations) equals the padded
-    layer-by-layer BertEncoder, in float64 to rounding."""
+@pytest.mark.parametrize("tokens_per_group", [512, 12, 1])
+def test_packed_forward_equals_padded_forward(rng, monkeypatch, tokens_per_group):
+    """The packed pass (GEMMs on real tokens, fused row operations, groups of sequences)
+    equals the padded layer-by-layer BertEncoder, in float64 to rounding."""
+    from cattn.models import sentence
     from cattn.models.sentence import packed_forward
+    monkeypatch.setattr(sentence, "TOKENS_PER_GROUP", tokens_per_group)
     config = BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=2,
                         num_attention_heads=3, intermediate_size=40,
                         max_position_embeddings=20)
@@ -357,3 +360,60 @@ def test_packed_forward_equals_padded_forward(rng):
         np.testing.assert_allclose(got[offsets[b]:offsets[b + 1]], want[b, :n], rtol=1e-11,
                                    atol=1e-12)
     assert math.isfinite(float(got.sum()))
+
+
+def write_safetensors(path, tensors, dtypes):
+    """A .safetensors file written by hand (header size, JSON header, raw data)."""
+    header, blobs, offset = {}, [], 0
+    for name, raw in tensors.items():
+        data = raw.tobytes()
+        header[name] = {"dtype": dtypes[name], "shape": list(raw.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    encoded = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little") + encoded + b"".join(blobs))
+
+
+def test_read_safetensors(tmp_path, rng):
+    from cattn.models.sentence import read_safetensors
+    f32 = rng.standard_normal((3, 5)).astype(np.float32)
+    bf16_bits = (f32.view(np.uint32) >> 16).astype(np.uint16)  # truncated to bfloat16
+    tensors = {"f32": f32, "f64": rng.standard_normal(4), "f16": f32.astype(np.float16),
+               "bf16": bf16_bits, "i64": np.arange(6).reshape(2, 3)}
+    dtypes = {"f32": "F32", "f64": "F64", "f16": "F16", "bf16": "BF16", "i64": "I64"}
+    write_safetensors(tmp_path / "w.safetensors", tensors, dtypes)
+    got = read_safetensors(tmp_path / "w.safetensors")
+    for name in ("f32", "f64", "f16", "i64"):
+        a = np.asarray(got[name])
+        assert a.dtype == tensors[name].dtype and a.shape == tensors[name].shape
+        np.testing.assert_array_equal(a, tensors[name])
+    bf16 = np.asarray(got["bf16"])
+    assert bf16.dtype == np.float32
+    np.testing.assert_array_equal(bf16, (bf16_bits.astype(np.uint32) << 16).view(np.float32))
+    assert np.abs(bf16 - f32).max() <= np.abs(f32).max() * 2 ** -7
+    assert np.asarray(got["f16"], dtype=np.float32).dtype == np.float32
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")  # the reference reader
+    safetensors_numpy.save_file({"a": f32, "b": tensors["f64"]}, str(tmp_path / "r.st"))
+    for name, a in safetensors_numpy.load_file(str(tmp_path / "r.st")).items():
+        np.testing.assert_array_equal(np.asarray(read_safetensors(tmp_path / "r.st")[name]), a)
+
+
+def test_read_safetensors_refuses_bad_files(tmp_path):
+    from cattn.models.sentence import read_safetensors
+    (tmp_path / "junk").write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        read_safetensors(tmp_path / "junk")
+    write_safetensors(tmp_path / "odd", {"x": np.zeros(3, np.uint32)}, {"x": "U32"})
+    with pytest.raises(ValueError, match="dtype U32"):
+        read_safetensors(tmp_path / "odd")
+    write_safetensors(tmp_path / "short", {"x": np.zeros(3, np.float32)}, {"x": "F32"})
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-4])
+    with pytest.raises(ValueError, match="truncated"):
+        read_safetensors(tmp_path / "short")
+    write_safetensors(tmp_path / "shape", {"x": np.zeros(3, np.float32)}, {"x": "F32"})
+    raw = (tmp_path / "shape").read_bytes().replace(b"[3]", b"[4]")
+    (tmp_path / "shape").write_bytes(raw)
+    with pytest.raises(ValueError, match="does not fit"):
+        read_safetensors(tmp_path / "shape")

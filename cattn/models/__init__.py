@@ -8,8 +8,8 @@
                        BertModel weights;
 `cattn.models.minilm`  all-MiniLM-L6-v2 ready-made: `MiniLM.from_pretrained()`.
 
-Importing this package loads NumPy code only; safetensors and tokenizers are imported when a
-model folder is loaded.
+Importing this package loads NumPy code only; tokenizers is imported when a model folder is
+loaded (NumPy reads the safetensors weights).
 """
 from cattn.models.sentence import SentenceEncoder, quantize_embeddings, similarity
 

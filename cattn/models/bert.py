@@ -9,7 +9,6 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union, ov
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
-from scipy.special import erf
 
 from cattn.layers import MultiHeadAttention
 
@@ -104,6 +103,7 @@ def gelu(x: NDArray[Any]) -> NDArray[Any]:
     if x.dtype != np.float32:
         half_x = x * 0.5
         np.multiply(x, 1 / math.sqrt(2), out=x)
+        from scipy.special import erf  # here: importing scipy.special costs 4 MB and 50 ms
         erf(x, out=x)
         x += 1
         x *= half_x
@@ -159,33 +159,36 @@ class BertEncoder:
             if a.shape != shape:
                 raise ValueError(f"weight {name!r} must have shape {shape}, got {a.shape}")
             w[name] = a.astype(self.dtype)  # a copy: the caller's arrays are never kept
-        self.word_embeddings = w["embeddings.word_embeddings.weight"]
-        self.position_embeddings = w["embeddings.position_embeddings.weight"]
-        self.token_type_embeddings = w["embeddings.token_type_embeddings.weight"]
-        self.embeddings_norm = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
+        self.word_embeddings = w.pop("embeddings.word_embeddings.weight")
+        self.position_embeddings = w.pop("embeddings.position_embeddings.weight")
+        self.token_type_embeddings = w.pop("embeddings.token_type_embeddings.weight")
+        self.embeddings_norm = (w.pop("embeddings.LayerNorm.weight"),
+                                w.pop("embeddings.LayerNorm.bias"))
+        # Each weight leaves `w` as it is placed: a converted array is never held twice.
         self.layers = []
         E, H = config.hidden_size, config.num_attention_heads
         for i in range(config.num_hidden_layers):
             p = f"encoder.layer.{i}."
             attention = MultiHeadAttention(E, H, dtype=self.dtype)
             attention.load_state_dict({
-                "q_proj_weight": w[p + "attention.self.query.weight"],
-                "k_proj_weight": w[p + "attention.self.key.weight"],
-                "v_proj_weight": w[p + "attention.self.value.weight"],
-                "in_proj_bias": np.concatenate([w[p + f"attention.self.{n}.bias"]
+                "q_proj_weight": w.pop(p + "attention.self.query.weight"),
+                "k_proj_weight": w.pop(p + "attention.self.key.weight"),
+                "v_proj_weight": w.pop(p + "attention.self.value.weight"),
+                "in_proj_bias": np.concatenate([w.pop(p + f"attention.self.{n}.bias")
                                                 for n in ("query", "key", "value")]),
-                "out_proj.weight": w[p + "attention.output.dense.weight"],
-                "out_proj.bias": w[p + "attention.output.dense.bias"]})
+                "out_proj.weight": w.pop(p + "attention.output.dense.weight"),
+                "out_proj.bias": w.pop(p + "attention.output.dense.bias")})
             self.layers.append(dict(
                 attention=attention,
-                attention_norm=(w[p + "attention.output.LayerNorm.weight"],
-                                w[p + "attention.output.LayerNorm.bias"]),
+                attention_norm=(w.pop(p + "attention.output.LayerNorm.weight"),
+                                w.pop(p + "attention.output.LayerNorm.bias")),
                 # stored transposed (in, out) so the GEMMs read them as they are
-                ff_in=(np.ascontiguousarray(w[p + "intermediate.dense.weight"].T),
-                       w[p + "intermediate.dense.bias"]),
-                ff_out=(np.ascontiguousarray(w[p + "output.dense.weight"].T),
-                        w[p + "output.dense.bias"]),
-                output_norm=(w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"])))
+                ff_in=(np.ascontiguousarray(w.pop(p + "intermediate.dense.weight").T),
+                       w.pop(p + "intermediate.dense.bias")),
+                ff_out=(np.ascontiguousarray(w.pop(p + "output.dense.weight").T),
+                        w.pop(p + "output.dense.bias")),
+                output_norm=(w.pop(p + "output.LayerNorm.weight"),
+                             w.pop(p + "output.LayerNorm.bias"))))
 
     @classmethod
     def random(cls, config: BertConfig, rng: Union[None, int, np.random.Generator] = None,

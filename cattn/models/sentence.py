@@ -8,7 +8,8 @@
 A model folder is what sentence-transformers saves: config.json (a BERT), model.safetensors,
 tokenizer.json, and optionally modules.json with a Pooling (1_Pooling/config.json: mean, CLS,
 max or mean/√n) and a Normalize module, and sentence_bert_config.json (max_seq_length,
-do_lower_case). Loading needs only NumPy, `safetensors` and `tokenizers`; no PyTorch.
+do_lower_case). Loading needs only NumPy (which reads the safetensors file) and
+`tokenizers`; no PyTorch.
 
 How it runs: sentences are sorted by length and taken `batch_size` at a time, as
 sentence-transformers does, but the tokens of a batch are *packed* (no padding rows): every
@@ -53,7 +54,69 @@ def optional_import(module, what="loading a pretrained model"):
                           f"{MODEL_EXTRA}") from None
 
 
+# ------------------------------------------------------------------ safetensors, lazily
+
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8",
+                       "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+class SafetensorsTensor:
+    """One tensor of a .safetensors file, read from the file when NumPy asks for it
+    (np.asarray): a model is converted one tensor at a time, never holding the whole file
+    twice, and nothing is memory-mapped."""
+
+    def __init__(self, path, name, dtype, shape, start, end):
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which cattn does "
+                             f"not read (supported: {', '.join(_SAFETENSORS_DTYPES)})")
+        self.path, self.name, self.dtype_name = path, name, dtype
+        self.shape = tuple(int(n) for n in shape)
+        self.start = start
+        itemsize = np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+        if end - start != math.prod(self.shape) * itemsize:
+            raise ValueError(f"{path}: tensor {name!r} of shape {self.shape} and dtype "
+                             f"{dtype} does not fit its {end - start} bytes")
+
+    def __array__(self, dtype=None, copy=None):
+        stored = np.dtype(_SAFETENSORS_DTYPES[self.dtype_name])
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            a = np.fromfile(f, dtype=stored, count=math.prod(self.shape)).reshape(self.shape)
+        if self.dtype_name == "BF16":  # the upper half of a float32
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        a = a.astype(a.dtype.newbyteorder("="), copy=False)
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+
+def read_safetensors(path):
+    """{name: SafetensorsTensor} of a .safetensors file (8-byte header size, JSON header,
+    raw little-endian data); each tensor is read when converted with np.asarray."""
+    with open(path, "rb") as f:
+        size_bytes = f.read(8)
+        header_size = int.from_bytes(size_bytes, "little") if len(size_bytes) == 8 else -1
+        file_size = os.fstat(f.fileno()).st_size
+        if not 0 < header_size <= file_size - 8:
+            raise ValueError(f"{path} is not a safetensors file")
+        header = json.loads(f.read(header_size))
+    base = 8 + header_size
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = (base + o for o in info["data_offsets"])
+        if end > file_size:
+            raise ValueError(f"{path} is truncated: tensor {name!r} ends past the file")
+        tensors[name] = SafetensorsTensor(path, name, info["dtype"], info["shape"], start, end)
+    return tensors
+
+
 # ---------------------------------------------------------------------- the forward pass
+
+# Tokens per group: a batch runs through the encoder in groups of whole sequences of about
+# this many tokens, so that activations stay small (and in the caches) whatever the batch;
+# GEMMs of this many rows still run at full speed.
+TOKENS_PER_GROUP = 512
+
 
 def packed_forward(encoder, ids, offsets, num_threads=None):
     """Last hidden states (T, hidden) of a BertEncoder for packed sequences.
@@ -61,9 +124,24 @@ def packed_forward(encoder, ids, offsets, num_threads=None):
     ids : (T,) int64, the token ids of all sequences one after another
     offsets : (B + 1,) int64, sequence b is ids[offsets[b]:offsets[b + 1]]
 
-    The GEMMs run on the T real tokens; attention runs on a zero-padded (B, L, 3·E) copy
-    of Q/K/V with each sequence's key length. Token types are 0 (single sentences).
+    Sequences go through in groups of about TOKENS_PER_GROUP tokens. The GEMMs run on the
+    real tokens only; attention runs on a zero-padded (B, L, 3·E) copy of Q/K/V with each
+    sequence's key length. Token types are 0 (single sentences).
     """
+    out = np.empty((ids.shape[0], encoder.config.hidden_size), encoder.dtype)
+    first, tokens = 0, 0
+    for b in range(offsets.shape[0] - 1):
+        tokens += int(offsets[b + 1] - offsets[b])
+        last = b + 2 == offsets.shape[0]
+        if last or tokens + int(offsets[b + 2] - offsets[b + 1]) > TOKENS_PER_GROUP:
+            start, stop = offsets[first], offsets[b + 1]
+            out[start:stop] = _group_forward(encoder, ids[start:stop],
+                                             offsets[first:b + 2] - start, num_threads)
+            first, tokens = b + 1, 0
+    return out
+
+
+def _group_forward(encoder, ids, offsets, num_threads):
     cfg, dtype = encoder.config, encoder.dtype
     E, H, F = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
     D, eps = E // H, cfg.layer_norm_eps
@@ -71,33 +149,34 @@ def packed_forward(encoder, ids, offsets, num_threads=None):
     lengths = np.diff(offsets)
     L = int(lengths.max()) if B else 0
     positions = np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+    padded_row = np.repeat(np.arange(B, dtype=np.int64) * L, lengths) + positions
     x = np.empty((T, E), dtype)
     ops.embed_layernorm(ids, positions, np.zeros(T, np.int64), encoder.word_embeddings,
                         encoder.position_embeddings, encoder.token_type_embeddings,
                         *encoder.embeddings_norm, eps, x, num_threads=num_threads)
     qkv, hidden = np.empty((T, 3 * E), dtype), np.empty((T, F), dtype)
-    context_rows, attended = np.empty((T, E), dtype), np.empty((T, E), dtype)
-    padded_qkv = np.zeros((B, L, 3 * E), dtype)  # padding rows stay 0 (finite, unused)
-    context = np.empty((B, L, H, D), dtype)
-    q, k, v = (padded_qkv[..., i * E:(i + 1) * E].reshape(B, L, H, D).transpose(0, 2, 1, 3)
+    context_rows, projected = np.empty((T, E), dtype), np.empty((T, E), dtype)
+    padded_qkv = np.zeros((B * L, 3 * E), dtype)  # padding rows stay 0 (finite, unused)
+    context = np.empty((B * L, E), dtype)
+    q, k, v = (padded_qkv[:, i * E:(i + 1) * E].reshape(B, L, H, D).transpose(0, 2, 1, 3)
                for i in range(3))
     for layer in encoder.layers:
         attention = layer["attention"]
         np.matmul(x, attention.in_proj_weight.T, out=qkv)
-        ops.scatter_rows(qkv, attention.in_proj_bias, offsets, padded_qkv)
+        ops.scatter_rows(qkv, attention.in_proj_bias, padded_row, padded_qkv,
+                         num_threads=num_threads)
         scaled_dot_product_attention(q, k, v, key_lengths=lengths,
-                                     out=context.transpose(0, 2, 1, 3),
+                                     out=context.reshape(B, L, H, D).transpose(0, 2, 1, 3),
                                      num_threads=num_threads)
-        ops.gather_rows(context.reshape(B, L, E), offsets, context_rows)
-        np.matmul(context_rows, attention.out_proj_weight.T, out=attended)
-        ops.bias_residual_layernorm(attended, attention.out_proj_bias, x,
+        ops.gather_rows(context, padded_row, context_rows, num_threads=num_threads)
+        np.matmul(context_rows, attention.out_proj_weight.T, out=projected)
+        ops.bias_residual_layernorm(projected, attention.out_proj_bias, x,
                                     *layer["attention_norm"], eps, x, num_threads=num_threads)
-        w_in, b_in = layer["ff_in"]
+        (w_in, b_in), (w_out, b_out) = layer["ff_in"], layer["ff_out"]
         np.matmul(x, w_in, out=hidden)
         ops.bias_gelu(hidden, b_in, num_threads=num_threads)
-        w_out, b_out = layer["ff_out"]
-        np.matmul(hidden, w_out, out=attended)
-        ops.bias_residual_layernorm(attended, b_out, x, *layer["output_norm"], eps, x,
+        np.matmul(hidden, w_out, out=projected)
+        ops.bias_residual_layernorm(projected, b_out, x, *layer["output_norm"], eps, x,
                                     num_threads=num_threads)
     return x
 
@@ -304,9 +383,8 @@ class SentenceEncoder:
             raise FileNotFoundError(f"{path!r} has no model.safetensors (PyTorch .bin "
                                     f"checkpoints need PyTorch to read; save the model with "
                                     f"safe_serialization=True)")
-        safetensors_numpy = optional_import("safetensors.numpy")
         tokenizers = optional_import("tokenizers")
-        weights = safetensors_numpy.load_file(weights_file)
+        weights = read_safetensors(weights_file)
         tokenizer = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
         max_seq_length = min(options.pop("max_seq_length", 512),
                              config.max_position_embeddings)
