@@ -1,0 +1,31 @@
+"""Type signatures of the encoder's fused row operations (cattn/_encoder_ops.pyx)."""
+from typing import Optional
+
+import numpy as np
+from numpy.typing import NDArray
+
+POOL_MEAN: int
+POOL_MAX: int
+POOL_CLS: int
+POOL_MEAN_SQRT_LEN: int
+
+def simd_path() -> str: ...
+def bias_gelu(x: NDArray[np.floating], bias: NDArray[np.floating],
+              num_threads: Optional[int] = ...) -> None: ...
+def bias_residual_layernorm(x: NDArray[np.floating], bias: Optional[NDArray[np.floating]],
+                            residual: Optional[NDArray[np.floating]],
+                            weight: NDArray[np.floating], beta: NDArray[np.floating],
+                            eps: float, out: NDArray[np.floating],
+                            num_threads: Optional[int] = ...) -> None: ...
+def embed_layernorm(ids: NDArray[np.int64], positions: NDArray[np.int64],
+                    token_types: NDArray[np.int64], word: NDArray[np.floating],
+                    position: NDArray[np.floating], token_type: NDArray[np.floating],
+                    weight: NDArray[np.floating], beta: NDArray[np.floating], eps: float,
+                    out: NDArray[np.floating], num_threads: Optional[int] = ...) -> None: ...
+def scatter_rows(src: NDArray[np.floating], bias: Optional[NDArray[np.floating]],
+                 dest: NDArray[np.int64], dst: NDArray[np.floating],
+                 num_threads: Optional[int] = ...) -> None: ...
+def gather_rows(src: NDArray[np.floating], index: NDArray[np.int64], dst: NDArray[np.floating],
+                num_threads: Optional[int] = ...) -> None: ...
+def pool(x: NDArray[np.floating], offsets: NDArray[np.int64], mode: int,
+         out: NDArray[np.floating], num_threads: Optional[int] = ...) -> None: ...
