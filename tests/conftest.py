@@ -1,9 +1,13 @@
-"""Shared test helpers: the float64 reference comparison and the slow-test switch.
+"""Shared test helpers: the float64 reference comparison, the kernel's report of its last
+call, optional peers (which must be present under CI=true) and the slow-test switch.
 
 Every numerical test compares cattn with `cattn.reference` evaluated in float64 on float64
 copies of the same inputs (an independent computation: full score matrix, NumPy's exp),
 at a tolerance that follows from the dtype under test.
 """
+import importlib
+import os
+
 import numpy as np
 import pytest
 
@@ -42,6 +46,34 @@ def assert_matches_reference(query, key, value, attn_mask=None, **options):
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, **tolerance(query.dtype))
     return got
+
+
+def last_call_stats():
+    """What the kernel reports about this thread's most recent call (its plan: team size,
+    tasks, key chunks, block sizes, key blocks visited, scratch bytes); skips the test on a
+    build without the private hook."""
+    hook = getattr(cattn._kernel, "last_call_stats", None)
+    if hook is None:
+        pytest.skip("this build has no cattn._kernel.last_call_stats")
+    stats = hook()
+    assert stats is not None, "no kernel call was recorded on this thread"
+    return stats
+
+
+def in_ci():
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def require_peer(module):
+    """Import an optional peer (torch, sentence_transformers...): skip without it, except
+    under CI=true, where a missing peer is a failure (a comparison that silently never runs
+    proves nothing)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if in_ci():
+            pytest.fail(f"CI=true but the peer {module!r} cannot be imported: {e}")
+        pytest.skip(f"{module} is not installed")
 
 
 def pytest_addoption(parser):

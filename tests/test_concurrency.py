@@ -193,11 +193,26 @@ def _progress_during(call):
     return covered / (hi - lo), end - start
 
 
-def _long_attention_call():
+def _long_attention_call(seconds=0.3):
+    """A one-thread call lasting about `seconds` on this machine: the key count is scaled
+    from a timed probe call, so a faster or slower CPU gets a call just as long."""
     rng = np.random.default_rng(0)
-    q = rng.standard_normal((1, 2048, 64)).astype(np.float32)
-    kv = rng.standard_normal((1, 8192, 64)).astype(np.float32)
-    return lambda: sdpa(q, kv, kv, num_threads=1)
+    q = rng.standard_normal((1, 256, 64)).astype(np.float32)
+
+    def call_with(S):
+        kv = rng.standard_normal((1, S, 64)).astype(np.float32)
+        return lambda: sdpa(q, kv, kv, num_threads=1)
+
+    S = 4096
+    probe = call_with(S)
+    probe()  # warm up
+    took = []
+    for _ in range(3):
+        start = time.perf_counter()
+        probe()
+        took.append(time.perf_counter() - start)
+    S = min(2**21, max(S, int(S * seconds / max(min(took), 1e-6))))
+    return call_with(S)
 
 
 def test_gil_holding_call_is_detected():
@@ -213,5 +228,5 @@ def test_gil_is_released_during_the_kernel():
     call = _long_attention_call()
     call()  # warm up
     covered, duration = _progress_during(call)
-    assert duration > 0.05, "the call is too short to observe"
+    assert duration > 0.1, "the call is too short to observe"
     assert covered > 0.5, f"another thread ran during only {covered:.0%} of a {duration:.2f}s call"

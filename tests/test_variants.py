@@ -12,7 +12,7 @@ import pytest
 
 import cattn
 from cattn import reference
-from conftest import assert_matches_reference, reference64, tolerance
+from conftest import assert_matches_reference, last_call_stats, reference64, tolerance
 from test_core import DTYPES, in_layout, qkv, random_mask, sdpa
 from test_core import single_threaded_reference_blas  # noqa: F401 (an autouse fixture)
 
@@ -58,11 +58,11 @@ def test_decode_step_equals_the_last_rows_of_the_full_causal_call(rng, L, dtype)
     np.testing.assert_allclose(step, full[..., -L:, :], **tolerance(dtype))
 
 
-DECODE_OPTIONS = {  # a few query rows against a long cache (B = 4, Hq = 4, S = 2100)
+DECODE_OPTIONS = {  # a few query rows against a long cache (B = 3, Hq = 4, S = 2100)
     "plain": {},
     "causal": {"is_causal": True},
-    "lengths": {"is_causal": True, "key_lengths": [2100, 600, 0, 1025]},
-    "window": {"is_causal": True, "window": (300, None), "key_lengths": [2100, 1500, 1024, 5]},
+    "lengths": {"is_causal": True, "key_lengths": [2100, 600, 0]},
+    "window": {"is_causal": True, "window": (300, None), "key_lengths": [1500, 1024, 5]},
     "mask-row-empty": {"attn_mask": "bool"},
     "gqa-mask-softcap": {"enable_gqa": True, "attn_mask": "float32", "softcap": 5.0},
 }
@@ -72,16 +72,18 @@ DECODE_OPTIONS = {  # a few query rows against a long cache (B = 4, Hq = 4, S = 
 @pytest.mark.parametrize("L", [1, 4])
 @pytest.mark.parametrize("options", DECODE_OPTIONS.values(), ids=DECODE_OPTIONS.keys())
 def test_decode_against_a_long_cache(rng, options, L, dtype):
-    # Few tasks and many keys: the kernel may cut the keys into chunks and merge them, so
-    # some chunks of a row see nothing (lengths, windows, masks) and must weigh nothing.
+    # 12 tasks (fewer than 16) and many keys: the kernel cuts the keys into chunks and
+    # merges them, so some chunks of a row see nothing (lengths, windows, masks) and must
+    # weigh nothing.
     options = dict(options, alignment="bottom_right", return_lse=True)
-    query, key, value = problem(rng, dtype, L, 2100, B=4, Hq=4,
+    query, key, value = problem(rng, dtype, L, 2100, B=3, Hq=4,
                                 Hkv=1 if options.get("enable_gqa") else 4)
     if "attn_mask" in options:
-        mask = random_mask(rng, (4, 1, L, 2100), options["attn_mask"])
+        mask = random_mask(rng, (3, 1, L, 2100), options["attn_mask"])
         mask[:, :, -1, :] = False if mask.dtype == bool else -np.inf
         options["attn_mask"] = mask
     assert_matches_reference(query, key, value, **options)
+    assert last_call_stats()["n_splits"] > 1, "the decode call did not split its keys"
 
 
 # ------------------------------------------------------------------------- key lengths
@@ -223,6 +225,23 @@ def test_merge_attention_over_key_chunks_equals_the_full_call(rng, bounds, causa
     merged_out, merged_lse = cattn.merge_attention(outs, lses)
     np.testing.assert_allclose(merged_out, full_out, **tolerance(dtype))
     np.testing.assert_allclose(merged_lse, full_lse, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("offset", [1900.0, -2500.0], ids=["lse+2200", "lse-2200"])
+def test_merge_attention_far_beyond_the_range_of_exp(rng, offset):
+    # Scores of thousands (exp overflows past 709 in float64): unit query and key rows
+    # at scale 300 give scores in [-300, 300], and a float mask adds `offset` to them all.
+    query, key, value = problem(rng, np.float64, 20, 600, E=4)
+    query = query / np.linalg.norm(query, axis=-1, keepdims=True)
+    key = key / np.linalg.norm(key, axis=-1, keepdims=True)
+    shift = np.full((20, 600), offset)
+    chunks = [sdpa(query, key[..., a:b, :], value[..., a:b, :], shift[:, a:b], scale=300.0,
+                   return_lse=True) for a, b in [(0, 250), (250, 600)]]
+    assert all(np.all(np.abs(lse) > 1500) for _, lse in chunks)
+    out, lse = cattn.merge_attention(*zip(*chunks))
+    want_out, want_lse = reference64(query, key, value, shift, scale=300.0, return_lse=True)
+    np.testing.assert_allclose(out, want_out, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
