@@ -1,0 +1,346 @@
+"""Mutation check: does the test suite catch the bugs it exists for?
+
+    python scripts/mutation_check.py               # every mutant (about 10 min on 2 cores)
+    python scripts/mutation_check.py --list        # the mutants, what each breaks, its tests
+    python scripts/mutation_check.py --only merge-without-max-shift leak-100-bytes
+    python scripts/mutation_check.py --keep        # keep the temporary copies (paths printed)
+
+Each mutant below is a realistic bug: one or more edits, each an exact piece of text in a
+named file and its replacement. The script copies this tree (sources and the in-place build)
+to a temporary directory, checks that the unmutated copy passes every selected test, then
+for each mutant: makes a fresh copy, applies its edits, rebuilds the compiled core when an
+edit touches it (.pyx, .pxd, .h, setup.py, or cattn/_api.py, which Cython compiles too),
+and runs the mutant's tests with `-x`. A mutant is killed when a test fails; it survives
+when they all pass. The exit status is non-zero when a mutant survives, or when one cannot
+be applied or built: an edit whose text is no longer in its file (the code moved) fails
+loudly as "mutant did not apply", so the list cannot rot silently.
+
+Every new feature adds its mutants here: the bugs its tests exist to catch.
+"""
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Directories and files never copied: VCS data, environments, caches, outputs.
+SKIP_NAMES = {".git", ".ci-venv", ".hypothesis", ".pytest_cache", "__pycache__", "dist",
+              "out", "cattn-demo"}
+# Edits to these need a rebuild of the compiled core.
+COMPILED = re.compile(r"(\.pyx|\.pxd|\.h|\.c|setup\.py|cattn/_api\.py)$")
+
+
+@dataclasses.dataclass
+class Edit:
+    path: str          # relative to the tree's root
+    find: str          # exact text, which must occur exactly once
+    replace: str
+
+
+@dataclasses.dataclass
+class Mutant:
+    name: str
+    bug: str                   # what a user would see
+    edits: list
+    tests: list                # pytest arguments: files, node ids, -k expressions
+    env: dict = dataclasses.field(default_factory=dict)  # for the build and the tests
+
+
+API, KERNEL, REF, LAYERS = "cattn/_api.py", "cattn/_kernel.pyx", "cattn/reference.py", \
+    "cattn/layers.py"
+
+MUTANTS = [
+    # ------------------------------------------------------------ found by the audit
+    Mutant("key-split-drops-tail",
+           "the key-split path ignores the last S % n_splits keys (error 2e-3 at S = 2049)",
+           [Edit(API, "    split_keys = -(-S // n_splits)\n"
+                      "    split_keys = -(-split_keys // block_k) * block_k\n"
+                      "    return -(-S // split_keys), split_keys\n",
+                 "    return n_splits, S // n_splits\n")],
+           ["tests/test_key_splits.py"]),
+    Mutant("merge-without-max-shift",
+           "merge_attention returns NaN once the lse passes exp's range",
+           [Edit(API, "safe_max = np.where(np.isfinite(lse_max), lse_max, 0).astype(dtype)",
+                 "safe_max = np.zeros_like(lse_max)")],
+           ["tests/test_oracles.py", "-k", "merge"]),
+    Mutant("window-right-bound-off-by-one-in-front-and-reference",
+           "window=(1, 0) lets a query see the next (future) key",
+           [Edit(API, 'win_right = min(_check_int(right, "window right", 0), _UNBOUNDED)',
+                 'win_right = min(_check_int(right, "window right", 0) + 1, _UNBOUNDED)'),
+            Edit(REF, "visible &= j <= i + diag + right\n",
+                 "visible &= j <= i + diag + right + 1\n")],
+           ["tests/test_oracles.py"]),
+    Mutant("softcap-before-scale-in-front-and-reference",
+           "softcap caps the raw Q·Kᵀ and the scale comes after",
+           [Edit(API, 'softcap = 0.0 if softcap is None else _check_positive_float(softcap, '
+                      '"softcap", dtype)',
+                 'softcap = 0.0 if softcap is None else _check_positive_float(softcap, '
+                 '"softcap", dtype) * scale'),
+            Edit(REF, "    scores = (query @ np.swapaxes(key, -1, -2)) * scale\n"
+                      "    if softcap is not None:\n"
+                      "        cap = dtype.type(softcap)\n"
+                      "        scores = cap * np.tanh(scores / cap)\n",
+                 "    scores = query @ np.swapaxes(key, -1, -2)\n"
+                 "    if softcap is not None:\n"
+                 "        cap = dtype.type(softcap)\n"
+                 "        scores = cap * np.tanh(scores / cap)\n"
+                 "    scores = scores * scale\n")],
+           ["tests/test_oracles.py"]),
+    Mutant("softcap-doubled-in-front-and-reference",
+           "softcap=c caps at 2c",
+           [Edit(API, 'softcap = 0.0 if softcap is None else _check_positive_float(softcap, '
+                      '"softcap", dtype)',
+                 'softcap = 0.0 if softcap is None else 2 * _check_positive_float(softcap, '
+                 '"softcap", dtype)'),
+            Edit(REF, "cap = dtype.type(softcap)", "cap = dtype.type(2 * softcap)")],
+           ["tests/test_oracles.py"]),
+    Mutant("num-threads-ignored",
+           "num_threads has no effect: every call takes OpenMP's default team",
+           [Edit(API, "threads = max(1, min(num_threads, n_tasks, _MAX_THREADS))",
+                 "threads = max(1, min(_kernel.default_num_threads(), n_tasks, _MAX_THREADS))")],
+           ["tests/test_plan.py"]),
+    Mutant("default-one-thread",
+           "without num_threads a call runs on one thread",
+           [Edit(API, "num_threads = _kernel.default_num_threads()", "num_threads = 1")],
+           ["tests/test_plan.py"]),
+    Mutant("no-key-tiling",
+           "one block of all S keys: scratch grows with S (12.6 MB at S = 16384) and causal "
+           "blocks are no longer skipped",
+           [Edit(API, "block_k = min(max(S, 1), 256)", "block_k = max(S, 1)")],
+           ["tests/test_plan.py"]),
+    Mutant("leak-plan-table",
+           "each call leaks its plan table (a missing DECREF: about 200 bytes a call)",
+           [Edit(KERNEL, "from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree\n",
+                 "from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree\n"
+                 "from cpython.ref cimport Py_INCREF\n"),
+            Edit(KERNEL, "    cdef Plan p\n    p.n_items = table.shape[0]\n",
+                 "    cdef Plan p\n    Py_INCREF(table)\n    p.n_items = table.shape[0]\n")],
+           ["tests/test_leaks.py"]),
+    Mutant("layer-ignores-right-padding",
+           "a right-padded key_padding_mask becomes a mask read for every score instead "
+           "of key lengths that skip the padding",
+           [Edit(LAYERS, "if np.array_equal(kpm, np.arange(S) >= valid[:, None]):",
+                 "if False:")],
+           ["tests/test_layers.py", "-k", "padding"]),
+    # ------------------------------------------------------------------- further bugs
+    Mutant("leak-100-bytes",
+           "each call leaks 100 bytes of raw memory",
+           [Edit(KERNEL, "    PyMem_RawFree(sp)\n",
+                 "    PyMem_RawFree(sp)\n    PyMem_RawMalloc(100)\n")],
+           ["tests/test_leaks.py"]),
+    Mutant("gil-held-in-kernel",
+           "the kernel keeps the GIL: other Python threads stop during a call",
+           [Edit(KERNEL, "    with nogil:\n        if is_double:\n            run_tasks[double]",
+                 "    if True:\n        if is_double:\n            run_tasks[double]")],
+           ["tests/test_concurrency.py", "-k", "gil"]),
+    Mutant("query-offset-32-bit",
+           "query offsets truncated to 32 bits: rows past element 2^31 read wrong data",
+           [Edit(KERNEL, "cdef const floating* q_block = q + item[COL_Q] + i0 * p.q_rs",
+                 "cdef const floating* q_block = q + <int> (item[COL_Q] + i0 * p.q_rs)")],
+           ["tests/test_large.py", "--runslow"]),
+    Mutant("no-causal-block-skipping",
+           "key blocks after the diagonal are computed and thrown away (+27% time)",
+           [Edit(KERNEL, "cdef Py_ssize_t k_end = clamp(i1 - 1 + diag + p.win_right + 1, 0, "
+                         "kv_len)",
+                 "cdef Py_ssize_t k_end = kv_len")],
+           ["tests/test_plan.py", "-k", "visit"]),
+    Mutant("decode-never-splits",
+           "a few heads decoding against a long cache run on one core",
+           [Edit(API, "_MIN_TASKS = 16\n", "_MIN_TASKS = 1\n")],
+           ["tests/test_variants.py", "-k", "decode_against", "tests/test_key_splits.py"]),
+    Mutant("split-merge-without-max-shift",
+           "the kernel merges its key chunks without their common max: wrong lse, overflow",
+           [Edit(KERNEL, "w = exp_scalar(part[s * part_stride + Ev] - m)",
+                 "w = exp_scalar(part[s * part_stride + Ev])")],
+           ["tests/test_key_splits.py"]),
+    Mutant("reference-bottom-right-ignores-key-lengths",
+           "the reference aligns the last query with key S-1 instead of the last valid key",
+           [Edit(REF, 'diag = kl - L if alignment == "bottom_right" else np.zeros_like(kl)',
+                 'diag = S - L + 0 * kl if alignment == "bottom_right" else np.zeros_like(kl)')],
+           ["tests/test_oracles.py"]),
+    Mutant("reference-window-left-off-by-one",
+           "the reference's window leaves out the key `left` positions back",
+           [Edit(REF, "visible &= j >= i + diag - left", "visible &= j > i + diag - left")],
+           ["tests/test_oracles.py"]),
+    Mutant("gqa-tiled-heads-in-front-and-reference",
+           "grouped-query heads map h -> h % Hkv (tile) instead of h // group (repeat)",
+           [Edit(KERNEL, "offset += (idx[a] // group if a == nb - 1 else idx[a]) * steps[a]",
+                 "offset += (idx[a] % (dims[a] // group) if a == nb - 1 else idx[a]) "
+                 "* steps[a]"),
+            Edit(REF, "key = np.repeat(key, group, axis=-3)\n"
+                      "        value = np.repeat(value, group, axis=-3)",
+                 "key = np.concatenate([key] * group, axis=-3)\n"
+                 "        value = np.concatenate([value] * group, axis=-3)")],
+           ["tests/test_oracles.py", "-k", "grouped"]),
+    Mutant("peers-skip-under-ci",
+           "under CI=true a missing torch skips the comparisons instead of failing",
+           [Edit("tests/conftest.py", "        if in_ci():\n            pytest.fail(",
+                 "        if False:\n            pytest.fail(")],
+           ["tests/test_harness.py"]),
+    Mutant("serial-build",
+           "the build silently drops OpenMP: every call on one thread",
+           [Edit("setup.py", 'if os.environ.get("CATTN_NO_OPENMP"):', "if True:")],
+           ["tests/test_plan.py", "-k", "openmp"], env={"CI": "true"}),
+]
+
+
+# --------------------------------------------------------------------------- machinery
+
+def copy_tree(src, dst):
+    def ignore(directory, names):
+        return [n for n in names if n in SKIP_NAMES or n.endswith(".egg-info")]
+    shutil.copytree(src, dst, ignore=ignore, symlinks=True)
+
+
+def apply(mutant, tree):
+    """Apply the mutant's edits in `tree`; returns whether the compiled core changed."""
+    rebuild = False
+    for edit in mutant.edits:
+        path = os.path.join(tree, edit.path)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        count = text.count(edit.find)
+        if count != 1:
+            raise ValueError(f"mutant did not apply: {mutant.name}: the text to replace "
+                             f"occurs {count} times in {edit.path} (expected once):\n"
+                             f"{edit.find}")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text.replace(edit.find, edit.replace))
+        rebuild |= bool(COMPILED.search(edit.path))
+    return rebuild
+
+
+def child_env(extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CI")}
+    env.update(extra or {})
+    return env
+
+
+def build(tree, env):
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"],
+                          cwd=tree, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"build failed in {tree}:\n{proc.stdout[-3000:]}"
+                           f"{proc.stderr[-3000:]}")
+
+
+def run_tests(tree, args, env):
+    """(pytest exit code, its last lines) for the tests `args` run in `tree`."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                           "-p", "no:randomly", *args], cwd=tree, env=env,
+                          capture_output=True, text=True)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    return proc.returncode, lines
+
+
+def first_failure(lines):
+    for line in lines:
+        if line.startswith(("FAILED", "ERROR")):
+            return line[:160]
+    return lines[-1][:160] if lines else ""
+
+
+def check_imports_its_own_copy(tree, env):
+    proc = subprocess.run([sys.executable, "-c", "import cattn; print(cattn.__file__)"],
+                          cwd=tree, env=env, capture_output=True, text=True)
+    where = proc.stdout.strip()
+    if proc.returncode or not os.path.realpath(where).startswith(os.path.realpath(tree)):
+        raise RuntimeError(f"the copy in {tree} imports cattn from {where!r} "
+                           f"{proc.stderr[-1000:]}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copies")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip checking that the unmutated copy passes the tests")
+    args = parser.parse_args(argv)
+
+    mutants = MUTANTS
+    if args.only:
+        unknown = set(args.only) - {m.name for m in MUTANTS}
+        if unknown:
+            parser.error(f"unknown mutants: {', '.join(sorted(unknown))}")
+        mutants = [m for m in MUTANTS if m.name in args.only]
+    if args.list:
+        for m in mutants:
+            files = sorted({e.path for e in m.edits})
+            print(f"{m.name}\n    bug:   {m.bug}\n    edits: {', '.join(files)}\n"
+                  f"    tests: {' '.join(m.tests)}")
+        return 0
+
+    work = tempfile.mkdtemp(prefix="cattn-mutants-")
+    base = os.path.join(work, "base")
+    start = time.perf_counter()
+    results = []
+    try:
+        copy_tree(ROOT, base)
+        build(base, child_env())
+        check_imports_its_own_copy(base, child_env())
+        # Every mutant applies to the unmutated tree (fail before spending any time).
+        for m in mutants:
+            probe = os.path.join(work, "probe")
+            os.makedirs(probe)
+            for path in {e.path for e in m.edits}:
+                os.makedirs(os.path.dirname(os.path.join(probe, path)), exist_ok=True)
+                shutil.copy2(os.path.join(base, path), os.path.join(probe, path))
+            try:
+                apply(m, probe)
+            finally:
+                shutil.rmtree(probe)
+        if not args.no_baseline:
+            for m in mutants:
+                code, lines = run_tests(base, m.tests, child_env(m.env))
+                if code != 0:
+                    print(f"the unmutated tree fails the tests of {m.name} "
+                          f"({' '.join(m.tests)}): {first_failure(lines)}")
+                    return 2
+            print(f"baseline: the unmutated copy passes every mutant's tests "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+        for m in mutants:
+            t0 = time.perf_counter()
+            tree = os.path.join(work, m.name)
+            copy_tree(base, tree)
+            env = child_env(m.env)
+            try:
+                if apply(m, tree):
+                    build(tree, env)
+                code, lines = run_tests(tree, m.tests, env)
+                if code == 1:
+                    status, detail = "killed", first_failure(lines)
+                elif code == 0:
+                    status, detail = "SURVIVED", lines[-1] if lines else ""
+                else:
+                    status, detail = "ERROR", f"pytest exit {code}: {first_failure(lines)}"
+            except (RuntimeError, ValueError) as e:
+                status, detail = "ERROR", str(e).splitlines()[0]
+            if not args.keep:
+                shutil.rmtree(tree, ignore_errors=True)
+            results.append((m.name, status, detail))
+            print(f"{status:<9} {m.name} ({time.perf_counter() - t0:.0f} s): {detail}",
+                  flush=True)
+    finally:
+        if args.keep:
+            print(f"copies kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    killed = sum(status == "killed" for _, status, _ in results)
+    print(f"\n{killed} of {len(results)} mutants killed in "
+          f"{time.perf_counter() - start:.0f} s")
+    for name, status, detail in results:
+        if status != "killed":
+            print(f"  {status}: {name}: {detail}")
+    return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
