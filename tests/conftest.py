@@ -49,13 +49,9 @@ def assert_matches_reference(query, key, value, attn_mask=None, **options):
 
 
 def last_call_stats():
-    """What the kernel reports about this thread's most recent call (its plan: team size,
-    tasks, key chunks, block sizes, key blocks visited, scratch bytes); skips the test on a
-    build without the private hook."""
-    hook = getattr(cattn._kernel, "last_call_stats", None)
-    if hook is None:
-        pytest.skip("this build has no cattn._kernel.last_call_stats")
-    stats = hook()
+    """What the kernel reports about this thread's most recent call (a private hook): its
+    path, team size, tasks, key chunks, block sizes, key blocks visited, scratch bytes."""
+    stats = cattn._kernel.last_call_stats()
     assert stats is not None, "no kernel call was recorded on this thread"
     return stats
 

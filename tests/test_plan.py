@@ -81,8 +81,6 @@ def test_default_team_is_openmps(tmp_path):
     """Without num_threads (and without OMP_NUM_THREADS) a call uses every usable core."""
     if not cattn._kernel.openmp_enabled():
         pytest.skip("built without OpenMP")
-    if not hasattr(cattn._kernel, "last_call_stats"):
-        pytest.skip("this build has no cattn._kernel.last_call_stats")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(cattn.__file__))] + sys.path)
@@ -135,8 +133,7 @@ def test_scratch_stays_within_its_bound_whatever_s(rng, S):
     assert extra <= out.nbytes + threads * SCRATCH_BOUND + 64 * 1024, (
         f"S = {S}: {extra / 2**20:.2f} MiB traced during the call, {out.nbytes / 2**20:.2f}"
         f" MiB of it the output")
-    if hasattr(cattn._kernel, "last_call_stats"):
-        assert last_call_stats()["scratch_bytes"] <= SCRATCH_BOUND
+    assert last_call_stats()["scratch_bytes"] <= SCRATCH_BOUND
 
 
 @pytest.mark.parametrize("L, S", [(1, 16384), (2048, 2048), (128, 16384)])
