@@ -166,7 +166,7 @@ SENTENCES = ["How are you doing?", "I love Apple phones",
 @pytest.fixture(scope="module")
 def real_model():
     for module in ("safetensors", "tokenizers", minilm.WEIGHTS_PACKAGE):
-        pytest.importorskip(module)
+        require_peer(module)  # (the weights of the comparison with sentence-transformers)
     return MiniLM.from_pretrained()
 
 

@@ -5,9 +5,11 @@
 of each alignment, causal, window sides), softcap on the scaled scores before the mask,
 float masks added, boolean masks True = attend, grouped-query heads, and a row that sees
 nothing giving output 0 and lse -inf. The vectorized reference is trusted by the rest of
-the suite only because it agrees with these loops on every variant here; cattn is compared
-with the loops too, so that a bug shared by the kernel's front and the reference still fails.
+the suite only because it agrees with these loops on every variant here; cattn, on each
+instruction-set path, is compared with the loops too, so that a bug shared by the kernel's
+front and the reference still fails.
 """
+import functools
 import itertools
 import math
 
@@ -90,11 +92,16 @@ def small_problem(seed, L, S, B=2, Hq=2, Hk=None, E=3, Ev=2, spread=1.5):
     return q, k, v
 
 
+# The reference, and cattn on every instruction-set path this CPU has.
+IMPLEMENTATIONS = [("reference", reference.scaled_dot_product_attention)] + [
+    (f"cattn {path}", functools.partial(cattn.scaled_dot_product_attention, _isa=path))
+    for path in cattn._kernel.supported_isa_paths()]
+
+
 def assert_agree_with_loops(q, k, v, **options):
     """The reference and cattn (float64) both equal the loops: output and lse."""
     want_out, want_lse = loop_attention(q, k, v, **options)
-    for name, impl in (("reference", reference.scaled_dot_product_attention),
-                       ("cattn", cattn.scaled_dot_product_attention)):
+    for name, impl in IMPLEMENTATIONS:
         out, lse = impl(q, k, v, return_lse=True, **options)
         np.testing.assert_allclose(out, want_out, **EXACT, err_msg=f"{name} output")
         np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse),
