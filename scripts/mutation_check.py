@@ -11,7 +11,7 @@ to a temporary directory, checks that the unmutated copy passes every selected t
 for each mutant: makes a fresh copy, applies its edits, rebuilds the compiled core when an
 edit touches it (.pyx, .pxd, .h, setup.py, or cattn/_api.py, which Cython compiles too),
 and runs the mutant's tests with `-x`. A mutant is killed when a test fails; it survives
-when they all pass. The exit status is non-zero when a mutant survives, or when one cannot
+when they all pass (a crash of the test process counts as killed). The exit status is non-zero when a mutant survives, or when one cannot
 be applied or built: an edit whose text is no longer in its file (the code moved) fails
 loudly as "mutant did not apply", so the list cannot rot silently.
 
@@ -232,9 +232,11 @@ def child_env(extra=None):
     return env
 
 
-def build(tree, env):
-    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"],
-                          cwd=tree, env=env, capture_output=True, text=True)
+def build(tree, env, force=False):
+    """Build in place; incremental (only what changed) unless forced (build flags changed)."""
+    command = [sys.executable, "setup.py", "build_ext", "--inplace", "-q"]
+    proc = subprocess.run(command + (["--force"] if force else []), cwd=tree, env=env,
+                          capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"build failed in {tree}:\n{proc.stdout[-3000:]}"
                            f"{proc.stderr[-3000:]}")
@@ -307,7 +309,10 @@ def main(argv=None):
             finally:
                 shutil.rmtree(probe)
         if not args.no_baseline:
+            selections = {}  # each distinct selection once
             for m in mutants:
+                selections.setdefault((tuple(m.tests), tuple(sorted(m.env.items()))), m)
+            for m in selections.values():
                 code, lines = run_tests(base, m.tests, child_env(m.env))
                 if code != 0:
                     print(f"the unmutated tree fails the tests of {m.name} "
@@ -322,10 +327,12 @@ def main(argv=None):
             env = child_env(m.env)
             try:
                 if apply(m, tree):
-                    build(tree, env)
+                    build(tree, env, force=any(e.path == "setup.py" for e in m.edits))
                 code, lines = run_tests(tree, m.tests, env)
                 if code == 1:
                     status, detail = "killed", first_failure(lines)
+                elif code < 0:  # the tests crashed the interpreter (a signal): caught too
+                    status, detail = "killed", f"crashed (signal {-code}) in {' '.join(m.tests)}"
                 elif code == 0:
                     status, detail = "SURVIVED", lines[-1] if lines else ""
                 else:
