@@ -4,7 +4,7 @@
  *   T       element type            SFX   precision suffix (f32/f64)
  *   ISFX    instruction-set suffix  TGT   the function attribute that enables it
  *   V       vector of T             W     lanes per vector      VI  lane mask type
- *   MR      rows of the register tile (its columns are NR = 2·W)
+ *   MR, NV  the register tile: MR rows × NV vectors (NR = NV·W columns)
  * and the intrinsic macros VLOAD, VSTORE, VBCAST, VFMA, VMUL, VADD, VZERO, VHSUM (horizontal
  * sum), VMASK (lanes < n, any n), VMASKLOAD (masked-off lanes read 0, never touched),
  * VMASKSTORE. Every instance shares this one code; only the vector width, the register
@@ -16,7 +16,7 @@
 #define CATTN_CAT3_(a, b, c) a##_##b##_##c
 #define CATTN_CAT3(a, b, c) CATTN_CAT3_(a, b, c)
 #define FN(name) CATTN_CAT3(name, SFX, ISFX)
-#define NR (2 * W)
+#define NR (NV * W)
 #define PV_KC 128
 
 /* Pack keys [0, n_keys) of a block as panels of NR keys: panel p holds, for each feature e,
@@ -39,37 +39,42 @@ static void FN(cattn_pack_keys)(const T *k, ptrdiff_t k_rs, ptrdiff_t n_keys, pt
 }
 
 /* c[r][0:nc] = alpha · Σ_e q[r][e] · panel[e][0:nc] for r < MR_ (a compile-time constant
- * after inlining, so the accumulators live in registers). */
+ * after inlining, so the MR_ × NV accumulators live in registers). */
 static inline __attribute__((always_inline)) TGT void
 FN(cattn_qkt_tile)(const int MR_, ptrdiff_t E, T alpha, const T *q, ptrdiff_t q_rs,
                    const T *panel, T *c, ptrdiff_t ldc, ptrdiff_t nc)
 {
-    V acc0[MR], acc1[MR];
+    V acc[MR][NV];
 #pragma GCC unroll 16
-    for (int r = 0; r < MR_; r++) acc0[r] = acc1[r] = VZERO();
+    for (int r = 0; r < MR_; r++)
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; u++) acc[r][u] = VZERO();
     for (ptrdiff_t e = 0; e < E; e++) {
-        V b0 = VLOAD(panel + e * NR), b1 = VLOAD(panel + e * NR + W);
+        V b[NV];
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; u++) b[u] = VLOAD(panel + e * NR + u * W);
 #pragma GCC unroll 16
         for (int r = 0; r < MR_; r++) {
             V a = VBCAST(q + r * q_rs + e);
-            acc0[r] = VFMA(a, b0, acc0[r]);
-            acc1[r] = VFMA(a, b1, acc1[r]);
+#pragma GCC unroll 4
+            for (int u = 0; u < NV; u++) acc[r][u] = VFMA(a, b[u], acc[r][u]);
         }
     }
     V va = VBCAST(&alpha);
     if (nc == NR) {
 #pragma GCC unroll 16
-        for (int r = 0; r < MR_; r++) {
-            VSTORE(c + r * ldc, VMUL(acc0[r], va));
-            VSTORE(c + r * ldc + W, VMUL(acc1[r], va));
-        }
+        for (int r = 0; r < MR_; r++)
+#pragma GCC unroll 4
+            for (int u = 0; u < NV; u++) VSTORE(c + r * ldc + u * W, VMUL(acc[r][u], va));
     } else {
-        VI m0 = VMASK(nc), m1 = VMASK(nc - W);
+        VI m[NV];
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; u++) m[u] = VMASK(nc - u * W);
 #pragma GCC unroll 16
-        for (int r = 0; r < MR_; r++) {
-            VMASKSTORE(c + r * ldc, m0, VMUL(acc0[r], va));
-            VMASKSTORE(c + r * ldc + W, m1, VMUL(acc1[r], va));
-        }
+        for (int r = 0; r < MR_; r++)
+#pragma GCC unroll 4
+            for (int u = 0; u < NV; u++)
+                VMASKSTORE(c + r * ldc + u * W, m[u], VMUL(acc[r][u], va));
     }
 }
 
@@ -113,32 +118,34 @@ FN(cattn_pv_tile)(const int MR_, const int MASKED_, ptrdiff_t n_keys, const T *p
                   ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc,
                   ptrdiff_t nc)
 {
-    V c0[MR], c1[MR];
-    VI m0 = VMASK(nc), m1 = VMASK(nc - W);
+    V c[MR][NV];
+    VI m[NV];
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; u++) m[u] = VMASK(nc - u * W);
 #pragma GCC unroll 16
-    for (int r = 0; r < MR_; r++) {
-        c0[r] = PV_LOAD(acc + r * ld_acc, m0);
-        c1[r] = PV_LOAD(acc + r * ld_acc + W, m1);
-    }
+    for (int r = 0; r < MR_; r++)
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; u++) c[r][u] = PV_LOAD(acc + r * ld_acc + u * W, m[u]);
     for (ptrdiff_t j = 0; j < n_keys; j++) {
-        V b0 = PV_LOAD(v + j * v_rs, m0), b1 = PV_LOAD(v + j * v_rs + W, m1);
+        V b[NV];
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; u++) b[u] = PV_LOAD(v + j * v_rs + u * W, m[u]);
 #pragma GCC unroll 16
         for (int r = 0; r < MR_; r++) {
             V a = VBCAST(p + r * ldp + j);
-            c0[r] = VFMA(a, b0, c0[r]);
-            c1[r] = VFMA(a, b1, c1[r]);
+#pragma GCC unroll 4
+            for (int u = 0; u < NV; u++) c[r][u] = VFMA(a, b[u], c[r][u]);
         }
     }
 #pragma GCC unroll 16
-    for (int r = 0; r < MR_; r++) {
-        if (MASKED_) {
-            VMASKSTORE(acc + r * ld_acc, m0, c0[r]);
-            VMASKSTORE(acc + r * ld_acc + W, m1, c1[r]);
-        } else {
-            VSTORE(acc + r * ld_acc, c0[r]);
-            VSTORE(acc + r * ld_acc + W, c1[r]);
+    for (int r = 0; r < MR_; r++)
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; u++) {
+            if (MASKED_)
+                VMASKSTORE(acc + r * ld_acc + u * W, m[u], c[r][u]);
+            else
+                VSTORE(acc + r * ld_acc + u * W, c[r][u]);
         }
-    }
 }
 #undef PV_LOAD
 
@@ -307,6 +314,7 @@ FN(cattn_gemm_pv_direct)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T
 #undef ISFX
 #undef TGT
 #undef MR
+#undef NV
 #undef W
 #undef V
 #undef VI
