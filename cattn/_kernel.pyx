@@ -31,7 +31,8 @@ cimport numpy as cnp
 
 from cattn._blas cimport gemm_ab, gemm_abt
 from cattn._simd cimport (
-    CATTN_ISA_PORTABLE, CATTN_ISA_AVX2, CATTN_ISA_AVX512, cattn_isa_supported,
+    CATTN_ISA_PORTABLE, CATTN_ISA_AVX2, CATTN_ISA_AVX512, CATTN_ISA_WIDE16, cattn_isa_supported,
+    cattn_isa_runs_on,
     cattn_isa_name, cattn_row_max_f32, cattn_row_max_f64, cattn_exp_shift_sum_f32,
     cattn_exp_shift_sum_f64, cattn_expf_scalar, cattn_exp_scalar, cattn_stream_sum_f32,
     CATTN_OPENMP_ENABLED, omp_get_max_threads, cattn_panel_keys,
@@ -70,7 +71,8 @@ cpdef enum MaskKind:
 
 
 # ------------------------------------------------------------------ instruction sets
-ISA_NAMES = tuple(cattn_isa_name(i).decode() for i in range(3))
+ISA_NAMES = tuple(cattn_isa_name(i).decode() for i in range(3))  # best last
+TEST_ONLY_PATH = cattn_isa_name(CATTN_ISA_WIDE16).decode()
 
 
 def _isa_cap_from_environment():
@@ -101,12 +103,18 @@ def supported_isa_paths():
     return ISA_NAMES[SUPPORTED_ISA::-1]
 
 
+def testable_isa_paths():
+    """supported_isa_paths() and, where AVX2 runs, the 16-wide test path."""
+    extra = (TEST_ONLY_PATH,) if cattn_isa_runs_on(CATTN_ISA_WIDE16, SUPPORTED_ISA) else ()
+    return supported_isa_paths() + extra
+
+
 def isa_index(str name):
     """The plan's number for a path name (a ValueError for a path this CPU lacks)."""
-    if name not in ISA_NAMES[:SUPPORTED_ISA + 1]:
+    if name not in testable_isa_paths():
         raise ValueError(f"the {name!r} path is not available on this CPU; available: "
-                         f"{', '.join(supported_isa_paths())}")
-    return ISA_NAMES.index(name)
+                         f"{', '.join(testable_isa_paths())}")
+    return CATTN_ISA_WIDE16 if name == TEST_ONLY_PATH else ISA_NAMES.index(name)
 
 
 def default_isa_index():
@@ -548,7 +556,7 @@ cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double) noex
     a slow one), and at least one per thread."""
     cdef double keys = <double> min(p.S, p.split_keys)
     cdef double task_flops = 2.0 * p.block_q * keys * (p.E + p.Ev) + 1.0
-    cdef double rate = 1e11 if p.isa == CATTN_ISA_AVX512 else 5e10
+    cdef double rate = 1e11 if p.isa == CATTN_ISA_AVX512 else 5e10 if p.isa else 2.5e10
     if is_double:
         rate /= 2
     cdef double group = 0.1 * rate * threads / task_flops
@@ -609,7 +617,8 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.n_splits, p.split_keys = n_splits, split_keys
     p.weights_mode = weights_mode
     p.table = <const Py_ssize_t*> cnp.PyArray_DATA(table)
-    p.isa = min(isa, SUPPORTED_ISA)  # never an instruction the CPU lacks
+    # never an instruction the CPU lacks, whatever the caller asked for
+    p.isa = isa if cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA
     cdef bint is_double = (<cnp.ndarray> q).descr.type_num == cnp.NPY_DOUBLE
     cdef size_t item = sizeof(double) if is_double else sizeof(float)
     cdef Py_ssize_t stride = scratch_elements(&p, is_double)
@@ -667,7 +676,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         for th in range(threads):
             key_blocks += counters[th * COUNTER_STRIDE + COUNTER_KEY_BLOCKS]
             with_tasks += counters[th * COUNTER_STRIDE + COUNTER_TASKS] > 0
-        _last_call.stats = (ISA_NAMES[p.isa], team, with_tasks, n_tasks, n_splits,
+        _last_call.stats = (cattn_isa_name(p.isa).decode(), team, with_tasks, n_tasks, n_splits,
                             split_keys, block_q, block_k, key_blocks, stride * item, checks)
     finally:
         PyMem_RawFree(sp)

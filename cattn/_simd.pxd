@@ -6,7 +6,9 @@ cdef extern from "cattn_cpu.h" nogil:
         CATTN_ISA_PORTABLE
         CATTN_ISA_AVX2
         CATTN_ISA_AVX512
+        CATTN_ISA_WIDE16
     int cattn_isa_supported()
+    int cattn_isa_runs_on(int isa, int supported)
     const char* cattn_isa_name(int isa)
 
 cdef extern from "cattn_simd.h" nogil:

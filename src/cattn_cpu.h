@@ -9,6 +9,10 @@
  *   CATTN_ISA_PORTABLE  scalar row operations, block GEMMs through BLAS (any CPU)
  *   CATTN_ISA_AVX2      AVX2 + FMA micro-kernels, 8 floats per vector
  *   CATTN_ISA_AVX512    AVX-512F micro-kernels, 16 floats per vector
+ *   CATTN_ISA_WIDE16    (tests only) the AVX-512 shapes of the micro-kernels -- 16 floats
+ *                       per vector, the same register tiles, tails and masks -- built from
+ *                       GCC's generic vectors for AVX2, so that a CPU without AVX-512 still
+ *                       checks that logic; never chosen by default
  */
 #ifndef CATTN_CPU_H
 #define CATTN_CPU_H
@@ -20,7 +24,7 @@
 #define CATTN_HAVE_X86_PATHS 0
 #endif
 
-enum { CATTN_ISA_PORTABLE = 0, CATTN_ISA_AVX2 = 1, CATTN_ISA_AVX512 = 2 };
+enum { CATTN_ISA_PORTABLE = 0, CATTN_ISA_AVX2 = 1, CATTN_ISA_AVX512 = 2, CATTN_ISA_WIDE16 = 3 };
 
 /* The best path this CPU (and its operating system: libgcc checks that the OS saves the
  * wide registers) supports, ignoring any cap. */
@@ -43,8 +47,16 @@ static const char *cattn_isa_name(int isa)
     switch (isa) {
     case CATTN_ISA_AVX512: return "avx512";
     case CATTN_ISA_AVX2: return "avx2";
+    case CATTN_ISA_WIDE16: return "wide16";
     default: return "portable";
     }
+}
+
+/* Whether a CPU whose best path is `supported` can run path `isa`. */
+static inline int cattn_isa_runs_on(int isa, int supported)
+{
+    if (isa == CATTN_ISA_WIDE16) return supported >= CATTN_ISA_AVX2;
+    return isa >= CATTN_ISA_PORTABLE && isa <= supported;
 }
 
 #endif /* CATTN_CPU_H */

@@ -135,6 +135,89 @@ __attribute__((target("avx2,fma"))) static inline double cattn_hsum_pd(__m256d x
 #define VHSUM(x) _mm512_reduce_add_pd(x)
 #include "cattn_gemm_impl.h"
 
+/* ---- (tests only) 16-wide generic vectors on AVX2: the AVX-512 instances' shapes. GCC
+ * splits each 64-byte vector into two ymm registers; masked lanes are handled lane by lane,
+ * so masked-off memory is never touched. Slow, and only there to run the 16-wide tiles,
+ * tails and masks on CPUs without AVX-512. */
+typedef float cattn_w16f __attribute__((vector_size(64)));
+typedef double cattn_w8d __attribute__((vector_size(64)));
+typedef int cattn_w16i __attribute__((vector_size(64)));
+typedef long long cattn_w8i __attribute__((vector_size(64)));
+
+/* (statement expressions, not functions: a function returning a 64-byte vector would
+ * change the ABI without AVX-512) */
+#define CATTN_WIDE_LOAD(V, p) ({ V x_; memcpy(&x_, (p), sizeof x_); x_; })
+#define CATTN_WIDE_STORE(p, x) ({ __typeof__(x) x_ = (x); memcpy((p), &x_, sizeof x_); })
+#define CATTN_WIDE_MASK(VI, W, n) ({                                                    \
+    VI m_;                                                                              \
+    ptrdiff_t n_ = (n);                                                                 \
+    for (int l_ = 0; l_ < (W); l_++) m_[l_] = l_ < n_ ? -1 : 0;                         \
+    m_;                                                                                 \
+})
+#define CATTN_WIDE_MASKLOAD(V, W, p, m) ({                                              \
+    V x_;                                                                               \
+    const __typeof__(*(p)) *p_ = (p);                                                   \
+    __typeof__(m) m_ = (m);                                                             \
+    for (int l_ = 0; l_ < (W); l_++) x_[l_] = m_[l_] ? p_[l_] : 0;                      \
+    x_;                                                                                 \
+})
+#define CATTN_WIDE_MASKSTORE(W, p, m, x) ({                                             \
+    __typeof__(x) x_ = (x);                                                             \
+    __typeof__(m) m_ = (m);                                                             \
+    for (int l_ = 0; l_ < (W); l_++)                                                    \
+        if (m_[l_]) (p)[l_] = x_[l_];                                                   \
+})
+#define CATTN_WIDE_HSUM(T, W, x) ({                                                     \
+    __typeof__(x) x_ = (x);                                                             \
+    T s_ = 0;                                                                           \
+    for (int l_ = 0; l_ < (W); l_++) s_ += x_[l_];                                      \
+    s_;                                                                                 \
+})
+
+#define T float
+#define SFX f32
+#define ISFX wide16
+#define TGT __attribute__((target("avx2,fma")))
+#define W 16
+#define MR CATTN_AVX512_MR
+#define NV CATTN_AVX512_NV
+#define V cattn_w16f
+#define VI cattn_w16i
+#define VLOAD(p) CATTN_WIDE_LOAD(cattn_w16f, p)
+#define VSTORE(p, x) CATTN_WIDE_STORE(p, x)
+#define VBCAST(p) (*(p) + (cattn_w16f){0})
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VMUL(a, b) ((a) * (b))
+#define VZERO() ((cattn_w16f){0})
+#define VMASK(n) CATTN_WIDE_MASK(cattn_w16i, W, n)
+#define VMASKLOAD(p, m) CATTN_WIDE_MASKLOAD(cattn_w16f, W, p, m)
+#define VMASKSTORE(p, m, x) CATTN_WIDE_MASKSTORE(W, p, m, x)
+#define VADD(a, b) ((a) + (b))
+#define VHSUM(x) CATTN_WIDE_HSUM(float, W, x)
+#include "cattn_gemm_impl.h"
+
+#define T double
+#define SFX f64
+#define ISFX wide16
+#define TGT __attribute__((target("avx2,fma")))
+#define W 8
+#define MR CATTN_AVX512_MR
+#define NV CATTN_AVX512_NV
+#define V cattn_w8d
+#define VI cattn_w8i
+#define VLOAD(p) CATTN_WIDE_LOAD(cattn_w8d, p)
+#define VSTORE(p, x) CATTN_WIDE_STORE(p, x)
+#define VBCAST(p) (*(p) + (cattn_w8d){0})
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VMUL(a, b) ((a) * (b))
+#define VZERO() ((cattn_w8d){0})
+#define VMASK(n) CATTN_WIDE_MASK(cattn_w8i, W, n)
+#define VMASKLOAD(p, m) CATTN_WIDE_MASKLOAD(cattn_w8d, W, p, m)
+#define VMASKSTORE(p, m, x) CATTN_WIDE_MASKSTORE(W, p, m, x)
+#define VADD(a, b) ((a) + (b))
+#define VHSUM(x) CATTN_WIDE_HSUM(double, W, x)
+#include "cattn_gemm_impl.h"
+
 /* The AVX-512 float packing, vectorized: 16 keys × 16 features at a time are loaded as 16
  * rows, transposed in registers and stored as 16 panel rows. The scalar transpose of the
  * template cost about a quarter of the Q·Kᵀ time, since every query block packs its keys. */
@@ -196,11 +279,14 @@ cattn_pack_keys_f32_avx512_fast(const float *k, ptrdiff_t k_rs, ptrdiff_t n_keys
 /* Keys per packed panel (the micro-kernels' column width NR = 2·W). */
 static inline ptrdiff_t cattn_panel_keys(int isa, int is_double)
 {
-    return (isa == CATTN_ISA_AVX512 ? 16 * CATTN_AVX512_NV : 16) / (is_double ? 2 : 1);
+    const int wide = isa == CATTN_ISA_AVX512 || isa == CATTN_ISA_WIDE16;
+    return (wide ? 16 * CATTN_AVX512_NV : 16) / (is_double ? 2 : 1);
 }
 
-#define CATTN_GEMM_OP(isa, name, sfx, args) \
-    ((isa) == CATTN_ISA_AVX512 ? name##_##sfx##_avx512 args : name##_##sfx##_avx2 args)
+#define CATTN_GEMM_OP(isa, name, sfx, args)                                              \
+    ((isa) == CATTN_ISA_AVX512   ? name##_##sfx##_avx512 args                              \
+     : (isa) == CATTN_ISA_WIDE16 ? name##_##sfx##_wide16 args                              \
+                                 : name##_##sfx##_avx2 args)
 
 #else /* no x86 paths compiled: the portable path uses BLAS and never calls these */
 

@@ -407,7 +407,7 @@ CATTN_AVX512 static double cattn_exp_shift_sum_f64_avx512(double *x, ptrdiff_t n
 #if CATTN_HAVE_X86_PATHS
 #define CATTN_ROW_OP(isa, name, args)                                                   \
     ((isa) == CATTN_ISA_AVX512 ? name##_avx512 args                                    \
-     : (isa) == CATTN_ISA_AVX2 ? name##_avx2 args : name##_generic args)
+     : (isa) != CATTN_ISA_PORTABLE ? name##_avx2 args : name##_generic args)
 #else
 #define CATTN_ROW_OP(isa, name, args) name##_generic args
 #endif

@@ -3,6 +3,8 @@ interruptible loop, against the float64 reference.
 
 The path is chosen per call through a private hook (`_isa=`), so one process tests them
 all; paths the CPU lacks are skipped with a reason (and must still be refused, never run).
+"wide16" is the AVX-512 micro-kernels' 16-wide logic (tiles, tails, masks) built from
+generic vectors for AVX2: on a CPU without AVX-512 it still tests those shapes.
 """
 import os
 import signal
@@ -18,12 +20,12 @@ import cattn
 from cattn import _kernel
 from conftest import reference64, tolerance
 
-PATHS = ("avx512", "avx2", "portable")
+PATHS = ("avx512", "avx2", "portable", "wide16")
 sdpa = cattn.scaled_dot_product_attention
 
 
 def path_param(name):
-    available = name in _kernel.supported_isa_paths()
+    available = name in _kernel.testable_isa_paths()
     return pytest.param(name, id=name, marks=pytest.mark.skipif(
         not available, reason=f"this CPU lacks the {name} path"))
 
@@ -91,7 +93,7 @@ def test_path_reads_strided_operands(path, dtype, rng):
 
 
 def test_unavailable_path_is_refused():
-    missing = [p for p in PATHS if p not in _kernel.supported_isa_paths()]
+    missing = [p for p in PATHS if p not in _kernel.testable_isa_paths()]
     q = np.ones((4, 8), np.float32)
     for name in missing + ["sse9"]:
         with pytest.raises(ValueError, match="not available on this CPU"):
@@ -163,6 +165,7 @@ def run_child(env_update):
 
 @pytest.mark.parametrize("name", ["avx512", "avx2", "portable"])
 def test_environment_caps_the_path(name):
+    """(the 16-wide test path is never a process's path: CATTN_ISA does not name it)"""
     import json
     proc = run_child({"CATTN_ISA": name})
     assert proc.returncode == 0, proc.stderr
@@ -173,10 +176,11 @@ def test_environment_caps_the_path(name):
     assert result["err"] < 1e-12
 
 
-def test_environment_names_an_unknown_path():
-    proc = run_child({"CATTN_ISA": "avx1024"})
+@pytest.mark.parametrize("value", ["avx1024", "wide16"])
+def test_environment_names_an_unknown_path(value):
+    proc = run_child({"CATTN_ISA": value})
     assert proc.returncode != 0
-    assert "CATTN_ISA must be one of avx512, avx2, portable, got 'avx1024'" in proc.stderr
+    assert f"CATTN_ISA must be one of avx512, avx2, portable, got '{value}'" in proc.stderr
 
 
 def test_ctrl_c_interrupts_a_long_call():
