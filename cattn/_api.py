@@ -221,7 +221,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
 
     Returns
     -------
-    out, or a tuple (out, weights), (out, lse) or (out, weights, lse).
+    out : ndarray (..., L, Ev)
+        Alone, or first of a tuple (out, weights), (out, lse) or (out, weights, lse) when
+        `return_weights` and/or `return_lse` ask for them.
 
     A query row that sees no key at all (fully masked) gets output 0 and lse -inf.
     Ctrl-C interrupts a long call within about 0.1 s with KeyboardInterrupt; `out` then
@@ -229,6 +231,47 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
 
     `_block_sizes=(block_q, block_k)` and `_isa="avx512"|"avx2"|"portable"` are private
     hooks for the tests: the result must not depend on either, beyond rounding.
+
+    Raises
+    ------
+    TypeError
+        An input that is not an array of float32 or float64, dtypes that differ, an option
+        of the wrong type; each message says what was expected and what came.
+    ValueError
+        Shapes that do not fit together or do not broadcast, an option out of its range
+        (a window side below 0, a key length past S, dropout_p other than 0, ...).
+    MemoryError
+        When the output or the scratch cannot be allocated.
+
+    See Also
+    --------
+    merge_attention : combine results over chunks of keys (with `return_lse=True`).
+    MultiHeadAttention : the layer with projections, PyTorch's masks and a KV cache.
+    cattn.reference.scaled_dot_product_attention : the readable NumPy definition.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cattn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 4, 6, 8), dtype=np.float32)  # (batch, heads, L, E)
+    >>> k = rng.standard_normal((2, 4, 6, 8), dtype=np.float32)
+    >>> v = rng.standard_normal((2, 4, 6, 8), dtype=np.float32)
+    >>> out = cattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    >>> out.shape, out.dtype
+    ((2, 4, 6, 8), dtype('float32'))
+
+    The first query sees only the first key, so its output is the first value:
+
+    >>> bool(np.allclose(out[..., 0, :], v[..., 0, :]))
+    True
+
+    Weights and log-sum-exp come with the output when asked for; each row sums to 1:
+
+    >>> out, weights, lse = cattn.scaled_dot_product_attention(
+    ...     q, k, v, window=(2, 0), return_weights=True, return_lse=True)
+    >>> weights.shape, lse.shape, bool(np.allclose(weights.sum(axis=-1), 1))
+    ((2, 4, 6, 6), (2, 4, 6), True)
     """
     query, key, value, attn_mask, out = (
         from_dlpack(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value"),
@@ -471,13 +514,48 @@ def _key_splits(n_tasks, S, block_k, weights_mode):
 def merge_attention(outputs, lses):
     """Combine attention results over disjoint chunks of keys into the result over all.
 
-    outputs : sequence of arrays (..., L, Ev), one per chunk of keys
-    lses : sequence of arrays (..., L), the matching `return_lse=True` results
+    Parameters
+    ----------
+    outputs : sequence of ndarrays (..., L, Ev)
+        One per chunk of keys, all of one shape and dtype.
+    lses : sequence of ndarrays (..., L)
+        The matching log-sum-exps (`return_lse=True`), of the outputs' dtype.
 
-    Returns (out, lse): exactly what one call over the union of the keys returns, up to
-    rounding. Each chunk is weighted by exp(lse_chunk - lse_total); chunks in which a row
-    sees no key (lse -inf) contribute nothing, and a row that sees no key in any chunk
-    gets output 0 and lse -inf.
+    Returns
+    -------
+    out : ndarray (..., L, Ev)
+    lse : ndarray (..., L)
+        Exactly what one call over the union of the keys returns, up to rounding. Each
+        chunk is weighted by exp(lse_chunk - lse_total); chunks in which a row sees no key
+        (lse -inf) contribute nothing, and a row that sees no key in any chunk gets output
+        0 and lse -inf.
+
+    Raises
+    ------
+    TypeError
+        Arguments that are not sequences of arrays, or arrays of other dtypes.
+    ValueError
+        No chunk, a different number of outputs and lses, or shapes that do not match.
+
+    See Also
+    --------
+    scaled_dot_product_attention : computes each chunk's output and lse.
+
+    Examples
+    --------
+    Attention over 10 keys, computed as two chunks of 4 and 6 keys and merged:
+
+    >>> import numpy as np
+    >>> import cattn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((3, 5, 8))
+    >>> k = rng.standard_normal((3, 10, 8))
+    >>> v = rng.standard_normal((3, 10, 8))
+    >>> parts = [cattn.scaled_dot_product_attention(q, k[:, s], v[:, s], return_lse=True)
+    ...          for s in (slice(0, 4), slice(4, 10))]
+    >>> out, lse = cattn.merge_attention([o for o, _ in parts], [l for _, l in parts])
+    >>> bool(np.allclose(out, cattn.scaled_dot_product_attention(q, k, v)))
+    True
     """
     if isinstance(outputs, np.ndarray) or isinstance(lses, np.ndarray):
         raise TypeError("outputs and lses must be sequences (lists) of arrays, one per chunk")

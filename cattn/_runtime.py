@@ -26,6 +26,7 @@ import threading
 import time
 import warnings
 import weakref
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -109,16 +110,61 @@ def _check_count(n, name):
     return int(n)
 
 
-def set_num_threads(n):
+def set_num_threads(n: Optional[int]) -> None:
     """Default number of threads of every call in this process (None: OpenMP's default,
-    OMP_NUM_THREADS or the cores). A call's num_threads= and `threads(n)` take precedence."""
+    OMP_NUM_THREADS or the cores). A call's num_threads= and `threads(n)` take precedence.
+
+    Parameters
+    ----------
+    n : int or None
+        Threads per call, at least 1; None goes back to OpenMP's default.
+
+    Raises
+    ------
+    TypeError
+        `n` is not an integer (or is a bool).
+    ValueError
+        `n` is below 1.
+
+    See Also
+    --------
+    threads : the same for the calls of one Python thread, inside a with block.
+    get_num_threads : the count a call would use now.
+
+    Examples
+    --------
+    >>> import cattn
+    >>> cattn.set_num_threads(1)
+    >>> cattn.get_num_threads()
+    1
+    >>> cattn.set_num_threads(None)
+    """
     global _process_default
     _process_default = None if n is None else _check_count(n, "set_num_threads(n): n")
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The number of threads a call from this thread uses when it does not say
-    num_threads= (an upper bound: the budget and the size of the problem may lower it)."""
+    num_threads= (an upper bound: the budget and the size of the problem may lower it).
+
+    Returns
+    -------
+    int
+        From `threads(n)` in this thread, else `set_num_threads(n)`, else OpenMP's default
+        (OMP_NUM_THREADS, else the cores).
+
+    See Also
+    --------
+    set_num_threads, threads : where the count comes from.
+    show_config : OpenMP's default team size and the build's other settings.
+
+    Examples
+    --------
+    >>> import cattn
+    >>> with cattn.threads(2):
+    ...     cattn.get_num_threads()
+    2
+    """
     override = getattr(_local, "override", None)
     if override is not None:
         return override
@@ -128,9 +174,40 @@ def get_num_threads():
 
 
 @contextlib.contextmanager
-def threads(n):
+def threads(n: int) -> Iterator[int]:
     """`with cattn.threads(n):` calls from this thread default to n threads inside the
-    block (other Python threads are not affected); blocks nest."""
+    block (other Python threads are not affected); blocks nest.
+
+    Parameters
+    ----------
+    n : int
+        Threads per call inside the block, at least 1.
+
+    Returns
+    -------
+    context manager
+        Yields `n`; leaving the block restores the previous count of this thread.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As `set_num_threads` does for an `n` that is not an integer of at least 1.
+
+    See Also
+    --------
+    set_num_threads : the default of the whole process.
+    get_num_threads : the count a call would use now.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cattn
+    >>> q = np.ones((1, 4, 8), dtype=np.float32)
+    >>> with cattn.threads(1):
+    ...     out = cattn.scaled_dot_product_attention(q, q, q)   # runs on one thread
+    >>> out.shape
+    (1, 4, 8)
+    """
     n = _check_count(n, "threads(n): n")
     previous = getattr(_local, "override", None)
     _local.override = n

@@ -16,8 +16,10 @@ is added to the scaled scores in both places.
 import math
 import numbers
 import operator
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from cattn._api import scaled_dot_product_attention
 from cattn._interop import from_dlpack
@@ -129,10 +131,36 @@ class MultiHeadAttention:
     and V with a single GEMM. Initialized like nn.MultiheadAttention: xavier_uniform over
     the input projection (the fused matrix as a whole), nn.Linear's uniform for Wo, zero
     biases. `state_dict()` / `load_state_dict()` speak PyTorch's key names.
+
+    Raises
+    ------
+    TypeError
+        A size that is not an integer, a flag that is not a bool, a dtype other than
+        float32 or float64.
+    ValueError
+        A size below 1, `num_heads` not dividing `embed_dim`, `num_kv_heads` not dividing
+        `num_heads`.
+
+    See Also
+    --------
+    KVCache : keys and values kept across calls, for decoding token by token.
+    scaled_dot_product_attention : the attention itself, on (..., L, E) arrays.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cattn
+    >>> mha = cattn.MultiHeadAttention(embed_dim=16, num_heads=4, rng=0)
+    >>> x = np.ones((2, 5, 16), dtype=np.float32)          # (batch, length, embed_dim)
+    >>> out, weights = mha(x, need_weights=True)
+    >>> out.shape, weights.shape
+    ((2, 5, 16), (2, 5, 5))
     """
 
-    def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
-                 bias=True, out_proj=True, dtype=np.float32, rng=None):
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
+                 kdim: Optional[int] = None, vdim: Optional[int] = None, bias: bool = True,
+                 out_proj: bool = True, dtype: DTypeLike = np.float32,
+                 rng: Union[None, int, np.random.Generator] = None) -> None:
         embed_dim = _positive_int(embed_dim, "embed_dim")
         num_heads = _positive_int(num_heads, "num_heads")
         if embed_dim % num_heads:
@@ -176,16 +204,16 @@ class MultiHeadAttention:
     # ---- the projection blocks (views into the fused arrays when fused)
 
     @property
-    def q_proj_weight(self):
+    def q_proj_weight(self) -> NDArray[Any]:
         return self.in_proj_weight[:self.embed_dim] if self.fused else self._q_w
 
     @property
-    def k_proj_weight(self):
+    def k_proj_weight(self) -> NDArray[Any]:
         E, kv = self.embed_dim, self.kv_dim
         return self.in_proj_weight[E:E + kv] if self.fused else self._k_w
 
     @property
-    def v_proj_weight(self):
+    def v_proj_weight(self) -> NDArray[Any]:
         E, kv = self.embed_dim, self.kv_dim
         return self.in_proj_weight[E + kv:] if self.fused else self._v_w
 
@@ -223,7 +251,7 @@ class MultiHeadAttention:
                 shapes["out_proj.bias"] = (E,)
         return shapes
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, NDArray[Any]]:
         """The weights as nn.MultiheadAttention names them (copies, as NumPy arrays):
         `in_proj_weight` when kdim = vdim = E, else `q_proj_weight`, `k_proj_weight`,
         `v_proj_weight`; plus `in_proj_bias`, `out_proj.weight`, `out_proj.bias` as present."""
@@ -233,7 +261,7 @@ class MultiHeadAttention:
                   "out_proj.bias": self.out_proj_bias}
         return {name: arrays[name].copy() for name in self._expected_shapes(self.fused)}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Copy weights in from a PyTorch-style state dict (NumPy arrays or CPU tensors).
 
         Takes either form of the input projection: `in_proj_weight`, or the three
@@ -295,8 +323,13 @@ class MultiHeadAttention:
             raise ValueError(f"{name} must have shape (batch, length, {width}), "
                              f"got {x.shape}")
 
-    def __call__(self, query, key=None, value=None, *, key_padding_mask=None, attn_mask=None,
-                 is_causal=False, need_weights=False, average_attn_weights=True, cache=None):
+    def __call__(self, query: ArrayLike, key: Optional[ArrayLike] = None,
+                 value: Optional[ArrayLike] = None, *,
+                 key_padding_mask: Optional[ArrayLike] = None,
+                 attn_mask: Optional[ArrayLike] = None, is_causal: bool = False,
+                 need_weights: bool = False, average_attn_weights: bool = True,
+                 cache: Union["KVCache", "KVCacheLayer", None] = None
+                 ) -> Tuple[NDArray[Any], Optional[NDArray[Any]]]:
         """Attention of `query` over `key`/`value`, batch first, as nn.MultiheadAttention.
 
         Parameters
@@ -327,8 +360,42 @@ class MultiHeadAttention:
 
         Returns
         -------
-        (output (B, L, E), weights or None). A query that sees no key gets attention output 0
-        (PyTorch gives NaN there).
+        output : ndarray (B, L, E), or (L, E) unbatched
+            A query that sees no key gets attention output 0 (PyTorch gives NaN there).
+        weights : ndarray or None
+            The attention weights when `need_weights`, else None.
+
+        Raises
+        ------
+        TypeError
+            An input that is not an array of the layer's dtype, a flag that is not a bool.
+        ValueError
+            Shapes that do not fit the layer or each other, masks of the wrong shape, a
+            cache of another shape or one that would overflow its `max_len`.
+
+        See Also
+        --------
+        KVCache.for_layer : a cache shaped for this layer.
+        scaled_dot_product_attention : what each head computes.
+
+        Examples
+        --------
+        Self-attention with padding, then decoding two tokens one at a time with a cache:
+
+        >>> import numpy as np
+        >>> import cattn
+        >>> mha = cattn.MultiHeadAttention(8, 2, rng=0)
+        >>> x = np.random.default_rng(0).standard_normal((1, 3, 8)).astype(np.float32)
+        >>> padding = np.array([[False, False, True]])        # True: ignore that key
+        >>> out, _ = mha(x, key_padding_mask=padding)
+        >>> out.shape
+        (1, 3, 8)
+        >>> cache = cattn.KVCache.for_layer(mha, batch_size=1, max_len=4)
+        >>> first, _ = mha(x[:, :1], cache=cache)
+        >>> second, _ = mha(x[:, 1:2], cache=cache)
+        >>> full, _ = mha(x[:, :2], is_causal=True)
+        >>> bool(np.allclose(second[:, 0], full[:, 1], atol=1e-6))
+        True
         """
         # Self-attention (one fused Q/K/V GEMM) when key and value are omitted or are query.
         self_attention = (key is None or key is query) and (value is None or value is query)
@@ -538,10 +605,45 @@ class KVCache:
     grows the lengths, never reallocating. Sequences may have different lengths (ragged
     prompts: left-pad them and pass a key_padding_mask). Appending past `max_len` raises
     ValueError and changes nothing.
+
+    Parameters
+    ----------
+    batch_size : int
+        Sequences decoded together.
+    max_len : int
+        Positions each sequence can hold.
+    num_kv_heads, head_dim : int
+        The key/value heads and their size (as the layer's `num_kv_heads`, `head_dim`).
+    num_layers : int
+        Layers sharing the allocation (one per attention layer of a model).
+    value_dim : int, optional
+        The size of a value head (default `head_dim`).
+    dtype : float32 or float64
+
+    Raises
+    ------
+    TypeError
+        A size that is not an integer, a dtype other than float32 or float64.
+    ValueError
+        A size below 1.
+
+    See Also
+    --------
+    KVCache.for_layer : a cache shaped for a MultiHeadAttention layer.
+    MultiHeadAttention : takes a cache as `cache=` when called.
+
+    Examples
+    --------
+    >>> import cattn
+    >>> cache = cattn.KVCache(batch_size=2, max_len=16, num_kv_heads=2, head_dim=4,
+    ...                       num_layers=3)
+    >>> cache.keys.shape, len(cache), cache.layer(1).lengths.tolist()
+    ((3, 2, 2, 16, 4), 3, [0, 0])
     """
 
-    def __init__(self, batch_size, max_len, num_kv_heads, head_dim, *, num_layers=1,
-                 value_dim=None, dtype=np.float32):
+    def __init__(self, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int, *,
+                 num_layers: int = 1, value_dim: Optional[int] = None,
+                 dtype: DTypeLike = np.float32) -> None:
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.max_len = _positive_int(max_len, "max_len")
         self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
@@ -556,14 +658,15 @@ class KVCache:
         self.lengths = np.zeros((self.num_layers, self.batch_size), dtype=np.intp)
 
     @classmethod
-    def for_layer(cls, mha, batch_size, max_len, *, num_layers=1):
+    def for_layer(cls, mha: MultiHeadAttention, batch_size: int, max_len: int, *,
+                  num_layers: int = 1) -> "KVCache":
         """A cache shaped for `mha` (its key/value heads, head size and dtype)."""
         if not isinstance(mha, MultiHeadAttention):
             raise TypeError(f"mha must be a MultiHeadAttention, got {type(mha).__name__}")
         return cls(batch_size, max_len, mha.num_kv_heads, mha.head_dim, num_layers=num_layers,
                    dtype=mha.dtype)
 
-    def layer(self, index):
+    def layer(self, index: int) -> "KVCacheLayer":
         """Layer `index`'s view of the cache."""
         if isinstance(index, (bool, np.bool_)) or not isinstance(index, numbers.Integral):
             raise TypeError(f"layer index must be an integer, got {type(index).__name__}")
@@ -575,10 +678,10 @@ class KVCache:
 
     __getitem__ = layer
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.num_layers
 
-    def reset(self, batch_index=None):
+    def reset(self, batch_index: Optional[int] = None) -> None:
         """Forget the cached positions (of all sequences, or of one), keeping the memory."""
         if batch_index is None:
             self.lengths[...] = 0
@@ -593,7 +696,7 @@ class KVCache:
         self.lengths[:, batch_index] = 0
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
     def __repr__(self):
@@ -619,7 +722,8 @@ class KVCacheLayer:
     def __repr__(self):
         return f"<layer {self.index} of {self.cache!r}, lengths {self.lengths.tolist()}>"
 
-    def append(self, keys, values, num_new=None):
+    def append(self, keys: NDArray[Any], values: NDArray[Any],
+               num_new: Optional[ArrayLike] = None) -> None:
         """Write new positions after each sequence's cached ones and grow its length.
 
         keys : (B, Hkv, T, D) and values : (B, Hkv, T, Dv), the cache's dtype (any strides).
