@@ -61,8 +61,12 @@ def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'cattn' has no attribute {name!r}")
     module = _LAZY[name]
-    value = (importlib.import_module(f"cattn.{name}") if module is None
-             else getattr(importlib.import_module(module), name))
+    if module is None:
+        value = importlib.import_module(f"cattn.{name}")
+    else:
+        # The thread runtime first: it decides how the compiled core is loaded.
+        importlib.import_module("cattn._runtime")
+        value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups are plain attribute reads
     return value
 
