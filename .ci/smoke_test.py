@@ -15,8 +15,9 @@ config = cattn.show_config()
 print("installed cattn", cattn.__version__, "at", here, config)
 if os.environ.get("CATTN_FAIL_NO_OPENMP") and not config["openmp"]:
     sys.exit("smoke test: this build has no OpenMP")
-if not os.path.exists(os.path.join(here, "py.typed")):
-    sys.exit("smoke test: the py.typed marker is missing")
+for typing_file in ("py.typed", "_api.pyi", "_kernel.pyi"):
+    if not os.path.exists(os.path.join(here, typing_file)):
+        sys.exit(f"smoke test: {typing_file} (type information) is missing")
 rng = np.random.default_rng(0)
 for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
     q, k, v = (rng.standard_normal((2, 4, 33, 16)).astype(dtype) for _ in range(3))
