@@ -3,13 +3,19 @@
 The result of scaled_dot_product_attention depends on its flags: the output alone, or a
 tuple of the output with the attention weights and/or the log-sum-exp, in that order.
 """
-from typing import Literal, Optional, Sequence, Tuple, TypeVar, Union, overload
+from typing import Any, Literal, Optional, Protocol, Sequence, Tuple, TypeVar, Union, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 _F = TypeVar("_F", np.float32, np.float64)
 _Alignment = Literal["top_left", "bottom_right"]
+
+
+class _DLPackArray(Protocol):
+    """A CPU tensor of another library (PyTorch...), read as a NumPy view without a copy."""
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __dlpack_device__(self) -> Any: ...
 
 @overload
 def scaled_dot_product_attention(  # type: ignore[overload-overlap]
@@ -75,6 +81,21 @@ def scaled_dot_product_attention(
     dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
 ) -> Union[NDArray[_F], Tuple[NDArray[_F], ...]]: ...
+
+# DLPack producers (CPU PyTorch tensors): the dtype is only known at run time.
+@overload
+def scaled_dot_product_attention(
+    query: Union[_DLPackArray, NDArray[Any]], key: Union[_DLPackArray, NDArray[Any]],
+    value: Union[_DLPackArray, NDArray[Any]],
+    attn_mask: Optional[Any] = ..., is_causal: bool = ..., scale: Optional[float] = ...,
+    *, enable_gqa: bool = ..., window: Optional[Tuple[Optional[int], Optional[int]]] = ...,
+    alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
+    softcap: Optional[float] = ...,
+    return_lse: bool = ..., return_weights: bool = ...,
+    out: Optional[NDArray[Any]] = ..., num_threads: Optional[int] = ...,
+    dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    _isa: Optional[str] = ...,
+) -> Any: ...
 
 
 def merge_attention(outputs: Sequence[NDArray[_F]],
