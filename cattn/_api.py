@@ -166,12 +166,42 @@ def _has_internal_overlap(x):
     return False
 
 
+def _per_item_integers(x, name, batch_shape, low, high, high_name=None):
+    """An int, or an integer array whose axes index the leading batch axes from the left:
+    one intp value per item (flattened), or the plain int when x is a scalar."""
+    _reject_masked(x, name)
+    values = np.asarray(x)
+    if values.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got dtype {values.dtype}")
+    if values.ndim > len(batch_shape) or values.shape != batch_shape[:values.ndim]:
+        raise ValueError(f"{name} of shape {values.shape} must match the leading batch "
+                         f"axes {batch_shape} from the left (e.g. one per sequence)")
+    if values.size and (values.min() < low or values.max() > high):
+        bound = high if high_name is None else f"{high_name}={high}"
+        raise ValueError(f"{name} must lie in [{low}, {bound}], got values from "
+                         f"{values.min()} to {values.max()}")
+    if values.ndim == 0:
+        return int(values)
+    values = values.astype(np.intp).reshape(
+        values.shape + (1,) * (len(batch_shape) - values.ndim))
+    return np.broadcast_to(values, batch_shape).reshape(-1)
+
+
+# Positions stay far from int64 overflow once windows (up to _UNBOUNDED) are added.
+_MAX_OFFSET = 2**48 - 1
+
+
+def _offset(x, name, batch_shape):
+    return 0 if x is None else _per_item_integers(x, name, batch_shape, -_MAX_OFFSET,
+                                                  _MAX_OFFSET)
+
+
 # ---------------------------------------------------------------------- the public API
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False,
                                  scale=None, *, enable_gqa=False, window=None,
-                                 alignment="top_left", key_lengths=None, softcap=None,
-                                 return_lse=False, return_weights=False, out=None,
+                                 alignment="top_left", key_lengths=None, q_offset=None,
+                                 k_offset=None, softcap=None, return_lse=False, return_weights=False, out=None,
                                  num_threads=None, dropout_p=0.0, _block_sizes=None,
                                  _isa=None):
     """Exact attention softmax(Q·Kᵀ·scale + mask)·V, computed tile by tile.
@@ -206,6 +236,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         the leading batch axes from the left, so a (B,) array with (B, H, L, E) queries
         gives one length per sequence. With "bottom_right", the diagonal follows each
         item's own length.
+    q_offset, k_offset : int or integer array, optional
+        Global positions of the first query and of the first key (default 0), for a block
+        cut from a longer sequence: `is_causal` and `window` then compare global positions,
+        so query i sees key j when k_offset + j lies in [q_offset + i - left,
+        q_offset + i + right]. Broadcast like key_lengths (one per sequence, say); any
+        integers, negative ones included, of magnitude below 2**48. They need
+        alignment="top_left" (the diagonal they give is global: for a bottom-right one,
+        add the item's key length minus L to q_offset).
     softcap : float, optional
         Scores become softcap·tanh(scores/softcap) before the mask (Gemma 2).
     return_lse : bool
@@ -378,22 +416,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         mask_cs = m_strides[-1] if mask.shape[-1] > 1 else 0
 
     # ---- key lengths and the causal diagonal
-    if key_lengths is None:
-        kv_len = S
-    else:
-        _reject_masked(key_lengths, "key_lengths")
-        kl = np.asarray(key_lengths)
-        if kl.dtype.kind not in "iu":
-            raise TypeError(f"key_lengths must be integers, got dtype {kl.dtype}")
-        if kl.ndim > len(batch_shape) or kl.shape != batch_shape[:kl.ndim]:
-            raise ValueError(f"key_lengths of shape {kl.shape} must match the leading batch "
-                             f"axes {batch_shape} from the left (e.g. one per sequence)")
-        if kl.size and (kl.min() < 0 or kl.max() > S):
-            raise ValueError(f"key_lengths must lie in [0, S={S}], got values from "
-                             f"{kl.min()} to {kl.max()}")
-        kl = kl.astype(np.intp).reshape(kl.shape + (1,) * (len(batch_shape) - kl.ndim))
-        kv_len = np.broadcast_to(kl, batch_shape).reshape(-1)
+    kv_len = (S if key_lengths is None else
+              _per_item_integers(key_lengths, "key_lengths", batch_shape, 0, S, "S"))
     diag = kv_len - L if alignment == "bottom_right" else 0
+    if q_offset is not None or k_offset is not None:
+        if alignment != "top_left":
+            raise ValueError("q_offset and k_offset give global positions, which place the "
+                             "diagonal themselves: use alignment='top_left' (for a "
+                             "bottom-right diagonal, add key length - L to q_offset)")
+        diag = _offset(q_offset, "q_offset", batch_shape) - \
+            _offset(k_offset, "k_offset", batch_shape)
 
     # ---- window (relative to the diagonal); causal closes its right side
     win_left, win_right = _UNBOUNDED, _UNBOUNDED
@@ -459,7 +491,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     block_q, block_k = (_choose_block_sizes(L, S, isa) if _block_sizes is None
                         else _checked_block_sizes(_block_sizes))
     n_q_blocks = -(-L // block_q)
-    n_splits, split_keys = _key_splits(n_items * n_q_blocks, S, block_k, return_weights)
+    n_splits, split_keys = _key_splits(n_q_blocks, S, block_k, return_weights)
     n_tasks = n_items * n_q_blocks * n_splits
     threads = _runtime.team_size(min(num_threads, n_tasks))
     partials = (np.empty((n_splits, n_items, L, Ev + 2), dtype=dtype) if n_splits > 1
@@ -494,18 +526,23 @@ def _checked_block_sizes(sizes):
     return _check_int(block_q, "block_q", 1), _check_int(block_k, "block_k", 1)
 
 
-# Fewer (item, query block) tasks than this: split the keys too, so that the cores stay
-# busy when a few heads decode against a long cache. A property of the problem, never of
-# the thread count, so results stay bitwise identical whatever the number of threads.
+# An item with few query blocks (decoding, short chunks) against many keys: split its keys
+# into chunks of at least _MIN_SPLIT_KEYS, aiming at _MIN_TASKS tasks per item, so that the
+# cores stay busy when a few heads decode against a long cache. The rule looks at one
+# item's shape only, never at the number of items or threads: each item is computed
+# bitwise alike whatever the thread count and whichever other heads share the call (a
+# call on some of the heads equals those heads of the full call, as sharding needs).
+_FEW_Q_BLOCKS = 2
 _MIN_TASKS = 16
 _MIN_SPLIT_KEYS = 512
 
 
-def _key_splits(n_tasks, S, block_k, weights_mode):
+def _key_splits(n_q_blocks, S, block_k, weights_mode):
     """(number of chunks of keys, keys per chunk: a multiple of block_k)."""
-    if weights_mode or n_tasks == 0 or n_tasks >= _MIN_TASKS or S < 2 * _MIN_SPLIT_KEYS:
+    if (weights_mode or n_q_blocks == 0 or n_q_blocks > _FEW_Q_BLOCKS
+            or S < 2 * _MIN_SPLIT_KEYS):
         return 1, S
-    n_splits = min(-(-_MIN_TASKS // n_tasks), S // _MIN_SPLIT_KEYS)
+    n_splits = min(-(-_MIN_TASKS // n_q_blocks), S // _MIN_SPLIT_KEYS)
     split_keys = -(-S // n_splits)
     split_keys = -(-split_keys // block_k) * block_k
     return -(-S // split_keys), split_keys

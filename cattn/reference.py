@@ -15,22 +15,27 @@ import math
 import numpy as np
 
 
+def _per_item(x, batch_shape):
+    """x (an int, or an array over the leading batch axes) as (..., 1, 1) per item."""
+    x = np.asarray(x)
+    x = x.reshape(x.shape + (1,) * (len(batch_shape) - x.ndim))
+    return np.broadcast_to(x, batch_shape)[..., None, None]
+
+
 def visible_keys(L, S, is_causal=False, window=None, alignment="top_left",
-                 key_lengths=None, batch_shape=()):
+                 key_lengths=None, batch_shape=(), q_offset=None, k_offset=None):
     """Boolean (..., L, S): which key each query may see, from the structural options."""
     visible = np.ones(batch_shape + (L, S), dtype=bool)
-    if key_lengths is not None:
-        kl = np.asarray(key_lengths)
-        kl = kl.reshape(kl.shape + (1,) * (len(batch_shape) - kl.ndim))
-        kl = np.broadcast_to(kl, batch_shape)
-    else:
-        kl = np.full(batch_shape, S)
-    kl = kl[..., None, None]
-    i = np.arange(L)[:, None]
-    j = np.arange(S)[None, :]
-    # The diagonal: key (i + diag) is "the same position" as query i.
+    kl = _per_item(S if key_lengths is None else key_lengths, batch_shape)
+    # Positions: query i and key j sit at q_offset + i and k_offset + j of the sequence.
+    if (q_offset is not None or k_offset is not None) and alignment != "top_left":
+        raise ValueError("q_offset and k_offset need alignment='top_left'")
+    i = _per_item(0 if q_offset is None else q_offset, batch_shape) + np.arange(L)[:, None]
+    j_local = np.arange(S)[None, :]
+    j = _per_item(0 if k_offset is None else k_offset, batch_shape) + j_local
+    # The diagonal: key position (i + diag) is "the same position" as query i.
     diag = kl - L if alignment == "bottom_right" else np.zeros_like(kl)
-    visible &= j < kl
+    visible &= j_local < kl
     if is_causal:
         visible &= j <= i + diag
     if window is not None:
@@ -44,8 +49,9 @@ def visible_keys(L, S, is_causal=False, window=None, alignment="top_left",
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False,
                                  scale=None, *, enable_gqa=False, window=None,
-                                 alignment="top_left", key_lengths=None, softcap=None,
-                                 return_lse=False, return_weights=False):
+                                 alignment="top_left", key_lengths=None, q_offset=None,
+                                 k_offset=None, softcap=None, return_lse=False,
+                                 return_weights=False):
     """softmax(Q·Kᵀ·scale + mask)·V with the full score matrix (see cattn for options)."""
     dtype = query.dtype
     L, E = query.shape[-2:]
@@ -79,9 +85,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
             scores = np.where(attn_mask, scores, -np.inf).astype(dtype)
         else:
             scores = scores + attn_mask.astype(dtype)
-    structural = (is_causal or window is not None or key_lengths is not None)
+    structural = (is_causal or window is not None or key_lengths is not None
+                  or q_offset is not None or k_offset is not None)
     if structural:
-        visible = visible_keys(L, S, is_causal, window, alignment, key_lengths, batch_shape)
+        visible = visible_keys(L, S, is_causal, window, alignment, key_lengths, batch_shape,
+                               q_offset, k_offset)
         scores = np.where(visible, scores, -np.inf).astype(dtype)
 
     # Step 3: softmax over each row (subtract the row max so exp never overflows).

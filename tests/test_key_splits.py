@@ -103,3 +103,19 @@ def test_split_results_are_bitwise_identical_for_any_thread_count(rng, threads):
                 num_threads=threads)
     assert_took_the_split_path(3001)
     np.testing.assert_array_equal(many, one)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_heads_in_separate_calls_equal_one_call_bitwise(rng, threads):
+    # The split rule looks at one head's shape only: a call over some heads (a shard of
+    # the heads on another machine, say) computes them bitwise as the call over all does.
+    query, key, value = qkv(rng, [(1, 32, 1, 64), (1, 32, 2100, 64), (1, 32, 2100, 32)],
+                            np.float32)
+    whole, whole_lse = sdpa(query, key, value, return_lse=True, num_threads=threads)
+    assert_took_the_split_path(2100)
+    for heads in (slice(0, 1), slice(1, 9), slice(9, 32)):
+        part, part_lse = sdpa(query[:, heads].copy(), key[:, heads].copy(),
+                              value[:, heads].copy(), return_lse=True, num_threads=threads)
+        assert_took_the_split_path(2100)
+        np.testing.assert_array_equal(part, whole[:, heads])
+        np.testing.assert_array_equal(part_lse, whole_lse[:, heads])
