@@ -242,7 +242,7 @@ def test_example_script_reports_match_speed_and_memory(real_model):
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "(OK the 1e-5 target)" in out, out
-    assert "6 sentences" in out and "3 sentences" in out and out.count("x\n") >= 2
+    assert "6 sentences" in out and "3 sentences" in out and out.count("x)\n") >= 2
     assert "cattn: import + load" in out and "peak RSS ratio cattn / peer" in out
 
 
