@@ -60,3 +60,13 @@ def test_stubs_of_compiled_modules_match_them(tmp_path):
                  str(config), "cattn._api", "cattn._kernel"], tmp_path,
                 MYPYPATH=_cattn_root(), PYTHONPATH=_cattn_root())
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_accepts_the_benchmark_package(tmp_path):
+    config = tmp_path / "mypy.ini"
+    config.write_text("[mypy]\nignore_missing_imports = True\nfollow_imports = silent\n")
+    proc = _run(["-m", "mypy", "--config-file", str(config), "--no-incremental",
+                 "--cache-dir", str(tmp_path / "cache"),
+                 os.path.join(_cattn_root(), "cattn", "bench")], tmp_path,
+                MYPYPATH=_cattn_root())
+    assert proc.returncode == 0, proc.stdout + proc.stderr

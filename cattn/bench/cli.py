@@ -123,7 +123,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         shape = _ints(args.shape)
         if len(shape) != 5:
             raise SystemExit("--shape takes B,H,L,S,E")
-        case = bench_shape(*shape, dtype=args.dtype, causal=args.causal, config=config)
+        B, H, L, S, E = shape
+        case = bench_shape(B, H, L, S, E, dtype=args.dtype, causal=args.causal, config=config)
         result: Dict[str, Any] = {"machine": info, "mode": "shape", "cases": [case]}
         tag = "shape"
     else:

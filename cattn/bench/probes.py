@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -69,7 +69,7 @@ def _thread_pool(n: int):
 def make_stream_probes(threads: int, mib: int):
     """[(name, fn, setup)]: read-only passes over a `mib` MiB float32 array."""
     x = stream_array(mib)
-    probes = []
+    probes: List[Tuple[str, Callable[[], Any], Optional[Callable[[], Callable[[], None]]]]] = []
     try:
         from cattn import _kernel
         stream_sum = getattr(_kernel, "stream_sum", None)

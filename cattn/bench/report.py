@@ -37,7 +37,7 @@ def _attention_rows(case: Case) -> List[Any]:
 def _ceilings(case: Case) -> List[str]:
     gemm = "sgemm" if case.spec["dtype"] == "float32" else "dgemm"
     return ([f"{gemm} {t}t {g:.1f} GFLOP/s" for t, g in case.gemm_gflops.items()]
-            + [f"stream read {t}t {g:.1f} GB/s ({case.stream_probe[t]})"
+            + [f"stream read {t}t {g:.1f} GB/s ({(case.stream_probe or {}).get(t)})"
                for t, g in case.stream_gbps.items()])
 
 

@@ -14,7 +14,7 @@ class JsonRow:
 
     def to_json(self) -> Dict[str, Any]:
         out = {}
-        for f in fields(self):
+        for f in fields(self):  # type: ignore[arg-type]  # every JsonRow is a dataclass
             value = getattr(self, f.name)
             if value is None and f.metadata.get("omit_if_none"):
                 continue

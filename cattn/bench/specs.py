@@ -19,7 +19,7 @@ class Spec:
     E: int
     dtype: Any = "float32"
     causal: bool = False
-    window: Optional[Tuple[int, int]] = None
+    window: Optional[Tuple[Optional[int], Optional[int]]] = None
     return_weights: bool = False
 
     def __post_init__(self) -> None:
@@ -27,7 +27,7 @@ class Spec:
                                                   int(self.S), int(self.E))
         self.dtype = np.dtype(self.dtype)
         self.causal = bool(self.causal)
-        self.window = None if self.window is None else tuple(self.window)
+        self.window = None if self.window is None else (self.window[0], self.window[1])
         self.return_weights = bool(self.return_weights)
 
     @classmethod

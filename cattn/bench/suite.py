@@ -133,7 +133,7 @@ def summarize(name, base: Spec, spec_list, threads, runners, skipped, wrong,
     for r in attention:
         c = ceilings.get(r.threads)
         r.pct_of_gemm = None if c is None else 100.0 * r.gflops / c
-        if kind == "decode" and streams.get(r.threads):
+        if r.kv_gbps is not None and streams.get(r.threads):
             r.pct_of_stream = 100.0 * r.kv_gbps / streams[r.threads]
         mine = by.get(("cattn", r.threads, r.options))
         r.cattn_speedup = None if mine is None else r.median_s / mine.median_s
@@ -283,8 +283,9 @@ def run_suite(names: List[str], config: BenchConfig) -> Dict[str, Any]:
             case = run_workload_case(wname, name, specs, opts, config)
             if case is not None:
                 cases.append(case)
-    result = {"mode": mode, "presets": names, "reps": config.reps, "gemm_n": config.gemm_n,
-              "threads": config.threads, "cases": cases}
+    result: Dict[str, Any] = {"mode": mode, "presets": names, "reps": config.reps,
+                              "gemm_n": config.gemm_n, "threads": config.threads,
+                              "cases": cases}
     result["targets"] = check_targets(result)
     print(format_targets(result["targets"]))
     return result
