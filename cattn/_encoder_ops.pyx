@@ -151,6 +151,17 @@ cdef extern from *:
     ENC_DEFINE_BUILDS(enc_layernorm_f32_body, float)
     ENC_DEFINE_BUILDS(enc_layernorm_f64_body, double)
 
+    /* dst <- src (+ bias when not NULL): one row of a scatter or gather. */
+    #define ENC_DEFINE_ROW_COPY(T, SUFFIX)                                                 \
+    static void enc_copy_row_##SUFFIX(T *restrict dst, const T *restrict src,               \
+                                      const T *restrict bias, ptrdiff_t n)                  \
+    {                                                                                      \
+        if (!bias) { memcpy(dst, src, (size_t)n * sizeof(T)); return; }                   \
+        for (ptrdiff_t j = 0; j < n; j++) dst[j] = src[j] + bias[j];                       \
+    }
+    ENC_DEFINE_ROW_COPY(float, f32)
+    ENC_DEFINE_ROW_COPY(double, f64)
+
     typedef void (*enc_gelu_f32_fn)(float *, const float *, ptrdiff_t);
     typedef void (*enc_layernorm_f32_fn)(float *, const float *, const float *, const float *,
                                          const float *, float, float *, ptrdiff_t);
@@ -191,6 +202,10 @@ cdef extern from *:
     enc_layernorm_f32_fn enc_layernorm_f32_impl(int avx2) noexcept nogil
     enc_layernorm_f64_fn enc_layernorm_f64_impl(int avx2) noexcept nogil
     void enc_bias_gelu_f64(double* x, const double* bias, Py_ssize_t n) noexcept nogil
+    void enc_copy_row_f32(float* dst, const float* src, const float* bias,
+                          Py_ssize_t n) noexcept nogil
+    void enc_copy_row_f64(double* dst, const double* src, const double* bias,
+                          Py_ssize_t n) noexcept nogil
 
 
 # Below this many elements a call stays on one thread: starting a team costs more.
@@ -345,35 +360,38 @@ def _check_row_index(const int64_t[::1] index, Py_ssize_t rows, Py_ssize_t bound
         raise ValueError(f"row indices must lie in [0, {bound})")
 
 
+cdef inline void copy_row(floating* dst, const floating* src, const floating* bias,
+                          Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        enc_copy_row_f32(dst, src, bias, n)
+    else:
+        enc_copy_row_f64(dst, src, bias, n)
+
+
 def scatter_rows(const floating[:, ::1] src, const floating[::1] bias,
                  const int64_t[::1] dest, floating[:, ::1] dst, num_threads=None):
     """dst[dest[i]] <- src[i] + bias for every row i of src (bias may be None): packed
     token rows into a padded (batch·length, width) layout. Other rows of dst are left as
     they are; dest should not repeat a row."""
-    cdef Py_ssize_t rows = src.shape[0], n = src.shape[1], i, j
+    cdef Py_ssize_t rows = src.shape[0], n = src.shape[1], i
     _check_row_index(dest, rows, dst.shape[0])
     if dst.shape[1] != n:
         raise ValueError(f"dst must have {n} columns, got {dst.shape[1]}")
     if bias is not None:
         _check_vector(bias, n, "bias")
-    cdef bint has_bias = bias is not None
     cdef int nt = team_size(rows * n, num_threads)
     if rows == 0 or n == 0:
         return
+    cdef const floating* bias_p = NULL if bias is None else &bias[0]
     with nogil:
         for i in prange(rows, num_threads=nt, schedule="static"):
-            if has_bias:
-                for j in range(n):
-                    dst[dest[i], j] = src[i, j] + bias[j]
-            else:
-                for j in range(n):
-                    dst[dest[i], j] = src[i, j]
+            copy_row(&dst[dest[i], 0], &src[i, 0], bias_p, n)
 
 
 def gather_rows(const floating[:, ::1] src, const int64_t[::1] index, floating[:, ::1] dst,
                 num_threads=None):
     """dst[i] <- src[index[i]]: rows of a padded (batch·length, width) layout, packed."""
-    cdef Py_ssize_t rows = dst.shape[0], n = dst.shape[1], i, j
+    cdef Py_ssize_t rows = dst.shape[0], n = dst.shape[1], i
     _check_row_index(index, rows, src.shape[0])
     if src.shape[1] != n:
         raise ValueError(f"src must have {n} columns, got {src.shape[1]}")
@@ -382,8 +400,7 @@ def gather_rows(const floating[:, ::1] src, const int64_t[::1] index, floating[:
         return
     with nogil:
         for i in prange(rows, num_threads=nt, schedule="static"):
-            for j in range(n):
-                dst[i, j] = src[index[i], j]
+            copy_row(&dst[i, 0], &src[index[i], 0], NULL, n)
 
 
 def pool(const floating[:, ::1] x, const int64_t[::1] offsets, int mode,
