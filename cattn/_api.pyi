@@ -95,6 +95,7 @@ def scaled_dot_product_attention(
     attn_mask: Optional[Any] = ..., is_causal: bool = ..., scale: Optional[float] = ...,
     *, enable_gqa: bool = ..., window: Optional[Tuple[Optional[int], Optional[int]]] = ...,
     alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
+    q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ...,
     return_lse: bool = ..., return_weights: bool = ...,
     out: Optional[NDArray[Any]] = ..., num_threads: Optional[int] = ...,
