@@ -20,6 +20,8 @@ def missing_requirement(code):
     """What a snippet needs that is not installed, or None."""
     if re.search(r"^\s*import torch", code, flags=re.M) and find_spec("torch") is None:
         return "PyTorch"
+    if "cattn.dask" in code and find_spec("dask") is None:
+        return "Dask (the dask extra)"
     if "MiniLM.from_pretrained()" in code:
         from cattn.models.minilm import pretrained_available
         if not pretrained_available():
