@@ -391,6 +391,8 @@ def test_one_and_two_threads_agree_bitwise(rng, L, S, weights, dtype):
                    return_lse=True, return_weights=weights)
     one = sdpa(query, key, value, num_threads=1, **options)
     two = sdpa(query, key, value, num_threads=2, **options)
+    if cattn.openmp_enabled():  # (else both run on one thread, and say so)
+        assert last_call_stats()["team_size"] == 2, "the two-thread call ran on one"
     assert len(one) == len(two) == 2 + weights
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
