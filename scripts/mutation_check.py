@@ -78,10 +78,8 @@ MUTANTS = [
            ["tests/test_oracles.py"]),
     Mutant("softcap-before-scale-in-front-and-reference",
            "softcap caps the raw Q·Kᵀ and the scale comes after",
-           [Edit(API, 'softcap = 0.0 if softcap is None else _check_positive_float(softcap, '
-                      '"softcap", dtype)',
-                 'softcap = 0.0 if softcap is None else _check_positive_float(softcap, '
-                 '"softcap", dtype) * scale'),
+           [Edit(API, "softcap = 0.0 if softcap is None else _check_softcap(softcap, dtype)",
+                 "softcap = 0.0 if softcap is None else _check_softcap(softcap, dtype) * scale"),
             Edit(REF, "    scores = (query @ np.swapaxes(key, -1, -2)) * scale\n"
                       "    if softcap is not None:\n"
                       "        cap = dtype.type(softcap)\n"
@@ -94,20 +92,28 @@ MUTANTS = [
            ["tests/test_oracles.py"]),
     Mutant("softcap-doubled-in-front-and-reference",
            "softcap=c caps at 2c",
-           [Edit(API, 'softcap = 0.0 if softcap is None else _check_positive_float(softcap, '
-                      '"softcap", dtype)',
-                 'softcap = 0.0 if softcap is None else 2 * _check_positive_float(softcap, '
-                 '"softcap", dtype)'),
+           [Edit(API, "softcap = 0.0 if softcap is None else _check_softcap(softcap, dtype)",
+                 "softcap = 0.0 if softcap is None else 2 * _check_softcap(softcap, dtype)"),
             Edit(REF, "cap = dtype.type(softcap)", "cap = dtype.type(2 * softcap)")],
            ["tests/test_oracles.py"]),
+    Mutant("k-offset-sign-flipped-in-front-and-reference",
+           "keys cut from a longer sequence are placed at -k_offset: causal blocks see the "
+           "wrong keys",
+           [Edit(API, 'diag = _offset(q_offset, "q_offset", batch_shape) - \\\n'
+                      '            _offset(k_offset, "k_offset", batch_shape)',
+                 'diag = _offset(q_offset, "q_offset", batch_shape) + \\\n'
+                 '            _offset(k_offset, "k_offset", batch_shape)'),
+            Edit(REF, "j = _per_item(0 if k_offset is None else k_offset, batch_shape) + j_local",
+                 "j = j_local - _per_item(0 if k_offset is None else k_offset, batch_shape)")],
+           ["tests/test_oracles.py", "-k", "offset"]),
     Mutant("num-threads-ignored",
            "num_threads has no effect: every call takes OpenMP's default team",
-           [Edit(API, "threads = max(1, min(num_threads, n_tasks, _MAX_THREADS))",
-                 "threads = max(1, min(_kernel.default_num_threads(), n_tasks, _MAX_THREADS))")],
+           [Edit(API, "threads = _runtime.team_size(min(num_threads, n_tasks))",
+                 "threads = _runtime.team_size(min(_runtime.get_num_threads(), n_tasks))")],
            ["tests/test_plan.py"]),
     Mutant("default-one-thread",
            "without num_threads a call runs on one thread",
-           [Edit(API, "num_threads = _kernel.default_num_threads()", "num_threads = 1")],
+           [Edit(API, "num_threads = _runtime.get_num_threads()", "num_threads = 1")],
            ["tests/test_plan.py"]),
     Mutant("no-key-tiling",
            "one block of all S keys: scratch grows with S (12.6 MB at S = 16384) and causal "
@@ -194,9 +200,10 @@ MUTANTS = [
                  "pass")],
            ["tests/test_isa_paths.py", "-k", "ctrl_c"]),
     Mutant("avx512-request-runs-avx2",
-           "the AVX-512 path is never taken (a clamp one level too low)",
-           [Edit(KERNEL, "p.isa = min(isa, SUPPORTED_ISA)",
-                 "p.isa = min(isa, SUPPORTED_ISA, CATTN_ISA_AVX2)")],
+           "the AVX-512 path is never taken (killed only on a CPU with AVX-512)",
+           [Edit(KERNEL, "p.isa = isa if cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA",
+                 "p.isa = CATTN_ISA_AVX2 if isa == CATTN_ISA_AVX512 else (isa if "
+                 "cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA)")],
            ["tests/test_isa_paths.py", "-k", "environment"]),
     Mutant("peers-skip-under-ci",
            "under CI=true a missing torch skips the comparisons instead of failing",
@@ -299,6 +306,19 @@ def main(argv=None):
                   f"    tests: {' '.join(m.tests)}")
         return 0
 
+    # Every mutant applies to the tree as it is (fail before spending any time).
+    stale = []
+    for m in mutants:
+        for edit in m.edits:
+            with open(os.path.join(ROOT, edit.path), encoding="utf-8") as f:
+                count = f.read().count(edit.find)
+            if count != 1:
+                stale.append(f"mutant did not apply: {m.name}: the text to replace occurs "
+                             f"{count} times in {edit.path} (expected once):\n{edit.find}")
+    if stale:
+        print("\n\n".join(stale) + "\n\nupdate these mutants to the code as it is now")
+        return 2
+
     work = tempfile.mkdtemp(prefix="cattn-mutants-")
     base = os.path.join(work, "base")
     start = time.perf_counter()
@@ -307,17 +327,6 @@ def main(argv=None):
         copy_tree(ROOT, base)
         build(base, child_env())
         check_imports_its_own_copy(base, child_env())
-        # Every mutant applies to the unmutated tree (fail before spending any time).
-        for m in mutants:
-            probe = os.path.join(work, "probe")
-            os.makedirs(probe)
-            for path in {e.path for e in m.edits}:
-                os.makedirs(os.path.dirname(os.path.join(probe, path)), exist_ok=True)
-                shutil.copy2(os.path.join(base, path), os.path.join(probe, path))
-            try:
-                apply(m, probe)
-            finally:
-                shutil.rmtree(probe)
         if not args.no_baseline:
             selections = {}  # each distinct selection once
             for m in mutants:

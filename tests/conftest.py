@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import cattn
+from cattn import _kernel
 from cattn import reference
 
 # Absolute/relative tolerance per dtype for outputs of unit-scale inputs. float32 attention
@@ -51,7 +52,7 @@ def assert_matches_reference(query, key, value, attn_mask=None, **options):
 def last_call_stats():
     """What the kernel reports about this thread's most recent call (a private hook): its
     path, team size, tasks, key chunks, block sizes, key blocks visited, scratch bytes."""
-    stats = cattn._kernel.last_call_stats()
+    stats = _kernel.last_call_stats()
     assert stats is not None, "no kernel call was recorded on this thread"
     return stats
 

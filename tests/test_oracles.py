@@ -2,7 +2,7 @@
 
 `loop_attention` below follows the README's words one query and one key at a time with
 `math` functions (no NumPy arithmetic): which keys a query sees (key lengths, the diagonal
-of each alignment, causal, window sides), softcap on the scaled scores before the mask,
+of each alignment, global positions from q_offset and k_offset, causal, window sides), softcap on the scaled scores before the mask,
 float masks added, boolean masks True = attend, grouped-query heads, and a row that sees
 nothing giving output 0 and lse -inf. The vectorized reference is trusted by the rest of
 the suite only because it agrees with these loops on every variant here; cattn, on each
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import cattn
+from cattn import _kernel
 from cattn import reference
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -25,19 +26,26 @@ pytestmark = pytest.mark.filterwarnings("error")
 EXACT = dict(rtol=1e-12, atol=1e-13)
 
 
+def per_item(x, default, B, Hq):
+    """An option given as None, an int, (B,) or (B, Hq), as one value per (b, h)."""
+    x = default if x is None else x
+    return np.broadcast_to(np.reshape(x, np.shape(x) + (1,) * (2 - np.ndim(x))), (B, Hq))
+
+
 def loop_attention(q, k, v, *, scale=None, attn_mask=None, is_causal=False, window=None,
-                   alignment="top_left", key_lengths=None, softcap=None, enable_gqa=False):
+                   alignment="top_left", key_lengths=None, q_offset=None, k_offset=None,
+                   softcap=None, enable_gqa=False):
     """out (B, Hq, L, Ev) and lse (B, Hq, L) for q (B, Hq, L, E), k/v (B, Hk, S, ·).
 
-    key_lengths: None, an int, (B,) or (B, Hq). attn_mask: broadcastable to (B, Hq, L, S).
+    key_lengths, q_offset, k_offset: None, an int, (B,) or (B, Hq). attn_mask:
+    broadcastable to (B, Hq, L, S).
     """
     B, Hq, L, E = q.shape
     Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     group = Hq // Hk if enable_gqa else 1
     scale = 1 / math.sqrt(E) if scale is None else scale
-    lengths = np.broadcast_to(
-        np.reshape(S if key_lengths is None else key_lengths,
-                   np.shape(key_lengths) + (1,) * (2 - np.ndim(key_lengths))), (B, Hq))
+    lengths = per_item(key_lengths, S, B, Hq)
+    q_start, k_start = per_item(q_offset, 0, B, Hq), per_item(k_offset, 0, B, Hq)
     mask = None if attn_mask is None else np.broadcast_to(attn_mask, (B, Hq, L, S))
     out = np.zeros((B, Hq, L, Ev))
     lse = np.full((B, Hq, L), -math.inf)
@@ -49,14 +57,17 @@ def loop_attention(q, k, v, *, scale=None, attn_mask=None, is_causal=False, wind
             diag = n_valid - L if alignment == "bottom_right" else 0
             for i in range(L):
                 scores = {}
+                # Global positions: query i at q_offset + i, key j at k_offset + j.
+                at = int(q_start[b, h]) + i + diag
                 for j in range(n_valid):
-                    if is_causal and j > i + diag:
+                    key_at = int(k_start[b, h]) + j
+                    if is_causal and key_at > at:
                         continue
                     if window is not None:
                         left, right = window
-                        if left is not None and j < i + diag - left:
+                        if left is not None and key_at < at - left:
                             continue
-                        if right is not None and j > i + diag + right:
+                        if right is not None and key_at > at + right:
                             continue
                     s = scale * sum(float(q[b, h, i, e]) * float(k[b, kv_head, j, e])
                                     for e in range(E))
@@ -95,7 +106,7 @@ def small_problem(seed, L, S, B=2, Hq=2, Hk=None, E=3, Ev=2, spread=1.5):
 # The reference, and cattn on every instruction-set path this CPU has.
 IMPLEMENTATIONS = [("reference", reference.scaled_dot_product_attention)] + [
     (f"cattn {path}", functools.partial(cattn.scaled_dot_product_attention, _isa=path))
-    for path in cattn._kernel.supported_isa_paths()]
+    for path in _kernel.supported_isa_paths()]
 
 
 def assert_agree_with_loops(q, k, v, **options):
@@ -140,6 +151,17 @@ def test_one_step_window_sees_exactly_the_diagonal_and_its_neighbour(alignment):
     for i in range(4):
         seen = set(np.flatnonzero(weights[i]))
         assert seen == {j for j in (i + diag - 1, i + diag) if j >= 0}
+
+
+@pytest.mark.parametrize("q_offset, k_offset", [
+    (3, None), (None, 2), (7, 4), ([0, 6], 3), ([[2, 9], [5, 0]], [1, 8]), (-2, 1)])
+@pytest.mark.parametrize("window", [None, (1, 0), (2, 1), (0, None)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_position_offsets(causal, window, q_offset, k_offset):
+    # Blocks cut from a longer sequence: causal and window compare global positions.
+    q, k, v = small_problem(10, 4, 6)
+    assert_agree_with_loops(q, k, v, is_causal=causal, window=window, q_offset=q_offset,
+                            k_offset=k_offset, key_lengths=[6, 4])
 
 
 @pytest.mark.parametrize("lengths", [[[6, 0], [3, 9]], 4, [9, 1]],

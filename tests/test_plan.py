@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import cattn
+from cattn import _kernel
 from conftest import in_ci, last_call_stats
 from test_core import qkv, sdpa
 
@@ -36,7 +37,7 @@ def openmp_default_threads():
 # --------------------------------------------------------------------------- threads
 
 def test_openmp_is_compiled_in():
-    if not cattn._kernel.openmp_enabled():
+    if not _kernel.openmp_enabled():
         if in_ci():
             pytest.fail("CI=true but this build has no OpenMP: every call runs on one thread")
         pytest.skip("built without OpenMP")
@@ -44,7 +45,7 @@ def test_openmp_is_compiled_in():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_num_threads_sets_the_team(rng, threads):
-    if not cattn._kernel.openmp_enabled():
+    if not _kernel.openmp_enabled():
         pytest.skip("built without OpenMP")
     # 8 items x 2 query blocks: more tasks than threads.
     query, key, value = qkv(rng, [(8, 256, 32), (8, 512, 32), (8, 512, 32)], np.float32)
@@ -64,7 +65,7 @@ def test_a_team_is_never_larger_than_the_tasks(rng):
 def test_two_threads_both_run_tasks(rng):
     """More than one thread really computes: with 64 tasks of a few ms each, both threads
     of a team of two take some (a loaded machine may delay one: three tries)."""
-    if not cattn._kernel.openmp_enabled():
+    if not _kernel.openmp_enabled():
         pytest.skip("built without OpenMP")
     query, key, value = qkv(rng, [(32, 256, 64), (32, 1024, 64), (32, 1024, 64)], np.float32)
     seen = []
@@ -79,16 +80,17 @@ def test_two_threads_both_run_tasks(rng):
 
 def test_default_team_is_openmps(tmp_path):
     """Without num_threads (and without OMP_NUM_THREADS) a call uses every usable core."""
-    if not cattn._kernel.openmp_enabled():
+    if not _kernel.openmp_enabled():
         pytest.skip("built without OpenMP")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(cattn.__file__))] + sys.path)
     code = textwrap.dedent("""
         import numpy as np, cattn
+        from cattn import _kernel
         x = np.ones((64, 256, 16), np.float32)
         cattn.scaled_dot_product_attention(x, x, x)
-        print(cattn._kernel.last_call_stats()["team_size"])
+        print(_kernel.last_call_stats()["team_size"])
     """)
     child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                            text=True, timeout=300)
@@ -99,7 +101,7 @@ def test_default_team_is_openmps(tmp_path):
 
 
 def test_default_follows_omp_num_threads(rng):
-    if not cattn._kernel.openmp_enabled():
+    if not _kernel.openmp_enabled():
         pytest.skip("built without OpenMP")
     query, key, value = qkv(rng, [(64, 8, 16), (64, 8, 16), (64, 8, 16)], np.float32)
     sdpa(query, key, value)
@@ -130,7 +132,7 @@ def test_scratch_stays_within_its_bound_whatever_s(rng, S):
     H, L, E = 16, 128, 64
     query, key, value = qkv(rng, [(H, L, E), (H, S, E), (H, S, E)], np.float32)
     extra, out = traced_peak_of_call(lambda: sdpa(query, key, value, num_threads=2))
-    threads = min(2, openmp_default_threads()) if cattn._kernel.openmp_enabled() else 1
+    threads = min(2, openmp_default_threads()) if _kernel.openmp_enabled() else 1
     n_splits = last_call_stats()["n_splits"]
     assert n_splits <= 16
     partials = n_splits * H * L * (E + 2) * 4 if n_splits > 1 else 0
