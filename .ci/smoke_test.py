@@ -15,7 +15,7 @@ config = cattn.show_config()
 print("installed cattn", cattn.__version__, "at", here, config)
 if os.environ.get("CATTN_FAIL_NO_OPENMP") and not config["openmp"]:
     sys.exit("smoke test: this build has no OpenMP")
-for typing_file in ("py.typed", "_api.pyi", "_kernel.pyi"):
+for typing_file in ("py.typed", "_api.pyi", "_kernel.pyi", "_encoder_ops.pyi"):
     if not os.path.exists(os.path.join(here, typing_file)):
         sys.exit(f"smoke test: {typing_file} (type information) is missing")
 rng = np.random.default_rng(0)
