@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="the small suite (< 1 minute on 2 cores)")
     p.add_argument("--preset", default=None,
-                   help="comma-separated workloads: " + ", ".join(WORKLOADS))
+                   help="comma-separated workloads: " + ", ".join(WORKLOADS) +
+                        "; or dask alone (needs the dask extra)")
     p.add_argument("--shape", default=None, metavar="B,H,L,S,E",
                    help="benchmark this one shape only")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -127,6 +128,11 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         case = bench_shape(B, H, L, S, E, dtype=args.dtype, causal=args.causal, config=config)
         result: Dict[str, Any] = {"machine": info, "mode": "shape", "cases": [case]}
         tag = "shape"
+    elif args.preset == "dask":  # its own cluster, cases and table (cattn.dask)
+        from cattn.bench.cluster import format_dask_cases, run_dask_preset
+        result = {"machine": info, **run_dask_preset(config)}
+        print(format_dask_cases(result["dask_cases"]))
+        tag, args.plot = "dask", "-"
     else:
         names = _names(args.preset) if args.preset else list(WORKLOADS)
         result = {"machine": info, **run_suite(names, config)}
