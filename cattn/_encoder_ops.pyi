@@ -29,3 +29,16 @@ def gather_rows(src: NDArray[np.floating], index: NDArray[np.int64], dst: NDArra
                 num_threads: Optional[int] = ...) -> None: ...
 def pool(x: NDArray[np.floating], offsets: NDArray[np.int64], mode: int,
          out: NDArray[np.floating], num_threads: Optional[int] = ...) -> None: ...
+def project_scatter(x: NDArray[np.floating], weight: NDArray[np.floating],
+                    bias: NDArray[np.floating], dest: NDArray[np.int64],
+                    padded: NDArray[np.floating], scratch: NDArray[np.floating],
+                    num_threads: Optional[int] = ...) -> None: ...
+def attention_output_and_feed_forward(
+        context: NDArray[np.floating], index: NDArray[np.int64], x: NDArray[np.floating],
+        w_out: NDArray[np.floating], b_out: NDArray[np.floating],
+        norm1_weight: NDArray[np.floating], norm1_bias: NDArray[np.floating],
+        w_in_t: NDArray[np.floating], b_in: NDArray[np.floating],
+        w_ff_t: NDArray[np.floating], b_ff: NDArray[np.floating],
+        norm2_weight: NDArray[np.floating], norm2_bias: NDArray[np.floating], eps: float,
+        scratch_e: NDArray[np.floating], scratch_f: NDArray[np.floating],
+        num_threads: Optional[int] = ...) -> None: ...

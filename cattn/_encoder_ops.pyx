@@ -10,6 +10,9 @@ one pass over a row while it sits in the L1 cache:
     embed_layernorm           out <- LayerNorm(word[ids] + position[pos] + token_type[types])
     scatter_rows / gather_rows   packed (tokens, width) rows <-> padded (batch·length, width)
     pool                      mean, max, CLS or mean/√n of each sequence's packed rows
+    project_scatter, attention_output_and_feed_forward
+                              whole steps of a layer, GEMMs included, one chunk of rows
+                              per thread
 
 Rows are spread over OpenMP threads (prange); one row is one thread's work, so results do
 not depend on the thread count. The loops are plain C that the compiler vectorizes: built
@@ -23,6 +26,7 @@ The Python functions check shapes and dtypes (ValueError); the loops never raise
 """
 from cython cimport floating
 from cython.parallel cimport prange
+from cattn._blas cimport gemm_ab, gemm_abt
 from libc.math cimport sqrt
 from libc.stdint cimport int64_t
 
@@ -442,3 +446,122 @@ def pool(const floating[:, ::1] x, const int64_t[::1] offsets, int mode,
             if mode != MAX:
                 for j in range(n):
                     out[b, j] = out[b, j] * scale
+
+
+# ------------------------------------------------------------- whole steps of a layer
+#
+# The projections and the feed-forward of a layer, computed in cattn's OpenMP team: the
+# rows are cut into one chunk per thread, and each thread runs its chunk through
+# single-threaded GEMMs (SciPy's BLAS; the caller holds it on one thread) and the fused row
+# operations, with its activations in its own scratch. One parallel region per step, and
+# no second thread pool (the BLAS one) waiting for its turn.
+
+cdef inline void layernorm_row_into(floating* x, const floating* bias, floating* row,
+                                    const floating* weight, const floating* beta,
+                                    floating eps, Py_ssize_t n) noexcept nogil:
+    """row <- LayerNorm(x + bias + row); x is scratch."""
+    layernorm_row(x, bias, row, weight, beta, eps, row, n)
+
+
+def _chunks(Py_ssize_t rows, floating[:, :, ::1] scratch, Py_ssize_t width, name):
+    if scratch.shape[2] < width:
+        raise ValueError(f"{name} must be at least {width} wide, got {scratch.shape[2]}")
+    # (C division here: -(-a // b) would truncate, not round up)
+    chunk = (rows + scratch.shape[0] - 1) // scratch.shape[0] if scratch.shape[0] else 0
+    if chunk > scratch.shape[1]:
+        raise ValueError(f"{name} must hold {chunk} rows per chunk, got {scratch.shape[1]}")
+    return chunk
+
+
+def project_scatter(const floating[:, ::1] x, const floating[:, ::1] weight,
+                    const floating[::1] bias, const int64_t[::1] dest,
+                    floating[:, ::1] padded, floating[:, :, ::1] scratch, num_threads=None):
+    """padded[dest[i]] <- x[i] · weightᵀ + bias: a linear layer (weight (out, in) as
+    PyTorch's) into a padded layout. scratch (chunks, rows per chunk, out): one chunk of
+    rows per thread."""
+    cdef Py_ssize_t T = x.shape[0], K = x.shape[1], N = weight.shape[0], c, i, r0, m
+    if weight.shape[1] != K:
+        raise ValueError(f"weight must have {K} columns, got {weight.shape[1]}")
+    _check_vector(bias, N, "bias")
+    _check_row_index(dest, T, padded.shape[0])
+    if padded.shape[1] != N:
+        raise ValueError(f"padded must have {N} columns, got {padded.shape[1]}")
+    cdef Py_ssize_t chunk = _chunks(T, scratch, N, "scratch")
+    cdef Py_ssize_t n_chunks = scratch.shape[0]
+    cdef int nt = min(team_size(T * N, num_threads), n_chunks)
+    if T == 0 or N == 0 or K == 0:
+        return
+    with nogil:
+        for c in prange(n_chunks, num_threads=nt, schedule="static"):
+            r0 = c * chunk
+            m = min(chunk, T - r0)
+            if m > 0:
+                gemm_abt(<int>m, <int>N, <int>K, <floating>1, &x[r0, 0], <int>K,
+                         &weight[0, 0], <int>K, <floating>0, &scratch[c, 0, 0],
+                         <int>scratch.shape[2])
+                for i in range(m):
+                    copy_row(&padded[dest[r0 + i], 0], &scratch[c, i, 0], &bias[0], N)
+
+
+def attention_output_and_feed_forward(
+        const floating[:, ::1] context, const int64_t[::1] index, floating[:, ::1] x,
+        const floating[:, ::1] w_out, const floating[::1] b_out,
+        const floating[::1] norm1_weight, const floating[::1] norm1_bias,
+        const floating[:, ::1] w_in_t, const floating[::1] b_in,
+        const floating[:, ::1] w_ff_t, const floating[::1] b_ff,
+        const floating[::1] norm2_weight, const floating[::1] norm2_bias, double eps,
+        floating[:, :, ::1] scratch_e, floating[:, :, ::1] scratch_f, num_threads=None):
+    """The rest of a post-LayerNorm transformer layer, for the packed rows x (T, E):
+
+        x <- LayerNorm1(context[index] · w_outᵀ + b_out + x)
+        x <- LayerNorm2(GELU(x · w_in_t + b_in) · w_ff_t + b_ff + x)
+
+    w_out (E, E) as PyTorch's; w_in_t (E, F) and w_ff_t (F, E) stored (in, out). Scratch:
+    scratch_e (chunks, rows, >= 2E), scratch_f (chunks, rows, >= F); one chunk per thread."""
+    cdef Py_ssize_t T = x.shape[0], E = x.shape[1], F = w_in_t.shape[1], c, i, r0, m
+    if w_out.shape[0] != E or w_out.shape[1] != E or context.shape[1] != E:
+        raise ValueError(f"w_out must be ({E}, {E}) and context {E} wide")
+    if w_in_t.shape[0] != E or w_ff_t.shape[0] != F or w_ff_t.shape[1] != E:
+        raise ValueError(f"w_in_t must be ({E}, F) and w_ff_t (F, {E})")
+    for v, n, name in ((b_out, E, "b_out"), (norm1_weight, E, "norm1_weight"),
+                       (norm1_bias, E, "norm1_bias"), (b_in, F, "b_in"), (b_ff, E, "b_ff"),
+                       (norm2_weight, E, "norm2_weight"), (norm2_bias, E, "norm2_bias")):
+        _check_vector(v, n, name)
+    _check_row_index(index, T, context.shape[0])
+    cdef Py_ssize_t chunk = _chunks(T, scratch_e, 2 * E, "scratch_e")
+    if _chunks(T, scratch_f, F, "scratch_f") != chunk or scratch_f.shape[0] != scratch_e.shape[0]:
+        raise ValueError("scratch_e and scratch_f must have the same chunks")
+    cdef Py_ssize_t n_chunks = scratch_e.shape[0]
+    cdef Py_ssize_t lde = scratch_e.shape[2], ldf = scratch_f.shape[2]
+    cdef int nt = min(team_size(T * F, num_threads), n_chunks)
+    cdef floating feps = <floating>eps
+    cdef floating* ctx
+    cdef floating* proj
+    cdef floating* hidden
+    if T == 0 or E == 0:
+        return
+    with nogil:
+        for c in prange(n_chunks, num_threads=nt, schedule="static"):
+            r0 = c * chunk
+            m = min(chunk, T - r0)
+            if m <= 0:
+                continue
+            ctx = &scratch_e[c, 0, 0]
+            proj = ctx + E
+            hidden = &scratch_f[c, 0, 0]
+            for i in range(m):
+                copy_row(ctx + i * lde, &context[index[r0 + i], 0], NULL, E)
+            gemm_abt(<int>m, <int>E, <int>E, <floating>1, ctx, <int>lde, &w_out[0, 0],
+                     <int>E, <floating>0, proj, <int>lde)
+            for i in range(m):
+                layernorm_row_into(proj + i * lde, &b_out[0], &x[r0 + i, 0],
+                                   &norm1_weight[0], &norm1_bias[0], feps, E)
+            gemm_ab(<int>m, <int>F, <int>E, <floating>1, &x[r0, 0], <int>E, &w_in_t[0, 0],
+                    <int>F, <floating>0, hidden, <int>ldf)
+            for i in range(m):
+                bias_gelu_row(hidden + i * ldf, &b_in[0], F)
+            gemm_ab(<int>m, <int>E, <int>F, <floating>1, hidden, <int>ldf, &w_ff_t[0, 0],
+                    <int>E, <floating>0, proj, <int>lde)
+            for i in range(m):
+                layernorm_row_into(proj + i * lde, &b_ff[0], &x[r0 + i, 0],
+                                   &norm2_weight[0], &norm2_bias[0], feps, E)

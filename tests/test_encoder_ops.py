@@ -204,3 +204,54 @@ def test_baseline_build_in_a_child_process():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+def test_project_scatter(rng, dtype, chunks):
+    T, K, N = 301, 40, 128  # T·N > the one-thread limit: threads share the chunks
+    x = rng.standard_normal((T, K)).astype(dtype)
+    weight, bias = rng.standard_normal((N, K)).astype(dtype), rng.standard_normal(N).astype(dtype)
+    dest = rng.permutation(T + 9)[:T].astype(np.int64)  # into a larger padded layout
+    padded = np.full((T + 9, N), -5, dtype)
+    scratch = np.empty((chunks, -(-T // chunks), N), dtype)
+    ops.project_scatter(x, weight, bias, dest, padded, scratch, num_threads=2)
+    want = x.astype(np.float64) @ weight.astype(np.float64).T + bias
+    np.testing.assert_allclose(padded[dest], want, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-4 if dtype == np.float32 else 1e-12)
+    untouched = np.setdiff1d(np.arange(T + 9), dest)
+    assert np.all(padded[untouched] == -5)
+    with pytest.raises(ValueError, match="rows per chunk"):
+        ops.project_scatter(x, weight, bias, dest, padded, scratch[:, :-1].copy())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunks", [1, 2, 5])
+def test_attention_output_and_feed_forward(rng, dtype, chunks):
+    """The fused rest of a post-LN layer against its float64 NumPy definition."""
+    T, E, F, rows_padded = 700, 24, 56, 760  # T·F > the one-thread limit
+    f = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
+    context, x = f(rows_padded, E), f(T, E)
+    index = rng.permutation(rows_padded)[:T].astype(np.int64)
+    w_out, b_out, w_in_t, b_in, w_ff_t, b_ff = f(E, E), f(E), f(E, F), f(F), f(F, E), f(E)
+    n1w, n1b, n2w, n2b = 1 + 0.2 * f(E), f(E), 1 + 0.2 * f(E), f(E)
+    a = {k: v.astype(np.float64) for k, v in dict(
+        context=context, x=x, w_out=w_out, b_out=b_out, w_in_t=w_in_t, b_in=b_in,
+        w_ff_t=w_ff_t, b_ff=b_ff, n1w=n1w, n1b=n1b, n2w=n2w, n2b=n2b).items()}
+    h = layer_norm64(a["context"][index] @ a["w_out"].T + a["b_out"] + a["x"], a["n1w"],
+                     a["n1b"], 1e-12)
+    want = layer_norm64(gelu64(h @ a["w_in_t"] + a["b_in"]) @ a["w_ff_t"] + a["b_ff"] + h,
+                        a["n2w"], a["n2b"], 1e-12)
+    rows = -(-T // chunks)
+    got = x.copy()
+    ops.attention_output_and_feed_forward(
+        context, index, got, w_out, b_out, n1w, n1b, w_in_t, b_in, w_ff_t, b_ff, n2w, n2b,
+        1e-12, np.empty((chunks, rows, 2 * E), dtype), np.empty((chunks, rows, F), dtype),
+        num_threads=2)
+    np.testing.assert_allclose(got, want, **(dict(rtol=1e-4, atol=1e-4) if dtype == np.float32
+                                             else dict(rtol=1e-11, atol=1e-11)))
+    with pytest.raises(ValueError, match="same chunks"):
+        ops.attention_output_and_feed_forward(
+            context, index, got, w_out, b_out, n1w, n1b, w_in_t, b_in, w_ff_t, b_ff, n2w, n2b,
+            1e-12, np.empty((chunks, rows, 2 * E), dtype),
+            np.empty((chunks + 1, rows, F), dtype))

@@ -13,9 +13,12 @@ do_lower_case). Loading needs only NumPy (which reads the safetensors file) and
 
 How it runs: sentences are sorted by length and taken `batch_size` at a time, as
 sentence-transformers does, but the tokens of a batch are *packed* (no padding rows): every
-GEMM (NumPy's BLAS) runs on the real tokens only, and only attention sees a padded layout,
-with per-sequence key lengths in cattn's kernel. The steps between the GEMMs (bias + GELU,
-bias + residual + LayerNorm, embeddings, pooling) are fused loops of `cattn._encoder_ops`.
+GEMM runs on the real tokens only, and only attention sees a padded layout, with
+per-sequence key lengths in cattn's kernel. Each layer is three parallel steps in cattn's
+OpenMP team (`cattn._encoder_ops`): Q/K/V projection; attention; output projection +
+LayerNorm + feed-forward + LayerNorm. In the first and last, each thread takes a chunk of
+rows through single-threaded BLAS GEMMs and the fused row loops (bias + GELU, bias +
+residual + LayerNorm), so no second thread pool (BLAS's) competes for the cores.
 """
 import importlib
 import json
@@ -28,6 +31,8 @@ import numpy as np
 
 from cattn import _runtime  # noqa: F401  (first: it loads OpenMP with its wait policy)
 from cattn import _encoder_ops as ops
+from cattn import _runtime
+from cattn._blas_threads import single_threaded_blas
 from cattn._api import scaled_dot_product_attention
 from cattn.models.bert import BertConfig, BertEncoder
 
@@ -116,6 +121,8 @@ def read_safetensors(path):
 # this many tokens, so that activations stay small (and in the caches) whatever the batch;
 # GEMMs of this many rows still run at full speed.
 TOKENS_PER_GROUP = 512
+# Fewer rows than this per thread and a GEMM would not pay for its thread.
+MIN_ROWS_PER_THREAD = 32
 
 
 def packed_forward(encoder, ids, offsets, num_threads=None):
@@ -129,6 +136,12 @@ def packed_forward(encoder, ids, offsets, num_threads=None):
     sequence's key length. Token types are 0 (single sentences).
     """
     out = np.empty((ids.shape[0], encoder.config.hidden_size), encoder.dtype)
+    with single_threaded_blas:  # the GEMMs run inside cattn's threads
+        _groups_forward(encoder, ids, offsets, num_threads, out)
+    return out
+
+
+def _groups_forward(encoder, ids, offsets, num_threads, out):
     first, tokens = 0, 0
     for b in range(offsets.shape[0] - 1):
         tokens += int(offsets[b + 1] - offsets[b])
@@ -138,7 +151,6 @@ def packed_forward(encoder, ids, offsets, num_threads=None):
             out[start:stop] = _group_forward(encoder, ids[start:stop],
                                              offsets[first:b + 2] - start, num_threads)
             first, tokens = b + 1, 0
-    return out
 
 
 def _group_forward(encoder, ids, offsets, num_threads):
@@ -154,30 +166,28 @@ def _group_forward(encoder, ids, offsets, num_threads):
     ops.embed_layernorm(ids, positions, np.zeros(T, np.int64), encoder.word_embeddings,
                         encoder.position_embeddings, encoder.token_type_embeddings,
                         *encoder.embeddings_norm, eps, x, num_threads=num_threads)
-    qkv, hidden = np.empty((T, 3 * E), dtype), np.empty((T, F), dtype)
-    context_rows, projected = np.empty((T, E), dtype), np.empty((T, E), dtype)
+    # one chunk of rows per thread, each with its own scratch
+    threads = _runtime.get_num_threads() if num_threads is None else num_threads
+    chunks = max(1, min(threads, T // MIN_ROWS_PER_THREAD))
+    rows = -(-T // chunks)
+    scratch_qkv = np.empty((chunks, rows, 3 * E), dtype)
+    scratch_e, scratch_f = np.empty((chunks, rows, 2 * E), dtype), np.empty((chunks, rows, F),
+                                                                             dtype)
     padded_qkv = np.zeros((B * L, 3 * E), dtype)  # padding rows stay 0 (finite, unused)
     context = np.empty((B * L, E), dtype)
     q, k, v = (padded_qkv[:, i * E:(i + 1) * E].reshape(B, L, H, D).transpose(0, 2, 1, 3)
                for i in range(3))
     for layer in encoder.layers:
         attention = layer["attention"]
-        np.matmul(x, attention.in_proj_weight.T, out=qkv)
-        ops.scatter_rows(qkv, attention.in_proj_bias, padded_row, padded_qkv,
-                         num_threads=num_threads)
+        ops.project_scatter(x, attention.in_proj_weight, attention.in_proj_bias, padded_row,
+                            padded_qkv, scratch_qkv, num_threads=num_threads)
         scaled_dot_product_attention(q, k, v, key_lengths=lengths,
                                      out=context.reshape(B, L, H, D).transpose(0, 2, 1, 3),
                                      num_threads=num_threads)
-        ops.gather_rows(context, padded_row, context_rows, num_threads=num_threads)
-        np.matmul(context_rows, attention.out_proj_weight.T, out=projected)
-        ops.bias_residual_layernorm(projected, attention.out_proj_bias, x,
-                                    *layer["attention_norm"], eps, x, num_threads=num_threads)
-        (w_in, b_in), (w_out, b_out) = layer["ff_in"], layer["ff_out"]
-        np.matmul(x, w_in, out=hidden)
-        ops.bias_gelu(hidden, b_in, num_threads=num_threads)
-        np.matmul(hidden, w_out, out=projected)
-        ops.bias_residual_layernorm(projected, b_out, x, *layer["output_norm"], eps, x,
-                                    num_threads=num_threads)
+        ops.attention_output_and_feed_forward(
+            context, padded_row, x, attention.out_proj_weight, attention.out_proj_bias,
+            *layer["attention_norm"], *layer["ff_in"], *layer["ff_out"],
+            *layer["output_norm"], eps, scratch_e, scratch_f, num_threads=num_threads)
     return x
 
 
