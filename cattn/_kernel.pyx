@@ -32,7 +32,7 @@ cimport numpy as cnp
 from cattn._blas cimport gemm_ab, gemm_abt
 from cattn._simd cimport (
     CATTN_ISA_PORTABLE, CATTN_ISA_AVX2, CATTN_ISA_AVX512, CATTN_ISA_WIDE16, cattn_isa_supported,
-    cattn_isa_runs_on,
+    cattn_isa_runs_on, cattn_isa_uses_blas, CATTN_ISA_BLAS,
     cattn_isa_name, cattn_row_max_f32, cattn_row_max_f64, cattn_exp_shift_sum_f32,
     cattn_exp_shift_sum_f64, cattn_expf_scalar, cattn_exp_scalar, cattn_stream_sum_f32,
     CATTN_OPENMP_ENABLED, omp_get_max_threads, cattn_panel_keys,
@@ -72,7 +72,7 @@ cpdef enum MaskKind:
 
 # ------------------------------------------------------------------ instruction sets
 ISA_NAMES = tuple(cattn_isa_name(i).decode() for i in range(3))  # best last
-TEST_ONLY_PATH = cattn_isa_name(CATTN_ISA_WIDE16).decode()
+TEST_ONLY_PATHS = tuple(cattn_isa_name(i).decode() for i in (CATTN_ISA_WIDE16, CATTN_ISA_BLAS))
 
 
 def _isa_cap_from_environment():
@@ -104,8 +104,10 @@ def supported_isa_paths():
 
 
 def testable_isa_paths():
-    """supported_isa_paths() and, where AVX2 runs, the 16-wide test path."""
-    extra = (TEST_ONLY_PATH,) if cattn_isa_runs_on(CATTN_ISA_WIDE16, SUPPORTED_ISA) else ()
+    """supported_isa_paths() and the test-only paths this CPU runs: "wide16" (the 16-wide
+    micro-kernel logic on AVX2) and "blas" (the portable path with BLAS block GEMMs)."""
+    extra = tuple(name for i, name in zip((CATTN_ISA_WIDE16, CATTN_ISA_BLAS), TEST_ONLY_PATHS)
+                  if cattn_isa_runs_on(i, SUPPORTED_ISA))
     return supported_isa_paths() + extra
 
 
@@ -114,7 +116,9 @@ def isa_index(str name):
     if name not in testable_isa_paths():
         raise ValueError(f"the {name!r} path is not available on this CPU; available: "
                          f"{', '.join(testable_isa_paths())}")
-    return CATTN_ISA_WIDE16 if name == TEST_ONLY_PATH else ISA_NAMES.index(name)
+    if name in TEST_ONLY_PATHS:
+        return (CATTN_ISA_WIDE16, CATTN_ISA_BLAS)[TEST_ONLY_PATHS.index(name)]
+    return ISA_NAMES.index(name)
 
 
 def default_isa_index():
@@ -130,7 +134,8 @@ cdef struct Plan:
     Py_ssize_t block_q, block_k, n_q_blocks
     Py_ssize_t n_splits, split_keys         # keys split into chunks merged by lse
     bint weights_mode                      # scores go straight into the weights output
-    int isa                                # CATTN_ISA_*: micro-kernels, or BLAS (portable)
+    int isa                                # CATTN_ISA_*: which micro-kernels and row ops
+    bint blas                              # block GEMMs through BLAS instead
     const Py_ssize_t* table                # (n_items, N_COLS)
     Py_ssize_t* counters                   # per thread, COUNTER_STRIDE apart (statistics)
 
@@ -255,7 +260,7 @@ cdef inline void block_scores(const Plan* p, Py_ssize_t rows, Py_ssize_t n_keys,
                               const floating* q_block, const floating* k_block,
                               floating* packed, floating* scores, Py_ssize_t ld) noexcept nogil:
     """scores[rows, n_keys] (row stride ld) = scale · Q_blk · K_blkᵀ."""
-    if p.isa == CATTN_ISA_PORTABLE:
+    if p.blas:
         gemm_abt(<int> rows, <int> n_keys, <int> p.E, <floating> p.scale, q_block,
                  <int> p.q_rs, k_block, <int> p.k_rs, <floating> 0, scores, <int> ld)
     elif rows <= CATTN_DIRECT_ROWS:  # decoding: stream K, no packing
@@ -280,7 +285,7 @@ cdef inline void block_pv(const Plan* p, Py_ssize_t rows, Py_ssize_t n_keys,
                           const floating* probs, Py_ssize_t ld, const floating* v_block,
                           floating* acc) noexcept nogil:
     """acc[rows, Ev] += P[rows, n_keys] · V_blk."""
-    if p.isa == CATTN_ISA_PORTABLE:
+    if p.blas:
         gemm_ab(<int> rows, <int> p.Ev, <int> n_keys, <floating> 1, probs, <int> ld,
                 v_block, <int> p.v_rs, <floating> 1, acc, <int> p.Ev)
     elif rows <= CATTN_DIRECT_ROWS:  # decoding: stream V
@@ -545,7 +550,7 @@ cdef Py_ssize_t scratch_elements(const Plan* p, bint is_double) noexcept:
     cdef Py_ssize_t n = 2 * p.block_q + p.block_q * p.Ev
     if not p.weights_mode:
         n += p.block_q * p.block_k
-    if p.isa != CATTN_ISA_PORTABLE:  # packed keys: whole panels
+    if not p.blas:  # packed keys: whole panels
         panel = cattn_panel_keys(p.isa, is_double)
         n += (p.block_k + panel - 1) // panel * panel * p.E
     return (n + 15) // 16 * 16
@@ -556,7 +561,8 @@ cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double) noex
     a slow one), and at least one per thread."""
     cdef double keys = <double> min(p.S, p.split_keys)
     cdef double task_flops = 2.0 * p.block_q * keys * (p.E + p.Ev) + 1.0
-    cdef double rate = 1e11 if p.isa == CATTN_ISA_AVX512 else 5e10 if p.isa else 2.5e10
+    cdef double rate = (1e11 if p.isa == CATTN_ISA_AVX512 else
+                        5e10 if p.isa == CATTN_ISA_AVX2 else 2e10)
     if is_double:
         rate /= 2
     cdef double group = 0.1 * rate * threads / task_flops
@@ -619,6 +625,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.table = <const Py_ssize_t*> cnp.PyArray_DATA(table)
     # never an instruction the CPU lacks, whatever the caller asked for
     p.isa = isa if cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA
+    p.blas = cattn_isa_uses_blas(p.isa)
     cdef bint is_double = (<cnp.ndarray> q).descr.type_num == cnp.NPY_DOUBLE
     cdef size_t item = sizeof(double) if is_double else sizeof(float)
     cdef Py_ssize_t stride = scratch_elements(&p, is_double)
@@ -800,9 +807,9 @@ def fill_column(Py_ssize_t[:, ::1] table, int col, object values):
 
 
 def calls_blas(isa=None):
-    """Whether the kernel calls BLAS on the given path (the portable one; default: this
-    process's path)."""
-    return (DEFAULT_ISA if isa is None else isa) == CATTN_ISA_PORTABLE
+    """Whether the kernel calls BLAS on the given path (default: this process's path): only
+    the test path "blas", and the portable path of a compiler without generic vectors."""
+    return bool(cattn_isa_uses_blas(DEFAULT_ISA if isa is None else isa))
 
 
 def openmp_enabled():

@@ -7,6 +7,7 @@ cdef extern from "cattn_cpu.h" nogil:
         CATTN_ISA_AVX2
         CATTN_ISA_AVX512
         CATTN_ISA_WIDE16
+        CATTN_ISA_BLAS
     int cattn_isa_supported()
     int cattn_isa_runs_on(int isa, int supported)
     const char* cattn_isa_name(int isa)
@@ -23,6 +24,7 @@ cdef extern from "cattn_simd.h" nogil:
 cdef extern from "cattn_gemm.h" nogil:
     int CATTN_DIRECT_ROWS
     Py_ssize_t cattn_panel_keys(int isa, int is_double)
+    int cattn_isa_uses_blas(int isa)
     void cattn_gemm_qkt_direct_f32(int isa, Py_ssize_t rows, Py_ssize_t n_keys, Py_ssize_t E,
                                    float alpha, const float* q, Py_ssize_t q_rs,
                                    const float* k, Py_ssize_t k_rs, float* c, Py_ssize_t ldc)

@@ -21,9 +21,110 @@
 /* Up to this many query rows, the block GEMMs stream K and V in place (decoding). */
 #define CATTN_DIRECT_ROWS 4
 
+/* Register tile of the portable instances: 6 rows × 4 vectors where there are 32 vector
+ * registers (ARM64), 6 × 2 where there are 16 (SSE2). */
+#if defined(__aarch64__)
+#define CATTN_PORTABLE_NV 4
+#else
+#define CATTN_PORTABLE_NV 2
+#endif
+
 #ifndef CATTN_AVX512_MR
 #define CATTN_AVX512_MR 8
 #define CATTN_AVX512_NV 2
+#endif
+
+/* ---- Generic vectors (GCC and clang): the portable micro-kernels, compiled for the
+ * platform's baseline (SSE2 on x86-64, NEON on ARM64), and the 16-wide test instances. */
+#if defined(__GNUC__) || defined(__clang__)
+#define CATTN_HAVE_GENERIC_VECTORS 1
+typedef float cattn_w4f __attribute__((vector_size(16)));
+typedef double cattn_w2d __attribute__((vector_size(16)));
+typedef int cattn_w4i __attribute__((vector_size(16)));
+typedef long long cattn_w2i __attribute__((vector_size(16)));
+typedef float cattn_w16f __attribute__((vector_size(64)));
+typedef double cattn_w8d __attribute__((vector_size(64)));
+typedef int cattn_w16i __attribute__((vector_size(64)));
+typedef long long cattn_w8i __attribute__((vector_size(64)));
+
+/* (statement expressions, not functions: a function returning a 64-byte vector would
+ * change the ABI without AVX-512) */
+#define CATTN_WIDE_LOAD(V, p) ({ V x_; memcpy(&x_, (p), sizeof x_); x_; })
+#define CATTN_WIDE_STORE(p, x) ({ __typeof__(x) x_ = (x); memcpy((p), &x_, sizeof x_); })
+#define CATTN_WIDE_MASK(VI, W, n) ({                                                    \
+    VI m_;                                                                              \
+    ptrdiff_t n_ = (n);                                                                 \
+    for (int l_ = 0; l_ < (W); l_++) m_[l_] = l_ < n_ ? -1 : 0;                         \
+    m_;                                                                                 \
+})
+#define CATTN_WIDE_MASKLOAD(V, W, p, m) ({                                              \
+    V x_;                                                                               \
+    const __typeof__(*(p)) *p_ = (p);                                                   \
+    __typeof__(m) m_ = (m);                                                             \
+    for (int l_ = 0; l_ < (W); l_++) x_[l_] = m_[l_] ? p_[l_] : 0;                      \
+    x_;                                                                                 \
+})
+#define CATTN_WIDE_MASKSTORE(W, p, m, x) ({                                             \
+    __typeof__(x) x_ = (x);                                                             \
+    __typeof__(m) m_ = (m);                                                             \
+    for (int l_ = 0; l_ < (W); l_++)                                                    \
+        if (m_[l_]) (p)[l_] = x_[l_];                                                   \
+})
+#define CATTN_WIDE_HSUM(T, W, x) ({                                                     \
+    __typeof__(x) x_ = (x);                                                             \
+    T s_ = 0;                                                                           \
+    for (int l_ = 0; l_ < (W); l_++) s_ += x_[l_];                                      \
+    s_;                                                                                 \
+})
+
+
+/* ---- portable, float: 4 lanes, 6×(4·NV) register tile */
+#define T float
+#define SFX f32
+#define ISFX portable
+#define TGT
+#define W 4
+#define MR 6
+#define NV CATTN_PORTABLE_NV
+#define V cattn_w4f
+#define VI cattn_w4i
+#define VLOAD(p) CATTN_WIDE_LOAD(cattn_w4f, p)
+#define VSTORE(p, x) CATTN_WIDE_STORE(p, x)
+#define VBCAST(p) (*(p) + (cattn_w4f){0})
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VMUL(a, b) ((a) * (b))
+#define VZERO() ((cattn_w4f){0})
+#define VMASK(n) CATTN_WIDE_MASK(cattn_w4i, W, n)
+#define VMASKLOAD(p, m) CATTN_WIDE_MASKLOAD(cattn_w4f, W, p, m)
+#define VMASKSTORE(p, m, x) CATTN_WIDE_MASKSTORE(W, p, m, x)
+#define VADD(a, b) ((a) + (b))
+#define VHSUM(x) CATTN_WIDE_HSUM(float, W, x)
+#include "cattn_gemm_impl.h"
+
+/* ---- portable, double: 2 lanes, 6×(2·NV) register tile */
+#define T double
+#define SFX f64
+#define ISFX portable
+#define TGT
+#define W 2
+#define MR 6
+#define NV CATTN_PORTABLE_NV
+#define V cattn_w2d
+#define VI cattn_w2i
+#define VLOAD(p) CATTN_WIDE_LOAD(cattn_w2d, p)
+#define VSTORE(p, x) CATTN_WIDE_STORE(p, x)
+#define VBCAST(p) (*(p) + (cattn_w2d){0})
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VMUL(a, b) ((a) * (b))
+#define VZERO() ((cattn_w2d){0})
+#define VMASK(n) CATTN_WIDE_MASK(cattn_w2i, W, n)
+#define VMASKLOAD(p, m) CATTN_WIDE_MASKLOAD(cattn_w2d, W, p, m)
+#define VMASKSTORE(p, m, x) CATTN_WIDE_MASKSTORE(W, p, m, x)
+#define VADD(a, b) ((a) + (b))
+#define VHSUM(x) CATTN_WIDE_HSUM(double, W, x)
+#include "cattn_gemm_impl.h"
+#else
+#define CATTN_HAVE_GENERIC_VECTORS 0 /* (MSVC) the portable path calls BLAS */
 #endif
 
 #if CATTN_HAVE_X86_PATHS
@@ -139,41 +240,6 @@ __attribute__((target("avx2,fma"))) static inline double cattn_hsum_pd(__m256d x
  * splits each 64-byte vector into two ymm registers; masked lanes are handled lane by lane,
  * so masked-off memory is never touched. Slow, and only there to run the 16-wide tiles,
  * tails and masks on CPUs without AVX-512. */
-typedef float cattn_w16f __attribute__((vector_size(64)));
-typedef double cattn_w8d __attribute__((vector_size(64)));
-typedef int cattn_w16i __attribute__((vector_size(64)));
-typedef long long cattn_w8i __attribute__((vector_size(64)));
-
-/* (statement expressions, not functions: a function returning a 64-byte vector would
- * change the ABI without AVX-512) */
-#define CATTN_WIDE_LOAD(V, p) ({ V x_; memcpy(&x_, (p), sizeof x_); x_; })
-#define CATTN_WIDE_STORE(p, x) ({ __typeof__(x) x_ = (x); memcpy((p), &x_, sizeof x_); })
-#define CATTN_WIDE_MASK(VI, W, n) ({                                                    \
-    VI m_;                                                                              \
-    ptrdiff_t n_ = (n);                                                                 \
-    for (int l_ = 0; l_ < (W); l_++) m_[l_] = l_ < n_ ? -1 : 0;                         \
-    m_;                                                                                 \
-})
-#define CATTN_WIDE_MASKLOAD(V, W, p, m) ({                                              \
-    V x_;                                                                               \
-    const __typeof__(*(p)) *p_ = (p);                                                   \
-    __typeof__(m) m_ = (m);                                                             \
-    for (int l_ = 0; l_ < (W); l_++) x_[l_] = m_[l_] ? p_[l_] : 0;                      \
-    x_;                                                                                 \
-})
-#define CATTN_WIDE_MASKSTORE(W, p, m, x) ({                                             \
-    __typeof__(x) x_ = (x);                                                             \
-    __typeof__(m) m_ = (m);                                                             \
-    for (int l_ = 0; l_ < (W); l_++)                                                    \
-        if (m_[l_]) (p)[l_] = x_[l_];                                                   \
-})
-#define CATTN_WIDE_HSUM(T, W, x) ({                                                     \
-    __typeof__(x) x_ = (x);                                                             \
-    T s_ = 0;                                                                           \
-    for (int l_ = 0; l_ < (W); l_++) s_ += x_[l_];                                      \
-    s_;                                                                                 \
-})
-
 #define T float
 #define SFX f32
 #define ISFX wide16
@@ -276,26 +342,32 @@ cattn_pack_keys_f32_avx512_fast(const float *k, ptrdiff_t k_rs, ptrdiff_t n_keys
     }
 }
 
-/* Keys per packed panel (the micro-kernels' column width NR = 2·W). */
+#endif /* CATTN_HAVE_X86_PATHS */
+
+/* Keys per packed panel: the micro-kernels' column width NR = NV·W (16 floats on AVX2,
+ * 16·NV on AVX-512 and the 16-wide test path, 8 on the portable path; half as many doubles). */
 static inline ptrdiff_t cattn_panel_keys(int isa, int is_double)
 {
     const int wide = isa == CATTN_ISA_AVX512 || isa == CATTN_ISA_WIDE16;
-    return (wide ? 16 * CATTN_AVX512_NV : 16) / (is_double ? 2 : 1);
+    const int keys = wide ? 16 * CATTN_AVX512_NV : isa == CATTN_ISA_AVX2 ? 16 : 4 * CATTN_PORTABLE_NV;
+    return keys / (is_double ? 2 : 1);
 }
 
+/* Whether the plan's path computes its block GEMMs with BLAS (else the micro-kernels). */
+static inline int cattn_isa_uses_blas(int isa)
+{
+    return isa == CATTN_ISA_BLAS || (isa == CATTN_ISA_PORTABLE && !CATTN_HAVE_GENERIC_VECTORS);
+}
+
+#if CATTN_HAVE_X86_PATHS
 #define CATTN_GEMM_OP(isa, name, sfx, args)                                              \
     ((isa) == CATTN_ISA_AVX512   ? name##_##sfx##_avx512 args                              \
      : (isa) == CATTN_ISA_WIDE16 ? name##_##sfx##_wide16 args                              \
-                                 : name##_##sfx##_avx2 args)
-
-#else /* no x86 paths compiled: the portable path uses BLAS and never calls these */
-
-static inline ptrdiff_t cattn_panel_keys(int isa, int is_double)
-{
-    (void)isa;
-    (void)is_double;
-    return 1;
-}
+     : (isa) == CATTN_ISA_AVX2   ? name##_##sfx##_avx2 args                                \
+                                 : name##_##sfx##_portable args)
+#elif CATTN_HAVE_GENERIC_VECTORS
+#define CATTN_GEMM_OP(isa, name, sfx, args) ((void)(isa), name##_##sfx##_portable args)
+#else /* the portable path uses BLAS and never calls these */
 #define CATTN_GEMM_OP(isa, name, sfx, args) ((void)(isa))
 #endif
 

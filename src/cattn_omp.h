@@ -11,5 +11,6 @@
 #define CATTN_OPENMP_ENABLED 0
 static inline int omp_get_max_threads(void) { return 1; }
 static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
 #endif
 #endif

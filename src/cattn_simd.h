@@ -407,7 +407,8 @@ CATTN_AVX512 static double cattn_exp_shift_sum_f64_avx512(double *x, ptrdiff_t n
 #if CATTN_HAVE_X86_PATHS
 #define CATTN_ROW_OP(isa, name, args)                                                   \
     ((isa) == CATTN_ISA_AVX512 ? name##_avx512 args                                    \
-     : (isa) != CATTN_ISA_PORTABLE ? name##_avx2 args : name##_generic args)
+     : ((isa) == CATTN_ISA_AVX2 || (isa) == CATTN_ISA_WIDE16) ? name##_avx2 args      \
+                                                              : name##_generic args)
 #else
 #define CATTN_ROW_OP(isa, name, args) name##_generic args
 #endif
@@ -456,7 +457,7 @@ CATTN_AVX2 static float cattn_stream_sum_f32_avx2(const float *x, ptrdiff_t n)
 static inline float cattn_stream_sum_f32(int isa, const float *x, ptrdiff_t n)
 {
 #if CATTN_HAVE_X86_PATHS
-    if (isa >= CATTN_ISA_AVX2) return cattn_stream_sum_f32_avx2(x, n);
+    if (isa == CATTN_ISA_AVX2 || isa == CATTN_ISA_AVX512) return cattn_stream_sum_f32_avx2(x, n);
 #endif
     (void)isa;
     float s[4] = {0, 0, 0, 0};

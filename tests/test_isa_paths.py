@@ -4,7 +4,8 @@ interruptible loop, against the float64 reference.
 The path is chosen per call through a private hook (`_isa=`), so one process tests them
 all; paths the CPU lacks are skipped with a reason (and must still be refused, never run).
 "wide16" is the AVX-512 micro-kernels' 16-wide logic (tiles, tails, masks) built from
-generic vectors for AVX2: on a CPU without AVX-512 it still tests those shapes.
+generic vectors for AVX2: on a CPU without AVX-512 it still tests those shapes. "blas" is the
+portable path with BLAS block GEMMs, what a compiler without generic vectors (MSVC) builds.
 """
 import os
 import signal
@@ -20,7 +21,7 @@ import cattn
 from cattn import _kernel
 from conftest import reference64, tolerance
 
-PATHS = ("avx512", "avx2", "portable", "wide16")
+PATHS = ("avx512", "avx2", "portable", "wide16", "blas")
 sdpa = cattn.scaled_dot_product_attention
 
 
@@ -176,7 +177,7 @@ def test_environment_caps_the_path(name):
     assert result["err"] < 1e-12
 
 
-@pytest.mark.parametrize("value", ["avx1024", "wide16"])
+@pytest.mark.parametrize("value", ["avx1024", "wide16", "blas"])
 def test_environment_names_an_unknown_path(value):
     proc = run_child({"CATTN_ISA": value})
     assert proc.returncode != 0
