@@ -19,8 +19,9 @@ This is a process-wide setting of scipy's OpenBLAS (NumPy's wheels bundle a sepa
 OpenBLAS, which is never touched): while a call on this path runs, other threads calling
 scipy's BLAS run it on one thread. OpenBLAS has no per-thread count (its
 `openblas_set_num_threads_local` changes the global count too), and without the limit this
-path is several times slower (each block GEMM would wake BLAS threads). Only the portable
-path (CPUs without AVX2) calls BLAS; the AVX2 and AVX-512 paths leave BLAS alone.
+path is several times slower (each block GEMM would wake BLAS threads). Only builds whose
+compiler has no generic vectors (MSVC) call BLAS; every other path, the portable one
+included, leaves BLAS alone.
 """
 import ctypes
 import glob

@@ -511,7 +511,7 @@ BLAS_CHILD = """
 import threading, time, numpy as np, threadpoolctl, cattn
 from cattn import _kernel
 from cattn._blas_threads import _find_openblas
-assert _kernel.calls_blas()
+assert _kernel.calls_blas(_kernel.isa_index("blas"))
 get, set_ = _find_openblas()                 # scipy's OpenBLAS: the one cattn calls
 def numpy_blas_threads():
     return [i["num_threads"] for i in threadpoolctl.threadpool_info()
@@ -520,7 +520,7 @@ rng = np.random.default_rng(0)
 q = rng.standard_normal((2, 4, 300, 64)).astype(np.float32)
 set_(2)
 numpy_before = numpy_blas_threads()
-want = cattn.scaled_dot_product_attention(q, q, q, num_threads=2)
+want = cattn.scaled_dot_product_attention(q, q, q, num_threads=2, _isa="blas")
 
 # 1. another thread keeps changing BLAS limits with threadpoolctl: identical results
 stop = threading.Event()
@@ -533,7 +533,7 @@ user = threading.Thread(target=other_user); user.start()
 calls = identical = 0
 deadline = time.monotonic() + 2
 while time.monotonic() < deadline:
-    got = cattn.scaled_dot_product_attention(q, q, q, num_threads=2)
+    got = cattn.scaled_dot_product_attention(q, q, q, num_threads=2, _isa="blas")
     calls += 1
     identical += np.array_equal(got, want)
 stop.set(); user.join()
@@ -543,7 +543,7 @@ set_(2)
 big = rng.standard_normal((1, 4, 1024, 64)).astype(np.float32)
 seen_numpy = []
 call = threading.Thread(target=cattn.scaled_dot_product_attention, args=(big, big, big),
-                        kwargs=dict(num_threads=2))
+                        kwargs=dict(num_threads=2, _isa="blas"))
 call.start()
 while get() != 1 and call.is_alive():
     pass
@@ -554,15 +554,44 @@ print(calls, identical, get(), seen_numpy[0] == numpy_before, numpy_blas_threads
 """
 
 
+PORTABLE_CHILD = """
+import threading, numpy as np, cattn
+from cattn import _kernel
+from cattn._blas_threads import _find_openblas
+assert not _kernel.calls_blas()
+get, set_ = _find_openblas()
+set_(3)
+big = np.random.default_rng(0).standard_normal((1, 4, 1024, 64)).astype(np.float32)
+call = threading.Thread(target=cattn.scaled_dot_product_attention, args=(big, big, big),
+                        kwargs=dict(num_threads=2))
+seen = set()
+call.start()
+while call.is_alive():
+    seen.add(get())
+call.join()
+seen.add(get())
+print(sorted(seen))
+"""
+
+
+def test_portable_path_never_touches_blas_settings():
+    """CPUs without AVX2 (CATTN_ISA=portable) run micro-kernels on generic vectors: scipy's
+    OpenBLAS keeps the count its user set, before, during and after a call."""
+    status, out, err = run_child(PORTABLE_CHILD, env=dict(os.environ, CATTN_ISA="portable"))
+    assert status == 0, err[-3000:]
+    assert out.strip() == "[3]"
+
+
 def test_blas_path_keeps_other_users_blas_settings():
-    """The portable path (CATTN_ISA=portable) limits scipy's OpenBLAS while it runs: results
-    stay bitwise identical while another thread changes BLAS limits with threadpoolctl, a
-    count set by the user during a call is kept, NumPy's own BLAS is never touched."""
+    """The BLAS path (compilers without generic vectors; `_isa="blas"` here) limits scipy's
+    OpenBLAS while it runs: results stay bitwise identical while another thread changes
+    BLAS limits with threadpoolctl, a count set by the user during a call is kept, NumPy's
+    own BLAS is never touched."""
     pytest.importorskip("threadpoolctl")
-    status, out, err = run_child(BLAS_CHILD, env=dict(os.environ, CATTN_ISA="portable"))
+    status, out, err = run_child(BLAS_CHILD)
     assert status == 0, err[-3000:]
     calls, identical, after, numpy_during, numpy_after = out.split()
-    print(f"{calls} portable-path calls under a concurrent threadpoolctl user, "
+    print(f"{calls} BLAS-path calls under a concurrent threadpoolctl user, "
           f"{identical} bitwise identical")
     assert int(calls) >= 5 and identical == calls
     assert after == "3"
