@@ -120,7 +120,7 @@ def read_safetensors(path):
 # Tokens per group: a batch runs through the encoder in groups of whole sequences of about
 # this many tokens, so that activations stay small (and in the caches) whatever the batch;
 # GEMMs of this many rows still run at full speed.
-TOKENS_PER_GROUP = 512
+TOKENS_PER_GROUP = 1024
 # Fewer rows than this per thread and a GEMM would not pay for its thread.
 MIN_ROWS_PER_THREAD = 32
 
