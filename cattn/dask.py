@@ -19,8 +19,8 @@ The chunking of the inputs is the plan:
   time) combines them, equal to the single call up to rounding;
 - a pair that causal masks, windows or key lengths hide entirely gets no task at all.
 
-Key/value chunks that were persisted on the workers (`client.persist`) stay there: each
-call then sends only the queries to them and gathers (..., L, Ev) outputs with their lse.
+A KV cache placed on the workers with `persist_shards` stays there: each call then sends
+only the queries to the shards and gathers (..., L, Ev) outputs with their lse.
 """
 import functools
 import itertools
@@ -42,7 +42,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 import cattn
 from cattn import _api
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = ["scaled_dot_product_attention", "persist_shards"]
 
 _DEFAULT_SPLIT_EVERY = 8
 
@@ -215,6 +215,42 @@ def _on_top(graph, below, name, layer):
     layers[name] = layer
     dependencies[name] = {below}
     return HighLevelGraph(layers, dependencies)
+
+
+def persist_shards(client, key, value, workers=None):
+    """Persist a KV cache across a cluster, each key chunk with its value chunk on one worker.
+
+    client : distributed.Client
+    key, value : Dask (or NumPy) arrays (..., S, E) and (..., S, Ev); their chunks (value
+        takes the key's) are the shards, given to `workers` (default: all) in turn.
+
+    Returns the persisted (key, value) Dask arrays. Attention against them then runs each
+    (query chunk, key chunk) task where its shard lives: a decoding step sends the queries
+    and gathers outputs and lse, and the cache never moves (a plain `client.persist` may
+    place a key chunk and its value chunk on different workers, which moves one of them
+    at every step).
+    """
+    key, value = _as_dask(key, "key"), _as_dask(value, "value")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"key and value must have the same shape but for the last axis, got "
+                         f"{key.shape} and {value.shape}")
+    key = key.rechunk(key.chunks[:-1] + ((key.shape[-1],),))
+    value = value.rechunk(key.chunks[:-1] + ((value.shape[-1],),))
+    workers = list(workers) if workers is not None else sorted(
+        client.scheduler_info()["workers"])
+    if not workers:
+        raise ValueError("no worker to hold the shards")
+    shards = []
+    for x in (key, value):
+        blocks = np.empty(x.numblocks, dtype=object)
+        for n, index in enumerate(np.ndindex(*x.numblocks)):
+            future = client.compute(x.blocks[index], workers=[workers[n % len(workers)]],
+                                    allow_other_workers=False)
+            shape = tuple(c[i] for c, i in zip(x.chunks, index))
+            blocks[index] = da.from_delayed(future, shape, dtype=x.dtype,
+                                            meta=np.empty((0,) * x.ndim, dtype=x.dtype))
+        shards.append(da.block(blocks.tolist()))
+    return tuple(shards)
 
 
 # --------------------------------------------------------------------- validation

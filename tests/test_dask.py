@@ -170,6 +170,12 @@ def test_non_float_and_non_array_inputs_are_refused():
         cdask.scaled_dot_product_attention([[0.0]], [[0.0]], [[0.0]])
 
 
+def test_the_module_example_runs():
+    import doctest
+    result = doctest.testmod(cdask, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 4 and result.failed == 0
+
+
 def test_importing_cattn_never_imports_dask():
     code = ("import sys, numpy, cattn; cattn.scaled_dot_product_attention(*[numpy.ones((2, 4))]"
             " * 3); cattn.merge_attention; print(sorted(m for m in sys.modules "
@@ -209,21 +215,26 @@ def test_cluster_matches_reference_and_the_single_call(rng, client):
     assert client.submit(cdask._task_threads, pure=False).result() == 1
 
 
-def test_decoding_against_a_cache_persisted_on_the_workers(rng, client):
+def test_decoding_against_a_cache_sharded_on_the_workers(rng, client):
     # The cache is cut into key shards that stay on the workers; each step sends a query
     # and gathers (B, H, 1, Ev) outputs with their lse.
     B, H, S = 1, 4, 4000
     k, v = randn(rng, (B, H, S, 32), np.float32), randn(rng, (B, H, S, 16), np.float32)
-    dk, dv = client.persist([da.from_array(k, chunks=(1, 4, 1000, 32)),
-                             da.from_array(v, chunks=(1, 4, 1000, 16))])
+    dk, dv = cdask.persist_shards(client, da.from_array(k, chunks=(1, 4, 1000, 32)), v)
+    assert dv.chunks == dk.chunks[:-1] + ((16,),)
     distributed.wait([dk, dv])
-    where = client.who_has([dk, dv])
-    assert len({w for ws in where.values() for w in ws}) == 2, "shards on both workers"
+    held_before = client.who_has([dk, dv])
     for step in range(3):
         q = randn(rng, (B, H, 1, 32), np.float32)
         out, lse = cdask.scaled_dot_product_attention(q, dk, dv, return_lse=True)
         got = client.compute([out, lse], sync=True)
         assert_matches(got, reference64(q, k, v, return_lse=True), np.float32)
+    # No shard moved or was copied (a key shard away from its value shard would have been
+    # copied to it), and both workers hold shards.
+    held = client.who_has([dk, dv])
+    assert len(held) == 8 and held == held_before
+    assert all(len(where) == 1 for where in held.values())
+    assert len(set().union(*held.values())) == 2
 
 
 def _die_once(block, marker):
