@@ -19,7 +19,8 @@ How the package is layered, from what a user calls down to the compiled loop nes
     src/*.h           C: SIMD exp and row operations, the GEMM micro-kernels, CPU features
 
 Beside them: `cattn.reference` is the readable float64 NumPy definition that everything is
-tested against, and `cattn.bench` the benchmark (`python -m cattn.bench`).
+tested against, `cattn.bench` the benchmark (`python -m cattn.bench`), and `cattn.dask`
+attention on Dask arrays, on one machine or a cluster (the optional dask extra).
 
 The compiled core and NumPy/SciPy are loaded on first use of the API, not by
 `import cattn`, so that importing the package stays cheap.
