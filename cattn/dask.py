@@ -27,6 +27,7 @@ import itertools
 import math
 import os
 import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -42,16 +43,21 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 import cattn
 from cattn import _api
 
+_check_int: Any = getattr(_api, "_check_int")  # private helpers of the compiled front
+
 __all__ = ["scaled_dot_product_attention", "persist_shards"]
 
 _DEFAULT_SPLIT_EVERY = 8
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False,
-                                 scale=None, *, enable_gqa=False, window=None,
-                                 alignment="top_left", key_lengths=None, q_offset=None,
-                                 k_offset=None, softcap=None, return_lse=False,
-                                 num_threads=None, split_every=None):
+def scaled_dot_product_attention(
+        query: Any, key: Any, value: Any, attn_mask: Any = None, is_causal: bool = False,
+        scale: Optional[float] = None, *, enable_gqa: bool = False,
+        window: Optional[Tuple[Optional[int], Optional[int]]] = None,
+        alignment: str = "top_left", key_lengths: Any = None, q_offset: Any = None,
+        k_offset: Any = None, softcap: Optional[float] = None, return_lse: bool = False,
+        num_threads: Optional[int] = None, split_every: Optional[int] = None,
+) -> Union["da.Array", Tuple["da.Array", "da.Array"]]:
     """`cattn.scaled_dot_product_attention` on Dask arrays; returns Dask arrays.
 
     query (..., L, E), key (..., S, E) and value (..., S, Ev) are Dask arrays (NumPy arrays
@@ -90,9 +96,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
             raise TypeError(f"{name} must be an int or a NumPy array: its values decide "
                             f"which chunks are computed (call .compute() on it first)")
     if num_threads is not None:
-        num_threads = _api._check_int(num_threads, "num_threads", 1)
+        num_threads = _check_int(num_threads, "num_threads", 1)
     split_every = _DEFAULT_SPLIT_EVERY if split_every is None else \
-        _api._check_int(split_every, "split_every", 2)
+        _check_int(split_every, "split_every", 2)
     dtype = query.dtype
     L, E = query.shape[-2:]
     S, Ev = key.shape[-2], value.shape[-1]
@@ -161,7 +167,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                      num_threads, split_every)
     part_name, merge_name = f"cattn-part-{token}", f"cattn-merge-{token}"
     out_name, lse_name = f"cattn-out-{token}", f"cattn-lse-{token}"
-    layers, results = {}, ({}, {})
+    layers: Dict[Any, Any] = {}
+    results: Tuple[Dict[Any, Any], Dict[Any, Any]] = ({}, {})
     task = functools.partial(_chunk_attention, options=options, enable_gqa=enable_gqa,
                              num_threads=num_threads)
 
@@ -196,7 +203,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
             results[0][(out_name,) + b + (i, 0)] = (_first, root)
             results[1][(lse_name,) + b + (i,)] = (_second, root)
 
-    inputs = [x for x in (query, key, value, mask) if x is not None]
+    inputs: List[Any] = [x for x in (query, key, value, mask) if x is not None]
     tasks = HighLevelGraph.from_collections(part_name, layers, dependencies=inputs)
     out = da.Array(_on_top(tasks, part_name, out_name, results[0]), out_name,
                    tuple(batch_chunks) + (query.chunks[-2], (Ev,)),
@@ -217,7 +224,8 @@ def _on_top(graph, below, name, layer):
     return HighLevelGraph(layers, dependencies)
 
 
-def persist_shards(client, key, value, workers=None):
+def persist_shards(client: Any, key: Any, value: Any,
+                   workers: Optional[Sequence[str]] = None) -> Tuple["da.Array", "da.Array"]:
     """Persist a KV cache across a cluster, each key chunk with its value chunk on one worker.
 
     client : distributed.Client
