@@ -27,10 +27,10 @@ def compute(*arrays, scheduler="threads"):
     return dask.compute(*arrays, scheduler=scheduler)
 
 
-def part_tasks(array):
-    """How many (query chunk, key chunk) attention tasks the graph holds."""
+def part_tasks(array, kind="part"):
+    """How many (query chunk, key chunk) attention tasks (or merge tasks) the graph holds."""
     return sum(1 for key in dict(array.__dask_graph__())
-               if isinstance(key, tuple) and key[0].startswith("cattn-part-"))
+               if isinstance(key, tuple) and key[0].startswith(f"cattn-{kind}-"))
 
 
 def assert_matches(got, want, dtype):
@@ -81,6 +81,18 @@ def test_threaded_scheduler_matches_reference(rng, name, dtype):
         options["attn_mask"] = da.from_array(options["attn_mask"], chunks=(60, 233))
     out, lse = cdask.scaled_dot_product_attention(dq, dk, dv, return_lse=True, **options)
     assert_matches(compute(out, lse), want, dtype)
+
+
+@pytest.mark.parametrize("split_every, merges", [(2, 13), (3, 8), (32, 1)])
+def test_merge_trees_of_any_depth(rng, split_every, merges):
+    # 14 key chunks: a tree of 4 levels (2 at a time), 3 levels (3), or a single merge.
+    q = randn(rng, (2, 40, 8), np.float32)
+    k, v = randn(rng, (2, 700, 8), np.float32), randn(rng, (2, 700, 8), np.float32)
+    out, lse = cdask.scaled_dot_product_attention(
+        da.from_array(q, chunks=(1, 40, 8)), da.from_array(k, chunks=(1, 50, 8)),
+        da.from_array(v, chunks=(1, 50, 8)), return_lse=True, split_every=split_every)
+    assert part_tasks(out) == 2 * 14 and part_tasks(out, "merge") == 2 * merges
+    assert_matches(compute(out, lse), reference64(q, k, v, return_lse=True), np.float32)
 
 
 def test_fully_masked_chunk_pairs_add_no_task(rng):
