@@ -153,6 +153,18 @@ def test_a_task_runs_one_thread_under_the_threaded_scheduler():
     assert threads == max(1, cattn.get_num_threads() // os.cpu_count())
 
 
+@pytest.mark.parametrize("nthreads, executing, expected", [(4, 1, 4), (4, 2, 2), (4, 3, 1),
+                                                        (1, 1, 1)])
+def test_a_task_takes_its_share_of_a_distributed_worker(monkeypatch, nthreads, executing,
+                                                        expected):
+    class Worker:
+        class state:
+            pass
+    Worker.state.nthreads, Worker.state.executing_count = nthreads, executing
+    monkeypatch.setattr(distributed, "get_worker", lambda: Worker)
+    assert cdask._task_threads() == expected
+
+
 BAD_CALLS = [
     (dict(key_lengths=da.from_array(np.array([3]))), TypeError, "compute"),
     (dict(attn_mask=np.ones((4, 9), dtype=bool)), ValueError, "does not broadcast"),
