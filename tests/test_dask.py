@@ -261,26 +261,37 @@ def test_decoding_against_a_cache_sharded_on_the_workers(rng, client):
     assert len(set().union(*held.values())) == 2
 
 
-def _die_once(block, marker):
-    """Kills its worker process the first time it runs anywhere (a marker file says so)."""
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL)
-    except FileExistsError:
-        return block
-    os.close(fd)
-    os._exit(1)
+class DieAtTheFirstAttentionTask(distributed.WorkerPlugin):
+    """Kills its worker process as an attention task starts executing there, the first
+    time on any worker (a marker file says so): a worker lost mid-computation."""
+    name = "die-at-the-first-attention-task"
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish != "executing" or not str(key).startswith("('cattn-part-"):
+            return
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        os._exit(1)
 
 
 def test_a_worker_killed_mid_computation_changes_nothing(rng, client, tmp_path):
     q = randn(rng, (1, 2, 256, 16), np.float64)
     k, v = randn(rng, (1, 2, 1024, 16), np.float64), randn(rng, (1, 2, 1024, 8), np.float64)
-    dk = da.from_array(k, chunks=(1, 2, 256, 16))
-    # One key chunk's producer kills its worker: the scheduler reruns the lost tasks on
-    # the surviving (or restarted) worker.
-    dk = dk.map_blocks(_die_once, str(tmp_path / "died"), meta=np.empty((0,) * 4))
     out, lse = cdask.scaled_dot_product_attention(
-        da.from_array(q, chunks=(1, 1, 128, 16)), dk, da.from_array(v, chunks=(1, 2, 256, 8)),
-        is_causal=True, return_lse=True)
-    got = client.compute([out, lse], sync=True)
-    assert (tmp_path / "died").exists(), "no worker was killed"
+        da.from_array(q, chunks=(1, 1, 128, 16)), da.from_array(k, chunks=(1, 2, 256, 16)),
+        da.from_array(v, chunks=(1, 2, 256, 8)), is_causal=True, return_lse=True)
+    marker = tmp_path / "died"
+    plugin = DieAtTheFirstAttentionTask(str(marker))
+    client.register_plugin(plugin)
+    try:
+        # The scheduler reruns the lost tasks on the surviving (or restarted) worker.
+        got = client.compute([out, lse], sync=True)
+    finally:
+        client.unregister_worker_plugin(plugin.name)
+    assert marker.exists(), "no worker was killed"
     assert_matches(got, reference64(q, k, v, is_causal=True, return_lse=True), np.float64)
