@@ -333,6 +333,10 @@ def main(argv=None):
                 selections.setdefault((tuple(m.tests), tuple(sorted(m.env.items()))), m)
             for m in selections.values():
                 code, lines = run_tests(base, m.tests, child_env(m.env))
+                if code != 0:  # a timing test on a loaded machine: one more try
+                    print(f"baseline: {m.name}'s tests failed once, retrying: "
+                          f"{first_failure(lines)}", flush=True)
+                    code, lines = run_tests(base, m.tests, child_env(m.env))
                 if code != 0:
                     print(f"the unmutated tree fails the tests of {m.name} "
                           f"({' '.join(m.tests)}): {first_failure(lines)}")
