@@ -22,6 +22,7 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -259,11 +260,18 @@ def build(tree, env, force=False):
                            f"{proc.stderr[-3000:]}")
 
 
+def default_sigint():
+    """In the test process: SIGINT raises KeyboardInterrupt even when this script runs in
+    the background (where the shell ignores SIGINT and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_tests(tree, args, env):
     """(pytest exit code, its last lines) for the tests `args` run in `tree`."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                            "-p", "no:randomly", *args], cwd=tree, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,
+                          preexec_fn=default_sigint if os.name == "posix" else None)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     return proc.returncode, lines
 
