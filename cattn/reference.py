@@ -11,8 +11,12 @@ keys a query may not see are removed; a softmax turns each row of scores into we
 that sum to 1; each output is the weighted sum of the values.
 """
 import math
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+_Window = Optional[Tuple[Optional[int], Optional[int]]]
 
 
 def _per_item(x, batch_shape):
@@ -22,8 +26,10 @@ def _per_item(x, batch_shape):
     return np.broadcast_to(x, batch_shape)[..., None, None]
 
 
-def visible_keys(L, S, is_causal=False, window=None, alignment="top_left",
-                 key_lengths=None, batch_shape=(), q_offset=None, k_offset=None):
+def visible_keys(L: int, S: int, is_causal: bool = False, window: _Window = None,
+                 alignment: str = "top_left", key_lengths: Optional[ArrayLike] = None,
+                 batch_shape: Tuple[int, ...] = (), q_offset: Optional[ArrayLike] = None,
+                 k_offset: Optional[ArrayLike] = None) -> NDArray[np.bool_]:
     """Boolean (..., L, S): which key each query may see, from the structural options."""
     visible = np.ones(batch_shape + (L, S), dtype=bool)
     kl = _per_item(S if key_lengths is None else key_lengths, batch_shape)
@@ -47,11 +53,17 @@ def visible_keys(L, S, is_causal=False, window=None, alignment="top_left",
     return visible
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False,
-                                 scale=None, *, enable_gqa=False, window=None,
-                                 alignment="top_left", key_lengths=None, q_offset=None,
-                                 k_offset=None, softcap=None, return_lse=False,
-                                 return_weights=False):
+def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: NDArray[Any],
+                                 attn_mask: Optional[NDArray[Any]] = None,
+                                 is_causal: bool = False, scale: Optional[float] = None, *,
+                                 enable_gqa: bool = False, window: _Window = None,
+                                 alignment: str = "top_left",
+                                 key_lengths: Optional[ArrayLike] = None,
+                                 q_offset: Optional[ArrayLike] = None,
+                                 k_offset: Optional[ArrayLike] = None,
+                                 softcap: Optional[float] = None, return_lse: bool = False,
+                                 return_weights: bool = False
+                                 ) -> Union[NDArray[Any], Tuple[NDArray[Any], ...]]:
     """softmax(Q·Kᵀ·scale + mask)·V with the full score matrix (see cattn for options)."""
     dtype = query.dtype
     L, E = query.shape[-2:]
