@@ -141,6 +141,83 @@ __attribute__((target("avx2,fma"))) static inline double cattn_hsum_pd(__m256d x
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
+/* In-register transposes of W vectors of W lanes, for the packing of the keys. */
+__attribute__((target("avx2,fma"))) static inline void cattn_transpose8_ps(__m256 r[8])
+{
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    /* u[4i + m] holds, in 128-bit lane l, feature 4l + m of rows 4i..4i+3 */
+    for (int m = 0; m < 4; m++) {
+        r[m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x20);
+        r[4 + m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x31);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static inline void cattn_transpose4_pd(__m256d r[4])
+{
+    __m256d t0 = _mm256_unpacklo_pd(r[0], r[1]), t1 = _mm256_unpackhi_pd(r[0], r[1]);
+    __m256d t2 = _mm256_unpacklo_pd(r[2], r[3]), t3 = _mm256_unpackhi_pd(r[2], r[3]);
+    r[0] = _mm256_permute2f128_pd(t0, t2, 0x20);
+    r[1] = _mm256_permute2f128_pd(t1, t3, 0x20);
+    r[2] = _mm256_permute2f128_pd(t0, t2, 0x31);
+    r[3] = _mm256_permute2f128_pd(t1, t3, 0x31);
+}
+
+__attribute__((target("avx512f"))) static inline void cattn_transpose16_ps(__m512 r[16])
+{
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    /* u[4i + m] holds, in 128-bit lane l, feature 4l + m of rows 4i..4i+3 */
+    for (int m = 0; m < 4; m++) {
+        __m512 a = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);
+        __m512 b = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
+        __m512 c = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+        __m512 d = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
+        r[m] = _mm512_shuffle_f32x4(a, c, 0x88);
+        r[4 + m] = _mm512_shuffle_f32x4(b, d, 0x88);
+        r[8 + m] = _mm512_shuffle_f32x4(a, c, 0xDD);
+        r[12 + m] = _mm512_shuffle_f32x4(b, d, 0xDD);
+    }
+}
+
+__attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512d r[8])
+{
+    __m512d t[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i], r[2 * i + 1]);
+    }
+    /* t[2i + m] holds, in 128-bit lane l, feature 2l + m of rows 2i, 2i+1 */
+    for (int m = 0; m < 2; m++) {
+        __m512d a = _mm512_shuffle_f64x2(t[m], t[2 + m], 0x88);
+        __m512d b = _mm512_shuffle_f64x2(t[m], t[2 + m], 0xDD);
+        __m512d c = _mm512_shuffle_f64x2(t[4 + m], t[6 + m], 0x88);
+        __m512d d = _mm512_shuffle_f64x2(t[4 + m], t[6 + m], 0xDD);
+        r[m] = _mm512_shuffle_f64x2(a, c, 0x88);
+        r[2 + m] = _mm512_shuffle_f64x2(b, d, 0x88);
+        r[4 + m] = _mm512_shuffle_f64x2(a, c, 0xDD);
+        r[6 + m] = _mm512_shuffle_f64x2(b, d, 0xDD);
+    }
+}
+
 /* ---- AVX2 + FMA, float: 8 lanes, 6×16 register tile */
 #define T float
 #define SFX f32
@@ -163,6 +240,7 @@ __attribute__((target("avx2,fma"))) static inline double cattn_hsum_pd(__m256d x
 #define VMASKSTORE(p, m, x) _mm256_maskstore_ps(p, m, x)
 #define VADD(a, b) _mm256_add_ps(a, b)
 #define VHSUM(x) cattn_hsum_ps(x)
+#define VTRANSPOSE(r) cattn_transpose8_ps(r)
 #include "cattn_gemm_impl.h"
 
 /* ---- AVX2 + FMA, double: 4 lanes, 6×8 register tile */
@@ -187,6 +265,7 @@ __attribute__((target("avx2,fma"))) static inline double cattn_hsum_pd(__m256d x
 #define VMASKSTORE(p, m, x) _mm256_maskstore_pd(p, m, x)
 #define VADD(a, b) _mm256_add_pd(a, b)
 #define VHSUM(x) cattn_hsum_pd(x)
+#define VTRANSPOSE(r) cattn_transpose4_pd(r)
 #include "cattn_gemm_impl.h"
 
 /* ---- AVX-512F, float: 16 lanes, 12×32 register tile (the broadcasts fold into the FMAs
@@ -211,6 +290,7 @@ __attribute__((target("avx2,fma"))) static inline double cattn_hsum_pd(__m256d x
 #define VMASKSTORE(p, m, x) _mm512_mask_storeu_ps(p, m, x)
 #define VADD(a, b) _mm512_add_ps(a, b)
 #define VHSUM(x) _mm512_reduce_add_ps(x)
+#define VTRANSPOSE(r) cattn_transpose16_ps(r)
 #include "cattn_gemm_impl.h"
 
 /* ---- AVX-512F, double: 8 lanes, 12×16 register tile */
@@ -234,6 +314,7 @@ __attribute__((target("avx2,fma"))) static inline double cattn_hsum_pd(__m256d x
 #define VMASKSTORE(p, m, x) _mm512_mask_storeu_pd(p, m, x)
 #define VADD(a, b) _mm512_add_pd(a, b)
 #define VHSUM(x) _mm512_reduce_add_pd(x)
+#define VTRANSPOSE(r) cattn_transpose8_pd(r)
 #include "cattn_gemm_impl.h"
 
 /* ---- (tests only) 16-wide generic vectors on AVX2: the AVX-512 instances' shapes. GCC
@@ -284,64 +365,6 @@ __attribute__((target("avx2,fma"))) static inline double cattn_hsum_pd(__m256d x
 #define VHSUM(x) CATTN_WIDE_HSUM(double, W, x)
 #include "cattn_gemm_impl.h"
 
-/* The AVX-512 float packing, vectorized: 16 keys × 16 features at a time are loaded as 16
- * rows, transposed in registers and stored as 16 panel rows. The scalar transpose of the
- * template cost about a quarter of the Q·Kᵀ time, since every query block packs its keys. */
-__attribute__((target("avx512f"))) static inline void cattn_transpose16_ps(__m512 r[16])
-{
-    __m512 t[16], u[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {
-        u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-        u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-        u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-        u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-    }
-    /* u[4i + m] holds, in 128-bit lane l, feature 4l + m of rows 4i..4i+3 */
-    for (int m = 0; m < 4; m++) {
-        __m512 a = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);
-        __m512 b = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
-        __m512 c = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
-        __m512 d = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
-        r[m] = _mm512_shuffle_f32x4(a, c, 0x88);
-        r[4 + m] = _mm512_shuffle_f32x4(b, d, 0x88);
-        r[8 + m] = _mm512_shuffle_f32x4(a, c, 0xDD);
-        r[12 + m] = _mm512_shuffle_f32x4(b, d, 0xDD);
-    }
-}
-
-__attribute__((target("avx512f"))) static void
-cattn_pack_keys_f32_avx512_fast(const float *k, ptrdiff_t k_rs, ptrdiff_t n_keys, ptrdiff_t E,
-                                float *packed)
-{
-    const ptrdiff_t nr = 16 * CATTN_AVX512_NV; /* keys per panel */
-    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += 16) {
-        const ptrdiff_t nk = n_keys - j0 < 16 ? n_keys - j0 : 16;
-        float *panel = packed + (j0 / nr) * nr * E + j0 % nr;
-        for (ptrdiff_t e0 = 0; e0 < E; e0 += 16) {
-            const __mmask16 me = cattn_mask16(E - e0);
-            __m512 r[16];
-            for (int c = 0; c < 16; c++)
-                r[c] = c < nk ? _mm512_maskz_loadu_ps(me, k + (j0 + c) * k_rs + e0)
-                              : _mm512_setzero_ps();
-            cattn_transpose16_ps(r);
-            const ptrdiff_t ne = E - e0 < 16 ? E - e0 : 16;
-            for (ptrdiff_t e = 0; e < ne; e++) _mm512_storeu_ps(panel + (e0 + e) * nr, r[e]);
-        }
-    }
-    /* a last panel that is less than half full: its other 16-key half reads zeros */
-    const ptrdiff_t filled = (n_keys + 15) / 16 * 16;
-    if (filled % nr) {
-        float *panel = packed + (filled / nr) * nr * E;
-        for (ptrdiff_t e = 0; e < E; e++)
-            for (ptrdiff_t c = filled % nr; c < nr; c += 16)
-                _mm512_storeu_ps(panel + e * nr + c, _mm512_setzero_ps());
-    }
-}
-
 #endif /* CATTN_HAVE_X86_PATHS */
 
 /* Keys per packed panel: the micro-kernels' column width NR = NV·W (16 floats on AVX2,
@@ -373,6 +396,11 @@ static inline int cattn_isa_uses_blas(int isa)
 
 /* The entry points: the plan's instruction set picks the instance. */
 #define CATTN_GEMM_ENTRY_POINTS(T, sfx)                                                     \
+    static inline void cattn_pack_keys_##sfx(int isa, const T *k, ptrdiff_t k_rs,            \
+                                             ptrdiff_t n_keys, ptrdiff_t E, T *packed)       \
+    {                                                                                        \
+        CATTN_GEMM_OP(isa, cattn_pack_keys, sfx, (k, k_rs, n_keys, E, packed));              \
+    }                                                                                        \
     static inline void cattn_gemm_qkt_##sfx(int isa, ptrdiff_t rows, ptrdiff_t n_keys,       \
                                             ptrdiff_t E, T alpha, const T *q, ptrdiff_t q_rs,\
                                             const T *packed, T *c, ptrdiff_t ldc)            \
@@ -409,22 +437,6 @@ CATTN_GEMM_ENTRY_POINTS(float, f32)
 CATTN_GEMM_ENTRY_POINTS(double, f64)
 #undef CATTN_GEMM_ENTRY_POINTS
 
-static inline void cattn_pack_keys_f32(int isa, const float *k, ptrdiff_t k_rs,
-                                       ptrdiff_t n_keys, ptrdiff_t E, float *packed)
-{
-#if CATTN_HAVE_X86_PATHS
-    if (isa == CATTN_ISA_AVX512) {
-        cattn_pack_keys_f32_avx512_fast(k, k_rs, n_keys, E, packed);
-        return;
-    }
-#endif
-    CATTN_GEMM_OP(isa, cattn_pack_keys, f32, (k, k_rs, n_keys, E, packed));
-}
 
-static inline void cattn_pack_keys_f64(int isa, const double *k, ptrdiff_t k_rs,
-                                       ptrdiff_t n_keys, ptrdiff_t E, double *packed)
-{
-    CATTN_GEMM_OP(isa, cattn_pack_keys, f64, (k, k_rs, n_keys, E, packed));
-}
 
 #endif /* CATTN_GEMM_H */

@@ -7,7 +7,8 @@
  *   MR, NV  the register tile: MR rows × NV vectors (NR = NV·W columns)
  * and the intrinsic macros VLOAD, VSTORE, VBCAST, VFMA, VMUL, VADD, VZERO, VHSUM (horizontal
  * sum), VMASK (lanes < n, any n), VMASKLOAD (masked-off lanes read 0, never touched),
- * VMASKSTORE. Every instance shares this one code; only the vector width, the register
+ * VMASKSTORE, and optionally VTRANSPOSE (an array of W vectors, transposed in registers).
+ * Every instance shares this one code; only the vector width, the register
  * tile and the intrinsics differ.
  *
  * Register tile: MR rows × NR columns, 2·MR accumulators, two loads and MR broadcasts per
@@ -20,12 +21,36 @@
 #define PV_KC 128
 
 /* Pack keys [0, n_keys) of a block as panels of NR keys: panel p holds, for each feature e,
- * the NR values k[p·NR + c][e] side by side (zeros past n_keys), so the Q·Kᵀ tile loads two
+ * the NR values k[p·NR + c][e] side by side (zeros past n_keys), so the Q·Kᵀ tile loads its
  * vectors per feature instead of gathering. Done once per key block and reused by every
- * row tile of the query block. */
-static void FN(cattn_pack_keys)(const T *k, ptrdiff_t k_rs, ptrdiff_t n_keys, ptrdiff_t E,
-                                T *packed)
+ * row tile of the query block. Where the instance has an in-register transpose
+ * (VTRANSPOSE), W keys × W features move at a time: a scalar transpose cost about a quarter
+ * of the Q·Kᵀ time. */
+TGT static void FN(cattn_pack_keys)(const T *k, ptrdiff_t k_rs, ptrdiff_t n_keys, ptrdiff_t E,
+                                    T *packed)
 {
+#ifdef VTRANSPOSE
+    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += W) {
+        const ptrdiff_t nk = n_keys - j0 < W ? n_keys - j0 : W;
+        T *panel = packed + (j0 / NR) * NR * E + j0 % NR;
+        for (ptrdiff_t e0 = 0; e0 < E; e0 += W) {
+            const VI me = VMASK(E - e0);
+            V r[W];
+            for (int c = 0; c < W; c++)
+                r[c] = c < nk ? VMASKLOAD(k + (j0 + c) * k_rs + e0, me) : VZERO();
+            VTRANSPOSE(r);
+            const ptrdiff_t ne = E - e0 < W ? E - e0 : W;
+            for (ptrdiff_t e = 0; e < ne; e++) VSTORE(panel + (e0 + e) * NR, r[e]);
+        }
+    }
+    /* the keys of the last panel past the last group of W read zeros */
+    const ptrdiff_t filled = (n_keys + W - 1) / W * W;
+    if (filled % NR) {
+        T *panel = packed + (filled / NR) * NR * E;
+        for (ptrdiff_t e = 0; e < E; e++)
+            for (ptrdiff_t c = filled % NR; c < NR; c += W) VSTORE(panel + e * NR + c, VZERO());
+    }
+#else
     for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += NR) {
         ptrdiff_t nc = n_keys - j0 < NR ? n_keys - j0 : NR;
         T *panel = packed + j0 * E;
@@ -36,6 +61,7 @@ static void FN(cattn_pack_keys)(const T *k, ptrdiff_t k_rs, ptrdiff_t n_keys, pt
         for (ptrdiff_t c = nc; c < NR; c++)
             for (ptrdiff_t e = 0; e < E; e++) panel[e * NR + c] = 0;
     }
+#endif
 }
 
 /* c[r][0:nc] = alpha · Σ_e q[r][e] · panel[e][0:nc] for r < MR_ (a compile-time constant
@@ -329,3 +355,4 @@ FN(cattn_gemm_pv_direct)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T
 #undef VMASKSTORE
 #undef VADD
 #undef VHSUM
+#undef VTRANSPOSE
