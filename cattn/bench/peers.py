@@ -13,7 +13,9 @@ import numpy as np
 from cattn.bench.config import BenchConfig
 from cattn.bench.specs import Spec
 
-ALL_IMPLS = ("cattn", "numpy", "torch", "ort")
+# "cattn-avx2": cattn capped to its AVX2 path in the same run, on CPUs whose best path is
+# wider (AVX-512): the per-path figures side by side. It skips where "cattn" is already AVX2.
+ALL_IMPLS = ("cattn", "cattn-avx2", "numpy", "torch", "ort")
 PEERS = ("torch", "ort")
 
 _OPTIONAL: Dict[str, Any] = {}
@@ -101,6 +103,7 @@ def torch_threads(n: int) -> Callable[[], None]:
 
 THREAD_CONTROL = {
     "cattn": "num_threads= argument (BLAS inside the kernel is kept on 1 thread by cattn)",
+    "cattn-avx2": "as cattn",
     "numpy": "BLAS limit (see blas)",
     "torch": "torch.set_num_threads(n) before each timing",
     "ort": "SessionOptions.intra_op_num_threads=n, inter_op_num_threads=1, "
@@ -133,6 +136,19 @@ def make_cattn(spec: Spec, q, k, v, threads: int, config: BenchConfig):
     def fn():
         return sdpa(q, k, v, num_threads=threads, **opts)
     return fn, _first_output, None, ""
+
+
+def make_cattn_avx2(spec: Spec, q, k, v, threads: int, config: BenchConfig):
+    import cattn
+    from cattn import _kernel
+    if _kernel.isa_path() in ("avx2", "portable") or "avx2" not in _kernel.supported_isa_paths():
+        raise Skip(f"cattn's own path here is {_kernel.isa_path()}: see the cattn row")
+    opts = _sdpa_options(spec)
+    sdpa = cattn.scaled_dot_product_attention
+
+    def fn():
+        return sdpa(q, k, v, num_threads=threads, _isa="avx2", **opts)
+    return fn, _first_output, None, "AVX2 path"
 
 
 def make_numpy(spec: Spec, q, k, v, threads: int, config: BenchConfig):
@@ -241,7 +257,8 @@ def make_ort(spec: Spec, q, k, v, threads: int, config: BenchConfig):
     return fn, to_output, None, note
 
 
-MAKERS = {"cattn": make_cattn, "numpy": make_numpy, "torch": make_torch, "ort": make_ort}
+MAKERS = {"cattn": make_cattn, "cattn-avx2": make_cattn_avx2, "numpy": make_numpy,
+          "torch": make_torch, "ort": make_ort}
 
 
 def peer_isa() -> Dict[str, Optional[str]]:

@@ -61,13 +61,13 @@ def format_case(case: Case) -> str:
     if _ceilings(case):
         out.append("   ceiling (same run): " + ", ".join(_ceilings(case)))
     decode = case.kind == "decode"
-    out.append(f"   {'impl':<7}{'thr':>4} {'options':<16}{'median':>11}"
+    out.append(f"   {'impl':<11}{'thr':>4} {'options':<16}{'median':>11}"
                + (f"{'KV GB/s':>9}{'%strm':>7}" if decode else
                   f"{'GFLOP/s':>9}{'%gemm':>7}{'useful':>8}")
                + f"{'cattn x':>8}{'vs 1t':>7}{'maxdiff':>10}{'peakMiB':>9}")
     rows = _attention_rows(case)
     for r in rows:
-        line = f"   {r.impl:<7}{r.threads:>4} {r.options:<16}{_fmt_time(r.median_s):>11}"
+        line = f"   {r.impl:<11}{r.threads:>4} {r.options:<16}{_fmt_time(r.median_s):>11}"
         if decode:
             line += f"{_fmt(r.kv_gbps):>9}{_fmt(r.pct_of_stream, '{:.0f}%'):>7}"
         else:
@@ -96,9 +96,9 @@ def format_memory_case(case: Case) -> str:
     spec = case.spec
     out = [f"== {case.name}: B={spec['B']} H={spec['H']} L={spec['L']} S={spec['S']} "
            f"E={spec['E']} {spec['dtype']}, peak extra memory (fresh process per impl)",
-           f"   {'impl':<7}{'thr':>4} {'options':<16}{'RSS MiB':>9}{'traced MiB':>12}"]
+           f"   {'impl':<11}{'thr':>4} {'options':<16}{'RSS MiB':>9}{'traced MiB':>12}"]
     for r in case.rows:
-        out.append(f"   {r.impl:<7}{r.threads:>4} {r.options:<16}"
+        out.append(f"   {r.impl:<11}{r.threads:>4} {r.options:<16}"
                    f"{r.peak_rss_mib:>9.1f}{_fmt(r.peak_traced_mib, '{:.1f}', 'n/a'):>12}")
     for s in case.skipped:
         out.append(f"   skipped {s.label}: {s.reason}")
@@ -214,7 +214,7 @@ def plot(result: Dict[str, Any], path: str) -> str:
     threads = sorted({r.threads for c in cases for r in c.rows})
     fig, axes = plt.subplots(1, len(threads), figsize=(5.5 * len(threads) + 1.5, 4.5),
                              squeeze=False)  # own y scale: 2 threads reach ~2x
-    colors = {"cattn": "C0", "numpy": "C1", "torch": "C2", "ort": "C3"}
+    colors = {"cattn": "C0", "cattn-avx2": "C4", "numpy": "C1", "torch": "C2", "ort": "C3"}
     for ax, t in zip(axes[0], threads):
         for impl in ALL_IMPLS:
             for opt, style, key in (("full", "-", "gflops"),
