@@ -3,7 +3,8 @@
  *
  * A scalar libm exp per score would dominate the run time of attention, so exp is a
  * polynomial after range reduction (Cephes-style for float, degree-13 Taylor for double,
- * both within about 1 ulp of libm on the range the softmax uses, x <= 0).
+ * both within about 1 ulp of libm on the range the softmax uses, x <= 0). The vector float
+ * paths compute the softmax's exp(x - shift) as a power of 2 (cattn_softmax_exp_*).
  *
  * One build of each function per instruction-set path (cattn_cpu.h): AVX-512F and AVX2+FMA
  * intrinsics, each compiled with a target attribute so a default (baseline x86-64) wheel
@@ -123,28 +124,6 @@ static double cattn_exp_shift_sum_f64_generic(double *x, ptrdiff_t n, double shi
 #if CATTN_HAVE_X86_PATHS
 #define CATTN_AVX2 __attribute__((target("avx2,fma")))
 
-CATTN_AVX2 static inline __m256 cattn_exp_avx2_ps(__m256 x)
-{
-    const __m256 too_small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
-    /* min(bound, x) returns x when x is NaN, so NaN propagates. */
-    x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i bits = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    y = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-    return _mm256_andnot_ps(too_small, y);
-}
-
 CATTN_AVX2 static inline __m256d cattn_exp_avx2_pd(__m256d x)
 {
     const __m256d too_small = _mm256_cmp_pd(x, _mm256_set1_pd(-708.3964185322641), _CMP_LT_OQ);
@@ -213,21 +192,68 @@ CATTN_AVX2 static double cattn_row_max_f64_avx2(const double *x, ptrdiff_t n)
     return tail > m ? tail : m;
 }
 
+/* The softmax's exp(x - shift), as 2^t with t = x·log2(e) - shift·log2(e): one fused
+ * multiply-add against shift·log2(e) rounded (hi), then its rounding error (lo) taken off,
+ * three operations fewer than exp's two-step range reduction. Without lo, the row's terms
+ * would all be off by the same factor, up to 2^(ulp(hi)/2) (3.5e-4 at scores of 1e4), and
+ * blocks of keys folded with different maxima would disagree by it. Rounding t costs a
+ * relative error of about ulp(t), large only where exp(x - shift) is tiny against the row's
+ * largest term (1 at x = shift). (Cephes' exp2f polynomial on [-1/2, 1/2].) */
+#define CATTN_LOG2E_F 1.44269504088896341f
+#define CATTN_EXP2_POLY(FMA, SET1, f)                                                   \
+    FMA(FMA(FMA(FMA(FMA(SET1(1.535336188319500E-4f), f, SET1(1.339887440266574E-3f)), f, \
+                    SET1(9.618437357674640E-3f)),                                       \
+                f, SET1(5.550332471162809E-2f)),                                        \
+            f, SET1(2.402264791363012E-1f)),                                            \
+        f, SET1(6.931472028550421E-1f))
+
+/* -(shift·log2(e)) as hi + lo, hi the float nearest, lo its rounding error (exact). */
+__attribute__((target("fma"))) static inline void
+cattn_neg_shift_log2e(float shift, float *hi, float *lo)
+{
+    *hi = -shift * CATTN_LOG2E_F;
+    *lo = __builtin_fmaf(-shift, CATTN_LOG2E_F, -*hi);
+}
+
+/* Past this |shift|, shift·log2(e) would overflow: such rows (a mask of -1e38, an infinite
+ * or NaN score) take the scalar exp(x - shift), which follows IEEE arithmetic exactly. */
+#define CATTN_SOFTMAX_EXP2_MAX_SHIFT 1e37f
+
+CATTN_AVX2 static inline __m256 cattn_softmax_exp_avx2_ps(__m256 x, __m256 neg_shift_hi,
+                                                         __m256 neg_shift_lo)
+{
+    __m256 t = _mm256_add_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(CATTN_LOG2E_F), neg_shift_hi),
+                             neg_shift_lo);
+    const __m256 too_small = _mm256_cmp_ps(t, _mm256_set1_ps(-126.0f), _CMP_LT_OQ);
+    t = _mm256_min_ps(_mm256_set1_ps(127.0f), t); /* NaN stays NaN (second operand) */
+    __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_sub_ps(t, n);
+    __m256 y = _mm256_fmadd_ps(CATTN_EXP2_POLY(_mm256_fmadd_ps, _mm256_set1_ps, f), f,
+                               _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(too_small, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
+}
+
 CATTN_AVX2 static float cattn_exp_shift_sum_f32_avx2(float *x, ptrdiff_t n, float shift)
 {
-    const __m256 vshift = _mm256_set1_ps(shift);
+    if (!(fabsf(shift) <= CATTN_SOFTMAX_EXP2_MAX_SHIFT))
+        return cattn_exp_shift_sum_f32_generic(x, n, shift);
+    float hi, lo;
+    cattn_neg_shift_log2e(shift, &hi, &lo);
+    const __m256 vhi = _mm256_set1_ps(hi), vlo = _mm256_set1_ps(lo);
     __m256 s0 = _mm256_setzero_ps(), s1 = s0;
     ptrdiff_t j = 0;
     for (; j + 16 <= n; j += 16) {
-        __m256 e0 = cattn_exp_avx2_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vshift));
-        __m256 e1 = cattn_exp_avx2_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vshift));
+        __m256 e0 = cattn_softmax_exp_avx2_ps(_mm256_loadu_ps(x + j), vhi, vlo);
+        __m256 e1 = cattn_softmax_exp_avx2_ps(_mm256_loadu_ps(x + j + 8), vhi, vlo);
         _mm256_storeu_ps(x + j, e0);
         _mm256_storeu_ps(x + j + 8, e1);
         s0 = _mm256_add_ps(s0, e0);
         s1 = _mm256_add_ps(s1, e1);
     }
     for (; j + 8 <= n; j += 8) {
-        __m256 e0 = cattn_exp_avx2_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vshift));
+        __m256 e0 = cattn_softmax_exp_avx2_ps(_mm256_loadu_ps(x + j), vhi, vlo);
         _mm256_storeu_ps(x + j, e0);
         s0 = _mm256_add_ps(s0, e0);
     }
@@ -270,26 +296,8 @@ CATTN_AVX2 static double cattn_exp_shift_sum_f64_avx2(double *x, ptrdiff_t n, do
 #if CATTN_HAVE_X86_PATHS
 #define CATTN_AVX512 __attribute__((target("avx512f,fma")))
 
-/* The same polynomial as the AVX2 exp; 2^n is applied with scalef, which needs no integer
- * conversion. */
-CATTN_AVX512 static inline __m512 cattn_exp_avx512_ps(__m512 x)
-{
-    const __mmask16 too_small = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
-    x = _mm512_min_ps(_mm512_set1_ps(88.0f), x); /* NaN stays NaN (second operand) */
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_maskz_mov_ps(~too_small, _mm512_scalef_ps(y, n));
-}
-
+/* The same polynomial as the AVX2 double exp; 2^n is applied with scalef, which needs no
+ * integer conversion. */
 CATTN_AVX512 static inline __m512d cattn_exp_avx512_pd(__m512d x)
 {
     const __mmask8 too_small = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-708.3964185322641), _CMP_LT_OQ);
@@ -357,14 +365,32 @@ CATTN_AVX512 static double cattn_row_max_f64_avx512(const double *x, ptrdiff_t n
     return nan ? NAN : _mm512_reduce_max_pd(_mm512_max_pd(m0, m1));
 }
 
+/* The softmax's exp(x - shift) as 2^t, as in cattn_softmax_exp_avx2_ps. */
+CATTN_AVX512 static inline __m512 cattn_softmax_exp_avx512_ps(__m512 x, __m512 neg_shift_hi,
+                                                             __m512 neg_shift_lo)
+{
+    const __m512 t = _mm512_add_ps(
+        _mm512_fmadd_ps(x, _mm512_set1_ps(CATTN_LOG2E_F), neg_shift_hi), neg_shift_lo);
+    const __mmask16 too_small = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_LT_OQ);
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    const __m512 y = _mm512_fmadd_ps(CATTN_EXP2_POLY(_mm512_fmadd_ps, _mm512_set1_ps, f), f,
+                                     _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(~too_small, _mm512_scalef_ps(y, n)); /* NaN stays NaN */
+}
+
 CATTN_AVX512 static float cattn_exp_shift_sum_f32_avx512(float *x, ptrdiff_t n, float shift)
 {
-    const __m512 vshift = _mm512_set1_ps(shift);
+    if (!(fabsf(shift) <= CATTN_SOFTMAX_EXP2_MAX_SHIFT))
+        return cattn_exp_shift_sum_f32_generic(x, n, shift);
+    float hi, lo;
+    cattn_neg_shift_log2e(shift, &hi, &lo);
+    const __m512 vhi = _mm512_set1_ps(hi), vlo = _mm512_set1_ps(lo);
     __m512 s0 = _mm512_setzero_ps(), s1 = s0;
     ptrdiff_t j = 0;
     for (; j + 32 <= n; j += 32) {
-        __m512 e0 = cattn_exp_avx512_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vshift));
-        __m512 e1 = cattn_exp_avx512_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), vshift));
+        __m512 e0 = cattn_softmax_exp_avx512_ps(_mm512_loadu_ps(x + j), vhi, vlo);
+        __m512 e1 = cattn_softmax_exp_avx512_ps(_mm512_loadu_ps(x + j + 16), vhi, vlo);
         _mm512_storeu_ps(x + j, e0);
         _mm512_storeu_ps(x + j + 16, e1);
         s0 = _mm512_add_ps(s0, e0);
@@ -372,7 +398,7 @@ CATTN_AVX512 static float cattn_exp_shift_sum_f32_avx512(float *x, ptrdiff_t n, 
     }
     for (; j < n; j += 16) {
         __mmask16 m = cattn_mask16(n - j);
-        __m512 e0 = cattn_exp_avx512_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + j), vshift));
+        __m512 e0 = cattn_softmax_exp_avx512_ps(_mm512_maskz_loadu_ps(m, x + j), vhi, vlo);
         _mm512_mask_storeu_ps(x + j, m, e0);
         s0 = _mm512_mask_add_ps(s0, m, s0, e0);
     }
