@@ -150,6 +150,7 @@ def test_weight_errors(rng):
 
 
 def test_missing_extra_says_how_to_install(monkeypatch):
+    require_peer(minilm.WEIGHTS_PACKAGE)  # (without the weights, that is said first)
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # makes `import tokenizers` fail
     with pytest.raises(ImportError, match=r'pip install "cattn\[model\]"'):
         MiniLM.from_pretrained()
