@@ -5,76 +5,49 @@ A call is turned into a small plan for `cattn._kernel.attention`: one table row 
 matrices, its key length and where its causal diagonal lies. Broadcasting, grouped-query
 heads and arbitrary strides are all expressed as offsets, so nothing is copied or
 expanded, except a matrix whose last axis is not contiguous (BLAS needs unit stride there).
+
+`scaled_dot_product_attention` runs as named steps, each one checking what it turns into
+a part of the plan: operands, options, batch shape, mask, key lengths and diagonal,
+window, outputs, launch.
 """
 import contextlib
 import math
-import numbers
-import operator
-import os
 
 import numpy as np
 
 from cattn import _runtime, _kernel  # _runtime first: it loads OpenMP (wait policy)
 from cattn._blas_threads import single_threaded_blas
 from cattn._interop import from_dlpack
+from cattn._validation import (FLOAT_DTYPES as _FLOAT_DTYPES, check_flag as _check_flag,
+                               check_int as _check_int, check_ndarray as _check_ndarray,
+                               check_positive_float as _check_positive_float,
+                               reject_masked as _reject_masked)
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _INT32_MAX = 2**31 - 1
 # "No limit" for window sides: far beyond any index, far below int64 overflow.
 _UNBOUNDED = 2**60
 _ALIGNMENTS = ("top_left", "bottom_right")
 _NO_LIMIT = contextlib.nullcontext()
-_MaskedArray = np.ma.MaskedArray
-# Positive numbers that stay finite and nonzero once rounded to the dtype (scale, softcap).
-_POSITIVE_RANGE = {np.dtype(np.float32): (2.0**-150, float(np.finfo(np.float32).max)),
-                   np.dtype(np.float64): (0.0, math.inf)}
+_MaskKind = _kernel.MaskKind
+_Column = _kernel.Column
 
 
 # ------------------------------------------------------------------ validation helpers
 
+def _as_ndarray(x, name):
+    """x, or a zero-copy NumPy view of it when it exports DLPack (a CPU torch tensor)."""
+    return x if x is None or isinstance(x, np.ndarray) else from_dlpack(x, name)
+
+
 def _check_array(x, name):
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64, "
-                        f"got {type(x).__name__}")
-    _reject_masked(x, name)
+    if type(x) is not np.ndarray:  # (an exact ndarray needs neither check: the fast path)
+        _check_ndarray(x, name, " of float32 or float64")
+        _reject_masked(x, name)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (..., length, features), "
                          f"got shape {x.shape}")
-
-
-def _reject_masked(x, name):
-    """A masked array's mask would be silently ignored: refuse it."""
-    if isinstance(x, _MaskedArray):
-        raise TypeError(f"{name} must be a plain numpy.ndarray, got a masked array (its mask "
-                        f"would be ignored: pass .filled() data and an attn_mask instead)")
-
-
-def _check_int(x, name, minimum):
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
-    x = operator.index(x)
-    if x < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {x}")
-    return x
-
-
-def _check_positive_float(x, name, dtype):
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a positive real number, got {type(x).__name__}")
-    try:
-        x = float(x)
-    except OverflowError:
-        raise ValueError(f"{name} must be finite and > 0, got an integer too large for a "
-                         f"float") from None
-    if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {x}")
-    low, high = _POSITIVE_RANGE[dtype]  # the kernel computes in the inputs' dtype
-    if not low < x <= high:
-        raise ValueError(f"{name} must be finite and > 0 in the inputs' dtype {dtype}, got "
-                         f"{x}, which rounds to {'0' if x <= low else 'inf'} in {dtype}")
-    return x
 
 
 def _check_softcap(x, dtype):
@@ -87,14 +60,6 @@ def _check_softcap(x, dtype):
         raise ValueError(f"softcap must be at least about {1 / float(np.finfo(dtype).max):.3g} "
                          f"in {dtype} (1/softcap must be finite), got {x}")
     return x
-
-
-def _check_flag(x, name):
-    if x is False or x is True:
-        return x
-    if not isinstance(x, np.bool_):
-        raise TypeError(f"{name} must be True or False, got {x!r}")
-    return bool(x)
 
 
 def _broadcast_batch(shapes, names):
@@ -311,15 +276,46 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     >>> weights.shape, lse.shape, bool(np.allclose(weights.sum(axis=-1), 1))
     ((2, 4, 6, 6), (2, 4, 6), True)
     """
-    query, key, value, attn_mask, out = (
-        from_dlpack(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value"),
-                                             (attn_mask, "attn_mask"), (out, "out")))
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        _check_array(x, name)
+    query, key, value, L, S, E, Ev = _operands(query, key, value)
+    dtype = query.dtype
+    (is_causal, enable_gqa, return_lse, return_weights, scale, softcap,
+     num_threads) = _options(is_causal, enable_gqa, return_lse, return_weights, dropout_p,
+                             scale, softcap, alignment, num_threads, dtype, E, S)
+    batch_shape, group = _batch_shape(query, key, value, enable_gqa)
+    attn_mask = _as_ndarray(attn_mask, "attn_mask")
+    mask_plan = _mask_plan(attn_mask, batch_shape, L, S, dtype)
+    kv_len, diag = _key_lengths_and_diagonal(key_lengths, q_offset, k_offset, alignment,
+                                             batch_shape, L, S)
+    win_left, win_right = _window(window, is_causal)
+    out, out_rs, out_cs, lse, weights = _outputs(
+        _as_ndarray(out, "out"), batch_shape, L, S, Ev, dtype, return_lse, return_weights,
+        (query, key, value, attn_mask))
+    _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group, kv_len,
+            diag, out_rs, out_cs, win_left, win_right, scale, softcap, num_threads,
+            return_weights, _block_sizes, _isa)
+    if return_weights and return_lse:
+        return out, weights, lse
+    if return_weights:
+        return out, weights
+    if return_lse:
+        return out, lse
+    return out
+
+
+# ------------------------------------------------------------------------- the steps
+
+def _operands(query, key, value):
+    """query, key and value as arrays of one float dtype whose sizes fit together, and
+    those sizes: (query, key, value, L, S, E, Ev)."""
+    query = _as_ndarray(query, "query")
+    key = _as_ndarray(key, "key")
+    value = _as_ndarray(value, "value")
+    _check_array(query, "query")
+    _check_array(key, "key")
+    _check_array(value, "value")
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError("query, key and value must have the same dtype, got "
                         f"{query.dtype}, {key.dtype} and {value.dtype}")
-    dtype = query.dtype
     L, E = query.shape[-2:]
     S, E_k = key.shape[-2:]
     S_v, Ev = value.shape[-2:]
@@ -329,18 +325,29 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     if S_v != S:
         raise ValueError(f"key and value must have the same number of keys S (axis -2), "
                          f"got key {key.shape} and value {value.shape}")
-    is_causal = _check_flag(is_causal, "is_causal")
-    enable_gqa = _check_flag(enable_gqa, "enable_gqa")
-    return_lse = _check_flag(return_lse, "return_lse")
-    return_weights = _check_flag(return_weights, "return_weights")
-    if not (isinstance(dropout_p, (int, float, np.number)) and dropout_p == 0):
-        raise ValueError("dropout_p must be 0: cattn computes attention for inference")
     if E == 0 or Ev == 0:
         raise ValueError(f"query/key and value need at least one feature (last axis), got "
                          f"E = {E} and Ev = {Ev}")
     if E > _INT32_MAX or Ev > _INT32_MAX:  # before anything is allocated or copied
         raise ValueError(f"feature sizes must be < 2**31 (BLAS dimensions are 32-bit ints), "
                          f"got E = {E} and Ev = {Ev}")
+    return query, key, value, L, S, E, Ev
+
+
+def _options(is_causal, enable_gqa, return_lse, return_weights, dropout_p, scale, softcap,
+             alignment, num_threads, dtype, E, S):
+    """The flags as bools, the scale and softcap as floats, the thread count as an int."""
+    # (the checks run only for values other than False, the default: a tiny call's cost)
+    if is_causal is not False:
+        is_causal = _check_flag(is_causal, "is_causal")
+    if enable_gqa is not False:
+        enable_gqa = _check_flag(enable_gqa, "enable_gqa")
+    if return_lse is not False:
+        return_lse = _check_flag(return_lse, "return_lse")
+    if return_weights is not False:
+        return_weights = _check_flag(return_weights, "return_weights")
+    if not (isinstance(dropout_p, (int, float, np.number)) and dropout_p == 0):
+        raise ValueError("dropout_p must be 0: cattn computes attention for inference")
     if return_weights and S > _INT32_MAX:
         raise ValueError(f"return_weights needs S < 2**31 keys (a weights row is one BLAS "
                          f"matrix with 32-bit dimensions), got S = {S}")
@@ -355,67 +362,66 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         num_threads = _runtime.get_num_threads()
     else:
         num_threads = _check_int(num_threads, "num_threads", 1)
+    return is_causal, enable_gqa, return_lse, return_weights, scale, softcap, num_threads
 
-    # ---- batch shape, with grouped-query heads
+
+def _batch_shape(query, key, value, enable_gqa):
+    """The broadcast batch shape of the items (heads last with enable_gqa) and the number
+    of query heads per key/value head."""
     names = ("query", "key", "value")
-    if enable_gqa:
-        for name, x in zip(names, (query, key, value)):
-            if x.ndim < 3:
-                raise ValueError(f"enable_gqa needs a head axis (-3): {name} has shape "
-                                 f"{x.shape}")
-        Hq, Hk, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
-        if Hk != Hv:
-            raise ValueError(f"key and value must have the same number of heads, got "
-                             f"{Hk} and {Hv}")
-        if Hk == 0 or Hq % Hk:
-            raise ValueError(f"enable_gqa needs query heads to be a multiple of key/value "
-                             f"heads, got {Hq} query heads and {Hk} key/value heads")
-        outer = _broadcast_batch([x.shape[:-3] for x in (query, key, value)], names)
-        batch_shape = outer + (Hq,)
-        group = Hq // Hk
+    if not enable_gqa:
+        return _broadcast_batch([x.shape[:-2] for x in (query, key, value)], names), 1
+    for name, x in zip(names, (query, key, value)):
+        if x.ndim < 3:
+            raise ValueError(f"enable_gqa needs a head axis (-3): {name} has shape "
+                             f"{x.shape}")
+    Hq, Hk, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
+    if Hk != Hv:
+        raise ValueError(f"key and value must have the same number of heads, got "
+                         f"{Hk} and {Hv}")
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"enable_gqa needs query heads to be a multiple of key/value "
+                         f"heads, got {Hq} query heads and {Hk} key/value heads")
+    outer = _broadcast_batch([x.shape[:-3] for x in (query, key, value)], names)
+    return outer + (Hq,), Hq // Hk
+
+
+def _mask_plan(attn_mask, batch_shape, L, S, dtype):
+    """(mask array or None, its MaskKind, its row and column strides in elements): a
+    boolean mask is read as bytes, a float one in the inputs' dtype; neither is expanded."""
+    if attn_mask is None:
+        return None, _MaskKind.MASK_NONE, 0, 0
+    _check_ndarray(attn_mask, "attn_mask", " (bool or float)")
+    _reject_masked(attn_mask, "attn_mask")
+    full = batch_shape + (L, S)
+    if attn_mask.ndim < 2:
+        raise ValueError(f"attn_mask must have at least 2 dimensions (L, S) "
+                         f"broadcastable to {full}, got shape {attn_mask.shape}")
+    try:
+        fits = np.broadcast_shapes(attn_mask.shape, full) == full
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"attn_mask of shape {attn_mask.shape} does not broadcast to "
+                         f"the attention shape (..., L, S) = {full}")
+    if attn_mask.dtype == np.bool_:
+        kind, mask = _MaskKind.MASK_BOOL, attn_mask.view(np.uint8)
+    elif attn_mask.dtype.kind == "f":
+        kind, mask = _MaskKind.MASK_ADDITIVE, attn_mask.astype(dtype, copy=False)
     else:
-        batch_shape = _broadcast_batch([x.shape[:-2] for x in (query, key, value)], names)
-        group = 1
-    n_items = math.prod(batch_shape)
-    out_shape = batch_shape + (L, Ev)
-
-    # ---- mask
-    mask_kind = _kernel.MaskKind.MASK_NONE
-    mask = None
-    mask_rs = mask_cs = 0
-    if attn_mask is not None:
-        if not isinstance(attn_mask, np.ndarray):
-            raise TypeError(f"attn_mask must be a numpy.ndarray (bool or float), got "
-                            f"{type(attn_mask).__name__}")
-        _reject_masked(attn_mask, "attn_mask")
-        full = batch_shape + (L, S)
-        if attn_mask.ndim < 2:
-            raise ValueError(f"attn_mask must have at least 2 dimensions (L, S) "
-                             f"broadcastable to {full}, got shape {attn_mask.shape}")
-        try:
-            fits = np.broadcast_shapes(attn_mask.shape, full) == full
-        except ValueError:
-            fits = False
-        if not fits:
-            raise ValueError(f"attn_mask of shape {attn_mask.shape} does not broadcast to "
-                             f"the attention shape (..., L, S) = {full}")
-        if attn_mask.dtype == np.bool_:
-            mask_kind = _kernel.MaskKind.MASK_BOOL
-            mask = attn_mask.view(np.uint8)
-        elif attn_mask.dtype.kind == "f":
-            mask_kind = _kernel.MaskKind.MASK_ADDITIVE
-            mask = attn_mask.astype(dtype, copy=False)
-        else:
-            raise TypeError(f"attn_mask must be boolean (True = attend) or floating "
-                            f"(added to the scores), got dtype {attn_mask.dtype}")
+        raise TypeError(f"attn_mask must be boolean (True = attend) or floating "
+                        f"(added to the scores), got dtype {attn_mask.dtype}")
+    m_strides = _element_strides(mask)
+    if m_strides is None or not mask.flags.aligned:
+        mask = np.require(mask, requirements="CA")
         m_strides = _element_strides(mask)
-        if m_strides is None or not mask.flags.aligned:
-            mask = np.require(mask, requirements="CA")
-            m_strides = _element_strides(mask)
-        mask_rs = m_strides[-2] if mask.shape[-2] > 1 else 0
-        mask_cs = m_strides[-1] if mask.shape[-1] > 1 else 0
+    return (mask, kind, m_strides[-2] if mask.shape[-2] > 1 else 0,
+            m_strides[-1] if mask.shape[-1] > 1 else 0)
 
-    # ---- key lengths and the causal diagonal
+
+def _key_lengths_and_diagonal(key_lengths, q_offset, k_offset, alignment, batch_shape, L,
+                              S):
+    """(valid keys, key index of query 0's diagonal): ints, or one intp per item."""
     kv_len = (S if key_lengths is None else
               _per_item_integers(key_lengths, "key_lengths", batch_shape, 0, S, "S"))
     diag = kv_len - L if alignment == "bottom_right" else 0
@@ -426,8 +432,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                              "bottom-right diagonal, add key length - L to q_offset)")
         diag = _offset(q_offset, "q_offset", batch_shape) - \
             _offset(k_offset, "k_offset", batch_shape)
+    return kv_len, diag
 
-    # ---- window (relative to the diagonal); causal closes its right side
+
+def _window(window, is_causal):
+    """(left, right) sides of the visible band around the diagonal; causal closes the
+    right side."""
     win_left, win_right = _UNBOUNDED, _UNBOUNDED
     if window is not None:
         try:
@@ -444,74 +454,91 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
             win_right = min(_check_int(right, "window right", 0), _UNBOUNDED)
     if is_causal:
         win_right = 0
+    return win_left, win_right
 
-    # ---- outputs
-    user_out = out is not None
-    if not user_out:
+
+def _outputs(out, batch_shape, L, S, Ev, dtype, return_lse, return_weights, inputs):
+    """(out, its row and column strides in elements, lse or None, weights or None)."""
+    out_shape = batch_shape + (L, Ev)
+    if out is None:
         out = np.empty(out_shape, dtype=dtype)
+        out_rs, out_cs = Ev, 1
     else:
-        if not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-        if out.shape != out_shape or out.dtype != dtype:
-            raise ValueError(f"out must have shape {out_shape} and dtype {dtype}, got "
-                             f"shape {out.shape} and dtype {out.dtype}")
-        _reject_masked(out, "out")
-        if not out.flags.writeable:
-            raise ValueError("out is read-only")
-        for name, x in (("query", query), ("key", key), ("value", value),
-                        ("attn_mask", attn_mask)):
-            if x is not None and _overlaps(out, x):
-                raise ValueError(f"out overlaps {name}: the output must not share memory "
-                                 f"with an input")
-        if _element_strides(out) is None or not out.flags.aligned:
-            raise ValueError("out must be aligned, with strides that are multiples of its "
-                             "item size")
-        if _has_internal_overlap(out):
-            raise ValueError(f"out has overlapping elements (two of its elements share "
-                             f"memory: strides {out.strides} for shape {out.shape})")
+        out_rs, out_cs = _check_out(out, out_shape, dtype, inputs)[-2:]
     lse = np.empty(batch_shape + (L,), dtype=dtype) if return_lse else None
     weights = np.zeros(batch_shape + (L, S), dtype=dtype) if return_weights else None
+    return out, out_rs, out_cs, lse, weights
 
-    # ---- operands GEMM can read, and the per-item table
+
+def _check_out(out, out_shape, dtype, inputs):
+    """A user's `out`: writable, of the right shape and dtype, sharing no memory with the
+    inputs or within itself. Returns its strides in elements."""
+    _check_ndarray(out, "out")
+    if out.shape != out_shape or out.dtype != dtype:
+        raise ValueError(f"out must have shape {out_shape} and dtype {dtype}, got "
+                         f"shape {out.shape} and dtype {out.dtype}")
+    _reject_masked(out, "out")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    for name, x in zip(("query", "key", "value", "attn_mask"), inputs):
+        if x is not None and _overlaps(out, x):
+            raise ValueError(f"out overlaps {name}: the output must not share memory "
+                             f"with an input")
+    strides = _element_strides(out)
+    if strides is None or not out.flags.aligned:
+        raise ValueError("out must be aligned, with strides that are multiples of its "
+                         "item size")
+    if _has_internal_overlap(out):
+        raise ValueError(f"out has overlapping elements (two of its elements share "
+                         f"memory: strides {out.strides} for shape {out.shape})")
+    return strides
+
+
+def _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group, kv_len,
+            diag, out_rs, out_cs, win_left, win_right, scale, softcap, num_threads,
+            weights_mode, block_sizes, isa):
+    """Operands GEMM can read, the per-item table, block sizes and key splits; then the
+    kernel, with BLAS kept on one thread inside its OpenMP team."""
     query, q_rs = _blas_ready(query)
     key, k_rs = _blas_ready(key)
     value, v_rs = _blas_ready(value)
-    out_strides = _element_strides(out) if user_out else (Ev, 1)
-    table = np.empty((n_items, _kernel.TABLE_COLUMNS), dtype=np.intp)
-    column = _kernel.Column
-    _kernel.fill_offsets(table, column.Q, query, batch_shape)
-    _kernel.fill_offsets(table, column.K, key, batch_shape, group)
-    _kernel.fill_offsets(table, column.V, value, batch_shape, group)
-    _kernel.fill_offsets(table, column.OUT, out, batch_shape)
-    _kernel.fill_offsets(table, column.MASK, mask, batch_shape)
-    _kernel.fill_column(table, column.KV_LEN, kv_len)
-    _kernel.fill_column(table, column.DIAG, diag)
-
-    isa = _kernel.default_isa_index() if _isa is None else _kernel.isa_index(_isa)
-    block_q, block_k = (_choose_block_sizes(L, S, isa) if _block_sizes is None
-                        else _checked_block_sizes(_block_sizes))
+    mask, mask_kind, mask_rs, mask_cs = mask_plan
+    table = _table(query, key, value, out, mask, batch_shape, group, kv_len, diag)
+    L, E = query.shape[-2:]
+    S, Ev = value.shape[-2:]
+    isa = _kernel.default_isa_index() if isa is None else _kernel.isa_index(isa)
+    block_q, block_k = (_choose_block_sizes(L, S, isa) if block_sizes is None
+                        else _checked_block_sizes(block_sizes))
     n_q_blocks = -(-L // block_q)
-    n_splits, split_keys = _key_splits(n_q_blocks, S, block_k, return_weights)
+    n_splits, split_keys = _key_splits(n_q_blocks, S, block_k, weights_mode)
+    n_items = table.shape[0]
     n_tasks = n_items * n_q_blocks * n_splits
     threads = _runtime.team_size(min(num_threads, n_tasks))
-    partials = (np.empty((n_splits, n_items, L, Ev + 2), dtype=dtype) if n_splits > 1
+    partials = (np.empty((n_splits, n_items, L, Ev + 2), dtype=out.dtype) if n_splits > 1
                 else None)
     with single_threaded_blas if _kernel.calls_blas(isa) else _NO_LIMIT:
         _kernel.attention(query, key, value, out, lse, weights, mask, mask_kind=mask_kind,
                           table=table, L=L, S=S, E=E, Ev=Ev, q_rs=q_rs, k_rs=k_rs,
-                          v_rs=v_rs, out_rs=out_strides[-2], out_cs=out_strides[-1],
+                          v_rs=v_rs, out_rs=out_rs, out_cs=out_cs,
                           mask_rs=mask_rs, mask_cs=mask_cs, win_left=win_left,
                           win_right=win_right, scale=scale, softcap=softcap,
-                          block_q=block_q, block_k=block_k, weights_mode=return_weights,
+                          block_q=block_q, block_k=block_k, weights_mode=weights_mode,
                           partials=partials, n_splits=n_splits, split_keys=split_keys,
                           num_threads=threads, isa=isa)
-    if return_weights and return_lse:
-        return out, weights, lse
-    if return_weights:
-        return out, weights
-    if return_lse:
-        return out, lse
-    return out
+
+
+def _table(query, key, value, out, mask, batch_shape, group, kv_len, diag):
+    """One row per item: where its matrices start (in elements), its key length and its
+    diagonal."""
+    table = np.empty((math.prod(batch_shape), _kernel.TABLE_COLUMNS), dtype=np.intp)
+    _kernel.fill_offsets(table, _Column.Q, query, batch_shape)
+    _kernel.fill_offsets(table, _Column.K, key, batch_shape, group)
+    _kernel.fill_offsets(table, _Column.V, value, batch_shape, group)
+    _kernel.fill_offsets(table, _Column.OUT, out, batch_shape)
+    _kernel.fill_offsets(table, _Column.MASK, mask, batch_shape)
+    _kernel.fill_column(table, _Column.KV_LEN, kv_len)
+    _kernel.fill_column(table, _Column.DIAG, diag)
+    return table
 
 
 def _choose_block_sizes(L, S, isa):
@@ -594,6 +621,24 @@ def merge_attention(outputs, lses):
     >>> bool(np.allclose(out, cattn.scaled_dot_product_attention(q, k, v)))
     True
     """
+    outputs, lses = _merge_operands(outputs, lses)
+    dtype = outputs[0].dtype
+    lse_stack = np.stack(lses)
+    lse_max = lse_stack.max(axis=0)
+    safe_max = np.where(np.isfinite(lse_max), lse_max, 0).astype(dtype)
+    chunk_weights = np.exp(lse_stack - safe_max)  # exp(-inf) = 0 for empty chunks
+    total = chunk_weights.sum(axis=0)
+    out = np.zeros_like(outputs[0])
+    for o, w in zip(outputs, chunk_weights):
+        out += o * w[..., None]
+    np.divide(out, total[..., None], out=out, where=total[..., None] != 0)
+    with np.errstate(divide="ignore"):
+        lse = (safe_max + np.log(total)).astype(dtype)
+    return out, lse
+
+
+def _merge_operands(outputs, lses):
+    """outputs and lses as lists of matching arrays of one dtype, at least one of each."""
     if isinstance(outputs, np.ndarray) or isinstance(lses, np.ndarray):
         raise TypeError("outputs and lses must be sequences (lists) of arrays, one per chunk")
     try:
@@ -612,18 +657,6 @@ def merge_attention(outputs, lses):
         if s.shape != o.shape[:-1] or o.shape != outputs[0].shape:
             raise ValueError(f"outputs must all have one shape (..., L, Ev) and lses "
                              f"(..., L); got output {o.shape} with lse {s.shape}")
-    dtype = outputs[0].dtype
-    if any(o.dtype != dtype for o in outputs):
+    if any(o.dtype != outputs[0].dtype for o in outputs):
         raise TypeError("all outputs must have the same dtype")
-    lse_stack = np.stack(lses)
-    lse_max = lse_stack.max(axis=0)
-    safe_max = np.where(np.isfinite(lse_max), lse_max, 0).astype(dtype)
-    chunk_weights = np.exp(lse_stack - safe_max)  # exp(-inf) = 0 for empty chunks
-    total = chunk_weights.sum(axis=0)
-    out = np.zeros_like(outputs[0])
-    for o, w in zip(outputs, chunk_weights):
-        out += o * w[..., None]
-    np.divide(out, total[..., None], out=out, where=total[..., None] != 0)
-    with np.errstate(divide="ignore"):
-        lse = (safe_max + np.log(total)).astype(dtype)
-    return out, lse
+    return outputs, lses

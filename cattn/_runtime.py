@@ -20,15 +20,12 @@ from here:
 import contextlib
 import ctypes
 import glob
-import numbers
 import os
 import threading
 import time
 import warnings
 import weakref
 from typing import Iterator, Optional
-
-import numpy as np
 
 
 # ----------------------------------------------------- idle workers sleep, not spin
@@ -103,11 +100,10 @@ def _warn_once(key, message):
 # ----------------------------------------------------------------- the default count
 
 def _check_count(n, name):
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"{name} must be >= 1, got {n}")
-    return int(n)
+    # Imported here, not above: nothing may load a compiled module (which may link the
+    # OpenMP runtime) before the runtime is loaded with its wait policy.
+    from cattn._validation import check_int
+    return check_int(n, name, 1)
 
 
 def set_num_threads(n: Optional[int]) -> None:

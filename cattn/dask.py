@@ -42,8 +42,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 import cattn
 from cattn import _api
+from cattn._validation import check_int
 
-_check_int: Any = getattr(_api, "_check_int")  # private helpers of the compiled front
 
 __all__ = ["scaled_dot_product_attention", "persist_shards"]
 
@@ -96,9 +96,9 @@ def scaled_dot_product_attention(
             raise TypeError(f"{name} must be an int or a NumPy array: its values decide "
                             f"which chunks are computed (call .compute() on it first)")
     if num_threads is not None:
-        num_threads = _check_int(num_threads, "num_threads", 1)
+        num_threads = check_int(num_threads, "num_threads", 1)
     split_every = _DEFAULT_SPLIT_EVERY if split_every is None else \
-        _check_int(split_every, "split_every", 2)
+        check_int(split_every, "split_every", 2)
     dtype = query.dtype
     L, E = query.shape[-2:]
     S, Ev = key.shape[-2], value.shape[-1]

@@ -15,7 +15,6 @@ is added to the scaled scores in both places.
 """
 import math
 import numbers
-import operator
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -23,30 +22,10 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from cattn._api import scaled_dot_product_attention
 from cattn._interop import from_dlpack
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+from cattn._validation import check_flag, check_float_dtype, check_int, check_ndarray
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _positive_int(x, name):
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
-    x = operator.index(x)
-    if x < 1:
-        raise ValueError(f"{name} must be >= 1, got {x}")
-    return x
-
-
-def _float_dtype(dtype):
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
-
 
 def _as_generator(rng):
     if rng is None or isinstance(rng, (numbers.Integral, np.random.SeedSequence)):
@@ -161,27 +140,25 @@ class MultiHeadAttention:
                  kdim: Optional[int] = None, vdim: Optional[int] = None, bias: bool = True,
                  out_proj: bool = True, dtype: DTypeLike = np.float32,
                  rng: Union[None, int, np.random.Generator] = None) -> None:
-        embed_dim = _positive_int(embed_dim, "embed_dim")
-        num_heads = _positive_int(num_heads, "num_heads")
+        embed_dim = check_int(embed_dim, "embed_dim", 1)
+        num_heads = check_int(num_heads, "num_heads", 1)
         if embed_dim % num_heads:
             raise ValueError(f"num_heads must divide embed_dim, got embed_dim={embed_dim} "
                              f"and num_heads={num_heads}")
-        num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads,
-                                                                            "num_kv_heads")
+        num_kv_heads = (num_heads if num_kv_heads is None
+                        else check_int(num_kv_heads, "num_kv_heads", 1))
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads must divide num_heads, got num_heads={num_heads} "
                              f"and num_kv_heads={num_kv_heads}")
-        kdim = embed_dim if kdim is None else _positive_int(kdim, "kdim")
-        vdim = embed_dim if vdim is None else _positive_int(vdim, "vdim")
-        for name, flag in (("bias", bias), ("out_proj", out_proj)):
-            if not isinstance(flag, (bool, np.bool_)):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        kdim = embed_dim if kdim is None else check_int(kdim, "kdim", 1)
+        vdim = embed_dim if vdim is None else check_int(vdim, "vdim", 1)
+        bias, out_proj = check_flag(bias, "bias"), check_flag(out_proj, "out_proj")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.kdim, self.vdim = kdim, vdim
         self.head_dim = embed_dim // num_heads
         self.kv_dim = num_kv_heads * self.head_dim
-        self.bias, self.has_out_proj = bool(bias), bool(out_proj)
-        self.dtype = _float_dtype(dtype)
+        self.bias, self.has_out_proj = bias, out_proj
+        self.dtype = check_float_dtype(dtype)
         # PyTorch's _qkv_same_embed_dim: one fused in_proj_weight, else three matrices.
         self.fused = kdim == embed_dim and vdim == embed_dim
         rng = _as_generator(rng)
@@ -310,8 +287,7 @@ class MultiHeadAttention:
     # ---- the call
 
     def _check_input(self, x, name, width):
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+        check_ndarray(x, name)
         if isinstance(x, (np.matrix, np.ma.MaskedArray)):
             raise TypeError(f"{name} must be a plain numpy.ndarray, got {type(x).__name__} "
                             f"(pass np.asarray({name}))")
@@ -399,8 +375,28 @@ class MultiHeadAttention:
         """
         # Self-attention (one fused Q/K/V GEMM) when key and value are omitted or are query.
         self_attention = (key is None or key is query) and (value is None or value is query)
-        if self_attention:
-            key = value = None
+        query, key, value, key_padding_mask, attn_mask, unbatched = self._inputs(
+            query, None if self_attention else key, None if self_attention else value,
+            key_padding_mask, attn_mask)
+        is_causal = check_flag(is_causal, "is_causal")
+        need_weights = check_flag(need_weights, "need_weights")
+        average_attn_weights = check_flag(average_attn_weights, "average_attn_weights")
+        if cache is not None:
+            out, weights = self._cached(query, key, value, self_attention, key_padding_mask,
+                                        attn_mask, is_causal, need_weights, cache)
+        else:
+            out, weights = self._full(query, key, value, self_attention, key_padding_mask,
+                                      attn_mask, is_causal, need_weights)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(axis=1)
+        if unbatched:
+            out = out[0]
+            weights = None if weights is None else weights[0]
+        return out, weights
+
+    def _inputs(self, query, key, value, key_padding_mask, attn_mask):
+        """The call's arrays as NumPy arrays, batched (a leading axis of 1 added to unbatched
+        ones), key defaulting to query and value to key; and whether they were unbatched."""
         query, key, value, key_padding_mask, attn_mask = (
             from_dlpack(x, name) for x, name in (
                 (query, "query"), (key, "key"), (value, "value"),
@@ -415,23 +411,7 @@ class MultiHeadAttention:
             key = query
         if value is None:
             value = key
-        for name, flag in (("is_causal", is_causal), ("need_weights", need_weights),
-                           ("average_attn_weights", average_attn_weights)):
-            if not isinstance(flag, (bool, np.bool_)):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
-        if cache is not None:
-            out, weights = self._cached(query, key, value, self_attention, key_padding_mask,
-                                        attn_mask, bool(is_causal), bool(need_weights),
-                                        cache)
-        else:
-            out, weights = self._full(query, key, value, self_attention, key_padding_mask,
-                                      attn_mask, bool(is_causal), bool(need_weights))
-        if weights is not None and average_attn_weights:
-            weights = weights.mean(axis=1)
-        if unbatched:
-            out = out[0]
-            weights = None if weights is None else weights[0]
-        return out, weights
+        return query, key, value, key_padding_mask, attn_mask, unbatched
 
     def _project(self, query, key, value, self_attention):
         """Q, K, V as (B, L|S, width) arrays, sharing one GEMM where the inputs allow."""
@@ -481,7 +461,6 @@ class MultiHeadAttention:
     def _combine_masks(self, key_padding_mask, attn_mask, B, L, S):
         """PyTorch's two masks as one cattn mask broadcastable to (B, H, L, S) (boolean True =
         attend, or additive float), and key lengths when the padding is a right padding."""
-        H = self.num_heads
         parts = []
         key_lengths = None
         if key_padding_mask is not None:
@@ -498,22 +477,7 @@ class MultiHeadAttention:
             else:
                 parts.append(kpm[:, None, None, :])
         if attn_mask is not None:
-            am = self._mask_array(attn_mask, "attn_mask")
-            if am.ndim == 3 and am.shape == (B * H, L, S):
-                am = am.reshape(B, H, L, S)  # PyTorch's layout: item b·H + h
-            elif am.ndim == 3 and am.shape[0] != 1:
-                raise ValueError(f"a 3-D attn_mask must have shape (batch·num_heads, L, S) = "
-                                 f"{(B * H, L, S)}, got {am.shape}")
-            full = (B, H, L, S)
-            try:
-                fits = am.ndim >= 2 and np.broadcast_shapes(am.shape, full) == full
-            except ValueError:
-                fits = False
-            if not fits:
-                raise ValueError(f"attn_mask must have shape (L, S) = {(L, S)}, "
-                                 f"(batch·num_heads, L, S) = {(B * H, L, S)} or broadcast to "
-                                 f"(batch, num_heads, L, S) = {full}, got {am.shape}")
-            parts.append(am)
+            parts.append(self._attn_mask_4d(attn_mask, B, L, S))
         if not parts:
             return None, key_lengths
         if all(p.dtype == np.bool_ for p in parts):
@@ -525,25 +489,38 @@ class MultiHeadAttention:
         mask = additive[0] if len(additive) == 1 else additive[0] + additive[1]
         return mask, key_lengths
 
+    def _attn_mask_4d(self, attn_mask, B, L, S):
+        """PyTorch's attn_mask, (L, S) or (B·H, L, S), as an array broadcastable to
+        (B, H, L, S)."""
+        H = self.num_heads
+        am = self._mask_array(attn_mask, "attn_mask")
+        if am.ndim == 3 and am.shape == (B * H, L, S):
+            am = am.reshape(B, H, L, S)  # PyTorch's layout: item b·H + h
+        elif am.ndim == 3 and am.shape[0] != 1:
+            raise ValueError(f"a 3-D attn_mask must have shape (batch·num_heads, L, S) = "
+                             f"{(B * H, L, S)}, got {am.shape}")
+        full = (B, H, L, S)
+        try:
+            fits = am.ndim >= 2 and np.broadcast_shapes(am.shape, full) == full
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"attn_mask must have shape (L, S) = {(L, S)}, "
+                             f"(batch·num_heads, L, S) = {(B * H, L, S)} or broadcast to "
+                             f"(batch, num_heads, L, S) = {full}, got {am.shape}")
+        return am
+
     @staticmethod
     def _mask_array(mask, name):
-        if not isinstance(mask, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray (bool or float), got "
-                            f"{type(mask).__name__}")
+        check_ndarray(mask, name, " (bool or float)")
         if mask.dtype != np.bool_ and mask.dtype.kind != "f":
             raise TypeError(f"{name} must be boolean (True = ignore, as in PyTorch's "
                             f"nn.MultiheadAttention) or floating (added to the scores), got "
                             f"dtype {mask.dtype}")
         return mask
 
-    def _cached(self, query, key, value, self_attention, key_padding_mask, attn_mask,
-                is_causal, need_weights, cache):
-        if not self_attention:
-            raise ValueError("a cache serves incremental self-attention: call "
-                             "mha(query, cache=...) without a different key or value")
-        if attn_mask is not None:
-            raise ValueError("attn_mask is not supported with a cache: the cache positions "
-                             "are given by is_causal and the cached lengths")
+    def _cache_layer(self, cache):
+        """The KVCacheLayer that `cache` names, once it fits this layer."""
         if not self.fused:
             raise ValueError("a cache needs kdim = vdim = embed_dim (self-attention)")
         layer = cache
@@ -561,6 +538,17 @@ class MultiHeadAttention:
                              f"{layer.head_dim}/{layer.value_dim} {layer.dtype} features; "
                              f"this layer needs {self.num_kv_heads} heads of {self.head_dim} "
                              f"{self.dtype} (make it with KVCache.for_layer(mha, ...))")
+        return layer
+
+    def _cached(self, query, key, value, self_attention, key_padding_mask, attn_mask,
+                is_causal, need_weights, cache):
+        if not self_attention:
+            raise ValueError("a cache serves incremental self-attention: call "
+                             "mha(query, cache=...) without a different key or value")
+        if attn_mask is not None:
+            raise ValueError("attn_mask is not supported with a cache: the cache positions "
+                             "are given by is_causal and the cached lengths")
+        layer = self._cache_layer(cache)
         B, L, _ = query.shape
         if B != layer.batch_size:
             raise ValueError(f"query has batch size {B} but the cache holds "
@@ -644,14 +632,14 @@ class KVCache:
     def __init__(self, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int, *,
                  num_layers: int = 1, value_dim: Optional[int] = None,
                  dtype: DTypeLike = np.float32) -> None:
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.max_len = _positive_int(max_len, "max_len")
-        self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
-        self.num_layers = _positive_int(num_layers, "num_layers")
-        self.value_dim = self.head_dim if value_dim is None else _positive_int(value_dim,
-                                                                               "value_dim")
-        self.dtype = _float_dtype(dtype)
+        self.batch_size = check_int(batch_size, "batch_size", 1)
+        self.max_len = check_int(max_len, "max_len", 1)
+        self.num_kv_heads = check_int(num_kv_heads, "num_kv_heads", 1)
+        self.head_dim = check_int(head_dim, "head_dim", 1)
+        self.num_layers = check_int(num_layers, "num_layers", 1)
+        self.value_dim = (self.head_dim if value_dim is None
+                          else check_int(value_dim, "value_dim", 1))
+        self.dtype = check_float_dtype(dtype)
         lead = (self.num_layers, self.batch_size, self.num_kv_heads, self.max_len)
         self.keys = np.zeros(lead + (self.head_dim,), dtype=self.dtype)
         self.values = np.zeros(lead + (self.value_dim,), dtype=self.dtype)
@@ -668,9 +656,7 @@ class KVCache:
 
     def layer(self, index: int) -> "KVCacheLayer":
         """Layer `index`'s view of the cache."""
-        if isinstance(index, (bool, np.bool_)) or not isinstance(index, numbers.Integral):
-            raise TypeError(f"layer index must be an integer, got {type(index).__name__}")
-        index = operator.index(index)
+        index = check_int(index, "layer index")
         if not -self.num_layers <= index < self.num_layers:
             raise IndexError(f"layer {index} out of range for a cache of {self.num_layers} "
                              f"layers")
@@ -687,10 +673,8 @@ class KVCache:
             self.lengths[...] = 0
             return
         batch = self.lengths.shape[1]
-        if isinstance(batch_index, (bool, np.bool_)) or not isinstance(batch_index,
-                                                                       numbers.Integral):
-            raise TypeError(f"batch_index must be an int (one sequence) or None (all), got "
-                            f"{type(batch_index).__name__}")
+        batch_index = check_int(batch_index, "batch_index",
+                                expected="an int (one sequence) or None (all)")
         if not -batch <= batch_index < batch:
             raise ValueError(f"batch_index must lie in [{-batch}, {batch}), got {batch_index}")
         self.lengths[:, batch_index] = 0
@@ -735,8 +719,7 @@ class KVCacheLayer:
         B, Hkv = self.batch_size, self.num_kv_heads
         for name, x, width in (("keys", keys, self.head_dim), ("values", values,
                                                                self.value_dim)):
-            if not isinstance(x, np.ndarray):
-                raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+            check_ndarray(x, name)
             if x.dtype != self.dtype:
                 raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {self.dtype}")
             if x.ndim != 4 or x.shape[0] != B or x.shape[1] != Hkv or x.shape[3] != width:

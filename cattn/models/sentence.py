@@ -34,6 +34,7 @@ from cattn import _encoder_ops as ops
 from cattn import _runtime
 from cattn._blas_threads import single_threaded_blas
 from cattn._api import scaled_dot_product_attention
+from cattn._validation import check_flag, check_int
 from cattn.models.bert import BertConfig, BertEncoder
 
 MODEL_EXTRA = 'pip install "cattn[model]"'
@@ -477,19 +478,14 @@ class SentenceEncoder:
         num_threads : threads of cattn's kernels (default: OpenMP's default).
         """
         sentences, single = _sentences_list(sentences)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-            raise TypeError(f"batch_size must be an integer, got {type(batch_size).__name__}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = check_int(batch_size, "batch_size", 1)
         if output_value not in OUTPUT_VALUES:
             raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got "
                              f"{output_value!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        for name, flag in (("convert_to_numpy", convert_to_numpy),
-                           ("normalize_embeddings", normalize_embeddings)):
-            if not isinstance(flag, (bool, np.bool_)):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        convert_to_numpy = check_flag(convert_to_numpy, "convert_to_numpy")
+        normalize_embeddings = check_flag(normalize_embeddings, "normalize_embeddings")
         if show_progress_bar is not None and not isinstance(show_progress_bar,
                                                             (bool, np.bool_)):
             raise TypeError(f"show_progress_bar must be True, False or None, got "

@@ -1,0 +1,78 @@
+"""The checks every entry point shares (the front, the layers, the caches, the models), each
+spelled once, with one wording: what was expected and what came.
+
+Compiled by Cython like the front (see setup.py): the front calls these on every call.
+"""
+import math
+import numbers
+import operator
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_MaskedArray = np.ma.MaskedArray
+# Positive numbers that stay finite and nonzero once rounded to the dtype (scale, softcap).
+_POSITIVE_RANGE = {np.dtype(np.float32): (2.0**-150, float(np.finfo(np.float32).max)),
+                   np.dtype(np.float64): (0.0, math.inf)}
+
+
+def check_int(x, name, minimum=None, expected="an integer"):
+    """x as a Python int: an integer (NumPy's included), not a bool, >= minimum if given."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}, got {type(x).__name__}")
+    x = operator.index(x)
+    if minimum is not None and x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    return x
+
+
+def check_flag(x, name):
+    """x as a Python bool: True or False (NumPy's bool too), nothing truthy."""
+    if x is False or x is True:
+        return x
+    if not isinstance(x, np.bool_):
+        raise TypeError(f"{name} must be True or False, got {x!r}")
+    return bool(x)
+
+
+def check_ndarray(x, name, kinds=""):
+    """x itself when it is a numpy.ndarray; `kinds` says which ones are expected."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray{kinds}, got {type(x).__name__}")
+    return x
+
+
+def reject_masked(x, name):
+    """A masked array's mask would be silently ignored: refuse it."""
+    if isinstance(x, _MaskedArray):
+        raise TypeError(f"{name} must be a plain numpy.ndarray, got a masked array (its mask "
+                        f"would be ignored: pass .filled() data and an attn_mask instead)")
+
+
+def check_float_dtype(dtype, name="dtype"):
+    """dtype as a numpy.dtype, float32 or float64."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def check_positive_float(x, name, dtype):
+    """x as a Python float: a real number, not a bool, finite and > 0 once rounded to dtype."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a positive real number, got {type(x).__name__}")
+    try:
+        x = float(x)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite and > 0, got an integer too large for a "
+                         f"float") from None
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {x}")
+    low, high = _POSITIVE_RANGE[dtype]  # the kernel computes in the inputs' dtype
+    if not low < x <= high:
+        raise ValueError(f"{name} must be finite and > 0 in the inputs' dtype {dtype}, got "
+                         f"{x}, which rounds to {'0' if x <= low else 'inf'} in {dtype}")
+    return x
