@@ -28,7 +28,11 @@ _INT32_MAX = 2**31 - 1
 _UNBOUNDED = 2**60
 _ALIGNMENTS = ("top_left", "bottom_right")
 _NO_LIMIT = contextlib.nullcontext()
-_MaskKind = _kernel.MaskKind
+# The kernel's MaskKind members as plain ints: an enum member lookup costs more than a tiny
+# call can spare.
+_MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = (int(_kernel.MaskKind.MASK_NONE),
+                                         int(_kernel.MaskKind.MASK_BOOL),
+                                         int(_kernel.MaskKind.MASK_ADDITIVE))
 _Column = _kernel.Column
 
 
@@ -390,7 +394,7 @@ def _mask_plan(attn_mask, batch_shape, L, S, dtype):
     """(mask array or None, its MaskKind, its row and column strides in elements): a
     boolean mask is read as bytes, a float one in the inputs' dtype; neither is expanded."""
     if attn_mask is None:
-        return None, _MaskKind.MASK_NONE, 0, 0
+        return None, _MASK_NONE, 0, 0
     _check_ndarray(attn_mask, "attn_mask", " (bool or float)")
     _reject_masked(attn_mask, "attn_mask")
     full = batch_shape + (L, S)
@@ -405,9 +409,9 @@ def _mask_plan(attn_mask, batch_shape, L, S, dtype):
         raise ValueError(f"attn_mask of shape {attn_mask.shape} does not broadcast to "
                          f"the attention shape (..., L, S) = {full}")
     if attn_mask.dtype == np.bool_:
-        kind, mask = _MaskKind.MASK_BOOL, attn_mask.view(np.uint8)
+        kind, mask = _MASK_BOOL, attn_mask.view(np.uint8)
     elif attn_mask.dtype.kind == "f":
-        kind, mask = _MaskKind.MASK_ADDITIVE, attn_mask.astype(dtype, copy=False)
+        kind, mask = _MASK_ADDITIVE, attn_mask.astype(dtype, copy=False)
     else:
         raise TypeError(f"attn_mask must be boolean (True = attend) or floating "
                         f"(added to the scores), got dtype {attn_mask.dtype}")
@@ -517,14 +521,13 @@ def _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group,
     partials = (np.empty((n_splits, n_items, L, Ev + 2), dtype=out.dtype) if n_splits > 1
                 else None)
     with single_threaded_blas if _kernel.calls_blas(isa) else _NO_LIMIT:
-        _kernel.attention(query, key, value, out, lse, weights, mask, mask_kind=mask_kind,
-                          table=table, L=L, S=S, E=E, Ev=Ev, q_rs=q_rs, k_rs=k_rs,
-                          v_rs=v_rs, out_rs=out_rs, out_cs=out_cs,
-                          mask_rs=mask_rs, mask_cs=mask_cs, win_left=win_left,
-                          win_right=win_right, scale=scale, softcap=softcap,
-                          block_q=block_q, block_k=block_k, weights_mode=weights_mode,
-                          partials=partials, n_splits=n_splits, split_keys=split_keys,
-                          num_threads=threads, isa=isa)
+        _kernel.attention(query, key, value, out, lse, weights, mask, partials, table,
+                          shape=(L, S, E, Ev),
+                          strides=(q_rs, k_rs, v_rs, out_rs, out_cs, mask_rs, mask_cs),
+                          variant=(mask_kind, win_left, win_right, scale, softcap,
+                                   weights_mode),
+                          blocks=(block_q, block_k, n_splits, split_keys),
+                          run=(threads, isa))
 
 
 def _table(query, key, value, out, mask, batch_shape, group, kv_len, diag):

@@ -37,7 +37,8 @@ from cattn._simd cimport (
     cattn_exp_shift_sum_f64, cattn_expf_scalar, cattn_exp_scalar, cattn_stream_sum_f32,
     CATTN_OPENMP_ENABLED, omp_get_max_threads, cattn_panel_keys,
     cattn_pack_keys_f32, cattn_pack_keys_f64, cattn_gemm_qkt_f32, cattn_gemm_qkt_f64,
-    cattn_gemm_pv_f32, cattn_gemm_pv_f64, CATTN_DIRECT_ROWS, cattn_gemm_qkt_direct_f32,
+    cattn_gemm_pv_f32, cattn_gemm_pv_f64, CATTN_DIRECT_ROWS, CATTN_DIRECT_KEYS,
+    cattn_gemm_qkt_direct_f32,
     cattn_gemm_qkt_direct_f64, cattn_gemm_pv_direct_f32, cattn_gemm_pv_direct_f64,
 )
 
@@ -263,7 +264,8 @@ cdef inline void block_scores(const Plan* p, Py_ssize_t rows, Py_ssize_t n_keys,
     if p.blas:
         gemm_abt(<int> rows, <int> n_keys, <int> p.E, <floating> p.scale, q_block,
                  <int> p.q_rs, k_block, <int> p.k_rs, <floating> 0, scores, <int> ld)
-    elif rows <= CATTN_DIRECT_ROWS:  # decoding: stream K, no packing
+    elif rows <= CATTN_DIRECT_ROWS or n_keys < CATTN_DIRECT_KEYS:
+        # decoding, or a few keys (a tiny call): stream K, no packing
         if floating is float:
             cattn_gemm_qkt_direct_f32(p.isa, rows, n_keys, p.E, <float> p.scale, q_block,
                                       p.q_rs, k_block, p.k_rs, scores, ld)
@@ -577,6 +579,7 @@ cdef inline void* data_or_null(object arr):
 
 # The last call's statistics, per calling thread (a private hook for the tests).
 _last_call = threading.local()
+cdef tuple ISA_NAME_OF = tuple(cattn_isa_name(i).decode() for i in range(5))
 
 
 def last_call_stats():
@@ -592,24 +595,35 @@ def last_call_stats():
 
 
 def attention(object q, object k, object v, object out, object lse, object weights,
-              object mask, *, int mask_kind, cnp.ndarray table,
-              Py_ssize_t L, Py_ssize_t S, Py_ssize_t E, Py_ssize_t Ev,
-              Py_ssize_t q_rs, Py_ssize_t k_rs, Py_ssize_t v_rs,
-              Py_ssize_t out_rs, Py_ssize_t out_cs, Py_ssize_t mask_rs, Py_ssize_t mask_cs,
-              Py_ssize_t win_left, Py_ssize_t win_right, double scale, double softcap,
-              Py_ssize_t block_q, Py_ssize_t block_k, bint weights_mode,
-              object partials, Py_ssize_t n_splits, Py_ssize_t split_keys, int num_threads,
-              int isa):
+              object mask, object partials, cnp.ndarray table, *, tuple shape,
+              tuple strides, tuple variant, tuple blocks, tuple run):
     """Run the loop nest on validated operands (see cattn._api for their meaning).
 
     q, k, v, out, lse, weights and mask are arrays whose data pointers point at element 0
-    of every operand; all offsets are in elements and come from `table`. Per-thread scratch
-    is allocated here, for num_threads threads.
+    of every operand; all offsets are in elements and come from `table`. The plan's
+    numbers come in five groups (tuples unpack into C variables far faster than two dozen
+    keyword arguments parse, on a call of a few microseconds):
+      shape = (L, S, E, Ev)
+      strides = (q_rs, k_rs, v_rs, out_rs, out_cs, mask_rs, mask_cs), in elements
+      variant = (mask_kind, win_left, win_right, scale, softcap, weights_mode)
+      blocks = (block_q, block_k, n_splits, split_keys)
+      run = (num_threads, isa)
+    Per-thread scratch is allocated here, for num_threads threads.
     With n_splits > 1 the keys are cut into chunks of split_keys keys, processed as
     separate tasks and merged; partials then holds (n_splits, n_items, L, Ev + 2).
     Between groups of tasks the call checks for signals: Ctrl-C raises KeyboardInterrupt
     within about 0.1 s and leaves NaN in `out`.
     """
+    cdef Py_ssize_t L, S, E, Ev, q_rs, k_rs, v_rs, out_rs, out_cs, mask_rs, mask_cs
+    cdef Py_ssize_t win_left, win_right, block_q, block_k, n_splits, split_keys
+    cdef int mask_kind, num_threads, isa
+    cdef double scale, softcap
+    cdef bint weights_mode
+    L, S, E, Ev = shape
+    q_rs, k_rs, v_rs, out_rs, out_cs, mask_rs, mask_cs = strides
+    mask_kind, win_left, win_right, scale, softcap, weights_mode = variant
+    block_q, block_k, n_splits, split_keys = blocks
+    num_threads, isa = run
     cdef Plan p
     p.n_items = table.shape[0]
     p.L, p.S, p.E, p.Ev = L, S, E, Ev
@@ -683,7 +697,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         for th in range(threads):
             key_blocks += counters[th * COUNTER_STRIDE + COUNTER_KEY_BLOCKS]
             with_tasks += counters[th * COUNTER_STRIDE + COUNTER_TASKS] > 0
-        _last_call.stats = (cattn_isa_name(p.isa).decode(), team, with_tasks, n_tasks, n_splits,
+        _last_call.stats = (ISA_NAME_OF[p.isa], team, with_tasks, n_tasks, n_splits,
                             split_keys, block_q, block_k, key_blocks, stride * item, checks)
     finally:
         PyMem_RawFree(sp)

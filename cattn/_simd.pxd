@@ -23,6 +23,7 @@ cdef extern from "cattn_simd.h" nogil:
 
 cdef extern from "cattn_gemm.h" nogil:
     int CATTN_DIRECT_ROWS
+    int CATTN_DIRECT_KEYS
     Py_ssize_t cattn_panel_keys(int isa, int is_double)
     int cattn_isa_uses_blas(int isa)
     void cattn_gemm_qkt_direct_f32(int isa, Py_ssize_t rows, Py_ssize_t n_keys, Py_ssize_t E,

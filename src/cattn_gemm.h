@@ -18,8 +18,11 @@
 
 #include "cattn_simd.h"
 
-/* Up to this many query rows, the block GEMMs stream K and V in place (decoding). */
+/* Up to this many query rows, the block GEMMs stream K and V in place (decoding); and Q·Kᵀ
+ * does so for fewer keys than this, where packing them would cost more than it saves (a
+ * tiny call of 5 keys spent a tenth of its time packing). */
 #define CATTN_DIRECT_ROWS 4
+#define CATTN_DIRECT_KEYS 16
 
 /* Register tile of the portable instances: 6 rows × 4 vectors where there are 32 vector
  * registers (ARM64), 6 × 2 where there are 16 (SSE2). */
