@@ -502,14 +502,20 @@ cdef int run_tasks(const Plan* p, int num_threads, Py_ssize_t first, Py_ssize_t 
                    const floating* q, const floating* k, const floating* v,
                    const floating* mask_add, const uint8_t* mask_bool,
                    floating* out, floating* lse, floating* weights, floating* partials,
-                   floating* scratch_base, Py_ssize_t scratch_stride) noexcept nogil:
-    """Tasks [first, last), on num_threads threads."""
-    cdef Py_ssize_t task
+                   floating* scratch_base, Py_ssize_t scratch_stride,
+                   bint merge_splits) noexcept nogil:
+    """Tasks [first, last), on num_threads threads; then, with merge_splits, the chunks of
+    keys of every row merged, in the same parallel region: a second region would wake the
+    (passively waiting) workers again, which cost a 2-thread decode ~30%."""
+    cdef Py_ssize_t task, row, n_rows = p.n_items * p.L
     p.counters[COUNTER_TEAM] = 1
     if num_threads <= 1:  # no parallel region at all: it costs microseconds on tiny inputs
         for task in range(first, last):
             attend_query_block(p, task, q, k, v, mask_add, mask_bool, out, lse, weights,
                                partials, scratch_base, p.counters)
+        if merge_splits:
+            for row in range(n_rows):
+                merge_split_row(p, row, partials, out, lse)
         return 0
     cdef floating* mine = scratch_base
     with parallel(num_threads=num_threads):
@@ -520,18 +526,11 @@ cdef int run_tasks(const Plan* p, int num_threads, Py_ssize_t first, Py_ssize_t 
         for task in prange(first, last, schedule='dynamic', chunksize=1):
             attend_query_block(p, task, q, k, v, mask_add, mask_bool, out, lse, weights,
                                partials, mine, p.counters + threadid() * COUNTER_STRIDE)
+        # (prange ends with a barrier: every chunk is done before any row is merged)
+        if merge_splits:
+            for row in prange(n_rows, schedule='static'):
+                merge_split_row(p, row, partials, out, lse)
     return 0
-
-
-cdef void merge_splits(const Plan* p, int num_threads, floating* out, floating* lse,
-                       const floating* partials) noexcept nogil:
-    cdef Py_ssize_t row, n_rows = p.n_items * p.L
-    if num_threads <= 1:
-        for row in range(n_rows):
-            merge_split_row(p, row, partials, out, lse)
-        return
-    for row in prange(n_rows, num_threads=num_threads, schedule='static'):
-        merge_split_row(p, row, partials, out, lse)
 
 
 cdef void fill_nan(const Plan* p, floating* out) noexcept nogil:
@@ -673,7 +672,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         while first < n_tasks:
             last = min(first + group, n_tasks)
             run_on_operands(&p, threads, first, last, qp, kp, vp, mp, op, lp, wp, pp, sp,
-                            stride, is_double)
+                            stride, is_double, p.n_splits > 1 and last == n_tasks)
             team = max(team, <int> counters[COUNTER_TEAM])
             first = last
             if first < n_tasks:
@@ -687,13 +686,6 @@ def attention(object q, object k, object v, object out, object lse, object weigh
                         else:
                             fill_nan[float](&p, <float*> op)
                     raise
-        if p.n_splits > 1:
-            with nogil:
-                if is_double:
-                    merge_splits[double](&p, threads, <double*> op, <double*> lp,
-                                         <double*> pp)
-                else:
-                    merge_splits[float](&p, threads, <float*> op, <float*> lp, <float*> pp)
         for th in range(threads):
             key_blocks += counters[th * COUNTER_STRIDE + COUNTER_KEY_BLOCKS]
             with_tasks += counters[th * COUNTER_STRIDE + COUNTER_TASKS] > 0
@@ -707,18 +699,19 @@ def attention(object q, object k, object v, object out, object lse, object weigh
 cdef void run_on_operands(const Plan* p, int num_threads, Py_ssize_t first, Py_ssize_t last,
                           void* qp, void* kp, void* vp, void* mp, void* op, void* lp,
                           void* wp, void* pp, void* sp, Py_ssize_t stride,
-                          bint is_double) noexcept:
+                          bint is_double, bint merge_splits) noexcept:
     with nogil:
         if is_double:
             run_tasks[double](p, num_threads, first, last, <double*> qp,
                                      <double*> kp, <double*> vp, <double*> mp,
                                      <uint8_t*> mp, <double*> op, <double*> lp,
-                                     <double*> wp, <double*> pp, <double*> sp, stride)
+                                     <double*> wp, <double*> pp, <double*> sp, stride,
+                                     merge_splits)
         else:
             run_tasks[float](p, num_threads, first, last, <float*> qp, <float*> kp,
                                     <float*> vp, <float*> mp, <uint8_t*> mp, <float*> op,
                                     <float*> lp, <float*> wp, <float*> pp, <float*> sp,
-                                    stride)
+                                    stride, merge_splits)
 
 
 def stream_sum(float[::1] x, int num_threads):
