@@ -20,6 +20,18 @@
 #define NR (NV * W)
 #define PV_KC 128
 
+/* Rows [0, rows) as tiles of MR rows, then the rest as tiles of 8, 4, 2 and 1 (each tile
+ * height a compile-time constant after inlining); TILE(R, i) handles rows [i, i + R). */
+#define CATTN_FOR_ROW_TILES(rows, TILE)                                                    \
+    do {                                                                                   \
+        ptrdiff_t i_ = 0;                                                                  \
+        for (; i_ + MR <= (rows); i_ += MR) TILE(MR, i_);                                  \
+        if (8 < MR && (rows) - i_ >= 8) { TILE((8 < MR ? 8 : 1), i_); i_ += 8; }           \
+        if (4 < MR && (rows) - i_ >= 4) { TILE((4 < MR ? 4 : 1), i_); i_ += 4; }           \
+        if (2 < MR && (rows) - i_ >= 2) { TILE((2 < MR ? 2 : 1), i_); i_ += 2; }           \
+        if (1 < MR && (rows) - i_ >= 1) TILE(1, i_);                                       \
+    } while (0)
+
 /* Pack keys [0, n_keys) of a block as panels of NR keys: panel p holds, for each feature e,
  * the NR values k[p·NR + c][e] side by side (zeros past n_keys), so the Q·Kᵀ tile loads its
  * vectors per feature instead of gathering. Done once per key block and reused by every
@@ -121,18 +133,10 @@ TGT static void
 FN(cattn_gemm_qkt)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
                    const T *q, ptrdiff_t q_rs, const T *packed, T *c, ptrdiff_t ldc)
 {
-    ptrdiff_t i = 0;
-    for (; i + MR <= rows; i += MR)
-        FN(cattn_qkt_rows)(MR, n_keys, E, alpha, q + i * q_rs, q_rs, packed, c + i * ldc, ldc);
-    /* the last rows in tiles of 8, 4, 2, 1 (each a compile-time shape) */
-#define QKT_TAIL(R)                                                                          \
-    if ((R) < MR && rows - i >= (R)) {                                                      \
-        FN(cattn_qkt_rows)((R) < MR ? (R) : 1, n_keys, E, alpha, q + i * q_rs, q_rs, packed, \
-                           c + i * ldc, ldc);                                                \
-        i += (R);                                                                            \
-    }
-    QKT_TAIL(8) QKT_TAIL(4) QKT_TAIL(2) QKT_TAIL(1)
-#undef QKT_TAIL
+#define QKT_ROWS(R, i) \
+    FN(cattn_qkt_rows)(R, n_keys, E, alpha, q + (i) * q_rs, q_rs, packed, c + (i) * ldc, ldc)
+    CATTN_FOR_ROW_TILES(rows, QKT_ROWS);
+#undef QKT_ROWS
 }
 
 /* acc[r][0:nc] += Σ_j p[r][j] · v[j][0:nc] for r < MR_. MASKED_ (nc < NR) reads and writes
@@ -181,17 +185,10 @@ FN(cattn_pv_column)(const int MASKED_, ptrdiff_t rows, ptrdiff_t n_keys, const T
                     ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc,
                     ptrdiff_t nc)
 {
-    ptrdiff_t i = 0;
-    for (; i + MR <= rows; i += MR)
-        FN(cattn_pv_tile)(MR, MASKED_, n_keys, p + i * ldp, ldp, v, v_rs, acc + i * ld_acc, ld_acc, nc);
-#define PV_TAIL(R)                                                                           \
-    if ((R) < MR && rows - i >= (R)) {                                                      \
-        FN(cattn_pv_tile)((R) < MR ? (R) : 1, MASKED_, n_keys, p + i * ldp, ldp, v, v_rs,   \
-                          acc + i * ld_acc, ld_acc, nc);                                     \
-        i += (R);                                                                            \
-    }
-    PV_TAIL(8) PV_TAIL(4) PV_TAIL(2) PV_TAIL(1)
-#undef PV_TAIL
+#define PV_ROWS(R, i) \
+    FN(cattn_pv_tile)(R, MASKED_, n_keys, p + (i) * ldp, ldp, v, v_rs, acc + (i) * ld_acc, ld_acc, nc)
+    CATTN_FOR_ROW_TILES(rows, PV_ROWS);
+#undef PV_ROWS
 }
 
 /* ACC[rows, Ev] += P[rows, n_keys] · V[n_keys, Ev] (row-major, V rows read in place). */
@@ -332,6 +329,7 @@ FN(cattn_gemm_pv_direct)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T
 #undef FN
 #undef NR
 #undef PV_KC
+#undef CATTN_FOR_ROW_TILES
 #undef CATTN_CAT3
 #undef CATTN_CAT3_
 /* The parameters of this precision (set by cattn_gemm.h). */
