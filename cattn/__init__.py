@@ -40,6 +40,7 @@ if importlib.util.find_spec("cattn._kernel") is None:  # the source tree without
 if TYPE_CHECKING:  # what the lazy loader below provides, for type checkers
     from cattn import reference
     from cattn._api import merge_attention, scaled_dot_product_attention
+    from cattn._varlen import varlen_attention
     from cattn._kernel import openmp_enabled
     from cattn._runtime import get_num_threads, set_num_threads, threads
     from cattn.layers import KVCache, MultiHeadAttention
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # what the lazy loader below provides, for type checkers
 _LAZY = {
     "scaled_dot_product_attention": "cattn._api",
     "merge_attention": "cattn._api",
+    "varlen_attention": "cattn._varlen",
     "MultiHeadAttention": "cattn.layers",
     "KVCache": "cattn.layers",
     "openmp_enabled": "cattn._kernel",
@@ -122,7 +124,7 @@ def show_config() -> Dict[str, Any]:
     }
 
 
-__all__ = ["scaled_dot_product_attention", "merge_attention", "reference",
+__all__ = ["scaled_dot_product_attention", "merge_attention", "varlen_attention", "reference",
            "MultiHeadAttention", "KVCache",
            "set_num_threads", "get_num_threads", "threads",
            "openmp_enabled", "show_config", "__version__"]

@@ -49,6 +49,8 @@ cdef extern from "cattn_omp.h" nogil:
 
 # Columns of the per-batch-item table built by the Python layer: element offsets of each
 # operand's (L, ·) matrix, then the item's key length and causal diagonal.
+# Packed variable-length calls (a task list) also fill the item's own query length and the
+# element offset of its first lse value; other calls leave those two unset.
 cdef enum:
     COL_Q = 0
     COL_K = 1
@@ -57,13 +59,16 @@ cdef enum:
     COL_MASK = 4
     COL_KV_LEN = 5
     COL_DIAG = 6
-    N_COLS = 7
+    COL_Q_LEN = 7
+    COL_LSE = 8
+    N_COLS = 9
 TABLE_COLUMNS = N_COLS
 
 
 class Column:
     """The table's columns, by name (for the front that fills them)."""
     Q, K, V, OUT, MASK, KV_LEN, DIAG = COL_Q, COL_K, COL_V, COL_OUT, COL_MASK, COL_KV_LEN, COL_DIAG
+    Q_LEN, LSE = COL_Q_LEN, COL_LSE
 
 cpdef enum MaskKind:
     MASK_NONE = 0
@@ -139,6 +144,10 @@ cdef struct Plan:
     bint blas                              # block GEMMs through BLAS instead
     const Py_ssize_t* table                # (n_items, N_COLS)
     Py_ssize_t* counters                   # per thread, COUNTER_STRIDE apart (statistics)
+    # Packed variable-length sequences: an explicit task list of (item, query block) pairs,
+    # heaviest first; each item has its own query length (COL_Q_LEN, at most L) and lse
+    # offset (COL_LSE). NULL: tasks run in their implicit item-major order over L rows.
+    const Py_ssize_t* task_list
 
 
 # Per-thread statistics, one cache line apart so the threads never share a line.
@@ -153,6 +162,7 @@ cdef enum:
 # keys [k_begin, k_end) that any of those rows can see (within its chunk of keys `split`).
 cdef struct Task:
     Py_ssize_t n, split, i0, rows, k_begin, k_end
+    Py_ssize_t lse_row0                    # lse index of the item's query row 0
     const Py_ssize_t* item
 
 
@@ -324,12 +334,23 @@ cdef inline void fold_block(const Plan* p, const Task* t, Py_ssize_t kb0, Py_ssi
 
 
 cdef inline void task_of(const Plan* p, Py_ssize_t task_index, Task* t) noexcept nogil:
-    """The coordinates of a task: tasks run item-major, then query block, then key chunk."""
-    t.split = task_index % p.n_splits
-    t.n = task_index // p.n_splits // p.n_q_blocks
-    t.i0 = (task_index // p.n_splits % p.n_q_blocks) * p.block_q
-    t.item = p.table + t.n * N_COLS
-    t.rows = (p.block_q if t.i0 + p.block_q < p.L else p.L - t.i0)
+    """The coordinates of a task: tasks run item-major, then query block, then key chunk
+    (or in the order of the task list, whose items have their own query lengths)."""
+    cdef Py_ssize_t n_rows = p.L
+    if p.task_list != NULL:
+        t.split = 0
+        t.n = p.task_list[2 * task_index]
+        t.i0 = p.task_list[2 * task_index + 1] * p.block_q
+        t.item = p.table + t.n * N_COLS
+        n_rows = t.item[COL_Q_LEN]
+        t.lse_row0 = t.item[COL_LSE]
+    else:
+        t.split = task_index % p.n_splits
+        t.n = task_index // p.n_splits // p.n_q_blocks
+        t.i0 = (task_index // p.n_splits % p.n_q_blocks) * p.block_q
+        t.item = p.table + t.n * N_COLS
+        t.lse_row0 = t.n * p.L
+    t.rows = (p.block_q if t.i0 + p.block_q < n_rows else n_rows - t.i0)
     cdef Py_ssize_t kv_len = t.item[COL_KV_LEN], diag = t.item[COL_DIAG]
     # Keys any row of the block may see; lo and hi grow with i, so the first row gives
     # the start and the last row the end.
@@ -395,13 +416,13 @@ cdef void finish_rows(const Plan* p, const Task* t, const floating* acc,
             for j in range(Ev):
                 out_row[j * p.out_cs] = 0
             if lse != NULL:
-                lse[t.n * p.L + i] = -INFINITY
+                lse[t.lse_row0 + i] = -INFINITY
             continue
         inv_sum = 1 / run_sum[r]
         for j in range(Ev):
             out_row[j * p.out_cs] = acc[r * Ev + j] * inv_sum
         if lse != NULL:
-            lse[t.n * p.L + i] = run_max[r] + <floating> log(run_sum[r])
+            lse[t.lse_row0 + i] = run_max[r] + <floating> log(run_sum[r])
         if weights_rows != NULL:
             for j in range(t.k_begin, t.k_end):
                 weights_rows[r * p.S + j] *= inv_sum
@@ -539,7 +560,7 @@ cdef void fill_nan(const Plan* p, floating* out) noexcept nogil:
     cdef Py_ssize_t n, i, j
     cdef floating* row
     for n in range(p.n_items):
-        for i in range(p.L):
+        for i in range(p.L if p.task_list == NULL else p.table[n * N_COLS + COL_Q_LEN]):
             row = out + p.table[n * N_COLS + COL_OUT] + i * p.out_rs
             for j in range(p.Ev):
                 row[j * p.out_cs] = NAN
@@ -595,7 +616,7 @@ def last_call_stats():
 
 def attention(object q, object k, object v, object out, object lse, object weights,
               object mask, object partials, cnp.ndarray table, *, tuple shape,
-              tuple strides, tuple variant, tuple blocks, tuple run):
+              tuple strides, tuple variant, tuple blocks, tuple run, object tasks=None):
     """Run the loop nest on validated operands (see cattn._api for their meaning).
 
     q, k, v, out, lse, weights and mask are arrays whose data pointers point at element 0
@@ -610,6 +631,10 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     Per-thread scratch is allocated here, for num_threads threads.
     With n_splits > 1 the keys are cut into chunks of split_keys keys, processed as
     separate tasks and merged; partials then holds (n_splits, n_items, L, Ev + 2).
+    tasks (packed variable-length sequences): a C-contiguous (n_tasks, 2) intp array of
+    (item, query block) pairs, run in that order (heaviest first balances the threads);
+    every item then has its query length and lse offset in the table, L is the longest
+    query length, and keys are never split (n_splits must be 1).
     Between groups of tasks the call checks for signals: Ctrl-C raises KeyboardInterrupt
     within about 0.1 s and leaves NaN in `out`.
     """
@@ -636,6 +661,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.n_splits, p.split_keys = n_splits, split_keys
     p.weights_mode = weights_mode
     p.table = <const Py_ssize_t*> cnp.PyArray_DATA(table)
+    p.task_list = NULL
     # never an instruction the CPU lacks, whatever the caller asked for
     p.isa = isa if cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA
     p.blas = cattn_isa_uses_blas(p.isa)
@@ -643,6 +669,9 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     cdef size_t item = sizeof(double) if is_double else sizeof(float)
     cdef Py_ssize_t stride = scratch_elements(&p, is_double)
     cdef Py_ssize_t n_tasks = p.n_items * p.n_q_blocks * p.n_splits
+    if tasks is not None:
+        p.task_list = <const Py_ssize_t*> cnp.PyArray_DATA(<cnp.ndarray> tasks)
+        n_tasks = (<cnp.ndarray> tasks).shape[0]
     cdef int threads = max(num_threads, 1)
     cdef void* qp = data_or_null(q)
     cdef void* kp = data_or_null(k)

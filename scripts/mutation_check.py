@@ -9,7 +9,8 @@ Each mutant below is a realistic bug: one or more edits, each an exact piece of 
 named file and its replacement. The script copies this tree (sources and the in-place build)
 to a temporary directory, checks that the unmutated copy passes every selected test, then
 for each mutant: makes a fresh copy, applies its edits, rebuilds the compiled core when an
-edit touches it (.pyx, .pxd, .h, setup.py, or cattn/_api.py, which Cython compiles too),
+edit touches it (.pyx, .pxd, .h, setup.py, or cattn/_api.py or cattn/_varlen.py, which
+Cython compiles too),
 and runs the mutant's tests with `-x`. A mutant is killed when a test fails; it survives
 when they all pass (a crash of the test process counts as killed). The exit status is non-zero when a mutant survives, or when one cannot
 be applied or built: an edit whose text is no longer in its file (the code moved) fails
@@ -34,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_NAMES = {".git", ".ci-venv", ".hypothesis", ".pytest_cache", "__pycache__", "dist",
               "out", "cattn-demo"}
 # Edits to these need a rebuild of the compiled core.
-COMPILED = re.compile(r"(\.pyx|\.pxd|\.h|\.c|setup\.py|cattn/_api\.py)$")
+COMPILED = re.compile(r"(\.pyx|\.pxd|\.h|\.c|setup\.py|cattn/_api\.py|cattn/_varlen\.py)$")
 
 
 @dataclasses.dataclass
@@ -55,6 +56,7 @@ class Mutant:
 
 API, KERNEL, REF, LAYERS = "cattn/_api.py", "cattn/_kernel.pyx", "cattn/reference.py", \
     "cattn/layers.py"
+VARLEN = "cattn/_varlen.py"
 
 MUTANTS = [
     # ------------------------------------------------------------ found by the audit
@@ -215,6 +217,28 @@ MUTANTS = [
            "the build silently drops OpenMP: every call on one thread",
            [Edit("setup.py", 'if os.environ.get("CATTN_NO_OPENMP"):', "if True:")],
            ["tests/test_plan.py", "-k", "openmp"], env={"CI": "true"}),
+    # ---------------------------------------------------- packed variable-length sequences
+    Mutant("varlen-tail-block-dropped",
+           "a sequence's last partial block of queries is never computed (garbage rows)",
+           [Edit(VARLEN, "    blocks = -(-q_len // block_q)\n", "    blocks = q_len // block_q\n")],
+           ["tests/test_varlen.py"]),
+    Mutant("varlen-keys-at-query-offset",
+           "each sequence's keys are read from where its queries start",
+           [Edit(VARLEN, "table[:, _Column.K] = cu_k[seq] * k_st[0]",
+                 "table[:, _Column.K] = cu_q[seq] * k_st[0]")],
+           ["tests/test_varlen.py"]),
+    Mutant("varlen-rows-run-past-sequence-end",
+           "every task assumes the longest query length: rows spill into the next sequence",
+           [Edit(KERNEL, "        n_rows = t.item[COL_Q_LEN]\n", "")],
+           ["tests/test_varlen.py"]),
+    Mutant("varlen-lse-in-padded-layout",
+           "the lse of a packed call lands at item x longest length, not at its tokens",
+           [Edit(KERNEL, "        t.lse_row0 = t.item[COL_LSE]\n", "        t.lse_row0 = t.n * p.L\n")],
+           ["tests/test_varlen.py"]),
+    Mutant("varlen-bottom-right-global-lengths",
+           "bottom-right alignment uses the packed totals instead of each sequence's lengths",
+           [Edit(VARLEN, "diag = k_len - q_len if alignment", "diag = Tk - Tq + 0 * q_len if alignment")],
+           ["tests/test_varlen.py"]),
 ]
 
 

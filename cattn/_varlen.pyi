@@ -1,0 +1,41 @@
+"""Type signatures of the packed variable-length front (compiled by Cython, see _varlen.py).
+
+varlen_attention returns the output alone, or (output, lse) with return_lse=True."""
+from typing import Literal, Optional, Tuple, TypeVar, Union, overload
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+_F = TypeVar("_F", np.float32, np.float64)
+_Alignment = Literal["top_left", "bottom_right"]
+_Window = Optional[Tuple[Optional[int], Optional[int]]]
+
+@overload
+def varlen_attention(  # type: ignore[overload-overlap]
+    q: NDArray[_F], k: NDArray[_F], v: NDArray[_F], cu_seqlens_q: ArrayLike,
+    cu_seqlens_k: ArrayLike, *, is_causal: bool = ..., alignment: _Alignment = ...,
+    window: _Window = ..., softcap: Optional[float] = ..., scale: Optional[float] = ...,
+    sinks: Optional[ArrayLike] = ..., enable_gqa: bool = ...,
+    return_lse: Literal[False] = ..., num_threads: Optional[int] = ...,
+    _block_sizes: Optional[Tuple[int, int]] = ..., _isa: Optional[str] = ...,
+) -> NDArray[_F]: ...
+
+@overload
+def varlen_attention(  # type: ignore[overload-overlap]
+    q: NDArray[_F], k: NDArray[_F], v: NDArray[_F], cu_seqlens_q: ArrayLike,
+    cu_seqlens_k: ArrayLike, *, is_causal: bool = ..., alignment: _Alignment = ...,
+    window: _Window = ..., softcap: Optional[float] = ..., scale: Optional[float] = ...,
+    sinks: Optional[ArrayLike] = ..., enable_gqa: bool = ...,
+    return_lse: Literal[True], num_threads: Optional[int] = ...,
+    _block_sizes: Optional[Tuple[int, int]] = ..., _isa: Optional[str] = ...,
+) -> Tuple[NDArray[_F], NDArray[_F]]: ...
+
+@overload
+def varlen_attention(
+    q: NDArray[_F], k: NDArray[_F], v: NDArray[_F], cu_seqlens_q: ArrayLike,
+    cu_seqlens_k: ArrayLike, *, is_causal: bool = ..., alignment: _Alignment = ...,
+    window: _Window = ..., softcap: Optional[float] = ..., scale: Optional[float] = ...,
+    sinks: Optional[ArrayLike] = ..., enable_gqa: bool = ...,
+    return_lse: bool = ..., num_threads: Optional[int] = ...,
+    _block_sizes: Optional[Tuple[int, int]] = ..., _isa: Optional[str] = ...,
+) -> Union[NDArray[_F], Tuple[NDArray[_F], NDArray[_F]]]: ...
