@@ -11,7 +11,7 @@ How the package is layered, from what a user calls down to the compiled loop nes
     cattn.models      real models on the layers: a BERT encoder, MiniLM sentence embeddings
         |
     cattn.layers      MultiHeadAttention (projections, masks, grouped-query heads), KVCache
-        |
+        |             (cattn._paged: paged_attention and PagedKVCache, pages of a shared pool)
     cattn._api        the validating front: every check happens here, once per call; the
         |             call becomes a plan (one table row of offsets per batch/head item)
     cattn._kernel     the tiled loop nest (Cython + OpenMP): online softmax over key blocks,
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # what the lazy loader below provides, for type checkers
     from cattn._api import merge_attention, scaled_dot_product_attention
     from cattn._varlen import varlen_attention
     from cattn._kernel import openmp_enabled
+    from cattn._paged import PagedKVCache, paged_attention
     from cattn._runtime import get_num_threads, set_num_threads, threads
     from cattn.layers import KVCache, MultiHeadAttention
 
@@ -52,6 +53,8 @@ _LAZY = {
     "varlen_attention": "cattn._varlen",
     "MultiHeadAttention": "cattn.layers",
     "KVCache": "cattn.layers",
+    "paged_attention": "cattn._paged",
+    "PagedKVCache": "cattn._paged",
     "openmp_enabled": "cattn._kernel",
     "set_num_threads": "cattn._runtime",
     "get_num_threads": "cattn._runtime",
@@ -125,6 +128,6 @@ def show_config() -> Dict[str, Any]:
 
 
 __all__ = ["scaled_dot_product_attention", "merge_attention", "varlen_attention", "reference",
-           "MultiHeadAttention", "KVCache",
+           "MultiHeadAttention", "KVCache", "paged_attention", "PagedKVCache",
            "set_num_threads", "get_num_threads", "threads",
            "openmp_enabled", "show_config", "__version__"]

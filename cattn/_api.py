@@ -297,13 +297,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group, kv_len,
             diag, out_rs, out_cs, win_left, win_right, scale, softcap, num_threads,
             return_weights, _block_sizes, _isa)
-    if return_weights and return_lse:
-        return out, weights, lse
-    if return_weights:
-        return out, weights
-    if return_lse:
-        return out, lse
-    return out
+    return _results(out, weights, lse)
+
+
+def _results(out, weights, lse):
+    """out alone, or the tuple of out with the weights and/or lse that were asked for."""
+    if weights is None:
+        return out if lse is None else (out, lse)
+    return (out, weights) if lse is None else (out, weights, lse)
 
 
 # ------------------------------------------------------------------------- the steps

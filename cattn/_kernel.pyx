@@ -22,7 +22,7 @@ import threading
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport INFINITY, NAN, log, tanh
-from libc.stdint cimport uint8_t
+from libc.stdint cimport int32_t, uint8_t
 from libc.string cimport memcpy, memset
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
@@ -50,7 +50,8 @@ cdef extern from "cattn_omp.h" nogil:
 # Columns of the per-batch-item table built by the Python layer: element offsets of each
 # operand's (L, ·) matrix, then the item's key length and causal diagonal.
 # Packed variable-length calls (a task list) also fill the item's own query length and the
-# element offset of its first lse value; other calls leave those two unset.
+# element offset of its first lse value; other calls leave those two unset. With paged keys
+# and values, COL_PAGES is where the item's row of the block table starts.
 cdef enum:
     COL_Q = 0
     COL_K = 1
@@ -61,7 +62,8 @@ cdef enum:
     COL_DIAG = 6
     COL_Q_LEN = 7
     COL_LSE = 8
-    N_COLS = 9
+    COL_PAGES = 9
+    N_COLS = 10
 TABLE_COLUMNS = N_COLS
 
 
@@ -69,6 +71,7 @@ class Column:
     """The table's columns, by name (for the front that fills them)."""
     Q, K, V, OUT, MASK, KV_LEN, DIAG = COL_Q, COL_K, COL_V, COL_OUT, COL_MASK, COL_KV_LEN, COL_DIAG
     Q_LEN, LSE = COL_Q_LEN, COL_LSE
+    PAGES = COL_PAGES
 
 cpdef enum MaskKind:
     MASK_NONE = 0
@@ -148,6 +151,12 @@ cdef struct Plan:
     # heaviest first; each item has its own query length (COL_Q_LEN, at most L) and lse
     # offset (COL_LSE). NULL: tasks run in their implicit item-major order over L rows.
     const Py_ssize_t* task_list
+    # Paged keys and values (page_size 0: each item's keys are one strided matrix). Key j
+    # of an item is row j % page_size of page pages[item's COL_PAGES + j // page_size];
+    # the item's COL_K / COL_V offsets then locate its head within a page.
+    Py_ssize_t page_size
+    Py_ssize_t k_page_stride, v_page_stride   # elements from one page to the next
+    const int32_t* pages
 
 
 # Per-thread statistics, one cache line apart so the threads never share a line.
@@ -361,6 +370,24 @@ cdef inline void task_of(const Plan* p, Py_ssize_t task_index, Task* t) noexcept
         t.k_end = clamp(t.k_end, t.k_begin, (t.split + 1) * p.split_keys)
 
 
+cdef inline Py_ssize_t segment_end(const Plan* p, Py_ssize_t j, Py_ssize_t kb1) noexcept nogil:
+    """The end of the keys from j on (before kb1) that lie at one row stride in memory:
+    all of them, or the rest of key j's page."""
+    if p.page_size == 0:
+        return kb1
+    cdef Py_ssize_t page_end = (j // p.page_size + 1) * p.page_size
+    return page_end if page_end < kb1 else kb1
+
+
+cdef inline Py_ssize_t key_row(const Plan* p, const Task* t, Py_ssize_t j,
+                               Py_ssize_t row_stride, Py_ssize_t page_stride) noexcept nogil:
+    """Elements from the item's K (or V) base to the row of key j."""
+    if p.page_size == 0:
+        return j * row_stride
+    return (p.pages[t.item[COL_PAGES] + j // p.page_size] * page_stride
+            + j % p.page_size * row_stride)
+
+
 cdef void step_key_blocks(const Plan* p, const Task* t, int steps, Py_ssize_t kb_first,
                           Py_ssize_t kb_last, const floating* q_block,
                           const floating* k_item, const floating* v_item, floating* packed,
@@ -370,21 +397,33 @@ cdef void step_key_blocks(const Plan* p, const Task* t, int steps, Py_ssize_t kb
                           Py_ssize_t* counters) noexcept nogil:
     """Visit keys [kb_first, kb_last) one block at a time, doing `steps` on each: the
     scores (into `scores`, or at the keys' own columns of it when scores_follow_keys), the
-    fold into the online softmax, and acc += P·V."""
-    cdef Py_ssize_t kb0 = kb_first, kb1
+    fold into the online softmax, and acc += P·V. The GEMMs run once per run of keys
+    contiguous in memory (the whole block, or each page of paged keys within it); the fold
+    stays one per block."""
+    cdef Py_ssize_t kb0 = kb_first, kb1, s0, s1
     cdef floating* block
     while kb0 < kb_last:
         kb1 = kb0 + p.block_k if kb0 + p.block_k < kb_last else kb_last
         block = scores + kb0 if scores_follow_keys else scores
         if steps & STEP_SCORES:
-            block_scores(p, t.rows, kb1 - kb0, q_block, k_item + kb0 * p.k_rs, packed,
-                         block, ld)
+            s0 = kb0
+            while s0 < kb1:
+                s1 = segment_end(p, s0, kb1)
+                block_scores(p, t.rows, s1 - s0, q_block,
+                             k_item + key_row(p, t, s0, p.k_rs, p.k_page_stride), packed,
+                             block + (s0 - kb0), ld)
+                s0 = s1
             counters[COUNTER_KEY_BLOCKS] += 1
         if steps & STEP_FOLD:
             fold_block(p, t, kb0, kb1 - kb0, block, ld, mask_add, mask_bool, acc, run_max,
                        run_sum)
         if steps & STEP_PV:
-            block_pv(p, t.rows, kb1 - kb0, block, ld, v_item + kb0 * p.v_rs, acc)
+            s0 = kb0
+            while s0 < kb1:
+                s1 = segment_end(p, s0, kb1)
+                block_pv(p, t.rows, s1 - s0, block + (s0 - kb0), ld,
+                         v_item + key_row(p, t, s0, p.v_rs, p.v_page_stride), acc)
+                s0 = s1
         kb0 = kb1
 
 
@@ -616,7 +655,8 @@ def last_call_stats():
 
 def attention(object q, object k, object v, object out, object lse, object weights,
               object mask, object partials, cnp.ndarray table, *, tuple shape,
-              tuple strides, tuple variant, tuple blocks, tuple run, object tasks=None):
+              tuple strides, tuple variant, tuple blocks, tuple run, object tasks=None,
+              tuple paged=None):
     """Run the loop nest on validated operands (see cattn._api for their meaning).
 
     q, k, v, out, lse, weights and mask are arrays whose data pointers point at element 0
@@ -628,6 +668,9 @@ def attention(object q, object k, object v, object out, object lse, object weigh
       variant = (mask_kind, win_left, win_right, scale, softcap, weights_mode)
       blocks = (block_q, block_k, n_splits, split_keys)
       run = (num_threads, isa)
+      paged = (block_table, page_size, k_page_stride, v_page_stride), or None: k and v
+        are pages (block_table a C-contiguous int32 array of page numbers, each item's row
+        starting at its table's COL_PAGES; strides in elements)
     Per-thread scratch is allocated here, for num_threads threads.
     With n_splits > 1 the keys are cut into chunks of split_keys keys, processed as
     separate tasks and merged; partials then holds (n_splits, n_items, L, Ev + 2).
@@ -662,6 +705,10 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.weights_mode = weights_mode
     p.table = <const Py_ssize_t*> cnp.PyArray_DATA(table)
     p.task_list = NULL
+    p.page_size, p.k_page_stride, p.v_page_stride, p.pages = 0, 0, 0, NULL
+    if paged is not None:
+        p.pages = <const int32_t*> cnp.PyArray_DATA(<cnp.ndarray> paged[0])
+        p.page_size, p.k_page_stride, p.v_page_stride = paged[1], paged[2], paged[3]
     # never an instruction the CPU lacks, whatever the caller asked for
     p.isa = isa if cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA
     p.blas = cattn_isa_uses_blas(p.isa)

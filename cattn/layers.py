@@ -21,8 +21,10 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from cattn._api import scaled_dot_product_attention
+from cattn._paged import PagedKVCache, PagedKVCacheLayer, paged_attention
 from cattn._interop import from_dlpack
-from cattn._validation import check_flag, check_float_dtype, check_int, check_ndarray
+from cattn._validation import (check_flag, check_float_dtype, check_int, check_ndarray,
+                               check_cache_shape, check_new_positions)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -304,7 +306,8 @@ class MultiHeadAttention:
                  key_padding_mask: Optional[ArrayLike] = None,
                  attn_mask: Optional[ArrayLike] = None, is_causal: bool = False,
                  need_weights: bool = False, average_attn_weights: bool = True,
-                 cache: Union["KVCache", "KVCacheLayer", None] = None
+                 cache: Union["KVCache", "KVCacheLayer", PagedKVCache, PagedKVCacheLayer,
+                              None] = None
                  ) -> Tuple[NDArray[Any], Optional[NDArray[Any]]]:
         """Attention of `query` over `key`/`value`, batch first, as nn.MultiheadAttention.
 
@@ -327,12 +330,13 @@ class MultiHeadAttention:
         need_weights, average_attn_weights : bool
             Also return the attention weights, averaged over heads (B, L, S) or per head
             (B, H, L, S).
-        cache : KVCache (of one layer) or KVCache.layer(i), optional
+        cache : KVCache or PagedKVCache (of one layer), or its .layer(i), optional
             Incremental self-attention: the projected keys/values of `query` are appended to
             the cache and the queries attend to everything cached (bottom-right aligned:
             pass is_causal=True when `query` holds more than one new token). With a cache,
             `key_padding_mask` (B, L) marks *left* padding of the new tokens (True first),
-            and `attn_mask` is not accepted.
+            and `attn_mask` is not accepted. A PagedKVCache's batch rows are its live
+            sequences, in the order of its `sequences`.
 
         Returns
         -------
@@ -426,11 +430,13 @@ class MultiHeadAttention:
         return (q, _linear(key, self.k_proj_weight, self._bias_block("k")),
                 _linear(value, self.v_proj_weight, self._bias_block("v")))
 
-    def _attend(self, q, k, v, B, L, **options):
-        """Heads of q/k/v (as views) through the kernel into a (B, L, H, D) buffer, then
-        the output projection. Returns (out (B, L, E), per-head weights or None)."""
+    def _attend(self, q, k, v, B, L, paged=False, **options):
+        """Heads of q/k/v (as views) through the kernel (paged_attention for pages of a
+        PagedKVCache) into a (B, L, H, D) buffer, then the output projection. Returns
+        (out (B, L, E), per-head weights or None)."""
         context = np.empty((B, L, self.num_heads, self.head_dim), dtype=self.dtype)
-        result = scaled_dot_product_attention(
+        attention = paged_attention if paged else scaled_dot_product_attention
+        result = attention(
             q, k, v, enable_gqa=self.num_kv_heads != self.num_heads,
             out=context.transpose(0, 2, 1, 3), **options)
         weights = result[1] if options.get("return_weights") else None
@@ -524,20 +530,22 @@ class MultiHeadAttention:
         if not self.fused:
             raise ValueError("a cache needs kdim = vdim = embed_dim (self-attention)")
         layer = cache
-        if isinstance(cache, KVCache):
+        if isinstance(cache, (KVCache, PagedKVCache)):
             if cache.num_layers != 1:
-                raise ValueError(f"this KVCache holds {cache.num_layers} layers: pass "
-                                 f"cache.layer(i) (or cache[i]) for the layer being run")
+                raise ValueError(f"this {type(cache).__name__} holds {cache.num_layers} "
+                                 f"layers: pass cache.layer(i) (or cache[i]) for the layer "
+                                 f"being run")
             layer = cache.layer(0)
-        if not isinstance(layer, KVCacheLayer):
-            raise TypeError(f"cache must be a KVCache or KVCache.layer(i), got "
-                            f"{type(cache).__name__}")
+        if not isinstance(layer, (KVCacheLayer, PagedKVCacheLayer)):
+            raise TypeError(f"cache must be a KVCache or PagedKVCache, or its .layer(i), "
+                            f"got {type(cache).__name__}")
         if (layer.num_kv_heads, layer.head_dim, layer.value_dim, layer.dtype) != \
                 (self.num_kv_heads, self.head_dim, self.head_dim, self.dtype):
+            kind = type(layer.cache).__name__
             raise ValueError(f"the cache holds {layer.num_kv_heads} key/value heads of "
                              f"{layer.head_dim}/{layer.value_dim} {layer.dtype} features; "
                              f"this layer needs {self.num_kv_heads} heads of {self.head_dim} "
-                             f"{self.dtype} (make it with KVCache.for_layer(mha, ...))")
+                             f"{self.dtype} (make it with {kind}.for_layer(mha, ...))")
         return layer
 
     def _cached(self, query, key, value, self_attention, key_padding_mask, attn_mask,
@@ -553,6 +561,7 @@ class MultiHeadAttention:
         if B != layer.batch_size:
             raise ValueError(f"query has batch size {B} but the cache holds "
                              f"{layer.batch_size} sequences")
+        paged = isinstance(layer, PagedKVCacheLayer)
         num_new = None
         if key_padding_mask is not None:
             kpm = self._mask_array(key_padding_mask, "key_padding_mask")
@@ -567,10 +576,18 @@ class MultiHeadAttention:
         q, k, v = self._project(query, query, query, True)
         layer.append(_split_heads(k, self.num_kv_heads), _split_heads(v, self.num_kv_heads),
                      num_new=num_new)
-        lengths = layer.lengths.copy()
-        out, weights = self._attend(_split_heads(q, self.num_heads), layer.keys, layer.values,
-                                    B, L, is_causal=is_causal, alignment="bottom_right",
-                                    key_lengths=lengths, return_weights=need_weights)
+        q = _split_heads(q, self.num_heads)
+        if paged:
+            lengths = layer.seq_lens()
+            out, weights = self._attend(
+                q, layer.keys, layer.values, B, L, paged=True,
+                block_table=layer.cache.block_table(), seq_lens=lengths,
+                is_causal=is_causal, return_weights=need_weights)
+        else:
+            lengths = layer.lengths.copy()
+            out, weights = self._attend(q, layer.keys, layer.values, B, L,
+                                        is_causal=is_causal, alignment="bottom_right",
+                                        key_lengths=lengths, return_weights=need_weights)
         if weights is not None:
             weights = weights[..., :lengths.max(initial=0)]
         return out, weights
@@ -634,12 +651,8 @@ class KVCache:
                  dtype: DTypeLike = np.float32) -> None:
         self.batch_size = check_int(batch_size, "batch_size", 1)
         self.max_len = check_int(max_len, "max_len", 1)
-        self.num_kv_heads = check_int(num_kv_heads, "num_kv_heads", 1)
-        self.head_dim = check_int(head_dim, "head_dim", 1)
-        self.num_layers = check_int(num_layers, "num_layers", 1)
-        self.value_dim = (self.head_dim if value_dim is None
-                          else check_int(value_dim, "value_dim", 1))
-        self.dtype = check_float_dtype(dtype)
+        (self.num_kv_heads, self.head_dim, self.num_layers, self.value_dim,
+         self.dtype) = check_cache_shape(num_kv_heads, head_dim, num_layers, value_dim, dtype)
         lead = (self.num_layers, self.batch_size, self.num_kv_heads, self.max_len)
         self.keys = np.zeros(lead + (self.head_dim,), dtype=self.dtype)
         self.values = np.zeros(lead + (self.value_dim,), dtype=self.dtype)
@@ -716,29 +729,8 @@ class KVCacheLayer:
             last num_new[b] (left padding), written at positions lengths[b] onwards.
         Raises ValueError (changing nothing) when a sequence would exceed max_len.
         """
-        B, Hkv = self.batch_size, self.num_kv_heads
-        for name, x, width in (("keys", keys, self.head_dim), ("values", values,
-                                                               self.value_dim)):
-            check_ndarray(x, name)
-            if x.dtype != self.dtype:
-                raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {self.dtype}")
-            if x.ndim != 4 or x.shape[0] != B or x.shape[1] != Hkv or x.shape[3] != width:
-                raise ValueError(f"{name} must have shape (batch={B}, kv_heads={Hkv}, new, "
-                                 f"{width}), got {x.shape}")
-        T = keys.shape[2]
-        if values.shape[2] != T:
-            raise ValueError(f"keys and values must hold the same number of new positions, "
-                             f"got {keys.shape} and {values.shape}")
-        if num_new is None:
-            num_new = np.full(B, T, dtype=np.intp)
-        else:
-            num_new = np.asarray(num_new)
-            if num_new.dtype.kind not in "iu":
-                raise TypeError(f"num_new must be integers, got dtype {num_new.dtype}")
-            if num_new.shape != (B,) or num_new.min(initial=0) < 0 or \
-                    num_new.max(initial=0) > T:
-                raise ValueError(f"num_new must be {B} integers in [0, {T}], got {num_new}")
-            num_new = num_new.astype(np.intp)
+        B = self.batch_size
+        T, num_new = check_new_positions(self, keys, values, num_new, "batch")
         new_lengths = self.lengths + num_new
         if new_lengths.max(initial=0) > self.max_len:
             b = int(np.argmax(new_lengths))

@@ -12,14 +12,16 @@ import cattn
 
 # Modules whose docstrings carry examples; cattn._api is compiled, so its functions are
 # collected through the public names rather than by doctest's finder.
-MODULES = ["cattn", "cattn._api", "cattn._varlen", "cattn._runtime", "cattn.layers", "cattn.reference",
+MODULES = ["cattn", "cattn._api", "cattn._varlen", "cattn._paged", "cattn._runtime",
+           "cattn.layers", "cattn.reference",
            "cattn.models.bert", "cattn.models.minilm"]
 
 # The public API (cattn.__all__ without the submodule and the version string), with the
 # methods users call.
 PUBLIC = ["scaled_dot_product_attention", "merge_attention", "varlen_attention",
           "MultiHeadAttention",
-          "MultiHeadAttention.__call__", "KVCache", "set_num_threads", "get_num_threads",
+          "MultiHeadAttention.__call__", "KVCache", "paged_attention", "PagedKVCache",
+          "set_num_threads", "get_num_threads",
           "threads", "show_config"]
 
 
