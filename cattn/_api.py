@@ -77,6 +77,14 @@ def _broadcast_batch(shapes, names):
                          ) from None
 
 
+def _broadcasts_to(shape, target):
+    """Whether an array of `shape` broadcasts to exactly `target`."""
+    try:
+        return np.broadcast_shapes(shape, target) == target
+    except ValueError:
+        return False
+
+
 def _element_strides(x):
     """Strides in elements; None when some stride is not a whole number of elements."""
     item = x.itemsize
@@ -170,7 +178,8 @@ def _offset(x, name, batch_shape):
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False,
                                  scale=None, *, enable_gqa=False, window=None,
                                  alignment="top_left", key_lengths=None, q_offset=None,
-                                 k_offset=None, softcap=None, return_lse=False, return_weights=False, out=None,
+                                 k_offset=None, softcap=None, sinks=None, keep_first=None,
+                                 return_lse=False, return_weights=False, out=None,
                                  num_threads=None, dropout_p=0.0, _block_sizes=None,
                                  _isa=None):
     """Exact attention softmax(Q·Kᵀ·scale + mask)·V, computed tile by tile.
@@ -215,6 +224,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         add the item's key length minus L to q_offset).
     softcap : float, optional
         Scores become softcap·tanh(scores/softcap) before the mask (Gemma 2).
+    sinks : array, optional
+        Attention sinks (gpt-oss): one logit per query head, shape (Hq,), or any shape
+        that broadcasts to the batch shape (..., Hq). Each row's softmax denominator gains
+        exp(sink - max): the sink takes probability mass but adds no value, so weights
+        rows sum to less than 1 and a row that sees no key gets output 0 and lse = sink.
+        The sink is compared with the final scores (scaled, capped, masked); the softcap
+        does not apply to it. -inf means no sink for that head.
+    keep_first : int, optional
+        StreamingLLM's sink tokens: the first keep_first keys of the sequence (global
+        positions 0 .. keep_first - 1, see k_offset) stay visible to every query whatever
+        the left side of `window`; the right side (and is_causal) still applies.
     return_lse : bool
         Also return the natural-log sum of exp of each row's scores, shape (..., L).
     return_weights : bool
@@ -291,12 +311,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     kv_len, diag = _key_lengths_and_diagonal(key_lengths, q_offset, k_offset, alignment,
                                              batch_shape, L, S)
     win_left, win_right = _window(window, is_causal)
+    keep = 0 if keep_first is None else _kept_first_keys(keep_first, k_offset, batch_shape, S)
+    sink_logits = None if sinks is None else _sink_logits(sinks, batch_shape, dtype)
     out, out_rs, out_cs, lse, weights = _outputs(
         _as_ndarray(out, "out"), batch_shape, L, S, Ev, dtype, return_lse, return_weights,
         (query, key, value, attn_mask))
     _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group, kv_len,
             diag, out_rs, out_cs, win_left, win_right, scale, softcap, num_threads,
-            return_weights, _block_sizes, _isa)
+            return_weights, _block_sizes, _isa, keep, sink_logits)
     return _results(out, weights, lse)
 
 
@@ -402,11 +424,7 @@ def _mask_plan(attn_mask, batch_shape, L, S, dtype):
     if attn_mask.ndim < 2:
         raise ValueError(f"attn_mask must have at least 2 dimensions (L, S) "
                          f"broadcastable to {full}, got shape {attn_mask.shape}")
-    try:
-        fits = np.broadcast_shapes(attn_mask.shape, full) == full
-    except ValueError:
-        fits = False
-    if not fits:
+    if not _broadcasts_to(attn_mask.shape, full):
         raise ValueError(f"attn_mask of shape {attn_mask.shape} does not broadcast to "
                          f"the attention shape (..., L, S) = {full}")
     if attn_mask.dtype == np.bool_:
@@ -462,6 +480,40 @@ def _window(window, is_causal):
     return win_left, win_right
 
 
+def _kept_first_keys(keep_first, k_offset, batch_shape, S):
+    """How many leading keys of each item are the sequence's first keep_first positions
+    (an int, or one intp per item when k_offset varies)."""
+    keep_first = _check_int(keep_first, "keep_first", 0, "a non-negative integer")
+    kept = min(keep_first, _MAX_OFFSET) - _offset(k_offset, "k_offset", batch_shape)
+    return np.clip(kept, 0, S) if isinstance(kept, np.ndarray) else min(max(kept, 0), S)
+
+
+def _sink_logits(sinks, batch_shape, dtype):
+    """One sink logit per item, contiguous in the operands' dtype."""
+    sinks = _as_ndarray(sinks, "sinks")
+    if not isinstance(sinks, np.ndarray):
+        try:
+            sinks = np.asarray(sinks)
+        except (TypeError, ValueError):
+            raise TypeError(f"sinks must be an array of floats, one per query head, got "
+                            f"{type(sinks).__name__}") from None
+    _reject_masked(sinks, "sinks")
+    if sinks.dtype.kind != "f":
+        raise TypeError(f"sinks must be floating-point logits, one per query head, got "
+                        f"dtype {sinks.dtype}")
+    if not _broadcasts_to(sinks.shape, batch_shape):
+        heads = f"(Hq,) = ({batch_shape[-1]},)" if batch_shape else "()"
+        raise ValueError(f"sinks of shape {sinks.shape} must hold one logit per query head, "
+                         f"{heads}, or broadcast to the batch shape {batch_shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        logits = np.broadcast_to(sinks, batch_shape).astype(dtype).reshape(-1)
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        bad = logits[np.isnan(logits) | np.isposinf(logits)][0]
+        raise ValueError(f"sinks must be finite in {dtype} (or -inf: no sink for that "
+                         f"head), got {bad} after conversion to {dtype}")
+    return logits
+
+
 def _outputs(out, batch_shape, L, S, Ev, dtype, return_lse, return_weights, inputs):
     """(out, its row and column strides in elements, lse or None, weights or None)."""
     out_shape = batch_shape + (L, Ev)
@@ -501,14 +553,14 @@ def _check_out(out, out_shape, dtype, inputs):
 
 def _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group, kv_len,
             diag, out_rs, out_cs, win_left, win_right, scale, softcap, num_threads,
-            weights_mode, block_sizes, isa):
+            weights_mode, block_sizes, isa, keep=0, sinks=None):
     """Operands GEMM can read, the per-item table, block sizes and key splits; then the
     kernel, with BLAS kept on one thread inside its OpenMP team."""
     query, q_rs = _blas_ready(query)
     key, k_rs = _blas_ready(key)
     value, v_rs = _blas_ready(value)
     mask, mask_kind, mask_rs, mask_cs = mask_plan
-    table = _table(query, key, value, out, mask, batch_shape, group, kv_len, diag)
+    table = _table(query, key, value, out, mask, batch_shape, group, kv_len, diag, keep)
     L, E = query.shape[-2:]
     S, Ev = value.shape[-2:]
     isa = _kernel.default_isa_index() if isa is None else _kernel.isa_index(isa)
@@ -528,12 +580,12 @@ def _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group,
                           variant=(mask_kind, win_left, win_right, scale, softcap,
                                    weights_mode),
                           blocks=(block_q, block_k, n_splits, split_keys),
-                          run=(threads, isa))
+                          run=(threads, isa), sinks=sinks)
 
 
-def _table(query, key, value, out, mask, batch_shape, group, kv_len, diag):
-    """One row per item: where its matrices start (in elements), its key length and its
-    diagonal."""
+def _table(query, key, value, out, mask, batch_shape, group, kv_len, diag, keep=0):
+    """One row per item: where its matrices start (in elements), its key length, its
+    diagonal and how many of its first keys stay visible outside the window."""
     table = np.empty((math.prod(batch_shape), _kernel.TABLE_COLUMNS), dtype=np.intp)
     _kernel.fill_offsets(table, _Column.Q, query, batch_shape)
     _kernel.fill_offsets(table, _Column.K, key, batch_shape, group)
@@ -542,6 +594,7 @@ def _table(query, key, value, out, mask, batch_shape, group, kv_len, diag):
     _kernel.fill_offsets(table, _Column.MASK, mask, batch_shape)
     _kernel.fill_column(table, _Column.KV_LEN, kv_len)
     _kernel.fill_column(table, _Column.DIAG, diag)
+    _kernel.fill_column(table, _Column.KEEP_FIRST, keep)
     return table
 
 

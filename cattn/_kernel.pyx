@@ -52,6 +52,8 @@ cdef extern from "cattn_omp.h" nogil:
 # Packed variable-length calls (a task list) also fill the item's own query length and the
 # element offset of its first lse value; other calls leave those two unset. With paged keys
 # and values, COL_PAGES is where the item's row of the block table starts.
+# Then how many of its first keys stay visible to every query whatever the window
+# (StreamingLLM's sink tokens; 0: none).
 cdef enum:
     COL_Q = 0
     COL_K = 1
@@ -63,7 +65,8 @@ cdef enum:
     COL_Q_LEN = 7
     COL_LSE = 8
     COL_PAGES = 9
-    N_COLS = 10
+    COL_KEEP_FIRST = 10
+    N_COLS = 11
 TABLE_COLUMNS = N_COLS
 
 
@@ -72,6 +75,7 @@ class Column:
     Q, K, V, OUT, MASK, KV_LEN, DIAG = COL_Q, COL_K, COL_V, COL_OUT, COL_MASK, COL_KV_LEN, COL_DIAG
     Q_LEN, LSE = COL_Q_LEN, COL_LSE
     PAGES = COL_PAGES
+    KEEP_FIRST = COL_KEEP_FIRST
 
 cpdef enum MaskKind:
     MASK_NONE = 0
@@ -157,6 +161,8 @@ cdef struct Plan:
     Py_ssize_t page_size
     Py_ssize_t k_page_stride, v_page_stride   # elements from one page to the next
     const int32_t* pages
+    # attention sinks
+    const void* sinks                      # one logit per item (the operands' dtype), or NULL
 
 
 # Per-thread statistics, one cache line apart so the threads never share a line.
@@ -168,9 +174,11 @@ cdef enum:
 
 
 # Where one task works: batch item n (its table row), query rows [i0, i0 + rows), and the
-# keys [k_begin, k_end) that any of those rows can see (within its chunk of keys `split`).
+# keys [k_begin, k_end) that any of those rows can see (within its chunk of keys `split`),
+# plus the leading keys [keep_begin, keep_end) kept visible outside the window (empty
+# unless keep_first leaves a gap before k_begin).
 cdef struct Task:
-    Py_ssize_t n, split, i0, rows, k_begin, k_end
+    Py_ssize_t n, split, i0, rows, k_begin, k_end, keep_begin, keep_end
     Py_ssize_t lse_row0                    # lse index of the item's query row 0
     const Py_ssize_t* item
 
@@ -237,11 +245,13 @@ cdef inline void apply_mask(floating* x, Py_ssize_t n, const Plan* p,
 
 
 cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssize_t b,
+                          Py_ssize_t gap_a, Py_ssize_t gap_b,
                           Py_ssize_t r, Py_ssize_t mask_pos, const Plan* p,
                           const floating* mask_add, const uint8_t* mask_bool,
                           floating* acc, floating* run_max, floating* run_sum) noexcept nogil:
-    """Turn one row of block scores into probabilities P (visible keys [a, b) of the block)
-    and fold them into the running max, sum and accumulator of query row r."""
+    """Turn one row of block scores into probabilities P (visible keys [a, b) of the block,
+    except the hidden gap [gap_a, gap_b) between kept first keys and the window) and fold
+    them into the running max, sum and accumulator of query row r."""
     cdef Py_ssize_t j, Ev = p.Ev
     cdef floating blk_max, m_old, m_new, corr
     cdef floating* x = row + a
@@ -257,6 +267,8 @@ cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssi
         apply_softcap(x, n, <floating> p.softcap)
     if p.mask_kind != MASK_NONE:
         apply_mask(x, n, p, mask_add, mask_bool, mask_pos + a * p.mask_cs)
+    for j in range(gap_a, gap_b):
+        row[j] = -INFINITY
     blk_max = row_max(p.isa, x, n)
     m_old = run_max[r]
     # (a NaN block max wins, so that a NaN score poisons its row as in the definition)
@@ -330,14 +342,28 @@ cdef inline void fold_block(const Plan* p, const Task* t, Py_ssize_t kb0, Py_ssi
                             const floating* mask_add, const uint8_t* mask_bool,
                             floating* acc, floating* run_max, floating* run_sum) noexcept nogil:
     """Fold the scores of keys [kb0, kb0 + n_keys) into the online softmax of every row."""
-    cdef Py_ssize_t r, i, lo, hi
+    cdef Py_ssize_t r, i, lo, hi, keep, a, b, gap_a, gap_b
     cdef Py_ssize_t kv_len = t.item[COL_KV_LEN], diag = t.item[COL_DIAG]
+    cdef Py_ssize_t keep_first = t.item[COL_KEEP_FIRST]
     for r in range(t.rows):
         i = t.i0 + r
         lo = clamp(i + diag - p.win_left, 0, kv_len)
         hi = clamp(i + diag + p.win_right + 1, 0, kv_len)
-        fold_row(scores + r * ld, n_keys, clamp(lo - kb0, 0, n_keys),
-                 clamp(hi - kb0, 0, n_keys), r,
+        a = clamp(lo - kb0, 0, n_keys)
+        b = clamp(hi - kb0, 0, n_keys)
+        gap_a = gap_b = 0
+        keep = keep_first if keep_first < hi else hi
+        if keep > 0 and keep > kb0:  # the first keys, visible up to the window's right side
+            if keep >= lo:
+                a = 0
+            elif b > a:  # kept keys, hidden gap, window: in this block
+                gap_a = clamp(keep - kb0, 0, n_keys)
+                gap_b = a
+                a = 0
+            else:
+                a = 0
+                b = clamp(keep - kb0, 0, n_keys)
+        fold_row(scores + r * ld, n_keys, a, b, gap_a, gap_b, r,
                  t.item[COL_MASK] + i * p.mask_rs + kb0 * p.mask_cs, p,
                  mask_add, mask_bool, acc, run_max, run_sum)
 
@@ -365,9 +391,20 @@ cdef inline void task_of(const Plan* p, Py_ssize_t task_index, Task* t) noexcept
     # the start and the last row the end.
     t.k_begin = clamp(t.i0 + diag - p.win_left, 0, kv_len)
     t.k_end = clamp(t.i0 + t.rows - 1 + diag + p.win_right + 1, 0, kv_len)
+    # Kept first keys: visible to a row up to its window's right side, so to some row of
+    # the block below k_end.
+    cdef Py_ssize_t keep = t.item[COL_KEEP_FIRST]
+    t.keep_begin = 0
+    t.keep_end = keep if keep < t.k_end else t.k_end
     if p.n_splits > 1:
         t.k_begin = clamp(t.k_begin, t.split * p.split_keys, (t.split + 1) * p.split_keys)
         t.k_end = clamp(t.k_end, t.k_begin, (t.split + 1) * p.split_keys)
+        t.keep_begin = t.split * p.split_keys
+        t.keep_end = clamp(t.keep_end, t.keep_begin, (t.split + 1) * p.split_keys)
+    if t.keep_end >= t.k_begin and t.keep_end > t.keep_begin:  # no gap: one range
+        t.k_begin = t.keep_begin
+    if t.keep_end >= t.k_begin:
+        t.keep_end = t.keep_begin
 
 
 cdef inline Py_ssize_t segment_end(const Plan* p, Py_ssize_t j, Py_ssize_t kb1) noexcept nogil:
@@ -443,7 +480,8 @@ cdef void store_partials(const Plan* p, const Task* t, const floating* acc,
 
 cdef void finish_rows(const Plan* p, const Task* t, const floating* acc,
                       const floating* run_max, const floating* run_sum, floating* out,
-                      floating* lse, floating* weights_rows) noexcept nogil:
+                      floating* lse, floating* weights_rows,
+                      Py_ssize_t weights_begin) noexcept nogil:
     """Normalize the rows into the output (and lse, and the weights when asked)."""
     cdef Py_ssize_t r, i, j, Ev = p.Ev
     cdef floating inv_sum
@@ -463,7 +501,7 @@ cdef void finish_rows(const Plan* p, const Task* t, const floating* acc,
         if lse != NULL:
             lse[t.lse_row0 + i] = run_max[r] + <floating> log(run_sum[r])
         if weights_rows != NULL:
-            for j in range(t.k_begin, t.k_end):
+            for j in range(weights_begin, t.k_end):
                 weights_rows[r * p.S + j] *= inv_sum
 
 
@@ -484,6 +522,9 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     cdef Task t
     task_of(p, task_index, &t)
     cdef Py_ssize_t r
+    cdef floating sink
+    cdef bint keep_range = t.keep_end > t.keep_begin
+    cdef Py_ssize_t first_key = t.keep_begin if keep_range else t.k_begin
     cdef floating* run_max = scratch
     cdef floating* run_sum = scratch + p.block_q
     cdef floating* acc = scratch + 2 * p.block_q
@@ -497,6 +538,14 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     for r in range(t.rows):
         run_max[r] = -INFINITY
         run_sum[r] = 0
+    if p.sinks != NULL and t.split == 0:
+        # The sink is one more score with no value: the online softmax starts from it
+        # (running max = sink, running sum = exp(0)), once per row, in the first chunk only.
+        sink = (<const floating*> p.sinks)[t.n]
+        if sink != -INFINITY:
+            for r in range(t.rows):
+                run_max[r] = sink
+                run_sum[r] = 1
     memset(acc, 0, t.rows * p.Ev * sizeof(floating))
     counters[COUNTER_TASKS] += 1
 
@@ -505,16 +554,28 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
         # into probabilities in one fold (one max per row: no rescaling of earlier
         # blocks), normalized at the end; the GEMMs still run block by block.
         weights_rows = weights + (t.n * p.L + t.i0) * p.S
+        if keep_range:
+            step_key_blocks(p, &t, STEP_SCORES, t.keep_begin, t.keep_end, q_block, k_item,
+                            v_item, packed, weights_rows, p.S, True, mask_add, mask_bool,
+                            acc, run_max, run_sum, counters)
         step_key_blocks(p, &t, STEP_SCORES, t.k_begin, t.k_end, q_block, k_item, v_item,
                         packed, weights_rows, p.S, True, mask_add, mask_bool, acc, run_max,
                         run_sum, counters)
-        if t.k_end > t.k_begin:
-            fold_block(p, &t, t.k_begin, t.k_end - t.k_begin, weights_rows + t.k_begin,
+        if t.k_end > first_key:  # (the gap between the ranges is hidden by the fold)
+            fold_block(p, &t, first_key, t.k_end - first_key, weights_rows + first_key,
                        p.S, mask_add, mask_bool, acc, run_max, run_sum)
+        if keep_range:
+            step_key_blocks(p, &t, STEP_PV, t.keep_begin, t.keep_end, q_block, k_item,
+                            v_item, packed, weights_rows, p.S, True, mask_add, mask_bool,
+                            acc, run_max, run_sum, counters)
         step_key_blocks(p, &t, STEP_PV, t.k_begin, t.k_end, q_block, k_item, v_item,
                         packed, weights_rows, p.S, True, mask_add, mask_bool, acc, run_max,
                         run_sum, counters)
     else:
+        if keep_range:
+            step_key_blocks(p, &t, STEP_SCORES | STEP_FOLD | STEP_PV, t.keep_begin,
+                            t.keep_end, q_block, k_item, v_item, packed, scores, p.block_k,
+                            False, mask_add, mask_bool, acc, run_max, run_sum, counters)
         step_key_blocks(p, &t, STEP_SCORES | STEP_FOLD | STEP_PV, t.k_begin, t.k_end,
                         q_block, k_item, v_item, packed, scores, p.block_k, False,
                         mask_add, mask_bool, acc, run_max, run_sum, counters)
@@ -522,7 +583,7 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     if p.n_splits > 1:  # one chunk of the keys: leave the merging to merge_split_row
         store_partials(p, &t, acc, run_max, run_sum, partials)
     else:
-        finish_rows(p, &t, acc, run_max, run_sum, out, lse, weights_rows)
+        finish_rows(p, &t, acc, run_max, run_sum, out, lse, weights_rows, first_key)
 
 
 cdef void merge_split_row(const Plan* p, Py_ssize_t row, const floating* partials,
@@ -656,7 +717,7 @@ def last_call_stats():
 def attention(object q, object k, object v, object out, object lse, object weights,
               object mask, object partials, cnp.ndarray table, *, tuple shape,
               tuple strides, tuple variant, tuple blocks, tuple run, object tasks=None,
-              tuple paged=None):
+              tuple paged=None, object sinks=None):
     """Run the loop nest on validated operands (see cattn._api for their meaning).
 
     q, k, v, out, lse, weights and mask are arrays whose data pointers point at element 0
@@ -671,6 +732,8 @@ def attention(object q, object k, object v, object out, object lse, object weigh
       paged = (block_table, page_size, k_page_stride, v_page_stride), or None: k and v
         are pages (block_table a C-contiguous int32 array of page numbers, each item's row
         starting at its table's COL_PAGES; strides in elements)
+    sinks: None, or one logit per item (contiguous, the operands' dtype) that joins each
+    row's softmax denominator without a value.
     Per-thread scratch is allocated here, for num_threads threads.
     With n_splits > 1 the keys are cut into chunks of split_keys keys, processed as
     separate tasks and merged; partials then holds (n_splits, n_items, L, Ev + 2).
@@ -709,6 +772,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     if paged is not None:
         p.pages = <const int32_t*> cnp.PyArray_DATA(<cnp.ndarray> paged[0])
         p.page_size, p.k_page_stride, p.v_page_stride = paged[1], paged[2], paged[3]
+    p.sinks = data_or_null(sinks)
     # never an instruction the CPU lacks, whatever the caller asked for
     p.isa = isa if cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA
     p.blas = cattn_isa_uses_blas(p.isa)

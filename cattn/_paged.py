@@ -237,6 +237,7 @@ def _launch(query, key_cache, value_cache, block_table, seq_lens, out, lse, weig
     kv_len = np.repeat(seq_lens, Hq)
     _kernel.fill_column(table, _Column.KV_LEN, kv_len)
     _kernel.fill_column(table, _Column.DIAG, kv_len - L)
+    _kernel.fill_column(table, _Column.KEEP_FIRST, 0)
     _kernel.fill_column(table, _Column.PAGES,
                         np.repeat(np.arange(B, dtype=np.intp) * max_blocks, Hq))
     isa = _kernel.default_isa_index() if isa is None else _kernel.isa_index(isa)

@@ -29,7 +29,8 @@ def _per_item(x, batch_shape):
 def visible_keys(L: int, S: int, is_causal: bool = False, window: _Window = None,
                  alignment: str = "top_left", key_lengths: Optional[ArrayLike] = None,
                  batch_shape: Tuple[int, ...] = (), q_offset: Optional[ArrayLike] = None,
-                 k_offset: Optional[ArrayLike] = None) -> NDArray[np.bool_]:
+                 k_offset: Optional[ArrayLike] = None,
+                 keep_first: Optional[int] = None) -> NDArray[np.bool_]:
     """Boolean (..., L, S): which key each query may see, from the structural options."""
     visible = np.ones(batch_shape + (L, S), dtype=bool)
     kl = _per_item(S if key_lengths is None else key_lengths, batch_shape)
@@ -47,7 +48,9 @@ def visible_keys(L: int, S: int, is_causal: bool = False, window: _Window = None
     if window is not None:
         left, right = window
         if left is not None:
-            visible &= j >= i + diag - left
+            # keep_first: the sequence's first keys stay visible past the left side
+            kept = j < (0 if keep_first is None else keep_first)
+            visible &= (j >= i + diag - left) | kept
         if right is not None:
             visible &= j <= i + diag + right
     return visible
@@ -61,7 +64,9 @@ def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: 
                                  key_lengths: Optional[ArrayLike] = None,
                                  q_offset: Optional[ArrayLike] = None,
                                  k_offset: Optional[ArrayLike] = None,
-                                 softcap: Optional[float] = None, return_lse: bool = False,
+                                 softcap: Optional[float] = None,
+                                 sinks: Optional[ArrayLike] = None,
+                                 keep_first: Optional[int] = None, return_lse: bool = False,
                                  return_weights: bool = False
                                  ) -> Union[NDArray[Any], Tuple[NDArray[Any], ...]]:
     """softmax(Q·Kᵀ·scale + mask)·V with the full score matrix (see cattn for options)."""
@@ -101,8 +106,14 @@ def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: 
                   or q_offset is not None or k_offset is not None)
     if structural:
         visible = visible_keys(L, S, is_causal, window, alignment, key_lengths, batch_shape,
-                               q_offset, k_offset)
+                               q_offset, k_offset, keep_first)
         scores = np.where(visible, scores, -np.inf).astype(dtype)
+
+    # Attention sinks: one more score per row (the head's logit, uncapped) with no value.
+    if sinks is not None:
+        sink_column = np.broadcast_to(np.asarray(sinks, dtype=dtype)[..., None, None],
+                                      batch_shape + (L, 1))
+        scores = np.concatenate([scores, sink_column], axis=-1)
 
     # Step 3: softmax over each row (subtract the row max so exp never overflows).
     row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
@@ -112,6 +123,9 @@ def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: 
     # A row that sees no key has weights 0 (and output 0); NaN inputs stay NaN.
     weights = np.divide(exp_scores, row_sum, out=np.zeros_like(exp_scores),
                         where=row_sum != 0)
+
+    if sinks is not None:
+        weights = weights[..., :S]  # the sink's share goes nowhere
 
     # Step 4: each output is the weighted sum of the values.
     output = weights @ value
