@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from cattn._api import scaled_dot_product_attention
+from cattn._api import _sink_logits, scaled_dot_product_attention
 from cattn._paged import PagedKVCache, PagedKVCacheLayer, paged_attention
 from cattn._interop import from_dlpack
 from cattn._validation import (check_flag, check_float_dtype, check_int, check_ndarray,
@@ -307,7 +307,8 @@ class MultiHeadAttention:
                  attn_mask: Optional[ArrayLike] = None, is_causal: bool = False,
                  need_weights: bool = False, average_attn_weights: bool = True,
                  cache: Union["KVCache", "KVCacheLayer", PagedKVCache, PagedKVCacheLayer,
-                              None] = None
+                              None] = None,
+                 sinks: Optional[ArrayLike] = None
                  ) -> Tuple[NDArray[Any], Optional[NDArray[Any]]]:
         """Attention of `query` over `key`/`value`, batch first, as nn.MultiheadAttention.
 
@@ -337,6 +338,10 @@ class MultiHeadAttention:
             `key_padding_mask` (B, L) marks *left* padding of the new tokens (True first),
             and `attn_mask` is not accepted. A PagedKVCache's batch rows are its live
             sequences, in the order of its `sequences`.
+        sinks : (num_heads,) array, optional
+            Attention sinks (gpt-oss): one logit per head that joins each row's softmax
+            denominator without a value (see scaled_dot_product_attention). The weights
+            then sum to less than 1.
 
         Returns
         -------
@@ -385,12 +390,14 @@ class MultiHeadAttention:
         is_causal = check_flag(is_causal, "is_causal")
         need_weights = check_flag(need_weights, "need_weights")
         average_attn_weights = check_flag(average_attn_weights, "average_attn_weights")
+        if sinks is not None:  # checked before a cache is appended to
+            _sink_logits(sinks, (query.shape[0], self.num_heads), self.dtype)
         if cache is not None:
             out, weights = self._cached(query, key, value, self_attention, key_padding_mask,
-                                        attn_mask, is_causal, need_weights, cache)
+                                        attn_mask, is_causal, need_weights, cache, sinks)
         else:
             out, weights = self._full(query, key, value, self_attention, key_padding_mask,
-                                      attn_mask, is_causal, need_weights)
+                                      attn_mask, is_causal, need_weights, sinks)
         if weights is not None and average_attn_weights:
             weights = weights.mean(axis=1)
         if unbatched:
@@ -446,7 +453,7 @@ class MultiHeadAttention:
         return context, weights
 
     def _full(self, query, key, value, self_attention, key_padding_mask, attn_mask,
-              is_causal, need_weights):
+              is_causal, need_weights, sinks=None):
         B, L, _ = query.shape
         self._check_input(key, "key", self.kdim)
         self._check_input(value, "value", self.vdim)
@@ -462,7 +469,7 @@ class MultiHeadAttention:
         q, k, v = (_split_heads(q, self.num_heads), _split_heads(k, self.num_kv_heads),
                    _split_heads(v, self.num_kv_heads))
         return self._attend(q, k, v, B, L, attn_mask=mask, is_causal=is_causal,
-                            key_lengths=key_lengths, return_weights=need_weights)
+                            key_lengths=key_lengths, return_weights=need_weights, sinks=sinks)
 
     def _combine_masks(self, key_padding_mask, attn_mask, B, L, S):
         """PyTorch's two masks as one cattn mask broadcastable to (B, H, L, S) (boolean True =
@@ -549,7 +556,7 @@ class MultiHeadAttention:
         return layer
 
     def _cached(self, query, key, value, self_attention, key_padding_mask, attn_mask,
-                is_causal, need_weights, cache):
+                is_causal, need_weights, cache, sinks=None):
         if not self_attention:
             raise ValueError("a cache serves incremental self-attention: call "
                              "mha(query, cache=...) without a different key or value")
@@ -562,6 +569,8 @@ class MultiHeadAttention:
             raise ValueError(f"query has batch size {B} but the cache holds "
                              f"{layer.batch_size} sequences")
         paged = isinstance(layer, PagedKVCacheLayer)
+        if paged and sinks is not None:
+            raise ValueError("sinks are not supported with a PagedKVCache: use a KVCache")
         num_new = None
         if key_padding_mask is not None:
             kpm = self._mask_array(key_padding_mask, "key_padding_mask")
@@ -587,7 +596,8 @@ class MultiHeadAttention:
             lengths = layer.lengths.copy()
             out, weights = self._attend(q, layer.keys, layer.values, B, L,
                                         is_causal=is_causal, alignment="bottom_right",
-                                        key_lengths=lengths, return_weights=need_weights)
+                                        key_lengths=lengths, return_weights=need_weights,
+                                        sinks=sinks)
         if weights is not None:
             weights = weights[..., :lengths.max(initial=0)]
         return out, weights

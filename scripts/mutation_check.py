@@ -239,6 +239,51 @@ MUTANTS = [
            "bottom-right alignment uses the packed totals instead of each sequence's lengths",
            [Edit(VARLEN, "diag = k_len - q_len if alignment", "diag = Tk - Tq + 0 * q_len if alignment")],
            ["tests/test_varlen.py"]),
+    # ----------------------------------------------------- attention sinks, kept first keys
+    Mutant("sink-in-every-key-chunk",
+           "a decode whose keys are split counts the sink once per chunk",
+           [Edit(KERNEL, "if p.sinks != NULL and t.split == 0:", "if p.sinks != NULL:")],
+           ["tests/test_sinks.py", "-k", "split"]),
+    Mutant("sink-missing-from-lse",
+           "the lse leaves out the sink's term, so merged chunks overweight the others",
+           [Edit(KERNEL, "            lse[t.lse_row0 + i] = run_max[r] + <floating> log(run_sum[r])",
+                 "            lse[t.lse_row0 + i] = run_max[r] + <floating> log(run_sum[r] - (\n"
+                 "                exp_scalar(((<const floating*> p.sinks)[t.n]) - run_max[r])\n"
+                 "                if p.sinks != NULL else 0))")],
+           ["tests/test_sinks.py", "-k", "lse or merg"]),
+    Mutant("sink-capped-like-the-scores",
+           "softcap caps the sink too (gpt-oss does not)",
+           [Edit(API, "    sink_logits = None if sinks is None else _sink_logits(sinks, batch_shape, dtype)",
+                 "    sink_logits = None if sinks is None else _sink_logits(sinks, batch_shape, dtype)\n"
+                 "    if sink_logits is not None and softcap:\n"
+                 "        sink_logits = (softcap * np.tanh(sink_logits / softcap)).astype(dtype)")],
+           ["tests/test_sinks.py", "-k", "cap"]),
+    Mutant("no-visible-key-with-sink-gives-minus-inf",
+           "a row that sees no key reports lse -inf instead of the sink",
+           [Edit(KERNEL, "        if run_sum[r] == 0:  # no visible key",
+                 "        if run_sum[r] == 0 or acc[r * Ev] == 0:  # no visible key")],
+           ["tests/test_sinks.py", "-k", "no_key or no_visible"]),
+    Mutant("keep-first-ignores-the-window-right-side",
+           "kept first keys are visible to queries before them (a causal leak)",
+           [Edit(KERNEL, "        keep = keep_first if keep_first < hi else hi\n",
+                 "        keep = keep_first if keep_first < kv_len else kv_len\n")],
+           ["tests/test_sinks.py", "-k", "keep"]),
+    Mutant("keep-first-gap-not-hidden",
+           "keys between the kept first keys and the window leak in when both share a block",
+           [Edit(KERNEL, "    for j in range(gap_a, gap_b):\n        row[j] = -INFINITY\n", "")],
+           ["tests/test_sinks.py", "-k", "keep"]),
+    Mutant("keep-first-range-not-visited-in-split-chunks",
+           "with split keys the kept first keys are dropped",
+           [Edit(KERNEL, "        t.keep_begin = t.split * p.split_keys\n"
+                         "        t.keep_end = clamp(t.keep_end, t.keep_begin, (t.split + 1) * p.split_keys)\n",
+                 "        t.keep_begin = t.split * p.split_keys\n"
+                 "        t.keep_end = t.keep_begin\n")],
+           ["tests/test_sinks.py", "-k", "keep"]),
+    Mutant("keep-first-ignores-k-offset",
+           "kept first keys counted from the piece's first key, not the sequence's",
+           [Edit(API, "    kept = min(keep_first, _MAX_OFFSET) - _offset(k_offset, \"k_offset\", batch_shape)",
+                 "    kept = min(keep_first, _MAX_OFFSET)")],
+           ["tests/test_sinks.py", "-k", "keep"]),
 ]
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 
 from cattn.bench.config import BenchConfig
-from cattn.bench.specs import Spec
+from cattn.bench.specs import Spec, sink_logits
 
 # "cattn-avx2": cattn capped to its AVX2 path in the same run, on CPUs whose best path is
 # wider (AVX-512): the per-path figures side by side. It skips where "cattn" is already AVX2.
@@ -121,6 +121,8 @@ def _sdpa_options(spec: Spec) -> Dict[str, Any]:
         opts["window"] = spec.window
     if spec.return_weights:
         opts["return_weights"] = True
+    if spec.sinks:
+        opts["sinks"] = sink_logits(spec)
     return opts
 
 
@@ -170,6 +172,8 @@ def make_torch(spec: Spec, q, k, v, threads: int, config: BenchConfig):
         raise Skip("PyTorch SDPA has no sliding window (only through a dense mask)")
     if spec.return_weights:
         raise Skip("PyTorch SDPA does not return weights")
+    if spec.sinks:
+        raise Skip("PyTorch SDPA has no attention sinks")
     import torch.nn.functional as F
     tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))  # zero-copy views
     sdpa = F.scaled_dot_product_attention
@@ -226,6 +230,8 @@ def make_ort(spec: Spec, q, k, v, threads: int, config: BenchConfig):
         raise Skip("no sliding window in ORT's attention ops")
     if spec.return_weights:
         raise Skip("ORT's attention ops do not return weights here")
+    if spec.sinks:
+        raise Skip("no attention sinks in ORT's attention ops here")
     op = config.ort_op
     if op == "auto":  # MultiHeadAttention is float32 only: opset-23 Attention for float64
         op = "mha" if spec.dtype == np.float32 else "attention"

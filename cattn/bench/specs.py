@@ -21,6 +21,7 @@ class Spec:
     causal: bool = False
     window: Optional[Tuple[Optional[int], Optional[int]]] = None
     return_weights: bool = False
+    sinks: bool = False  # one attention-sink logit per head (sink_logits)
 
     def __post_init__(self) -> None:
         self.B, self.H, self.L, self.S, self.E = (int(self.B), int(self.H), int(self.L),
@@ -29,11 +30,12 @@ class Spec:
         self.causal = bool(self.causal)
         self.window = None if self.window is None else (self.window[0], self.window[1])
         self.return_weights = bool(self.return_weights)
+        self.sinks = bool(self.sinks)
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "Spec":
         return cls(d["B"], d["H"], d["L"], d["S"], d["E"], d["dtype"], d["causal"],
-                   d["window"], d["return_weights"])
+                   d["window"], d["return_weights"], d.get("sinks", False))
 
     @property
     def shape(self) -> Tuple[int, int, int, int, int]:
@@ -48,6 +50,8 @@ class Spec:
             parts.append("window=%s,%s" % self.window)
         if self.return_weights:
             parts.append("weights")
+        if self.sinks:
+            parts.append("sinks")
         return "+".join(parts) or "full"
 
     def flops(self) -> float:
@@ -72,7 +76,14 @@ class Spec:
         return {"B": self.B, "H": self.H, "L": self.L, "S": self.S, "E": self.E,
                 "dtype": self.dtype.name, "causal": self.causal,
                 "window": None if self.window is None else list(self.window),
-                "return_weights": self.return_weights, "options": self.options()}
+                "return_weights": self.return_weights, "sinks": self.sinks,
+                "options": self.options()}
+
+
+def sink_logits(spec: Spec):
+    """The spec's attention sinks: one logit per head, spread over [-1, 2] (of the order
+    of the scores of N(0, 1) inputs), or None."""
+    return np.linspace(-1, 2, spec.H).astype(spec.dtype) if spec.sinks else None
 
 
 def make_inputs(spec: Spec, seed: int = 0):
@@ -103,7 +114,8 @@ def reference_check_slice(spec: Spec, q, k, v):
     if spec.causal or spec.window is not None:
         mask = visible_keys(L, spec.S, spec.causal, spec.window)[rows]
     scale = 1.0 / math.sqrt(spec.E)
-    return rows, ref(q64, k64, v64, attn_mask=mask, scale=scale)
+    sinks = None if not spec.sinks else sink_logits(spec)[0].astype(np.float64)
+    return rows, ref(q64, k64, v64, attn_mask=mask, scale=scale, sinks=sinks)
 
 
 def max_abs_diff(out, rows, expected) -> float:

@@ -204,14 +204,18 @@ def tiny_cases(mode: str):
 
 def variant_cases(mode: str):
     """Same-run ratios of the variants: a 256 window vs full at 8192, weights vs none at
-    1024 (causal vs full at 4096 comes from the prefill workload)."""
+    1024, attention sinks vs none at 2048 (causal vs full at 4096 comes from the prefill
+    workload)."""
     L = 8192 if mode == "full" else 1024
     W = 1024 if mode == "full" else 512
+    N = 2048 if mode == "full" else 1024
     return [(f"window L={L}", [Spec(1, 8, L, L, 64), Spec(1, 8, L, L, 64, window=(256, 0))],
              {"kind": "attention", "impls": ("cattn",), "reps_cap": 5}),
             (f"weights L={W}", [Spec(1, 8, W, W, 64), Spec(1, 8, W, W, 64,
                                                               return_weights=True)],
-             {"kind": "attention", "impls": ("cattn", "numpy")})]
+             {"kind": "attention", "impls": ("cattn", "numpy")}),
+            (f"sinks L={N}", [Spec(1, 8, N, N, 64), Spec(1, 8, N, N, 64, sinks=True)],
+             {"kind": "attention", "impls": ("cattn",)})]
 
 
 def memory_cases(mode: str):

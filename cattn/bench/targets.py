@@ -142,7 +142,9 @@ def _memory_and_variant_targets(result) -> List[Target]:
             ("window-saving", "window", "window=256,0", 10.0,
              "window (256, 0) >=10x faster than full attention at L=S=8192", True, 8192),
             ("weights-cost", "weights", "weights", 2.0,
-             "return_weights <= 2x the cost without, L=S=1024", False, 1024)):
+             "return_weights <= 2x the cost without, L=S=1024", False, 1024),
+            ("sinks-cost", "sinks", "sinks", 1.03,
+             "attention sinks <= 1.03x the cost without, L=S=2048", False, 2048)):
         checks = []
         for c, r in _rows(result, workload="variants", name_prefix=prefix, impl="cattn",
                           options=opt):
