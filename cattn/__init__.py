@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # what the lazy loader below provides, for type checkers
     from cattn import reference
     from cattn._api import merge_attention, scaled_dot_product_attention
     from cattn._varlen import varlen_attention
+    from cattn._shared_prefix import shared_prefix_attention
     from cattn._kernel import openmp_enabled
     from cattn._paged import PagedKVCache, paged_attention
     from cattn._runtime import get_num_threads, set_num_threads, threads
@@ -51,6 +52,7 @@ _LAZY = {
     "scaled_dot_product_attention": "cattn._api",
     "merge_attention": "cattn._api",
     "varlen_attention": "cattn._varlen",
+    "shared_prefix_attention": "cattn._shared_prefix",
     "MultiHeadAttention": "cattn.layers",
     "KVCache": "cattn.layers",
     "paged_attention": "cattn._paged",
@@ -127,7 +129,8 @@ def show_config() -> Dict[str, Any]:
     }
 
 
-__all__ = ["scaled_dot_product_attention", "merge_attention", "varlen_attention", "reference",
+__all__ = ["scaled_dot_product_attention", "merge_attention", "varlen_attention",
+           "shared_prefix_attention", "reference",
            "MultiHeadAttention", "KVCache", "paged_attention", "PagedKVCache",
            "set_num_threads", "get_num_threads", "threads",
            "openmp_enabled", "show_config", "__version__"]

@@ -13,12 +13,14 @@ import cattn
 # Modules whose docstrings carry examples; cattn._api is compiled, so its functions are
 # collected through the public names rather than by doctest's finder.
 MODULES = ["cattn", "cattn._api", "cattn._varlen", "cattn._paged", "cattn._runtime",
+           "cattn._shared_prefix",
            "cattn.layers", "cattn.reference",
            "cattn.models.bert", "cattn.models.minilm"]
 
 # The public API (cattn.__all__ without the submodule and the version string), with the
 # methods users call.
 PUBLIC = ["scaled_dot_product_attention", "merge_attention", "varlen_attention",
+          "shared_prefix_attention",
           "MultiHeadAttention",
           "MultiHeadAttention.__call__", "KVCache", "paged_attention", "PagedKVCache",
           "set_num_threads", "get_num_threads",

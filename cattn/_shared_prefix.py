@@ -1,0 +1,126 @@
+"""Decoding many requests that share a prompt: the shared prefix is read once for all of
+them, each request's own suffix apart, and the two merged by log-sum-exp."""
+from typing import Any, Optional, Tuple, Union
+
+from numpy.typing import ArrayLike, NDArray
+
+from cattn._api import merge_attention, scaled_dot_product_attention
+from cattn._validation import check_flag, check_ndarray
+
+
+def _check_layout(x: Any, name: str, ndim: int, layout: str) -> None:
+    check_ndarray(x, name, f" {layout}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got {x.shape}")
+
+
+def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: NDArray[Any],
+                            k: NDArray[Any], v: NDArray[Any], *,
+                            key_lengths: Union[int, ArrayLike, None] = None,
+                            is_causal: bool = False, scale: Optional[float] = None,
+                            softcap: Optional[float] = None,
+                            sinks: Optional[ArrayLike] = None, enable_gqa: bool = False,
+                            return_lse: bool = False, num_threads: Optional[int] = None,
+                            _isa: Optional[str] = None
+                            ) -> Union[NDArray[Any], Tuple[NDArray[Any], NDArray[Any]]]:
+    """Attention of R requests over a prefix they share, then each over its own suffix.
+
+    Equal to attention over the concatenation [prefix, suffix of request r] for every
+    request, without copying the prefix R times: all R·L queries meet the prefix in one
+    call (K and V of the prefix read once, the queries as one block of rows per head), each
+    request then meets its own suffix, and the two results are merged by their lse.
+
+    Parameters
+    ----------
+    q : ndarray (R, H, L, E)
+        L query tokens per request (L = 1 when decoding), float32 or float64.
+    prefix_k, prefix_v : ndarrays (Hkv, P, E) and (Hkv, P, Ev)
+        The shared prefix's keys and values (Hkv = H, or a divisor with enable_gqa).
+    k, v : ndarrays (R, Hkv, S, E) and (R, Hkv, S, Ev)
+        Each request's own keys and values after the prefix (a cache of S slots).
+    key_lengths : int or (R,) integer array, optional
+        Valid suffix keys per request (default S); the queries are each request's last L
+        tokens.
+    is_causal : bool
+        The prefix lies before every query, so it is always visible; in the suffix a
+        query sees its request's keys up to its own position (bottom-right alignment:
+        the last query is the last valid key).
+    scale, softcap, enable_gqa, num_threads
+        As in scaled_dot_product_attention.
+    sinks : array (H,) or (R, H), optional
+        Attention sinks, counted once per row (in the suffix's call).
+    return_lse : bool
+        Also return the lse (R, H, L) over prefix, suffix and sink.
+
+    Returns
+    -------
+    out : ndarray (R, H, L, Ev), or (out, lse) with return_lse.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Arrays of other dtypes or layouts, prefix and suffix shapes that do not fit
+        together (heads, features), and whatever scaled_dot_product_attention rejects.
+
+    See Also
+    --------
+    scaled_dot_product_attention : each of the two calls.
+    merge_attention : how the prefix's and the suffix's results are combined.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cattn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((3, 2, 1, 8))                  # 3 requests, 2 heads
+    >>> pk, pv = rng.standard_normal((2, 2, 50, 8))            # a 50-token shared prompt
+    >>> k, v = rng.standard_normal((2, 3, 2, 6, 8))            # 6 own tokens per request
+    >>> out = cattn.shared_prefix_attention(q, pk, pv, k, v, key_lengths=[6, 2, 4])
+    >>> whole = [cattn.scaled_dot_product_attention(
+    ...     q[r], np.concatenate([pk, k[r, :, :n]], axis=1),
+    ...     np.concatenate([pv, v[r, :, :n]], axis=1)) for r, n in enumerate([6, 2, 4])]
+    >>> bool(np.allclose(out, np.stack(whole)))
+    True
+    """
+    _check_layout(q, "q", 4, "(R, H, L, E)")
+    _check_layout(prefix_k, "prefix_k", 3, "(Hkv, P, E)")
+    _check_layout(prefix_v, "prefix_v", 3, "(Hkv, P, Ev)")
+    _check_layout(k, "k", 4, "(R, Hkv, S, E)")
+    _check_layout(v, "v", 4, "(R, Hkv, S, Ev)")
+    is_causal = check_flag(is_causal, "is_causal")
+    return_lse = check_flag(return_lse, "return_lse")
+    R, H, L, E = q.shape
+    if prefix_k.shape[0] != prefix_v.shape[0] or prefix_k.shape[1] != prefix_v.shape[1]:
+        raise ValueError(f"prefix_k and prefix_v must have the same heads and length, got "
+                         f"{prefix_k.shape} and {prefix_v.shape}")
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != R:
+        raise ValueError(f"k and v must be (R, Hkv, S, ·) with R = {R} requests, the same "
+                         f"heads and length, got {k.shape} and {v.shape}")
+    if k.shape[1] != prefix_k.shape[0] or k.shape[3] != prefix_k.shape[2] \
+            or v.shape[3] != prefix_v.shape[2]:
+        raise ValueError(f"the suffix and the prefix must have the same heads and feature "
+                         f"sizes: k {k.shape}, v {v.shape} after prefix_k "
+                         f"{prefix_k.shape}, prefix_v {prefix_v.shape}")
+    enable_gqa = check_flag(enable_gqa, "enable_gqa")
+    Hkv = prefix_k.shape[0]
+    if Hkv != H and not (enable_gqa and Hkv and H % Hkv == 0):
+        raise ValueError(f"q has {H} heads and the prefix {Hkv}: they must be equal, or "
+                         f"with enable_gqa=True a divisor of the query heads")
+    group = H // Hkv
+    options = dict(scale=scale, softcap=softcap, num_threads=num_threads, _isa=_isa)
+    # Every query of every request meets the prefix in one call: the queries of each
+    # key/value head, (Hkv, group·R·L, E) (a small copy), so the prefix's keys and values
+    # are read once, by blocks of rows from all requests.
+    all_queries = q.reshape(R, Hkv, group, L, E).transpose(1, 2, 0, 3, 4).reshape(
+        Hkv, group * R * L, E)
+    prefix_out, prefix_lse = scaled_dot_product_attention(
+        all_queries, prefix_k, prefix_v, return_lse=True, **options)
+    Ev = prefix_out.shape[-1]
+    prefix_out = prefix_out.reshape(Hkv, group, R, L, Ev).transpose(2, 0, 1, 3, 4).reshape(
+        R, H, L, Ev)
+    prefix_lse = prefix_lse.reshape(Hkv, group, R, L).transpose(2, 0, 1, 3).reshape(R, H, L)
+    own_out, own_lse = scaled_dot_product_attention(
+        q, k, v, is_causal=is_causal, alignment="bottom_right", key_lengths=key_lengths,
+        sinks=sinks, enable_gqa=enable_gqa, return_lse=True, **options)
+    out, lse = merge_attention([prefix_out, own_out], [prefix_lse, own_lse])
+    return (out, lse) if return_lse else out

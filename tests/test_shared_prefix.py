@@ -1,0 +1,157 @@
+"""Shared-prefix decoding: R requests over a prefix they share, then each over its own
+suffix, merged by lse, against the float64 reference over each request's concatenation
+[prefix, its valid suffix keys].
+
+Also observed: the prefix is met by all R·L queries in one call that reads the prefix's
+own arrays (no copy of the prefix per request, one key/value head read once under GQA).
+"""
+import numpy as np
+import pytest
+
+import cattn
+from cattn import _kernel, _shared_prefix
+from conftest import reference64, tolerance
+from test_core import DTYPES, qkv
+from test_core import single_threaded_reference_blas  # noqa: F401 (an autouse fixture)
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+spa = cattn.shared_prefix_attention
+
+
+def problem(seed, R=3, H=4, Hkv=None, L=1, P=40, S=9, E=8, Ev=6, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    Hkv = H if Hkv is None else Hkv
+    q, k, v = qkv(rng, [(R, H, L, E), (R, Hkv, S, E), (R, Hkv, S, Ev)], dtype)
+    prefix_k, prefix_v = qkv(rng, [(Hkv, P, E), (Hkv, P, Ev)], dtype)
+    return rng, q, prefix_k, prefix_v, k, v
+
+
+def concatenated_reference(q, prefix_k, prefix_v, k, v, key_lengths=None, is_causal=False,
+                           sinks=None, **options):
+    """(out, lse): each request over [prefix, its first key_lengths[r] suffix keys], in
+    float64. Causal: the whole prefix is before every query; suffix key j is visible to
+    query i when j <= n - L + i (the queries are the request's last L tokens)."""
+    R, L, S, P = q.shape[0], q.shape[2], k.shape[2], prefix_k.shape[1]
+    lengths = np.broadcast_to(S if key_lengths is None else key_lengths, (R,))
+    outs, lses = [], []
+    for r in range(R):
+        n = int(lengths[r])
+        keys = np.concatenate([prefix_k, k[r, :, :n]], axis=1)
+        values = np.concatenate([prefix_v, v[r, :, :n]], axis=1)
+        request_sinks = None if sinks is None else np.broadcast_to(sinks, (R, q.shape[1]))[r]
+        visible = None
+        if is_causal:
+            i, j = np.arange(L)[:, None], np.arange(P + n)[None, :]
+            visible = (j < P) | (j - P <= n - L + i)
+        out, lse = reference64(q[r], keys, values, attn_mask=visible, sinks=request_sinks,
+                               return_lse=True, **options)
+        outs.append(out)
+        lses.append(lse)
+    return np.stack(outs), np.stack(lses)
+
+
+def assert_equals_concatenation(q, prefix_k, prefix_v, k, v, **options):
+    private = {"_isa": options.pop("_isa")} if "_isa" in options else {}
+    out, lse = spa(q, prefix_k, prefix_v, k, v, return_lse=True, **options, **private)
+    want_out, want_lse = concatenated_reference(q, prefix_k, prefix_v, k, v, **options)
+    assert out.dtype == q.dtype and out.shape == want_out.shape
+    np.testing.assert_allclose(out, want_out, **tolerance(q.dtype))
+    np.testing.assert_allclose(lse, want_lse, **tolerance(q.dtype))
+    return out
+
+
+@pytest.mark.parametrize("path", _kernel.testable_isa_paths())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_decoding_equals_attention_over_each_concatenation(path, dtype, is_causal):
+    rng, q, pk, pv, k, v = problem(1, dtype=dtype)
+    assert_equals_concatenation(q, pk, pv, k, v, key_lengths=np.array([9, 0, 4]),
+                                is_causal=is_causal, _isa=path)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunks_of_queries_are_causal_within_each_request(dtype):
+    """L = 4 new tokens: a request with fewer valid keys than queries has queries that see
+    the prefix only; the others see their own earlier tokens."""
+    rng, q, pk, pv, k, v = problem(2, L=4, dtype=dtype)
+    assert_equals_concatenation(q, pk, pv, k, v, key_lengths=[9, 2, 4], is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_prefix_with_split_keys(dtype):
+    rng, q, pk, pv, k, v = problem(3, R=4, H=2, P=3001, S=40, E=32, Ev=32, dtype=dtype)
+    assert_equals_concatenation(q, pk, pv, k, v, key_lengths=[40, 1, 17, 33], is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_query_heads_read_each_prefix_head_once(dtype, monkeypatch):
+    calls = []
+    real = _shared_prefix.scaled_dot_product_attention
+
+    def recording(query, key, value, **options):
+        calls.append((query.shape, key, options.get("enable_gqa", False)))
+        return real(query, key, value, **options)
+    monkeypatch.setattr(_shared_prefix, "scaled_dot_product_attention", recording)
+    rng, q, pk, pv, k, v = problem(4, R=3, H=6, Hkv=2, L=2, dtype=dtype)
+    assert_equals_concatenation(q, pk, pv, k, v, enable_gqa=True, is_causal=True,
+                                key_lengths=[9, 5, 1])
+    prefix_calls = [c for c in calls if c[1] is pk]
+    assert len(prefix_calls) == 1  # one pass over the prefix, for all 3·2 queries per head
+    shape, _, gqa = prefix_calls[0]
+    assert shape == (2, 3 * 3 * 2, 8) and not gqa  # (Hkv, group·R·L, E)
+
+
+def test_sinks_count_once_and_merges_stay_exact():
+    rng, q, pk, pv, k, v = problem(5)
+    sinks = np.array([0.5, 2.0, -1.0, 3.0])
+    assert_equals_concatenation(q, pk, pv, k, v, sinks=sinks, key_lengths=[9, 0, 3],
+                                is_causal=True)
+    per_request = rng.standard_normal((3, 4))
+    assert_equals_concatenation(q, pk, pv, k, v, sinks=per_request)
+
+
+def test_options_scale_and_softcap():
+    rng, q, pk, pv, k, v = problem(6)
+    assert_equals_concatenation(q, pk, pv, k, v, scale=0.3, softcap=2.0, is_causal=True)
+
+
+def test_empty_prefix_or_suffix():
+    rng, q, pk, pv, k, v = problem(7, P=0)
+    assert_equals_concatenation(q, pk, pv, k, v)
+    rng, q, pk, pv, k, v = problem(8, S=0)
+    assert_equals_concatenation(q, pk, pv, k, v)
+
+
+def test_output_only_by_default_and_inputs_unchanged():
+    rng, q, pk, pv, k, v = problem(9, dtype=np.float32)
+    copies = [x.copy() for x in (q, pk, pv, k, v)]
+    out = spa(q, pk, pv, k, v, key_lengths=5)
+    assert isinstance(out, np.ndarray) and out.shape == (3, 4, 1, 6)
+    for x, c in zip((q, pk, pv, k, v), copies):
+        np.testing.assert_array_equal(x, c)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (dict(q=np.zeros((4, 1, 8))), ValueError, r"q must have shape \(R, H, L, E\)"),
+    (dict(pk=np.zeros((1, 4, 40, 8))), ValueError, r"prefix_k must have shape"),
+    (dict(pv=np.zeros((4, 41, 6))), ValueError, "same heads and length"),
+    (dict(k=np.zeros((2, 4, 9, 8))), ValueError, "R = 3 requests"),
+    (dict(k=np.zeros((3, 4, 9, 7))), ValueError, "feature sizes"),
+    (dict(v=np.zeros((3, 4, 9, 5))), ValueError, "feature sizes"),
+    (dict(pk=np.zeros((2, 40, 8)), pv=np.zeros((2, 40, 6)), k=np.zeros((3, 2, 9, 8)),
+          v=np.zeros((3, 2, 9, 6))), ValueError, "enable_gqa"),
+    (dict(pk=np.zeros((3, 40, 8)), pv=np.zeros((3, 40, 6)), k=np.zeros((3, 3, 9, 8)),
+          v=np.zeros((3, 3, 9, 6)), enable_gqa=True), ValueError, "divisor"),
+    (dict(pk=np.zeros((4, 40, 8), np.float32)), TypeError, "same dtype"),
+    (dict(q=[[[[0.0]]]]), TypeError, "numpy.ndarray"),
+    (dict(key_lengths=[9, 10, 1]), ValueError, "key_lengths"),
+    (dict(sinks=np.zeros(3)), ValueError, "one logit per query head"),
+])
+def test_bad_input(change, error, words):
+    rng, q, pk, pv, k, v = problem(10)
+    args = dict(q=q, pk=pk, pv=pv, k=k, v=v)
+    options = {name: change.pop(name) for name in ("key_lengths", "sinks", "enable_gqa") if name in change}
+    args.update(change)
+    with pytest.raises(error, match=words):
+        spa(args["q"], args["pk"], args["pv"], args["k"], args["v"], **options)
