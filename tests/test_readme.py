@@ -55,5 +55,6 @@ def test_readme_snippets_run(capsys):
     # what the snippets claim in their comments
     assert namespace["out"].shape == (4, 1, 512)
     assert namespace["cache"].lengths.tolist() == [[18] * 4]
+    assert namespace["shared"].shape == (16, 8, 1, 64)
     if skipped:
         pytest.skip("; ".join(skipped))
