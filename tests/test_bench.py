@@ -141,3 +141,26 @@ def test_cpu_description_without_proc(monkeypatch):
 def test_prefill_preset_has_head_size_128():
     cases = bench.WORKLOADS["prefill"]("quick")
     assert {spec.E for _, specs, _ in cases for spec in specs} == {64, 128}
+
+
+def test_varlen_preset_times_packed_and_padded_calls(tmp_path, monkeypatch, capsys):
+    from cattn.bench import varlen as varlen_bench
+    monkeypatch.setitem(varlen_bench.LENGTH_RANGE, "quick", (4, 40))
+    out = tmp_path / "v.json"
+    result = bench.main(["--preset", "varlen", "--quick", "--json", str(out),
+                         "--markdown", str(tmp_path / "v.md")] + SMALL)
+    text = capsys.readouterr().out
+    assert "16 sequences, lengths log-uniform 4-40" in text
+    case = json.loads(out.read_text())["cases"][0]
+    rows = {(r["impl"], r["options"]): r for r in case["rows"]}
+    for options in ("full", "causal"):
+        for impl in ("cattn-varlen", "cattn-padded"):
+            assert rows[impl, options]["max_abs_diff"] < 1e-5
+        # the padded call does at least the packed call's work: its ratio is a real ratio
+        assert rows["cattn-padded", options]["cattn_speedup"] > 0
+    lengths = case["spec"]["lengths"]
+    assert len(lengths) == 16 and 4 <= min(lengths) and max(lengths) <= 40
+    assert lengths == varlen_bench.log_uniform_lengths(16, 4, 40, 0).tolist()  # seeded
+    target = next(t for t in result["targets"] if t.id == "varlen-vs-padded")
+    assert target.verdict in ("(pass)", "(fail)") and len(target.details) == 2
+    assert "| cattn-varlen | 1 | causal |" in (tmp_path / "v.md").read_text()

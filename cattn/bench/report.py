@@ -127,6 +127,9 @@ def _markdown_table(case: Case) -> List[str]:
                  "|---|---|---|---|---|"]
                 + [f"| {r.impl} | {r.threads} | {r.options} | {r.peak_rss_mib:.1f} | "
                    f"{_fmt(r.peak_traced_mib, '{:.1f}', 'n/a')} |" for r in case.rows])
+    if case.kind == "varlen":
+        from cattn.bench.varlen import varlen_markdown_table
+        return varlen_markdown_table(case)
     decode = case.kind == "decode"
     lines = [("| impl | threads | options | median | "
               + ("KV GB/s | % stream" if decode else "GFLOP/s | % gemm")

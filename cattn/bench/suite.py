@@ -237,6 +237,7 @@ WORKLOADS = {
     "variants": variant_cases,
     "memory": memory_cases,
     "blocks": lambda mode: [("blocks", [], {"kind": "blockgemm"})],
+    "varlen": lambda mode: [("varlen", [], {"kind": "varlen"})],
 }
 
 
@@ -252,6 +253,10 @@ def run_workload_case(wname: str, name: str, specs: List[Spec], opts: Dict[str, 
                                    flops_per_call=5e7 if config.quick else 2e8,
                                    config=config)
         text = format_block_gemm_case(case)
+    elif opts["kind"] == "varlen":  # its own implementations (packed and padded)
+        from cattn.bench.varlen import format_varlen_case, run_varlen_case
+        case = run_varlen_case(name, config)
+        text = format_varlen_case(case)
     elif not impls:
         return None
     elif opts["kind"] == "memory":  # (one cattn: the path does not change the memory)

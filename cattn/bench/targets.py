@@ -159,11 +159,29 @@ def _memory_and_variant_targets(result) -> List[Target]:
     return out
 
 
+def _varlen_targets(result) -> List[Target]:
+    """The packed call against the padded batch: cattn's dense call with key_lengths, and
+    PyTorch SDPA with a mask, same run, same options and threads."""
+    out = []
+    for tid, peer, need in (("varlen-vs-padded", "cattn-padded", 1.5),
+                            ("varlen-vs-torch-padded", "torch-padded", 1.2)):
+        checks = [(f"{r.options} {r.threads}t", r.cattn_speedup, need, True)
+                  for c, r in _rows(result, workload="varlen", impl=peer)
+                  if r.cattn_speedup is not None]
+        quick = any(c.spec["length_range"][1] != 1024
+                    for c, _ in _rows(result, workload="varlen"))
+        text = (f"16 sequences, lengths log-uniform 16-1024, H=12 E=64, causal and not: "
+                f">={need}x faster than {peer.replace('-padded', '')} on the padded batch"
+                + (" with key_lengths" if peer == "cattn-padded" else " with a mask"))
+        out.append(_target(tid, text, checks, indicative=quick))
+    return out
+
+
 def check_targets(result: Dict[str, Any]) -> List[Target]:
     """Every target's verdict in this run: PASS, FAIL, n/a (no data), or in parentheses
     when measured on other shapes than the target's (indicative only)."""
     return (_prefill_targets(result) + _encoder_decode_targets(result)
-            + _memory_and_variant_targets(result))
+            + _memory_and_variant_targets(result) + _varlen_targets(result))
 
 
 def format_targets(targets: List[Target]) -> str:
