@@ -11,15 +11,19 @@ import numpy as np
 from cattn import _runtime, _kernel  # _runtime first: it loads OpenMP (wait policy)
 from cattn._api import (_INT32_MAX, _MASK_NONE, _NO_LIMIT, _Column, _as_ndarray,
                         _check_array, _checked_block_sizes, _choose_block_sizes,
-                        _element_strides, _options, _window)
+                        _element_strides, _options, _sink_logits, _window)
 from cattn._blas_threads import single_threaded_blas
-from cattn._validation import check_flag as _check_flag, reject_masked as _reject_masked
+from cattn._validation import (check_flag as _check_flag, check_int as _check_int,
+                               reject_masked as _reject_masked)
+
+# keep_first beyond any sequence keeps every key (clamped to stay an int64)
+_KEEP_ALL = 2**48
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
                      alignment="top_left", window=None, softcap=None, scale=None,
-                     sinks=None, enable_gqa=False, return_lse=False, num_threads=None,
-                     _block_sizes=None, _isa=None):
+                     sinks=None, keep_first=None, enable_gqa=False, return_lse=False,
+                     num_threads=None, _block_sizes=None, _isa=None):
     """Exact attention of each packed sequence over its own keys.
 
     Parameters
@@ -47,9 +51,14 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
         Scores become softcap·tanh(scores/softcap) before the softmax.
     scale : float, optional
         Multiplies Q·Kᵀ; defaults to 1/sqrt(E).
-    sinks : array (Hq,), optional
-        One logit per query head that joins every row's softmax denominator (exp(sink))
-        but contributes no value: rows then sum to less than 1. The lse includes it.
+    sinks : array (Hq,) or (n, Hq), optional
+        One logit per query head (or per sequence and head) that joins every row's softmax denominator (exp(sink))
+        but contributes no value: rows then sum to less than 1. The lse includes it; a
+        row that sees no key gets output 0 and lse = sink. -inf: no sink for that head.
+    keep_first : int, optional
+        The first keep_first keys of each sequence stay visible to every query whatever
+        the window's left side (StreamingLLM's sink tokens; the window's right side and
+        the causal mask still apply).
     enable_gqa : bool
         Grouped-query attention: Hq a multiple of Hkv; query head h reads key/value head
         h // (Hq // Hkv). Without it, Hq must equal Hkv.
@@ -108,17 +117,21 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     (is_causal, enable_gqa, return_lse, _, scale, softcap, num_threads) = _options(
         is_causal, enable_gqa, return_lse, False, 0.0, scale, softcap, alignment,
         num_threads, q.dtype, E, max_k)
-    sinks = _sinks(sinks, Hq)
+    n = cu_q.size - 1
+    sink_logits = None if sinks is None else _sink_logits(sinks, (n, Hq), q.dtype)
+    keep = (np.zeros_like(k_len) if keep_first is None else
+            np.minimum(min(_check_int(keep_first, "keep_first", 0, "a non-negative integer"),
+                           _KEEP_ALL), k_len))
     win_left, win_right = _window(window, is_causal)
     diag = k_len - q_len if alignment == "bottom_right" else np.zeros_like(q_len)
 
     out = np.empty((Tq, Hq, Ev), dtype=q.dtype)
-    lse = np.empty((Hq, Tq), dtype=q.dtype) if (return_lse or sinks is not None) else None
+    lse = np.empty((Hq, Tq), dtype=q.dtype) if return_lse else None
     isa = _kernel.default_isa_index() if _isa is None else _kernel.isa_index(_isa)
     block_q, block_k = (_choose_block_sizes(max_q, max_k, isa) if _block_sizes is None
                         else _checked_block_sizes(_block_sizes))
-    table = _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, group)
-    tasks = _task_list(q_len, k_len, diag, Hq, block_q, win_left, win_right)
+    table = _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, keep, group)
+    tasks = _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right)
     if tasks.shape[0]:
         threads = _runtime.team_size(min(num_threads, tasks.shape[0]))
         # Keys are never split into chunks here: a packed batch has a task per
@@ -133,9 +146,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
                               variant=(_MASK_NONE, win_left, win_right, scale, softcap,
                                        False),
                               blocks=(block_q, block_k, 1, max_k),
-                              run=(threads, isa), tasks=tasks)
-    if sinks is not None:
-        _add_sinks(out, lse, sinks)
+                              run=(threads, isa), tasks=tasks, sinks=sink_logits)
     return (out, lse) if return_lse else out
 
 
@@ -220,27 +231,10 @@ def _cu_seqlens(cu, name, total, operand):
     return values.astype(np.intp)
 
 
-def _sinks(sinks, Hq):
-    """sinks as a float64 (Hq,) array, or None."""
-    if sinks is None:
-        return None
-    _reject_masked(sinks, "sinks")
-    values = np.asarray(sinks)
-    if values.dtype.kind not in "iuf":
-        raise TypeError(f"sinks must be real numbers (one logit per query head), got dtype "
-                        f"{values.dtype}")
-    if values.shape != (Hq,):
-        raise ValueError(f"sinks must have shape (Hq,) = ({Hq},), one logit per query "
-                         f"head, got shape {values.shape}")
-    values = values.astype(np.float64)
-    if np.isnan(values).any() or (values == np.inf).any():
-        raise ValueError("sinks must not be NaN or +inf (-inf means no sink)")
-    return values
-
-
-def _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, group):
+def _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, keep, group):
     """One row per (sequence, head), sequence-major: where its matrices start (element
-    offsets into the packed arrays), its key length, diagonal, query length and lse."""
+    offsets into the packed arrays), its key length, diagonal, kept first keys, query
+    length and lse."""
     Tq, Hq, _ = q.shape
     n = q_len.size
     seq = np.repeat(np.arange(n, dtype=np.intp), Hq)
@@ -256,13 +250,14 @@ def _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, group):
     table[:, _Column.DIAG] = diag[seq]
     table[:, _Column.Q_LEN] = q_len[seq]
     table[:, _Column.LSE] = head * Tq + cu_q[seq]
+    table[:, _Column.KEEP_FIRST] = keep[seq]
     return table
 
 
-def _task_list(q_len, k_len, diag, Hq, block_q, win_left, win_right):
+def _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right):
     """(n_tasks, 2) intp (item, query block) pairs, heaviest first: work is rows × visible
-    keys (at least one unit per row, for the output it writes), equal for every head of a
-    block; ties keep sequence order."""
+    keys (kept first keys included; at least one unit per row, for the output it writes),
+    equal for every head of a block; ties keep sequence order."""
     blocks = -(-q_len // block_q)
     seq = np.repeat(np.arange(q_len.size, dtype=np.intp), blocks)
     first = np.arange(seq.size, dtype=np.intp) - np.repeat(np.cumsum(blocks) - blocks, blocks)
@@ -271,22 +266,10 @@ def _task_list(q_len, k_len, diag, Hq, block_q, win_left, win_right):
     # the keys any row of the block sees: [first row's start, last row's end)
     k_begin = np.clip(i0 + diag[seq] - win_left, 0, k_len[seq])
     k_end = np.clip(i0 + rows + diag[seq] + win_right, 0, k_len[seq])
-    work = rows * (np.maximum(k_end - k_begin, 0) + 1)
+    kept = np.minimum(keep[seq], k_begin)  # kept keys before the window's start
+    work = rows * (np.maximum(k_end - k_begin, 0) + kept + 1)
     order = np.argsort(-work, kind="stable")
     tasks = np.empty((order.size * Hq, 2), dtype=np.intp)
     tasks[:, 0] = (seq[order][:, None] * Hq + np.arange(Hq, dtype=np.intp)).reshape(-1)
     tasks[:, 1] = np.repeat(first[order], Hq)
     return tasks
-
-
-def _add_sinks(out, lse, sinks):
-    """Fold each head's sink logit into its rows' softmax: the denominator gains
-    exp(sink), so every output row shrinks by exp(lse - new lse), and lse becomes the log
-    of the new denominator. Rows that saw no key keep output 0 and get lse = sink."""
-    sink = sinks.astype(lse.dtype)[:, None]
-    new_lse = np.logaddexp(lse, sink)
-    with np.errstate(invalid="ignore"):  # -inf - -inf: no key and no sink, weight 0
-        shrink = np.exp(lse - new_lse)
-    shrink[np.isnan(shrink) & (lse == -np.inf)] = 0
-    out *= shrink.T[:, :, None]
-    lse[...] = new_lse

@@ -15,7 +15,8 @@ def varlen_attention(  # type: ignore[overload-overlap]
     q: NDArray[_F], k: NDArray[_F], v: NDArray[_F], cu_seqlens_q: ArrayLike,
     cu_seqlens_k: ArrayLike, *, is_causal: bool = ..., alignment: _Alignment = ...,
     window: _Window = ..., softcap: Optional[float] = ..., scale: Optional[float] = ...,
-    sinks: Optional[ArrayLike] = ..., enable_gqa: bool = ...,
+    sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
+    enable_gqa: bool = ...,
     return_lse: Literal[False] = ..., num_threads: Optional[int] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ..., _isa: Optional[str] = ...,
 ) -> NDArray[_F]: ...
@@ -25,7 +26,8 @@ def varlen_attention(  # type: ignore[overload-overlap]
     q: NDArray[_F], k: NDArray[_F], v: NDArray[_F], cu_seqlens_q: ArrayLike,
     cu_seqlens_k: ArrayLike, *, is_causal: bool = ..., alignment: _Alignment = ...,
     window: _Window = ..., softcap: Optional[float] = ..., scale: Optional[float] = ...,
-    sinks: Optional[ArrayLike] = ..., enable_gqa: bool = ...,
+    sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
+    enable_gqa: bool = ...,
     return_lse: Literal[True], num_threads: Optional[int] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ..., _isa: Optional[str] = ...,
 ) -> Tuple[NDArray[_F], NDArray[_F]]: ...
@@ -35,7 +37,8 @@ def varlen_attention(
     q: NDArray[_F], k: NDArray[_F], v: NDArray[_F], cu_seqlens_q: ArrayLike,
     cu_seqlens_k: ArrayLike, *, is_causal: bool = ..., alignment: _Alignment = ...,
     window: _Window = ..., softcap: Optional[float] = ..., scale: Optional[float] = ...,
-    sinks: Optional[ArrayLike] = ..., enable_gqa: bool = ...,
+    sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
+    enable_gqa: bool = ...,
     return_lse: bool = ..., num_threads: Optional[int] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ..., _isa: Optional[str] = ...,
 ) -> Union[NDArray[_F], Tuple[NDArray[_F], NDArray[_F]]]: ...

@@ -51,8 +51,8 @@ def reference_per_sequence(q, k, v, cu_q, cu_k, sinks=None, **options):
                                                           **options)
         else:
             L, S = qs.shape[1], ks.shape[1]
-            structural = {key: options[key] for key in ("is_causal", "window", "alignment")
-                          if key in options}
+            structural = {key: options[key] for key in ("is_causal", "window", "alignment",
+                                                        "keep_first") if key in options}
             visible = reference.visible_keys(L, S, batch_shape=(Hq,), **structural)
             mask = np.concatenate([np.broadcast_to(np.asarray(sinks, float)[:, None, None],
                                                    (Hq, L, 1)),
@@ -95,6 +95,11 @@ OPTIONS = {
     "gqa": dict(enable_gqa=True, is_causal=True),
     "sinks": dict(sinks=np.array([0.5, -1.0, 3.0]), is_causal=True,
                   alignment="bottom_right"),
+    "sinks-no-sink-head-softcap": dict(sinks=np.array([-np.inf, 2.0, 0.0]), softcap=1.5),
+    "keep-first-window": dict(keep_first=4, window=(8, 0)),
+    "keep-first-causal-bottom-right-sinks": dict(keep_first=2, window=(5, None),
+                                                 is_causal=True, alignment="bottom_right",
+                                                 sinks=np.array([1.0, -1.0, 0.0])),
 }
 
 
@@ -200,7 +205,8 @@ def test_task_order_is_longest_work_first():
     from cattn._varlen import _task_list
     q_len = np.array([10, 300, 0, 40])
     k_len = np.array([10, 300, 5, 4000])
-    tasks = _task_list(q_len, k_len, np.zeros(4, np.intp), 2, 128, 2**60, 2**60)
+    tasks = _task_list(q_len, k_len, np.zeros(4, np.intp), np.zeros(4, np.intp), 2, 128,
+                       2**60, 2**60)
     # sequence 3 (40 rows x 4000 keys) first, then sequence 1's two full 128-row blocks,
     # its 44-row tail, sequence 0; every head of a block in a row.
     assert tasks.tolist() == [[6, 0], [7, 0], [2, 0], [3, 0], [2, 1], [3, 1], [2, 2],
@@ -280,9 +286,11 @@ BAD = [
     (dict(q=np.zeros((7, 2, 16), np.float32)), ValueError, "enable_gqa"),
     (dict(q=np.zeros((7, 4, 16), np.float32), enable_gqa=True), ValueError, "multiple"),
     (dict(enable_gqa=1), TypeError, "enable_gqa"),
-    (dict(sinks=np.zeros(2)), ValueError, r"shape \(Hq,\) = \(3,\)"),
-    (dict(sinks=np.array([0, np.nan, 0])), ValueError, "NaN"),
-    (dict(sinks=np.array(["a", "b", "c"])), TypeError, "sinks"),
+    (dict(sinks=np.zeros(2)), ValueError, r"one logit per query head, \(Hq,\) = \(3,\)"),
+    (dict(sinks=np.array([0, np.nan, 0])), ValueError, "finite"),
+    (dict(sinks=np.array([0, 1, 2])), TypeError, "floating-point"),
+    (dict(keep_first=-1), ValueError, "keep_first"),
+    (dict(keep_first=1.5), TypeError, "keep_first"),
     (dict(alignment="bottom"), ValueError, "alignment"),
     (dict(window=(1,)), TypeError, "window"),
     (dict(softcap=-1.0), ValueError, "softcap"),
