@@ -49,8 +49,9 @@ def visible_keys(L: int, S: int, is_causal: bool = False, window: _Window = None
         left, right = window
         if left is not None:
             # keep_first: the sequence's first keys stay visible past the left side
-            kept = j < (0 if keep_first is None else keep_first)
-            visible &= (j >= i + diag - left) | kept
+            # (positions below keep_first, which include any negative ones)
+            in_band = j >= i + diag - left
+            visible &= in_band if keep_first is None else in_band | (j < keep_first)
         if right is not None:
             visible &= j <= i + diag + right
     return visible
