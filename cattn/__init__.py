@@ -83,6 +83,15 @@ def __dir__() -> List[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
+def _block_gemm(kernel: Any) -> str:
+    path = kernel.isa_path()
+    if kernel.calls_blas():
+        return "blas"
+    if path in ("amx", "avx512_bf16"):
+        return f"avx512 micro-kernels, bfloat16 products on {path}"
+    return f"{path} micro-kernels"
+
+
 def show_config() -> Dict[str, Any]:
     """How this build runs: OpenMP, threads, the instruction-set path the kernels take
     (CATTN_ISA caps it), who computes the block GEMMs, the BLAS limiter.
@@ -92,7 +101,8 @@ def show_config() -> Dict[str, Any]:
     dict
         ``version``; ``openmp`` (False: a serial build, every call on one thread);
         ``default_num_threads`` (OpenMP's default team); ``isa`` (the path calls take:
-        "avx512", "avx2" or "portable") and ``isa_supported`` (every path this CPU can
+        "amx", "avx512_bf16", "avx512", "avx2" or "portable"; the first two add native
+        bfloat16 products to AVX-512) and ``isa_supported`` (every path this CPU can
         run); ``block_gemm`` (BLAS or cattn's own micro-kernels); ``blas_thread_control``
         (how BLAS is kept on one thread inside the kernel's threads); ``openmp_wait_policy``
         (how idle OpenMP workers wait, and who chose it).
@@ -123,7 +133,7 @@ def show_config() -> Dict[str, Any]:
         "default_num_threads": _kernel.default_num_threads(),
         "isa": _kernel.isa_path(),
         "isa_supported": list(_kernel.supported_isa_paths()),
-        "block_gemm": "blas" if _kernel.calls_blas() else f"{_kernel.isa_path()} micro-kernels",
+        "block_gemm": _block_gemm(_kernel),
         "blas_thread_control": single_threaded_blas.backend,
         "openmp_wait_policy": _runtime.WAIT_POLICY,
     }

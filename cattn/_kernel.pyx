@@ -19,6 +19,8 @@ raised is MemoryError when the per-thread scratch cannot be allocated).
 import os
 import threading
 
+import numpy as np
+
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport INFINITY, NAN, log, tanh
@@ -32,7 +34,8 @@ cimport numpy as cnp
 from cattn._blas cimport gemm_ab, gemm_abt
 from cattn._simd cimport (
     CATTN_ISA_PORTABLE, CATTN_ISA_AVX2, CATTN_ISA_AVX512, CATTN_ISA_WIDE16, cattn_isa_supported,
-    cattn_isa_runs_on, cattn_isa_uses_blas, CATTN_ISA_BLAS,
+    cattn_isa_runs_on, cattn_isa_uses_blas, CATTN_ISA_BLAS, CATTN_ISA_BEST, cattn_isa_float_path,
+    cattn_isa_has_bf16_products, cattn_bf16_work_bytes, cattn_bf16_qkt, cattn_bf16_pv,
     cattn_isa_name, cattn_row_max_f32, cattn_row_max_f64, cattn_exp_shift_sum_f32,
     cattn_exp_shift_sum_f64, cattn_expf_scalar, cattn_exp_scalar, cattn_stream_sum_f32,
     CATTN_OPENMP_ENABLED, omp_get_max_threads, cattn_panel_keys,
@@ -84,13 +87,14 @@ cpdef enum MaskKind:
 
 
 # ------------------------------------------------------------------ instruction sets
-ISA_NAMES = tuple(cattn_isa_name(i).decode() for i in range(3))  # best last
+ISA_NAMES = tuple(cattn_isa_name(i).decode() for i in range(CATTN_ISA_BEST + 1))  # best last
 TEST_ONLY_PATHS = tuple(cattn_isa_name(i).decode() for i in (CATTN_ISA_WIDE16, CATTN_ISA_BLAS))
 
 
 def _isa_cap_from_environment():
-    """The path the user allows: CATTN_ISA=avx512|avx2|portable (CATTN_DISABLE_AVX2=1 is
-    the older spelling of portable); unset means the best the CPU has."""
+    """The path the user allows: CATTN_ISA=amx|avx512_bf16|avx512|avx2|portable
+    (CATTN_DISABLE_AVX2=1 is the older spelling of portable); unset means the best the CPU
+    has. avx512 keeps bfloat16 products off (the operands are widened to float32)."""
     value = os.environ.get("CATTN_ISA", "").strip().lower()
     if value:
         if value not in ISA_NAMES:
@@ -98,7 +102,7 @@ def _isa_cap_from_environment():
                              f"got {os.environ['CATTN_ISA']!r}")
         return ISA_NAMES.index(value)
     off = os.environ.get("CATTN_DISABLE_AVX2", "")
-    return CATTN_ISA_PORTABLE if off and off[0] != "0" else CATTN_ISA_AVX512
+    return CATTN_ISA_PORTABLE if off and off[0] != "0" else CATTN_ISA_BEST
 
 
 # Read once, at import: no later race, and the same path for every call of the process.
@@ -107,7 +111,8 @@ cdef int DEFAULT_ISA = min(SUPPORTED_ISA, _isa_cap_from_environment())
 
 
 def isa_path():
-    """The instruction-set path calls take: 'avx512', 'avx2' or 'portable'."""
+    """The instruction-set path calls take: 'amx', 'avx512_bf16', 'avx512', 'avx2' or
+    'portable' (the first two are AVX-512 with native bfloat16 block products)."""
     return ISA_NAMES[DEFAULT_ISA]
 
 
@@ -149,6 +154,9 @@ cdef struct Plan:
     bint weights_mode                      # scores go straight into the weights output
     int isa                                # CATTN_ISA_*: which micro-kernels and row ops
     bint blas                              # block GEMMs through BLAS instead
+    # native bfloat16 block products (cattn_bf16.h)
+    int bf16_isa                           # the level computing them, 0: none
+    Py_ssize_t bf16_work_offset            # bytes into the thread's scratch of their work area
     const Py_ssize_t* table                # (n_items, N_COLS)
     Py_ssize_t* counters                   # per thread, COUNTER_STRIDE apart (statistics)
     # Packed variable-length sequences: an explicit task list of (item, query block) pairs,
@@ -170,6 +178,7 @@ cdef enum:
     COUNTER_TASKS = 0
     COUNTER_KEY_BLOCKS = 1
     COUNTER_TEAM = 2        # (thread 0's slot only) the team size OpenMP gave
+    COUNTER_BF16_BLOCKS = 3 # block products computed with native bfloat16 products
     COUNTER_STRIDE = 8
 
 
@@ -699,18 +708,21 @@ cdef inline void* data_or_null(object arr):
 
 # The last call's statistics, per calling thread (a private hook for the tests).
 _last_call = threading.local()
-cdef tuple ISA_NAME_OF = tuple(cattn_isa_name(i).decode() for i in range(5))
+cdef tuple ISA_NAME_OF = tuple(cattn_isa_name(i).decode() for i in range(CATTN_ISA_BLAS + 1))
 
 
 def last_call_stats():
     """What the calling thread's most recent kernel call did (a private testing hook):
     its path, OpenMP team size, tasks and how many threads ran some, key chunks, block
-    sizes, key blocks visited and the per-thread scratch in bytes."""
+    sizes, key blocks visited, the per-thread scratch in bytes, and how many block products
+    (Q·Kᵀ or P·V of one key block) used native bfloat16 products, and the path whose
+    float kernels and row operations ran ("avx512" on the bfloat16 levels)."""
     stats = getattr(_last_call, "stats", None)
     if stats is None:
         return None
     keys = ("isa", "team_size", "threads_with_tasks", "n_tasks", "n_splits", "split_keys",
-            "block_q", "block_k", "key_blocks_visited", "scratch_bytes", "interrupt_checks")
+            "block_q", "block_k", "key_blocks_visited", "scratch_bytes", "interrupt_checks",
+            "bf16_native_blocks", "float_kernels")
     return dict(zip(keys, stats))
 
 
@@ -774,7 +786,10 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         p.page_size, p.k_page_stride, p.v_page_stride = paged[1], paged[2], paged[3]
     p.sinks = data_or_null(sinks)
     # never an instruction the CPU lacks, whatever the caller asked for
-    p.isa = isa if cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA
+    cdef int level = isa if cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA
+    p.isa = cattn_isa_float_path(level)
+    p.bf16_isa = 0
+    p.bf16_work_offset = 0
     p.blas = cattn_isa_uses_blas(p.isa)
     cdef bint is_double = (<cnp.ndarray> q).descr.type_num == cnp.NPY_DOUBLE
     cdef size_t item = sizeof(double) if is_double else sizeof(float)
@@ -794,7 +809,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     cdef void* pp = data_or_null(partials)
     cdef void* sp
     cdef Py_ssize_t* counters
-    cdef Py_ssize_t first = 0, last, group, key_blocks = 0
+    cdef Py_ssize_t first = 0, last, group, key_blocks = 0, bf16_blocks = 0
     cdef int team = 1, with_tasks = 0, checks = 0, th
     if n_tasks == 0:
         return
@@ -828,9 +843,11 @@ def attention(object q, object k, object v, object out, object lse, object weigh
                     raise
         for th in range(threads):
             key_blocks += counters[th * COUNTER_STRIDE + COUNTER_KEY_BLOCKS]
+            bf16_blocks += counters[th * COUNTER_STRIDE + COUNTER_BF16_BLOCKS]
             with_tasks += counters[th * COUNTER_STRIDE + COUNTER_TASKS] > 0
-        _last_call.stats = (ISA_NAME_OF[p.isa], team, with_tasks, n_tasks, n_splits,
-                            split_keys, block_q, block_k, key_blocks, stride * item, checks)
+        _last_call.stats = (ISA_NAME_OF[level], team, with_tasks, n_tasks, n_splits,
+                            split_keys, block_q, block_k, key_blocks, stride * item, checks,
+                            bf16_blocks, ISA_NAME_OF[p.isa])
     finally:
         PyMem_RawFree(sp)
         PyMem_RawFree(counters)
@@ -859,7 +876,7 @@ def stream_sum(float[::1] x, int num_threads):
     the machine's streaming read rate (bytes / time of this call)."""
     cdef Py_ssize_t n = x.shape[0], chunk, c, n_chunks = 64 * max(num_threads, 1)
     cdef double total = 0
-    cdef int isa = DEFAULT_ISA
+    cdef int isa = cattn_isa_float_path(DEFAULT_ISA)
     chunk = (n + n_chunks - 1) // n_chunks
     if n == 0:
         return 0.0
@@ -868,6 +885,49 @@ def stream_sum(float[::1] x, int num_threads):
             if c * chunk < n:
                 total += cattn_stream_sum_f32(isa, &x[c * chunk], min(chunk, n - c * chunk))
     return total
+
+
+cdef Py_ssize_t _row_stride(cnp.ndarray x, int itemsize, str name) except -1:
+    if x.ndim != 2 or x.descr.itemsize != itemsize or (x.shape[1] > 1 and x.strides[1] != itemsize) \
+            or x.strides[0] % itemsize or x.strides[0] < 0:
+        raise ValueError(f"{name} must be a 2-D array of {itemsize}-byte elements with unit "
+                         f"column stride")
+    return x.strides[0] // itemsize
+
+
+def bf16_block_products(str path, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, cnp.ndarray p,
+                        float alpha):
+    """One block's two products with the native bfloat16 kernels of `path` (a testing
+    hook): (alpha · Q·Kᵀ, P·V) as float32, for q (rows, E) as bfloat16 bits (uint16) or
+    float32 holding bfloat16 values, k (n, E) and v (n, Ev) as bfloat16 bits, and p (rows,
+    n) float32, rounded to bfloat16 by the kernel. Row strides may exceed the row length."""
+    cdef int isa = isa_index(path)
+    if not cattn_isa_has_bf16_products(isa):
+        raise ValueError(f"the {path!r} path has no native bfloat16 products")
+    cdef bint q_f32 = q.dtype == np.float32
+    cdef Py_ssize_t q_rs = _row_stride(q, 4 if q_f32 else 2, "q")
+    cdef Py_ssize_t k_rs = _row_stride(k, 2, "k"), v_rs = _row_stride(v, 2, "v")
+    cdef Py_ssize_t ldp = _row_stride(p, 4, "p")
+    cdef Py_ssize_t rows = q.shape[0], E = q.shape[1], n = k.shape[0], Ev = v.shape[1]
+    if k.shape[1] != E or v.shape[0] != n or p.shape[0] != rows or p.shape[1] != n \
+            or p.dtype != np.float32:
+        raise ValueError("shapes must be q (rows, E), k (n, E), v (n, Ev), p (rows, n) float32")
+    scores = np.zeros((rows, n), np.float32)
+    acc = np.zeros((rows, Ev), np.float32)
+    cdef void* work = PyMem_RawMalloc(cattn_bf16_work_bytes(rows, n, E, Ev))
+    if work == NULL:
+        raise MemoryError("no memory for the work area")
+    cdef float* c = <float*> cnp.PyArray_DATA(scores)
+    cdef float* a = <float*> cnp.PyArray_DATA(acc)
+    cdef const void* qp = cnp.PyArray_DATA(q)
+    cdef const unsigned short* kp = <const unsigned short*> cnp.PyArray_DATA(k)
+    cdef const unsigned short* vp = <const unsigned short*> cnp.PyArray_DATA(v)
+    cdef const float* pp = <const float*> cnp.PyArray_DATA(p)
+    with nogil:
+        cattn_bf16_qkt(isa, rows, n, E, alpha, qp, q_f32, q_rs, kp, k_rs, c, n, work)
+        cattn_bf16_pv(isa, rows, Ev, n, pp, ldp, vp, v_rs, a, Ev, work)
+    PyMem_RawFree(work)
+    return scores, acc
 
 
 # ------------------------------------------------------ planning helpers (per call)

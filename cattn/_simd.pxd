@@ -6,10 +6,14 @@ cdef extern from "cattn_cpu.h" nogil:
         CATTN_ISA_PORTABLE
         CATTN_ISA_AVX2
         CATTN_ISA_AVX512
+        CATTN_ISA_AVX512_BF16
+        CATTN_ISA_AMX
+        CATTN_ISA_BEST
         CATTN_ISA_WIDE16
         CATTN_ISA_BLAS
     int cattn_isa_supported()
     int cattn_isa_runs_on(int isa, int supported)
+    int cattn_isa_float_path(int isa)
     const char* cattn_isa_name(int isa)
 
 cdef extern from "cattn_simd.h" nogil:
@@ -59,3 +63,15 @@ cdef extern from "cattn_gemm.h" nogil:
 cdef extern from "cattn_omp.h" nogil:
     int CATTN_OPENMP_ENABLED
     int omp_get_max_threads()
+
+cdef extern from "cattn_bf16.h" nogil:
+    int cattn_isa_has_bf16_products(int isa)
+    size_t cattn_bf16_work_bytes(Py_ssize_t block_q, Py_ssize_t block_k, Py_ssize_t E,
+                                 Py_ssize_t Ev)
+    void cattn_bf16_qkt(int isa, Py_ssize_t rows, Py_ssize_t n_keys, Py_ssize_t E,
+                        float alpha, const void* q, int q_f32, Py_ssize_t q_rs,
+                        const unsigned short* k, Py_ssize_t k_rs, float* c, Py_ssize_t ldc,
+                        void* work)
+    void cattn_bf16_pv(int isa, Py_ssize_t rows, Py_ssize_t Ev, Py_ssize_t n_keys,
+                       const float* p, Py_ssize_t ldp, const unsigned short* v,
+                       Py_ssize_t v_rs, float* acc, Py_ssize_t ld_acc, void* work)

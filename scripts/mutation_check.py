@@ -57,6 +57,7 @@ class Mutant:
 API, KERNEL, REF, LAYERS = "cattn/_api.py", "cattn/_kernel.pyx", "cattn/reference.py", \
     "cattn/layers.py"
 VARLEN = "cattn/_varlen.py"
+BF16 = "src/cattn_bf16.h"
 
 MUTANTS = [
     # ------------------------------------------------------------ found by the audit
@@ -204,10 +205,22 @@ MUTANTS = [
            ["tests/test_isa_paths.py", "-k", "ctrl_c"]),
     Mutant("avx512-request-runs-avx2",
            "the AVX-512 path is never taken (killed only on a CPU with AVX-512)",
-           [Edit(KERNEL, "p.isa = isa if cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA",
-                 "p.isa = CATTN_ISA_AVX2 if isa == CATTN_ISA_AVX512 else (isa if "
-                 "cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA)")],
+           [Edit(KERNEL, "p.isa = cattn_isa_float_path(level)",
+                 "p.isa = CATTN_ISA_AVX2 if level == CATTN_ISA_AVX512 else "
+                 "cattn_isa_float_path(level)")],
            ["tests/test_isa_paths.py", "-k", "environment"]),
+    Mutant("bf16-probabilities-truncated",
+           "P is cut to bfloat16 (rounded toward zero) instead of rounded to nearest even",
+           [Edit(BF16, "_mm512_storeu_si512(d + c / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));",
+                 "_mm512_storeu_si512(d + c / 2, _mm512_inserti64x4(_mm512_castsi256_si512("
+                 "_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(lo), 16))), "
+                 "_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(hi), 16)), 1));")],
+           ["tests/test_bf16_native.py", "-k", "float64"]),
+    Mutant("bf16-key-rows-read-past-E",
+           "the key packing reads whole pairs of 16 past a row's last feature",
+           [Edit(BF16, "const __mmask32 m = cattn_mask32(E - 2 * e0);",
+                 "const __mmask32 m = cattn_mask32(2 * ldq - 2 * e0);")],
+           ["tests/test_bf16_native.py", "-k", "float64 or non_finite"]),
     Mutant("peers-skip-under-ci",
            "under CI=true a missing torch skips the comparisons instead of failing",
            [Edit("tests/conftest.py", "        if in_ci():\n            pytest.fail(",

@@ -11,6 +11,10 @@
  *                       through BLAS where the compiler has no generic vectors (MSVC)
  *   CATTN_ISA_AVX2      AVX2 + FMA micro-kernels, 8 floats per vector
  *   CATTN_ISA_AVX512    AVX-512F micro-kernels, 16 floats per vector
+ *   CATTN_ISA_AVX512_BF16  AVX-512 for float32/float64; bfloat16 block products with
+ *                       vdpbf16ps (cattn_bf16.h)
+ *   CATTN_ISA_AMX       as AVX512_BF16, with AMX-BF16 tiles for bfloat16 blocks of 16 rows
+ *                       or more (needs the operating system to grant the tile state)
  *   CATTN_ISA_WIDE16    (tests only) the AVX-512 shapes of the micro-kernels -- 16 floats
  *                       per vector, the same register tiles, tails and masks -- built from
  *                       GCC's generic vectors for AVX2, so that a CPU without AVX-512 still
@@ -31,8 +35,51 @@
 #define CATTN_HAVE_X86_PATHS 0
 #endif
 
-enum { CATTN_ISA_PORTABLE = 0, CATTN_ISA_AVX2 = 1, CATTN_ISA_AVX512 = 2, CATTN_ISA_WIDE16 = 3,
-       CATTN_ISA_BLAS = 4 };
+/* The paths from portable to AMX form a chain, each level running everything below it;
+ * the test-only paths come after it. */
+enum { CATTN_ISA_PORTABLE = 0, CATTN_ISA_AVX2 = 1, CATTN_ISA_AVX512 = 2,
+       CATTN_ISA_AVX512_BF16 = 3, CATTN_ISA_AMX = 4, CATTN_ISA_BEST = CATTN_ISA_AMX,
+       CATTN_ISA_WIDE16 = 5, CATTN_ISA_BLAS = 6 };
+
+#if CATTN_HAVE_X86_PATHS
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+/* vdpbf16ps, and the AVX-512 BW/VL loads the bfloat16 packing uses. */
+static int cattn_cpu_has_avx512_bf16(void)
+{
+    unsigned a, b, c, d;
+    if (!(__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")))
+        return 0;
+    if (__get_cpuid_max(0, 0) < 7) return 0;
+    __cpuid_count(7, 1, a, b, c, d);
+    return (a >> 5) & 1;
+}
+
+/* AMX-TILE and AMX-BF16 in the CPU, the tile state enabled by the operating system (XCR0
+ * bits 17-18), and, on Linux, this process granted permission to use it (a request, once:
+ * the kernel refuses tile instructions to a process that never asked). Elsewhere, no AMX. */
+static int cattn_os_grants_amx(void)
+{
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    unsigned a, b, c, d, xcr0_lo, xcr0_hi;
+    if (__get_cpuid_max(0, 0) < 7) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!((d >> 24) & 1) || !((d >> 22) & 1)) return 0; /* AMX-TILE, AMX-BF16 */
+    __cpuid(1, a, b, c, d);
+    if (!((c >> 27) & 1)) return 0; /* OSXSAVE: xgetbv is available */
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & (3u << 17)) != (3u << 17)) return 0;
+    /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA */
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return 0;
+#endif
+}
+#endif
 
 /* The best path this CPU (and its operating system: libgcc checks that the OS saves the
  * wide registers) supports, ignoring any cap. */
@@ -42,9 +89,11 @@ static int cattn_isa_supported(void)
     __builtin_cpu_init();
     if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
         return CATTN_ISA_PORTABLE;
-    if (__builtin_cpu_supports("avx512f"))
+    if (!__builtin_cpu_supports("avx512f"))
+        return CATTN_ISA_AVX2;
+    if (!cattn_cpu_has_avx512_bf16())
         return CATTN_ISA_AVX512;
-    return CATTN_ISA_AVX2;
+    return cattn_os_grants_amx() ? CATTN_ISA_AMX : CATTN_ISA_AVX512_BF16;
 #else
     return CATTN_ISA_PORTABLE;
 #endif
@@ -53,12 +102,21 @@ static int cattn_isa_supported(void)
 static const char *cattn_isa_name(int isa)
 {
     switch (isa) {
+    case CATTN_ISA_AMX: return "amx";
+    case CATTN_ISA_AVX512_BF16: return "avx512_bf16";
     case CATTN_ISA_AVX512: return "avx512";
     case CATTN_ISA_AVX2: return "avx2";
     case CATTN_ISA_WIDE16: return "wide16";
     case CATTN_ISA_BLAS: return "blas";
     default: return "portable";
     }
+}
+
+/* The path whose float32/float64 kernels and row operations a path uses: the native
+ * bfloat16 levels are AVX-512 for every other dtype. */
+static inline int cattn_isa_float_path(int isa)
+{
+    return isa == CATTN_ISA_AVX512_BF16 || isa == CATTN_ISA_AMX ? CATTN_ISA_AVX512 : isa;
 }
 
 /* Whether a CPU whose best path is `supported` can run path `isa`. */

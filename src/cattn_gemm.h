@@ -440,6 +440,7 @@ CATTN_GEMM_ENTRY_POINTS(float, f32)
 CATTN_GEMM_ENTRY_POINTS(double, f64)
 #undef CATTN_GEMM_ENTRY_POINTS
 
-
+/* the native bfloat16 block products of the levels above AVX-512 */
+#include "cattn_bf16.h"
 
 #endif /* CATTN_GEMM_H */

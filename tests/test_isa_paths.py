@@ -1,5 +1,7 @@
-"""Every instruction-set path this CPU has (AVX-512, AVX2, portable), the block sizes and the
-interruptible loop, against the float64 reference.
+"""Every instruction-set path this CPU has (AMX, AVX512-BF16, AVX-512, AVX2, portable), the
+block sizes and the interruptible loop, against the float64 reference. (The AMX and
+AVX512-BF16 paths run float32/float64 on the AVX-512 kernels; their bfloat16 products are
+tested in test_bf16_native.py.)
 
 The path is chosen per call through a private hook (`_isa=`), so one process tests them
 all; paths the CPU lacks are skipped with a reason (and must still be refused, never run).
@@ -21,7 +23,7 @@ import cattn
 from cattn import _kernel
 from conftest import reference64, tolerance
 
-PATHS = ("avx512", "avx2", "portable", "wide16", "blas")
+PATHS = ("amx", "avx512_bf16", "avx512", "avx2", "portable", "wide16", "blas")
 sdpa = cattn.scaled_dot_product_attention
 
 
@@ -152,8 +154,9 @@ rng = np.random.default_rng(1)
 q, k, v = (rng.standard_normal((2, 40, 16)) for _ in range(3))
 got = cattn.scaled_dot_product_attention(q, k, v, is_causal=True)
 want = reference.scaled_dot_product_attention(q, k, v, is_causal=True)
-print(json.dumps({"isa": cattn.show_config()["isa"], "ran": _kernel.last_call_stats()["isa"],
-                  "err": float(np.abs(got - want).max())}))
+stats = _kernel.last_call_stats()
+print(json.dumps({"isa": cattn.show_config()["isa"], "ran": stats["isa"],
+                  "float_kernels": stats["float_kernels"], "err": float(np.abs(got - want).max())}))
 """
 
 
@@ -164,7 +167,7 @@ def run_child(env_update):
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("name", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("name", ["amx", "avx512_bf16", "avx512", "avx2", "portable"])
 def test_environment_caps_the_path(name):
     """(the 16-wide test path is never a process's path: CATTN_ISA does not name it)"""
     import json
@@ -174,6 +177,9 @@ def test_environment_caps_the_path(name):
     supported = _kernel.supported_isa_paths()
     expected = name if name in supported else supported[0]  # a cap, never an upgrade
     assert result["isa"] == result["ran"] == expected
+    # the bfloat16 levels run float32/float64 on the AVX-512 kernels
+    native_bf16 = expected in ("amx", "avx512_bf16")
+    assert result["float_kernels"] == ("avx512" if native_bf16 else expected)
     assert result["err"] < 1e-12
 
 
@@ -181,7 +187,8 @@ def test_environment_caps_the_path(name):
 def test_environment_names_an_unknown_path(value):
     proc = run_child({"CATTN_ISA": value})
     assert proc.returncode != 0
-    assert f"CATTN_ISA must be one of avx512, avx2, portable, got '{value}'" in proc.stderr
+    assert (f"CATTN_ISA must be one of amx, avx512_bf16, avx512, avx2, portable, "
+            f"got '{value}'") in proc.stderr
 
 
 def test_ctrl_c_interrupts_a_long_call():

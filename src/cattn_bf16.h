@@ -1,0 +1,487 @@
+/*
+ * Native bfloat16 block products, for the levels above AVX-512 (cattn_cpu.h):
+ *   CATTN_ISA_AVX512_BF16  vdpbf16ps: 16 float lanes, each the sum of two bf16 products
+ *   CATTN_ISA_AMX          AMX-BF16 tiles (tdpbf16ps, 16×16 floats per 16×32 by 32×16
+ *                          product) for blocks of 16 rows or more; fewer rows use the
+ *                          AVX512-BF16 kernels
+ *
+ *   scores = alpha · Q_blk · K_blkᵀ   Q and K bfloat16, products exact, float32 sums
+ *   acc   += P · V_blk                P (float32 probabilities) rounded to bfloat16 to
+ *                                     nearest even, V bfloat16, float32 sums
+ *
+ * Both instructions multiply pairs of bf16 along the inner dimension, so every operand is
+ * first rewritten as rows of 32-bit "pairs" (two bf16 of consecutive inner index, the lower
+ * index in the low half) in a per-thread work area:
+ *   Q  rows × ldq pairs (ldq = the E/2 pairs rounded up to 16: one 64-byte tile row),
+ *      rows rounded up to 32 with zeros;
+ *   K  panels of 32 keys: for each pair index, the 32 keys' pairs side by side (the tile
+ *      layout AMX wants for its second operand, 16 keys per tile);
+ *   P  rows × ldp pairs of keys, as Q;
+ *   V  for each pair of keys, the Ev columns' pairs side by side (Ev rounded up to 32).
+ * Padding is zero in both operands of a product (a bf16 0 times a bf16 0), so padded lanes
+ * add exact zeros; padded results are computed but never stored.
+ *
+ * The bf16 conversions flush subnormal probabilities (below 1.2e-38) to zero, as the
+ * hardware's dot products do for subnormal inputs: a weight that small changes no float32
+ * output. Q and K are copied as bits, never rounded.
+ *
+ * Every function carries a target attribute; the callers only reach them when the CPU (and
+ * for AMX, the operating system) supports the level.
+ */
+#ifndef CATTN_BF16_H
+#define CATTN_BF16_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "cattn_cpu.h"
+
+#define CATTN_BF16_PANEL 32   /* keys per packed K panel, columns per register/tile block */
+#define CATTN_BF16_ROWS_PAD 32 /* Q and P buffers: rows rounded up to two 16-row tiles */
+#define CATTN_BF16_PAIRS_PAD 16 /* pairs per buffer row rounded up to a 64-byte tile row */
+#define CATTN_BF16_MR 8        /* register tile of the AVX512-BF16 kernels: 8 rows × 32 */
+#define CATTN_BF16_PV_PAIRS 64 /* P·V: key pairs per pass (a 64 × 32 slab of V stays in L1) */
+
+static inline ptrdiff_t cattn_bf16_round_up(ptrdiff_t x, ptrdiff_t m)
+{
+    return (x + m - 1) / m * m;
+}
+
+/* The work-area layout of one block product (all sizes in 32-bit pairs). */
+static inline ptrdiff_t cattn_bf16_pairs_ld(ptrdiff_t n)
+{
+    return cattn_bf16_round_up((n + 1) / 2, CATTN_BF16_PAIRS_PAD);
+}
+
+static inline ptrdiff_t cattn_bf16_qkt_words(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E)
+{
+    const ptrdiff_t ldq = cattn_bf16_pairs_ld(E);
+    return cattn_bf16_round_up(rows, CATTN_BF16_ROWS_PAD) * ldq +
+           cattn_bf16_round_up(n_keys, CATTN_BF16_PANEL) * ldq;
+}
+
+static inline ptrdiff_t cattn_bf16_pv_words(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t Ev)
+{
+    const ptrdiff_t ldp = cattn_bf16_pairs_ld(n_keys);
+    return cattn_bf16_round_up(rows, CATTN_BF16_ROWS_PAD) * ldp +
+           ldp * cattn_bf16_round_up(Ev, CATTN_BF16_PANEL);
+}
+
+/* Bytes of work area a thread needs for blocks of up to block_q rows × block_k keys. */
+static inline size_t cattn_bf16_work_bytes(ptrdiff_t block_q, ptrdiff_t block_k, ptrdiff_t E,
+                                           ptrdiff_t Ev)
+{
+    const ptrdiff_t qk = cattn_bf16_qkt_words(block_q, block_k, E);
+    const ptrdiff_t pv = cattn_bf16_pv_words(block_q, block_k, Ev);
+    return (size_t)(qk > pv ? qk : pv) * 4 + 64;
+}
+
+/* Whether a level computes bf16 products natively. */
+static inline int cattn_isa_has_bf16_products(int isa)
+{
+    return isa == CATTN_ISA_AVX512_BF16 || isa == CATTN_ISA_AMX;
+}
+
+#if CATTN_HAVE_X86_PATHS
+
+#define CATTN_BF16_TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+#define CATTN_AMX_TGT \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")))
+
+static inline __mmask32 cattn_mask32(ptrdiff_t n)
+{
+    return n <= 0 ? 0 : n >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1);
+}
+
+static inline uint32_t *cattn_bf16_align64(void *p)
+{
+    return (uint32_t *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+}
+
+/* ---- operands into pairs */
+
+/* dst[r][0:ld] = the bf16 row x[r][0:n] as pairs (zeros past n), rows [rows, rows_pad)
+ * all zero. x_f32 says x holds float32 values that are bf16 exactly (their upper halves). */
+CATTN_BF16_TGT static void cattn_bf16_rows_to_pairs(ptrdiff_t rows, ptrdiff_t n,
+                                                    const void *x, int x_f32, ptrdiff_t x_rs,
+                                                    uint32_t *dst, ptrdiff_t ld,
+                                                    ptrdiff_t rows_pad)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        uint32_t *d = dst + r * ld;
+        for (ptrdiff_t c = 0; c < 2 * ld; c += 32) {
+            __m512i w;
+            if (x_f32) {
+                const float *xr = (const float *)x + r * x_rs + c;
+                __m512i lo = _mm512_maskz_loadu_epi32(cattn_mask16(n - c), xr);
+                __m512i hi = _mm512_maskz_loadu_epi32(cattn_mask16(n - c - 16), xr + 16);
+                __m256i l16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(lo, 16));
+                __m256i h16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(hi, 16));
+                w = _mm512_inserti64x4(_mm512_castsi256_si512(l16), h16, 1);
+            } else {
+                w = _mm512_maskz_loadu_epi16(cattn_mask32(n - c),
+                                             (const uint16_t *)x + r * x_rs + c);
+            }
+            _mm512_storeu_si512(d + c / 2, w);
+        }
+    }
+    if (rows_pad > rows) memset(dst + rows * ld, 0, (size_t)((rows_pad - rows) * ld) * 4);
+}
+
+/* dst[r][0:ld] = the float32 row p[r][0:n] rounded to bf16 (nearest even), as pairs. */
+CATTN_BF16_TGT static void cattn_bf16_round_to_pairs(ptrdiff_t rows, ptrdiff_t n,
+                                                     const float *p, ptrdiff_t ldp,
+                                                     uint32_t *dst, ptrdiff_t ld,
+                                                     ptrdiff_t rows_pad)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const float *pr = p + r * ldp;
+        uint32_t *d = dst + r * ld;
+        for (ptrdiff_t c = 0; c < 2 * ld; c += 32) {
+            __m512 lo = _mm512_maskz_loadu_ps(cattn_mask16(n - c), pr + c);
+            __m512 hi = _mm512_maskz_loadu_ps(cattn_mask16(n - c - 16), pr + c + 16);
+            _mm512_storeu_si512(d + c / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    }
+    if (rows_pad > rows) memset(dst + rows * ld, 0, (size_t)((rows_pad - rows) * ld) * 4);
+}
+
+/* Keys [0, n_keys) as panels of 32 keys × ldq pairs (keys past n_keys up to the panel's
+ * end read zeros), 16 keys × 16 pairs at a time through an in-register transpose of
+ * 32-bit lanes. */
+CATTN_BF16_TGT static void cattn_bf16_pack_keys(const uint16_t *k, ptrdiff_t k_rs,
+                                                ptrdiff_t n_keys, ptrdiff_t E, ptrdiff_t ldq,
+                                                uint32_t *packed)
+{
+    const ptrdiff_t n_pad = cattn_bf16_round_up(n_keys, CATTN_BF16_PANEL);
+    for (ptrdiff_t j0 = 0; j0 < n_pad; j0 += 16) {
+        uint32_t *panel = packed + (j0 / CATTN_BF16_PANEL) * CATTN_BF16_PANEL * ldq +
+                          j0 % CATTN_BF16_PANEL;
+        for (ptrdiff_t e0 = 0; e0 < ldq; e0 += 16) {
+            const __mmask32 m = cattn_mask32(E - 2 * e0);
+            __m512 r[16];
+            for (int c = 0; c < 16; c++)
+                r[c] = j0 + c < n_keys
+                           ? _mm512_castsi512_ps(
+                                 _mm512_maskz_loadu_epi16(m, k + (j0 + c) * k_rs + 2 * e0))
+                           : _mm512_setzero_ps();
+            cattn_transpose16_ps(r);
+            for (int e = 0; e < 16; e++)
+                _mm512_storeu_ps((float *)(panel + (e0 + e) * CATTN_BF16_PANEL), r[e]);
+        }
+    }
+}
+
+/* Values of keys [0, n_keys) as pairs of keys: out[jp][c] = (v[2jp][c], v[2jp+1][c]) for
+ * jp < ldp pairs and c < ldv columns (zeros past n_keys and Ev). */
+CATTN_BF16_TGT static void cattn_bf16_pack_values(const uint16_t *v, ptrdiff_t v_rs,
+                                                  ptrdiff_t n_keys, ptrdiff_t Ev,
+                                                  ptrdiff_t ldp, ptrdiff_t ldv, uint32_t *out)
+{
+    for (ptrdiff_t jp = 0; jp < ldp; jp++) {
+        const ptrdiff_t j = 2 * jp;
+        uint32_t *o = out + jp * ldv;
+        for (ptrdiff_t c = 0; c < ldv; c += 16) {
+            const __mmask16 m = cattn_mask16(Ev - c);
+            __m256i a = j < n_keys ? _mm256_maskz_loadu_epi16(m, v + j * v_rs + c)
+                                   : _mm256_setzero_si256();
+            __m256i b = j + 1 < n_keys ? _mm256_maskz_loadu_epi16(m, v + (j + 1) * v_rs + c)
+                                       : _mm256_setzero_si256();
+            __m512i w = _mm512_or_si512(_mm512_cvtepu16_epi32(a),
+                                        _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+            _mm512_storeu_si512(o + c, w);
+        }
+    }
+}
+
+/* Row tiles of MR rows, then 4, 2, 1 (each height a compile-time constant after inlining). */
+#define CATTN_BF16_ROW_TILES(rows, TILE)                                                  \
+    do {                                                                                  \
+        ptrdiff_t i_ = 0;                                                                 \
+        for (; i_ + CATTN_BF16_MR <= (rows); i_ += CATTN_BF16_MR) TILE(CATTN_BF16_MR, i_); \
+        if ((rows) - i_ >= 4) { TILE(4, i_); i_ += 4; }                                   \
+        if ((rows) - i_ >= 2) { TILE(2, i_); i_ += 2; }                                   \
+        if ((rows) - i_ >= 1) TILE(1, i_);                                                \
+    } while (0)
+
+/* ---- AVX512-BF16 micro-kernels */
+
+/* acc[r][0:32] += Σ_j a[r][j] · b[j][0:32] for r < MR_, over n_pairs pairs j: a row's pair
+ * broadcast against 32 columns of pairs (row stride ldb). */
+static inline __attribute__((always_inline)) CATTN_BF16_TGT void
+cattn_bf16_tile_products(const int MR_, ptrdiff_t n_pairs, const uint32_t *a, ptrdiff_t lda,
+                         const uint32_t *b, ptrdiff_t ldb, __m512 acc[][2])
+{
+    for (ptrdiff_t j = 0; j < n_pairs; j++) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + j * ldb);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + j * ldb + 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR_; r++) {
+            const __m512bh x = (__m512bh)_mm512_set1_epi32((int)a[r * lda + j]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
+        }
+    }
+}
+
+/* c[r][0:nc] = alpha · Σ_pairs q[r]·panel for r < MR_, one 32-key panel. */
+static inline __attribute__((always_inline)) CATTN_BF16_TGT void
+cattn_bf16_qkt_tile(const int MR_, ptrdiff_t n_pairs, float alpha, const uint32_t *q,
+                    ptrdiff_t ldq, const uint32_t *panel, float *c, ptrdiff_t ldc,
+                    ptrdiff_t nc)
+{
+    __m512 acc[CATTN_BF16_MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR_; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    cattn_bf16_tile_products(MR_, n_pairs, q, ldq, panel, CATTN_BF16_PANEL, acc);
+    const __m512 va = _mm512_set1_ps(alpha);
+    const __mmask16 m0 = cattn_mask16(nc), m1 = cattn_mask16(nc - 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR_; r++) {
+        _mm512_mask_storeu_ps(c + r * ldc, m0, _mm512_mul_ps(acc[r][0], va));
+        _mm512_mask_storeu_ps(c + r * ldc + 16, m1, _mm512_mul_ps(acc[r][1], va));
+    }
+}
+
+CATTN_BF16_TGT static void cattn_bf16_qkt_avx512(ptrdiff_t rows, ptrdiff_t n_keys,
+                                                 ptrdiff_t n_pairs, float alpha,
+                                                 const uint32_t *q, ptrdiff_t ldq,
+                                                 const uint32_t *packed, float *c,
+                                                 ptrdiff_t ldc)
+{
+#define QKT_TILE(R, i)                                                                    \
+    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += CATTN_BF16_PANEL)                           \
+        cattn_bf16_qkt_tile(R, n_pairs, alpha, q + (i) * ldq, ldq, packed + j0 * ldq,     \
+                            c + (i) * ldc + j0, ldc, n_keys - j0);
+    CATTN_BF16_ROW_TILES(rows, QKT_TILE);
+#undef QKT_TILE
+}
+
+/* acc[r][0:nc] += Σ_key-pairs p[r]·vp for r < MR_, one 32-column slab of V. */
+static inline __attribute__((always_inline)) CATTN_BF16_TGT void
+cattn_bf16_pv_tile(const int MR_, ptrdiff_t n_pairs, const uint32_t *p, ptrdiff_t ldp,
+                   const uint32_t *vp, ptrdiff_t ldv, float *acc, ptrdiff_t ld_acc,
+                   ptrdiff_t nc)
+{
+    const __mmask16 m0 = cattn_mask16(nc), m1 = cattn_mask16(nc - 16);
+    __m512 c[CATTN_BF16_MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR_; r++) {
+        c[r][0] = _mm512_maskz_loadu_ps(m0, acc + r * ld_acc);
+        c[r][1] = _mm512_maskz_loadu_ps(m1, acc + r * ld_acc + 16);
+    }
+    cattn_bf16_tile_products(MR_, n_pairs, p, ldp, vp, ldv, c);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR_; r++) {
+        _mm512_mask_storeu_ps(acc + r * ld_acc, m0, c[r][0]);
+        _mm512_mask_storeu_ps(acc + r * ld_acc + 16, m1, c[r][1]);
+    }
+}
+
+CATTN_BF16_TGT static void cattn_bf16_pv_avx512(ptrdiff_t rows, ptrdiff_t Ev,
+                                                ptrdiff_t n_pairs, const uint32_t *p,
+                                                ptrdiff_t ldp, const uint32_t *vp,
+                                                ptrdiff_t ldv, float *acc, ptrdiff_t ld_acc)
+{
+    for (ptrdiff_t j0 = 0; j0 < n_pairs; j0 += CATTN_BF16_PV_PAIRS) {
+        const ptrdiff_t kc = n_pairs - j0 < CATTN_BF16_PV_PAIRS ? n_pairs - j0
+                                                                : CATTN_BF16_PV_PAIRS;
+        for (ptrdiff_t c0 = 0; c0 < Ev; c0 += CATTN_BF16_PANEL) {
+#define PV_TILE(R, i)                                                                     \
+    cattn_bf16_pv_tile(R, kc, p + (i) * ldp + j0, ldp, vp + j0 * ldv + c0, ldv,           \
+                       acc + (i) * ld_acc + c0, ld_acc, Ev - c0)
+            CATTN_BF16_ROW_TILES(rows, PV_TILE);
+#undef PV_TILE
+        }
+    }
+}
+
+/* ---- AMX-BF16 tiles: tmm0-3 a 32 × 32 block of float results (two row tiles × two
+ * column tiles), tmm4-5 two row tiles of the left operand, tmm6-7 two column tiles of the
+ * right operand; every tile 16 rows × 64 bytes. Configured at the start of each block
+ * product and released at its end, so no tile state outlives a call on the thread. */
+
+struct cattn_tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+CATTN_AMX_TGT static void cattn_amx_configure(void)
+{
+    struct cattn_tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* The 32 × 32 result block from tmm0-3 into buf (row stride 32 floats). */
+#define CATTN_AMX_STORE_RESULT(buf)                                                       \
+    do {                                                                                  \
+        _tile_stored(0, (buf), 128);                                                      \
+        _tile_stored(1, (buf) + 16, 128);                                                 \
+        _tile_stored(2, (buf) + 16 * 32, 128);                                            \
+        _tile_stored(3, (buf) + 16 * 32 + 16, 128);                                       \
+    } while (0)
+
+#define CATTN_AMX_PRODUCTS()                                                              \
+    do {                                                                                  \
+        _tile_dpbf16ps(0, 4, 6);                                                          \
+        _tile_dpbf16ps(1, 4, 7);                                                          \
+        _tile_dpbf16ps(2, 5, 6);                                                          \
+        _tile_dpbf16ps(3, 5, 7);                                                          \
+    } while (0)
+
+/* c = alpha · Q·Kᵀ: q has rows rounded up to 32 (zeros), ldq pairs a multiple of 16. */
+CATTN_AMX_TGT static void cattn_bf16_qkt_amx(ptrdiff_t rows, ptrdiff_t n_keys, float alpha,
+                                             const uint32_t *q, ptrdiff_t ldq,
+                                             const uint32_t *packed, float *c, ptrdiff_t ldc)
+{
+    float buf[32 * 32] __attribute__((aligned(64)));
+    const __m512 va = _mm512_set1_ps(alpha);
+    cattn_amx_configure();
+    for (ptrdiff_t i0 = 0; i0 < rows; i0 += 32) {
+        const uint32_t *q0 = q + i0 * ldq, *q1 = q0 + 16 * ldq;
+        const ptrdiff_t nr = rows - i0 < 32 ? rows - i0 : 32;
+        for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += CATTN_BF16_PANEL) {
+            const uint32_t *panel = packed + j0 * ldq;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (ptrdiff_t e0 = 0; e0 < ldq; e0 += 16) {
+                _tile_loadd(4, q0 + e0, ldq * 4);
+                _tile_loadd(5, q1 + e0, ldq * 4);
+                _tile_loadd(6, panel + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL * 4);
+                _tile_loadd(7, panel + e0 * CATTN_BF16_PANEL + 16, CATTN_BF16_PANEL * 4);
+                CATTN_AMX_PRODUCTS();
+            }
+            CATTN_AMX_STORE_RESULT(buf);
+            const ptrdiff_t nc = n_keys - j0;
+            const __mmask16 m0 = cattn_mask16(nc), m1 = cattn_mask16(nc - 16);
+            float *cr = c + i0 * ldc + j0;
+            for (ptrdiff_t r = 0; r < nr; r++) {
+                _mm512_mask_storeu_ps(cr + r * ldc, m0,
+                                      _mm512_mul_ps(_mm512_load_ps(buf + r * 32), va));
+                _mm512_mask_storeu_ps(cr + r * ldc + 16, m1,
+                                      _mm512_mul_ps(_mm512_load_ps(buf + r * 32 + 16), va));
+            }
+        }
+    }
+    _tile_release();
+}
+
+/* acc += P·V: p has rows rounded up to 32 (zeros) and ldp pairs (a multiple of 16), vp
+ * ldp pairs of keys × ldv columns (a multiple of 32). */
+CATTN_AMX_TGT static void cattn_bf16_pv_amx(ptrdiff_t rows, ptrdiff_t Ev, const uint32_t *p,
+                                            ptrdiff_t ldp, const uint32_t *vp, ptrdiff_t ldv,
+                                            float *acc, ptrdiff_t ld_acc)
+{
+    float buf[32 * 32] __attribute__((aligned(64)));
+    cattn_amx_configure();
+    for (ptrdiff_t i0 = 0; i0 < rows; i0 += 32) {
+        const uint32_t *p0 = p + i0 * ldp, *p1 = p0 + 16 * ldp;
+        const ptrdiff_t nr = rows - i0 < 32 ? rows - i0 : 32;
+        for (ptrdiff_t c0 = 0; c0 < Ev; c0 += CATTN_BF16_PANEL) {
+            const ptrdiff_t nc = Ev - c0;
+            const __mmask16 m0 = cattn_mask16(nc), m1 = cattn_mask16(nc - 16);
+            float *ar = acc + i0 * ld_acc + c0;
+            for (ptrdiff_t r = 0; r < 32; r++) {
+                __m512 x0 = _mm512_setzero_ps(), x1 = x0;
+                if (r < nr) {
+                    x0 = _mm512_maskz_loadu_ps(m0, ar + r * ld_acc);
+                    x1 = _mm512_maskz_loadu_ps(m1, ar + r * ld_acc + 16);
+                }
+                _mm512_store_ps(buf + r * 32, x0);
+                _mm512_store_ps(buf + r * 32 + 16, x1);
+            }
+            _tile_loadd(0, buf, 128);
+            _tile_loadd(1, buf + 16, 128);
+            _tile_loadd(2, buf + 16 * 32, 128);
+            _tile_loadd(3, buf + 16 * 32 + 16, 128);
+            for (ptrdiff_t j0 = 0; j0 < ldp; j0 += 16) {
+                _tile_loadd(4, p0 + j0, ldp * 4);
+                _tile_loadd(5, p1 + j0, ldp * 4);
+                _tile_loadd(6, vp + j0 * ldv + c0, ldv * 4);
+                _tile_loadd(7, vp + j0 * ldv + c0 + 16, ldv * 4);
+                CATTN_AMX_PRODUCTS();
+            }
+            CATTN_AMX_STORE_RESULT(buf);
+            for (ptrdiff_t r = 0; r < nr; r++) {
+                _mm512_mask_storeu_ps(ar + r * ld_acc, m0, _mm512_load_ps(buf + r * 32));
+                _mm512_mask_storeu_ps(ar + r * ld_acc + 16, m1,
+                                      _mm512_load_ps(buf + r * 32 + 16));
+            }
+        }
+    }
+    _tile_release();
+}
+
+/* Blocks of at least this many rows use the tiles on the AMX level (a tile holds 16). */
+#define CATTN_AMX_MIN_ROWS 16
+
+/* ---- entry points */
+
+/* c[rows, n_keys] (row stride ldc) = alpha · Q·Kᵀ, Q (bf16, or float32 holding bf16 values
+ * when q_f32) and K bf16 with row strides q_rs and k_rs in elements. */
+static inline void cattn_bf16_qkt(int isa, ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, float alpha,
+                           const void *q, int q_f32, ptrdiff_t q_rs, const uint16_t *k,
+                           ptrdiff_t k_rs, float *c, ptrdiff_t ldc, void *work)
+{
+    const ptrdiff_t ldq = cattn_bf16_pairs_ld(E);
+    const ptrdiff_t rows_pad = cattn_bf16_round_up(rows, CATTN_BF16_ROWS_PAD);
+    uint32_t *qp = cattn_bf16_align64(work), *kp = qp + rows_pad * ldq;
+    cattn_bf16_rows_to_pairs(rows, E, q, q_f32, q_rs, qp, ldq, rows_pad);
+    cattn_bf16_pack_keys(k, k_rs, n_keys, E, ldq, kp);
+    if (isa == CATTN_ISA_AMX && rows >= CATTN_AMX_MIN_ROWS)
+        cattn_bf16_qkt_amx(rows, n_keys, alpha, qp, ldq, kp, c, ldc);
+    else
+        cattn_bf16_qkt_avx512(rows, n_keys, (E + 1) / 2, alpha, qp, ldq, kp, c, ldc);
+}
+
+/* acc[rows, Ev] (row stride ld_acc) += P·V, P float32 (row stride ldp) rounded to bf16,
+ * V bf16 (row stride v_rs). */
+static inline void cattn_bf16_pv(int isa, ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys,
+                          const float *p, ptrdiff_t ldp, const uint16_t *v, ptrdiff_t v_rs,
+                          float *acc, ptrdiff_t ld_acc, void *work)
+{
+    const ptrdiff_t ldpp = cattn_bf16_pairs_ld(n_keys);
+    const ptrdiff_t ldv = cattn_bf16_round_up(Ev, CATTN_BF16_PANEL);
+    const ptrdiff_t rows_pad = cattn_bf16_round_up(rows, CATTN_BF16_ROWS_PAD);
+    uint32_t *pp = cattn_bf16_align64(work), *vp = pp + rows_pad * ldpp;
+    cattn_bf16_round_to_pairs(rows, n_keys, p, ldp, pp, ldpp, rows_pad);
+    cattn_bf16_pack_values(v, v_rs, n_keys, Ev, ldpp, ldv, vp);
+    if (isa == CATTN_ISA_AMX && rows >= CATTN_AMX_MIN_ROWS)
+        cattn_bf16_pv_amx(rows, Ev, pp, ldpp, vp, ldv, acc, ld_acc);
+    else
+        cattn_bf16_pv_avx512(rows, Ev, (n_keys + 1) / 2, pp, ldpp, vp, ldv, acc, ld_acc);
+}
+
+#undef CATTN_BF16_ROW_TILES
+
+#else /* no x86 paths: the levels are never supported, so these are never called */
+
+static inline void cattn_bf16_qkt(int isa, ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, float alpha,
+                           const void *q, int q_f32, ptrdiff_t q_rs, const uint16_t *k,
+                           ptrdiff_t k_rs, float *c, ptrdiff_t ldc, void *work)
+{
+    (void)isa, (void)rows, (void)n_keys, (void)E, (void)alpha, (void)q, (void)q_f32;
+    (void)q_rs, (void)k, (void)k_rs, (void)c, (void)ldc, (void)work;
+}
+
+static inline void cattn_bf16_pv(int isa, ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys,
+                          const float *p, ptrdiff_t ldp, const uint16_t *v, ptrdiff_t v_rs,
+                          float *acc, ptrdiff_t ld_acc, void *work)
+{
+    (void)isa, (void)rows, (void)Ev, (void)n_keys, (void)p, (void)ldp, (void)v, (void)v_rs;
+    (void)acc, (void)ld_acc, (void)work;
+}
+
+#endif /* CATTN_HAVE_X86_PATHS */
+
+#endif /* CATTN_BF16_H */
