@@ -351,7 +351,7 @@ cdef inline void fold_block(const Plan* p, const Task* t, Py_ssize_t kb0, Py_ssi
                             const floating* mask_add, const uint8_t* mask_bool,
                             floating* acc, floating* run_max, floating* run_sum) noexcept nogil:
     """Fold the scores of keys [kb0, kb0 + n_keys) into the online softmax of every row."""
-    cdef Py_ssize_t r, i, lo, hi, keep, a, b, gap_a, gap_b
+    cdef Py_ssize_t r, i, lo, hi, a, b, gap_a, gap_b
     cdef Py_ssize_t kv_len = t.item[COL_KV_LEN], diag = t.item[COL_DIAG]
     cdef Py_ssize_t keep_first = t.item[COL_KEEP_FIRST]
     for r in range(t.rows):
@@ -361,17 +361,18 @@ cdef inline void fold_block(const Plan* p, const Task* t, Py_ssize_t kb0, Py_ssi
         a = clamp(lo - kb0, 0, n_keys)
         b = clamp(hi - kb0, 0, n_keys)
         gap_a = gap_b = 0
-        keep = keep_first if keep_first < hi else hi
-        if keep > 0 and keep > kb0:  # the first keys, visible up to the window's right side
-            if keep >= lo:
+        # The first keys stay visible up to the window's right side (hi): either they
+        # reach the window (one range from 0), or a hidden gap lies between the two.
+        if keep_first > kb0:
+            if keep_first >= lo:
                 a = 0
             elif b > a:  # kept keys, hidden gap, window: in this block
-                gap_a = clamp(keep - kb0, 0, n_keys)
+                gap_a = clamp(keep_first - kb0, 0, n_keys)
                 gap_b = a
                 a = 0
-            else:
+            else:  # (keep_first < lo <= hi)
                 a = 0
-                b = clamp(keep - kb0, 0, n_keys)
+                b = clamp(keep_first - kb0, 0, n_keys)
         fold_row(scores + r * ld, n_keys, a, b, gap_a, gap_b, r,
                  t.item[COL_MASK] + i * p.mask_rs + kb0 * p.mask_cs, p,
                  mask_add, mask_bool, acc, run_max, run_sum)

@@ -278,8 +278,9 @@ MUTANTS = [
            ["tests/test_sinks.py", "-k", "no_key or no_visible"]),
     Mutant("keep-first-ignores-the-window-right-side",
            "kept first keys are visible to queries before them (a causal leak)",
-           [Edit(KERNEL, "        keep = keep_first if keep_first < hi else hi\n",
-                 "        keep = keep_first if keep_first < kv_len else kv_len\n")],
+           [Edit(KERNEL, "            if keep_first >= lo:\n                a = 0\n",
+                 "            if keep_first >= lo:\n                a = 0\n"
+                 "                b = clamp(max(keep_first, hi) - kb0, 0, n_keys)\n")],
            ["tests/test_sinks.py", "-k", "keep"]),
     Mutant("keep-first-gap-not-hidden",
            "keys between the kept first keys and the window leak in when both share a block",
