@@ -155,3 +155,22 @@ def test_bad_input(change, error, words):
     args.update(change)
     with pytest.raises(error, match=words):
         spa(args["q"], args["pk"], args["pv"], args["k"], args["v"], **options)
+
+
+def test_benchmark_workload_times_both_ways_and_checks_the_target(monkeypatch, tmp_path,
+                                                                   capsys):
+    """The serving preset (on a small shape here): both computations checked against the
+    float64 reference, timed, and the speed-up target evaluated."""
+    from cattn import bench
+    from cattn.bench import serving
+    monkeypatch.setattr(serving, "shared_prefix_shape", lambda mode: (3, 2, 300, 20, 16))
+    out = tmp_path / "serving.json"
+    result = bench.main(["--preset", "serving", "--threads", "1", "--reps", "5",
+                         "--warmup", "0", "--json", str(out), "--plot", "-"])
+    text = capsys.readouterr().out
+    assert "shared_prefix_attention" in text and "concatenated caches" in text
+    case = next(c for c in result["cases"] if c.workload == "serving")
+    assert {r.options for r in case.rows} == {"shared-prefix", "concatenated"}
+    assert all(r.max_abs_diff < 1e-5 for r in case.rows) and not case.wrong_output
+    target = next(t for t in result["targets"] if t.id == "shared-prefix-speedup")
+    assert target.indicative and len(target.details) == 1

@@ -238,6 +238,8 @@ WORKLOADS = {
     "memory": memory_cases,
     "blocks": lambda mode: [("blocks", [], {"kind": "blockgemm"})],
     "varlen": lambda mode: [("varlen", [], {"kind": "varlen"})],
+    "serving": lambda mode: [("shared prefix", [], {"kind": "shared_prefix",
+                                                    "impls": ("cattn",)})],
 }
 
 
@@ -259,6 +261,10 @@ def run_workload_case(wname: str, name: str, specs: List[Spec], opts: Dict[str, 
         text = format_varlen_case(case)
     elif not impls:
         return None
+    elif opts["kind"] == "shared_prefix":  # (its own inputs: a prefix and R suffixes)
+        from cattn.bench.serving import format_shared_prefix_case, run_shared_prefix_case
+        case = run_shared_prefix_case(name, "quick" if config.quick else "full", config)
+        text = format_shared_prefix_case(case)
     elif opts["kind"] == "memory":  # (one cattn: the path does not change the memory)
         case = run_memory_case(name, specs, [i for i in impls if i != "cattn-avx2"], 1,
                                config=config)

@@ -177,11 +177,25 @@ def _varlen_targets(result) -> List[Target]:
     return out
 
 
+def _serving_targets(result) -> List[Target]:
+    checks = []
+    for c, r in _rows(result, workload="serving", impl="cattn", options="shared-prefix"):
+        whole = next((x for x in c.rows if getattr(x, "options", None) == "concatenated"
+                      and x.threads == r.threads), None)
+        if whole is not None:
+            checks.append((f"{r.threads}t", whole.median_s / r.median_s, 4.0, True))
+    return [_target("shared-prefix-speedup", "16 requests x 1 token, shared prefix 4096 + "
+                    "own 128 keys, H=32 E=128: >=4x one decode over the concatenated caches",
+                    checks, indicative=any(c.spec.get("prefix") != 4096 for c, _ in
+                                           _rows(result, workload="serving")))]
+
+
 def check_targets(result: Dict[str, Any]) -> List[Target]:
     """Every target's verdict in this run: PASS, FAIL, n/a (no data), or in parentheses
     when measured on other shapes than the target's (indicative only)."""
     return (_prefill_targets(result) + _encoder_decode_targets(result)
-            + _memory_and_variant_targets(result) + _varlen_targets(result))
+            + _memory_and_variant_targets(result) + _varlen_targets(result)
+            + _serving_targets(result))
 
 
 def format_targets(targets: List[Target]) -> str:
