@@ -3,8 +3,9 @@
 Sequences are packed along the token axis, (T, H, E), and cut by cumulative lengths
 (cu_seqlens), as in FlashAttention's varlen functions. Each (sequence, head) is one item of
 the kernel's table, read in place through the packed layout's uniform token stride; the
-kernel runs an explicit list of (item, query block) tasks, heaviest first, so that a long
-sequence starts early and the short ones fill the gaps between the threads.
+kernel runs an explicit list of (item, query block) tasks, the sequences with the most work
+first, so that a long sequence starts early and the short ones fill the gaps between the
+threads.
 """
 import numpy as np
 
@@ -255,9 +256,12 @@ def _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, keep, group):
 
 
 def _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right):
-    """(n_tasks, 2) intp (item, query block) pairs, heaviest first: work is rows × visible
-    keys (kept first keys included; at least one unit per row, for the output it writes),
-    equal for every head of a block; ties keep sequence order."""
+    """(n_tasks, 2) intp (item, query block) pairs: sequences with the most work (rows ×
+    visible keys, kept first keys included, at least one unit per row for the output it
+    writes) first, so that the short ones fill the gaps between the threads at the end;
+    within a sequence head by head, each head's blocks heaviest first and together, so
+    that its keys and values stay in cache from one block to the next. Ties keep the
+    sequence order."""
     blocks = -(-q_len // block_q)
     seq = np.repeat(np.arange(q_len.size, dtype=np.intp), blocks)
     first = np.arange(seq.size, dtype=np.intp) - np.repeat(np.cumsum(blocks) - blocks, blocks)
@@ -268,8 +272,13 @@ def _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right):
     k_end = np.clip(i0 + rows + diag[seq] + win_right, 0, k_len[seq])
     kept = np.minimum(keep[seq], k_begin)  # kept keys before the window's start
     work = rows * (np.maximum(k_end - k_begin, 0) + kept + 1)
-    order = np.argsort(-work, kind="stable")
-    tasks = np.empty((order.size * Hq, 2), dtype=np.intp)
-    tasks[:, 0] = (seq[order][:, None] * Hq + np.arange(Hq, dtype=np.intp)).reshape(-1)
-    tasks[:, 1] = np.repeat(first[order], Hq)
+    seq_work = np.bincount(seq, weights=work, minlength=q_len.size)
+    rank = np.empty(q_len.size, dtype=np.intp)
+    rank[np.argsort(-seq_work, kind="stable")] = np.arange(q_len.size)
+    head = np.tile(np.arange(Hq, dtype=np.intp), seq.size)
+    seq, first, work = np.repeat(seq, Hq), np.repeat(first, Hq), np.repeat(work, Hq)
+    order = np.lexsort((first, -work, head, rank[seq]))  # (the last key sorts first)
+    tasks = np.empty((order.size, 2), dtype=np.intp)
+    tasks[:, 0] = seq[order] * Hq + head[order]
+    tasks[:, 1] = first[order]
     return tasks

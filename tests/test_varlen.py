@@ -205,12 +205,16 @@ def test_task_order_is_longest_work_first():
     from cattn._varlen import _task_list
     q_len = np.array([10, 300, 0, 40])
     k_len = np.array([10, 300, 5, 4000])
-    tasks = _task_list(q_len, k_len, np.zeros(4, np.intp), np.zeros(4, np.intp), 2, 128,
-                       2**60, 2**60)
-    # sequence 3 (40 rows x 4000 keys) first, then sequence 1's two full 128-row blocks,
-    # its 44-row tail, sequence 0; every head of a block in a row.
-    assert tasks.tolist() == [[6, 0], [7, 0], [2, 0], [3, 0], [2, 1], [3, 1], [2, 2],
+    none = np.zeros(4, np.intp)
+    tasks = _task_list(q_len, k_len, none, none, 2, 128, 2**60, 2**60)
+    # sequence 3 (40 rows x 4000 keys) first, then sequence 1 (300 x 300) head by head,
+    # each head's full blocks then its 44-row tail, then sequence 0.
+    assert tasks.tolist() == [[6, 0], [7, 0], [2, 0], [2, 1], [2, 2], [3, 0], [3, 1],
                               [3, 2], [0, 0], [1, 0]]
+    # Causal, within a head: rows x keys of the blocks are 128 x 256, 128 x 128, 44 x 300.
+    tasks = _task_list(np.array([300]), np.array([300]), np.zeros(1, np.intp),
+                       np.zeros(1, np.intp), 1, 128, 2**60, 0)
+    assert tasks.tolist() == [[0, 1], [0, 0], [0, 2]]
 
 
 def test_lse_merges_with_other_key_chunks(rng):
