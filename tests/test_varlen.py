@@ -182,8 +182,15 @@ def path_param(name):
         not available, reason=f"this CPU lacks the {name} path"))
 
 
-@pytest.mark.parametrize("path", [path_param(p) for p in
-                                  ("avx512", "avx2", "portable", "wide16", "blas")])
+# every path a CPU may offer (this one's, and the others skipped with the reason)
+PATHS = ("amx", "avx512_bf16", "avx512", "avx2", "portable", "wide16", "blas")
+
+
+def test_every_testable_path_is_listed():
+    assert set(_kernel.testable_isa_paths()) <= set(PATHS)
+
+
+@pytest.mark.parametrize("path", [path_param(p) for p in PATHS])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_isa_path(rng, path, dtype):
     q, k, v, cu_q, cu_k = packed(rng, Q_LENGTHS, K_LENGTHS, E=17, Ev=33, dtype=dtype)
