@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # what the lazy loader below provides, for type checkers
     from cattn._api import merge_attention, scaled_dot_product_attention
     from cattn._varlen import varlen_attention
     from cattn._shared_prefix import shared_prefix_attention
+    from cattn._dtypes import quantize_kv
     from cattn._kernel import openmp_enabled
     from cattn._paged import PagedKVCache, paged_attention
     from cattn._runtime import get_num_threads, set_num_threads, threads
@@ -53,6 +54,7 @@ _LAZY = {
     "merge_attention": "cattn._api",
     "varlen_attention": "cattn._varlen",
     "shared_prefix_attention": "cattn._shared_prefix",
+    "quantize_kv": "cattn._dtypes",
     "MultiHeadAttention": "cattn.layers",
     "KVCache": "cattn.layers",
     "paged_attention": "cattn._paged",
@@ -140,7 +142,7 @@ def show_config() -> Dict[str, Any]:
 
 
 __all__ = ["scaled_dot_product_attention", "merge_attention", "varlen_attention",
-           "shared_prefix_attention", "reference",
+           "shared_prefix_attention", "quantize_kv", "reference",
            "MultiHeadAttention", "KVCache", "paged_attention", "PagedKVCache",
            "set_num_threads", "get_num_threads", "threads",
            "openmp_enabled", "show_config", "__version__"]

@@ -16,9 +16,11 @@ import math
 import numpy as np
 
 from cattn import _runtime, _kernel  # _runtime first: it loads OpenMP (wait policy)
+from cattn import _dtypes
 from cattn._blas_threads import single_threaded_blas
 from cattn._interop import from_dlpack
-from cattn._validation import (FLOAT_DTYPES as _FLOAT_DTYPES, check_flag as _check_flag,
+from cattn._validation import (FLOAT_DTYPES as _FLOAT_DTYPES, broadcasts_to as _broadcasts_to,
+                               check_flag as _check_flag,
                                check_int as _check_int, check_ndarray as _check_ndarray,
                                check_positive_float as _check_positive_float,
                                reject_masked as _reject_masked)
@@ -34,6 +36,7 @@ _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = (int(_kernel.MaskKind.MASK_NONE),
                                          int(_kernel.MaskKind.MASK_BOOL),
                                          int(_kernel.MaskKind.MASK_ADDITIVE))
 _Column = _kernel.Column
+_FLOAT32, _FLOAT64 = _FLOAT_DTYPES
 
 
 # ------------------------------------------------------------------ validation helpers
@@ -43,12 +46,19 @@ def _as_ndarray(x, name):
     return x if x is None or isinstance(x, np.ndarray) else from_dlpack(x, name)
 
 
-def _check_array(x, name):
+def _check_array(x, name, narrow=None):
+    """An array of float32 or float64; with `narrow` (an input of the attention), of float16
+    or bfloat16 too, and int8 when narrow == "int8"."""
     if type(x) is not np.ndarray:  # (an exact ndarray needs neither check: the fast path)
         _check_ndarray(x, name, " of float32 or float64")
         _reject_masked(x, name)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if x.dtype not in _FLOAT_DTYPES and not (
+            narrow and (_dtypes.is_half(x.dtype) or (narrow == "int8" and
+                                                     x.dtype == _dtypes.INT8))):
+        kinds = ("float32 or float64" if not narrow else
+                 "float32, float64, float16, bfloat16 or int8" if narrow == "int8" else
+                 "float32, float64, float16 or bfloat16")
+        raise TypeError(f"{name} must have dtype {kinds}, got {x.dtype}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (..., length, features), "
                          f"got shape {x.shape}")
@@ -180,15 +190,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                                  alignment="top_left", key_lengths=None, q_offset=None,
                                  k_offset=None, softcap=None, sinks=None, keep_first=None,
                                  return_lse=False, return_weights=False, out=None,
-                                 num_threads=None, dropout_p=0.0, _block_sizes=None,
-                                 _isa=None):
+                                 num_threads=None, dropout_p=0.0, k_scale=None, v_scale=None,
+                                 out_dtype=None, _block_sizes=None, _isa=None):
     """Exact attention softmax(Q·Kᵀ·scale + mask)·V, computed tile by tile.
 
     Parameters
     ----------
-    query : ndarray (..., L, E), float32 or float64
-    key : ndarray (..., S, E), same dtype
-    value : ndarray (..., S, Ev), same dtype
+    query : ndarray (..., L, E), float32 or float64 (or float16, bfloat16)
+    key : ndarray (..., S, E), same dtype (or float16, bfloat16, int8)
+    value : ndarray (..., S, Ev), same dtype (or float16, bfloat16, int8)
+        float64 inputs compute in float64. Any mix of float32, float16 and bfloat16
+        (`ml_dtypes.bfloat16`) computes in float32: scores, softmax and sums in float32,
+        keys and values read in their own type (half the bytes of float32), the query
+        converted. int8 keys or values need their scales (`k_scale`, `v_scale`).
         Leading dimensions broadcast as in NumPy. Any strides are accepted. Objects with
         `__dlpack__` (CPU PyTorch tensors; also for attn_mask and out) are used in place,
         without a copy.
@@ -245,6 +259,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         Threads for this call; defaults to OpenMP's (OMP_NUM_THREADS or all cores).
     dropout_p : float
         Accepted for PyTorch compatibility; must be 0 (cattn computes inference).
+    k_scale, v_scale : ndarray, optional
+        With int8 keys (values): float32 scales broadcastable to key.shape[:-1] (...,
+        S), one per key and head; key j stands for key[..., j, :] * k_scale[..., j]
+        (`cattn.quantize_kv` returns both). The kernel applies them to the scores and the
+        probabilities, never dequantizing the keys or values.
+    out_dtype : dtype, optional
+        The output's dtype when computing in float32: float32, float16 or bfloat16
+        (default: the query's, or `out`'s). Weights take it too; lse is float32.
 
     Returns
     -------
@@ -302,6 +324,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     """
     query, key, value, L, S, E, Ev = _operands(query, key, value)
     dtype = query.dtype
+    out = _as_ndarray(out, "out")
+    narrow = None
+    if not (key.dtype is dtype and value.dtype is dtype and k_scale is None and  # (fast)
+            v_scale is None and out_dtype is None and out is None and
+            (dtype is _FLOAT32 or dtype is _FLOAT64)):
+        if (key.dtype != dtype or value.dtype != dtype or dtype not in _FLOAT_DTYPES
+                or k_scale is not None or v_scale is not None or out_dtype is not None
+                or (isinstance(out, np.ndarray) and _dtypes.is_half(out.dtype))):
+            query, narrow = _narrow_storage(query, key, value, k_scale, v_scale, out_dtype,
+                                            out)
+            dtype = query.dtype
     (is_causal, enable_gqa, return_lse, return_weights, scale, softcap,
      num_threads) = _options(is_causal, enable_gqa, return_lse, return_weights, dropout_p,
                              scale, softcap, alignment, num_threads, dtype, E, S)
@@ -313,12 +346,21 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     win_left, win_right = _window(window, is_causal)
     keep = 0 if keep_first is None else _kept_first_keys(keep_first, k_offset, batch_shape, S)
     sink_logits = None if sinks is None else _sink_logits(sinks, batch_shape, dtype)
+    user_out = None
+    if narrow is not None and narrow.result_dtype != dtype:
+        # the kernel writes float32, rounded once to the result's dtype afterwards
+        if out is not None:
+            _check_out(out, batch_shape + (L, Ev), narrow.result_dtype,
+                       (query, key, value, attn_mask))
+        user_out, out = out, None
     out, out_rs, out_cs, lse, weights = _outputs(
-        _as_ndarray(out, "out"), batch_shape, L, S, Ev, dtype, return_lse, return_weights,
+        out, batch_shape, L, S, Ev, dtype, return_lse, return_weights,
         (query, key, value, attn_mask))
     _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group, kv_len,
             diag, out_rs, out_cs, win_left, win_right, scale, softcap, num_threads,
-            return_weights, _block_sizes, _isa, keep, sink_logits)
+            return_weights, _block_sizes, _isa, keep, sink_logits, narrow)
+    if narrow is not None and narrow.result_dtype != dtype:
+        out, weights = narrow.results(out, weights, user_out)
     return _results(out, weights, lse)
 
 
@@ -337,12 +379,9 @@ def _operands(query, key, value):
     query = _as_ndarray(query, "query")
     key = _as_ndarray(key, "key")
     value = _as_ndarray(value, "value")
-    _check_array(query, "query")
-    _check_array(key, "key")
-    _check_array(value, "value")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError("query, key and value must have the same dtype, got "
-                        f"{query.dtype}, {key.dtype} and {value.dtype}")
+    _check_array(query, "query", "half")
+    _check_array(key, "key", "int8")
+    _check_array(value, "value", "int8")
     L, E = query.shape[-2:]
     S, E_k = key.shape[-2:]
     S_v, Ev = value.shape[-2:]
@@ -359,6 +398,62 @@ def _operands(query, key, value):
         raise ValueError(f"feature sizes must be < 2**31 (BLAS dimensions are 32-bit ints), "
                          f"got E = {E} and Ev = {Ev}")
     return query, key, value, L, S, E, Ev
+
+
+class _NarrowStorage:
+    """A float32 computation on float16, bfloat16 or int8 keys/values or queries: how the
+    kernel reads K and V, int8's scales, and the dtype of the result."""
+
+    def __init__(self, key, value, k_scale, v_scale, result_dtype):
+        self.k_scale = _dtypes.scales_for(k_scale, "k_scale", key, "key")
+        self.v_scale = _dtypes.scales_for(v_scale, "v_scale", value, "value")
+        self.kv_storage = (_dtypes.element_code(key.dtype), _dtypes.element_code(value.dtype),
+                           self.k_scale, self.v_scale)
+        self.result_dtype = result_dtype
+
+    def results(self, out, weights, user_out):
+        """The float32 output (and weights) rounded to the result dtype (into user_out)."""
+        if user_out is not None:
+            np.copyto(user_out, out, casting="unsafe")
+            out = user_out
+        else:
+            out = out.astype(self.result_dtype)
+        if weights is not None:
+            weights = weights.astype(self.result_dtype)
+        return out, weights
+
+
+def _narrow_storage(query, key, value, k_scale, v_scale, out_dtype, out):
+    """(query as float32, _NarrowStorage) for inputs that mix float32, float16, bfloat16
+    and int8 (or ask for such an output); float64 never mixes."""
+    dtypes = (query.dtype, key.dtype, value.dtype)
+    if any(d == np.float64 for d in dtypes):
+        if not dtypes[0] == dtypes[1] == dtypes[2]:
+            raise TypeError(f"query, key and value must have the same dtype, got "
+                            f"{dtypes[0]}, {dtypes[1]} and {dtypes[2]} (float64 does not "
+                            f"mix; float32, float16, bfloat16 and int8 may)")
+        if k_scale is not None or v_scale is not None:
+            raise ValueError("k_scale and v_scale are only for int8 keys and values, got "
+                             "float64 ones")
+        if out_dtype is not None and _dtypes.result_dtype_or_none(out_dtype) != np.float64:
+            raise TypeError(f"float64 inputs give a float64 output, got out_dtype "
+                            f"{out_dtype!r}")
+        if isinstance(out, np.ndarray) and _dtypes.is_half(out.dtype):
+            raise TypeError(f"out must have dtype float64 with float64 inputs, got "
+                            f"{out.dtype}")
+        return query, None
+    _dtypes.check_input_dtype(query, "query", False)
+    if out_dtype is not None:
+        result = _dtypes.result_dtype(out_dtype, "out_dtype")
+        if out is not None and isinstance(out, np.ndarray) and out.dtype != result:
+            raise ValueError(f"out has dtype {out.dtype} but out_dtype is {result}: give "
+                             f"one of them, or the same")
+    elif isinstance(out, np.ndarray):
+        result = _dtypes.result_dtype(out.dtype, "out's dtype")
+    else:
+        result = query.dtype
+    narrow = _NarrowStorage(key, value, k_scale, v_scale, result)
+    return query.astype(np.float32, copy=False), narrow
 
 
 def _options(is_causal, enable_gqa, return_lse, return_weights, dropout_p, scale, softcap,
@@ -553,14 +648,15 @@ def _check_out(out, out_shape, dtype, inputs):
 
 def _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group, kv_len,
             diag, out_rs, out_cs, win_left, win_right, scale, softcap, num_threads,
-            weights_mode, block_sizes, isa, keep=0, sinks=None):
+            weights_mode, block_sizes, isa, keep=0, sinks=None, narrow=None):
     """Operands GEMM can read, the per-item table, block sizes and key splits; then the
     kernel, with BLAS kept on one thread inside its OpenMP team."""
     query, q_rs = _blas_ready(query)
     key, k_rs = _blas_ready(key)
     value, v_rs = _blas_ready(value)
     mask, mask_kind, mask_rs, mask_cs = mask_plan
-    table = _table(query, key, value, out, mask, batch_shape, group, kv_len, diag, keep)
+    table = _table(query, key, value, out, mask, batch_shape, group, kv_len, diag, keep,
+                   narrow)
     L, E = query.shape[-2:]
     S, Ev = value.shape[-2:]
     isa = _kernel.default_isa_index() if isa is None else _kernel.isa_index(isa)
@@ -580,12 +676,15 @@ def _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group,
                           variant=(mask_kind, win_left, win_right, scale, softcap,
                                    weights_mode),
                           blocks=(block_q, block_k, n_splits, split_keys),
-                          run=(threads, isa), sinks=sinks)
+                          run=(threads, isa), sinks=sinks,
+                          kv_storage=None if narrow is None else narrow.kv_storage)
 
 
-def _table(query, key, value, out, mask, batch_shape, group, kv_len, diag, keep=0):
+def _table(query, key, value, out, mask, batch_shape, group, kv_len, diag, keep=0,
+           narrow=None):
     """One row per item: where its matrices start (in elements), its key length, its
-    diagonal and how many of its first keys stay visible outside the window."""
+    diagonal, how many of its first keys stay visible outside the window and where its
+    int8 scales start."""
     table = np.empty((math.prod(batch_shape), _kernel.TABLE_COLUMNS), dtype=np.intp)
     _kernel.fill_offsets(table, _Column.Q, query, batch_shape)
     _kernel.fill_offsets(table, _Column.K, key, batch_shape, group)
@@ -595,6 +694,9 @@ def _table(query, key, value, out, mask, batch_shape, group, kv_len, diag, keep=
     _kernel.fill_column(table, _Column.KV_LEN, kv_len)
     _kernel.fill_column(table, _Column.DIAG, diag)
     _kernel.fill_column(table, _Column.KEEP_FIRST, keep)
+    if narrow is not None:  # (without scales the kernel never reads these columns)
+        _kernel.fill_offsets(table, _Column.K_SCALE, narrow.k_scale, batch_shape, group)
+        _kernel.fill_offsets(table, _Column.V_SCALE, narrow.v_scale, batch_shape, group)
     return table
 
 
@@ -638,14 +740,16 @@ def merge_attention(outputs, lses):
     Parameters
     ----------
     outputs : sequence of ndarrays (..., L, Ev)
-        One per chunk of keys, all of one shape and dtype.
+        One per chunk of keys, all of one shape and dtype (float32, float64, float16 or
+        bfloat16).
     lses : sequence of ndarrays (..., L)
-        The matching log-sum-exps (`return_lse=True`), of the outputs' dtype.
+        The matching log-sum-exps (`return_lse=True`), of the outputs' dtype (float32
+        for float16 or bfloat16 outputs, as `scaled_dot_product_attention` returns them).
 
     Returns
     -------
-    out : ndarray (..., L, Ev)
-    lse : ndarray (..., L)
+    out : ndarray (..., L, Ev), the outputs' dtype
+    lse : ndarray (..., L), float32 for float16 and bfloat16 outputs (merged in float32)
         Exactly what one call over the union of the keys returns, up to rounding. Each
         chunk is weighted by exp(lse_chunk - lse_total); chunks in which a row sees no key
         (lse -inf) contribute nothing, and a row that sees no key in any chunk gets output
@@ -679,8 +783,11 @@ def merge_attention(outputs, lses):
     True
     """
     outputs, lses = _merge_operands(outputs, lses)
+    result_dtype = outputs[0].dtype
+    if result_dtype not in _FLOAT_DTYPES:  # float16, bfloat16: merged in float32
+        outputs = [o.astype(np.float32) for o in outputs]
     dtype = outputs[0].dtype
-    lse_stack = np.stack(lses)
+    lse_stack = np.stack(lses).astype(dtype, copy=False)
     lse_max = lse_stack.max(axis=0)
     safe_max = np.where(np.isfinite(lse_max), lse_max, 0).astype(dtype)
     chunk_weights = np.exp(lse_stack - safe_max)  # exp(-inf) = 0 for empty chunks
@@ -691,7 +798,7 @@ def merge_attention(outputs, lses):
     np.divide(out, total[..., None], out=out, where=total[..., None] != 0)
     with np.errstate(divide="ignore"):
         lse = (safe_max + np.log(total)).astype(dtype)
-    return out, lse
+    return out.astype(result_dtype, copy=False), lse
 
 
 def _merge_operands(outputs, lses):
@@ -708,9 +815,11 @@ def _merge_operands(outputs, lses):
         raise ValueError(f"need one lse per output and at least one chunk, got "
                          f"{len(outputs)} outputs and {len(lses)} lses")
     for o, s in zip(outputs, lses):
-        _check_array(o, "each output")
-        if not isinstance(s, np.ndarray) or s.dtype != o.dtype:
-            raise TypeError("each lse must be an ndarray of its output's dtype")
+        _check_array(o, "each output", "half")
+        if not isinstance(s, np.ndarray) or not (
+                s.dtype == o.dtype or (_dtypes.is_half(o.dtype) and s.dtype == np.float32)):
+            raise TypeError("each lse must be an ndarray of its output's dtype (float32 for "
+                            "float16 or bfloat16 outputs)")
         if s.shape != o.shape[:-1] or o.shape != outputs[0].shape:
             raise ValueError(f"outputs must all have one shape (..., L, Ev) and lses "
                              f"(..., L); got output {o.shape} with lse {s.shape}")

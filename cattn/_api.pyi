@@ -6,7 +6,7 @@ tuple of the output with the attention weights and/or the log-sum-exp, in that o
 from typing import Any, Literal, Optional, Protocol, Sequence, Tuple, TypeVar, Union, overload
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 _F = TypeVar("_F", np.float32, np.float64)
 _Alignment = Literal["top_left", "bottom_right"]
@@ -28,7 +28,9 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     keep_first: Optional[int] = ...,
     return_lse: Literal[False] = ..., return_weights: Literal[False] = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
-    dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
+    v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
+    _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
 ) -> NDArray[_F]: ...
 
@@ -43,7 +45,9 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     keep_first: Optional[int] = ...,
     return_lse: Literal[True], return_weights: Literal[False] = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
-    dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
+    v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
+    _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
 ) -> Tuple[NDArray[_F], NDArray[_F]]: ...
 
@@ -58,7 +62,9 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     keep_first: Optional[int] = ...,
     return_lse: Literal[False] = ..., return_weights: Literal[True],
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
-    dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
+    v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
+    _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
 ) -> Tuple[NDArray[_F], NDArray[_F]]: ...
 
@@ -73,7 +79,9 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     keep_first: Optional[int] = ...,
     return_lse: Literal[True], return_weights: Literal[True],
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
-    dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
+    v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
+    _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
 ) -> Tuple[NDArray[_F], NDArray[_F], NDArray[_F]]: ...
 
@@ -88,7 +96,9 @@ def scaled_dot_product_attention(
     keep_first: Optional[int] = ...,
     return_lse: bool = ..., return_weights: bool = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
-    dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
+    v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
+    _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
 ) -> Union[NDArray[_F], Tuple[NDArray[_F], ...]]: ...
 
@@ -105,10 +115,16 @@ def scaled_dot_product_attention(
     keep_first: Optional[int] = ...,
     return_lse: bool = ..., return_weights: bool = ...,
     out: Optional[NDArray[Any]] = ..., num_threads: Optional[int] = ...,
-    dropout_p: float = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
+    v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
+    _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
 ) -> Any: ...
 
 
+@overload
 def merge_attention(outputs: Sequence[NDArray[_F]],
                     lses: Sequence[NDArray[_F]]) -> Tuple[NDArray[_F], NDArray[_F]]: ...
+@overload
+def merge_attention(outputs: Sequence[NDArray[Any]],
+                    lses: Sequence[NDArray[Any]]) -> Tuple[NDArray[Any], NDArray[Any]]: ...

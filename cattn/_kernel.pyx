@@ -43,6 +43,8 @@ from cattn._simd cimport (
     cattn_gemm_pv_f32, cattn_gemm_pv_f64, CATTN_DIRECT_ROWS, CATTN_DIRECT_KEYS,
     cattn_gemm_qkt_direct_f32,
     cattn_gemm_qkt_direct_f64, cattn_gemm_pv_direct_f32, cattn_gemm_pv_direct_f64,
+    CATTN_ELEM_NATIVE, CATTN_ELEM_F16, CATTN_ELEM_BF16, CATTN_ELEM_I8, cattn_pack_keys_cvt,
+    cattn_gemm_qkt_direct_cvt, cattn_gemm_pv_direct_cvt, cattn_convert_rows,
 )
 
 cnp.import_array()
@@ -57,6 +59,8 @@ cdef extern from "cattn_omp.h" nogil:
 # and values, COL_PAGES is where the item's row of the block table starts.
 # Then how many of its first keys stay visible to every query whatever the window
 # (StreamingLLM's sink tokens; 0: none).
+# Then the element offsets of the item's per-key scales of int8 keys and values (read only
+# when the call has them).
 cdef enum:
     COL_Q = 0
     COL_K = 1
@@ -69,7 +73,9 @@ cdef enum:
     COL_LSE = 8
     COL_PAGES = 9
     COL_KEEP_FIRST = 10
-    N_COLS = 11
+    COL_K_SCALE = 11
+    COL_V_SCALE = 12
+    N_COLS = 13
 TABLE_COLUMNS = N_COLS
 
 
@@ -79,6 +85,14 @@ class Column:
     Q_LEN, LSE = COL_Q_LEN, COL_LSE
     PAGES = COL_PAGES
     KEEP_FIRST = COL_KEEP_FIRST
+    K_SCALE, V_SCALE = COL_K_SCALE, COL_V_SCALE
+
+
+class Element:
+    """How keys and values may be stored (`kv_storage`): in the computing precision, or as
+    float16, bfloat16 or int8 read and converted to float32 inside the kernel."""
+    NATIVE, FLOAT16, BFLOAT16, INT8 = (CATTN_ELEM_NATIVE, CATTN_ELEM_F16, CATTN_ELEM_BF16,
+                                       CATTN_ELEM_I8)
 
 cpdef enum MaskKind:
     MASK_NONE = 0
@@ -171,6 +185,15 @@ cdef struct Plan:
     const int32_t* pages
     # attention sinks
     const void* sinks                      # one logit per item (the operands' dtype), or NULL
+    # How K and V are stored: CATTN_ELEM_NATIVE (the computing precision) or float16,
+    # bfloat16, int8 read as such and converted to float32 in the kernel; bytes per stored
+    # element; int8's per-key scales (NULL: none; the table locates each item's) and their
+    # stride along the keys, in elements.
+    int k_type, v_type
+    Py_ssize_t k_size, v_size
+    const float* k_scale
+    const float* v_scale
+    Py_ssize_t k_scale_rs, v_scale_rs
 
 
 # Per-thread statistics, one cache line apart so the threads never share a line.
@@ -190,6 +213,12 @@ cdef struct Task:
     Py_ssize_t n, split, i0, rows, k_begin, k_end, keep_begin, keep_end
     Py_ssize_t lse_row0                    # lse index of the item's query row 0
     const Py_ssize_t* item
+    # (keys or values stored in another type) this item's scales, the thread's scratch for
+    # a converted block and for P scaled by the values' scales
+    const float* k_scale
+    const float* v_scale
+    float* converted
+    float* p_scaled
 
 
 # Steps of a key-block visit (step_key_blocks).
@@ -297,53 +326,123 @@ cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssi
     run_max[r] = m_new
 
 
-cdef inline void block_scores(const Plan* p, Py_ssize_t rows, Py_ssize_t n_keys,
-                              const floating* q_block, const floating* k_block,
-                              floating* packed, floating* scores, Py_ssize_t ld) noexcept nogil:
-    """scores[rows, n_keys] (row stride ld) = scale · Q_blk · K_blkᵀ."""
+cdef inline void block_scores(const Plan* p, const Task* t, Py_ssize_t n_keys,
+                              const floating* q_block, const char* k_block,
+                              const float* k_scale, floating* packed, floating* scores,
+                              Py_ssize_t ld) noexcept nogil:
+    """scores[rows, n_keys] (row stride ld) = scale · Q_blk · K_blkᵀ (times each key's scale
+    for int8 keys)."""
+    cdef Py_ssize_t rows = t.rows
+    if p.k_type != CATTN_ELEM_NATIVE:
+        if floating is float:
+            scores_converted(p, t, n_keys, q_block, k_block, k_scale, packed, scores, ld)
+        return
+    cdef const floating* k_native = <const floating*> k_block
     if p.blas:
         gemm_abt(<int> rows, <int> n_keys, <int> p.E, <floating> p.scale, q_block,
-                 <int> p.q_rs, k_block, <int> p.k_rs, <floating> 0, scores, <int> ld)
+                 <int> p.q_rs, k_native, <int> p.k_rs, <floating> 0, scores, <int> ld)
     elif rows <= CATTN_DIRECT_ROWS or n_keys < CATTN_DIRECT_KEYS:
         # decoding, or a few keys (a tiny call): stream K, no packing
         if floating is float:
             cattn_gemm_qkt_direct_f32(p.isa, rows, n_keys, p.E, <float> p.scale, q_block,
-                                      p.q_rs, k_block, p.k_rs, scores, ld)
+                                      p.q_rs, k_native, p.k_rs, scores, ld)
         else:
             cattn_gemm_qkt_direct_f64(p.isa, rows, n_keys, p.E, p.scale, q_block, p.q_rs,
-                                      k_block, p.k_rs, scores, ld)
+                                      k_native, p.k_rs, scores, ld)
     else:
         if floating is float:
-            cattn_pack_keys_f32(p.isa, k_block, p.k_rs, n_keys, p.E, packed)
+            cattn_pack_keys_f32(p.isa, k_native, p.k_rs, n_keys, p.E, packed)
             cattn_gemm_qkt_f32(p.isa, rows, n_keys, p.E, <float> p.scale, q_block, p.q_rs,
                                packed, scores, ld)
         else:
-            cattn_pack_keys_f64(p.isa, k_block, p.k_rs, n_keys, p.E, packed)
+            cattn_pack_keys_f64(p.isa, k_native, p.k_rs, n_keys, p.E, packed)
             cattn_gemm_qkt_f64(p.isa, rows, n_keys, p.E, p.scale, q_block, p.q_rs, packed,
                                scores, ld)
 
 
-cdef inline void block_pv(const Plan* p, Py_ssize_t rows, Py_ssize_t n_keys,
-                          const floating* probs, Py_ssize_t ld, const floating* v_block,
-                          floating* acc) noexcept nogil:
-    """acc[rows, Ev] += P[rows, n_keys] · V_blk."""
+cdef inline void scores_converted(const Plan* p, const Task* t, Py_ssize_t n_keys,
+                                  const float* q_block, const char* k_block,
+                                  const float* k_scale, float* packed, float* scores,
+                                  Py_ssize_t ld) noexcept nogil:
+    """block_scores for keys stored as float16, bfloat16 or int8: converted to float32 as
+    they are packed (or streamed, or, for BLAS, as a block), then the float32 GEMM; int8's
+    per-key scale multiplies each key's column of scores afterwards."""
+    # (a native bfloat16 product would take over here when the queries are bfloat16 too)
+    cdef Py_ssize_t r, j, rows = t.rows
+    cdef float* row
+    if p.blas:
+        cattn_convert_rows(p.isa, p.k_type, k_block, p.k_rs, n_keys, p.E, t.converted, p.E)
+        gemm_abt(<int> rows, <int> n_keys, <int> p.E, <float> p.scale, q_block,
+                 <int> p.q_rs, t.converted, <int> p.E, <float> 0, scores, <int> ld)
+    elif rows <= CATTN_DIRECT_ROWS or n_keys < CATTN_DIRECT_KEYS:
+        cattn_gemm_qkt_direct_cvt(p.isa, p.k_type, rows, n_keys, p.E, <float> p.scale,
+                                  q_block, p.q_rs, k_block, p.k_rs, scores, ld)
+    else:
+        cattn_pack_keys_cvt(p.isa, p.k_type, k_block, p.k_rs, n_keys, p.E, packed)
+        cattn_gemm_qkt_f32(p.isa, rows, n_keys, p.E, <float> p.scale, q_block, p.q_rs,
+                           packed, scores, ld)
+    if k_scale != NULL:
+        for r in range(rows):
+            row = scores + r * ld
+            for j in range(n_keys):
+                row[j] *= k_scale[j * p.k_scale_rs]
+
+
+cdef inline void block_pv(const Plan* p, const Task* t, Py_ssize_t n_keys,
+                          const floating* probs, Py_ssize_t ld, const char* v_block,
+                          const float* v_scale, floating* acc) noexcept nogil:
+    """acc[rows, Ev] += P[rows, n_keys] · V_blk (P times each key's scale for int8 values)."""
+    cdef Py_ssize_t rows = t.rows
+    if p.v_type != CATTN_ELEM_NATIVE:
+        if floating is float:
+            pv_converted(p, t, n_keys, probs, ld, v_block, v_scale, acc)
+        return
+    cdef const floating* v_native = <const floating*> v_block
     if p.blas:
         gemm_ab(<int> rows, <int> p.Ev, <int> n_keys, <floating> 1, probs, <int> ld,
-                v_block, <int> p.v_rs, <floating> 1, acc, <int> p.Ev)
+                v_native, <int> p.v_rs, <floating> 1, acc, <int> p.Ev)
     elif rows <= CATTN_DIRECT_ROWS:  # decoding: stream V
         if floating is float:
-            cattn_gemm_pv_direct_f32(p.isa, rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs,
+            cattn_gemm_pv_direct_f32(p.isa, rows, p.Ev, n_keys, probs, ld, v_native, p.v_rs,
                                      acc, p.Ev)
         else:
-            cattn_gemm_pv_direct_f64(p.isa, rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs,
+            cattn_gemm_pv_direct_f64(p.isa, rows, p.Ev, n_keys, probs, ld, v_native, p.v_rs,
                                      acc, p.Ev)
     else:
         if floating is float:
-            cattn_gemm_pv_f32(p.isa, rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc,
+            cattn_gemm_pv_f32(p.isa, rows, p.Ev, n_keys, probs, ld, v_native, p.v_rs, acc,
                               p.Ev)
         else:
-            cattn_gemm_pv_f64(p.isa, rows, p.Ev, n_keys, probs, ld, v_block, p.v_rs, acc,
+            cattn_gemm_pv_f64(p.isa, rows, p.Ev, n_keys, probs, ld, v_native, p.v_rs, acc,
                               p.Ev)
+
+
+cdef inline void pv_converted(const Plan* p, const Task* t, Py_ssize_t n_keys,
+                              const float* probs, Py_ssize_t ld, const char* v_block,
+                              const float* v_scale, float* acc) noexcept nogil:
+    """block_pv for values stored as float16, bfloat16 or int8: int8's per-key scales
+    multiply a copy of P (its row sums are already taken, from the unscaled P); decoding
+    streams and converts V, more rows convert the block once and run the float32 GEMM."""
+    cdef Py_ssize_t r, j, rows = t.rows
+    cdef float* scaled_row
+    cdef const float* prob_row
+    if v_scale != NULL:
+        for r in range(rows):
+            scaled_row = t.p_scaled + r * p.block_k
+            prob_row = probs + r * ld
+            for j in range(n_keys):
+                scaled_row[j] = prob_row[j] * v_scale[j * p.v_scale_rs]
+        probs, ld = t.p_scaled, p.block_k
+    if rows <= CATTN_DIRECT_ROWS and not p.blas:
+        cattn_gemm_pv_direct_cvt(p.isa, p.v_type, rows, p.Ev, n_keys, probs, ld, v_block,
+                                 p.v_rs, acc, p.Ev)
+        return
+    cattn_convert_rows(p.isa, p.v_type, v_block, p.v_rs, n_keys, p.Ev, t.converted, p.Ev)
+    if p.blas:
+        gemm_ab(<int> rows, <int> p.Ev, <int> n_keys, <float> 1, probs, <int> ld,
+                t.converted, <int> p.Ev, <float> 1, acc, <int> p.Ev)
+    else:
+        cattn_gemm_pv_f32(p.isa, rows, p.Ev, n_keys, probs, ld, t.converted, p.Ev, acc, p.Ev)
 
 
 cdef inline void fold_block(const Plan* p, const Task* t, Py_ssize_t kb0, Py_ssize_t n_keys,
@@ -437,7 +536,7 @@ cdef inline Py_ssize_t key_row(const Plan* p, const Task* t, Py_ssize_t j,
 
 cdef void step_key_blocks(const Plan* p, const Task* t, int steps, Py_ssize_t kb_first,
                           Py_ssize_t kb_last, const floating* q_block,
-                          const floating* k_item, const floating* v_item, floating* packed,
+                          const char* k_item, const char* v_item, floating* packed,
                           floating* scores, Py_ssize_t ld, bint scores_follow_keys,
                           const floating* mask_add, const uint8_t* mask_bool,
                           floating* acc, floating* run_max, floating* run_sum,
@@ -456,9 +555,10 @@ cdef void step_key_blocks(const Plan* p, const Task* t, int steps, Py_ssize_t kb
             s0 = kb0
             while s0 < kb1:
                 s1 = segment_end(p, s0, kb1)
-                block_scores(p, t.rows, s1 - s0, q_block,
-                             k_item + key_row(p, t, s0, p.k_rs, p.k_page_stride), packed,
-                             block + (s0 - kb0), ld)
+                block_scores(p, t, s1 - s0, q_block,
+                             k_item + key_row(p, t, s0, p.k_rs, p.k_page_stride) * p.k_size,
+                             t.k_scale + s0 * p.k_scale_rs if t.k_scale != NULL else NULL,
+                             packed, block + (s0 - kb0), ld)
                 s0 = s1
             counters[COUNTER_KEY_BLOCKS] += 1
         if steps & STEP_FOLD:
@@ -468,8 +568,9 @@ cdef void step_key_blocks(const Plan* p, const Task* t, int steps, Py_ssize_t kb
             s0 = kb0
             while s0 < kb1:
                 s1 = segment_end(p, s0, kb1)
-                block_pv(p, t.rows, s1 - s0, block + (s0 - kb0), ld,
-                         v_item + key_row(p, t, s0, p.v_rs, p.v_page_stride), acc)
+                block_pv(p, t, s1 - s0, block + (s0 - kb0), ld,
+                         v_item + key_row(p, t, s0, p.v_rs, p.v_page_stride) * p.v_size,
+                         t.v_scale + s0 * p.v_scale_rs if t.v_scale != NULL else NULL, acc)
                 s0 = s1
         kb0 = kb1
 
@@ -516,7 +617,7 @@ cdef void finish_rows(const Plan* p, const Task* t, const floating* acc,
 
 
 cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
-                             const floating* q, const floating* k, const floating* v,
+                             const floating* q, const void* k, const void* v,
                              const floating* mask_add, const uint8_t* mask_bool,
                              floating* out, floating* lse, floating* weights,
                              floating* partials, floating* scratch,
@@ -527,7 +628,9 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     scratch (this thread's own) holds, in order: running row max and row sum (block_q
     each), the unnormalized output rows (block_q × Ev), the block scores (block_q ×
     block_k, absent when the scores go straight into the weights output) and the packed
-    keys of one block (block_k × E rounded up to whole panels; micro-kernels only).
+    keys of one block (block_k × E rounded up to whole panels; micro-kernels only); then,
+    when K or V is stored in another type, a converted block (block_k × max(E, Ev)), and
+    with V's scales, P scaled by them (block_q × block_k).
     """
     cdef Task t
     task_of(p, task_index, &t)
@@ -542,8 +645,12 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     cdef floating* packed = scores + (0 if p.weights_mode else p.block_q * p.block_k)
     cdef floating* weights_rows = NULL
     cdef const floating* q_block = q + t.item[COL_Q] + t.i0 * p.q_rs
-    cdef const floating* k_item = k + t.item[COL_K]
-    cdef const floating* v_item = v + t.item[COL_V]
+    cdef const char* k_item = <const char*> k + t.item[COL_K] * p.k_size
+    cdef const char* v_item = <const char*> v + t.item[COL_V] * p.v_size
+    t.converted = <float*> (packed + packed_elements(p, floating is double))
+    t.p_scaled = t.converted + (p.block_k * max(p.E, p.Ev) if converts(p) else 0)
+    t.k_scale = p.k_scale + t.item[COL_K_SCALE] if p.k_scale != NULL else NULL
+    t.v_scale = p.v_scale + t.item[COL_V_SCALE] if p.v_scale != NULL else NULL
 
     for r in range(t.rows):
         run_max[r] = -INFINITY
@@ -630,7 +737,7 @@ cdef void merge_split_row(const Plan* p, Py_ssize_t row, const floating* partial
 
 
 cdef int run_tasks(const Plan* p, int num_threads, Py_ssize_t first, Py_ssize_t last,
-                   const floating* q, const floating* k, const floating* v,
+                   const floating* q, const void* k, const void* v,
                    const floating* mask_add, const uint8_t* mask_bool,
                    floating* out, floating* lse, floating* weights, floating* partials,
                    floating* scratch_base, Py_ssize_t scratch_stride,
@@ -676,15 +783,29 @@ cdef void fill_nan(const Plan* p, floating* out) noexcept nogil:
                 row[j * p.out_cs] = NAN
 
 
+cdef inline Py_ssize_t packed_elements(const Plan* p, bint is_double) noexcept nogil:
+    """Scratch elements of one block of packed keys: whole panels (micro-kernels only)."""
+    if p.blas:
+        return 0
+    cdef Py_ssize_t panel = cattn_panel_keys(p.isa, is_double)
+    return (p.block_k + panel - 1) // panel * panel * p.E
+
+
+cdef inline bint converts(const Plan* p) noexcept nogil:
+    """Whether K or V is stored in another type than the one computed in."""
+    return p.k_type != CATTN_ELEM_NATIVE or p.v_type != CATTN_ELEM_NATIVE
+
+
 cdef Py_ssize_t scratch_elements(const Plan* p, bint is_double) noexcept:
     """Elements of per-thread scratch, padded to 64 bytes so threads never share a line."""
-    cdef Py_ssize_t panel
     cdef Py_ssize_t n = 2 * p.block_q + p.block_q * p.Ev
     if not p.weights_mode:
         n += p.block_q * p.block_k
-    if not p.blas:  # packed keys: whole panels
-        panel = cattn_panel_keys(p.isa, is_double)
-        n += (p.block_k + panel - 1) // panel * panel * p.E
+    n += packed_elements(p, is_double)
+    if converts(p):
+        n += p.block_k * max(p.E, p.Ev)
+    if p.v_scale != NULL:
+        n += p.block_q * p.block_k
     return (n + 15) // 16 * 16
 
 
@@ -730,7 +851,7 @@ def last_call_stats():
 def attention(object q, object k, object v, object out, object lse, object weights,
               object mask, object partials, cnp.ndarray table, *, tuple shape,
               tuple strides, tuple variant, tuple blocks, tuple run, object tasks=None,
-              tuple paged=None, object sinks=None):
+              tuple paged=None, object sinks=None, tuple kv_storage=None):
     """Run the loop nest on validated operands (see cattn._api for their meaning).
 
     q, k, v, out, lse, weights and mask are arrays whose data pointers point at element 0
@@ -747,6 +868,10 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         starting at its table's COL_PAGES; strides in elements)
     sinks: None, or one logit per item (contiguous, the operands' dtype) that joins each
     row's softmax denominator without a value.
+      kv_storage = (k_type, v_type, k_scale, v_scale), optional: how K and V are stored
+        (Element members; float16, bfloat16 and int8 need float32 q, out, lse, weights,
+        mask and partials) and int8's per-key scales (float32 arrays whose matrices are
+        (S, 1), located by the table's K_SCALE and V_SCALE columns; None for none)
     Per-thread scratch is allocated here, for num_threads threads.
     With n_splits > 1 the keys are cut into chunks of split_keys keys, processed as
     separate tasks and merged; partials then holds (n_splits, n_items, L, Ev + 2).
@@ -786,6 +911,13 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         p.pages = <const int32_t*> cnp.PyArray_DATA(<cnp.ndarray> paged[0])
         p.page_size, p.k_page_stride, p.v_page_stride = paged[1], paged[2], paged[3]
     p.sinks = data_or_null(sinks)
+    p.k_type = p.v_type = CATTN_ELEM_NATIVE
+    p.k_scale = p.v_scale = NULL
+    p.k_scale_rs = p.v_scale_rs = 0
+    if kv_storage is not None:
+        set_kv_storage(&p, kv_storage)
+    p.k_size = (<cnp.ndarray> k).descr.itemsize
+    p.v_size = (<cnp.ndarray> v).descr.itemsize
     # never an instruction the CPU lacks, whatever the caller asked for
     cdef int level = isa if cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA
     p.isa = cattn_isa_float_path(level)
@@ -854,6 +986,23 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         PyMem_RawFree(counters)
 
 
+cdef void set_kv_storage(Plan* p, tuple kv_storage):
+    k_type, v_type, k_scale, v_scale = kv_storage
+    p.k_type, p.v_type = k_type, v_type
+    if k_scale is not None:
+        p.k_scale = <const float*> cnp.PyArray_DATA(<cnp.ndarray> k_scale)
+        p.k_scale_rs = scale_stride(k_scale)
+    if v_scale is not None:
+        p.v_scale = <const float*> cnp.PyArray_DATA(<cnp.ndarray> v_scale)
+        p.v_scale_rs = scale_stride(v_scale)
+
+
+cdef Py_ssize_t scale_stride(cnp.ndarray scales):
+    """Stride along the keys, in elements, of an (..., S, 1) array of scales."""
+    cdef int axis = scales.ndim - 2
+    return scales.strides[axis] // scales.descr.itemsize if scales.shape[axis] > 1 else 0
+
+
 cdef void run_on_operands(const Plan* p, int num_threads, Py_ssize_t first, Py_ssize_t last,
                           void* qp, void* kp, void* vp, void* mp, void* op, void* lp,
                           void* wp, void* pp, void* sp, Py_ssize_t stride,
@@ -861,13 +1010,13 @@ cdef void run_on_operands(const Plan* p, int num_threads, Py_ssize_t first, Py_s
     with nogil:
         if is_double:
             run_tasks[double](p, num_threads, first, last, <double*> qp,
-                                     <double*> kp, <double*> vp, <double*> mp,
+                                     kp, vp, <double*> mp,
                                      <uint8_t*> mp, <double*> op, <double*> lp,
                                      <double*> wp, <double*> pp, <double*> sp, stride,
                                      merge_splits)
         else:
-            run_tasks[float](p, num_threads, first, last, <float*> qp, <float*> kp,
-                                    <float*> vp, <float*> mp, <uint8_t*> mp, <float*> op,
+            run_tasks[float](p, num_threads, first, last, <float*> qp, kp,
+                                    vp, <float*> mp, <uint8_t*> mp, <float*> op,
                                     <float*> lp, <float*> wp, <float*> pp, <float*> sp,
                                     stride, merge_splits)
 

@@ -60,6 +60,26 @@ cdef extern from "cattn_gemm.h" nogil:
                            const double* p, Py_ssize_t ldp, const double* v,
                            Py_ssize_t v_rs, double* acc, Py_ssize_t ld_acc)
 
+cdef extern from "cattn_convert.h" nogil:
+    enum:
+        CATTN_ELEM_NATIVE
+        CATTN_ELEM_F16
+        CATTN_ELEM_BF16
+        CATTN_ELEM_I8
+
+cdef extern from "cattn_gemm.h" nogil:
+    void cattn_pack_keys_cvt(int isa, int elem, const void* k, Py_ssize_t k_rs,
+                             Py_ssize_t n_keys, Py_ssize_t E, float* packed)
+    void cattn_gemm_qkt_direct_cvt(int isa, int elem, Py_ssize_t rows, Py_ssize_t n_keys,
+                                   Py_ssize_t E, float alpha, const float* q, Py_ssize_t q_rs,
+                                   const void* k, Py_ssize_t k_rs, float* c, Py_ssize_t ldc)
+    void cattn_gemm_pv_direct_cvt(int isa, int elem, Py_ssize_t rows, Py_ssize_t Ev,
+                                  Py_ssize_t n_keys, const float* p, Py_ssize_t ldp,
+                                  const void* v, Py_ssize_t v_rs, float* acc,
+                                  Py_ssize_t ld_acc)
+    void cattn_convert_rows(int isa, int elem, const void* src, Py_ssize_t src_rs,
+                            Py_ssize_t rows, Py_ssize_t cols, float* dst, Py_ssize_t dst_rs)
+
 cdef extern from "cattn_omp.h" nogil:
     int CATTN_OPENMP_ENABLED
     int omp_get_max_threads()

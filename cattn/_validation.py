@@ -49,6 +49,14 @@ def reject_masked(x, name):
                         f"would be ignored: pass .filled() data and an attn_mask instead)")
 
 
+def broadcasts_to(shape, target):
+    """Whether an array of `shape` broadcasts to exactly `target`."""
+    try:
+        return np.broadcast_shapes(shape, target) == target
+    except ValueError:
+        return False
+
+
 def check_float_dtype(dtype, name="dtype"):
     """dtype as a numpy.dtype, float32 or float64."""
     try:

@@ -9,7 +9,7 @@
  *   CATTN_ISA_PORTABLE  scalar row operations, block GEMMs as micro-kernels on the compiler's
  *                       generic vectors for the platform's baseline (SSE2, NEON; any CPU);
  *                       through BLAS where the compiler has no generic vectors (MSVC)
- *   CATTN_ISA_AVX2      AVX2 + FMA micro-kernels, 8 floats per vector
+ *   CATTN_ISA_AVX2      AVX2 + FMA (+ F16C) micro-kernels, 8 floats per vector
  *   CATTN_ISA_AVX512    AVX-512F micro-kernels, 16 floats per vector
  *   CATTN_ISA_AVX512_BF16  AVX-512 for float32/float64; bfloat16 block products with
  *                       vdpbf16ps (cattn_bf16.h)
@@ -87,7 +87,9 @@ static int cattn_isa_supported(void)
 {
 #if CATTN_HAVE_X86_PATHS
     __builtin_cpu_init();
-    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
+    /* (every AVX2 CPU has F16C too; the AVX2 path converts float16 with it) */
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+          __builtin_cpu_supports("f16c")))
         return CATTN_ISA_PORTABLE;
     if (!__builtin_cpu_supports("avx512f"))
         return CATTN_ISA_AVX2;

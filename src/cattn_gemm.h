@@ -17,6 +17,7 @@
 #define CATTN_GEMM_H
 
 #include "cattn_simd.h"
+#include "cattn_convert.h"
 
 /* Up to this many query rows, the block GEMMs stream K and V in place (decoding); and Q·Kᵀ
  * does so for fewer keys than this, where packing them would cost more than it saves (a
@@ -81,6 +82,14 @@ typedef long long cattn_w8i __attribute__((vector_size(64)));
 })
 
 
+/* W stored elements converted lane by lane (the generic-vector instances). */
+#define CATTN_WIDE_CVT_LOAD(V, W, CVT, p) ({                                            \
+    float f_[W];                                                                        \
+    for (int l_ = 0; l_ < (W); l_++) f_[l_] = CVT((p)[l_]);                             \
+    CATTN_WIDE_LOAD(V, f_);                                                             \
+})
+#define CATTN_I8_TO_F32(x) ((float)(x))
+
 /* ---- portable, float: 4 lanes, 6×(4·NV) register tile */
 #define T float
 #define SFX f32
@@ -102,6 +111,9 @@ typedef long long cattn_w8i __attribute__((vector_size(64)));
 #define VMASKSTORE(p, m, x) CATTN_WIDE_MASKSTORE(W, p, m, x)
 #define VADD(a, b) ((a) + (b))
 #define VHSUM(x) CATTN_WIDE_HSUM(float, W, x)
+#define VLOAD_F16(p) CATTN_WIDE_CVT_LOAD(cattn_w4f, W, cattn_f16_to_f32, p)
+#define VLOAD_BF16(p) CATTN_WIDE_CVT_LOAD(cattn_w4f, W, cattn_bf16_to_f32, p)
+#define VLOAD_I8(p) CATTN_WIDE_CVT_LOAD(cattn_w4f, W, CATTN_I8_TO_F32, p)
 #include "cattn_gemm_impl.h"
 
 /* ---- portable, double: 2 lanes, 6×(2·NV) register tile */
@@ -244,6 +256,13 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define VADD(a, b) _mm256_add_ps(a, b)
 #define VHSUM(x) cattn_hsum_ps(x)
 #define VTRANSPOSE(r) cattn_transpose8_ps(r)
+/* float16 through F16C, bfloat16 widened and shifted into the top half of a float */
+#define TGT_KV __attribute__((target("avx2,fma,f16c")))
+#define VLOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define VLOAD_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(                              \
+    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define VLOAD_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(                               \
+    _mm_loadl_epi64((const __m128i *)(p))))
 #include "cattn_gemm_impl.h"
 
 /* ---- AVX2 + FMA, double: 4 lanes, 6×8 register tile */
@@ -294,6 +313,11 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define VADD(a, b) _mm512_add_ps(a, b)
 #define VHSUM(x) _mm512_reduce_add_ps(x)
 #define VTRANSPOSE(r) cattn_transpose16_ps(r)
+#define VLOAD_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define VLOAD_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(                               \
+    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define VLOAD_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(                               \
+    _mm_loadu_si128((const __m128i *)(p))))
 #include "cattn_gemm_impl.h"
 
 /* ---- AVX-512F, double: 8 lanes, 12×16 register tile */
@@ -344,6 +368,9 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define VMASKSTORE(p, m, x) CATTN_WIDE_MASKSTORE(W, p, m, x)
 #define VADD(a, b) ((a) + (b))
 #define VHSUM(x) CATTN_WIDE_HSUM(float, W, x)
+#define VLOAD_F16(p) CATTN_WIDE_CVT_LOAD(cattn_w16f, W, cattn_f16_to_f32, p)
+#define VLOAD_BF16(p) CATTN_WIDE_CVT_LOAD(cattn_w16f, W, cattn_bf16_to_f32, p)
+#define VLOAD_I8(p) CATTN_WIDE_CVT_LOAD(cattn_w16f, W, CATTN_I8_TO_F32, p)
 #include "cattn_gemm_impl.h"
 
 #define T double
@@ -439,6 +466,69 @@ static inline int cattn_isa_uses_blas(int isa)
 CATTN_GEMM_ENTRY_POINTS(float, f32)
 CATTN_GEMM_ENTRY_POINTS(double, f64)
 #undef CATTN_GEMM_ENTRY_POINTS
+
+/* The routines that read float16, bfloat16 or int8 keys and values (computing in float32):
+ * the element type (CATTN_ELEM_*) and the plan's instruction set pick the instance; ARGS
+ * name the stored elements kv_. */
+#define CATTN_BY_ELEMENT(isa, elem, name, src, ARGS)                                       \
+    switch (elem) {                                                                        \
+    case CATTN_ELEM_F16: {                                                                 \
+        const uint16_t *kv_ = (const uint16_t *)(src);                                     \
+        CATTN_GEMM_OP(isa, name, f16, ARGS);                                               \
+        break;                                                                             \
+    }                                                                                      \
+    case CATTN_ELEM_BF16: {                                                                \
+        const uint16_t *kv_ = (const uint16_t *)(src);                                     \
+        CATTN_GEMM_OP(isa, name, bf16, ARGS);                                              \
+        break;                                                                             \
+    }                                                                                      \
+    case CATTN_ELEM_I8: {                                                                  \
+        const int8_t *kv_ = (const int8_t *)(src);                                         \
+        CATTN_GEMM_OP(isa, name, i8, ARGS);                                                \
+        break;                                                                             \
+    }                                                                                      \
+    default: break;                                                                        \
+    }
+
+static inline void cattn_pack_keys_cvt(int isa, int elem, const void *k, ptrdiff_t k_rs,
+                                       ptrdiff_t n_keys, ptrdiff_t E, float *packed)
+{
+    CATTN_BY_ELEMENT(isa, elem, cattn_pack_keys, k, (kv_, k_rs, n_keys, E, packed));
+}
+
+static inline void cattn_gemm_qkt_direct_cvt(int isa, int elem, ptrdiff_t rows,
+                                             ptrdiff_t n_keys, ptrdiff_t E, float alpha,
+                                             const float *q, ptrdiff_t q_rs, const void *k,
+                                             ptrdiff_t k_rs, float *c, ptrdiff_t ldc)
+{
+    CATTN_BY_ELEMENT(isa, elem, cattn_gemm_qkt_direct, k,
+                     (rows, n_keys, E, alpha, q, q_rs, kv_, k_rs, c, ldc));
+}
+
+static inline void cattn_gemm_pv_direct_cvt(int isa, int elem, ptrdiff_t rows, ptrdiff_t Ev,
+                                            ptrdiff_t n_keys, const float *p, ptrdiff_t ldp,
+                                            const void *v, ptrdiff_t v_rs, float *acc,
+                                            ptrdiff_t ld_acc)
+{
+    CATTN_BY_ELEMENT(isa, elem, cattn_gemm_pv_direct, v,
+                     (rows, Ev, n_keys, p, ldp, kv_, v_rs, acc, ld_acc));
+}
+
+/* dst[r][0:cols] = src[r][0:cols] as float32 (a block of keys for BLAS, of values for the
+ * P·V micro-kernels). */
+static inline void cattn_convert_rows(int isa, int elem, const void *src, ptrdiff_t src_rs,
+                                      ptrdiff_t rows, ptrdiff_t cols, float *dst,
+                                      ptrdiff_t dst_rs)
+{
+#if CATTN_HAVE_GENERIC_VECTORS
+    CATTN_BY_ELEMENT(isa, elem, cattn_convert_rows, src,
+                     (kv_, src_rs, rows, cols, dst, dst_rs));
+#else
+    (void)isa;
+    cattn_convert_rows_scalar(elem, src, src_rs, rows, cols, dst, dst_rs);
+#endif
+}
+#undef CATTN_BY_ELEMENT
 
 /* the native bfloat16 block products of the levels above AVX-512 */
 #include "cattn_bf16.h"

@@ -8,6 +8,9 @@
  * and the intrinsic macros VLOAD, VSTORE, VBCAST, VFMA, VMUL, VADD, VZERO, VHSUM (horizontal
  * sum), VMASK (lanes < n, any n), VMASKLOAD (masked-off lanes read 0, never touched),
  * VMASKSTORE, and optionally VTRANSPOSE (an array of W vectors, transposed in registers).
+ * A float instance may also give VLOAD_F16, VLOAD_BF16 and VLOAD_I8 (W stored elements as
+ * a vector of floats) and TGT_KV (their target): it then reads float16, bfloat16 and int8
+ * keys and values too (cattn_gemm_kv.h).
  * Every instance shares this one code; only the vector width, the register
  * tile and the intrinsics differ.
  *
@@ -31,50 +34,6 @@
         if (2 < MR && (rows) - i_ >= 2) { TILE((2 < MR ? 2 : 1), i_); i_ += 2; }           \
         if (1 < MR && (rows) - i_ >= 1) TILE(1, i_);                                       \
     } while (0)
-
-/* Pack keys [0, n_keys) of a block as panels of NR keys: panel p holds, for each feature e,
- * the NR values k[p·NR + c][e] side by side (zeros past n_keys), so the Q·Kᵀ tile loads its
- * vectors per feature instead of gathering. Done once per key block and reused by every
- * row tile of the query block. Where the instance has an in-register transpose
- * (VTRANSPOSE), W keys × W features move at a time: a scalar transpose cost about a quarter
- * of the Q·Kᵀ time. */
-TGT static void FN(cattn_pack_keys)(const T *k, ptrdiff_t k_rs, ptrdiff_t n_keys, ptrdiff_t E,
-                                    T *packed)
-{
-#ifdef VTRANSPOSE
-    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += W) {
-        const ptrdiff_t nk = n_keys - j0 < W ? n_keys - j0 : W;
-        T *panel = packed + (j0 / NR) * NR * E + j0 % NR;
-        for (ptrdiff_t e0 = 0; e0 < E; e0 += W) {
-            const VI me = VMASK(E - e0);
-            V r[W];
-            for (int c = 0; c < W; c++)
-                r[c] = c < nk ? VMASKLOAD(k + (j0 + c) * k_rs + e0, me) : VZERO();
-            VTRANSPOSE(r);
-            const ptrdiff_t ne = E - e0 < W ? E - e0 : W;
-            for (ptrdiff_t e = 0; e < ne; e++) VSTORE(panel + (e0 + e) * NR, r[e]);
-        }
-    }
-    /* the keys of the last panel past the last group of W read zeros */
-    const ptrdiff_t filled = (n_keys + W - 1) / W * W;
-    if (filled % NR) {
-        T *panel = packed + (filled / NR) * NR * E;
-        for (ptrdiff_t e = 0; e < E; e++)
-            for (ptrdiff_t c = filled % NR; c < NR; c += W) VSTORE(panel + e * NR + c, VZERO());
-    }
-#else
-    for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += NR) {
-        ptrdiff_t nc = n_keys - j0 < NR ? n_keys - j0 : NR;
-        T *panel = packed + j0 * E;
-        for (ptrdiff_t c = 0; c < nc; c++) {
-            const T *row = k + (j0 + c) * k_rs;
-            for (ptrdiff_t e = 0; e < E; e++) panel[e * NR + c] = row[e];
-        }
-        for (ptrdiff_t c = nc; c < NR; c++)
-            for (ptrdiff_t e = 0; e < E; e++) panel[e * NR + c] = 0;
-    }
-#endif
-}
 
 /* c[r][0:nc] = alpha · Σ_e q[r][e] · panel[e][0:nc] for r < MR_ (a compile-time constant
  * after inlining, so the MR_ × NV accumulators live in registers). */
@@ -209,122 +168,60 @@ FN(cattn_gemm_pv)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p, pt
     }
 }
 
-/* ---- Few query rows (decoding): memory-bound, so keys and values are streamed in place,
- * each read exactly once, without packing. */
+/* ---- The routines that read K and V: for T itself, and, where the instance gives the
+ * conversions (float instances: VLOAD_F16, VLOAD_BF16, VLOAD_I8, W elements each, under
+ * the target TGT_KV), for float16, bfloat16 and int8 elements too. */
+#ifndef TGT_KV
+#define TGT_KV TGT
+#endif
+#define ET T
+#define ESFX SFX
+#define ELOAD(p) VLOAD(p)
+#define ECVT(x) (x)
+#define ETAIL_T VI
+#define ETAIL(n) VMASK(n)
+#define ELOAD_TAIL(p, m) VMASKLOAD(p, m)
+#define ELEMENT_IS_T 1
+#include "cattn_gemm_kv.h"
 
-/* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4), two accumulators per row to halve the
- * FMA dependency chain. */
-static inline __attribute__((always_inline)) TGT void
-FN(cattn_qkt_direct_rows)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha, const T *q,
-                          ptrdiff_t q_rs, const T *k, ptrdiff_t k_rs, T *c, ptrdiff_t ldc)
-{
-    const ptrdiff_t E_full = E - E % W;
-    const VI tail = VMASK(E % W);
-    for (ptrdiff_t j = 0; j < n_keys; j++) {
-        const T *kj = k + j * k_rs;
-        V acc0[4], acc1[4];
-#pragma GCC unroll 4
-        for (int r = 0; r < MR_; r++) acc0[r] = acc1[r] = VZERO();
-        ptrdiff_t e = 0;
-        for (; e + 2 * W <= E_full; e += 2 * W) {
-            V k0 = VLOAD(kj + e), k1 = VLOAD(kj + e + W);
-#pragma GCC unroll 4
-            for (int r = 0; r < MR_; r++) {
-                acc0[r] = VFMA(VLOAD(q + r * q_rs + e), k0, acc0[r]);
-                acc1[r] = VFMA(VLOAD(q + r * q_rs + e + W), k1, acc1[r]);
-            }
-        }
-        if (e < E_full) {
-            V k0 = VLOAD(kj + e);
-#pragma GCC unroll 4
-            for (int r = 0; r < MR_; r++) acc0[r] = VFMA(VLOAD(q + r * q_rs + e), k0, acc0[r]);
-            e += W;
-        }
-        if (e < E) {
-            V k1 = VMASKLOAD(kj + e, tail);
-#pragma GCC unroll 4
-            for (int r = 0; r < MR_; r++)
-                acc1[r] = VFMA(VMASKLOAD(q + r * q_rs + e, tail), k1, acc1[r]);
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < MR_; r++) c[r * ldc + j] = alpha * VHSUM(VADD(acc0[r], acc1[r]));
-    }
-}
+#ifdef VLOAD_F16
+/* (a partial row is copied into a zeroed buffer first: it never reads past the row) */
+#define CATTN_ELOAD_PART(ET_, LOAD, p, n) ({                                            \
+    ET_ b_[W];                                                                          \
+    const ptrdiff_t n_ = (n);                                                           \
+    memset(b_, 0, sizeof b_);                                                           \
+    if (n_ > 0) memcpy(b_, (p), (size_t)(n_ < W ? n_ : W) * sizeof(ET_));               \
+    LOAD(b_);                                                                           \
+})
 
-/* acc[r] += Σ_j p[r][j] · v[j] for r < MR_ (≤ 4): four keys per pass over the accumulator
- * rows, so each accumulator vector is loaded and stored once per four keys. */
-static inline __attribute__((always_inline)) TGT void
-FN(cattn_pv_direct_rows)(const int MR_, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p,
-                         ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc)
-{
-    const ptrdiff_t Ev_full = Ev - Ev % W;
-    const VI tail = VMASK(Ev % W);
-    ptrdiff_t j = 0;
-    for (; j + 4 <= n_keys; j += 4) {
-        const T *v0 = v + j * v_rs, *v1 = v0 + v_rs, *v2 = v1 + v_rs, *v3 = v2 + v_rs;
-#pragma GCC unroll 4
-        for (int r = 0; r < MR_; r++) {
-            const T *pr = p + r * ldp + j;
-            V a0 = VBCAST(pr), a1 = VBCAST(pr + 1), a2 = VBCAST(pr + 2), a3 = VBCAST(pr + 3);
-            T *ar = acc + r * ld_acc;
-            ptrdiff_t e = 0;
-            for (; e < Ev_full; e += W) {
-                V x = VFMA(a0, VLOAD(v0 + e), VLOAD(ar + e));
-                x = VFMA(a1, VLOAD(v1 + e), x);
-                x = VFMA(a2, VLOAD(v2 + e), x);
-                VSTORE(ar + e, VFMA(a3, VLOAD(v3 + e), x));
-            }
-            if (e < Ev) {
-                V x = VFMA(a0, VMASKLOAD(v0 + e, tail), VMASKLOAD(ar + e, tail));
-                x = VFMA(a1, VMASKLOAD(v1 + e, tail), x);
-                x = VFMA(a2, VMASKLOAD(v2 + e, tail), x);
-                VMASKSTORE(ar + e, tail, VFMA(a3, VMASKLOAD(v3 + e, tail), x));
-            }
-        }
-    }
-    for (; j < n_keys; j++) {
-        const T *vj = v + j * v_rs;
-#pragma GCC unroll 4
-        for (int r = 0; r < MR_; r++) {
-            V a = VBCAST(p + r * ldp + j);
-            T *ar = acc + r * ld_acc;
-            ptrdiff_t e = 0;
-            for (; e < Ev_full; e += W) VSTORE(ar + e, VFMA(a, VLOAD(vj + e), VLOAD(ar + e)));
-            if (e < Ev)
-                VMASKSTORE(ar + e, tail, VFMA(a, VMASKLOAD(vj + e, tail), VMASKLOAD(ar + e, tail)));
-        }
-    }
-}
+#define ET uint16_t
+#define ESFX f16
+#define ELOAD(p) VLOAD_F16(p)
+#define ECVT(x) cattn_f16_to_f32(x)
+#define ETAIL_T ptrdiff_t
+#define ETAIL(n) (n)
+#define ELOAD_TAIL(p, n) CATTN_ELOAD_PART(uint16_t, VLOAD_F16, p, n)
+#include "cattn_gemm_kv.h"
 
-TGT static void
-FN(cattn_gemm_qkt_direct)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
-                          const T *q, ptrdiff_t q_rs, const T *k, ptrdiff_t k_rs, T *c,
-                          ptrdiff_t ldc)
-{
-    for (; rows >= 4; rows -= 4, q += 4 * q_rs, c += 4 * ldc)
-        FN(cattn_qkt_direct_rows)(4, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc);
-    switch (rows) {
-    case 3: FN(cattn_qkt_direct_rows)(3, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
-    case 2: FN(cattn_qkt_direct_rows)(2, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
-    case 1: FN(cattn_qkt_direct_rows)(1, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
-    default: break;
-    }
-}
+#define ET uint16_t
+#define ESFX bf16
+#define ELOAD(p) VLOAD_BF16(p)
+#define ECVT(x) cattn_bf16_to_f32(x)
+#define ETAIL_T ptrdiff_t
+#define ETAIL(n) (n)
+#define ELOAD_TAIL(p, n) CATTN_ELOAD_PART(uint16_t, VLOAD_BF16, p, n)
+#include "cattn_gemm_kv.h"
 
-TGT static void
-FN(cattn_gemm_pv_direct)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p,
-                         ptrdiff_t ldp, const T *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc)
-{
-    for (; rows >= 4; rows -= 4, p += 4 * ldp, acc += 4 * ld_acc)
-        FN(cattn_pv_direct_rows)(4, Ev, n_keys, p, ldp, v, v_rs, acc, ld_acc);
-    switch (rows) {
-    case 3: FN(cattn_pv_direct_rows)(3, Ev, n_keys, p, ldp, v, v_rs, acc, ld_acc); break;
-    case 2: FN(cattn_pv_direct_rows)(2, Ev, n_keys, p, ldp, v, v_rs, acc, ld_acc); break;
-    case 1: FN(cattn_pv_direct_rows)(1, Ev, n_keys, p, ldp, v, v_rs, acc, ld_acc); break;
-    default: break;
-    }
-}
-
+#define ET int8_t
+#define ESFX i8
+#define ELOAD(p) VLOAD_I8(p)
+#define ECVT(x) ((float)(x))
+#define ETAIL_T ptrdiff_t
+#define ETAIL(n) (n)
+#define ELOAD_TAIL(p, n) CATTN_ELOAD_PART(int8_t, VLOAD_I8, p, n)
+#include "cattn_gemm_kv.h"
+#undef CATTN_ELOAD_PART
+#endif
 
 #undef FN
 #undef NR
@@ -354,3 +251,7 @@ FN(cattn_gemm_pv_direct)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T
 #undef VADD
 #undef VHSUM
 #undef VTRANSPOSE
+#undef TGT_KV
+#undef VLOAD_F16
+#undef VLOAD_BF16
+#undef VLOAD_I8

@@ -75,7 +75,7 @@ LSE = np.zeros((B, L), np.float32)
 OUT = np.zeros((B, L, EV), np.float32)
 
 HUGE = 2**31  # one past the largest 32-bit signed int
-DTYPE_MSG = "float32 or float64"
+DTYPE_MSG = "float32(, | or )float64.*"
 MASK_DTYPE_MSG = r"boolean \(True = attend\) or floating"
 
 CATALOGUE = [
@@ -94,7 +94,8 @@ CATALOGUE = [
     ("value_complex128", call(value=V.astype(np.complex128)), TypeError, DTYPE_MSG),
     ("query_object", call(query=Q.astype(object)), TypeError, DTYPE_MSG + ", got object"),
     ("key_string", call(key=K.astype(str)), TypeError, DTYPE_MSG + ", got <U"),
-    ("query_float16", call(query=Q.astype(np.float16)), TypeError, DTYPE_MSG),
+    ("query_float16_key_float64", call(query=Q.astype(np.float16), key=K.astype(np.float64)),
+     TypeError, "same dtype, got float16, float64 and float32"),
     ("query_longdouble", call(query=Q.astype(np.longdouble)), TypeError, DTYPE_MSG),
     ("query_big_endian", call(query=Q.astype(">f4"), key=K.astype(">f4"),
                               value=V.astype(">f4")), TypeError, DTYPE_MSG + ", got >f4"),
@@ -271,7 +272,7 @@ MERGE_CATALOGUE = [
                                                  [LSE, LSE.astype(np.float64)]),
      TypeError, "all outputs must have the same dtype"),
     ("merge_output_int", lambda: merge([OUT.astype(int)], [LSE.astype(int)]), TypeError,
-     "each output must have dtype float32 or float64"),
+     "each output must have dtype float32, float64"),
     ("merge_output_1d", lambda: merge([OUT[0, 0]], [LSE[0, 0]]), ValueError,
      "each output must have at least 2 dimensions"),
     ("merge_output_list", lambda: merge([OUT.tolist()], [LSE]), TypeError,
