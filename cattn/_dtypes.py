@@ -77,6 +77,21 @@ def result_dtype_or_none(dtype):
         return None
 
 
+def cache_dtype(dtype):
+    """A KV cache's storage dtype: float32, float64, float16, bfloat16 or int8 (a dtype, a
+    type or a name)."""
+    if isinstance(dtype, str) and dtype == "bfloat16" and "ml_dtypes" not in sys.modules:
+        return bfloat16_dtype()
+    expected = "float32, float64, float16, bfloat16 (ml_dtypes.bfloat16) or int8"
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be {expected}, got {dtype!r}") from None
+    if dtype not in (FLOAT32, np.dtype(np.float64), INT8) and not is_half(dtype):
+        raise TypeError(f"dtype must be {expected}, got {dtype}")
+    return dtype
+
+
 def check_input_dtype(x, name, allow_int8):
     """A query (float16, bfloat16, float32), key or value (also int8) of a float32
     computation."""

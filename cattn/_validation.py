@@ -93,8 +93,10 @@ def check_new_positions(layer, keys, values, num_new, batch_name):
     for name, x, width in (("keys", keys, layer.head_dim), ("values", values,
                                                             layer.value_dim)):
         check_ndarray(x, name)
-        if x.dtype != layer.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {layer.dtype}")
+        accepted = getattr(layer, "input_dtypes", (layer.dtype,))
+        if x.dtype not in accepted:
+            raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {layer.dtype} (and "
+                            f"takes {' or '.join(d.name for d in accepted)})")
         if x.ndim != 4 or x.shape[0] != B or x.shape[1] != Hkv or x.shape[3] != width:
             raise ValueError(f"{name} must have shape ({batch_name}={B}, kv_heads={Hkv}, "
                              f"new, {width}), got {x.shape}")

@@ -23,6 +23,9 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 from cattn._api import _sink_logits, scaled_dot_product_attention
 from cattn._paged import PagedKVCache, PagedKVCacheLayer, paged_attention
 from cattn._interop import from_dlpack
+from cattn import _dtypes
+from cattn._dtypes import quantize_kv
+from cattn._validation import FLOAT_DTYPES as _FLOAT_DTYPES
 from cattn._validation import (check_flag, check_float_dtype, check_int, check_ndarray,
                                check_cache_shape, check_new_positions)
 
@@ -546,8 +549,9 @@ class MultiHeadAttention:
         if not isinstance(layer, (KVCacheLayer, PagedKVCacheLayer)):
             raise TypeError(f"cache must be a KVCache or PagedKVCache, or its .layer(i), "
                             f"got {type(cache).__name__}")
-        if (layer.num_kv_heads, layer.head_dim, layer.value_dim, layer.dtype) != \
-                (self.num_kv_heads, self.head_dim, self.head_dim, self.dtype):
+        if (layer.num_kv_heads, layer.head_dim, layer.value_dim) != \
+                (self.num_kv_heads, self.head_dim, self.head_dim) or \
+                not _serves(layer.dtype, self.dtype):
             kind = type(layer.cache).__name__
             raise ValueError(f"the cache holds {layer.num_kv_heads} key/value heads of "
                              f"{layer.head_dim}/{layer.value_dim} {layer.dtype} features; "
@@ -594,16 +598,25 @@ class MultiHeadAttention:
                 is_causal=is_causal, return_weights=need_weights)
         else:
             lengths = layer.lengths.copy()
+            scales = ({} if getattr(layer, "key_scales", None) is None else
+                      dict(k_scale=layer.key_scales, v_scale=layer.value_scales))
             out, weights = self._attend(q, layer.keys, layer.values, B, L,
                                         is_causal=is_causal, alignment="bottom_right",
                                         key_lengths=lengths, return_weights=need_weights,
-                                        sinks=sinks)
+                                        sinks=sinks, **scales)
         if weights is not None:
             weights = weights[..., :lengths.max(initial=0)]
         return out, weights
 
 
 # --------------------------------------------------------------------------- the cache
+
+def _serves(cache_dtype, layer_dtype):
+    """Whether a cache storing cache_dtype serves a layer computing in layer_dtype: its own
+    dtype, or float16, bfloat16 and int8 for float32 layers."""
+    return cache_dtype == layer_dtype or (layer_dtype == np.float32 and
+                                          cache_dtype not in _FLOAT_DTYPES)
+
 
 class KVCache:
     """Preallocated keys and values for incremental (token by token, or chunked) decoding.
@@ -633,12 +646,18 @@ class KVCache:
         Layers sharing the allocation (one per attention layer of a model).
     value_dim : int, optional
         The size of a value head (default `head_dim`).
-    dtype : float32 or float64
+    dtype : float32, float64, float16, bfloat16 or int8
+        How keys and values are stored. float16 and bfloat16 (`ml_dtypes.bfloat16`) hold
+        half the bytes of float32, int8 a quarter plus one float32 scale per (token, head)
+        (`key_scales`, `value_scales`, computed on append: symmetric, max |x| / 127 of
+        each row, as `cattn.quantize_kv`). Those caches serve float32 layers, which append
+        float32 keys and values (rounded, or quantized, as they are written) and attend
+        reading the stored type, never a converted copy of the cache.
 
     Raises
     ------
     TypeError
-        A size that is not an integer, a dtype other than float32 or float64.
+        A size that is not an integer, a dtype other than those.
     ValueError
         A size below 1.
 
@@ -662,20 +681,31 @@ class KVCache:
         self.batch_size = check_int(batch_size, "batch_size", 1)
         self.max_len = check_int(max_len, "max_len", 1)
         (self.num_kv_heads, self.head_dim, self.num_layers, self.value_dim,
-         self.dtype) = check_cache_shape(num_kv_heads, head_dim, num_layers, value_dim, dtype)
+         _) = check_cache_shape(num_kv_heads, head_dim, num_layers, value_dim, np.float32)
+        self.dtype = _dtypes.cache_dtype(dtype)
         lead = (self.num_layers, self.batch_size, self.num_kv_heads, self.max_len)
         self.keys = np.zeros(lead + (self.head_dim,), dtype=self.dtype)
         self.values = np.zeros(lead + (self.value_dim,), dtype=self.dtype)
         self.lengths = np.zeros((self.num_layers, self.batch_size), dtype=np.intp)
+        # int8: one scale per (token, head), as quantize_kv computes them (None otherwise)
+        quantized = self.dtype == np.int8
+        self.key_scales = np.ones(lead, np.float32) if quantized else None
+        self.value_scales = np.ones(lead, np.float32) if quantized else None
 
     @classmethod
     def for_layer(cls, mha: MultiHeadAttention, batch_size: int, max_len: int, *,
-                  num_layers: int = 1) -> "KVCache":
-        """A cache shaped for `mha` (its key/value heads, head size and dtype)."""
+                  num_layers: int = 1, dtype: Optional[DTypeLike] = None) -> "KVCache":
+        """A cache shaped for `mha` (its key/value heads and head size), storing its dtype
+        or, for a float32 layer, `dtype` (float16, bfloat16 or int8)."""
         if not isinstance(mha, MultiHeadAttention):
             raise TypeError(f"mha must be a MultiHeadAttention, got {type(mha).__name__}")
-        return cls(batch_size, max_len, mha.num_kv_heads, mha.head_dim, num_layers=num_layers,
-                   dtype=mha.dtype)
+        cache = cls(batch_size, max_len, mha.num_kv_heads, mha.head_dim, num_layers=num_layers,
+                    dtype=mha.dtype if dtype is None else dtype)
+        if not _serves(cache.dtype, mha.dtype):
+            raise TypeError(f"a {mha.dtype} layer needs a cache of {mha.dtype}"
+                            + (" (or float16, bfloat16, int8)" if mha.dtype == np.float32
+                               else "") + f", got dtype {cache.dtype}")
+        return cache
 
     def layer(self, index: int) -> "KVCacheLayer":
         """Layer `index`'s view of the cache."""
@@ -704,7 +734,10 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        """Bytes held: keys and values (and int8's scales)."""
+        scales = (0 if self.key_scales is None
+                  else self.key_scales.nbytes + self.value_scales.nbytes)
+        return self.keys.nbytes + self.values.nbytes + scales
 
     def __repr__(self):
         return (f"KVCache(batch_size={self.batch_size}, max_len={self.max_len}, "
@@ -725,6 +758,12 @@ class KVCacheLayer:
         for name in ("batch_size", "max_len", "num_kv_heads", "head_dim", "value_dim",
                      "dtype"):
             setattr(self, name, getattr(cache, name))
+        self.key_scales = None if cache.key_scales is None else cache.key_scales[index]
+        self.value_scales = None if cache.value_scales is None else cache.value_scales[index]
+        # what append takes: the stored dtype, and float32 for the narrower ones
+        self.input_dtypes = ((self.dtype,) if self.dtype in _FLOAT_DTYPES else
+                             (np.dtype(np.float32),) if self.dtype == np.int8 else
+                             (self.dtype, np.dtype(np.float32)))
 
     def __repr__(self):
         return f"<layer {self.index} of {self.cache!r}, lengths {self.lengths.tolist()}>"
@@ -733,7 +772,9 @@ class KVCacheLayer:
                num_new: Optional[ArrayLike] = None) -> None:
         """Write new positions after each sequence's cached ones and grow its length.
 
-        keys : (B, Hkv, T, D) and values : (B, Hkv, T, Dv), the cache's dtype (any strides).
+        keys : (B, Hkv, T, D) and values : (B, Hkv, T, Dv), the cache's dtype (any strides);
+            float32 for a float16 or bfloat16 cache (rounded as written) and for an int8
+            one (quantized, each (token, head) row with its own scale).
         num_new : (B,) ints, optional
             How many of the T new positions are real for each sequence (default all): the
             last num_new[b] (left padding), written at positions lengths[b] onwards.
@@ -747,19 +788,22 @@ class KVCacheLayer:
             raise ValueError(f"KV cache overflow: sequence {b} holds {self.lengths[b]} of "
                              f"max_len={self.max_len} positions and {num_new[b]} more do not "
                              f"fit (make the cache with a larger max_len)")
+        writes = [(self.keys, keys), (self.values, values)]
+        if self.key_scales is not None:
+            (keys, key_scales), (values, value_scales) = quantize_kv(keys), quantize_kv(values)
+            writes = [(self.keys, keys), (self.values, values), (self.key_scales, key_scales),
+                      (self.value_scales, value_scales)]
         start = self.lengths
-        if np.all(start == start[0]) and np.all(num_new == T):
-            # The common case: one slice for the whole batch.
-            self.keys[:, :, start[0]:start[0] + T] = keys
-            self.values[:, :, start[0]:start[0] + T] = values
-        elif T == 1 and np.all(num_new == 1):
-            # Decoding sequences of different lengths: one token each, one scatter.
-            items = np.arange(B)
-            self.keys[items, :, start] = keys[:, :, 0]
-            self.values[items, :, start] = values[:, :, 0]
-        else:
-            for b in range(B):
-                n, s = num_new[b], start[b]
-                self.keys[b, :, s:s + n] = keys[b, :, T - n:]
-                self.values[b, :, s:s + n] = values[b, :, T - n:]
+        # (positions are axis 2 of every stored array: the scales just lack the features)
+        for stored, new in writes:
+            if np.all(start == start[0]) and np.all(num_new == T):
+                # The common case: one slice for the whole batch.
+                stored[:, :, start[0]:start[0] + T] = new
+            elif T == 1 and np.all(num_new == 1):
+                # Decoding sequences of different lengths: one token each, one scatter.
+                stored[np.arange(B), :, start] = new[:, :, 0]
+            else:
+                for b in range(B):
+                    n, s = num_new[b], start[b]
+                    stored[b, :, s:s + n] = new[b, :, T - n:]
         self.lengths[...] = new_lengths

@@ -361,3 +361,80 @@ def test_minilm_with_bfloat16_attention_inputs(monkeypatch):
     cosine = np.sum(exact * rounded, -1) / (np.linalg.norm(exact, axis=-1)
                                            * np.linalg.norm(rounded, axis=-1))
     assert np.all(cosine >= 0.999), cosine
+
+
+# ------------------------------------------------------------------------- KV caches
+
+CACHE_DTYPES = ["float16", "bfloat16", "int8"]
+
+
+def cache_dtype(name):
+    return np.dtype(np.int8) if name == "int8" else half_dtype(name)
+
+
+@pytest.mark.parametrize("name", CACHE_DTYPES)
+def test_kv_cache_memory(name):
+    """A float16 or bfloat16 cache holds half the bytes of a float32 one; an int8 cache a
+    quarter, plus one float32 scale per (token, head) for keys and for values."""
+    sizes = dict(batch_size=2, max_len=64, num_kv_heads=4, head_dim=32, num_layers=3)
+    full = cattn.KVCache(**sizes)
+    narrow = cattn.KVCache(**sizes, dtype=cache_dtype(name))
+    assert narrow.keys.dtype == narrow.values.dtype == cache_dtype(name)
+    if name == "int8":
+        scale_bytes = 2 * 4 * (3 * 2 * 4 * 64)
+        assert narrow.nbytes == full.nbytes // 4 + scale_bytes
+    else:
+        assert narrow.nbytes == full.nbytes // 2
+
+
+@pytest.mark.parametrize("name", CACHE_DTYPES)
+def test_decoding_with_a_narrow_cache(name, rng):
+    """A float32 layer decodes with a float16, bfloat16 or int8 cache unchanged: the cache
+    stores the rounded (quantized) keys and values of the float32 one, and the outputs stay
+    close to those of a float32 cache. Prompts of different lengths (left padding), then
+    tokens one at a time."""
+    dtype = cache_dtype(name)
+    mha = cattn.MultiHeadAttention(64, 8, num_kv_heads=2, rng=1)
+    x = rng.standard_normal((2, 12, 64), dtype=np.float32)
+    padding = np.zeros((2, 5), bool)
+    padding[1, :2] = True  # the second prompt has 3 tokens, left-padded
+    caches = [cattn.KVCache.for_layer(mha, 2, 32), cattn.KVCache.for_layer(mha, 2, 32,
+                                                                           dtype=dtype)]
+    outputs = [[], []]
+    for i, cache in enumerate(caches):
+        outputs[i].append(mha(x[:, :5], cache=cache, key_padding_mask=padding,
+                              is_causal=True)[0])
+        for t in range(5, 12):
+            outputs[i].append(mha(x[:, t:t + 1], cache=cache)[0])
+    full, narrow = caches
+    assert np.array_equal(full.lengths, narrow.lengths)
+    for b, n in enumerate(full.lengths[0]):
+        keys, values = full.keys[0, b, :, :n], full.values[0, b, :, :n]
+        if name == "int8":
+            for stored, scales, exact in ((narrow.keys, narrow.key_scales, keys),
+                                          (narrow.values, narrow.value_scales, values)):
+                want, want_scales = cattn.quantize_kv(exact)
+                assert np.array_equal(stored[0, b, :, :n], want)
+                assert np.array_equal(scales[0, b, :, :n], want_scales)
+        else:
+            assert np.array_equal(narrow.keys[0, b, :, :n], keys.astype(dtype))
+            assert np.array_equal(narrow.values[0, b, :, :n], values.astype(dtype))
+    got, want = np.concatenate(outputs[1], 1), np.concatenate(outputs[0], 1)
+    rms = np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))
+    assert rms <= {"float16": 1e-3, "bfloat16": 1e-2, "int8": 1e-2}[name], rms
+
+
+def test_kv_cache_dtype_errors():
+    mha64 = cattn.MultiHeadAttention(16, 2, dtype=np.float64)
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16, "
+                                        "bfloat16 .* or int8, got int16"):
+        cattn.KVCache(1, 4, 2, 8, dtype=np.int16)
+    with pytest.raises(TypeError, match="a float64 layer needs a cache of float64, got "
+                                        "dtype float16"):
+        cattn.KVCache.for_layer(mha64, 1, 4, dtype=np.float16)
+    with pytest.raises(ValueError, match="this layer needs 2 heads of 8 float64"):
+        mha64(np.ones((1, 1, 16)), cache=cattn.KVCache(1, 4, 2, 8, dtype=np.float16))
+    cache = cattn.KVCache(1, 4, 2, 8, dtype=np.int8)
+    with pytest.raises(TypeError, match="keys has dtype int8, the cache holds int8 "
+                                        r"\(and takes float32\)"):
+        cache.layer(0).append(np.ones((1, 2, 1, 8), np.int8), np.ones((1, 2, 1, 8), np.int8))
