@@ -404,12 +404,13 @@ class _NarrowStorage:
     """A float32 computation on float16, bfloat16 or int8 keys/values or queries: how the
     kernel reads K and V, int8's scales, and the dtype of the result."""
 
-    def __init__(self, key, value, k_scale, v_scale, result_dtype):
+    def __init__(self, key, value, k_scale, v_scale, result_dtype, query_bf16=False):
         self.k_scale = _dtypes.scales_for(k_scale, "k_scale", key, "key")
         self.v_scale = _dtypes.scales_for(v_scale, "v_scale", value, "value")
         self.kv_storage = (_dtypes.element_code(key.dtype), _dtypes.element_code(value.dtype),
                            self.k_scale, self.v_scale)
         self.result_dtype = result_dtype
+        self.query_bf16 = query_bf16  # (its float32 copy is exact in bfloat16 products)
 
     def results(self, out, weights, user_out):
         """The float32 output (and weights) rounded to the result dtype (into user_out)."""
@@ -452,7 +453,8 @@ def _narrow_storage(query, key, value, k_scale, v_scale, out_dtype, out):
         result = _dtypes.result_dtype(out.dtype, "out's dtype")
     else:
         result = query.dtype
-    narrow = _NarrowStorage(key, value, k_scale, v_scale, result)
+    narrow = _NarrowStorage(key, value, k_scale, v_scale, result,
+                            query_bf16=_dtypes.is_bfloat16(query.dtype))
     return query.astype(np.float32, copy=False), narrow
 
 
@@ -677,7 +679,8 @@ def _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group,
                                    weights_mode),
                           blocks=(block_q, block_k, n_splits, split_keys),
                           run=(threads, isa), sinks=sinks,
-                          kv_storage=None if narrow is None else narrow.kv_storage)
+                          kv_storage=None if narrow is None else narrow.kv_storage,
+                          bf16_query=narrow is not None and narrow.query_bf16)
 
 
 def _table(query, key, value, out, mask, batch_shape, group, kv_len, diag, keep=0,

@@ -168,9 +168,13 @@ cdef struct Plan:
     bint weights_mode                      # scores go straight into the weights output
     int isa                                # CATTN_ISA_*: which micro-kernels and row ops
     bint blas                              # block GEMMs through BLAS instead
-    # native bfloat16 block products (cattn_bf16.h)
-    int bf16_isa                           # the level computing them, 0: none
-    Py_ssize_t bf16_work_offset            # bytes into the thread's scratch of their work area
+    # Native bfloat16 block products (cattn_bf16.h): the level computing them, and which:
+    # Q·Kᵀ when the keys are bfloat16 and the queries hold bfloat16 values, P·V when the
+    # values are bfloat16 (P rounded to bfloat16); their work area starts this many
+    # elements into each thread's scratch.
+    int bf16_isa
+    bint bf16_scores, bf16_pv
+    Py_ssize_t bf16_work_offset
     const Py_ssize_t* table                # (n_items, N_COLS)
     Py_ssize_t* counters                   # per thread, COUNTER_STRIDE apart (statistics)
     # Packed variable-length sequences: an explicit task list of (item, query block) pairs,
@@ -219,6 +223,9 @@ cdef struct Task:
     const float* v_scale
     float* converted
     float* p_scaled
+    # (native bfloat16 products) the thread's work area and statistics
+    void* bf16_work
+    Py_ssize_t* counters
 
 
 # Steps of a key-block visit (step_key_blocks).
@@ -367,9 +374,13 @@ cdef inline void scores_converted(const Plan* p, const Task* t, Py_ssize_t n_key
     """block_scores for keys stored as float16, bfloat16 or int8: converted to float32 as
     they are packed (or streamed, or, for BLAS, as a block), then the float32 GEMM; int8's
     per-key scale multiplies each key's column of scores afterwards."""
-    # (a native bfloat16 product would take over here when the queries are bfloat16 too)
     cdef Py_ssize_t r, j, rows = t.rows
     cdef float* row
+    if p.bf16_scores and rows > CATTN_DIRECT_ROWS and n_keys >= CATTN_DIRECT_KEYS:
+        cattn_bf16_qkt(p.bf16_isa, rows, n_keys, p.E, <float> p.scale, q_block, 1, p.q_rs,
+                       <const unsigned short*> k_block, p.k_rs, scores, ld, t.bf16_work)
+        t.counters[COUNTER_BF16_BLOCKS] += 1
+        return
     if p.blas:
         cattn_convert_rows(p.isa, p.k_type, k_block, p.k_rs, n_keys, p.E, t.converted, p.E)
         gemm_abt(<int> rows, <int> n_keys, <int> p.E, <float> p.scale, q_block,
@@ -433,6 +444,11 @@ cdef inline void pv_converted(const Plan* p, const Task* t, Py_ssize_t n_keys,
             for j in range(n_keys):
                 scaled_row[j] = prob_row[j] * v_scale[j * p.v_scale_rs]
         probs, ld = t.p_scaled, p.block_k
+    if p.bf16_pv and rows > CATTN_DIRECT_ROWS:
+        cattn_bf16_pv(p.bf16_isa, rows, p.Ev, n_keys, probs, ld,
+                      <const unsigned short*> v_block, p.v_rs, acc, p.Ev, t.bf16_work)
+        t.counters[COUNTER_BF16_BLOCKS] += 1
+        return
     if rows <= CATTN_DIRECT_ROWS and not p.blas:
         cattn_gemm_pv_direct_cvt(p.isa, p.v_type, rows, p.Ev, n_keys, probs, ld, v_block,
                                  p.v_rs, acc, p.Ev)
@@ -649,6 +665,8 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     cdef const char* v_item = <const char*> v + t.item[COL_V] * p.v_size
     t.converted = <float*> (packed + packed_elements(p, floating is double))
     t.p_scaled = t.converted + (p.block_k * max(p.E, p.Ev) if converts(p) else 0)
+    t.bf16_work = <void*> (scratch + p.bf16_work_offset)
+    t.counters = counters
     t.k_scale = p.k_scale + t.item[COL_K_SCALE] if p.k_scale != NULL else NULL
     t.v_scale = p.v_scale + t.item[COL_V_SCALE] if p.v_scale != NULL else NULL
 
@@ -851,7 +869,8 @@ def last_call_stats():
 def attention(object q, object k, object v, object out, object lse, object weights,
               object mask, object partials, cnp.ndarray table, *, tuple shape,
               tuple strides, tuple variant, tuple blocks, tuple run, object tasks=None,
-              tuple paged=None, object sinks=None, tuple kv_storage=None):
+              tuple paged=None, object sinks=None, tuple kv_storage=None,
+              object bf16_query=None):
     """Run the loop nest on validated operands (see cattn._api for their meaning).
 
     q, k, v, out, lse, weights and mask are arrays whose data pointers point at element 0
@@ -872,6 +891,9 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         (Element members; float16, bfloat16 and int8 need float32 q, out, lse, weights,
         mask and partials) and int8's per-key scales (float32 arrays whose matrices are
         (S, 1), located by the table's K_SCALE and V_SCALE columns; None for none)
+      bf16_query = True: q (float32) holds bfloat16 values, so that on the amx and
+        avx512_bf16 paths Q·Kᵀ against bfloat16 keys runs on bfloat16 products (exact
+        ones); P·V against bfloat16 values runs on them whatever the query
     Per-thread scratch is allocated here, for num_threads threads.
     With n_splits > 1 the keys are cut into chunks of split_keys keys, processed as
     separate tasks and merged; partials then holds (n_splits, n_items, L, Ev + 2).
@@ -921,12 +943,16 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     # never an instruction the CPU lacks, whatever the caller asked for
     cdef int level = isa if cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA
     p.isa = cattn_isa_float_path(level)
-    p.bf16_isa = 0
-    p.bf16_work_offset = 0
     p.blas = cattn_isa_uses_blas(p.isa)
     cdef bint is_double = (<cnp.ndarray> q).descr.type_num == cnp.NPY_DOUBLE
     cdef size_t item = sizeof(double) if is_double else sizeof(float)
     cdef Py_ssize_t stride = scratch_elements(&p, is_double)
+    p.bf16_isa = level if cattn_isa_has_bf16_products(level) and not is_double else 0
+    p.bf16_scores = p.bf16_isa and p.k_type == CATTN_ELEM_BF16 and bool(bf16_query)
+    p.bf16_pv = p.bf16_isa and p.v_type == CATTN_ELEM_BF16
+    p.bf16_work_offset = stride
+    if p.bf16_scores or p.bf16_pv:
+        stride += (<Py_ssize_t> cattn_bf16_work_bytes(block_q, block_k, E, Ev) + 63) // 64 * 16
     cdef Py_ssize_t n_tasks = p.n_items * p.n_q_blocks * p.n_splits
     if tasks is not None:
         p.task_list = <const Py_ssize_t*> cnp.PyArray_DATA(<cnp.ndarray> tasks)

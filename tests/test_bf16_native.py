@@ -1,4 +1,5 @@
-"""Native bfloat16 block products (the "avx512_bf16" and "amx" paths) against float64.
+"""Native bfloat16 block products (the "avx512_bf16" and "amx" paths) against float64:
+first each block product alone (through a testing hook), then whole attention calls.
 
 Q·Kᵀ: every product of two bfloat16 values is exact in float32, so the only error is the
 float32 summation: |error| <= (pairs + 2) · 2^-23 · Σ|q·k| (each of the pairs of products
@@ -8,13 +9,23 @@ P·V: the probabilities are rounded to bfloat16 (to nearest even: relative error
 each, half a unit in the last of 8 significant bits), then summed as Q·Kᵀ. The result is compared with the float64 product of the
 rounded P (the float32 summation bound), and with the unrounded P within 2^-8 · Σ|p·v| more.
 
+Whole calls on bfloat16 inputs are compared with the float64 reference on the same
+bfloat16 values. Q·Kᵀ is float32-exact, the softmax float32, so everything but P·V has the
+float32 tolerance of every other test; P·V adds the rounding of P: at most
+2^-8 · Σ_j p_j·|v_j| per output element (p the reference's weights), and a bfloat16 output
+one more rounding, 2^-8 relative. The weights and the lse come from the float32 P and are
+held to the float32 tolerance (plus the output rounding for bfloat16 weights).
+
 Every path is run on this CPU where it exists; the others skip with a reason (and are
 refused, never run).
 """
 import numpy as np
 import pytest
 
-from cattn import _kernel
+import cattn
+from cattn import _kernel, reference
+from conftest import TOLERANCE, as64
+from test_isa_paths import CASES as ISA_CASES
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = ml_dtypes.bfloat16
@@ -127,3 +138,151 @@ def test_avx512_cap_turns_native_products_off():
     assert proc.returncode == 0, proc.stderr
     supported = _kernel.supported_isa_paths()
     assert proc.stdout.strip() == ("avx512" if "avx512" in supported else supported[0])
+
+
+# ------------------------------------------------------------------- whole attention calls
+
+F32_TOL = TOLERANCE[np.float32]
+BF16_ROUNDING = 2.0**-8
+sdpa = cattn.scaled_dot_product_attention
+ALL_PATHS = ALL_NATIVE + [native_path("avx512")]
+
+
+def reference_with_weights(q, k, v, mask, options):
+    """The float64 reference's results (as cattn returns them) and its weights."""
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    mask = as64(mask)
+    want = reference.scaled_dot_product_attention(q, k, v, mask, **options)
+    weights_options = dict(options, return_weights=True, return_lse=False)
+    _, weights = reference.scaled_dot_product_attention(q, k, v, mask, **weights_options)
+    return want if isinstance(want, tuple) else (want,), weights
+
+
+def check_results(got, want, weights, v, p_rounded):
+    """got against want (results of one call: output, then weights and lse when asked),
+    the output within the float32 tolerance, P's rounding when p_rounded and its dtype's
+    rounding; the rest within the float32 tolerance and their own dtype's rounding."""
+    got = got if isinstance(got, tuple) else (got,)
+    assert len(got) == len(want)
+    v64 = v.astype(np.float64)
+    group = weights.shape[-3] // v64.shape[-3] if v64.ndim >= 3 else 1
+    if group > 1:
+        v64 = np.repeat(v64, group, axis=-3)
+    for i, (g, w) in enumerate(zip(got, want)):
+        bound = F32_TOL["atol"] + F32_TOL["rtol"] * np.abs(w)
+        if g.dtype != np.float32:
+            bound = bound + BF16_ROUNDING * np.abs(w)
+        if i == 0 and p_rounded:
+            bound = bound + BF16_ROUNDING * (weights @ np.abs(v64))
+        err = np.abs(g.astype(np.float64) - w)
+        assert np.all(err <= bound), (i, np.max(err / bound))
+
+
+def bf16_case(case, rng):
+    batch, L, S, E, Ev, options = case
+    options = dict(options)
+    q, k, v = (rng.standard_normal(batch + shape).astype(BF16)
+               for shape in ((L, E), (S, E), (S, Ev)))
+    mask = options.pop("mask", None)
+    if mask == "bool":
+        mask = rng.random((L, S)) > 0.3
+    elif mask == "float":
+        mask = rng.standard_normal((L, S)).astype(np.float32)
+    return q, k, v, mask, options
+
+
+def native_blocks_expected(path, L):
+    """Whether a call runs some block products natively: on the native paths, unless every
+    block has at most 4 query rows (decoding streams K and V instead)."""
+    return path in NATIVE_PATHS and L > 4
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("case", ISA_CASES, ids=lambda c: f"L{c[1]}-S{c[2]}-E{c[3]}-Ev{c[4]}")
+def test_bfloat16_attention_matches_float64(path, case, rng):
+    q, k, v, mask, options = bf16_case(case, rng)
+    want, weights = reference_with_weights(q, k, v, mask, options)
+    native = native_blocks_expected(path, q.shape[-2])
+    for out_dtype in (None, np.float32):  # bfloat16 like the query, or float32
+        got = sdpa(q, k, v, mask, out_dtype=out_dtype, _isa=path, **options)
+        stats = _kernel.last_call_stats()
+        assert stats["isa"] == path
+        assert (stats["bf16_native_blocks"] > 0) == native, stats
+        check_results(got, want, weights, v, p_rounded=native)
+
+
+@pytest.mark.parametrize("path", ALL_NATIVE)
+def test_out_float32_and_strided_operands(path, rng):
+    """out= float32 (strided), bfloat16 operands as transposed, sliced and reversed views."""
+    q = rng.standard_normal((2, 70, 3, 40)).astype(BF16).transpose(0, 2, 1, 3)
+    k = rng.standard_normal((2, 3, 90, 80)).astype(BF16)[..., :40]
+    v = rng.standard_normal((2, 3, 90, 24)).astype(BF16)[:, :, ::-1]
+    out = np.zeros((2, 70, 3, 24), np.float32).transpose(0, 2, 1, 3)
+    assert sdpa(q, k, v, is_causal=True, out=out, _isa=path) is out
+    assert _kernel.last_call_stats()["bf16_native_blocks"] > 0
+    want, weights = reference_with_weights(q, k, v, None, dict(is_causal=True))
+    check_results(out, want, weights, v, p_rounded=True)
+
+
+@pytest.mark.parametrize("path", ALL_NATIVE)
+def test_grouped_heads_key_lengths_and_lse(path, rng):
+    B, Hq, Hkv, L, S, E = 2, 8, 2, 37, 333, 64
+    q = rng.standard_normal((B, Hq, L, E)).astype(BF16)
+    k, v = (rng.standard_normal((B, Hkv, S, E)).astype(BF16) for _ in range(2))
+    options = dict(enable_gqa=True, key_lengths=np.array([333, 100]), is_causal=True,
+                   alignment="bottom_right", return_lse=True)
+    got = sdpa(q, k, v, _isa=path, **options)
+    assert _kernel.last_call_stats()["bf16_native_blocks"] > 0
+    want, weights = reference_with_weights(q, k, v, None, options)
+    check_results(got, want, weights, v, p_rounded=True)
+
+
+@pytest.mark.parametrize("path", ALL_NATIVE)
+@pytest.mark.parametrize("dtypes", [("float32", "bfloat16", "bfloat16"),
+                                    ("bfloat16", "bfloat16", "float32"),
+                                    ("float16", "bfloat16", "float16")], ids="-".join)
+def test_native_products_only_where_both_operands_are_bfloat16(path, dtypes, rng):
+    """Q·Kᵀ is native only for bfloat16 queries and keys (a float32 query is never rounded),
+    P·V only for bfloat16 values; the other products widen their operands to float32."""
+    q_dtype, k_dtype, v_dtype = (BF16 if d == "bfloat16" else np.dtype(d) for d in dtypes)
+    L, S, E = 64, 200, 48
+    q = rng.standard_normal((2, L, E)).astype(q_dtype)
+    k = rng.standard_normal((2, S, E)).astype(k_dtype)
+    v = rng.standard_normal((2, S, E)).astype(v_dtype)
+    got = sdpa(q, k, v, out_dtype=np.float32, _isa=path, _block_sizes=(64, 100))
+    native_scores = q_dtype == BF16 and k_dtype == BF16
+    native_pv = v_dtype == BF16
+    blocks = _kernel.last_call_stats()["bf16_native_blocks"]
+    # 2 items × 2 key blocks, each with one product of each kind
+    assert blocks == 4 * (native_scores + native_pv)
+    want, weights = reference_with_weights(q, k, v, None, {})
+    check_results(got, want, weights, v, p_rounded=native_pv)
+
+
+@pytest.mark.parametrize("path", ALL_NATIVE)
+def test_scores_are_float32_accurate_and_each_weight_rounds_once(path, rng):
+    """With one-hot values, output j is weight j: the weights (from the float32 scores and
+    softmax) hold the float32 tolerance, so Q·Kᵀ is rounded nowhere but in its float32
+    sums; each output is its weight with P's one bfloat16 rounding (of the unnormalized
+    probability, then divided by the row's float32 sum)."""
+    L, S, E = 40, 64, 64
+    q, k = (rng.standard_normal((1, n, E)).astype(BF16) for n in (L, S))
+    v = np.eye(S, dtype=np.float32).astype(BF16)[None]
+    out, weights = sdpa(q, k, v, return_weights=True, out_dtype=np.float32, _isa=path)
+    assert _kernel.last_call_stats()["bf16_native_blocks"] > 0
+    _, ref_weights = reference_with_weights(q, k, v, None, {})
+    np.testing.assert_allclose(weights, ref_weights, **F32_TOL)
+    error = np.abs(out.astype(np.float64) - weights)
+    assert np.all(error <= BF16_ROUNDING * (1 + 1e-5) * weights + 1e-30)
+    assert np.any(error > 0), "P was not rounded: the products were not bfloat16"
+
+
+def test_decoding_streams_without_native_products(rng):
+    """One query row: K and V stream through the float32 kernels (memory-bound), on every
+    path, and the result is float32-accurate."""
+    q = rng.standard_normal((1, 4, 1, 64)).astype(BF16)
+    k, v = (rng.standard_normal((1, 4, 3000, 64)).astype(BF16) for _ in range(2))
+    got = sdpa(q, k, v, out_dtype=np.float32)
+    assert _kernel.last_call_stats()["bf16_native_blocks"] == 0
+    want, weights = reference_with_weights(q, k, v, None, {})
+    check_results(got, want, weights, v, p_rounded=False)
