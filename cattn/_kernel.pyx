@@ -36,6 +36,7 @@ from cattn._simd cimport (
     CATTN_ISA_PORTABLE, CATTN_ISA_AVX2, CATTN_ISA_AVX512, CATTN_ISA_WIDE16, cattn_isa_supported,
     cattn_isa_runs_on, cattn_isa_uses_blas, CATTN_ISA_BLAS, CATTN_ISA_BEST, cattn_isa_float_path,
     cattn_isa_has_bf16_products, cattn_bf16_work_bytes, cattn_bf16_qkt, cattn_bf16_pv,
+    cattn_bf16_queries_bytes, cattn_bf16_load_queries,
     cattn_isa_name, cattn_row_max_f32, cattn_row_max_f64, cattn_exp_shift_sum_f32,
     cattn_exp_shift_sum_f64, cattn_expf_scalar, cattn_exp_scalar, cattn_stream_sum_f32,
     CATTN_OPENMP_ENABLED, omp_get_max_threads, cattn_panel_keys,
@@ -170,11 +171,11 @@ cdef struct Plan:
     bint blas                              # block GEMMs through BLAS instead
     # Native bfloat16 block products (cattn_bf16.h): the level computing them, and which:
     # Q·Kᵀ when the keys are bfloat16 and the queries hold bfloat16 values, P·V when the
-    # values are bfloat16 (P rounded to bfloat16); their work area starts this many
-    # elements into each thread's scratch.
+    # values are bfloat16 (P rounded to bfloat16); their work areas (the block's queries,
+    # then one key block's operands) start this many elements into each thread's scratch.
     int bf16_isa
     bint bf16_scores, bf16_pv
-    Py_ssize_t bf16_work_offset
+    Py_ssize_t bf16_queries_offset, bf16_work_offset
     const Py_ssize_t* table                # (n_items, N_COLS)
     Py_ssize_t* counters                   # per thread, COUNTER_STRIDE apart (statistics)
     # Packed variable-length sequences: an explicit task list of (item, query block) pairs,
@@ -223,7 +224,8 @@ cdef struct Task:
     const float* v_scale
     float* converted
     float* p_scaled
-    # (native bfloat16 products) the thread's work area and statistics
+    # (native bfloat16 products) the thread's work areas and statistics
+    void* bf16_queries
     void* bf16_work
     Py_ssize_t* counters
 
@@ -377,8 +379,9 @@ cdef inline void scores_converted(const Plan* p, const Task* t, Py_ssize_t n_key
     cdef Py_ssize_t r, j, rows = t.rows
     cdef float* row
     if p.bf16_scores and rows > CATTN_DIRECT_ROWS and n_keys >= CATTN_DIRECT_KEYS:
-        cattn_bf16_qkt(p.bf16_isa, rows, n_keys, p.E, <float> p.scale, q_block, 1, p.q_rs,
-                       <const unsigned short*> k_block, p.k_rs, scores, ld, t.bf16_work)
+        cattn_bf16_qkt(p.bf16_isa, rows, n_keys, p.E, <float> p.scale,
+                       <const unsigned short*> k_block, p.k_rs, scores, ld, t.bf16_queries,
+                       t.bf16_work)
         t.counters[COUNTER_BF16_BLOCKS] += 1
         return
     if p.blas:
@@ -665,8 +668,12 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     cdef const char* v_item = <const char*> v + t.item[COL_V] * p.v_size
     t.converted = <float*> (packed + packed_elements(p, floating is double))
     t.p_scaled = t.converted + (p.block_k * max(p.E, p.Ev) if converts(p) else 0)
+    t.bf16_queries = <void*> (scratch + p.bf16_queries_offset)
     t.bf16_work = <void*> (scratch + p.bf16_work_offset)
     t.counters = counters
+    if floating is float:
+        if p.bf16_scores and t.rows > CATTN_DIRECT_ROWS:
+            cattn_bf16_load_queries(t.rows, p.E, q_block, 1, p.q_rs, t.bf16_queries)
     t.k_scale = p.k_scale + t.item[COL_K_SCALE] if p.k_scale != NULL else NULL
     t.v_scale = p.v_scale + t.item[COL_V_SCALE] if p.v_scale != NULL else NULL
 
@@ -950,6 +957,9 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.bf16_isa = level if cattn_isa_has_bf16_products(level) and not is_double else 0
     p.bf16_scores = p.bf16_isa and p.k_type == CATTN_ELEM_BF16 and bool(bf16_query)
     p.bf16_pv = p.bf16_isa and p.v_type == CATTN_ELEM_BF16
+    p.bf16_queries_offset = stride
+    if p.bf16_scores:
+        stride += (<Py_ssize_t> cattn_bf16_queries_bytes(block_q, E) + 63) // 64 * 16
     p.bf16_work_offset = stride
     if p.bf16_scores or p.bf16_pv:
         stride += (<Py_ssize_t> cattn_bf16_work_bytes(block_q, block_k, E, Ev) + 63) // 64 * 16
@@ -1090,9 +1100,12 @@ def bf16_block_products(str path, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, c
         raise ValueError("shapes must be q (rows, E), k (n, E), v (n, Ev), p (rows, n) float32")
     scores = np.zeros((rows, n), np.float32)
     acc = np.zeros((rows, Ev), np.float32)
+    cdef void* queries = PyMem_RawMalloc(cattn_bf16_queries_bytes(rows, E))
     cdef void* work = PyMem_RawMalloc(cattn_bf16_work_bytes(rows, n, E, Ev))
-    if work == NULL:
-        raise MemoryError("no memory for the work area")
+    if work == NULL or queries == NULL:
+        PyMem_RawFree(queries)
+        PyMem_RawFree(work)
+        raise MemoryError("no memory for the work areas")
     cdef float* c = <float*> cnp.PyArray_DATA(scores)
     cdef float* a = <float*> cnp.PyArray_DATA(acc)
     cdef const void* qp = cnp.PyArray_DATA(q)
@@ -1100,8 +1113,10 @@ def bf16_block_products(str path, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v, c
     cdef const unsigned short* vp = <const unsigned short*> cnp.PyArray_DATA(v)
     cdef const float* pp = <const float*> cnp.PyArray_DATA(p)
     with nogil:
-        cattn_bf16_qkt(isa, rows, n, E, alpha, qp, q_f32, q_rs, kp, k_rs, c, n, work)
+        cattn_bf16_load_queries(rows, E, qp, q_f32, q_rs, queries)
+        cattn_bf16_qkt(isa, rows, n, E, alpha, kp, k_rs, c, n, queries, work)
         cattn_bf16_pv(isa, rows, Ev, n, pp, ldp, vp, v_rs, a, Ev, work)
+    PyMem_RawFree(queries)
     PyMem_RawFree(work)
     return scores, acc
 

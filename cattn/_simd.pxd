@@ -88,10 +88,12 @@ cdef extern from "cattn_bf16.h" nogil:
     int cattn_isa_has_bf16_products(int isa)
     size_t cattn_bf16_work_bytes(Py_ssize_t block_q, Py_ssize_t block_k, Py_ssize_t E,
                                  Py_ssize_t Ev)
+    size_t cattn_bf16_queries_bytes(Py_ssize_t block_q, Py_ssize_t E)
+    void cattn_bf16_load_queries(Py_ssize_t rows, Py_ssize_t E, const void* q, int q_f32,
+                                 Py_ssize_t q_rs, void* queries)
     void cattn_bf16_qkt(int isa, Py_ssize_t rows, Py_ssize_t n_keys, Py_ssize_t E,
-                        float alpha, const void* q, int q_f32, Py_ssize_t q_rs,
-                        const unsigned short* k, Py_ssize_t k_rs, float* c, Py_ssize_t ldc,
-                        void* work)
+                        float alpha, const unsigned short* k, Py_ssize_t k_rs, float* c,
+                        Py_ssize_t ldc, void* queries, void* work)
     void cattn_bf16_pv(int isa, Py_ssize_t rows, Py_ssize_t Ev, Py_ssize_t n_keys,
                        const float* p, Py_ssize_t ldp, const unsigned short* v,
                        Py_ssize_t v_rs, float* acc, Py_ssize_t ld_acc, void* work)

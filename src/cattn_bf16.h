@@ -48,17 +48,22 @@ static inline ptrdiff_t cattn_bf16_round_up(ptrdiff_t x, ptrdiff_t m)
     return (x + m - 1) / m * m;
 }
 
-/* The work-area layout of one block product (all sizes in 32-bit pairs). */
+/* Two work areas per thread (sizes in 32-bit pairs): the queries of a block of rows, loaded
+ * once and kept while its key blocks pass; and either the packed keys or P and the packed
+ * values of one key block. */
 static inline ptrdiff_t cattn_bf16_pairs_ld(ptrdiff_t n)
 {
     return cattn_bf16_round_up((n + 1) / 2, CATTN_BF16_PAIRS_PAD);
 }
 
-static inline ptrdiff_t cattn_bf16_qkt_words(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E)
+static inline ptrdiff_t cattn_bf16_query_words(ptrdiff_t rows, ptrdiff_t E)
 {
-    const ptrdiff_t ldq = cattn_bf16_pairs_ld(E);
-    return cattn_bf16_round_up(rows, CATTN_BF16_ROWS_PAD) * ldq +
-           cattn_bf16_round_up(n_keys, CATTN_BF16_PANEL) * ldq;
+    return cattn_bf16_round_up(rows, CATTN_BF16_ROWS_PAD) * cattn_bf16_pairs_ld(E);
+}
+
+static inline ptrdiff_t cattn_bf16_key_words(ptrdiff_t n_keys, ptrdiff_t E)
+{
+    return cattn_bf16_round_up(n_keys, CATTN_BF16_PANEL) * cattn_bf16_pairs_ld(E);
 }
 
 static inline ptrdiff_t cattn_bf16_pv_words(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t Ev)
@@ -68,13 +73,19 @@ static inline ptrdiff_t cattn_bf16_pv_words(ptrdiff_t rows, ptrdiff_t n_keys, pt
            ldp * cattn_bf16_round_up(Ev, CATTN_BF16_PANEL);
 }
 
-/* Bytes of work area a thread needs for blocks of up to block_q rows × block_k keys. */
+/* Bytes of each work area for blocks of up to block_q rows × block_k keys (with room to
+ * align them to 64 bytes). */
+static inline size_t cattn_bf16_queries_bytes(ptrdiff_t block_q, ptrdiff_t E)
+{
+    return (size_t)cattn_bf16_query_words(block_q, E) * 4 + 64;
+}
+
 static inline size_t cattn_bf16_work_bytes(ptrdiff_t block_q, ptrdiff_t block_k, ptrdiff_t E,
                                            ptrdiff_t Ev)
 {
-    const ptrdiff_t qk = cattn_bf16_qkt_words(block_q, block_k, E);
+    const ptrdiff_t k = cattn_bf16_key_words(block_k, E);
     const ptrdiff_t pv = cattn_bf16_pv_words(block_q, block_k, Ev);
-    return (size_t)(qk > pv ? qk : pv) * 4 + 64;
+    return (size_t)(k > pv ? k : pv) * 4 + 64;
 }
 
 /* Whether a level computes bf16 products natively. */
@@ -427,16 +438,25 @@ CATTN_AMX_TGT static void cattn_bf16_pv_amx(ptrdiff_t rows, ptrdiff_t Ev, const 
 
 /* ---- entry points */
 
-/* c[rows, n_keys] (row stride ldc) = alpha · Q·Kᵀ, Q (bf16, or float32 holding bf16 values
- * when q_f32) and K bf16 with row strides q_rs and k_rs in elements. */
-static inline void cattn_bf16_qkt(int isa, ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, float alpha,
-                           const void *q, int q_f32, ptrdiff_t q_rs, const uint16_t *k,
-                           ptrdiff_t k_rs, float *c, ptrdiff_t ldc, void *work)
+/* The queries of a block of rows into their work area, for every cattn_bf16_qkt of the
+ * block: Q (bf16, or float32 holding bf16 values when q_f32) with row stride q_rs. */
+static inline void cattn_bf16_load_queries(ptrdiff_t rows, ptrdiff_t E, const void *q,
+                                           int q_f32, ptrdiff_t q_rs, void *queries)
+{
+    cattn_bf16_rows_to_pairs(rows, E, q, q_f32, q_rs, cattn_bf16_align64(queries),
+                             cattn_bf16_pairs_ld(E),
+                             cattn_bf16_round_up(rows, CATTN_BF16_ROWS_PAD));
+}
+
+/* c[rows, n_keys] (row stride ldc) = alpha · Q·Kᵀ, Q the rows loaded by
+ * cattn_bf16_load_queries, K bf16 with row stride k_rs in elements. */
+static inline void cattn_bf16_qkt(int isa, ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E,
+                                  float alpha, const uint16_t *k, ptrdiff_t k_rs, float *c,
+                                  ptrdiff_t ldc, void *queries, void *work)
 {
     const ptrdiff_t ldq = cattn_bf16_pairs_ld(E);
-    const ptrdiff_t rows_pad = cattn_bf16_round_up(rows, CATTN_BF16_ROWS_PAD);
-    uint32_t *qp = cattn_bf16_align64(work), *kp = qp + rows_pad * ldq;
-    cattn_bf16_rows_to_pairs(rows, E, q, q_f32, q_rs, qp, ldq, rows_pad);
+    const uint32_t *qp = cattn_bf16_align64(queries);
+    uint32_t *kp = cattn_bf16_align64(work);
     cattn_bf16_pack_keys(k, k_rs, n_keys, E, ldq, kp);
     if (isa == CATTN_ISA_AMX && rows >= CATTN_AMX_MIN_ROWS)
         cattn_bf16_qkt_amx(rows, n_keys, alpha, qp, ldq, kp, c, ldc);
@@ -466,12 +486,18 @@ static inline void cattn_bf16_pv(int isa, ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_
 
 #else /* no x86 paths: the levels are never supported, so these are never called */
 
-static inline void cattn_bf16_qkt(int isa, ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, float alpha,
-                           const void *q, int q_f32, ptrdiff_t q_rs, const uint16_t *k,
-                           ptrdiff_t k_rs, float *c, ptrdiff_t ldc, void *work)
+static inline void cattn_bf16_load_queries(ptrdiff_t rows, ptrdiff_t E, const void *q,
+                                           int q_f32, ptrdiff_t q_rs, void *queries)
 {
-    (void)isa, (void)rows, (void)n_keys, (void)E, (void)alpha, (void)q, (void)q_f32;
-    (void)q_rs, (void)k, (void)k_rs, (void)c, (void)ldc, (void)work;
+    (void)rows, (void)E, (void)q, (void)q_f32, (void)q_rs, (void)queries;
+}
+
+static inline void cattn_bf16_qkt(int isa, ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E,
+                                  float alpha, const uint16_t *k, ptrdiff_t k_rs, float *c,
+                                  ptrdiff_t ldc, void *queries, void *work)
+{
+    (void)isa, (void)rows, (void)n_keys, (void)E, (void)alpha, (void)k, (void)k_rs, (void)c;
+    (void)ldc, (void)queries, (void)work;
 }
 
 static inline void cattn_bf16_pv(int isa, ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys,
