@@ -53,6 +53,20 @@ cnp.import_array()
 cdef extern from "cattn_omp.h" nogil:
     int omp_get_num_threads()
 
+cdef extern from *:
+    """
+    /* A hint to load the cache line at p soon: to L1 (near) or to L2 only. */
+    #if defined(__GNUC__) || defined(__clang__)
+    #define cattn_prefetch_near(p) __builtin_prefetch((p), 0, 3)
+    #define cattn_prefetch_l2(p) __builtin_prefetch((p), 0, 2)
+    #else
+    #define cattn_prefetch_near(p) ((void)(p))
+    #define cattn_prefetch_l2(p) ((void)(p))
+    #endif
+    """
+    void cattn_prefetch_near(const void* p) nogil
+    void cattn_prefetch_l2(const void* p) nogil
+
 # Columns of the per-batch-item table built by the Python layer: element offsets of each
 # operand's (L, ·) matrix, then the item's key length and causal diagonal.
 # Packed variable-length calls (a task list) also fill the item's own query length and the
@@ -553,6 +567,46 @@ cdef inline Py_ssize_t key_row(const Plan* p, const Task* t, Py_ssize_t j,
             + j % p.page_size * row_stride)
 
 
+# Pages of at most this many rows get their streams started early (prefetch_pages); longer
+# ones amortize the hardware prefetcher's own start.
+cdef Py_ssize_t SMALL_PAGE = 64
+
+
+cdef inline void prefetch_stream_starts(const char* row, Py_ssize_t rows,
+                                        Py_ssize_t row_bytes, Py_ssize_t stride_bytes,
+                                        bint near) noexcept nogil:
+    """Ask for the first two cache lines of every 4 KiB of `rows` rows: the hardware's
+    stream prefetcher does not cross into a new 4 KiB page by itself, and a few early
+    requests per page get it going before the rows are read."""
+    cdef Py_ssize_t r = 0, every = max(4096 // stride_bytes, 1) if stride_bytes > 0 else 1
+    while r < rows:
+        if near:
+            cattn_prefetch_near(row)
+            if row_bytes > 64:
+                cattn_prefetch_near(row + 64)
+        else:
+            cattn_prefetch_l2(row)
+            if row_bytes > 64:
+                cattn_prefetch_l2(row + 64)
+        row += every * stride_bytes
+        r += every
+
+
+cdef inline void prefetch_pages(const Plan* p, const Task* t, Py_ssize_t s0, Py_ssize_t s1,
+                                Py_ssize_t kb_last, const char* k_item,
+                                const char* v_item) noexcept nogil:
+    """Paged keys: while keys [s0, s1) of one page are scored, start the streams of the
+    next page's keys and of these keys' values (read by P·V after the block's fold). Each
+    page is a new stretch of memory (a decode from pages of 16 rows: 83% -> 88% of the
+    contiguous decode's speed)."""
+    if s1 < kb_last:
+        prefetch_stream_starts(k_item + key_row(p, t, s1, p.k_rs, p.k_page_stride) * p.k_size,
+                               segment_end(p, s1, kb_last) - s1, p.E * p.k_size,
+                               p.k_rs * p.k_size, True)
+    prefetch_stream_starts(v_item + key_row(p, t, s0, p.v_rs, p.v_page_stride) * p.v_size,
+                           s1 - s0, p.Ev * p.v_size, p.v_rs * p.v_size, False)
+
+
 cdef void step_key_blocks(const Plan* p, const Task* t, int steps, Py_ssize_t kb_first,
                           Py_ssize_t kb_last, const floating* q_block,
                           const char* k_item, const char* v_item, floating* packed,
@@ -574,6 +628,8 @@ cdef void step_key_blocks(const Plan* p, const Task* t, int steps, Py_ssize_t kb
             s0 = kb0
             while s0 < kb1:
                 s1 = segment_end(p, s0, kb1)
+                if 0 < p.page_size <= SMALL_PAGE:
+                    prefetch_pages(p, t, s0, s1, kb_last, k_item, v_item)
                 block_scores(p, t, s1 - s0, q_block,
                              k_item + key_row(p, t, s0, p.k_rs, p.k_page_stride) * p.k_size,
                              t.k_scale + s0 * p.k_scale_rs if t.k_scale != NULL else NULL,

@@ -31,7 +31,8 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
                     attn_mask: Optional[ArrayLike] = None, is_causal: bool = False,
                     scale: Optional[float] = None, enable_gqa: bool = False,
                     window: Optional[Tuple[Optional[int], Optional[int]]] = None,
-                    softcap: Optional[float] = None, return_lse: bool = False,
+                    softcap: Optional[float] = None, sinks: Optional[ArrayLike] = None,
+                    keep_first: Optional[int] = None, return_lse: bool = False,
                     return_weights: bool = False, out: Optional[NDArray[Any]] = None,
                     num_threads: Optional[int] = None,
                     _block_sizes: Optional[Tuple[int, int]] = None, _isa: Optional[str] = None
@@ -59,7 +60,8 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
         `scaled_dot_product_attention`.
     is_causal : bool
         Query i (the sequence's position seq_len - L + i) sees keys up to its own position.
-    scale, enable_gqa, window, softcap, return_lse, return_weights, out, num_threads
+    scale, enable_gqa, window, softcap, sinks, keep_first, return_lse, return_weights,
+    out, num_threads
         As in `scaled_dot_product_attention`; the diagonal of `is_causal` and `window` is
         bottom-right (each sequence's last query is aligned with its last key). The weights
         are (B, Hq, L, max_blocks · block_size), 0 past each sequence's length.
@@ -123,12 +125,14 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
     attn_mask = _api._as_ndarray(attn_mask, "attn_mask")
     mask_plan = _api._mask_plan(attn_mask, batch_shape, L, S, dtype)
     win_left, win_right = _api._window(window, is_causal)
+    keep = 0 if keep_first is None else _api._kept_first_keys(keep_first, None, batch_shape, S)
+    sink_logits = None if sinks is None else _api._sink_logits(sinks, batch_shape, dtype)
     out, out_rs, out_cs, lse, weights = _api._outputs(
         _api._as_ndarray(out, "out"), batch_shape, L, S, Ev, dtype, return_lse,
         return_weights, (query, key_cache, value_cache, attn_mask))
     _launch(query, key_cache, value_cache, block_table, seq_lens, out, lse, weights,
             mask_plan, Hq // Hkv if Hkv else 1, out_rs, out_cs, win_left, win_right, scale,
-            softcap, num_threads, return_weights, _block_sizes, _isa)
+            softcap, num_threads, return_weights, _block_sizes, _isa, keep, sink_logits)
     return _api._results(out, weights, lse)
 
 
@@ -211,7 +215,7 @@ def _check_pages(block_table, seq_lens, block_size, num_blocks):
 
 def _launch(query, key_cache, value_cache, block_table, seq_lens, out, lse, weights,
             mask_plan, group, out_rs, out_cs, win_left, win_right, scale, softcap,
-            num_threads, weights_mode, block_sizes, isa):
+            num_threads, weights_mode, block_sizes, isa, keep, sinks):
     """The per-item table (head offsets within a page, the item's row of the block table),
     block sizes and key splits; then the kernel."""
     query, q_rs = _api._blas_ready(query)
@@ -237,7 +241,7 @@ def _launch(query, key_cache, value_cache, block_table, seq_lens, out, lse, weig
     kv_len = np.repeat(seq_lens, Hq)
     _kernel.fill_column(table, _Column.KV_LEN, kv_len)
     _kernel.fill_column(table, _Column.DIAG, kv_len - L)
-    _kernel.fill_column(table, _Column.KEEP_FIRST, 0)
+    _kernel.fill_column(table, _Column.KEEP_FIRST, keep)
     _kernel.fill_column(table, _Column.PAGES,
                         np.repeat(np.arange(B, dtype=np.intp) * max_blocks, Hq))
     isa = _kernel.default_isa_index() if isa is None else _kernel.isa_index(isa)
@@ -263,7 +267,8 @@ def _launch(query, key_cache, value_cache, block_table, seq_lens, out, lse, weig
                                    weights_mode),
                           blocks=(block_q, block_k, n_splits, split_keys),
                           run=(threads, isa),
-                          paged=(pages, block_size, k_strides[0], v_strides[0]))
+                          paged=(pages, block_size, k_strides[0], v_strides[0]),
+                          sinks=sinks)
 
 
 # --------------------------------------------------------------------------- the cache

@@ -573,8 +573,6 @@ class MultiHeadAttention:
             raise ValueError(f"query has batch size {B} but the cache holds "
                              f"{layer.batch_size} sequences")
         paged = isinstance(layer, PagedKVCacheLayer)
-        if paged and sinks is not None:
-            raise ValueError("sinks are not supported with a PagedKVCache: use a KVCache")
         num_new = None
         if key_padding_mask is not None:
             kpm = self._mask_array(key_padding_mask, "key_padding_mask")
@@ -595,7 +593,7 @@ class MultiHeadAttention:
             out, weights = self._attend(
                 q, layer.keys, layer.values, B, L, paged=True,
                 block_table=layer.cache.block_table(), seq_lens=lengths,
-                is_causal=is_causal, return_weights=need_weights)
+                is_causal=is_causal, return_weights=need_weights, sinks=sinks)
         else:
             lengths = layer.lengths.copy()
             scales = ({} if getattr(layer, "key_scales", None) is None else

@@ -56,6 +56,7 @@ class Mutant:
 
 API, KERNEL, REF, LAYERS = "cattn/_api.py", "cattn/_kernel.pyx", "cattn/reference.py", \
     "cattn/layers.py"
+PAGED = "cattn/_paged.py"
 VARLEN = "cattn/_varlen.py"
 BF16 = "src/cattn_bf16.h"
 
@@ -298,6 +299,40 @@ MUTANTS = [
            [Edit(API, "    kept = min(keep_first, _MAX_OFFSET) - _offset(k_offset, \"k_offset\", batch_shape)",
                  "    kept = min(keep_first, _MAX_OFFSET)")],
            ["tests/test_sinks.py", "-k", "keep"]),
+    # ------------------------------------------------------------------ paged key/value cache
+    Mutant("paged-page-index-off-by-one",
+           "key j is read from the page of key j + 1: every page but the first is misplaced",
+           [Edit(KERNEL, "p.pages[t.item[COL_PAGES] + j // p.page_size]",
+                 "p.pages[t.item[COL_PAGES] + (j + 1) // p.page_size]")],
+           ["tests/test_paged.py", "-k", "reference or paths"]),
+    Mutant("paged-gemm-runs-past-the-page",
+           "a key block's GEMM reads on past the end of a page into whatever lies after it",
+           [Edit(KERNEL, "    return page_end if page_end < kb1 else kb1\n",
+                 "    return kb1\n")],
+           ["tests/test_paged.py", "-k", "reference or paths"]),
+    Mutant("paged-table-rows-not-offset",
+           "every sequence reads its pages from the first sequence's row of the block table",
+           [Edit(PAGED, "np.repeat(np.arange(B, dtype=np.intp) * max_blocks, Hq)",
+                 "np.repeat(np.arange(B, dtype=np.intp), Hq)")],
+           ["tests/test_paged.py", "-k", "reference"]),
+    Mutant("paged-range-check-misses-last-page",
+           "a page number out of range in a sequence's partly filled last page is read",
+           [Edit(PAGED, "used = np.arange(block_table.shape[1]) < (-(-seq_lens // block_size))",
+                 "used = np.arange(block_table.shape[1]) < (seq_lens // block_size)")],
+           ["tests/test_paged.py", "-k", "bad_input"]),
+    Mutant("paged-copy-on-write-skipped",
+           "a sequence writes into a page it shares: the other sequence's keys change",
+           [Edit(PAGED, "elif cache.ref_counts[s.pages[i]] > 1:", "elif False:")],
+           ["tests/test_paged.py", "-k", "fork"]),
+    Mutant("paged-fork-copy-empty",
+           "a forked sequence's copy of the partly filled last page holds no keys",
+           [Edit(PAGED, "        self.keys[:, new] = self.keys[:, page]\n", "")],
+           ["tests/test_paged.py", "-k", "fork"]),
+    Mutant("paged-free-releases-shared-pages",
+           "freeing a sequence returns pages another sequence still holds",
+           [Edit(PAGED, "            if self.ref_counts[page] == 0:\n",
+                 "            if True:\n")],
+           ["tests/test_paged.py", "-k", "fork or free"]),
 ]
 
 

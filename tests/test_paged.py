@@ -106,6 +106,8 @@ VARIANTS = {
     "weights": {"return_weights": True, "return_lse": True, "is_causal": True},
     "bool-mask": {"mask": "bool"},
     "float-mask": {"mask": "float", "is_causal": True},
+    "sinks-keep-first": {"sinks": "per-head", "keep_first": 3, "window": (4, 0),
+                         "is_causal": True, "return_lse": True},
 }
 
 
@@ -122,6 +124,8 @@ def test_matches_reference(rng, variant, block_size, dtype):
     table = shuffled_table(rng, seq_lens, block_size, num_blocks)
     q = rng.standard_normal((len(seq_lens), Hq, L, E)).astype(dtype)
     S = table.shape[1] * block_size
+    if options.get("sinks") == "per-head":
+        options["sinks"] = np.linspace(-1.0, 2.0, Hq)
     mask = options.pop("mask", None)
     if mask == "bool":
         mask = rng.random((len(seq_lens), 1, L, S)) < 0.7
@@ -447,16 +451,30 @@ def test_layer_with_paged_cache_chunked_prefill_and_padding(rng):
     paged = cattn.PagedKVCache(30, 3, 4, 8, num_layers=2, dtype=np.float64)
     paged.add_sequence()
     paged.add_sequence()
+    sinks = np.array([0.5, -1.0, 2.0, 0.0])
     for chunk in (5, 1, 7):
         x = rng.standard_normal((2, chunk, 32))
         pad = np.zeros((2, chunk), bool)
         pad[1, :chunk // 2] = True
         for layer in range(2):
             want, _ = mha(x, cache=contiguous.layer(layer), is_causal=True,
-                          key_padding_mask=pad)
-            got, _ = mha(x, cache=paged.layer(layer), is_causal=True, key_padding_mask=pad)
+                          key_padding_mask=pad, sinks=sinks)
+            got, _ = mha(x, cache=paged.layer(layer), is_causal=True, key_padding_mask=pad,
+                         sinks=sinks)
             np.testing.assert_allclose(got, want, **tolerance(np.float64))
     with pytest.raises(ValueError, match="query has batch size 3 but the cache holds 2"):
         mha(rng.standard_normal((3, 1, 32)), cache=paged.layer(0))
     with pytest.raises(ValueError, match="holds 2 layers"):
         mha(rng.standard_normal((2, 1, 32)), cache=paged)
+
+
+def test_benchmark_pools_hold_the_inputs(rng):
+    """The benchmark's paged rows time the same keys and values as its contiguous rows."""
+    from cattn.bench.peers import paged_pools
+    k = rng.standard_normal((2, 3, 50, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 3, 50, 4)).astype(np.float32)
+    k_pool, v_pool, table = paged_pools(k, v, 16)
+    assert sorted(table.ravel()) == list(range(8)) and table.shape == (2, 4)
+    for b in range(2):
+        np.testing.assert_array_equal(gathered(k_pool, table[b], 50), k[b])
+        np.testing.assert_array_equal(gathered(v_pool, table[b], 50), v[b])

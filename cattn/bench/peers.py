@@ -133,11 +133,51 @@ def _first_output(res):
 def make_cattn(spec: Spec, q, k, v, threads: int, config: BenchConfig):
     import cattn
     opts = _sdpa_options(spec)
+    if spec.page_size is not None:
+        return _make_cattn_paged(spec, q, k, v, threads, opts)
     sdpa = cattn.scaled_dot_product_attention
 
     def fn():
         return sdpa(q, k, v, num_threads=threads, **opts)
     return fn, _first_output, None, ""
+
+
+_page_pools: Dict[Any, Any] = {}  # the last inputs' pools, one per page size
+
+
+def paged_pools(k, v, page_size: int, seed: int = 0):
+    """k, v (B, H, S, E) copied into pools of pages (num_blocks, H, page_size, E), each
+    sequence's pages in shuffled order (as a cache that served many requests holds them),
+    and the block table."""
+    key = (id(k), id(v), page_size)
+    if key not in _page_pools:
+        B, H, S, E = k.shape
+        per_seq = -(-S // page_size)
+        table = np.random.default_rng(seed).permutation(B * per_seq).astype(np.int32)
+        table = table.reshape(B, per_seq)
+        pools = []
+        for x in (k, v):
+            pool = np.zeros((B * per_seq, H, page_size, x.shape[-1]), dtype=x.dtype)
+            padded = np.zeros((B, H, per_seq * page_size, x.shape[-1]), dtype=x.dtype)
+            padded[:, :, :S] = x
+            pool[table] = padded.reshape(B, H, per_seq, page_size, -1).transpose(0, 2, 1, 3, 4)
+            pools.append(pool)
+        _page_pools.clear()
+        _page_pools[key] = (pools[0], pools[1], table)
+    return _page_pools[key]
+
+
+def _make_cattn_paged(spec: Spec, q, k, v, threads: int, opts):
+    import cattn
+    page_size = int(spec.page_size or 1)
+    k_pool, v_pool, table = paged_pools(k, v, page_size)
+    seq_lens = np.full(spec.B, spec.S)
+    opts.pop("return_weights", None)
+
+    def fn():
+        return cattn.paged_attention(q, k_pool, v_pool, table, seq_lens, num_threads=threads,
+                                     **opts)
+    return fn, _first_output, None, f"pages of {page_size} in shuffled order"
 
 
 def make_cattn_avx2(spec: Spec, q, k, v, threads: int, config: BenchConfig):

@@ -22,6 +22,7 @@ class Spec:
     window: Optional[Tuple[Optional[int], Optional[int]]] = None
     return_weights: bool = False
     sinks: bool = False  # one attention-sink logit per head (sink_logits)
+    page_size: Optional[int] = None  # keys and values read from a paged cache of such pages
 
     def __post_init__(self) -> None:
         self.B, self.H, self.L, self.S, self.E = (int(self.B), int(self.H), int(self.L),
@@ -31,11 +32,13 @@ class Spec:
         self.window = None if self.window is None else (self.window[0], self.window[1])
         self.return_weights = bool(self.return_weights)
         self.sinks = bool(self.sinks)
+        self.page_size = None if self.page_size is None else int(self.page_size)
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "Spec":
         return cls(d["B"], d["H"], d["L"], d["S"], d["E"], d["dtype"], d["causal"],
-                   d["window"], d["return_weights"], d.get("sinks", False))
+                   d["window"], d["return_weights"], d.get("sinks", False),
+                   d.get("page_size"))
 
     @property
     def shape(self) -> Tuple[int, int, int, int, int]:
@@ -52,6 +55,8 @@ class Spec:
             parts.append("weights")
         if self.sinks:
             parts.append("sinks")
+        if self.page_size is not None:
+            parts.append(f"paged={self.page_size}")
         return "+".join(parts) or "full"
 
     def flops(self) -> float:
@@ -77,7 +82,7 @@ class Spec:
                 "dtype": self.dtype.name, "causal": self.causal,
                 "window": None if self.window is None else list(self.window),
                 "return_weights": self.return_weights, "sinks": self.sinks,
-                "options": self.options()}
+                "page_size": self.page_size, "options": self.options()}
 
 
 def sink_logits(spec: Spec):

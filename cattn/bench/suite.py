@@ -198,6 +198,15 @@ def decode_cases(mode: str):
              {"kind": "decode", "stream": True, "ceiling": False})]
 
 
+def paged_cases(mode: str):
+    """The decode shape with its keys and values in pages of 16 and of 256 positions
+    (shuffled, read through the block table), against the contiguous decode, same run."""
+    shape = (1, 32, 1, 4096, 128)
+    return [("paged decode S=4096", [Spec(*shape)] + [Spec(*shape, page_size=size)
+                                                     for size in (16, 256)],
+             {"kind": "decode", "impls": ("cattn",), "ceiling": False})]
+
+
 def tiny_cases(mode: str):
     return [("tiny L=S=5", [Spec(1, 1, 5, 5, 64)], {"kind": "attention", "ceiling": False})]
 
@@ -232,6 +241,7 @@ WORKLOADS = {
     "prefill": prefill_cases,
     "encoder": encoder_cases,
     "decode": decode_cases,
+    "paged": paged_cases,
     "tiny": tiny_cases,
     "float64": float64_cases,
     "variants": variant_cases,

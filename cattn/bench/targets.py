@@ -132,6 +132,17 @@ def _encoder_decode_targets(result) -> List[Target]:
     return out
 
 
+def _paged_targets(result) -> List[Target]:
+    checks = []
+    for c, r in _rows(result, workload="paged", impl="cattn"):
+        contiguous = _cattn_full(c, r)
+        if r.options.startswith("paged=") and contiguous:
+            checks.append((f"{r.options} {r.threads}t", 100.0 * contiguous.median_s /
+                           r.median_s, 90.0, True))
+    return [_target("paged-decode-speed", "decode H=32 S=4096 E=128 from pages of 16 and "
+                    "256 positions: >=90% of the contiguous decode's speed", checks, "%")]
+
+
 def _memory_and_variant_targets(result) -> List[Target]:
     out = [_target("long-sequence-memory", "extra memory at L=S=16384, 1 head, E=64: "
                    "< 64 MiB (incl. the 4 MiB output)",
@@ -195,7 +206,7 @@ def check_targets(result: Dict[str, Any]) -> List[Target]:
     when measured on other shapes than the target's (indicative only)."""
     return (_prefill_targets(result) + _encoder_decode_targets(result)
             + _memory_and_variant_targets(result) + _varlen_targets(result)
-            + _serving_targets(result))
+            + _serving_targets(result) + _paged_targets(result))
 
 
 def format_targets(targets: List[Target]) -> str:
