@@ -3,16 +3,15 @@
 Sequences are packed along the token axis, (T, H, E), and cut by cumulative lengths
 (cu_seqlens), as in FlashAttention's varlen functions. Each (sequence, head) is one item of
 the kernel's table, read in place through the packed layout's uniform token stride; the
-kernel runs an explicit list of (item, query block) tasks, the sequences with the most work
-first, so that a long sequence starts early and the short ones fill the gaps between the
-threads.
+kernel runs an explicit list of (item, query block) tasks, heaviest first, so that a long
+sequence starts early and the short ones fill the gaps between the threads.
 """
 import numpy as np
 
 from cattn import _runtime, _kernel  # _runtime first: it loads OpenMP (wait policy)
-from cattn._api import (_INT32_MAX, _MASK_NONE, _NO_LIMIT, _Column, _as_ndarray,
-                        _check_array, _checked_block_sizes, _choose_block_sizes,
-                        _element_strides, _options, _sink_logits, _window)
+from cattn._api import (_FLOAT_DTYPES, _INT32_MAX, _MASK_NONE, _NO_LIMIT, _Column,
+                        _as_ndarray, _check_array, _checked_block_sizes, _choose_block_sizes,
+                        _element_strides, _narrow_storage, _options, _sink_logits, _window)
 from cattn._blas_threads import single_threaded_blas
 from cattn._validation import (check_flag as _check_flag, check_int as _check_int,
                                reject_masked as _reject_masked)
@@ -24,17 +23,20 @@ _KEEP_ALL = 2**48
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
                      alignment="top_left", window=None, softcap=None, scale=None,
                      sinks=None, keep_first=None, enable_gqa=False, return_lse=False,
-                     num_threads=None, _block_sizes=None, _isa=None):
+                     num_threads=None, k_scale=None, v_scale=None, out_dtype=None,
+                     _block_sizes=None, _isa=None):
     """Exact attention of each packed sequence over its own keys.
 
     Parameters
     ----------
-    q : ndarray (Tq, Hq, E), float32 or float64
+    q : ndarray (Tq, Hq, E), float32 or float64 (or float16, bfloat16)
         The queries of all sequences, one after the other along axis 0.
-    k : ndarray (Tk, Hkv, E), same dtype
-    v : ndarray (Tk, Hkv, Ev), same dtype
+    k : ndarray (Tk, Hkv, E), same dtype (or float16, bfloat16, int8)
+    v : ndarray (Tk, Hkv, Ev), same dtype (or float16, bfloat16, int8)
         The keys and values of all sequences, packed the same way. Any strides are
-        accepted (a view into a fused QKV projection is read in place).
+        accepted (a view into a fused QKV projection is read in place). As in
+        `scaled_dot_product_attention`, float64 computes in float64 and any mix of float32,
+        float16, bfloat16 and int8 in float32, keys and values read in their own type.
     cu_seqlens_q, cu_seqlens_k : integer arrays (n + 1,)
         Where each sequence starts: sequence s has queries cu_seqlens_q[s] to
         cu_seqlens_q[s + 1] - 1 and keys cu_seqlens_k[s] to cu_seqlens_k[s + 1] - 1.
@@ -68,6 +70,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
         `softmax_lse` layout for varlen calls: heads first, tokens packed).
     num_threads : int, optional
         Threads for this call; defaults to OpenMP's.
+    k_scale, v_scale : array (Tk, Hkv), optional
+        With int8 keys (values): float32 scales, one per key and head, broadcastable to
+        (Tk, Hkv); key t stands for k[t] * k_scale[t] (`cattn.quantize_kv` returns both).
+    out_dtype : dtype, optional
+        The output's dtype when computing in float32: float32, float16 or bfloat16
+        (default: the query's). lse is float32 then.
 
     Returns
     -------
@@ -105,6 +113,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     True
     """
     q, k, v, group = _packed_operands(q, k, v, enable_gqa)
+    narrow = None
+    if not (k.dtype == q.dtype == v.dtype and q.dtype in _FLOAT_DTYPES and k_scale is None
+            and v_scale is None and out_dtype is None):
+        q, narrow = _narrow_storage(q, k, v, k_scale, v_scale, out_dtype, None)
     Tq, Hq, E = q.shape
     Tk, Ev = k.shape[0], v.shape[2]
     cu_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", Tq, "q")
@@ -131,7 +143,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     isa = _kernel.default_isa_index() if _isa is None else _kernel.isa_index(_isa)
     block_q, block_k = (_choose_block_sizes(max_q, max_k, isa) if _block_sizes is None
                         else _checked_block_sizes(_block_sizes))
-    table = _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, keep, group)
+    table = _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, keep, group, narrow)
+    kv_storage = None if narrow is None else _kv_storage(narrow)
     tasks = _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right)
     if tasks.shape[0]:
         threads = _runtime.team_size(min(num_threads, tasks.shape[0]))
@@ -147,7 +160,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
                               variant=(_MASK_NONE, win_left, win_right, scale, softcap,
                                        False),
                               blocks=(block_q, block_k, 1, max_k),
-                              run=(threads, isa), tasks=tasks, sinks=sink_logits)
+                              run=(threads, isa), tasks=tasks, sinks=sink_logits,
+                              kv_storage=kv_storage)
+    if narrow is not None and narrow.result_dtype != out.dtype:
+        out = narrow.results(out, None, None)[0]
     return (out, lse) if return_lse else out
 
 
@@ -158,17 +174,14 @@ def _packed_operands(q, k, v, enable_gqa):
     copy only when a token row is not contiguous), and query heads per key/value head."""
     names = ("q", "k", "v")
     arrays = []
-    for name, x in zip(names, (q, k, v)):
+    for name, x, narrow in zip(names, (q, k, v), ("half", "int8", "int8")):
         x = _as_ndarray(x, name)
-        _check_array(x, name)
+        _check_array(x, name, narrow)
         if x.ndim != 3:
             raise ValueError(f"{name} must have 3 dimensions (tokens, heads, features), "
                              f"got shape {x.shape}")
         arrays.append(_readable_in_place(x))
     q, k, v = arrays
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype} "
-                        f"and {v.dtype}")
     if k.shape[:2] != v.shape[:2]:
         raise ValueError(f"k and v must have the same tokens and heads (axes 0 and 1), got "
                          f"k {k.shape} and v {v.shape}")
@@ -232,10 +245,10 @@ def _cu_seqlens(cu, name, total, operand):
     return values.astype(np.intp)
 
 
-def _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, keep, group):
+def _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, keep, group, narrow=None):
     """One row per (sequence, head), sequence-major: where its matrices start (element
     offsets into the packed arrays), its key length, diagonal, kept first keys, query
-    length and lse."""
+    length, lse and int8 scales."""
     Tq, Hq, _ = q.shape
     n = q_len.size
     seq = np.repeat(np.arange(n, dtype=np.intp), Hq)
@@ -252,16 +265,27 @@ def _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, keep, group):
     table[:, _Column.Q_LEN] = q_len[seq]
     table[:, _Column.LSE] = head * Tq + cu_q[seq]
     table[:, _Column.KEEP_FIRST] = keep[seq]
+    for column, scale in ((_Column.K_SCALE, getattr(narrow, "k_scale", None)),
+                          (_Column.V_SCALE, getattr(narrow, "v_scale", None))):
+        if scale is not None:  # (Tk, Hkv, 1) scales, read like the keys
+            token_stride, head_stride = _element_strides(scale)[:2]
+            table[:, column] = cu_k[seq] * token_stride + kv_head * head_stride
     return table
 
 
+def _kv_storage(narrow):
+    """How the kernel reads keys and values stored narrower than float32: their types, and
+    int8's scales (Tk, Hkv, 1) seen as (Hkv, Tk, 1), so that each item's scales run along
+    its keys at the token stride (from the offset of its table row)."""
+    k_code, v_code = narrow.kv_storage[:2]
+    return (k_code, v_code) + tuple(None if scale is None else scale.transpose(1, 0, 2)
+                                    for scale in (narrow.k_scale, narrow.v_scale))
+
+
 def _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right):
-    """(n_tasks, 2) intp (item, query block) pairs: sequences with the most work (rows ×
-    visible keys, kept first keys included, at least one unit per row for the output it
-    writes) first, so that the short ones fill the gaps between the threads at the end;
-    within a sequence head by head, each head's blocks heaviest first and together, so
-    that its keys and values stay in cache from one block to the next. Ties keep the
-    sequence order."""
+    """(n_tasks, 2) intp (item, query block) pairs, heaviest first: work is rows × visible
+    keys (kept first keys included; at least one unit per row, for the output it writes),
+    equal for every head of a block; ties keep sequence order."""
     blocks = -(-q_len // block_q)
     seq = np.repeat(np.arange(q_len.size, dtype=np.intp), blocks)
     first = np.arange(seq.size, dtype=np.intp) - np.repeat(np.cumsum(blocks) - blocks, blocks)
@@ -272,13 +296,8 @@ def _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right):
     k_end = np.clip(i0 + rows + diag[seq] + win_right, 0, k_len[seq])
     kept = np.minimum(keep[seq], k_begin)  # kept keys before the window's start
     work = rows * (np.maximum(k_end - k_begin, 0) + kept + 1)
-    seq_work = np.bincount(seq, weights=work, minlength=q_len.size)
-    rank = np.empty(q_len.size, dtype=np.intp)
-    rank[np.argsort(-seq_work, kind="stable")] = np.arange(q_len.size)
-    head = np.tile(np.arange(Hq, dtype=np.intp), seq.size)
-    seq, first, work = np.repeat(seq, Hq), np.repeat(first, Hq), np.repeat(work, Hq)
-    order = np.lexsort((first, -work, head, rank[seq]))  # (the last key sorts first)
-    tasks = np.empty((order.size, 2), dtype=np.intp)
-    tasks[:, 0] = seq[order] * Hq + head[order]
-    tasks[:, 1] = first[order]
+    order = np.argsort(-work, kind="stable")
+    tasks = np.empty((order.size * Hq, 2), dtype=np.intp)
+    tasks[:, 0] = (seq[order][:, None] * Hq + np.arange(Hq, dtype=np.intp)).reshape(-1)
+    tasks[:, 1] = np.repeat(first[order], Hq)
     return tasks

@@ -1,10 +1,10 @@
 """Type signatures of the packed variable-length front (compiled by Cython, see _varlen.py).
 
 varlen_attention returns the output alone, or (output, lse) with return_lse=True."""
-from typing import Literal, Optional, Tuple, TypeVar, Union, overload
+from typing import Any, Literal, Optional, Tuple, TypeVar, Union, overload
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 _F = TypeVar("_F", np.float32, np.float64)
 _Alignment = Literal["top_left", "bottom_right"]
@@ -18,6 +18,8 @@ def varlen_attention(  # type: ignore[overload-overlap]
     sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
     enable_gqa: bool = ...,
     return_lse: Literal[False] = ..., num_threads: Optional[int] = ...,
+    k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,
+    out_dtype: Optional[DTypeLike] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ..., _isa: Optional[str] = ...,
 ) -> NDArray[_F]: ...
 
@@ -29,6 +31,8 @@ def varlen_attention(  # type: ignore[overload-overlap]
     sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
     enable_gqa: bool = ...,
     return_lse: Literal[True], num_threads: Optional[int] = ...,
+    k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,
+    out_dtype: Optional[DTypeLike] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ..., _isa: Optional[str] = ...,
 ) -> Tuple[NDArray[_F], NDArray[_F]]: ...
 
@@ -40,5 +44,21 @@ def varlen_attention(
     sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
     enable_gqa: bool = ...,
     return_lse: bool = ..., num_threads: Optional[int] = ...,
+    k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,
+    out_dtype: Optional[DTypeLike] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ..., _isa: Optional[str] = ...,
 ) -> Union[NDArray[_F], Tuple[NDArray[_F], NDArray[_F]]]: ...
+
+# float16, bfloat16 or int8 inputs, DLPack producers (CPU PyTorch tensors): the result's
+# dtype is only known at run time.
+@overload
+def varlen_attention(
+    q: Any, k: Any, v: Any, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    is_causal: bool = ..., alignment: _Alignment = ..., window: _Window = ...,
+    softcap: Optional[float] = ..., scale: Optional[float] = ...,
+    sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
+    enable_gqa: bool = ..., return_lse: bool = ..., num_threads: Optional[int] = ...,
+    k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,
+    out_dtype: Optional[DTypeLike] = ..., _block_sizes: Optional[Tuple[int, int]] = ...,
+    _isa: Optional[str] = ...,
+) -> Any: ...

@@ -253,6 +253,11 @@ MUTANTS = [
            "bottom-right alignment uses the packed totals instead of each sequence's lengths",
            [Edit(VARLEN, "diag = k_len - q_len if alignment", "diag = Tk - Tq + 0 * q_len if alignment")],
            ["tests/test_varlen.py"]),
+    Mutant("varlen-int8-scales-transposed",
+           "int8 keys of a packed batch are scaled by another head's or token's scales",
+           [Edit(VARLEN, "table[:, column] = cu_k[seq] * token_stride + kv_head * head_stride",
+                 "table[:, column] = cu_k[seq] * head_stride + kv_head * token_stride")],
+           ["tests/test_varlen.py", "-k", "narrow"]),
     # ----------------------------------------------------- attention sinks, kept first keys
     Mutant("sink-in-every-key-chunk",
            "a decode whose keys are split counts the sink once per chunk",

@@ -197,6 +197,10 @@ def test_every_isa_path(rng, path, dtype):
     assert_matches(q, k, v, cu_q, cu_k, is_causal=True, alignment="bottom_right",
                    softcap=5.0, _isa=path, num_threads=2)
     assert last_call_stats()["isa"] == path
+    if dtype == np.float32:  # keys and values read as float16, converted in the kernel
+        k16, v16 = k.astype(np.float16), v.astype(np.float16)
+        assert_matches(q, k16, v16, cu_q, cu_k, is_causal=True, _isa=path, num_threads=2,
+                       _block_sizes=(16, 32))
 
 
 def test_tasks_run_heaviest_first_and_cover_every_block(rng):
@@ -212,16 +216,12 @@ def test_task_order_is_longest_work_first():
     from cattn._varlen import _task_list
     q_len = np.array([10, 300, 0, 40])
     k_len = np.array([10, 300, 5, 4000])
-    none = np.zeros(4, np.intp)
-    tasks = _task_list(q_len, k_len, none, none, 2, 128, 2**60, 2**60)
-    # sequence 3 (40 rows x 4000 keys) first, then sequence 1 (300 x 300) head by head,
-    # each head's full blocks then its 44-row tail, then sequence 0.
-    assert tasks.tolist() == [[6, 0], [7, 0], [2, 0], [2, 1], [2, 2], [3, 0], [3, 1],
+    tasks = _task_list(q_len, k_len, np.zeros(4, np.intp), np.zeros(4, np.intp), 2, 128,
+                       2**60, 2**60)
+    # sequence 3 (40 rows x 4000 keys) first, then sequence 1's two full 128-row blocks,
+    # its 44-row tail, sequence 0; every head of a block in a row.
+    assert tasks.tolist() == [[6, 0], [7, 0], [2, 0], [3, 0], [2, 1], [3, 1], [2, 2],
                               [3, 2], [0, 0], [1, 0]]
-    # Causal, within a head: rows x keys of the blocks are 128 x 256, 128 x 128, 44 x 300.
-    tasks = _task_list(np.array([300]), np.array([300]), np.zeros(1, np.intp),
-                       np.zeros(1, np.intp), 1, 128, 2**60, 0)
-    assert tasks.tolist() == [[0, 1], [0, 0], [0, 2]]
 
 
 def test_lse_merges_with_other_key_chunks(rng):
@@ -267,6 +267,62 @@ def test_equals_the_padded_call_with_key_lengths(rng):
                                    rtol=1e-12, atol=1e-13)
 
 
+# ---------------------------------------------------- keys and values in narrower types
+
+def bfloat16():
+    return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+
+
+NARROW = {
+    "float16-kv": (np.float32, np.float16, np.float16),
+    "bfloat16-kv": (np.float32, "bfloat16", "bfloat16"),
+    "float16-all": (np.float16, np.float16, np.float16),
+    "bfloat16-q-int8-v": ("bfloat16", np.float32, np.int8),
+    "int8-kv": (np.float32, np.int8, np.int8),
+}
+
+
+@pytest.mark.parametrize("dtypes", NARROW.values(), ids=NARROW.keys())
+def test_narrow_keys_and_values(rng, dtypes):
+    """float32 computing on K and V read in their own type: against the reference on the
+    same rounded (int8: dequantized) values, outputs in the query's dtype, lse float32."""
+    q_type, k_type, v_type = (bfloat16() if d == "bfloat16" else np.dtype(d)
+                              for d in dtypes)
+    q, k, v, cu_q, cu_k = packed(rng, Q_LENGTHS, K_LENGTHS, Hkv=3, E=32, Ev=16,
+                                 dtype=np.float64)  # (int8: one scale per key and head)
+    scales = {}
+    inputs = {"q": q.astype(q_type)}
+    exact = {"q": inputs["q"].astype(np.float64)}
+    for name, x, x_type in (("k", k, k_type), ("v", v, v_type)):
+        if x_type == np.int8:
+            inputs[name], scales[name + "_scale"] = cattn.quantize_kv(x)
+            exact[name] = inputs[name] * scales[name + "_scale"][..., None].astype(np.float64)
+        else:
+            inputs[name] = x.astype(x_type)
+            exact[name] = inputs[name].astype(np.float64)
+    options = dict(is_causal=True, alignment="bottom_right", enable_gqa=True,
+                   sinks=np.array([0.5, -1.0, 2.0]), num_threads=2)
+    out, lse = varlen(inputs["q"], inputs["k"], inputs["v"], cu_q, cu_k, return_lse=True,
+                      **scales, **options)
+    del options["num_threads"]
+    want_out, want_lse = reference_per_sequence(exact["q"], exact["k"], exact["v"], cu_q,
+                                                cu_k, **options)
+    assert out.dtype == q_type and lse.dtype == np.float32
+    rounding = {np.float32: 0, np.float16: 2.0**-11}.get(q_type.type, 2.0**-8)
+    np.testing.assert_allclose(out.astype(np.float64), want_out, rtol=2e-5 + rounding,
+                               atol=2e-5 + rounding * 1e-2)
+    np.testing.assert_allclose(lse, want_lse, **tolerance(np.float32))
+
+
+def test_out_dtype_rounds_the_float32_result_once(rng):
+    q, k, v, cu_q, cu_k = packed(rng, [5, 9], [7, 3])
+    half = varlen(q, k.astype(np.float16), v.astype(np.float16), cu_q, cu_k,
+                  out_dtype=np.float16)
+    full = varlen(q, k.astype(np.float16), v.astype(np.float16), cu_q, cu_k)
+    assert half.dtype == np.float16 and full.dtype == np.float32
+    np.testing.assert_array_equal(half, full.astype(np.float16))
+
+
 # ------------------------------------------------------------------------- bad input
 
 def bad_call(rng, **change):
@@ -287,7 +343,9 @@ BAD = [
     (dict(cu_seqlens_k=np.array([True, False, True])), TypeError, "must be integers"),
     (dict(cu_seqlens_q=np.array([[0, 3, 7]])), ValueError, "1-D array"),
     (dict(cu_seqlens_q=np.array([], dtype=int)), ValueError, "1-D array"),
-    (dict(q=np.zeros((7, 3, 16), np.float16)), TypeError, "dtype"),
+    (dict(q=np.zeros((7, 3, 16), np.int8)), TypeError, "dtype"),
+    (dict(k=np.zeros((7, 3, 16), np.int8)), ValueError, "k_scale"),
+    (dict(k_scale=np.ones((7, 3), np.float32)), ValueError, "only for int8"),
     (dict(q=np.zeros((7, 3, 16), np.float64)), TypeError, "same dtype"),
     (dict(q=np.zeros((7, 48), np.float32)), ValueError, "3 dimensions"),
     (dict(k=np.zeros((1, 7, 3, 16), np.float32)), ValueError, "3 dimensions"),
