@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 
 from cattn.bench.config import BenchConfig
-from cattn.bench.specs import Spec, sink_logits
+from cattn.bench.specs import Spec, narrow_inputs, sink_logits
 
 # "cattn-avx2": cattn capped to its AVX2 path in the same run, on CPUs whose best path is
 # wider (AVX-512): the per-path figures side by side. It skips where "cattn" is already AVX2.
@@ -130,9 +130,17 @@ def _first_output(res):
     return res[0] if isinstance(res, tuple) else res
 
 
+def _cattn_inputs(spec: Spec, q, k, v):
+    """The inputs as the spec stores them, and the options of the call (int8's scales)."""
+    if spec.kv == "bfloat16" and optional("ml_dtypes") is None:
+        raise Skip("bfloat16 needs ml_dtypes (pip install 'cattn[bf16]')")
+    q, k, v, scales = narrow_inputs(spec, q, k, v)
+    return q, k, v, dict(_sdpa_options(spec), **scales)
+
+
 def make_cattn(spec: Spec, q, k, v, threads: int, config: BenchConfig):
     import cattn
-    opts = _sdpa_options(spec)
+    q, k, v, opts = _cattn_inputs(spec, q, k, v)
     if spec.page_size is not None:
         return _make_cattn_paged(spec, q, k, v, threads, opts)
     sdpa = cattn.scaled_dot_product_attention
@@ -185,7 +193,7 @@ def make_cattn_avx2(spec: Spec, q, k, v, threads: int, config: BenchConfig):
     from cattn import _kernel
     if _kernel.isa_path() in ("avx2", "portable") or "avx2" not in _kernel.supported_isa_paths():
         raise Skip(f"cattn's own path here is {_kernel.isa_path()}: see the cattn row")
-    opts = _sdpa_options(spec)
+    q, k, v, opts = _cattn_inputs(spec, q, k, v)
     sdpa = cattn.scaled_dot_product_attention
 
     def fn():
@@ -194,6 +202,8 @@ def make_cattn_avx2(spec: Spec, q, k, v, threads: int, config: BenchConfig):
 
 
 def make_numpy(spec: Spec, q, k, v, threads: int, config: BenchConfig):
+    if spec.kv is not None:
+        raise Skip("the NumPy reference computes in its inputs' float32/float64")
     from cattn import reference
     opts = _sdpa_options(spec)
     sdpa = reference.scaled_dot_product_attention
@@ -214,8 +224,13 @@ def make_torch(spec: Spec, q, k, v, threads: int, config: BenchConfig):
         raise Skip("PyTorch SDPA does not return weights")
     if spec.sinks:
         raise Skip("PyTorch SDPA has no attention sinks")
+    if spec.kv == "int8":
+        raise Skip("int8 keys and values: compared with cattn's own float32 row")
     import torch.nn.functional as F
     tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))  # zero-copy views
+    if spec.kv is not None:  # SDPA in the same dtype (converted once, not timed)
+        half = torch.float16 if spec.kv == "float16" else torch.bfloat16
+        tq, tk, tv = (x.to(half) for x in (tq, tk, tv))
     sdpa = F.scaled_dot_product_attention
     causal = spec.causal
 
@@ -223,7 +238,7 @@ def make_torch(spec: Spec, q, k, v, threads: int, config: BenchConfig):
         return sdpa(tq, tk, tv, is_causal=causal)
 
     def to_output(res):
-        return res.numpy()
+        return res.float().numpy()
     return fn, to_output, (lambda: torch_threads(threads)), ""
 
 
@@ -272,6 +287,8 @@ def make_ort(spec: Spec, q, k, v, threads: int, config: BenchConfig):
         raise Skip("ORT's attention ops do not return weights here")
     if spec.sinks:
         raise Skip("no attention sinks in ORT's attention ops here")
+    if spec.kv is not None:
+        raise Skip("ORT's CPU attention ops compute float32/float64 here")
     op = config.ort_op
     if op == "auto":  # MultiHeadAttention is float32 only: opset-23 Attention for float64
         op = "mha" if spec.dtype == np.float32 else "attention"

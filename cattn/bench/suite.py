@@ -50,12 +50,12 @@ def run_case(name: str, spec_list: List[Spec], config: BenchConfig, *,
                 if expected is not None:
                     rows, exp = expected
                     r.max_abs_diff = max_abs_diff(to_output(res), rows, exp)
-                    if not (r.max_abs_diff <= tolerance(spec.dtype)):
+                    if not (r.max_abs_diff <= tolerance(spec)):
                         wrong.append(WrongOutput(label, impl, t, spec.options(),
                                                  r.max_abs_diff))
                         config.log(f"\n  !! {label}: max abs diff {r.max_abs_diff:.3g} vs "
                                    f"the float64 reference (tolerance "
-                                   f"{tolerance(spec.dtype):g}): NOT timed\n")
+                                   f"{tolerance(spec):g}): NOT timed\n")
                         continue
                 del res
                 calibrate(r, t_single, config.min_timing)
@@ -166,17 +166,24 @@ PREFILL_E128_LENGTHS = {"full": (1024, 2048, 4096), "quick": (1024,)}
 REF_MAX_LEN = 4096  # the NumPy reference materializes (B, H, L, S) scores: skipped above
 
 
-def _prefill_case(L, H, E, dtype, suffix=""):
+# prefill lengths with float16, bfloat16 and int8 rows beside float32's (same round-robin)
+PREFILL_NARROW_LENGTHS = {"full": (1024, 2048, 4096), "quick": (1024,)}
+
+
+def _prefill_case(L, H, E, dtype, suffix="", narrow=False):
     specs = [Spec(1, H, L, L, E, dtype, causal=False)]
     if np.dtype(dtype) == np.float32:
         specs.append(Spec(1, H, L, L, E, dtype, causal=True))
+    if narrow:
+        specs += [Spec(1, H, L, L, E, dtype, kv=kv) for kv in ("float16", "bfloat16", "int8")]
     return (f"prefill{suffix} L={L}", specs,
             {"kind": "attention", "ref": L <= REF_MAX_LEN,
              "reps_cap": 5 if L >= 4096 else None})
 
 
 def prefill_cases(mode: str):
-    cases = [_prefill_case(L, 8, 64, "float32") for L in PREFILL_LENGTHS[mode]]
+    cases = [_prefill_case(L, 8, 64, "float32", narrow=L in PREFILL_NARROW_LENGTHS[mode])
+             for L in PREFILL_LENGTHS[mode]]
     cases += [_prefill_case(L, 4, 128, "float32", " E=128")
               for L in PREFILL_E128_LENGTHS[mode]]
     return cases
@@ -194,7 +201,10 @@ def encoder_cases(mode: str):
 
 
 def decode_cases(mode: str):
-    return [("decode S=4096", [Spec(1, 32, 1, 4096, 128)],
+    """Decoding against a float32 cache and float16, bfloat16 and int8 ones, in one
+    round-robin (the bandwidth counts the bytes each reads)."""
+    return [("decode S=4096", [Spec(1, 32, 1, 4096, 128, kv=kv) for kv in
+                               (None, "float16", "bfloat16", "int8")],
              {"kind": "decode", "stream": True, "ceiling": False})]
 
 

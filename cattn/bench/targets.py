@@ -201,12 +201,52 @@ def _serving_targets(result) -> List[Target]:
                                            _rows(result, workload="serving")))]
 
 
+def _narrow_targets(result) -> List[Target]:
+    """float16, bfloat16 and int8 keys and values against cattn's own float32 rows and
+    torch SDPA in the same dtype, same run and threads."""
+    decode_checks, decode_peer, prefill_peer, prefill_own = [], [], [], []
+    for c, r in _rows(result, workload="decode", impl="cattn"):
+        dense = _cattn_full(c, r)
+        need = {"float16": 1.8, "bfloat16": 1.8, "int8-kv": 3.0}.get(r.options)
+        if dense is not None and need is not None:
+            decode_checks.append((f"{r.options} {r.threads}t", dense.median_s / r.median_s,
+                                  need, True))
+        if r.options in ("float16", "bfloat16") and _speedup(c, r, ("torch",)) is not None:
+            decode_peer.append((f"{r.options} {r.threads}t", _speedup(c, r, ("torch",)), 1.2,
+                                True))
+    native_bf16 = any(p in _supported_paths() for p in ("amx", "avx512_bf16"))
+    for c, r in _rows(result, workload="prefill", impl="cattn"):
+        if r.options not in ("float16", "bfloat16") or not _is_prefill_target_shape(c):
+            continue
+        where = f"{r.options} L={c.spec['L']} {r.threads}t"
+        if _speedup(c, r, ("torch",)) is not None:
+            prefill_peer.append((where, _speedup(c, r, ("torch",)), 1.15, True))
+        dense = _cattn_full(c, r)
+        if r.options == "bfloat16" and dense is not None:
+            prefill_own.append((where, dense.median_s / r.median_s,
+                                2.0 if native_bf16 else 0.9, True))
+    return [_target("narrow-decode-vs-float32", "decode H=32 S=4096 E=128: float16 and "
+                    "bfloat16 caches >=1.8x cattn's float32 decode, int8 >=3x",
+                    decode_checks),
+            _target("narrow-decode-vs-torch", "decode H=32 S=4096 E=128: float16 and "
+                    "bfloat16 caches >=1.2x torch SDPA in the same dtype", decode_peer),
+            _target("narrow-prefill-vs-torch", "prefill L=S 1024-4096 H=8 E=64, float16 and "
+                    "bfloat16: >=1.15x torch SDPA in the same dtype", prefill_peer),
+            _target("bf16-prefill-vs-float32", "bfloat16 prefill L=S 1024-4096: >=2x cattn's "
+                    "float32 with AMX-BF16 or AVX512-BF16, >=0.9x without", prefill_own)]
+
+
+def _supported_paths() -> Tuple[str, ...]:
+    from cattn import _kernel
+    return tuple(_kernel.supported_isa_paths())
+
+
 def check_targets(result: Dict[str, Any]) -> List[Target]:
     """Every target's verdict in this run: PASS, FAIL, n/a (no data), or in parentheses
     when measured on other shapes than the target's (indicative only)."""
     return (_prefill_targets(result) + _encoder_decode_targets(result)
             + _memory_and_variant_targets(result) + _varlen_targets(result)
-            + _serving_targets(result) + _paged_targets(result))
+            + _serving_targets(result) + _paged_targets(result) + _narrow_targets(result))
 
 
 def format_targets(targets: List[Target]) -> str:
