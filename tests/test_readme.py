@@ -22,6 +22,8 @@ def missing_requirement(code):
         return "PyTorch"
     if "cattn.dask" in code and find_spec("dask") is None:
         return "Dask (the dask extra)"
+    if re.search(r"^\s*import ml_dtypes", code, flags=re.M) and find_spec("ml_dtypes") is None:
+        return "ml_dtypes (the bf16 extra)"
     if "MiniLM.from_pretrained()" in code:
         from cattn.models.minilm import pretrained_available
         if not pretrained_available():
