@@ -161,7 +161,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
                                        False),
                               blocks=(block_q, block_k, 1, max_k),
                               run=(threads, isa), tasks=tasks, sinks=sink_logits,
-                              kv_storage=kv_storage)
+                              kv_storage=kv_storage,
+                              bf16_query=narrow is not None and narrow.query_bf16)
     if narrow is not None and narrow.result_dtype != out.dtype:
         out = narrow.results(out, None, None)[0]
     return (out, lse) if return_lse else out
