@@ -41,10 +41,13 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
 
     Parameters
     ----------
-    query : ndarray (B, Hq, L, E), float32 or float64
+    query : ndarray (B, Hq, L, E), float32 or float64 (or float16, bfloat16)
         The queries of the last L positions of each of B sequences (any strides).
-    key_cache : ndarray (num_blocks, Hkv, block_size, E), the query's dtype
-    value_cache : ndarray (num_blocks, Hkv, block_size, Ev), the query's dtype
+    key_cache : ndarray (num_blocks, Hkv, block_size, E)
+    value_cache : ndarray (num_blocks, Hkv, block_size, Ev)
+        The query's dtype, or float16 / bfloat16 pages (read as they are stored, computed
+        in float32; the output in the query's dtype), as in
+        `scaled_dot_product_attention`.
         The pool of pages. Read in place, never copied: the features of a row must be
         contiguous (unit stride on the last axis).
     block_table : integer ndarray (B, max_blocks)
@@ -109,7 +112,15 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
     B, Hq, L, E = query.shape
     num_blocks, Hkv, block_size, _ = key_cache.shape
     Ev = value_cache.shape[-1]
+    out = _api._as_ndarray(out, "out")
+    narrow = None
     dtype = query.dtype
+    if not (key_cache.dtype == value_cache.dtype == dtype and dtype in (np.float32, np.float64)
+            and (out is None or out.dtype == dtype)):
+        # float16 / bfloat16 pages (or queries, or output): computed in float32
+        query, narrow = _api._narrow_storage(query, key_cache, value_cache, None, None, None,
+                                             out)
+        dtype = query.dtype
     block_table, max_blocks = _block_table(block_table, B)
     S = max_blocks * block_size
     (is_causal, enable_gqa, return_lse, return_weights, scale, softcap,
@@ -127,12 +138,22 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
     win_left, win_right = _api._window(window, is_causal)
     keep = 0 if keep_first is None else _api._kept_first_keys(keep_first, None, batch_shape, S)
     sink_logits = None if sinks is None else _api._sink_logits(sinks, batch_shape, dtype)
+    user_out = None
+    if narrow is not None and narrow.result_dtype != dtype:
+        # the kernel writes float32, rounded once to the result's dtype afterwards
+        if out is not None:
+            _api._check_out(out, batch_shape + (L, Ev), narrow.result_dtype,
+                            (query, key_cache, value_cache, attn_mask))
+        user_out, out = out, None
     out, out_rs, out_cs, lse, weights = _api._outputs(
-        _api._as_ndarray(out, "out"), batch_shape, L, S, Ev, dtype, return_lse,
-        return_weights, (query, key_cache, value_cache, attn_mask))
+        out, batch_shape, L, S, Ev, dtype, return_lse, return_weights,
+        (query, key_cache, value_cache, attn_mask))
     _launch(query, key_cache, value_cache, block_table, seq_lens, out, lse, weights,
             mask_plan, Hq // Hkv if Hkv else 1, out_rs, out_cs, win_left, win_right, scale,
-            softcap, num_threads, return_weights, _block_sizes, _isa, keep, sink_logits)
+            softcap, num_threads, return_weights, _block_sizes, _isa, keep, sink_logits,
+            narrow)
+    if narrow is not None and narrow.result_dtype != dtype:
+        out, weights = narrow.results(out, weights, user_out)
     return _api._results(out, weights, lse)
 
 
@@ -146,12 +167,9 @@ def _cache_operands(query, key_cache, value_cache):
                           ("key_cache", key_cache, "(num_blocks, kv_heads, block_size, E)"),
                           ("value_cache", value_cache,
                            "(num_blocks, kv_heads, block_size, Ev)")):
-        _api._check_array(x, name)
+        _api._check_array(x, name, narrow="half")
         if x.ndim != 4:
             raise ValueError(f"{name} must have 4 dimensions {axes}, got shape {x.shape}")
-    if not query.dtype == key_cache.dtype == value_cache.dtype:
-        raise TypeError(f"query, key_cache and value_cache must have the same dtype, got "
-                        f"{query.dtype}, {key_cache.dtype} and {value_cache.dtype}")
     if key_cache.shape[:3] != value_cache.shape[:3]:
         raise ValueError(f"key_cache and value_cache must have the same pages, heads and "
                          f"block size, got shapes {key_cache.shape} and "
@@ -215,13 +233,12 @@ def _check_pages(block_table, seq_lens, block_size, num_blocks):
 
 def _launch(query, key_cache, value_cache, block_table, seq_lens, out, lse, weights,
             mask_plan, group, out_rs, out_cs, win_left, win_right, scale, softcap,
-            num_threads, weights_mode, block_sizes, isa, keep, sinks):
+            num_threads, weights_mode, block_sizes, isa, keep, sinks, narrow):
     """The per-item table (head offsets within a page, the item's row of the block table),
     block sizes and key splits; then the kernel."""
     query, q_rs = _api._blas_ready(query)
-    item = key_cache.itemsize
-    k_strides = [s // item for s in key_cache.strides]
-    v_strides = [s // item for s in value_cache.strides]
+    k_strides = [s // key_cache.itemsize for s in key_cache.strides]
+    v_strides = [s // value_cache.itemsize for s in value_cache.strides]
     B, Hq, L, E = query.shape
     block_size = key_cache.shape[2]
     Ev = value_cache.shape[-1]
@@ -268,7 +285,9 @@ def _launch(query, key_cache, value_cache, block_table, seq_lens, out, lse, weig
                           blocks=(block_q, block_k, n_splits, split_keys),
                           run=(threads, isa),
                           paged=(pages, block_size, k_strides[0], v_strides[0]),
-                          sinks=sinks)
+                          sinks=sinks,
+                          kv_storage=None if narrow is None else narrow.kv_storage,
+                          bf16_query=narrow is not None and narrow.query_bf16)
 
 
 # --------------------------------------------------------------------------- the cache

@@ -275,7 +275,7 @@ def bad_input_cases():
         ("cache-dtype", (q, k.astype(np.float64), v, table, lens), {}, TypeError,
          "same dtype"),
         ("int-cache", (q, k.astype(np.int8), v, table, lens), {}, TypeError,
-         "key_cache must have dtype float32 or float64"),
+         "key_cache must have dtype float32, float64, float16 or bfloat16, got int8"),
         ("cache-3d", (q, k[0], v, table, lens), {}, ValueError,
          r"key_cache must have 4 dimensions \(num_blocks, kv_heads, block_size, E\)"),
         ("query-3d", (q[0], k, v, table, lens), {}, ValueError, "query must have 4 dimensions"),
@@ -478,3 +478,46 @@ def test_benchmark_pools_hold_the_inputs(rng):
     for b in range(2):
         np.testing.assert_array_equal(gathered(k_pool, table[b], 50), k[b])
         np.testing.assert_array_equal(gathered(v_pool, table[b], 50), v[b])
+
+
+def half_dtypes():
+    params = [pytest.param(np.float16, id="float16")]
+    try:
+        import ml_dtypes
+        params.append(pytest.param(ml_dtypes.bfloat16, id="bfloat16"))
+    except ImportError:
+        params.append(pytest.param(None, id="bfloat16", marks=pytest.mark.skip(
+            reason="bfloat16 needs ml_dtypes")))
+    return params
+
+
+@pytest.mark.parametrize("half", half_dtypes())
+@pytest.mark.parametrize("block_size,L,lengths", [(3, 4, (40, 7)), (16, 1, (3001, 1200)),
+                                                  (16, 20, (100, 37))])
+def test_half_precision_pages(rng, half, block_size, L, lengths):
+    """float16 / bfloat16 pages are read as stored and computed in float32: the float64
+    reference on the same (exactly widened) values, for decode with split keys and for
+    chunks of rows that pack each page's keys."""
+    seq_lens = np.array(lengths)
+    num_blocks = sum(-(-n // block_size) for n in lengths) + 2
+    k_cache, v_cache = (x.astype(half) for x in make_pool(rng, num_blocks, 2, block_size, 64,
+                                                          32, np.float32))
+    table = shuffled_table(rng, seq_lens, block_size, num_blocks)
+    q = rng.standard_normal((2, 4, L, 64)).astype(np.float32)
+    # (the float32 paths; the native bfloat16 products round P, see test_dtypes.py)
+    for path in [p for p in ("avx2", "avx512", "portable") if p in _kernel.testable_isa_paths()]:
+        got, lse = cattn.paged_attention(q, k_cache, v_cache, table, seq_lens, is_causal=True,
+                                         enable_gqa=True, return_lse=True, _isa=path)
+        want, want_lse = reference_paged(q, k_cache.astype(np.float64),
+                                         v_cache.astype(np.float64), table, seq_lens,
+                                         is_causal=True, enable_gqa=True, return_lse=True)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, **tolerance(np.float32))
+        np.testing.assert_allclose(lse, want_lse, **tolerance(np.float32))
+    out16 = cattn.paged_attention(q.astype(np.float16), k_cache, v_cache, table, seq_lens,
+                                  enable_gqa=True)
+    assert out16.dtype == np.float16
+    with pytest.raises(TypeError, match="float64 does not mix"):
+        cattn.paged_attention(q.astype(np.float64), k_cache, v_cache, table, seq_lens)
+    with pytest.raises(TypeError, match="int8"):
+        cattn.paged_attention(q, k_cache.astype(np.int8), v_cache, table, seq_lens)
