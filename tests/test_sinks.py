@@ -361,3 +361,32 @@ def test_bad_sinks_in_the_layer():
     x = np.zeros((1, 3, 8), dtype=np.float32)
     with pytest.raises(ValueError, match="one logit per query head"):
         mha(x, sinks=np.zeros(3))
+
+
+# --------------------------------------------------- random sweep of the visible-key logic
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_windows_kept_keys_sinks_and_blocks(seed):
+    """Random shapes, block sizes, window sides, kept first keys, alignments, key lengths,
+    offsets and sinks (some with key splits): the kept keys, the hidden gap and the window
+    land in every relative position to the key blocks."""
+    rng = np.random.default_rng(1000 + seed)
+    B, H = 2, 2
+    L = int(rng.choice([1, 2, 5, 17, 40]))
+    S = int(rng.choice([7, 60, 300, 1100, 2100]))
+    _, q, k, v = problem(2000 + seed, B=B, H=H, L=L, S=S, E=8, Ev=4, scale=1.0)
+    side = lambda: None if rng.random() < 0.2 else int(rng.integers(0, 60))  # noqa: E731
+    options = dict(window=(side(), side()), keep_first=int(rng.integers(0, 40)),
+                   is_causal=bool(rng.random() < 0.5), return_lse=True)
+    if rng.random() < 0.5:
+        options["key_lengths"] = rng.integers(0, S + 1, B)
+    if rng.random() < 0.5:
+        options["alignment"] = "bottom_right"
+    elif rng.random() < 0.5:
+        options["q_offset"] = int(rng.integers(0, 2 * S))
+        options["k_offset"] = int(rng.integers(-20, 20))
+    if rng.random() < 0.7:
+        options["sinks"] = rng.standard_normal(H) * 2
+    blocks = None if rng.random() < 0.4 else (int(rng.integers(1, 20)),
+                                              int(rng.integers(1, 70)))
+    matches_reference(q, k, v, _block_sizes=blocks, **options)
