@@ -656,6 +656,8 @@ def _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group,
     query, q_rs = _blas_ready(query)
     key, k_rs = _blas_ready(key)
     value, v_rs = _blas_ready(value)
+    if sinks is not None and sinks.dtype != query.dtype:  # the kernel's compute dtype
+        sinks = sinks.astype(query.dtype)
     mask, mask_kind, mask_rs, mask_cs = mask_plan
     table = _table(query, key, value, out, mask, batch_shape, group, kv_len, diag, keep,
                    narrow)
