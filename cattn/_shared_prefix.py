@@ -2,6 +2,7 @@
 them, each request's own suffix apart, and the two merged by log-sum-exp."""
 from typing import Any, Optional, Tuple, Union
 
+import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from cattn._api import merge_attention, scaled_dot_product_attention
@@ -33,7 +34,9 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
     Parameters
     ----------
     q : ndarray (R, H, L, E)
-        L query tokens per request (L = 1 when decoding), float32 or float64.
+        L query tokens per request (L = 1 when decoding), float32 or float64, or float16
+        or bfloat16 (computed in float32, the result rounded once). Keys and values may be
+        stored in any dtype scaled_dot_product_attention reads.
     prefix_k, prefix_v : ndarrays (Hkv, P, E) and (Hkv, P, Ev)
         The shared prefix's keys and values (Hkv = H, or a divisor with enable_gqa).
     k, v : ndarrays (R, Hkv, S, E) and (R, Hkv, S, Ev)
@@ -107,7 +110,10 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
         raise ValueError(f"q has {H} heads and the prefix {Hkv}: they must be equal, or "
                          f"with enable_gqa=True a divisor of the query heads")
     group = H // Hkv
-    options = dict(scale=scale, softcap=softcap, num_threads=num_threads, _isa=_isa)
+    # Half-precision queries: both parts stay float32 until the merge, rounded once.
+    exact = q.dtype in (np.float32, np.float64)
+    options = dict(scale=scale, softcap=softcap, num_threads=num_threads, _isa=_isa,
+                   out_dtype=None if exact else np.float32)
     # Every query of every request meets the prefix in one call: the queries of each
     # key/value head, (Hkv, group·R·L, E) (a small copy), so the prefix's keys and values
     # are read once, by blocks of rows from all requests.
@@ -123,4 +129,6 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
         q, k, v, is_causal=is_causal, alignment="bottom_right", key_lengths=key_lengths,
         sinks=sinks, enable_gqa=enable_gqa, return_lse=True, **options)
     out, lse = merge_attention([prefix_out, own_out], [prefix_lse, own_lse])
+    if not exact:
+        out = out.astype(q.dtype)
     return (out, lse) if return_lse else out

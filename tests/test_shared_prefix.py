@@ -174,3 +174,22 @@ def test_benchmark_workload_times_both_ways_and_checks_the_target(monkeypatch, t
     assert all(r.max_abs_diff < 1e-5 for r in case.rows) and not case.wrong_output
     target = next(t for t in result["targets"] if t.id == "shared-prefix-speedup")
     assert target.indicative and len(target.details) == 1
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("query_dtype", ["float32", "half"])
+def test_half_precision_prefix_and_suffix(half, query_dtype):
+    from test_dtypes import half_dtype, tolerance_for
+    half = half_dtype(half)
+    rng, q, pk, pv, k, v = problem(11, R=3, H=4, Hkv=2, L=2, P=700, S=9, E=16, Ev=16,
+                                   dtype=np.float32)
+    q = q.astype(half if query_dtype == "half" else np.float32)
+    pk, pv, k, v = (x.astype(half) for x in (pk, pv, k, v))
+    options = dict(key_lengths=[9, 1, 4], is_causal=True, enable_gqa=True,
+                   sinks=np.array([0.5, 1.0, -1.0, 2.0]))
+    out, lse = spa(q, pk, pv, k, v, return_lse=True, **options)
+    want_out, want_lse = concatenated_reference(*(x.astype(np.float64) for x in
+                                                  (q, pk, pv, k, v)), **options)
+    assert out.dtype == q.dtype and lse.dtype == np.float32
+    np.testing.assert_allclose(out.astype(np.float64), want_out, **tolerance_for(q.dtype))
+    np.testing.assert_allclose(lse, want_lse, **tolerance_for(np.float32))

@@ -390,3 +390,44 @@ def test_random_windows_kept_keys_sinks_and_blocks(seed):
     blocks = None if rng.random() < 0.4 else (int(rng.integers(1, 20)),
                                               int(rng.integers(1, 70)))
     matches_reference(q, k, v, _block_sizes=blocks, **options)
+
+
+# ------------------------------------------------------- float16, bfloat16 and int8 K/V
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("query_dtype", ["float32", "half"])
+@pytest.mark.parametrize("L", [1, 9])
+def test_half_precision_keys_and_values(path, half, query_dtype, L):
+    """Sinks and kept first keys on half-precision storage (keys split when decoding): the
+    reference on the stored values, within the float32 tolerance plus one rounding of a
+    half-precision output."""
+    from test_dtypes import compare, half_dtype
+    half = half_dtype(half)
+    rng = np.random.default_rng(30)
+    q = rng.standard_normal((2, 3, L, 32)).astype(half if query_dtype == "half" else
+                                                  np.float32)
+    k, v = rng.standard_normal((2, 2, 3, 2100, 32)).astype(half)
+    options = dict(sinks=np.array([0.5, 2.0, -1.0]), keep_first=3, window=(200, 0),
+                   is_causal=True, alignment="bottom_right", key_lengths=[2100, 1500],
+                   return_lse=True)
+    got = sdpa(q, k, v, _isa=path, **options)
+    want = reference.scaled_dot_product_attention(
+        q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), **options)
+    compare(got, want, q.dtype, lse_last=True)
+
+
+def test_int8_keys_and_values_with_sinks():
+    from test_dtypes import reference_of
+    rng = np.random.default_rng(31)
+    q = rng.standard_normal((1, 2, 1, 16)).astype(np.float32)
+    k, v = rng.integers(-127, 128, (2, 1, 2, 3000, 16)).astype(np.int8)
+    k_scale, v_scale = rng.random((2, 1, 2, 3000)) * 0.02
+    options = dict(sinks=np.array([1.0, -0.5]), keep_first=2, window=(50, 0),
+                   return_lse=True)
+    got = sdpa(q, k, v, k_scale=k_scale.astype(np.float32),
+               v_scale=v_scale.astype(np.float32), **options)
+    want = reference_of(q, k, v, k_scale=k_scale.astype(np.float32),
+                        v_scale=v_scale.astype(np.float32), **options)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, **tolerance(np.float32))
