@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from cattn import _runtime, _kernel  # _runtime first: it loads OpenMP (wait policy)
-from cattn import _api
+from cattn import _api, _dtypes
 from cattn._blas_threads import single_threaded_blas
 from cattn._validation import (check_float_dtype, check_int, check_ndarray,
                                check_cache_shape, check_new_positions)
@@ -331,12 +331,14 @@ class PagedKVCache:
         Layers sharing the pages (one per attention layer of a model).
     value_dim : int, optional
         The size of a value head (default head_dim).
-    dtype : float32 or float64
+    dtype : float32, float64, float16 or bfloat16
+        (float16 and bfloat16 pages serve float32 layers: appended keys and values are
+        rounded as written, attention computes in float32)
 
     Raises
     ------
     TypeError
-        A size that is not an integer, a dtype other than float32 or float64.
+        A size that is not an integer, a dtype other than those above (int8 included).
     ValueError
         A size below 1 (num_blocks may be 0).
 
@@ -364,7 +366,12 @@ class PagedKVCache:
         self.num_blocks = check_int(num_blocks, "num_blocks", 0)
         self.block_size = check_int(block_size, "block_size", 1)
         (self.num_kv_heads, self.head_dim, self.num_layers, self.value_dim,
-         self.dtype) = check_cache_shape(num_kv_heads, head_dim, num_layers, value_dim, dtype)
+         _) = check_cache_shape(num_kv_heads, head_dim, num_layers, value_dim, np.float32)
+        self.dtype = _dtypes.cache_dtype(dtype)
+        if self.dtype == np.int8:
+            raise TypeError("a PagedKVCache stores float32, float64, float16 or bfloat16 "
+                            "(int8 needs a scale per position, which pages do not carry), "
+                            "got int8")
         if self.num_blocks > _INT32_MAX:
             raise ValueError(f"num_blocks must be below 2**31 (int32 page numbers), got "
                              f"{self.num_blocks}")
@@ -377,11 +384,12 @@ class PagedKVCache:
 
     @classmethod
     def for_layer(cls, mha: Any, batch_size: int, max_len: int, block_size: int = 16, *,
-                  num_layers: int = 1, num_sequences: Optional[int] = None
-                  ) -> "PagedKVCache":
-        """A cache shaped for `mha` (its key/value heads, head size and dtype) with pages
-        for batch_size sequences of max_len positions, and num_sequences (default
-        batch_size) empty sequences 0, 1, ... to start with."""
+                  num_layers: int = 1, num_sequences: Optional[int] = None,
+                  dtype: Optional[DTypeLike] = None) -> "PagedKVCache":
+        """A cache shaped for `mha` (its key/value heads and head size) with pages for
+        batch_size sequences of max_len positions, and num_sequences (default batch_size)
+        empty sequences 0, 1, ... to start with; storing the layer's dtype or, for a
+        float32 layer, `dtype` (float16 or bfloat16)."""
         from cattn.layers import MultiHeadAttention
         if not isinstance(mha, MultiHeadAttention):
             raise TypeError(f"mha must be a MultiHeadAttention, got {type(mha).__name__}")
@@ -391,7 +399,13 @@ class PagedKVCache:
         num_sequences = (batch_size if num_sequences is None
                          else check_int(num_sequences, "num_sequences", 0))
         cache = cls(batch_size * -(-max_len // block_size), block_size, mha.num_kv_heads,
-                    mha.head_dim, num_layers=num_layers, dtype=mha.dtype)
+                    mha.head_dim, num_layers=num_layers,
+                    dtype=mha.dtype if dtype is None else dtype)
+        if not (cache.dtype == mha.dtype or (mha.dtype == np.float32 and
+                                             _dtypes.is_half(cache.dtype))):
+            raise TypeError(f"a {mha.dtype} layer needs a cache of {mha.dtype}"
+                            + (" (or float16, bfloat16)" if mha.dtype == np.float32 else "")
+                            + f", got dtype {cache.dtype}")
         for _ in range(num_sequences):
             cache.add_sequence()
         return cache
@@ -554,6 +568,9 @@ class PagedKVCacheLayer:
         for name in ("num_blocks", "block_size", "num_kv_heads", "head_dim", "value_dim",
                      "dtype"):
             setattr(self, name, getattr(cache, name))
+        # what append takes: the stored dtype, and float32 for half pages (rounded)
+        self.input_dtypes = ((self.dtype, np.dtype(np.float32)) if _dtypes.is_half(self.dtype)
+                             else (self.dtype,))
 
     def __repr__(self):
         return f"<layer {self.index} of {self.cache!r}, lengths {self.seq_lens().tolist()}>"

@@ -521,3 +521,23 @@ def test_half_precision_pages(rng, half, block_size, L, lengths):
         cattn.paged_attention(q.astype(np.float64), k_cache, v_cache, table, seq_lens)
     with pytest.raises(TypeError, match="int8"):
         cattn.paged_attention(q, k_cache.astype(np.int8), v_cache, table, seq_lens)
+
+
+@pytest.mark.parametrize("half", half_dtypes())
+def test_half_precision_cache_decodes_as_the_contiguous_one(rng, half):
+    """A float32 layer over float16 / bfloat16 pages equals it over a KVCache of the same
+    storage dtype (both round the keys and values as they are written)."""
+    mha = cattn.MultiHeadAttention(32, 4, num_kv_heads=2, rng=3)
+    contiguous = cattn.KVCache.for_layer(mha, 2, 40, dtype=half)
+    paged = cattn.PagedKVCache.for_layer(mha, 2, 40, block_size=4, dtype=half)
+    assert paged.keys.dtype == half
+    for length in (9, 1, 1, 3):
+        x = rng.standard_normal((2, length, 32)).astype(np.float32)
+        want, _ = mha(x, cache=contiguous, is_causal=True)
+        got, _ = mha(x, cache=paged, is_causal=True)
+        np.testing.assert_allclose(got, want, **tolerance(np.float32))
+    with pytest.raises(TypeError, match="int8 needs a scale per position"):
+        cattn.PagedKVCache(4, 4, 1, 8, dtype=np.int8)
+    with pytest.raises(TypeError, match="a float64 layer needs a cache of float64"):
+        cattn.PagedKVCache.for_layer(cattn.MultiHeadAttention(8, 1, dtype=np.float64), 1, 8,
+                                     dtype=half)
