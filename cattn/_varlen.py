@@ -171,8 +171,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
 # ------------------------------------------------------------------------- the steps
 
 def _packed_operands(q, k, v, enable_gqa):
-    """q, k, v as (T, H, ·) arrays of one float dtype that the kernel reads in place (a
-    copy only when a token row is not contiguous), and query heads per key/value head."""
+    """q, k, v as (T, H, ·) arrays of the kernel's dtypes that it reads in place (a copy
+    only when a token row is not contiguous), and query heads per key/value head."""
     names = ("q", "k", "v")
     arrays = []
     for name, x, narrow in zip(names, (q, k, v), ("half", "int8", "int8")):
