@@ -1,6 +1,6 @@
 """Serving workloads: shared-prefix decoding against one batched decode over the requests'
 concatenated caches (prefix copied into each), timed in the same round-robin."""
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 
@@ -14,7 +14,7 @@ SHARED_PREFIX = "shared-prefix"
 CONCATENATED = "concatenated"
 
 
-def shared_prefix_shape(mode: str):
+def shared_prefix_shape(mode: str) -> Tuple[int, int, int, int, int]:
     """(requests R, heads H, prefix P, suffix S, head size E): one query token each."""
     return (16, 32, 4096 if mode == "full" else 1024, 128, 128)
 
@@ -40,8 +40,8 @@ def run_shared_prefix_case(name: str, mode: str, config: BenchConfig) -> Case:
     """cattn.shared_prefix_attention against one batched decode call over the R
     concatenated caches (R copies of the prefix: what serving without sharing reads)."""
     import cattn
-    R, H, P, S, E = shape = shared_prefix_shape(mode)
-    q, prefix_k, prefix_v, own_k, own_v = _inputs(*shape, config.seed)
+    R, H, P, S, E = shared_prefix_shape(mode)
+    q, prefix_k, prefix_v, own_k, own_v = _inputs(R, H, P, S, E, config.seed)
     caches_k = np.concatenate([np.broadcast_to(prefix_k, (R, H, P, E)), own_k], axis=2)
     caches_v = np.concatenate([np.broadcast_to(prefix_v, (R, H, P, E)), own_v], axis=2)
     expected = _reference_rows(q, prefix_k, prefix_v, own_k, own_v) if config.check else {}
