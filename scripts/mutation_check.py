@@ -59,6 +59,7 @@ API, KERNEL, REF, LAYERS = "cattn/_api.py", "cattn/_kernel.pyx", "cattn/referenc
 PAGED = "cattn/_paged.py"
 VARLEN = "cattn/_varlen.py"
 BF16 = "src/cattn_bf16.h"
+CONVERT, GEMM, DTYPES = "src/cattn_convert.h", "src/cattn_gemm.h", "cattn/_dtypes.py"
 
 MUTANTS = [
     # ------------------------------------------------------------ found by the audit
@@ -372,6 +373,46 @@ MUTANTS = [
            [Edit(PAGED, "            if self.ref_counts[page] == 0:\n",
                  "            if True:\n")],
            ["tests/test_paged.py", "-k", "fork or free"]),
+    # ------------------------------------------- float16, bfloat16 and int8 keys and values
+    Mutant("f16-exponent-bias-off-by-one",
+           "the portable float16 conversion halves every value (exponent bias 111, not 112)",
+           [Edit(CONVERT, "bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);",
+                 "bits = sign | ((exponent + 111u) << 23) | (mantissa << 13);")],
+           ["tests/test_dtypes.py", "-k", "half_inputs and float16 and portable"]),
+    Mutant("bf16-shift-by-15",
+           "AVX-512 reads bfloat16 shifted by 15 bits instead of 16 (values garbled)",
+           [Edit(GEMM, "_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))",
+                 "_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 15))")],
+           ["tests/test_dtypes.py", "-k", "half_inputs and bfloat16 and avx512"]),
+    Mutant("converted-tail-drops-last-feature",
+           "a float16/bfloat16/int8 row's last partial vector loses its last element",
+           [Edit("src/cattn_gemm_impl.h",
+                 "if (n_ > 0) memcpy(b_, (p), (size_t)(n_ < W ? n_ : W) * sizeof(ET_));",
+                 "if (n_ > 0) memcpy(b_, (p), (size_t)(n_ < W ? n_ - 1 : W) * sizeof(ET_));"),
+            # (Cython tracks cattn_gemm.h, not the headers it includes: this forces the build)
+            Edit(GEMM, "/* The entry points: the plan's instruction set picks the instance. */",
+                 "/* The entry points: the plan's instruction set picks the instance.  */")],
+           ["tests/test_dtypes.py", "-k", "half_inputs and float16 and (avx2 or avx512)"]),
+    Mutant("int8-key-scale-of-first-key",
+           "every key's scores are scaled by the first key's scale",
+           [Edit(KERNEL, "row[j] *= k_scale[j * p.k_scale_rs]", "row[j] *= k_scale[0]")],
+           ["tests/test_dtypes.py", "-k", "int8"]),
+    Mutant("int8-value-scale-in-the-weights",
+           "int8 values' scales multiply P in place: returned weights carry them",
+           [Edit(KERNEL, "scaled_row = t.p_scaled + r * p.block_k",
+                 "scaled_row = <float*> probs + r * ld"),
+            Edit(KERNEL, "        probs, ld = t.p_scaled, p.block_k\n", "")],
+           ["tests/test_dtypes.py", "-k", "int8_is_exact"]),
+    Mutant("quantize-kv-max-not-abs",
+           "quantize_kv scales rows by their largest value, not magnitude: negatives clip",
+           [Edit(DTYPES, "largest = np.max(np.abs(wide), axis=-1, initial=0.0)",
+                 "largest = np.max(wide, axis=-1, initial=0.0)")],
+           ["tests/test_dtypes.py", "-k", "quantize"]),
+    Mutant("int8-cache-value-scales-not-stored",
+           "an int8 KVCache keeps its value scales at 1 (values decoded 100x off)",
+           [Edit(LAYERS, "(self.key_scales, key_scales),\n                      "
+                 "(self.value_scales, value_scales)]", "(self.key_scales, key_scales)]")],
+           ["tests/test_dtypes.py", "-k", "cache"]),
 ]
 
 
