@@ -35,6 +35,7 @@ from cattn._blas cimport gemm_ab, gemm_abt
 from cattn._simd cimport (
     CATTN_ISA_PORTABLE, CATTN_ISA_AVX2, CATTN_ISA_AVX512, CATTN_ISA_WIDE16, cattn_isa_supported,
     cattn_isa_runs_on, cattn_isa_uses_blas, CATTN_ISA_BLAS, CATTN_ISA_BEST, cattn_isa_float_path,
+    CATTN_ISA_AVX512_BF16,
     cattn_isa_has_bf16_products, cattn_bf16_work_bytes, cattn_bf16_qkt, cattn_bf16_pv,
     cattn_bf16_queries_bytes, cattn_bf16_load_queries,
     cattn_isa_name, cattn_row_max_f32, cattn_row_max_f64, cattn_exp_shift_sum_f32,
@@ -131,7 +132,13 @@ def _isa_cap_from_environment():
                              f"got {os.environ['CATTN_ISA']!r}")
         return ISA_NAMES.index(value)
     off = os.environ.get("CATTN_DISABLE_AVX2", "")
-    return CATTN_ISA_PORTABLE if off and off[0] != "0" else CATTN_ISA_BEST
+    if off and off[0] != "0":
+        return CATTN_ISA_PORTABLE
+    # Unasked, a CPU with AVX512-BF16 but no AMX widens bfloat16 to float32: there its
+    # vdpbf16ps products measured slower than the AVX-512 float32 kernels (Sapphire
+    # Rapids, bfloat16 prefill L = 2048: 86 vs 108 GF/s). Under AMX they still serve
+    # blocks of fewer than 16 rows, and CATTN_ISA=avx512_bf16 selects them.
+    return CATTN_ISA_AVX512 if cattn_isa_supported() == CATTN_ISA_AVX512_BF16 else CATTN_ISA_BEST
 
 
 # Read once, at import: no later race, and the same path for every call of the process.
