@@ -13,6 +13,8 @@ one pass over a row while it sits in the L1 cache:
     project_scatter, attention_output_and_feed_forward
                               whole steps of a layer, GEMMs included, one chunk of rows
                               per thread
+    pack_linear_weight, linear   out <- x · Wᵀ + bias with W packed once (at load) for the
+                              micro-kernels of cattn_gemm.h, on the attention kernel's path
 
 Rows are spread over OpenMP threads (prange); one row is one thread's work, so results do
 not depend on the thread count. The loops are plain C that the compiler vectorizes: built
@@ -210,6 +212,22 @@ cdef extern from *:
                           Py_ssize_t n) noexcept nogil
     void enc_copy_row_f64(double* dst, const double* src, const double* bias,
                           Py_ssize_t n) noexcept nogil
+
+
+cdef extern from "cattn_gemm.h":
+    int CATTN_ISA_AVX2, CATTN_ISA_AVX512, CATTN_ISA_AVX512_BF16, CATTN_ISA_AMX, CATTN_ISA_BLAS
+    Py_ssize_t cattn_panel_keys(int isa, int is_double) noexcept nogil
+    int cattn_isa_uses_blas(int isa) noexcept nogil
+    void cattn_pack_keys_f32(int isa, const float* k, Py_ssize_t k_rs, Py_ssize_t n_keys,
+                             Py_ssize_t E, float* packed) noexcept nogil
+    void cattn_pack_keys_f64(int isa, const double* k, Py_ssize_t k_rs, Py_ssize_t n_keys,
+                             Py_ssize_t E, double* packed) noexcept nogil
+    void cattn_linear_f32(int isa, Py_ssize_t rows, Py_ssize_t n_out, Py_ssize_t K,
+                          const float* a, Py_ssize_t lda, const float* packed,
+                          const float* bias, float* c, Py_ssize_t ldc) noexcept nogil
+    void cattn_linear_f64(int isa, Py_ssize_t rows, Py_ssize_t n_out, Py_ssize_t K,
+                          const double* a, Py_ssize_t lda, const double* packed,
+                          const double* bias, double* c, Py_ssize_t ldc) noexcept nogil
 
 
 # Below this many elements a call stays on one thread: starting a team costs more.
@@ -452,9 +470,50 @@ def pool(const floating[:, ::1] x, const int64_t[::1] offsets, int mode,
 #
 # The projections and the feed-forward of a layer, computed in cattn's OpenMP team: the
 # rows are cut into one chunk per thread, and each thread runs its chunk through
-# single-threaded GEMMs (SciPy's BLAS; the caller holds it on one thread) and the fused row
-# operations, with its activations in its own scratch. One parallel region per step, and
-# no second thread pool (the BLAS one) waiting for its turn.
+# single-threaded GEMMs and the fused row operations, with its activations in its own
+# scratch. One parallel region per step, and no second thread pool (the BLAS one) waiting
+# for its turn. A weight is either plain (its GEMM is SciPy's BLAS, held on one thread by
+# the caller) or packed by pack_linear_weight (cattn's micro-kernels, on path `isa`).
+
+def _weight_width(weight, Py_ssize_t N, Py_ssize_t K, bint transposed, dtype, isa, name):
+    """0 for a plain weight ((N, K), or (K, N) when `transposed`), else the panel width of
+    a packed one; ValueError when it fits neither."""
+    if not isinstance(weight, np.ndarray) or weight.dtype != dtype:
+        raise TypeError(f"{name} must be a {np.dtype(dtype)} ndarray")
+    if weight.ndim == 3:
+        return _check_packed(weight, N, K, dtype, isa)
+    want = (K, N) if transposed else (N, K)
+    if weight.shape != want or not weight.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous {want} array or packed by "
+                         f"pack_linear_weight, got shape {weight.shape}")
+    return 0
+
+
+cdef const floating* _weight_data(weight, Py_ssize_t width, const floating* like) except NULL:
+    """The data of a weight checked by _weight_width (`like` picks the precision)."""
+    cdef const floating[:, :, ::1] packed
+    cdef const floating[:, ::1] plain
+    if width:
+        packed = weight
+        return &packed[0, 0, 0]
+    plain = weight
+    return &plain[0, 0]
+
+
+cdef inline void layer_gemm(int path, Py_ssize_t m, Py_ssize_t N, Py_ssize_t K,
+                            const floating* a, Py_ssize_t lda, const floating* w,
+                            Py_ssize_t width, bint transposed, floating* c,
+                            Py_ssize_t ldc) noexcept nogil:
+    """c[m, N] = a[m, K] · W: W plain (N, K) or, when `transposed`, (K, N); or packed."""
+    if width:
+        linear_rows(path, m, N, K, a, lda, w, width, NULL, c, ldc)
+    elif transposed:
+        gemm_ab(<int>m, <int>N, <int>K, <floating>1, a, <int>lda, w, <int>N, <floating>0, c,
+                <int>ldc)
+    else:
+        gemm_abt(<int>m, <int>N, <int>K, <floating>1, a, <int>lda, w, <int>K, <floating>0, c,
+                 <int>ldc)
+
 
 cdef inline void layernorm_row_into(floating* x, const floating* bias, floating* row,
                                     const floating* weight, const floating* beta,
@@ -473,58 +532,61 @@ def _chunks(Py_ssize_t rows, floating[:, :, ::1] scratch, Py_ssize_t width, name
     return chunk
 
 
-def project_scatter(const floating[:, ::1] x, const floating[:, ::1] weight,
-                    const floating[::1] bias, const int64_t[::1] dest,
-                    floating[:, ::1] padded, floating[:, :, ::1] scratch, num_threads=None):
+def project_scatter(const floating[:, ::1] x, weight, const floating[::1] bias,
+                    const int64_t[::1] dest, floating[:, ::1] padded,
+                    floating[:, :, ::1] scratch, num_threads=None, *, isa=None):
     """padded[dest[i]] <- x[i] · weightᵀ + bias: a linear layer (weight (out, in) as
-    PyTorch's) into a padded layout. scratch (chunks, rows per chunk, out): one chunk of
-    rows per thread."""
-    cdef Py_ssize_t T = x.shape[0], K = x.shape[1], N = weight.shape[0], c, i, r0, m
-    if weight.shape[1] != K:
-        raise ValueError(f"weight must have {K} columns, got {weight.shape[1]}")
+    PyTorch's, or pack_linear_weight(weight, isa)) into a padded layout. scratch (chunks,
+    rows per chunk, out): one chunk of rows per thread."""
+    cdef Py_ssize_t T = x.shape[0], K = x.shape[1], N = padded.shape[1], c, i, r0, m
+    dtype = np.float32 if floating is float else np.float64
+    cdef Py_ssize_t width = _weight_width(weight, N, K, False, dtype, isa, "weight")
     _check_vector(bias, N, "bias")
     _check_row_index(dest, T, padded.shape[0])
-    if padded.shape[1] != N:
-        raise ValueError(f"padded must have {N} columns, got {padded.shape[1]}")
     cdef Py_ssize_t chunk = _chunks(T, scratch, N, "scratch")
     cdef Py_ssize_t n_chunks = scratch.shape[0]
     cdef int nt = min(team_size(T * N, num_threads), n_chunks)
+    cdef int path = linear_isa(isa)
     if T == 0 or N == 0 or K == 0:
         return
+    cdef const floating* w = _weight_data(weight, width, &x[0, 0])
     with nogil:
         for c in prange(n_chunks, num_threads=nt, schedule="static"):
             r0 = c * chunk
             m = min(chunk, T - r0)
             if m > 0:
-                gemm_abt(<int>m, <int>N, <int>K, <floating>1, &x[r0, 0], <int>K,
-                         &weight[0, 0], <int>K, <floating>0, &scratch[c, 0, 0],
-                         <int>scratch.shape[2])
+                layer_gemm(path, m, N, K, &x[r0, 0], K, w, width, False, &scratch[c, 0, 0],
+                           scratch.shape[2])
                 for i in range(m):
                     copy_row(&padded[dest[r0 + i], 0], &scratch[c, i, 0], &bias[0], N)
 
 
 def attention_output_and_feed_forward(
         const floating[:, ::1] context, const int64_t[::1] index, floating[:, ::1] x,
-        const floating[:, ::1] w_out, const floating[::1] b_out,
+        w_out, const floating[::1] b_out,
         const floating[::1] norm1_weight, const floating[::1] norm1_bias,
-        const floating[:, ::1] w_in_t, const floating[::1] b_in,
-        const floating[:, ::1] w_ff_t, const floating[::1] b_ff,
+        w_in_t, const floating[::1] b_in,
+        w_ff_t, const floating[::1] b_ff,
         const floating[::1] norm2_weight, const floating[::1] norm2_bias, double eps,
-        floating[:, :, ::1] scratch_e, floating[:, :, ::1] scratch_f, num_threads=None):
+        floating[:, :, ::1] scratch_e, floating[:, :, ::1] scratch_f, num_threads=None, *,
+        isa=None):
     """The rest of a post-LayerNorm transformer layer, for the packed rows x (T, E):
 
         x <- LayerNorm1(context[index] · w_outᵀ + b_out + x)
         x <- LayerNorm2(GELU(x · w_in_t + b_in) · w_ff_t + b_ff + x)
 
-    w_out (E, E) as PyTorch's; w_in_t (E, F) and w_ff_t (F, E) stored (in, out). Scratch:
+    w_out (E, E) as PyTorch's; w_in_t (E, F) and w_ff_t (F, E) stored (in, out); or any of
+    them packed by pack_linear_weight (from the (out, in) layout) for path `isa`. Scratch:
     scratch_e (chunks, rows, >= 2E), scratch_f (chunks, rows, >= F); one chunk per thread."""
-    cdef Py_ssize_t T = x.shape[0], E = x.shape[1], F = w_in_t.shape[1], c, i, r0, m
-    if w_out.shape[0] != E or w_out.shape[1] != E or context.shape[1] != E:
-        raise ValueError(f"w_out must be ({E}, {E}) and context {E} wide")
-    if w_in_t.shape[0] != E or w_ff_t.shape[0] != F or w_ff_t.shape[1] != E:
-        raise ValueError(f"w_in_t must be ({E}, F) and w_ff_t (F, {E})")
+    cdef Py_ssize_t T = x.shape[0], E = x.shape[1], F = b_in.shape[0], c, i, r0, m
+    dtype = np.float32 if floating is float else np.float64
+    if context.shape[1] != E:
+        raise ValueError(f"context must be {E} wide")
+    cdef Py_ssize_t width_out = _weight_width(w_out, E, E, False, dtype, isa, "w_out")
+    cdef Py_ssize_t width_in = _weight_width(w_in_t, F, E, True, dtype, isa, "w_in_t")
+    cdef Py_ssize_t width_ff = _weight_width(w_ff_t, E, F, True, dtype, isa, "w_ff_t")
     for v, n, name in ((b_out, E, "b_out"), (norm1_weight, E, "norm1_weight"),
-                       (norm1_bias, E, "norm1_bias"), (b_in, F, "b_in"), (b_ff, E, "b_ff"),
+                       (norm1_bias, E, "norm1_bias"), (b_ff, E, "b_ff"),
                        (norm2_weight, E, "norm2_weight"), (norm2_bias, E, "norm2_bias")):
         _check_vector(v, n, name)
     _check_row_index(index, T, context.shape[0])
@@ -534,12 +596,16 @@ def attention_output_and_feed_forward(
     cdef Py_ssize_t n_chunks = scratch_e.shape[0]
     cdef Py_ssize_t lde = scratch_e.shape[2], ldf = scratch_f.shape[2]
     cdef int nt = min(team_size(T * F, num_threads), n_chunks)
+    cdef int path = linear_isa(isa)
     cdef floating feps = <floating>eps
     cdef floating* ctx
     cdef floating* proj
     cdef floating* hidden
-    if T == 0 or E == 0:
+    if T == 0 or E == 0 or F == 0:
         return
+    cdef const floating* wo = _weight_data(w_out, width_out, &x[0, 0])
+    cdef const floating* wi = _weight_data(w_in_t, width_in, &x[0, 0])
+    cdef const floating* wf = _weight_data(w_ff_t, width_ff, &x[0, 0])
     with nogil:
         for c in prange(n_chunks, num_threads=nt, schedule="static"):
             r0 = c * chunk
@@ -551,17 +617,127 @@ def attention_output_and_feed_forward(
             hidden = &scratch_f[c, 0, 0]
             for i in range(m):
                 copy_row(ctx + i * lde, &context[index[r0 + i], 0], NULL, E)
-            gemm_abt(<int>m, <int>E, <int>E, <floating>1, ctx, <int>lde, &w_out[0, 0],
-                     <int>E, <floating>0, proj, <int>lde)
+            layer_gemm(path, m, E, E, ctx, lde, wo, width_out, False, proj, lde)
             for i in range(m):
                 layernorm_row_into(proj + i * lde, &b_out[0], &x[r0 + i, 0],
                                    &norm1_weight[0], &norm1_bias[0], feps, E)
-            gemm_ab(<int>m, <int>F, <int>E, <floating>1, &x[r0, 0], <int>E, &w_in_t[0, 0],
-                    <int>F, <floating>0, hidden, <int>ldf)
+            layer_gemm(path, m, F, E, &x[r0, 0], E, wi, width_in, True, hidden, ldf)
             for i in range(m):
                 bias_gelu_row(hidden + i * ldf, &b_in[0], F)
-            gemm_ab(<int>m, <int>E, <int>F, <floating>1, hidden, <int>ldf, &w_ff_t[0, 0],
-                    <int>E, <floating>0, proj, <int>lde)
+            layer_gemm(path, m, E, F, hidden, ldf, wf, width_ff, True, proj, lde)
             for i in range(m):
                 layernorm_row_into(proj + i * lde, &b_ff[0], &x[r0 + i, 0],
                                    &norm2_weight[0], &norm2_bias[0], feps, E)
+
+
+# ------------------------------------------------------------- linear layers, packed
+#
+# A weight (outputs, inputs) as PyTorch stores it is packed once into panels of `width`
+# outputs, input-major, the layout the micro-kernels of cattn_gemm.h read with aligned
+# vector loads (the attention kernel packs its keys the same way, per key block). A packed
+# weight belongs to one path: its shape (panels, inputs, width) says which. On the BLAS
+# path (portable builds without generic vectors, and the test-only "blas" path) the width
+# is 1: the packed weight is the weight itself, and the GEMM is BLAS's.
+
+def linear_isa(isa=None):
+    """The path number for the linear layers: `isa` (a path name, as attention's `_isa=`),
+    else the attention kernel's default when it has micro-kernels tuned for this CPU
+    (AVX2, AVX-512), else BLAS. The bfloat16 paths (avx512_bf16, amx) compute float32 and
+    float64 as avx512 does."""
+    path = _kernel.isa_index(isa) if isa is not None else _kernel.default_isa_index()
+    if path in (CATTN_ISA_AVX512_BF16, CATTN_ISA_AMX):
+        return CATTN_ISA_AVX512
+    if isa is None and path not in (CATTN_ISA_AVX2, CATTN_ISA_AVX512):
+        return CATTN_ISA_BLAS
+    return path
+
+
+def linear_panel_width(dtype, isa=None):
+    """Outputs per packed panel for `dtype` on path `isa` (see linear_isa)."""
+    cdef int path = linear_isa(isa)
+    if cattn_isa_uses_blas(path):
+        return 1
+    return int(cattn_panel_keys(path, np.dtype(dtype) == np.float64))
+
+
+def pack_linear_weight(const floating[:, ::1] weight, isa=None):
+    """The weight (n_out, n_in) packed for `linear` on path `isa`: a new array
+    (ceil(n_out / width), n_in, width), zeros past n_out."""
+    cdef Py_ssize_t N = weight.shape[0], K = weight.shape[1]
+    cdef int path = linear_isa(isa)
+    dtype = np.float32 if floating is float else np.float64
+    cdef Py_ssize_t width = linear_panel_width(dtype, isa)
+    packed_array = np.zeros(((N + width - 1) // width, K, width), dtype)
+    cdef floating[:, :, ::1] packed = packed_array
+    if N == 0 or K == 0:
+        return packed_array
+    if width == 1:
+        packed_array[:, :, 0] = np.asarray(weight)
+        return packed_array
+    with nogil:
+        if floating is float:
+            cattn_pack_keys_f32(path, &weight[0, 0], K, N, K, &packed[0, 0, 0])
+        else:
+            cattn_pack_keys_f64(path, &weight[0, 0], K, N, K, &packed[0, 0, 0])
+    return packed_array
+
+
+cdef void linear_rows(int path, Py_ssize_t rows, Py_ssize_t N, Py_ssize_t K,
+                      const floating* a, Py_ssize_t lda, const floating* packed,
+                      Py_ssize_t width, const floating* bias, floating* c,
+                      Py_ssize_t ldc) noexcept nogil:
+    """c[rows, N] = a[rows, K] · Wᵀ + bias (bias may be NULL) on one thread."""
+    cdef Py_ssize_t i, j
+    if width == 1:
+        gemm_abt(<int>rows, <int>N, <int>K, <floating>1, a, <int>lda, packed, <int>K,
+                 <floating>0, c, <int>ldc)
+        if bias != NULL:
+            for i in range(rows):
+                for j in range(N):
+                    c[i * ldc + j] += bias[j]
+    elif floating is float:
+        cattn_linear_f32(path, rows, N, K, a, lda, packed, bias, c, ldc)
+    else:
+        cattn_linear_f64(path, rows, N, K, a, lda, packed, bias, c, ldc)
+
+
+cdef Py_ssize_t _check_packed(packed, Py_ssize_t N, Py_ssize_t K, dtype, isa) except -1:
+    width = linear_panel_width(dtype, isa)
+    want = ((N + width - 1) // width, K, width)
+    if tuple(packed.shape[:3]) != want:
+        raise ValueError(f"the packed weight must have shape {want} (pack_linear_weight of an "
+                         f"({N}, {K}) weight for this path), got {tuple(packed.shape[:3])}")
+    return width
+
+
+def linear(const floating[:, :] x, const floating[:, :, ::1] packed, const floating[::1] bias,
+           floating[:, :] out, isa=None, num_threads=None):
+    """out <- x · Wᵀ + bias for a weight W (n_out, n_in) given as pack_linear_weight(W, isa):
+    x (rows, n_in) and out (rows, n_out) with unit column stride (any row stride); bias
+    (n_out,) or None. Rows are spread over the threads."""
+    cdef Py_ssize_t M = x.shape[0], K = x.shape[1], N = out.shape[1], c, r0, m
+    if out.shape[0] != M:
+        raise ValueError(f"out must have {M} rows (one per row of x), got {out.shape[0]}")
+    if x.strides[1] != x.itemsize or out.strides[1] != out.itemsize:
+        raise ValueError("x and out must have unit column stride (rows may be strided)")
+    dtype = np.float32 if floating is float else np.float64
+    cdef Py_ssize_t width = _check_packed(packed, N, K, dtype, isa)
+    if bias is not None:
+        _check_vector(bias, N, "bias")
+    cdef int path = linear_isa(isa)
+    cdef int nt = team_size(M * N * K // 64, num_threads)
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        np.asarray(out)[...] = 0 if bias is None else np.asarray(bias)
+        return
+    cdef const floating* bias_p = NULL if bias is None else &bias[0]
+    cdef Py_ssize_t lda = x.strides[0] // x.itemsize, ldc = out.strides[0] // out.itemsize
+    cdef Py_ssize_t chunk = (M + nt - 1) // nt
+    with nogil:
+        for c in prange(nt, num_threads=nt, schedule="static"):
+            r0 = c * chunk
+            m = min(chunk, M - r0)
+            if m > 0:
+                linear_rows(path, m, N, K, &x[r0, 0], lda, &packed[0, 0, 0], width, bias_p,
+                            &out[r0, 0], ldc)

@@ -37,6 +37,10 @@
 #define CATTN_AVX512_MR 8
 #define CATTN_AVX512_NV 2
 #endif
+/* The linear layers' row tile on AVX-512 (long inner dimensions: taller tiles pay) */
+#ifndef CATTN_AVX512_LMR
+#define CATTN_AVX512_LMR 12
+#endif
 
 /* ---- Generic vectors (GCC and clang): the portable micro-kernels, compiled for the
  * platform's baseline (SSE2 on x86-64, NEON on ARM64), and the 16-wide test instances. */
@@ -298,6 +302,7 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define TGT __attribute__((target("avx512f,fma")))
 #define W 16
 #define MR CATTN_AVX512_MR
+#define LMR CATTN_AVX512_LMR
 #define NV CATTN_AVX512_NV
 #define V __m512
 #define VI __mmask16
@@ -327,6 +332,7 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define TGT __attribute__((target("avx512f,fma")))
 #define W 8
 #define MR CATTN_AVX512_MR
+#define LMR CATTN_AVX512_LMR
 #define NV CATTN_AVX512_NV
 #define V __m512d
 #define VI __mmask8
@@ -354,6 +360,7 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define TGT __attribute__((target("avx2,fma")))
 #define W 16
 #define MR CATTN_AVX512_MR
+#define LMR CATTN_AVX512_LMR
 #define NV CATTN_AVX512_NV
 #define V cattn_w16f
 #define VI cattn_w16i
@@ -379,6 +386,7 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define TGT __attribute__((target("avx2,fma")))
 #define W 8
 #define MR CATTN_AVX512_MR
+#define LMR CATTN_AVX512_LMR
 #define NV CATTN_AVX512_NV
 #define V cattn_w8d
 #define VI cattn_w8i
@@ -437,6 +445,13 @@ static inline int cattn_isa_uses_blas(int isa)
     {                                                                                        \
         CATTN_GEMM_OP(isa, cattn_gemm_qkt, sfx, (rows, n_keys, E, alpha, q, q_rs, packed, c, \
                                                  ldc));                                      \
+    }                                                                                        \
+    static inline void cattn_linear_##sfx(int isa, ptrdiff_t rows, ptrdiff_t n_out,        \
+                                          ptrdiff_t K, const T *a, ptrdiff_t lda,          \
+                                          const T *packed, const T *bias, T *c,            \
+                                          ptrdiff_t ldc)                                   \
+    {                                                                                        \
+        CATTN_GEMM_OP(isa, cattn_linear, sfx, (rows, n_out, K, a, lda, packed, bias, c, ldc)); \
     }                                                                                        \
     static inline void cattn_gemm_pv_##sfx(int isa, ptrdiff_t rows, ptrdiff_t Ev,            \
                                            ptrdiff_t n_keys, const T *p, ptrdiff_t ldp,      \

@@ -14,6 +14,7 @@
  * Every instance shares this one code; only the vector width, the register
  * tile and the intrinsics differ.
  *
+ *   LMR     (optional, default MR) the row tile of the linear layers' GEMM
  * Register tile: MR rows × NR columns, 2·MR accumulators, two loads and MR broadcasts per
  * 2·MR FMAs (AVX2: 6 rows, 12 of 16 ymm; AVX-512: 12 rows, 24 of 32 zmm).
  */
@@ -22,18 +23,45 @@
 #define FN(name) CATTN_CAT3(name, SFX, ISFX)
 #define NR (NV * W)
 #define PV_KC 128
+#ifndef LMR
+#define LMR MR
+#endif
+/* Linear layers: a slice of LKC inputs of a weight panel (32 KB) stays in L1 while every
+ * row tile of a block of LMC rows (their inputs in L2) passes over it. */
+#define LKC (32768 / (NR * (ptrdiff_t)sizeof(T)))
+#define LMC 128
 
 /* Rows [0, rows) as tiles of MR rows, then the rest as tiles of 8, 4, 2 and 1 (each tile
  * height a compile-time constant after inlining); TILE(R, i) handles rows [i, i + R). */
-#define CATTN_FOR_ROW_TILES(rows, TILE)                                                    \
+#define CATTN_FOR_ROW_TILES(rows, TILE) CATTN_FOR_ROW_TILES_OF(MR, rows, TILE)
+#define CATTN_FOR_ROW_TILES_OF(M, rows, TILE)                                              \
     do {                                                                                   \
         ptrdiff_t i_ = 0;                                                                  \
-        for (; i_ + MR <= (rows); i_ += MR) TILE(MR, i_);                                  \
-        if (8 < MR && (rows) - i_ >= 8) { TILE((8 < MR ? 8 : 1), i_); i_ += 8; }           \
-        if (4 < MR && (rows) - i_ >= 4) { TILE((4 < MR ? 4 : 1), i_); i_ += 4; }           \
-        if (2 < MR && (rows) - i_ >= 2) { TILE((2 < MR ? 2 : 1), i_); i_ += 2; }           \
-        if (1 < MR && (rows) - i_ >= 1) TILE(1, i_);                                       \
+        for (; i_ + (M) <= (rows); i_ += (M)) TILE((M), i_);                               \
+        if (8 < (M) && (rows) - i_ >= 8) { TILE((8 < (M) ? 8 : 1), i_); i_ += 8; }         \
+        if (4 < (M) && (rows) - i_ >= 4) { TILE((4 < (M) ? 4 : 1), i_); i_ += 4; }         \
+        if (2 < (M) && (rows) - i_ >= 2) { TILE((2 < (M) ? 2 : 1), i_); i_ += 2; }         \
+        if (1 < (M) && (rows) - i_ >= 1) TILE(1, i_);                                      \
     } while (0)
+
+/* acc[r][0:NR] += Σ_e a[r][e] · panel[e][0:NR] for r < MR_ (≤ LMR, a compile-time constant
+ * after inlining: the accumulators stay in registers). */
+static inline __attribute__((always_inline)) TGT void
+FN(cattn_panel_fma)(const int MR_, ptrdiff_t E, const T *a, ptrdiff_t a_rs, const T *panel,
+                    V acc[][NV])
+{
+    for (ptrdiff_t e = 0; e < E; e++) {
+        V b[NV];
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; u++) b[u] = VLOAD(panel + e * NR + u * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR_; r++) {
+            V x = VBCAST(a + r * a_rs + e);
+#pragma GCC unroll 4
+            for (int u = 0; u < NV; u++) acc[r][u] = VFMA(x, b[u], acc[r][u]);
+        }
+    }
+}
 
 /* c[r][0:nc] = alpha · Σ_e q[r][e] · panel[e][0:nc] for r < MR_ (a compile-time constant
  * after inlining, so the MR_ × NV accumulators live in registers). */
@@ -46,17 +74,7 @@ FN(cattn_qkt_tile)(const int MR_, ptrdiff_t E, T alpha, const T *q, ptrdiff_t q_
     for (int r = 0; r < MR_; r++)
 #pragma GCC unroll 4
         for (int u = 0; u < NV; u++) acc[r][u] = VZERO();
-    for (ptrdiff_t e = 0; e < E; e++) {
-        V b[NV];
-#pragma GCC unroll 4
-        for (int u = 0; u < NV; u++) b[u] = VLOAD(panel + e * NR + u * W);
-#pragma GCC unroll 16
-        for (int r = 0; r < MR_; r++) {
-            V a = VBCAST(q + r * q_rs + e);
-#pragma GCC unroll 4
-            for (int u = 0; u < NV; u++) acc[r][u] = VFMA(a, b[u], acc[r][u]);
-        }
-    }
+    FN(cattn_panel_fma)(MR_, E, q, q_rs, panel, acc);
     V va = VBCAST(&alpha);
     if (nc == NR) {
 #pragma GCC unroll 16
@@ -168,6 +186,86 @@ FN(cattn_gemm_pv)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p, pt
     }
 }
 
+/* ---- Linear layers: C = A · Wᵀ + bias with W (outputs, inputs) packed once, as the keys
+ * are (cattn_pack_keys: panels of NR outputs, input-major). */
+
+/* c[r][0:nc] = init + Σ_k a[r][k] · panel[k][0:nc] for r < MR_, where init is c itself
+ * (ACCUMULATE_), else the bias (NULL: zero). Masked loads and stores past nc. */
+static inline __attribute__((always_inline)) TGT void
+FN(cattn_linear_tile)(const int MR_, const int ACCUMULATE_, ptrdiff_t K, const T *a,
+                      ptrdiff_t lda, const T *panel, const T *bias, T *c, ptrdiff_t ldc,
+                      ptrdiff_t nc)
+{
+    V acc[LMR][NV];
+    VI m[NV];
+    const int full = nc == NR;
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; u++) m[u] = VMASK(nc - u * W);
+    if (ACCUMULATE_) {
+#pragma GCC unroll 16
+        for (int r = 0; r < MR_; r++)
+#pragma GCC unroll 4
+            for (int u = 0; u < NV; u++)
+                acc[r][u] = full ? VLOAD(c + r * ldc + u * W) : VMASKLOAD(c + r * ldc + u * W, m[u]);
+    } else {
+        V b[NV];
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; u++)
+            b[u] = !bias ? VZERO() : full ? VLOAD(bias + u * W) : VMASKLOAD(bias + u * W, m[u]);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR_; r++)
+#pragma GCC unroll 4
+            for (int u = 0; u < NV; u++) acc[r][u] = b[u];
+    }
+    FN(cattn_panel_fma)(MR_, K, a, lda, panel, acc);
+    if (full) {
+#pragma GCC unroll 16
+        for (int r = 0; r < MR_; r++)
+#pragma GCC unroll 4
+            for (int u = 0; u < NV; u++) VSTORE(c + r * ldc + u * W, acc[r][u]);
+    } else {
+#pragma GCC unroll 16
+        for (int r = 0; r < MR_; r++)
+#pragma GCC unroll 4
+            for (int u = 0; u < NV; u++) VMASKSTORE(c + r * ldc + u * W, m[u], acc[r][u]);
+    }
+}
+
+/* C[rows, n_out] = A[rows, K] · Wᵀ + bias (bias may be NULL), W packed by cattn_pack_keys
+ * (n_keys = n_out, E = K). Blocks of LMC rows; per block, slices of LKC inputs (K split
+ * evenly); per slice, each panel's slice is reused by every row tile of the block. */
+TGT static void
+FN(cattn_linear)(ptrdiff_t rows, ptrdiff_t n_out, ptrdiff_t K, const T *a, ptrdiff_t lda,
+                 const T *packed, const T *bias, T *c, ptrdiff_t ldc)
+{
+    const ptrdiff_t slices = K > LKC ? (K + LKC - 1) / LKC : 1;
+    const ptrdiff_t kc_max = (K + slices - 1) / slices;
+    for (ptrdiff_t i0 = 0; i0 < rows; i0 += LMC) {
+        const ptrdiff_t mc = rows - i0 < LMC ? rows - i0 : LMC;
+        const T *ab = a + i0 * lda;
+        T *cb = c + i0 * ldc;
+        for (ptrdiff_t k0 = 0; k0 == 0 || k0 < K; k0 += kc_max) {
+            const ptrdiff_t kc = K - k0 < kc_max ? K - k0 : kc_max;
+            for (ptrdiff_t j0 = 0; j0 < n_out; j0 += NR) {
+                const ptrdiff_t nc = n_out - j0 < NR ? n_out - j0 : NR;
+                const T *panel = packed + j0 * K + k0 * NR;
+                const T *bj = bias ? bias + j0 : NULL;
+                if (k0) {
+#define LINEAR_ROWS(R, i) FN(cattn_linear_tile)(R, 1, kc, ab + (i) * lda + k0, lda, panel, \
+                                                bj, cb + (i) * ldc + j0, ldc, nc)
+                    CATTN_FOR_ROW_TILES_OF(LMR, mc, LINEAR_ROWS);
+#undef LINEAR_ROWS
+                } else {
+#define LINEAR_ROWS(R, i) FN(cattn_linear_tile)(R, 0, kc, ab + (i) * lda, lda, panel, bj,   \
+                                                cb + (i) * ldc + j0, ldc, nc)
+                    CATTN_FOR_ROW_TILES_OF(LMR, mc, LINEAR_ROWS);
+#undef LINEAR_ROWS
+                }
+            }
+        }
+    }
+}
+
 /* ---- The routines that read K and V: for T itself, and, where the instance gives the
  * conversions (float instances: VLOAD_F16, VLOAD_BF16, VLOAD_I8, W elements each, under
  * the target TGT_KV), for float16, bfloat16 and int8 elements too. */
@@ -226,7 +324,11 @@ FN(cattn_gemm_pv)(ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p, pt
 #undef FN
 #undef NR
 #undef PV_KC
+#undef LMR
+#undef LKC
+#undef LMC
 #undef CATTN_FOR_ROW_TILES
+#undef CATTN_FOR_ROW_TILES_OF
 #undef CATTN_CAT3
 #undef CATTN_CAT3_
 /* The parameters of this precision (set by cattn_gemm.h). */

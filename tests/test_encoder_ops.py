@@ -11,6 +11,7 @@ import pytest
 from scipy.special import erf
 
 from cattn import _encoder_ops as ops
+from cattn import _kernel
 
 
 def gelu64(v):
@@ -206,16 +207,32 @@ def test_baseline_build_in_a_child_process():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+# The layer steps' weights: plain (SciPy's BLAS), or packed for each path this CPU runs.
+PACKINGS = [None] + [pytest.param(p, marks=pytest.mark.skipif(
+    p not in _kernel.testable_isa_paths(), reason=f"this CPU lacks the {p} path"))
+    for p in ("amx", "avx512_bf16", "avx512", "avx2", "portable", "wide16", "blas")]
+
+
+def weight_for(weight, packing, transposed=False):
+    """The weight as a layer step takes it: itself, or packed from its (out, in) layout."""
+    if packing is None:
+        return weight
+    return ops.pack_linear_weight(np.ascontiguousarray(weight.T) if transposed else weight,
+                                  isa=packing)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunks", [1, 2, 3])
-def test_project_scatter(rng, dtype, chunks):
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_project_scatter(rng, dtype, chunks, packing):
     T, K, N = 301, 40, 128  # T·N > the one-thread limit: threads share the chunks
     x = rng.standard_normal((T, K)).astype(dtype)
     weight, bias = rng.standard_normal((N, K)).astype(dtype), rng.standard_normal(N).astype(dtype)
     dest = rng.permutation(T + 9)[:T].astype(np.int64)  # into a larger padded layout
     padded = np.full((T + 9, N), -5, dtype)
     scratch = np.empty((chunks, -(-T // chunks), N), dtype)
-    ops.project_scatter(x, weight, bias, dest, padded, scratch, num_threads=2)
+    ops.project_scatter(x, weight_for(weight, packing), bias, dest, padded, scratch,
+                        num_threads=2, isa=packing)
     want = x.astype(np.float64) @ weight.astype(np.float64).T + bias
     np.testing.assert_allclose(padded[dest], want, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-4 if dtype == np.float32 else 1e-12)
@@ -227,7 +244,8 @@ def test_project_scatter(rng, dtype, chunks):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunks", [1, 2, 5])
-def test_attention_output_and_feed_forward(rng, dtype, chunks):
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_attention_output_and_feed_forward(rng, dtype, chunks, packing):
     """The fused rest of a post-LN layer against its float64 NumPy definition."""
     T, E, F, rows_padded = 700, 24, 56, 760  # T·F > the one-thread limit
     f = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
@@ -245,9 +263,10 @@ def test_attention_output_and_feed_forward(rng, dtype, chunks):
     rows = -(-T // chunks)
     got = x.copy()
     ops.attention_output_and_feed_forward(
-        context, index, got, w_out, b_out, n1w, n1b, w_in_t, b_in, w_ff_t, b_ff, n2w, n2b,
-        1e-12, np.empty((chunks, rows, 2 * E), dtype), np.empty((chunks, rows, F), dtype),
-        num_threads=2)
+        context, index, got, weight_for(w_out, packing), b_out, n1w, n1b,
+        weight_for(w_in_t, packing, True), b_in, weight_for(w_ff_t, packing, True), b_ff,
+        n2w, n2b, 1e-12, np.empty((chunks, rows, 2 * E), dtype),
+        np.empty((chunks, rows, F), dtype), num_threads=2, isa=packing)
     np.testing.assert_allclose(got, want, **(dict(rtol=1e-4, atol=1e-4) if dtype == np.float32
                                              else dict(rtol=1e-11, atol=1e-11)))
     with pytest.raises(ValueError, match="same chunks"):

@@ -178,18 +178,42 @@ def _group_forward(encoder, ids, offsets, num_threads):
     context = np.empty((B * L, E), dtype)
     q, k, v = (padded_qkv[:, i * E:(i + 1) * E].reshape(B, L, H, D).transpose(0, 2, 1, 3)
                for i in range(3))
-    for layer in encoder.layers:
+    for layer, weights in zip(encoder.layers, layer_weights(encoder)):
         attention = layer["attention"]
-        ops.project_scatter(x, attention.in_proj_weight, attention.in_proj_bias, padded_row,
+        ops.project_scatter(x, weights["qkv"], attention.in_proj_bias, padded_row,
                             padded_qkv, scratch_qkv, num_threads=num_threads)
         scaled_dot_product_attention(q, k, v, key_lengths=lengths,
                                      out=context.reshape(B, L, H, D).transpose(0, 2, 1, 3),
                                      num_threads=num_threads)
         ops.attention_output_and_feed_forward(
-            context, padded_row, x, attention.out_proj_weight, attention.out_proj_bias,
-            *layer["attention_norm"], *layer["ff_in"], *layer["ff_out"],
-            *layer["output_norm"], eps, scratch_e, scratch_f, num_threads=num_threads)
+            context, padded_row, x, weights["out"], attention.out_proj_bias,
+            *layer["attention_norm"], weights["ff_in"], layer["ff_in"][1], weights["ff_out"],
+            layer["ff_out"][1], *layer["output_norm"], eps, scratch_e, scratch_f,
+            num_threads=num_threads)
     return x
+
+
+def layer_weights(encoder):
+    """Per layer, the projection and feed-forward weights as the layer steps take them:
+    packed once per encoder (on first use) for cattn's GEMM micro-kernels where this CPU
+    has them (AVX2, AVX-512), else as they are, for BLAS."""
+    packed = getattr(encoder, "_packed_weights", None)
+    if packed is None:
+        pack = ops.pack_linear_weight if ops.linear_panel_width(encoder.dtype) > 1 else None
+        packed = []
+        for layer in encoder.layers:
+            attention = layer["attention"]
+            if pack is None:
+                weights = dict(qkv=attention.in_proj_weight, out=attention.out_proj_weight,
+                               ff_in=layer["ff_in"][0], ff_out=layer["ff_out"][0])
+            else:  # the feed-forward weights are stored (in, out): packing takes (out, in)
+                weights = dict(qkv=pack(attention.in_proj_weight),
+                               out=pack(attention.out_proj_weight),
+                               ff_in=pack(np.ascontiguousarray(layer["ff_in"][0].T)),
+                               ff_out=pack(np.ascontiguousarray(layer["ff_out"][0].T)))
+            packed.append(weights)
+        encoder._packed_weights = packed
+    return packed
 
 
 # ------------------------------------------------------------------------- quantization

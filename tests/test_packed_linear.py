@@ -1,0 +1,116 @@
+"""Linear layers on packed weights (cattn._encoder_ops.pack_linear_weight / linear): every
+instruction-set path this CPU can run, against the float64 NumPy reference x·Wᵀ + b.
+
+Shapes straddle the register tiles (row tiles of 12 or 6 rows, then 8/4/2/1), the panel
+widths (1, 8, 16, 32 outputs), the input slices (inputs split in slices of 256 to 1024,
+accumulated in the output) and the blocks of 128 rows; rows of x and out may be strided.
+"""
+import numpy as np
+import pytest
+
+from cattn import _encoder_ops as ops
+from cattn import _kernel
+
+PATHS = ("amx", "avx512_bf16", "avx512", "avx2", "portable", "wide16", "blas")
+
+
+def path_param(name):
+    return pytest.param(name, id=name, marks=pytest.mark.skipif(
+        name not in _kernel.testable_isa_paths(), reason=f"this CPU lacks the {name} path"))
+
+
+ALL_PATHS = [path_param(p) for p in PATHS]
+DTYPES = [np.float32, np.float64]
+# (rows, outputs, inputs)
+SHAPES = [(1, 1, 1), (13, 47, 17), (7, 16, 5), (25, 33, 64), (12, 32, 300), (3, 100, 700),
+          (300, 31, 40), (140, 65, 1100)]
+
+
+def reference(x, weight, bias):
+    out = x.astype(np.float64) @ weight.astype(np.float64).T
+    return out if bias is None else out + bias
+
+
+def check(got, want, dtype, inputs):
+    # float32: about √inputs roundings of products of unit normals
+    scale = np.sqrt(inputs) * (4e-7 if dtype == np.float32 else 1e-15) * 8
+    np.testing.assert_allclose(got, want, rtol=0, atol=scale * max(1.0, np.abs(want).max()))
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_matches_reference(path, dtype, shape, rng):
+    rows, n_out, n_in = shape
+    x = rng.standard_normal((rows, n_in)).astype(dtype)
+    weight = rng.standard_normal((n_out, n_in)).astype(dtype)
+    bias = rng.standard_normal(n_out).astype(dtype)
+    x_before, weight_before = x.copy(), weight.copy()
+    packed = ops.pack_linear_weight(weight, isa=path)
+    width = ops.linear_panel_width(dtype, isa=path)
+    assert packed.shape == (-(-n_out // width), n_in, width)
+    for use_bias in (True, False):
+        for threads in (1, 2):
+            out = np.full((rows, n_out), np.nan, dtype)
+            ops.linear(x, packed, bias if use_bias else None, out, isa=path,
+                       num_threads=threads)
+            check(out, reference(x, weight, bias if use_bias else None), dtype, n_in)
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_array_equal(weight, weight_before)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_rows_leave_the_rest_alone(path, dtype, rng):
+    # x and out as column windows of wider arrays: only out's window is written
+    rows, n_out, n_in = 29, 37, 70
+    big_x = rng.standard_normal((rows, n_in + 9)).astype(dtype)
+    weight = rng.standard_normal((n_out, n_in)).astype(dtype)
+    bias = rng.standard_normal(n_out).astype(dtype)
+    big_out = np.full((rows, n_out + 11), 7.0, dtype)
+    ops.linear(big_x[:, 3:3 + n_in], ops.pack_linear_weight(weight, isa=path), bias,
+               big_out[:, 5:5 + n_out], isa=path, num_threads=2)
+    check(big_out[:, 5:5 + n_out], reference(big_x[:, 3:3 + n_in], weight, bias), dtype, n_in)
+    assert (big_out[:, :5] == 7).all() and (big_out[:, 5 + n_out:] == 7).all()
+
+
+def test_no_inputs_gives_the_bias(rng):
+    bias = rng.standard_normal(5).astype(np.float32)
+    out = np.full((3, 5), np.nan, np.float32)
+    packed = ops.pack_linear_weight(np.zeros((5, 0), np.float32))
+    ops.linear(np.zeros((3, 0), np.float32), packed, bias, out)
+    np.testing.assert_array_equal(out, np.broadcast_to(bias, (3, 5)))
+    ops.linear(np.zeros((3, 0), np.float32), packed, None, out)
+    assert (out == 0).all()
+
+
+def test_default_path_is_tuned_or_blas():
+    width = ops.linear_panel_width(np.float32)
+    default = _kernel.isa_path()
+    assert width == {"amx": 32, "avx512_bf16": 32, "avx512": 32, "avx2": 16}.get(default, 1)
+
+
+def test_bad_input():
+    x = np.zeros((4, 6), np.float32)
+    weight = np.zeros((5, 6), np.float32)
+    packed = ops.pack_linear_weight(weight)
+    out = np.zeros((4, 5), np.float32)
+    with pytest.raises(ValueError, match="packed weight must have shape"):
+        ops.linear(x, packed[:, :5], None, out)  # packed for 5 inputs, x has 6
+    with pytest.raises(ValueError, match="packed weight must have shape"):
+        ops.linear(x, packed, None, np.zeros((4, 40), np.float32))  # more outputs
+    other = [p for p in _kernel.testable_isa_paths()
+             if ops.linear_panel_width(np.float32, p) != packed.shape[2]]
+    if other:  # packed for one path, used on another of a different width
+        with pytest.raises(ValueError, match="packed weight must have shape"):
+            ops.linear(x, packed, None, out, isa=other[0])
+    with pytest.raises(ValueError, match="bias must have 5"):
+        ops.linear(x, packed, np.zeros(4, np.float32), out)
+    with pytest.raises(ValueError, match="out must have 4 rows"):
+        ops.linear(x, packed, None, np.zeros((3, 5), np.float32))
+    with pytest.raises(ValueError, match="unit column stride"):
+        ops.linear(np.zeros((4, 12), np.float32)[:, ::2], packed, None, out)
+    with pytest.raises(ValueError, match="not available"):
+        ops.pack_linear_weight(weight, isa="no-such-path")
+    with pytest.raises((TypeError, ValueError)):
+        ops.linear(x.astype(np.float64), packed, None, out)  # mixed dtypes
