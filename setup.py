@@ -7,7 +7,6 @@ Environment variables:
   CATTN_CFLAGS="..."  extra compiler flags (for instance "-march=native"); the default
                       build targets the baseline of the platform and picks AVX2 at run time.
 """
-import glob
 import os
 import shlex
 import sys
@@ -84,16 +83,11 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-# The C headers the compiled core includes: an edit to one rebuilds the modules that use it
-# (setuptools otherwise compares only the generated .c files with the built modules).
-HEADERS = sorted(glob.glob(os.path.join("src", "*.h")))
-
 extensions = [
     Extension(
         "cattn._kernel",
         ["cattn/_kernel.pyx"],
         include_dirs=[os.path.join(HERE, "src"), numpy.get_include()],
-        depends=HEADERS,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     ),
     # The validating front, plain Python compiled as is: its per-call bookkeeping would
@@ -107,7 +101,6 @@ extensions = [
         "cattn._encoder_ops",
         ["cattn/_encoder_ops.pyx"],
         include_dirs=[os.path.join(HERE, "src"), numpy.get_include()],
-        depends=HEADERS,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     ),
 ]
