@@ -7,6 +7,7 @@ Environment variables:
   CATTN_CFLAGS="..."  extra compiler flags (for instance "-march=native"); the default
                       build targets the baseline of the platform and picks AVX2 at run time.
 """
+import glob
 import os
 import shlex
 import sys
@@ -82,6 +83,9 @@ class BuildExt(build_ext):
             ext.extra_link_args = list(flags[1]) if flags else []
         super().build_extensions()
 
+# The C headers the compiled modules include: an edited header rebuilds them (Cython itself
+# tracks only .pyx/.pxd files).
+C_HEADERS = sorted(glob.glob("src/*.h"))
 
 extensions = [
     Extension(
@@ -89,6 +93,7 @@ extensions = [
         ["cattn/_kernel.pyx"],
         include_dirs=[os.path.join(HERE, "src"), numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        depends=C_HEADERS,
     ),
     # The validating front, plain Python compiled as is: its per-call bookkeeping would
     # otherwise cost more than the whole computation on a tiny input.
@@ -102,6 +107,7 @@ extensions = [
         ["cattn/_encoder_ops.pyx"],
         include_dirs=[os.path.join(HERE, "src"), numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        depends=C_HEADERS,
     ),
 ]
 
