@@ -534,7 +534,7 @@ def _chunks(Py_ssize_t rows, floating[:, :, ::1] scratch, Py_ssize_t width, name
 
 def project_scatter(const floating[:, ::1] x, weight, const floating[::1] bias,
                     const int64_t[::1] dest, floating[:, ::1] padded,
-                    floating[:, :, ::1] scratch, num_threads=None, *, isa=None):
+                    floating[:, :, ::1] scratch, num_threads=None, isa=None):
     """padded[dest[i]] <- x[i] · weightᵀ + bias: a linear layer (weight (out, in) as
     PyTorch's, or pack_linear_weight(weight, isa)) into a padded layout. scratch (chunks,
     rows per chunk, out): one chunk of rows per thread."""
@@ -568,7 +568,7 @@ def attention_output_and_feed_forward(
         w_in_t, const floating[::1] b_in,
         w_ff_t, const floating[::1] b_ff,
         const floating[::1] norm2_weight, const floating[::1] norm2_bias, double eps,
-        floating[:, :, ::1] scratch_e, floating[:, :, ::1] scratch_f, num_threads=None, *,
+        floating[:, :, ::1] scratch_e, floating[:, :, ::1] scratch_f, num_threads=None,
         isa=None):
     """The rest of a post-LayerNorm transformer layer, for the packed rows x (T, E):
 
