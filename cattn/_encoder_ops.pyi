@@ -1,5 +1,5 @@
 """Type signatures of the encoder's fused row operations (cattn/_encoder_ops.pyx)."""
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,23 +29,27 @@ def gather_rows(src: NDArray[np.floating], index: NDArray[np.int64], dst: NDArra
                 num_threads: Optional[int] = ...) -> None: ...
 def pool(x: NDArray[np.floating], offsets: NDArray[np.int64], mode: int,
          out: NDArray[np.floating], num_threads: Optional[int] = ...) -> None: ...
-def project_scatter(x: NDArray[np.floating], weight: NDArray[np.floating],
+def project_scatter(x: NDArray[np.floating], weight: NDArray[Any],
                     bias: NDArray[np.floating], dest: NDArray[np.int64],
                     padded: NDArray[np.floating], scratch: NDArray[np.floating],
                     num_threads: Optional[int] = ..., isa: Optional[str] = ...) -> None: ...
 def attention_output_and_feed_forward(
         context: NDArray[np.floating], index: NDArray[np.int64], x: NDArray[np.floating],
-        w_out: NDArray[np.floating], b_out: NDArray[np.floating],
+        w_out: NDArray[Any], b_out: NDArray[np.floating],
         norm1_weight: NDArray[np.floating], norm1_bias: NDArray[np.floating],
-        w_in_t: NDArray[np.floating], b_in: NDArray[np.floating],
-        w_ff_t: NDArray[np.floating], b_ff: NDArray[np.floating],
+        w_in_t: NDArray[Any], b_in: NDArray[np.floating],
+        w_ff_t: NDArray[Any], b_ff: NDArray[np.floating],
         norm2_weight: NDArray[np.floating], norm2_bias: NDArray[np.floating], eps: float,
         scratch_e: NDArray[np.floating], scratch_f: NDArray[np.floating],
         num_threads: Optional[int] = ..., isa: Optional[str] = ...) -> None: ...
 def linear_isa(isa: Optional[str] = ...) -> int: ...
 def linear_panel_width(dtype: object, isa: Optional[str] = ...) -> int: ...
-def pack_linear_weight(weight: NDArray[np.floating],
-                       isa: Optional[str] = ...) -> NDArray[np.floating]: ...
-def linear(x: NDArray[np.floating], packed: NDArray[np.floating],
+MATMUL_PRECISIONS: Tuple[str, ...]
+
+def split_bf16_available(isa: Optional[str] = ...) -> bool: ...
+def split_packed_shape(n_out: int, n_in: int) -> Tuple[int, int, int, int]: ...
+def pack_linear_weight(weight: NDArray[np.floating], isa: Optional[str] = ...,
+                       precision: str = ...) -> NDArray[Any]: ...
+def linear(x: NDArray[np.floating], packed: NDArray[Any],
            bias: Optional[NDArray[np.floating]], out: NDArray[np.floating],
            isa: Optional[str] = ..., num_threads: Optional[int] = ...) -> None: ...

@@ -30,7 +30,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from cattn._blas cimport gemm_ab, gemm_abt
 from libc.math cimport sqrt
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t
 
 import numpy as np
 
@@ -228,6 +228,12 @@ cdef extern from "cattn_gemm.h":
     void cattn_linear_f64(int isa, Py_ssize_t rows, Py_ssize_t n_out, Py_ssize_t K,
                           const double* a, Py_ssize_t lda, const double* packed,
                           const double* bias, double* c, Py_ssize_t ldc) noexcept nogil
+    size_t cattn_split_work_bytes(Py_ssize_t K) noexcept nogil
+    Py_ssize_t cattn_bf16_pairs_ld(Py_ssize_t n) noexcept nogil
+    void cattn_linear_split_bf16(Py_ssize_t rows, Py_ssize_t n_out, Py_ssize_t K,
+                                 const float* a, Py_ssize_t lda, const uint32_t* packed,
+                                 const float* bias, float* c, Py_ssize_t ldc,
+                                 void* work) noexcept nogil
 
 
 # Below this many elements a call stays on one thread: starting a team costs more.
@@ -476,8 +482,11 @@ def pool(const floating[:, ::1] x, const int64_t[::1] offsets, int mode,
 # the caller) or packed by pack_linear_weight (cattn's micro-kernels, on path `isa`).
 
 def _weight_width(weight, Py_ssize_t N, Py_ssize_t K, bint transposed, dtype, isa, name):
-    """0 for a plain weight ((N, K), or (K, N) when `transposed`), else the panel width of
-    a packed one; ValueError when it fits neither."""
+    """0 for a plain weight ((N, K), or (K, N) when `transposed`), SPLIT_BF16 for one
+    packed by pack_linear_weight(..., precision="high"), else the panel width of a packed
+    one; ValueError when it fits none."""
+    if isinstance(weight, np.ndarray) and weight.dtype == np.uint32:
+        return _check_split(weight, N, K, dtype, isa, name)
     if not isinstance(weight, np.ndarray) or weight.dtype != dtype:
         raise TypeError(f"{name} must be a {np.dtype(dtype)} ndarray")
     if weight.ndim == 3:
@@ -493,6 +502,10 @@ cdef const floating* _weight_data(weight, Py_ssize_t width, const floating* like
     """The data of a weight checked by _weight_width (`like` picks the precision)."""
     cdef const floating[:, :, ::1] packed
     cdef const floating[:, ::1] plain
+    cdef const uint32_t[:, :, :, ::1] split
+    if width == SPLIT_BF16:
+        split = weight
+        return <const floating*><const void*>&split[0, 0, 0, 0]
     if width:
         packed = weight
         return &packed[0, 0, 0]
@@ -503,10 +516,10 @@ cdef const floating* _weight_data(weight, Py_ssize_t width, const floating* like
 cdef inline void layer_gemm(int path, Py_ssize_t m, Py_ssize_t N, Py_ssize_t K,
                             const floating* a, Py_ssize_t lda, const floating* w,
                             Py_ssize_t width, bint transposed, floating* c,
-                            Py_ssize_t ldc) noexcept nogil:
+                            Py_ssize_t ldc, void* work) noexcept nogil:
     """c[m, N] = a[m, K] · W: W plain (N, K) or, when `transposed`, (K, N); or packed."""
     if width:
-        linear_rows(path, m, N, K, a, lda, w, width, NULL, c, ldc)
+        linear_rows(path, m, N, K, a, lda, w, width, NULL, c, ldc, work)
     elif transposed:
         gemm_ab(<int>m, <int>N, <int>K, <floating>1, a, <int>lda, w, <int>N, <floating>0, c,
                 <int>ldc)
@@ -520,6 +533,14 @@ cdef inline void layernorm_row_into(floating* x, const floating* bias, floating*
                                     floating eps, Py_ssize_t n) noexcept nogil:
     """row <- LayerNorm(x + bias + row); x is scratch."""
     layernorm_row(x, bias, row, weight, beta, eps, row, n)
+
+
+def _split_work(Py_ssize_t n_chunks, Py_ssize_t K, *widths):
+    """One work area per chunk for the layers' split inputs (K: their widest input), or a
+    placeholder when no weight is split."""
+    if SPLIT_BF16 not in widths:
+        return np.empty((max(n_chunks, 1), 1), np.uint8)
+    return np.empty((max(n_chunks, 1), cattn_split_work_bytes(K)), np.uint8)
 
 
 def _chunks(Py_ssize_t rows, floating[:, :, ::1] scratch, Py_ssize_t width, name):
@@ -550,13 +571,14 @@ def project_scatter(const floating[:, ::1] x, weight, const floating[::1] bias,
     if T == 0 or N == 0 or K == 0:
         return
     cdef const floating* w = _weight_data(weight, width, &x[0, 0])
+    cdef uint8_t[:, ::1] work = _split_work(n_chunks, K, width)
     with nogil:
         for c in prange(n_chunks, num_threads=nt, schedule="static"):
             r0 = c * chunk
             m = min(chunk, T - r0)
             if m > 0:
                 layer_gemm(path, m, N, K, &x[r0, 0], K, w, width, False, &scratch[c, 0, 0],
-                           scratch.shape[2])
+                           scratch.shape[2], &work[c, 0])
                 for i in range(m):
                     copy_row(&padded[dest[r0 + i], 0], &scratch[c, i, 0], &bias[0], N)
 
@@ -606,6 +628,7 @@ def attention_output_and_feed_forward(
     cdef const floating* wo = _weight_data(w_out, width_out, &x[0, 0])
     cdef const floating* wi = _weight_data(w_in_t, width_in, &x[0, 0])
     cdef const floating* wf = _weight_data(w_ff_t, width_ff, &x[0, 0])
+    cdef uint8_t[:, ::1] work = _split_work(n_chunks, max(E, F), width_out, width_in, width_ff)
     with nogil:
         for c in prange(n_chunks, num_threads=nt, schedule="static"):
             r0 = c * chunk
@@ -617,14 +640,16 @@ def attention_output_and_feed_forward(
             hidden = &scratch_f[c, 0, 0]
             for i in range(m):
                 copy_row(ctx + i * lde, &context[index[r0 + i], 0], NULL, E)
-            layer_gemm(path, m, E, E, ctx, lde, wo, width_out, False, proj, lde)
+            layer_gemm(path, m, E, E, ctx, lde, wo, width_out, False, proj, lde, &work[c, 0])
             for i in range(m):
                 layernorm_row_into(proj + i * lde, &b_out[0], &x[r0 + i, 0],
                                    &norm1_weight[0], &norm1_bias[0], feps, E)
-            layer_gemm(path, m, F, E, &x[r0, 0], E, wi, width_in, True, hidden, ldf)
+            layer_gemm(path, m, F, E, &x[r0, 0], E, wi, width_in, True, hidden, ldf,
+                       &work[c, 0])
             for i in range(m):
                 bias_gelu_row(hidden + i * ldf, &b_in[0], F)
-            layer_gemm(path, m, E, F, hidden, ldf, wf, width_ff, True, proj, lde)
+            layer_gemm(path, m, E, F, hidden, ldf, wf, width_ff, True, proj, lde,
+                       &work[c, 0])
             for i in range(m):
                 layernorm_row_into(proj + i * lde, &b_ff[0], &x[r0 + i, 0],
                                    &norm2_weight[0], &norm2_bias[0], feps, E)
@@ -660,9 +685,18 @@ def linear_panel_width(dtype, isa=None):
     return int(cattn_panel_keys(path, np.dtype(dtype) == np.float64))
 
 
-def pack_linear_weight(const floating[:, ::1] weight, isa=None):
+def pack_linear_weight(const floating[:, ::1] weight, isa=None, precision="highest"):
     """The weight (n_out, n_in) packed for `linear` on path `isa`: a new array
-    (ceil(n_out / width), n_in, width), zeros past n_out."""
+    (ceil(n_out / width), n_in, width), zeros past n_out.
+
+    precision: the float32 matmul precision, as PyTorch's set_float32_matmul_precision:
+    "highest" (float32 products), or "high": where split bfloat16 products are available
+    (split_bf16_available: the amx path), the weight is split into bfloat16 pairs for them
+    (a uint32 array of split_packed_shape); elsewhere, and for float64, as "highest"."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
+    if precision == "high" and floating is float and split_bf16_available(isa):
+        return _pack_split(np.asarray(weight))
     cdef Py_ssize_t N = weight.shape[0], K = weight.shape[1]
     cdef int path = linear_isa(isa)
     dtype = np.float32 if floating is float else np.float64
@@ -685,10 +719,15 @@ def pack_linear_weight(const floating[:, ::1] weight, isa=None):
 cdef void linear_rows(int path, Py_ssize_t rows, Py_ssize_t N, Py_ssize_t K,
                       const floating* a, Py_ssize_t lda, const floating* packed,
                       Py_ssize_t width, const floating* bias, floating* c,
-                      Py_ssize_t ldc) noexcept nogil:
-    """c[rows, N] = a[rows, K] · Wᵀ + bias (bias may be NULL) on one thread."""
+                      Py_ssize_t ldc, void* work) noexcept nogil:
+    """c[rows, N] = a[rows, K] · Wᵀ + bias (bias may be NULL) on one thread; `work` is
+    the split inputs' work area when width is SPLIT_BF16."""
     cdef Py_ssize_t i, j
-    if width == 1:
+    if width == SPLIT_BF16:
+        if floating is float:
+            cattn_linear_split_bf16(rows, N, K, a, lda, <const uint32_t*><const void*>packed,
+                                    bias, c, ldc, work)
+    elif width == 1:
         gemm_abt(<int>rows, <int>N, <int>K, <floating>1, a, <int>lda, packed, <int>K,
                  <floating>0, c, <int>ldc)
         if bias != NULL:
@@ -710,18 +749,82 @@ cdef Py_ssize_t _check_packed(packed, Py_ssize_t N, Py_ssize_t K, dtype, isa) ex
     return width
 
 
-def linear(const floating[:, :] x, const floating[:, :, ::1] packed, const floating[::1] bias,
-           floating[:, :] out, isa=None, num_threads=None):
-    """out <- x · Wᵀ + bias for a weight W (n_out, n_in) given as pack_linear_weight(W, isa):
-    x (rows, n_in) and out (rows, n_out) with unit column stride (any row stride); bias
-    (n_out,) or None. Rows are spread over the threads."""
+# Float32 matmul precisions, as PyTorch's set_float32_matmul_precision ("medium", plain
+# bfloat16 products, is not offered: about 3 significant digits).
+MATMUL_PRECISIONS = ("highest", "high")
+# The width code of a weight split into bfloat16 pairs (pack_linear_weight(..., "high")).
+cdef enum:
+    SPLIT_BF16 = -1
+
+
+def split_bf16_available(isa=None):
+    """Whether float32 linear layers can take split bfloat16 products on path `isa` (a path
+    name, else the default path): on the amx path only, where one split product costs a
+    sixteenth of a float32 FMA."""
+    path = _kernel.isa_index(isa) if isa is not None else _kernel.default_isa_index()
+    return path == CATTN_ISA_AMX
+
+
+def split_packed_shape(Py_ssize_t n_out, Py_ssize_t n_in):
+    """Shape of a weight (n_out, n_in) split and packed: (hi/lo, panels of 32 outputs,
+    pairs of inputs rounded up to 16, 32). The shape pins n_out to a panel and n_in to 32
+    inputs, not exactly: use a packed weight with the layer it was packed for."""
+    return (2, (n_out + 31) // 32, int(cattn_bf16_pairs_ld(n_in)), 32)
+
+
+def _bf16_round(x):
+    """float32 -> the nearest bfloat16 (ties to even), as its 16 bits (uint16); x finite."""
+    bits = x.view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _pack_split(weight):
+    """A float32 weight (n_out, n_in) as hi and lo bfloat16 parts, each in panels of 32
+    outputs × pairs of inputs (the layout cattn_linear_split_bf16 reads)."""
+    N, K = weight.shape
+    if not np.isfinite(weight).all():
+        raise ValueError("a weight split into bfloat16 parts must be finite")
+    shape = split_packed_shape(N, K)
+    packed = np.zeros(shape, np.uint32)
+    hi = _bf16_round(weight)
+    rest = weight - (hi.astype(np.uint32) << 16).view(np.float32)  # exact in float32
+    for part, bits in enumerate((hi, _bf16_round(rest))):
+        padded = np.zeros((shape[1] * 32, 2 * shape[2]), np.uint16)
+        padded[:N, :K] = bits
+        pairs = padded.view(np.uint32)  # (outputs, pairs): the lower input in the low half
+        packed[part] = pairs.reshape(shape[1], 32, shape[2]).transpose(0, 2, 1)
+    return packed
+
+
+def _check_split(weight, Py_ssize_t N, Py_ssize_t K, dtype, isa, name):
+    if dtype != np.float32:
+        raise TypeError(f"{name} is split into bfloat16 parts, which serve float32 layers "
+                        f"only, not {np.dtype(dtype)}")
+    want = split_packed_shape(N, K)
+    if weight.shape != want or not weight.flags.c_contiguous:
+        raise ValueError(f"the packed weight must have shape {want} (pack_linear_weight of "
+                         f"an ({N}, {K}) weight, precision 'high'), got {weight.shape}")
+    if not split_bf16_available(isa):
+        raise ValueError(f"{name} is split into bfloat16 parts, which only the amx path "
+                         f"computes; pack it with precision='highest' for this path")
+    return SPLIT_BF16
+
+
+def linear(const floating[:, :] x, packed, const floating[::1] bias, floating[:, :] out,
+           isa=None, num_threads=None):
+    """out <- x · Wᵀ + bias for a weight W (n_out, n_in) given as pack_linear_weight(W, isa)
+    (either precision): x (rows, n_in) and out (rows, n_out) with unit column stride (any
+    row stride); bias (n_out,) or None. Rows are spread over the threads."""
     cdef Py_ssize_t M = x.shape[0], K = x.shape[1], N = out.shape[1], c, r0, m
     if out.shape[0] != M:
         raise ValueError(f"out must have {M} rows (one per row of x), got {out.shape[0]}")
     if x.strides[1] != x.itemsize or out.strides[1] != out.itemsize:
         raise ValueError("x and out must have unit column stride (rows may be strided)")
     dtype = np.float32 if floating is float else np.float64
-    cdef Py_ssize_t width = _check_packed(packed, N, K, dtype, isa)
+    if not isinstance(packed, np.ndarray) or packed.ndim not in (3, 4):
+        raise ValueError(f"packed must be a weight packed by pack_linear_weight, got "
+                         f"{type(packed).__name__} of {getattr(packed, 'ndim', '?')} axes")
+    cdef Py_ssize_t width = _weight_width(packed, N, K, False, dtype, isa, "packed")
     if bias is not None:
         _check_vector(bias, N, "bias")
     cdef int path = linear_isa(isa)
@@ -734,10 +837,12 @@ def linear(const floating[:, :] x, const floating[:, :, ::1] packed, const float
     cdef const floating* bias_p = NULL if bias is None else &bias[0]
     cdef Py_ssize_t lda = x.strides[0] // x.itemsize, ldc = out.strides[0] // out.itemsize
     cdef Py_ssize_t chunk = (M + nt - 1) // nt
+    cdef const floating* w = _weight_data(packed, width, &x[0, 0]) if M else NULL
+    cdef uint8_t[:, ::1] work = _split_work(nt, K, width)
     with nogil:
         for c in prange(nt, num_threads=nt, schedule="static"):
             r0 = c * chunk
             m = min(chunk, M - r0)
             if m > 0:
-                linear_rows(path, m, N, K, &x[r0, 0], lda, &packed[0, 0, 0], width, bias_p,
-                            &out[r0, 0], ldc)
+                linear_rows(path, m, N, K, &x[r0, 0], lda, w, width, bias_p, &out[r0, 0], ldc,
+                            &work[c, 0])

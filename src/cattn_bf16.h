@@ -433,6 +433,124 @@ CATTN_AMX_TGT static void cattn_bf16_pv_amx(ptrdiff_t rows, ptrdiff_t Ev, const 
     _tile_release();
 }
 
+/* ---- Float32 linear layers from split bfloat16 products (float32 matmul precision
+ * "high", as PyTorch names it): each float32 x is x_hi + x_lo + r with x_hi the nearest
+ * bf16 to x and x_lo the nearest bf16 to x - x_hi (exact in float32), so |r| <= 2^-16 |x|,
+ * and a·w is taken as a_hi·w_hi + a_hi·w_lo + a_lo·w_hi: three AMX products (16 times the
+ * float32 FMA rate each) for one, with an error of at most about 3·2^-16·|a|·|w| per
+ * product (float32: 2^-24) plus float32 sums.
+ *
+ * The weight (n_out, K) is split and packed once by cattn._encoder_ops.pack_linear_weight:
+ * hi then lo, each n_panels panels of 32 outputs × ldq pairs (the key-panel layout above,
+ * zeros past n_out and K). The inputs are split here, CATTN_SPLIT_MC rows at a time, into a
+ * work area that stays in L2 while every panel of the weight passes over it. */
+
+#define CATTN_SPLIT_MC 128
+
+/* Bytes of the work area cattn_linear_split_bf16 needs for K inputs. */
+static inline size_t cattn_split_work_bytes(ptrdiff_t K)
+{
+    return (size_t)CATTN_SPLIT_MC * 2 * (size_t)cattn_bf16_pairs_ld(K) * 4 + 64;
+}
+
+/* hi[r] and lo[r] (ld pairs each) = the split of the float32 row x[r][0:n] (zeros past n);
+ * rows [rows, rows_pad) all zero. */
+CATTN_BF16_TGT static void cattn_split_rows_to_pairs(ptrdiff_t rows, ptrdiff_t n,
+                                                     const float *x, ptrdiff_t x_rs,
+                                                     uint32_t *hi, uint32_t *lo, ptrdiff_t ld,
+                                                     ptrdiff_t rows_pad)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const float *xr = x + r * x_rs;
+        for (ptrdiff_t c = 0; c < 2 * ld; c += 32) {
+            const __m512 x0 = _mm512_maskz_loadu_ps(cattn_mask16(n - c), xr + c);
+            const __m512 x1 = _mm512_maskz_loadu_ps(cattn_mask16(n - c - 16), xr + c + 16);
+            const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
+            /* a bf16 back to float32: its bits in the upper half */
+            const __m512 h0 = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+            const __m512 h1 = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+            const __m512i l = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1),
+                                                           _mm512_sub_ps(x0, h0));
+            _mm512_storeu_si512(hi + r * ld + c / 2, h);
+            _mm512_storeu_si512(lo + r * ld + c / 2, l);
+        }
+    }
+    if (rows_pad > rows) {
+        memset(hi + rows * ld, 0, (size_t)((rows_pad - rows) * ld) * 4);
+        memset(lo + rows * ld, 0, (size_t)((rows_pad - rows) * ld) * 4);
+    }
+}
+
+/* c[rows, n_out] = a[rows, K] · Wᵀ + bias (bias may be NULL), W split and packed (above). */
+CATTN_AMX_TGT static void cattn_linear_split_amx(ptrdiff_t rows, ptrdiff_t n_out, ptrdiff_t K,
+                                                 const float *a, ptrdiff_t lda,
+                                                 const uint32_t *packed, const float *bias,
+                                                 float *c, ptrdiff_t ldc, void *work)
+{
+    float buf[32 * 32] __attribute__((aligned(64)));
+    const ptrdiff_t ldq = cattn_bf16_pairs_ld(K);
+    const ptrdiff_t n_pad = cattn_bf16_round_up(n_out, CATTN_BF16_PANEL);
+    const uint32_t *w_hi = packed, *w_lo = packed + n_pad * ldq;
+    uint32_t *a_hi = cattn_bf16_align64(work), *a_lo = a_hi + CATTN_SPLIT_MC * ldq;
+    cattn_amx_configure();
+    for (ptrdiff_t i0 = 0; i0 < rows; i0 += CATTN_SPLIT_MC) {
+        const ptrdiff_t mc = rows - i0 < CATTN_SPLIT_MC ? rows - i0 : CATTN_SPLIT_MC;
+        cattn_split_rows_to_pairs(mc, K, a + i0 * lda, lda, a_hi, a_lo, ldq,
+                                  cattn_bf16_round_up(mc, CATTN_BF16_ROWS_PAD));
+        for (ptrdiff_t j0 = 0; j0 < n_out; j0 += CATTN_BF16_PANEL) {
+            const uint32_t *ph = w_hi + j0 * ldq, *pl = w_lo + j0 * ldq;
+            const ptrdiff_t nc = n_out - j0;
+            const __mmask16 m0 = cattn_mask16(nc), m1 = cattn_mask16(nc - 16);
+            const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias + j0) : _mm512_setzero_ps();
+            const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + j0 + 16)
+                                   : _mm512_setzero_ps();
+            for (ptrdiff_t r0 = 0; r0 < mc; r0 += 32) {
+                const uint32_t *h0 = a_hi + r0 * ldq, *l0 = a_lo + r0 * ldq;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (ptrdiff_t e0 = 0; e0 < ldq; e0 += 16) {
+                    _tile_loadd(4, h0 + e0, ldq * 4);
+                    _tile_loadd(5, h0 + 16 * ldq + e0, ldq * 4);
+                    _tile_loadd(6, ph + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL * 4);
+                    _tile_loadd(7, ph + e0 * CATTN_BF16_PANEL + 16, CATTN_BF16_PANEL * 4);
+                    CATTN_AMX_PRODUCTS(); /* a_hi · w_hi */
+                    _tile_loadd(6, pl + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL * 4);
+                    _tile_loadd(7, pl + e0 * CATTN_BF16_PANEL + 16, CATTN_BF16_PANEL * 4);
+                    CATTN_AMX_PRODUCTS(); /* a_hi · w_lo */
+                    _tile_loadd(4, l0 + e0, ldq * 4);
+                    _tile_loadd(5, l0 + 16 * ldq + e0, ldq * 4);
+                    _tile_loadd(6, ph + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL * 4);
+                    _tile_loadd(7, ph + e0 * CATTN_BF16_PANEL + 16, CATTN_BF16_PANEL * 4);
+                    CATTN_AMX_PRODUCTS(); /* a_lo · w_hi */
+                }
+                CATTN_AMX_STORE_RESULT(buf);
+                const ptrdiff_t nr = mc - r0 < 32 ? mc - r0 : 32;
+                float *cr = c + (i0 + r0) * ldc + j0;
+                for (ptrdiff_t r = 0; r < nr; r++) {
+                    _mm512_mask_storeu_ps(cr + r * ldc, m0,
+                                          _mm512_add_ps(_mm512_load_ps(buf + r * 32), b0));
+                    _mm512_mask_storeu_ps(cr + r * ldc + 16, m1,
+                                          _mm512_add_ps(_mm512_load_ps(buf + r * 32 + 16), b1));
+                }
+            }
+        }
+    }
+    _tile_release();
+}
+
+/* The entry point (AMX level only; callers check); work: cattn_split_work_bytes(K) bytes. */
+static inline void cattn_linear_split_bf16(ptrdiff_t rows, ptrdiff_t n_out, ptrdiff_t K,
+                                           const float *a, ptrdiff_t lda,
+                                           const uint32_t *packed, const float *bias,
+                                           float *c, ptrdiff_t ldc, void *work)
+{
+    cattn_linear_split_amx(rows, n_out, K, a, lda, packed, bias, c, ldc, work);
+}
+
 /* Blocks of at least this many rows use the tiles on the AMX level (a tile holds 16). */
 #define CATTN_AMX_MIN_ROWS 16
 
@@ -506,6 +624,20 @@ static inline void cattn_bf16_pv(int isa, ptrdiff_t rows, ptrdiff_t Ev, ptrdiff_
 {
     (void)isa, (void)rows, (void)Ev, (void)n_keys, (void)p, (void)ldp, (void)v, (void)v_rs;
     (void)acc, (void)ld_acc, (void)work;
+}
+
+static inline size_t cattn_split_work_bytes(ptrdiff_t K)
+{
+    return (size_t)K;
+}
+
+static inline void cattn_linear_split_bf16(ptrdiff_t rows, ptrdiff_t n_out, ptrdiff_t K,
+                                           const float *a, ptrdiff_t lda,
+                                           const uint32_t *packed, const float *bias,
+                                           float *c, ptrdiff_t ldc, void *work)
+{
+    (void)rows, (void)n_out, (void)K, (void)a, (void)lda, (void)packed, (void)bias, (void)c;
+    (void)ldc, (void)work;
 }
 
 #endif /* CATTN_HAVE_X86_PATHS */

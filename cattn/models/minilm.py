@@ -142,8 +142,9 @@ class MiniLM(SentenceEncoder):
                          **options)
 
     @classmethod
-    def from_pretrained(cls, path=None, dtype=np.float32):
-        return super().from_pretrained(pretrained_dir() if path is None else path, dtype)
+    def from_pretrained(cls, path=None, dtype=np.float32, matmul_precision="highest"):
+        return super().from_pretrained(pretrained_dir() if path is None else path, dtype,
+                                       matmul_precision)
 
     @classmethod
     def random(cls, config=None, rng=0, dtype=np.float32):

@@ -126,11 +126,12 @@ TOKENS_PER_GROUP = 1024
 MIN_ROWS_PER_THREAD = 32
 
 
-def packed_forward(encoder, ids, offsets, num_threads=None):
+def packed_forward(encoder, ids, offsets, num_threads=None, matmul_precision="highest"):
     """Last hidden states (T, hidden) of a BertEncoder for packed sequences.
 
     ids : (T,) int64, the token ids of all sequences one after another
     offsets : (B + 1,) int64, sequence b is ids[offsets[b]:offsets[b + 1]]
+    matmul_precision : of the float32 linear layers (see SentenceEncoder)
 
     Sequences go through in groups of about TOKENS_PER_GROUP tokens. The GEMMs run on the
     real tokens only; attention runs on a zero-padded (B, L, 3·E) copy of Q/K/V with each
@@ -138,11 +139,11 @@ def packed_forward(encoder, ids, offsets, num_threads=None):
     """
     out = np.empty((ids.shape[0], encoder.config.hidden_size), encoder.dtype)
     with single_threaded_blas:  # the GEMMs run inside cattn's threads
-        _groups_forward(encoder, ids, offsets, num_threads, out)
+        _groups_forward(encoder, ids, offsets, num_threads, matmul_precision, out)
     return out
 
 
-def _groups_forward(encoder, ids, offsets, num_threads, out):
+def _groups_forward(encoder, ids, offsets, num_threads, matmul_precision, out):
     first, tokens = 0, 0
     for b in range(offsets.shape[0] - 1):
         tokens += int(offsets[b + 1] - offsets[b])
@@ -150,11 +151,12 @@ def _groups_forward(encoder, ids, offsets, num_threads, out):
         if last or tokens + int(offsets[b + 2] - offsets[b + 1]) > TOKENS_PER_GROUP:
             start, stop = offsets[first], offsets[b + 1]
             out[start:stop] = _group_forward(encoder, ids[start:stop],
-                                             offsets[first:b + 2] - start, num_threads)
+                                             offsets[first:b + 2] - start, num_threads,
+                                             matmul_precision)
             first, tokens = b + 1, 0
 
 
-def _group_forward(encoder, ids, offsets, num_threads):
+def _group_forward(encoder, ids, offsets, num_threads, matmul_precision):
     cfg, dtype = encoder.config, encoder.dtype
     E, H, F = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
     D, eps = E // H, cfg.layer_norm_eps
@@ -178,7 +180,7 @@ def _group_forward(encoder, ids, offsets, num_threads):
     context = np.empty((B * L, E), dtype)
     q, k, v = (padded_qkv[:, i * E:(i + 1) * E].reshape(B, L, H, D).transpose(0, 2, 1, 3)
                for i in range(3))
-    for layer, weights in zip(encoder.layers, layer_weights(encoder)):
+    for layer, weights in zip(encoder.layers, layer_weights(encoder, matmul_precision)):
         attention = layer["attention"]
         ops.project_scatter(x, weights["qkv"], attention.in_proj_bias, padded_row,
                             padded_qkv, scratch_qkv, num_threads=num_threads)
@@ -193,26 +195,32 @@ def _group_forward(encoder, ids, offsets, num_threads):
     return x
 
 
-def layer_weights(encoder):
+def layer_weights(encoder, matmul_precision="highest"):
     """Per layer, the projection and feed-forward weights as the layer steps take them:
-    packed once per encoder (on first use) for cattn's GEMM micro-kernels where this CPU
-    has them (AVX2, AVX-512), else as they are, for BLAS."""
-    packed = getattr(encoder, "_packed_weights", None)
-    if packed is None:
-        pack = ops.pack_linear_weight if ops.linear_panel_width(encoder.dtype) > 1 else None
-        packed = []
-        for layer in encoder.layers:
-            attention = layer["attention"]
-            if pack is None:
-                weights = dict(qkv=attention.in_proj_weight, out=attention.out_proj_weight,
-                               ff_in=layer["ff_in"][0], ff_out=layer["ff_out"][0])
-            else:  # the feed-forward weights are stored (in, out): packing takes (out, in)
-                weights = dict(qkv=pack(attention.in_proj_weight),
-                               out=pack(attention.out_proj_weight),
-                               ff_in=pack(np.ascontiguousarray(layer["ff_in"][0].T)),
-                               ff_out=pack(np.ascontiguousarray(layer["ff_out"][0].T)))
-            packed.append(weights)
-        encoder._packed_weights = packed
+    packed once per encoder and precision (on first use) for cattn's GEMM micro-kernels
+    where this CPU has them (AVX2, AVX-512; split bfloat16 on AMX for "high"), else as they
+    are, for BLAS. Only the last precision's packing is kept."""
+    cached = getattr(encoder, "_packed_weights", None)
+    if cached is not None and cached[0] == matmul_precision:
+        return cached[1]
+    encoder._packed_weights = None  # the old packing goes before the new one is made
+    pack = None
+    if ops.linear_panel_width(encoder.dtype) > 1:
+        def pack(weight):
+            return ops.pack_linear_weight(weight, precision=matmul_precision)
+    packed = []
+    for layer in encoder.layers:
+        attention = layer["attention"]
+        if pack is None:
+            weights = dict(qkv=attention.in_proj_weight, out=attention.out_proj_weight,
+                           ff_in=layer["ff_in"][0], ff_out=layer["ff_out"][0])
+        else:  # the feed-forward weights are stored (in, out): packing takes (out, in)
+            weights = dict(qkv=pack(attention.in_proj_weight),
+                           out=pack(attention.out_proj_weight),
+                           ff_in=pack(np.ascontiguousarray(layer["ff_in"][0].T)),
+                           ff_out=pack(np.ascontiguousarray(layer["ff_out"][0].T)))
+        packed.append(weights)
+    encoder._packed_weights = (matmul_precision, packed)
     return packed
 
 
@@ -363,11 +371,18 @@ class SentenceEncoder:
     max_seq_length : longer inputs are truncated to this many tokens
     do_lower_case : lower-case the text before tokenizing
     similarity_fn_name : what `similarity` computes by default ("cosine")
+    matmul_precision : the float32 linear layers' precision, as PyTorch's
+        `torch.set_float32_matmul_precision`: "highest" (default: float32 products) or
+        "high": on CPUs with AMX, each float32 operand is split into two bfloat16 parts and
+        a product taken as three bfloat16 products (about 16 significant bits per product
+        instead of 24; all-MiniLM-L6-v2's embeddings move by about 2e-6); elsewhere, and
+        for float64 models, the same as "highest". Attention is always computed in the
+        model's dtype. Settable after loading.
     """
 
     def __init__(self, encoder, tokenizer, *, pooling="mean", normalize=False,
                  max_seq_length=None, do_lower_case=False, similarity_fn_name="cosine",
-                 name="custom"):
+                 name="custom", matmul_precision="highest"):
         if not isinstance(encoder, BertEncoder):
             raise TypeError(f"encoder must be a cattn.models.bert.BertEncoder, got "
                             f"{type(encoder).__name__}")
@@ -388,6 +403,18 @@ class SentenceEncoder:
         self.do_lower_case = bool(do_lower_case)
         self.similarity_fn_name = similarity_fn_name
         self.name = name
+        self.matmul_precision = matmul_precision
+
+    @property
+    def matmul_precision(self):
+        return self._matmul_precision
+
+    @matmul_precision.setter
+    def matmul_precision(self, value):
+        if value not in ops.MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {ops.MATMUL_PRECISIONS}, got "
+                             f"{value!r}")
+        self._matmul_precision = value
 
     def __repr__(self):
         cfg = self.encoder.config
@@ -399,10 +426,11 @@ class SentenceEncoder:
     # ---- loading
 
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32):
+    def from_pretrained(cls, path, dtype=np.float32, matmul_precision="highest"):
         """Load a sentence-transformers model folder (BERT family): config.json,
         model.safetensors, tokenizer.json, and optionally modules.json, 1_Pooling/config.json,
-        sentence_bert_config.json, config_sentence_transformers.json."""
+        sentence_bert_config.json, config_sentence_transformers.json. matmul_precision: see
+        the class."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no model folder at {path!r}")
@@ -427,7 +455,8 @@ class SentenceEncoder:
         tokenizer.no_padding()
         return cls(BertEncoder(config, weights, dtype), tokenizer,
                    max_seq_length=max_seq_length,
-                   name=os.path.basename(os.path.normpath(path)), **options)
+                   name=os.path.basename(os.path.normpath(path)),
+                   matmul_precision=matmul_precision, **options)
 
     # ---- tokens
 
@@ -466,7 +495,8 @@ class SentenceEncoder:
         np.cumsum(lengths, out=offsets[1:])
         flat = np.fromiter((t for row in ids for t in row), dtype=np.int64,
                            count=int(offsets[-1]))
-        hidden = packed_forward(self.encoder, flat, offsets, num_threads)
+        hidden = packed_forward(self.encoder, flat, offsets, num_threads,
+                                self.matmul_precision)
         E = hidden.shape[1]
         pooled = np.empty((len(ids), E * len(self.pooling)), hidden.dtype)
         for i, mode in enumerate(self.pooling):
