@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -143,6 +144,29 @@ def packed_forward(encoder, ids, offsets, num_threads=None, matmul_precision="hi
     return out
 
 
+class _Workspace(threading.local):
+    """The activations' buffers of the forward pass, per thread, kept between groups and
+    calls: fresh arrays of this size cost more in page faults (the kernel zeroing new
+    pages) than the fused row steps themselves. Each thread's buffers are its own, so
+    concurrent encode calls never share them."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def array(self, name, shape, dtype):
+        """A (shape, dtype) view of buffer `name` (contents left from earlier use, finite:
+        new buffers start at zero)."""
+        size = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.size < size:
+            self.buffers[name] = None  # the old buffer goes before the new one comes
+            buffer = self.buffers[name] = np.zeros(size, dtype)
+        return buffer[:size].reshape(shape)
+
+
+_workspace = _Workspace()
+
+
 def _groups_forward(encoder, ids, offsets, num_threads, matmul_precision, out):
     first, tokens = 0, 0
     for b in range(offsets.shape[0] - 1):
@@ -150,13 +174,13 @@ def _groups_forward(encoder, ids, offsets, num_threads, matmul_precision, out):
         last = b + 2 == offsets.shape[0]
         if last or tokens + int(offsets[b + 2] - offsets[b + 1]) > TOKENS_PER_GROUP:
             start, stop = offsets[first], offsets[b + 1]
-            out[start:stop] = _group_forward(encoder, ids[start:stop],
-                                             offsets[first:b + 2] - start, num_threads,
-                                             matmul_precision)
+            _group_forward(encoder, ids[start:stop], offsets[first:b + 2] - start,
+                           num_threads, matmul_precision, out[start:stop])
             first, tokens = b + 1, 0
 
 
-def _group_forward(encoder, ids, offsets, num_threads, matmul_precision):
+def _group_forward(encoder, ids, offsets, num_threads, matmul_precision, x):
+    """x (T, hidden) <- the last hidden states of one group of packed sequences."""
     cfg, dtype = encoder.config, encoder.dtype
     E, H, F = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
     D, eps = E // H, cfg.layer_norm_eps
@@ -165,7 +189,6 @@ def _group_forward(encoder, ids, offsets, num_threads, matmul_precision):
     L = int(lengths.max()) if B else 0
     positions = np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
     padded_row = np.repeat(np.arange(B, dtype=np.int64) * L, lengths) + positions
-    x = np.empty((T, E), dtype)
     ops.embed_layernorm(ids, positions, np.zeros(T, np.int64), encoder.word_embeddings,
                         encoder.position_embeddings, encoder.token_type_embeddings,
                         *encoder.embeddings_norm, eps, x, num_threads=num_threads)
@@ -173,11 +196,13 @@ def _group_forward(encoder, ids, offsets, num_threads, matmul_precision):
     threads = _runtime.get_num_threads() if num_threads is None else num_threads
     chunks = max(1, min(threads, T // MIN_ROWS_PER_THREAD))
     rows = -(-T // chunks)
-    scratch_qkv = np.empty((chunks, rows, 3 * E), dtype)
-    scratch_e, scratch_f = np.empty((chunks, rows, 2 * E), dtype), np.empty((chunks, rows, F),
-                                                                             dtype)
-    padded_qkv = np.zeros((B * L, 3 * E), dtype)  # padding rows stay 0 (finite, unused)
-    context = np.empty((B * L, E), dtype)
+    scratch_qkv = _workspace.array("qkv", (chunks, rows, 3 * E), dtype)
+    scratch_e = _workspace.array("e", (chunks, rows, 2 * E), dtype)
+    scratch_f = _workspace.array("f", (chunks, rows, F), dtype)
+    # padding rows keep whatever finite values they held: attention skips them as keys
+    # (key_lengths) and their outputs are never read
+    padded_qkv = _workspace.array("padded_qkv", (B * L, 3 * E), dtype)
+    context = _workspace.array("context", (B * L, E), dtype)
     q, k, v = (padded_qkv[:, i * E:(i + 1) * E].reshape(B, L, H, D).transpose(0, 2, 1, 3)
                for i in range(3))
     for layer, weights in zip(encoder.layers, layer_weights(encoder, matmul_precision)):
@@ -192,7 +217,6 @@ def _group_forward(encoder, ids, offsets, num_threads, matmul_precision):
             *layer["attention_norm"], weights["ff_in"], layer["ff_in"][1], weights["ff_out"],
             layer["ff_out"][1], *layer["output_norm"], eps, scratch_e, scratch_f,
             num_threads=num_threads)
-    return x
 
 
 def layer_weights(encoder, matmul_precision="highest"):
