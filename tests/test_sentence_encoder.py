@@ -463,3 +463,28 @@ def test_high_matmul_precision_matches_transformers(torch_bert, tmp_path):
                                atol=2e-5)
     for g, w in zip(ours.encode(SENTENCES, output_value="token_embeddings"), want_tokens):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_float32_weights_map_the_file_read_only(tmp_path, rng):
+    """float32 tensors come as read-only maps of the file, which BertEncoder keeps (the
+    embedding table is read only where used); writable arrays are still copied."""
+    from cattn.models.sentence import read_safetensors
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=24,
+                        max_position_embeddings=12)
+    weights = {k: rng.standard_normal(s).astype(np.float32)
+               for k, s in config.weight_shapes().items()}
+    write_safetensors(tmp_path / "m.safetensors", weights, {k: "F32" for k in weights})
+    mapped = BertEncoder(config, read_safetensors(tmp_path / "m.safetensors"))
+    table = mapped.word_embeddings
+    assert not table.flags.writeable and isinstance(table.base, np.memmap)
+    np.testing.assert_array_equal(table, weights["embeddings.word_embeddings.weight"])
+    copied = BertEncoder(config, weights)
+    assert copied.word_embeddings.flags.writeable
+    assert not np.shares_memory(copied.word_embeddings,
+                                weights["embeddings.word_embeddings.weight"])
+    ids = rng.integers(0, 40, (2, 7))
+    np.testing.assert_array_equal(mapped(ids), copied(ids))
+    # asked for float64, a float32 tensor is read and converted, never mapped
+    as64 = BertEncoder(config, read_safetensors(tmp_path / "m.safetensors"), np.float64)
+    assert as64.word_embeddings.dtype == np.float64 and as64.word_embeddings.flags.writeable

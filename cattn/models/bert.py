@@ -69,6 +69,18 @@ _IGNORED = re.compile(r"^(embeddings\.position_ids|pooler\..*)$")
 
 # --------------------------------------------------------------------------- the encoder
 
+def _is_read_only_file_map(a: NDArray[Any], dtype: np.dtype) -> bool:
+    """Whether `a` (C-contiguous, `dtype`) views a read-only np.memmap."""
+    if a.flags.writeable or a.dtype != dtype or not a.flags.c_contiguous:
+        return False
+    base = a
+    while base is not None:
+        if isinstance(base, np.memmap):
+            return not base.flags.writeable
+        base = getattr(base, "base", None)
+    return False
+
+
 def layer_norm(x: NDArray[Any], weight: NDArray[Any], bias: NDArray[Any],
                eps: float) -> NDArray[Any]:
     """Layer normalization over the last axis (a new array): (x - mean) / sqrt(var + eps),
@@ -158,7 +170,9 @@ class BertEncoder:
             a = np.asarray(weights[name])
             if a.shape != shape:
                 raise ValueError(f"weight {name!r} must have shape {shape}, got {a.shape}")
-            w[name] = a.astype(self.dtype)  # a copy: the caller's arrays are never kept
+            # a copy (the caller's arrays are never kept), except a read-only map of a file
+            # in this dtype: nothing can change it, and pages never used are never read
+            w[name] = a if _is_read_only_file_map(a, self.dtype) else a.astype(self.dtype)
         self.word_embeddings = w.pop("embeddings.word_embeddings.weight")
         self.position_embeddings = w.pop("embeddings.position_embeddings.weight")
         self.token_type_embeddings = w.pop("embeddings.token_type_embeddings.weight")

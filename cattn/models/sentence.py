@@ -70,7 +70,9 @@ _SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", 
 class SafetensorsTensor:
     """One tensor of a .safetensors file, read from the file when NumPy asks for it
     (np.asarray): a model is converted one tensor at a time, never holding the whole file
-    twice, and nothing is memory-mapped."""
+    twice. A float32 tensor asked for as float32 comes as a read-only memory map of the
+    file (which BertEncoder keeps as it is: only the pages used are read, so a 30,000-word
+    embedding table costs the memory of the words seen)."""
 
     def __init__(self, path, name, dtype, shape, start, end):
         if dtype not in _SAFETENSORS_DTYPES:
@@ -86,6 +88,11 @@ class SafetensorsTensor:
 
     def __array__(self, dtype=None, copy=None):
         stored = np.dtype(_SAFETENSORS_DTYPES[self.dtype_name])
+        if (self.dtype_name == "F32" and sys.byteorder == "little" and copy is not True
+                and (dtype is None or np.dtype(dtype) == np.float32)
+                and math.prod(self.shape) > 0):
+            return np.memmap(self.path, dtype=stored, mode="r", offset=self.start,
+                             shape=self.shape)
         with open(self.path, "rb") as f:
             f.seek(self.start)
             a = np.fromfile(f, dtype=stored, count=math.prod(self.shape)).reshape(self.shape)
@@ -122,7 +129,7 @@ def read_safetensors(path):
 # Tokens per group: a batch runs through the encoder in groups of whole sequences of about
 # this many tokens, so that activations stay small (and in the caches) whatever the batch;
 # GEMMs of this many rows still run at full speed.
-TOKENS_PER_GROUP = 1024
+TOKENS_PER_GROUP = 512
 # Fewer rows than this per thread and a GEMM would not pay for its thread.
 MIN_ROWS_PER_THREAD = 32
 
