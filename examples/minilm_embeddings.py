@@ -12,7 +12,8 @@ NumPy and PyTorch start their pools and so that memory is measured alone:
 1. agreement: max abs difference of the embeddings (tokenization included on both sides);
 2. speed, per thread count: `encode` of 64 short sentences and of 128 sentences of about
    100 tokens (batch size 32, tokenization included), both models loaded in one process and
-   timed interleaved (one repeat of each in turn); medians;
+   timed interleaved (one repeat of each in turn); medians. On CPUs with AMX, a second
+   cattn row: matmul_precision="high" (split bfloat16 products in the linear layers);
 3. footprint, per side in its own process: import + load time, and the peak RSS of a process
    that loads the model and encodes the 128 long sentences.
 """
@@ -71,10 +72,17 @@ def workloads(n_short, n_long):
 
 # ------------------------------------------------------------------------ the two sides
 
-def load_cattn():
+def load_cattn(matmul_precision="highest"):
     from cattn.models.minilm import MiniLM
-    model = MiniLM.from_pretrained()
+    model = MiniLM.from_pretrained(matmul_precision=matmul_precision)
     return model, lambda batch, batch_size: model.encode(batch, batch_size=batch_size)
+
+
+def high_precision_differs():
+    """Whether matmul_precision="high" takes its own path here (split bfloat16 products on
+    AMX); elsewhere it is "highest" and gets no row of its own."""
+    from cattn import _encoder_ops
+    return _encoder_ops.split_bf16_available()
 
 
 def load_peer():
@@ -124,25 +132,31 @@ def worker_speed(args):
     import numpy as np
     model, ours = load_cattn()
     peer_name, theirs = load_peer()
+    sides = {"cattn": ours, "peer": theirs}
+    if high_precision_differs():  # a second model: switching precision repacks the weights
+        sides["cattn_high"] = load_cattn("high")[1]
     loads = workloads(args.short, args.long)
-    result = {"peer": peer_name, "threads": args.threads, "tasks": {}}
+    result = {"peer": peer_name, "threads": args.threads, "tasks": {}, "max_abs_diff": {}}
     check = loads["short"] + loads["long"][:8]
-    result["max_abs_diff"] = float(np.abs(ours(check, args.batch_size)
-                                          - theirs(check, args.batch_size)).max())
+    want = theirs(check, args.batch_size)
+    for side in sides:
+        if side != "peer":
+            result["max_abs_diff"][side] = float(np.abs(sides[side](check, args.batch_size)
+                                                        - want).max())
     for name, batch in loads.items():
         tokens = sum(len(e.ids) for e in model.tokenizer.encode_batch(batch)) / len(batch)
-        ours(batch, args.batch_size), theirs(batch, args.batch_size)  # warm up
-        times = ([], [])
+        for fn in sides.values():  # warm up
+            fn(batch, args.batch_size)
+        times = {side: [] for side in sides}
         for _ in range(args.repeats):
-            for fn, bucket in ((ours, times[0]), (theirs, times[1])):
+            for side, fn in sides.items():
                 time.sleep(0.05)  # the previous side's idle threads settle
                 t0 = time.perf_counter()
                 fn(batch, args.batch_size)
-                bucket.append(time.perf_counter() - t0)
-        result["tasks"][name] = {"n": len(batch), "tokens": tokens,
-                                 "cattn": statistics.median(times[0]),
-                                 "peer": statistics.median(times[1]),
-                                 "cattn_best": min(times[0]), "peer_best": min(times[1])}
+                times[side].append(time.perf_counter() - t0)
+        task = result["tasks"][name] = {"n": len(batch), "tokens": tokens}
+        for side, bucket in times.items():
+            task[side], task[side + "_best"] = statistics.median(bucket), min(bucket)
     print(json.dumps(result))
 
 
@@ -207,23 +221,31 @@ def main():
     print(f"all-MiniLM-L6-v2: cattn (NumPy) vs {first['peer']} (PyTorch), batch size "
           f"{args.batch_size}, tokenization included, median of {args.repeats} interleaved "
           f"repeats")
-    print(f"max abs difference of the embeddings: {first['max_abs_diff']:.2e} "
-          f"({'OK' if first['max_abs_diff'] < 1e-5 else 'ABOVE'} the 1e-5 target)")
+    ours = [side for side in first["max_abs_diff"]]
+    label = {"cattn": "cattn", "cattn_high": 'cattn, matmul_precision="high"'}
+    for side in ours:
+        diff = first["max_abs_diff"][side]
+        print(f"max abs difference of the embeddings, {label[side]}: {diff:.2e} "
+              f"({'OK' if diff < 1e-5 else 'ABOVE'} the 1e-5 target)")
+    if "cattn_high" not in ours:
+        print('(matmul_precision="high" computes as "highest" on this CPU: no AMX)')
     print(f"{'workload':34} {'threads':>7} {'cattn ms':>9} {'peer ms':>9} {'speedup':>8}"
           f"   (best of each: cattn, peer, speedup)")
     for name in ("short", "long"):
         for t in args.threads:
             task = speed[t]["tasks"][name]
-            label = f"{task['n']} sentences, {task['tokens']:.0f} tokens avg"
-            print(f"{label:34} {t:>7} {1e3 * task['cattn']:9.1f} {1e3 * task['peer']:9.1f} "
-                  f"{task['peer'] / task['cattn']:7.2f}x   ({1e3 * task['cattn_best']:.1f}, "
-                  f"{1e3 * task['peer_best']:.1f}, "
-                  f"{task['peer_best'] / task['cattn_best']:.2f}x)")
+            for side in ours:
+                what = (f"{task['n']} sentences, {task['tokens']:.0f} tokens avg"
+                        if side == "cattn" else '  matmul_precision="high"')
+                print(f"{what:34} {t:>7} {1e3 * task[side]:9.1f} {1e3 * task['peer']:9.1f} "
+                      f"{task['peer'] / task[side]:7.2f}x   "
+                      f"({1e3 * task[side + '_best']:.1f}, {1e3 * task['peer_best']:.1f}, "
+                      f"{task['peer_best'] / task[side + '_best']:.2f}x)")
     if len(args.threads) > 1:
         lo, hi = min(args.threads), max(args.threads)
-        for side in ("cattn", "peer"):
+        for side in ours + ["peer"]:
             long = {t: speed[t]["tasks"]["long"] for t in (lo, hi)}
-            print(f"{side}: {hi} threads vs {lo} on the long batch: "
+            print(f"{label.get(side, side)}: {hi} threads vs {lo} on the long batch: "
                   f"{long[lo][side] / long[hi][side]:.2f}x (best of each: "
                   f"{long[lo][side + '_best'] / long[hi][side + '_best']:.2f}x)")
     threads = max(args.threads)
