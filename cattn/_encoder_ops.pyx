@@ -18,9 +18,9 @@ one pass over a row while it sits in the L1 cache:
 
 Rows are spread over OpenMP threads (prange); one row is one thread's work, so results do
 not depend on the thread count. The loops are plain C that the compiler vectorizes: built
-twice, for the platform baseline and (with a target attribute) for AVX2+FMA, chosen at run
-time as the attention kernel chooses its path (CATTN_ISA=portable or CATTN_DISABLE_AVX2=1
-force the baseline build). float32 GELU uses the Abramowitz & Stegun 7.1.26 erfc (absolute error
+three times, for the platform baseline and (with target attributes) for AVX2+FMA and for
+AVX-512, chosen at run time as the attention kernel chooses its path (CATTN_ISA=avx2 or
+portable, or CATTN_DISABLE_AVX2=1, pick the lower builds). float32 GELU uses the Abramowitz & Stegun 7.1.26 erfc (absolute error
 <= 1.5e-7, about one float32 rounding) with a branch-free polynomial exp; float64 uses
 libm's erf.
 
@@ -47,10 +47,16 @@ cdef extern from *:
     #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
     #define ENC_HAVE_AVX2_BUILD 1
     #define ENC_AVX2 __attribute__((target("avx2,fma")))
+    /* 16 float lanes: GCC's generic tuning would keep 256-bit vectors */
+    #define ENC_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma," \
+                                             "prefer-vector-width=512")))
     #else
     #define ENC_HAVE_AVX2_BUILD 0
     #define ENC_AVX2
+    #define ENC_AVX512
     #endif
+    /* the builds of the row loops: the platform baseline, AVX2+FMA, AVX-512 */
+    enum { ENC_GENERIC = 0, ENC_BUILD_AVX2 = 1, ENC_BUILD_AVX512 = 2 };
     #define ENC_LANES 16  /* independent partial sums: reductions the compiler can vectorize */
 
     /* exp(x) for x <= 0 in float32: the kernel's Cephes polynomial (cattn_expf_scalar),
@@ -104,6 +110,8 @@ cdef extern from *:
     #if ENC_HAVE_AVX2_BUILD
     ENC_AVX2 static void enc_bias_gelu_f32_avx2(float *x, const float *bias, ptrdiff_t n)
     { enc_bias_gelu_f32_body(x, bias, n); }
+    ENC_AVX512 static void enc_bias_gelu_f32_avx512(float *x, const float *bias, ptrdiff_t n)
+    { enc_bias_gelu_f32_body(x, bias, n); }
     #endif
 
     static void enc_bias_gelu_f64(double *x, const double *bias, ptrdiff_t n)
@@ -153,6 +161,10 @@ cdef extern from *:
     ENC_AVX2 static void BODY##_avx2(T *x, const T *bias, const T *residual,               \
                                      const T *weight, const T *beta, T eps, T *out,        \
                                      ptrdiff_t n)                                          \
+    { BODY(x, bias, residual, weight, beta, eps, out, n); }                               \
+    ENC_AVX512 static void BODY##_avx512(T *x, const T *bias, const T *residual,           \
+                                         const T *weight, const T *beta, T eps, T *out,    \
+                                         ptrdiff_t n)                                      \
     { BODY(x, bias, residual, weight, beta, eps, out, n); }
     ENC_DEFINE_BUILDS(enc_layernorm_f32_body, float)
     ENC_DEFINE_BUILDS(enc_layernorm_f64_body, double)
@@ -175,27 +187,19 @@ cdef extern from *:
                                          const double *, const double *, double, double *,
                                          ptrdiff_t);
 
-    static enc_gelu_f32_fn enc_gelu_f32_impl(int avx2)
-    {
     #if ENC_HAVE_AVX2_BUILD
-        if (avx2) return enc_bias_gelu_f32_avx2;
+    #define ENC_PICK(build, NAME) \
+        ((build) == ENC_BUILD_AVX512 ? NAME##_avx512 \
+         : (build) == ENC_BUILD_AVX2 ? NAME##_avx2 : NAME##_generic)
+    #else
+    #define ENC_PICK(build, NAME) ((void)(build), NAME##_generic)
     #endif
-        return enc_bias_gelu_f32_generic;
-    }
-    static enc_layernorm_f32_fn enc_layernorm_f32_impl(int avx2)
-    {
-    #if ENC_HAVE_AVX2_BUILD
-        if (avx2) return enc_layernorm_f32_body_avx2;
-    #endif
-        return enc_layernorm_f32_body_generic;
-    }
-    static enc_layernorm_f64_fn enc_layernorm_f64_impl(int avx2)
-    {
-    #if ENC_HAVE_AVX2_BUILD
-        if (avx2) return enc_layernorm_f64_body_avx2;
-    #endif
-        return enc_layernorm_f64_body_generic;
-    }
+    static enc_gelu_f32_fn enc_gelu_f32_impl(int build)
+    { return ENC_PICK(build, enc_bias_gelu_f32); }
+    static enc_layernorm_f32_fn enc_layernorm_f32_impl(int build)
+    { return ENC_PICK(build, enc_layernorm_f32_body); }
+    static enc_layernorm_f64_fn enc_layernorm_f64_impl(int build)
+    { return ENC_PICK(build, enc_layernorm_f64_body); }
     """
     ctypedef void (*enc_gelu_f32_fn)(float*, const float*, Py_ssize_t) noexcept nogil
     ctypedef void (*enc_layernorm_f32_fn)(float*, const float*, const float*, const float*,
@@ -203,10 +207,10 @@ cdef extern from *:
     ctypedef void (*enc_layernorm_f64_fn)(double*, const double*, const double*, const double*,
                                           const double*, double, double*,
                                           Py_ssize_t) noexcept nogil
-    enc_gelu_f32_fn enc_gelu_f32_impl(int avx2) noexcept nogil
-    int ENC_HAVE_AVX2_BUILD
-    enc_layernorm_f32_fn enc_layernorm_f32_impl(int avx2) noexcept nogil
-    enc_layernorm_f64_fn enc_layernorm_f64_impl(int avx2) noexcept nogil
+    enc_gelu_f32_fn enc_gelu_f32_impl(int build) noexcept nogil
+    int ENC_HAVE_AVX2_BUILD, ENC_GENERIC, ENC_BUILD_AVX2, ENC_BUILD_AVX512
+    enc_layernorm_f32_fn enc_layernorm_f32_impl(int build) noexcept nogil
+    enc_layernorm_f64_fn enc_layernorm_f64_impl(int build) noexcept nogil
     void enc_bias_gelu_f64(double* x, const double* bias, Py_ssize_t n) noexcept nogil
     void enc_copy_row_f32(float* dst, const float* src, const float* bias,
                           Py_ssize_t n) noexcept nogil
@@ -215,7 +219,8 @@ cdef extern from *:
 
 
 cdef extern from "cattn_gemm.h":
-    int CATTN_ISA_AVX2, CATTN_ISA_AVX512, CATTN_ISA_AVX512_BF16, CATTN_ISA_AMX, CATTN_ISA_BLAS
+    int CATTN_ISA_PORTABLE, CATTN_ISA_AVX2, CATTN_ISA_AVX512, CATTN_ISA_AVX512_BF16
+    int CATTN_ISA_AMX, CATTN_ISA_BLAS
     Py_ssize_t cattn_panel_keys(int isa, int is_double) noexcept nogil
     int cattn_isa_uses_blas(int isa) noexcept nogil
     void cattn_pack_keys_f32(int isa, const float* k, Py_ssize_t k_rs, Py_ssize_t n_keys,
@@ -248,13 +253,23 @@ POOL_MEAN, POOL_MAX, POOL_CLS, POOL_MEAN_SQRT_LEN = MEAN, MAX, CLS, MEAN_SQRT_LE
 
 
 # The attention kernel's choice of instruction set (the CPU's best, capped by CATTN_ISA or
-# CATTN_DISABLE_AVX2): its AVX2 and AVX-512 paths take the AVX2 build of these loops.
-cdef bint USE_AVX2 = ENC_HAVE_AVX2_BUILD and _kernel.default_isa_index() >= 1
+# CATTN_DISABLE_AVX2) picks the build of these loops: AVX2 for its AVX2 path, AVX-512 for
+# its AVX-512 path and the bfloat16 levels above it.
+cdef int _pick_build():
+    cdef int isa = _kernel.default_isa_index()
+    if not ENC_HAVE_AVX2_BUILD or isa == CATTN_ISA_PORTABLE:
+        return ENC_GENERIC
+    if isa in (CATTN_ISA_AVX512, CATTN_ISA_AVX512_BF16, CATTN_ISA_AMX):
+        return ENC_BUILD_AVX512
+    return ENC_BUILD_AVX2
+
+
+cdef int BUILD = _pick_build()
 
 
 def simd_path():
-    """The code path these loops take on this CPU: 'avx2+fma' or 'generic'."""
-    return "avx2+fma" if USE_AVX2 else "generic"
+    """The code path these loops take on this CPU: 'avx512', 'avx2+fma' or 'generic'."""
+    return {ENC_BUILD_AVX512: "avx512", ENC_BUILD_AVX2: "avx2+fma"}.get(BUILD, "generic")
 
 
 cdef int team_size(Py_ssize_t elements, num_threads):
@@ -275,7 +290,7 @@ def _check_vector(v, n, name):
 
 cdef inline void bias_gelu_row(floating* x, const floating* bias, Py_ssize_t n) noexcept nogil:
     if floating is float:
-        enc_gelu_f32_impl(USE_AVX2)(x, bias, n)
+        enc_gelu_f32_impl(BUILD)(x, bias, n)
     else:
         enc_bias_gelu_f64(x, bias, n)
 
@@ -296,9 +311,9 @@ cdef inline void layernorm_row(floating* x, const floating* bias, const floating
                                const floating* weight, const floating* beta, floating eps,
                                floating* out, Py_ssize_t n) noexcept nogil:
     if floating is float:
-        enc_layernorm_f32_impl(USE_AVX2)(x, bias, residual, weight, beta, eps, out, n)
+        enc_layernorm_f32_impl(BUILD)(x, bias, residual, weight, beta, eps, out, n)
     else:
-        enc_layernorm_f64_impl(USE_AVX2)(x, bias, residual, weight, beta, eps, out, n)
+        enc_layernorm_f64_impl(BUILD)(x, bias, residual, weight, beta, eps, out, n)
 
 
 cdef void layernorm_rows(floating* x, const floating* bias, const floating* residual,
@@ -837,7 +852,7 @@ def linear(const floating[:, :] x, packed, const floating[::1] bias, floating[:,
     cdef const floating* bias_p = NULL if bias is None else &bias[0]
     cdef Py_ssize_t lda = x.strides[0] // x.itemsize, ldc = out.strides[0] // out.itemsize
     cdef Py_ssize_t chunk = (M + nt - 1) // nt
-    cdef const floating* w = _weight_data(packed, width, &x[0, 0]) if M else NULL
+    cdef const floating* w = _weight_data(packed, width, &x[0, 0])
     cdef uint8_t[:, ::1] work = _split_work(nt, K, width)
     with nogil:
         for c in prange(nt, num_threads=nt, schedule="static"):

@@ -1,6 +1,6 @@
 """The encoder's fused row operations (cattn._encoder_ops) against their float64 NumPy
-definitions, on both code paths (the AVX2 build and the baseline build forced by
-CATTN_DISABLE_AVX2=1 in a child process), at one and two threads."""
+definitions, on every build this CPU runs (its default here; the baseline and AVX2 builds,
+picked by CATTN_ISA, in child processes), at one and two threads."""
 import math
 import os
 import subprocess
@@ -193,13 +193,18 @@ def test_bad_shapes_and_dtypes():
                                     np.zeros(4, np.float32), 1e-5, np.zeros((2, 4), np.float32))
 
 
-def test_baseline_build_in_a_child_process():
-    """CATTN_DISABLE_AVX2=1 runs the baseline loops: this file's tests pass there too."""
-    if ops.simd_path() != "avx2+fma":
-        pytest.skip("this CPU already runs the baseline build")
-    env = dict(os.environ, CATTN_DISABLE_AVX2="1")
+@pytest.mark.parametrize("isa, build", [("portable", "generic"), ("avx2", "avx2+fma")])
+def test_other_builds_in_a_child_process(isa, build):
+    """CATTN_ISA picks the loops' build with the kernel's path: this file's tests pass on
+    every build this CPU runs (this process covers its default one)."""
+    if isa not in _kernel.testable_isa_paths():
+        pytest.skip(f"this CPU lacks the {isa} path")
+    if ops.simd_path() == build:
+        pytest.skip("this process already runs that build")
+    env = {k: v for k, v in os.environ.items() if k not in ("CATTN_ISA", "CATTN_DISABLE_AVX2")}
+    env["CATTN_ISA"] = isa
     code = ("import sys, pytest; from cattn import _encoder_ops as ops; "
-            "assert ops.simd_path() == 'generic'; "
+            f"assert ops.simd_path() == {build!r}, ops.simd_path(); "
             f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r}, "
             "'-k', 'not child_process']))")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
