@@ -178,7 +178,7 @@ MUTANTS = [
            ["tests/test_oracles.py"]),
     Mutant("reference-window-left-off-by-one",
            "the reference's window leaves out the key `left` positions back",
-           [Edit(REF, "visible &= j >= i + diag - left", "visible &= j > i + diag - left")],
+           [Edit(REF, "in_band = j >= i + diag - left", "in_band = j > i + diag - left")],
            ["tests/test_oracles.py"]),
     Mutant("gqa-tiled-heads-in-front-and-reference",
            "grouped-query heads map h -> h % Hkv (tile) instead of h // group (repeat)",
