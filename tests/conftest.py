@@ -49,6 +49,23 @@ def assert_matches_reference(query, key, value, attn_mask=None, **options):
     return got
 
 
+def case_operands(case, rng, dtype=np.float32):
+    """(q, k, v, mask, options) of a test case (batch, L, S, E, Ev, options): standard normal
+    operands in `dtype`; options["mask"] = "bool" or "float" becomes a random (L, S) mask
+    (a float mask in `dtype`, float32 for the 16-bit types)."""
+    batch, L, S, E, Ev, options = case
+    options = dict(options)
+    q, k, v = (rng.standard_normal(batch + shape).astype(dtype)
+               for shape in ((L, E), (S, E), (S, Ev)))
+    mask = options.pop("mask", None)
+    if mask == "bool":
+        mask = rng.random((L, S)) > 0.3
+    elif mask == "float":
+        wide = np.dtype(dtype) in (np.float32, np.float64)
+        mask = rng.standard_normal((L, S)).astype(dtype if wide else np.float32)
+    return q, k, v, mask, options
+
+
 def last_call_stats():
     """What the kernel reports about this thread's most recent call (a private hook): its
     path, team size, tasks, key chunks, block sizes, key blocks visited, scratch bytes."""

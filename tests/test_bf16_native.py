@@ -24,7 +24,7 @@ import pytest
 
 import cattn
 from cattn import _kernel, reference
-from conftest import TOLERANCE, as64
+from conftest import TOLERANCE, as64, case_operands
 from test_isa_paths import CASES as ISA_CASES
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -178,19 +178,6 @@ def check_results(got, want, weights, v, p_rounded):
         assert np.all(err <= bound), (i, np.max(err / bound))
 
 
-def bf16_case(case, rng):
-    batch, L, S, E, Ev, options = case
-    options = dict(options)
-    q, k, v = (rng.standard_normal(batch + shape).astype(BF16)
-               for shape in ((L, E), (S, E), (S, Ev)))
-    mask = options.pop("mask", None)
-    if mask == "bool":
-        mask = rng.random((L, S)) > 0.3
-    elif mask == "float":
-        mask = rng.standard_normal((L, S)).astype(np.float32)
-    return q, k, v, mask, options
-
-
 def native_blocks_expected(path, L):
     """Whether a call runs some block products natively: on the native paths, unless every
     block has at most 4 query rows (decoding streams K and V instead)."""
@@ -200,7 +187,7 @@ def native_blocks_expected(path, L):
 @pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("case", ISA_CASES, ids=lambda c: f"L{c[1]}-S{c[2]}-E{c[3]}-Ev{c[4]}")
 def test_bfloat16_attention_matches_float64(path, case, rng):
-    q, k, v, mask, options = bf16_case(case, rng)
+    q, k, v, mask, options = case_operands(case, rng, BF16)
     want, weights = reference_with_weights(q, k, v, mask, options)
     native = native_blocks_expected(path, q.shape[-2])
     for out_dtype in (None, np.float32):  # bfloat16 like the query, or float32

@@ -17,7 +17,7 @@ import pytest
 import cattn
 from cattn import _kernel
 from cattn.models import minilm
-from conftest import TOLERANCE, as64, reference, require_peer
+from conftest import TOLERANCE, as64, case_operands, reference, require_peer
 from test_isa_paths import CASES as ISA_CASES
 
 sdpa = cattn.scaled_dot_product_attention
@@ -99,26 +99,12 @@ CASES = ISA_CASES + [
 CASE_IDS = [f"L{c[1]}-S{c[2]}-E{c[3]}-Ev{c[4]}" for c in CASES]
 
 
-def case_inputs(case, rng):
-    batch, L, S, E, Ev, options = case
-    options = dict(options)
-    q = rng.standard_normal(batch + (L, E), dtype=np.float32)
-    k = rng.standard_normal(batch + (S, E), dtype=np.float32)
-    v = rng.standard_normal(batch + (S, Ev), dtype=np.float32)
-    mask = options.pop("mask", None)
-    if mask == "bool":
-        mask = rng.random((L, S)) > 0.3
-    elif mask == "float":
-        mask = rng.standard_normal((L, S)).astype(np.float32)
-    return q, k, v, mask, options
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("half", HALVES)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_half_inputs_match_reference_on_the_rounded_inputs(path, half, case, rng):
     dtype = half_dtype(half)
-    q, k, v, mask, options = case_inputs(case, rng)
+    q, k, v, mask, options = case_operands(case, rng)
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     lse_last = options.get("return_lse", False)
     want = reference_of(q, k, v, mask, **options)
@@ -134,7 +120,7 @@ def test_half_inputs_match_reference_on_the_rounded_inputs(path, half, case, rng
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_int8_is_exact_on_the_dequantized_inputs(path, case, rng):
-    q, k, v, mask, options = case_inputs(case, rng)
+    q, k, v, mask, options = case_operands(case, rng)
     kq, k_scale = cattn.quantize_kv(k)
     vq, v_scale = cattn.quantize_kv(v)
     got = sdpa(q, kq, vq, mask, k_scale=k_scale, v_scale=v_scale, _isa=path, **options)

@@ -21,7 +21,7 @@ import pytest
 
 import cattn
 from cattn import _kernel
-from conftest import reference64, tolerance
+from conftest import case_operands, reference64, tolerance
 
 PATHS = ("amx", "avx512_bf16", "avx512", "avx2", "portable", "wide16", "blas")
 sdpa = cattn.scaled_dot_product_attention
@@ -68,16 +68,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c[1]}-S{c[2]}-E{c[3]}-Ev{c[4]}")
 def test_path_matches_reference(path, dtype, case, rng):
-    batch, L, S, E, Ev, options = case
-    options = dict(options)
-    q = rng.standard_normal(batch + (L, E)).astype(dtype)
-    k = rng.standard_normal(batch + (S, E)).astype(dtype)
-    v = rng.standard_normal(batch + (S, Ev)).astype(dtype)
-    mask = options.pop("mask", None)
-    if mask == "bool":
-        mask = rng.random((L, S)) > 0.3
-    elif mask == "float":
-        mask = rng.standard_normal((L, S)).astype(dtype)
+    q, k, v, mask, options = case_operands(case, rng, dtype)
     got = sdpa(q, k, v, mask, _isa=path, **options)
     assert _kernel.last_call_stats()["isa"] == path
     compare(got, reference64(q, k, v, mask, **options), dtype)
