@@ -8,7 +8,7 @@ from cattn.bench.config import BenchConfig
 from cattn.bench.results import Case, WrongOutput
 from cattn.bench.specs import Spec, tolerance
 from cattn.bench.suite import summarize
-from cattn.bench.timing import Runner, calibrate, first_call, time_round_robin
+from cattn.bench.timing import Runner, admit, first_call, time_round_robin
 
 SHARED_PREFIX = "shared-prefix"
 CONCATENATED = "concatenated"
@@ -60,14 +60,9 @@ def run_shared_prefix_case(name: str, mode: str, config: BenchConfig) -> Case:
                        work=spec.flops())
             r.spec = _Labelled(spec, option)
             res, t_single = first_call(r, False)
-            if expected:
-                r.max_abs_diff = max(float(np.abs(res[i] - want).max())
-                                     for i, want in expected.items())
-                if not r.max_abs_diff <= tolerance(np.float32):
-                    wrong.append(WrongOutput(r.label, "cattn", t, option, r.max_abs_diff))
-                    continue
-            calibrate(r, t_single, config.min_timing)
-            runners.append(r)
+            diff = (max(float(np.abs(res[i] - want).max()) for i, want in expected.items())
+                    if expected else None)
+            admit(r, t_single, diff, tolerance(np.float32), option, runners, wrong, config)
     config.log(f"  {name}: {len(runners)} runners ")
     time_round_robin(runners, config.reps, config.warmup, log=config.log)
     config.log("\n")

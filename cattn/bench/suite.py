@@ -20,7 +20,7 @@ from cattn.bench.results import (AttentionRow, Case, CeilingRow, SkippedRun, Str
 from cattn.bench.specs import (Spec, make_inputs, max_abs_diff, reference_check_slice,
                                tolerance)
 from cattn.bench.targets import check_targets, format_targets
-from cattn.bench.timing import Runner, calibrate, first_call, median, time_round_robin
+from cattn.bench.timing import Runner, admit, first_call, median, time_round_robin
 
 
 def run_case(name: str, spec_list: List[Spec], config: BenchConfig, *,
@@ -47,19 +47,10 @@ def run_case(name: str, spec_list: List[Spec], config: BenchConfig, *,
                 r = Runner(label, impl, t, kind, fn, setup, spec, to_output, note,
                            work=spec.flops())
                 res, t_single = first_call(r, trace_memory and impl in ("cattn", "numpy"))
-                if expected is not None:
-                    rows, exp = expected
-                    r.max_abs_diff = max_abs_diff(to_output(res), rows, exp)
-                    if not (r.max_abs_diff <= tolerance(spec)):
-                        wrong.append(WrongOutput(label, impl, t, spec.options(),
-                                                 r.max_abs_diff))
-                        config.log(f"\n  !! {label}: max abs diff {r.max_abs_diff:.3g} vs "
-                                   f"the float64 reference (tolerance "
-                                   f"{tolerance(spec):g}): NOT timed\n")
-                        continue
+                diff = None if expected is None else max_abs_diff(to_output(res), *expected)
                 del res
-                calibrate(r, t_single, config.min_timing)
-                runners.append(r)
+                admit(r, t_single, diff, tolerance(spec), spec.options(), runners, wrong,
+                      config)
     if ceiling:
         runners += _gemm_runners(base.dtype, config)
     if stream:

@@ -7,6 +7,9 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
+from cattn.bench.config import BenchConfig
+from cattn.bench.results import WrongOutput
+
 # Seconds of idling before each timed call (see time_round_robin).
 IDLE_BEFORE_TIMING = 0.1
 
@@ -97,6 +100,22 @@ def calibrate(runner: Runner, t_single: float, min_timing: float) -> None:
             n *= 4
         per_call = max(t / n, 1e-9)
         runner.number = max(1, int(math.ceil(min_timing / per_call)))
+
+
+def admit(runner: Runner, t_single: float, diff: Optional[float], tol: float, options: str,
+          runners: List[Runner], wrong: List[WrongOutput], config: BenchConfig) -> None:
+    """Calibrate `runner` and add it to `runners` when its output is within `tol` of the
+    float64 reference (diff None: not checked); otherwise record it in `wrong`, say so, and
+    leave it untimed."""
+    if diff is not None:
+        runner.max_abs_diff = diff
+        if not diff <= tol:
+            wrong.append(WrongOutput(runner.label, runner.impl, runner.threads, options, diff))
+            config.log(f"\n  !! {runner.label}: max abs diff {diff:.3g} vs the float64 "
+                       f"reference (tolerance {tol:g}): NOT timed\n")
+            return
+    calibrate(runner, t_single, config.min_timing)
+    runners.append(runner)
 
 
 def median(xs) -> float:

@@ -20,7 +20,7 @@ from cattn.bench.config import BenchConfig
 from cattn.bench.peers import optional, torch_threads
 from cattn.bench.results import AttentionRow, Case, SkippedRun, WrongOutput
 from cattn.bench.specs import tolerance
-from cattn.bench.timing import Runner, calibrate, first_call, median, time_round_robin
+from cattn.bench.timing import Runner, admit, first_call, median, time_round_robin
 
 IMPLS = ("cattn-varlen", "cattn-padded", "torch-padded")
 # The target's batch: 16 sequences, log-uniform lengths, 12 heads of 64 features.
@@ -133,14 +133,10 @@ def run_varlen_case(name: str, config: BenchConfig) -> Case:
                                 work=_flops(lengths, causal))
                 options_of[label] = options
                 res, t_single = first_call(runner, False)
-                if expected is not None:
-                    diff = runner.max_abs_diff = _max_abs_diff(to_packed(res), cu, expected)
-                    if not diff <= tolerance(np.float32):
-                        wrong.append(WrongOutput(label, impl, t, options, diff))
-                        config.log(f"\n  !! {label}: max abs diff {diff:.3g}: NOT timed\n")
-                        continue
-                calibrate(runner, t_single, config.min_timing)
-                runners.append(runner)
+                diff = (None if expected is None
+                        else _max_abs_diff(to_packed(res), cu, expected))
+                admit(runner, t_single, diff, tolerance(np.float32), options, runners, wrong,
+                      config)
     config.log(f"  {name}: {len(runners)} runners ")
     time_round_robin(runners, config.reps, config.warmup, log=config.log)
     config.log("\n")
