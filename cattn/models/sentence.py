@@ -406,8 +406,9 @@ class SentenceEncoder:
         `torch.set_float32_matmul_precision`: "highest" (default: float32 products) or
         "high": on CPUs with AMX, each float32 operand is split into two bfloat16 parts and
         a product taken as three bfloat16 products (about 16 significant bits per product
-        instead of 24; all-MiniLM-L6-v2's embeddings move by about 2e-6); elsewhere, and
-        for float64 models, the same as "highest". Attention is always computed in the
+        instead of 24; all-MiniLM-L6-v2's embeddings move by about 2e-6); elsewhere (and
+        when CATTN_ISA caps the path below amx), and for float64 models, the same as
+        "highest". Attention is always computed in the
         model's dtype. Settable after loading.
     """
 
