@@ -47,9 +47,13 @@ cdef extern from *:
     #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
     #define ENC_HAVE_AVX2_BUILD 1
     #define ENC_AVX2 __attribute__((target("avx2,fma")))
-    /* 16 float lanes: GCC's generic tuning would keep 256-bit vectors */
-    #define ENC_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma," \
-                                             "prefer-vector-width=512")))
+    /* the attention kernel's AVX-512 level asks for AVX-512F only, so this build too;
+       16 float lanes: GCC's generic tuning would keep 256-bit vectors */
+    #if defined(__clang__)
+    #define ENC_AVX512 __attribute__((target("avx512f,fma")))
+    #else
+    #define ENC_AVX512 __attribute__((target("avx512f,fma,prefer-vector-width=512")))
+    #endif
     #else
     #define ENC_HAVE_AVX2_BUILD 0
     #define ENC_AVX2
