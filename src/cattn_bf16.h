@@ -340,6 +340,20 @@ CATTN_AMX_TGT static void cattn_amx_configure(void)
         _tile_stored(3, (buf) + 16 * 32 + 16, 128);                                       \
     } while (0)
 
+/* Two row tiles of the left operand (tmm4-5: rows [0, 16) and [16, 32) of a, row stride
+ * lda pairs, from pair e0) and two column tiles of the right one (tmm6-7: 16 + 16 columns
+ * of b, row stride ldb words). */
+#define CATTN_AMX_LOAD_ROWS(a, lda, e0)                                                   \
+    do {                                                                                  \
+        _tile_loadd(4, (a) + (e0), (lda) * 4);                                            \
+        _tile_loadd(5, (a) + 16 * (lda) + (e0), (lda) * 4);                               \
+    } while (0)
+#define CATTN_AMX_LOAD_COLUMNS(b, ldb)                                                    \
+    do {                                                                                  \
+        _tile_loadd(6, (b), (ldb) * 4);                                                   \
+        _tile_loadd(7, (b) + 16, (ldb) * 4);                                              \
+    } while (0)
+
 #define CATTN_AMX_PRODUCTS()                                                              \
     do {                                                                                  \
         _tile_dpbf16ps(0, 4, 6);                                                          \
@@ -347,6 +361,21 @@ CATTN_AMX_TGT static void cattn_amx_configure(void)
         _tile_dpbf16ps(2, 5, 6);                                                          \
         _tile_dpbf16ps(3, 5, 7);                                                          \
     } while (0)
+
+/* dst[r][0:nc] = buf[r] · scale + (add0, add1) for r < nr: a 32 × 32 result block (row
+ * stride 32 in buf) written out, columns past nc left alone. */
+static inline __attribute__((always_inline)) CATTN_AMX_TGT void
+cattn_amx_write_block(const float *buf, ptrdiff_t nr, ptrdiff_t nc, __m512 scale,
+                      __m512 add0, __m512 add1, float *dst, ptrdiff_t ldd)
+{
+    const __mmask16 m0 = cattn_mask16(nc), m1 = cattn_mask16(nc - 16);
+    for (ptrdiff_t r = 0; r < nr; r++) {
+        _mm512_mask_storeu_ps(dst + r * ldd, m0,
+                              _mm512_fmadd_ps(_mm512_load_ps(buf + r * 32), scale, add0));
+        _mm512_mask_storeu_ps(dst + r * ldd + 16, m1,
+                              _mm512_fmadd_ps(_mm512_load_ps(buf + r * 32 + 16), scale, add1));
+    }
+}
 
 /* c = alpha · Q·Kᵀ: q has rows rounded up to 32 (zeros), ldq pairs a multiple of 16. */
 CATTN_AMX_TGT static void cattn_bf16_qkt_amx(ptrdiff_t rows, ptrdiff_t n_keys, float alpha,
@@ -357,7 +386,7 @@ CATTN_AMX_TGT static void cattn_bf16_qkt_amx(ptrdiff_t rows, ptrdiff_t n_keys, f
     const __m512 va = _mm512_set1_ps(alpha);
     cattn_amx_configure();
     for (ptrdiff_t i0 = 0; i0 < rows; i0 += 32) {
-        const uint32_t *q0 = q + i0 * ldq, *q1 = q0 + 16 * ldq;
+        const uint32_t *q0 = q + i0 * ldq;
         const ptrdiff_t nr = rows - i0 < 32 ? rows - i0 : 32;
         for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += CATTN_BF16_PANEL) {
             const uint32_t *panel = packed + j0 * ldq;
@@ -366,22 +395,13 @@ CATTN_AMX_TGT static void cattn_bf16_qkt_amx(ptrdiff_t rows, ptrdiff_t n_keys, f
             _tile_zero(2);
             _tile_zero(3);
             for (ptrdiff_t e0 = 0; e0 < ldq; e0 += 16) {
-                _tile_loadd(4, q0 + e0, ldq * 4);
-                _tile_loadd(5, q1 + e0, ldq * 4);
-                _tile_loadd(6, panel + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL * 4);
-                _tile_loadd(7, panel + e0 * CATTN_BF16_PANEL + 16, CATTN_BF16_PANEL * 4);
+                CATTN_AMX_LOAD_ROWS(q0, ldq, e0);
+                CATTN_AMX_LOAD_COLUMNS(panel + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL);
                 CATTN_AMX_PRODUCTS();
             }
             CATTN_AMX_STORE_RESULT(buf);
-            const ptrdiff_t nc = n_keys - j0;
-            const __mmask16 m0 = cattn_mask16(nc), m1 = cattn_mask16(nc - 16);
-            float *cr = c + i0 * ldc + j0;
-            for (ptrdiff_t r = 0; r < nr; r++) {
-                _mm512_mask_storeu_ps(cr + r * ldc, m0,
-                                      _mm512_mul_ps(_mm512_load_ps(buf + r * 32), va));
-                _mm512_mask_storeu_ps(cr + r * ldc + 16, m1,
-                                      _mm512_mul_ps(_mm512_load_ps(buf + r * 32 + 16), va));
-            }
+            cattn_amx_write_block(buf, nr, n_keys - j0, va, _mm512_setzero_ps(),
+                                  _mm512_setzero_ps(), c + i0 * ldc + j0, ldc);
         }
     }
     _tile_release();
@@ -396,7 +416,7 @@ CATTN_AMX_TGT static void cattn_bf16_pv_amx(ptrdiff_t rows, ptrdiff_t Ev, const 
     float buf[32 * 32] __attribute__((aligned(64)));
     cattn_amx_configure();
     for (ptrdiff_t i0 = 0; i0 < rows; i0 += 32) {
-        const uint32_t *p0 = p + i0 * ldp, *p1 = p0 + 16 * ldp;
+        const uint32_t *p0 = p + i0 * ldp;
         const ptrdiff_t nr = rows - i0 < 32 ? rows - i0 : 32;
         for (ptrdiff_t c0 = 0; c0 < Ev; c0 += CATTN_BF16_PANEL) {
             const ptrdiff_t nc = Ev - c0;
@@ -416,18 +436,13 @@ CATTN_AMX_TGT static void cattn_bf16_pv_amx(ptrdiff_t rows, ptrdiff_t Ev, const 
             _tile_loadd(2, buf + 16 * 32, 128);
             _tile_loadd(3, buf + 16 * 32 + 16, 128);
             for (ptrdiff_t j0 = 0; j0 < ldp; j0 += 16) {
-                _tile_loadd(4, p0 + j0, ldp * 4);
-                _tile_loadd(5, p1 + j0, ldp * 4);
-                _tile_loadd(6, vp + j0 * ldv + c0, ldv * 4);
-                _tile_loadd(7, vp + j0 * ldv + c0 + 16, ldv * 4);
+                CATTN_AMX_LOAD_ROWS(p0, ldp, j0);
+                CATTN_AMX_LOAD_COLUMNS(vp + j0 * ldv + c0, ldv);
                 CATTN_AMX_PRODUCTS();
             }
             CATTN_AMX_STORE_RESULT(buf);
-            for (ptrdiff_t r = 0; r < nr; r++) {
-                _mm512_mask_storeu_ps(ar + r * ld_acc, m0, _mm512_load_ps(buf + r * 32));
-                _mm512_mask_storeu_ps(ar + r * ld_acc + 16, m1,
-                                      _mm512_load_ps(buf + r * 32 + 16));
-            }
+            cattn_amx_write_block(buf, nr, nc, _mm512_set1_ps(1.0f), _mm512_setzero_ps(),
+                                  _mm512_setzero_ps(), ar, ld_acc);
         }
     }
     _tile_release();
@@ -502,9 +517,9 @@ CATTN_AMX_TGT static void cattn_linear_split_amx(ptrdiff_t rows, ptrdiff_t n_out
         for (ptrdiff_t j0 = 0; j0 < n_out; j0 += CATTN_BF16_PANEL) {
             const uint32_t *ph = w_hi + j0 * ldq, *pl = w_lo + j0 * ldq;
             const ptrdiff_t nc = n_out - j0;
-            const __mmask16 m0 = cattn_mask16(nc), m1 = cattn_mask16(nc - 16);
-            const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias + j0) : _mm512_setzero_ps();
-            const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + j0 + 16)
+            const __m512 b0 = bias ? _mm512_maskz_loadu_ps(cattn_mask16(nc), bias + j0)
+                                   : _mm512_setzero_ps();
+            const __m512 b1 = bias ? _mm512_maskz_loadu_ps(cattn_mask16(nc - 16), bias + j0 + 16)
                                    : _mm512_setzero_ps();
             for (ptrdiff_t r0 = 0; r0 < mc; r0 += 32) {
                 const uint32_t *h0 = a_hi + r0 * ldq, *l0 = a_lo + r0 * ldq;
@@ -513,29 +528,19 @@ CATTN_AMX_TGT static void cattn_linear_split_amx(ptrdiff_t rows, ptrdiff_t n_out
                 _tile_zero(2);
                 _tile_zero(3);
                 for (ptrdiff_t e0 = 0; e0 < ldq; e0 += 16) {
-                    _tile_loadd(4, h0 + e0, ldq * 4);
-                    _tile_loadd(5, h0 + 16 * ldq + e0, ldq * 4);
-                    _tile_loadd(6, ph + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL * 4);
-                    _tile_loadd(7, ph + e0 * CATTN_BF16_PANEL + 16, CATTN_BF16_PANEL * 4);
+                    CATTN_AMX_LOAD_ROWS(h0, ldq, e0);
+                    CATTN_AMX_LOAD_COLUMNS(ph + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL);
                     CATTN_AMX_PRODUCTS(); /* a_hi · w_hi */
-                    _tile_loadd(6, pl + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL * 4);
-                    _tile_loadd(7, pl + e0 * CATTN_BF16_PANEL + 16, CATTN_BF16_PANEL * 4);
+                    CATTN_AMX_LOAD_COLUMNS(pl + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL);
                     CATTN_AMX_PRODUCTS(); /* a_hi · w_lo */
-                    _tile_loadd(4, l0 + e0, ldq * 4);
-                    _tile_loadd(5, l0 + 16 * ldq + e0, ldq * 4);
-                    _tile_loadd(6, ph + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL * 4);
-                    _tile_loadd(7, ph + e0 * CATTN_BF16_PANEL + 16, CATTN_BF16_PANEL * 4);
+                    CATTN_AMX_LOAD_ROWS(l0, ldq, e0);
+                    CATTN_AMX_LOAD_COLUMNS(ph + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL);
                     CATTN_AMX_PRODUCTS(); /* a_lo · w_hi */
                 }
                 CATTN_AMX_STORE_RESULT(buf);
-                const ptrdiff_t nr = mc - r0 < 32 ? mc - r0 : 32;
-                float *cr = c + (i0 + r0) * ldc + j0;
-                for (ptrdiff_t r = 0; r < nr; r++) {
-                    _mm512_mask_storeu_ps(cr + r * ldc, m0,
-                                          _mm512_add_ps(_mm512_load_ps(buf + r * 32), b0));
-                    _mm512_mask_storeu_ps(cr + r * ldc + 16, m1,
-                                          _mm512_add_ps(_mm512_load_ps(buf + r * 32 + 16), b1));
-                }
+                cattn_amx_write_block(buf, mc - r0 < 32 ? mc - r0 : 32, nc,
+                                      _mm512_set1_ps(1.0f), b0, b1,
+                                      c + (i0 + r0) * ldc + j0, ldc);
             }
         }
     }
