@@ -142,7 +142,7 @@ def packed_forward(encoder, ids, offsets, num_threads=None, matmul_precision="hi
     matmul_precision : of the float32 linear layers (see SentenceEncoder)
 
     Sequences go through in groups of about TOKENS_PER_GROUP tokens. The GEMMs run on the
-    real tokens only; attention runs on a zero-padded (B, L, 3·E) copy of Q/K/V with each
+    real tokens only; attention runs on a padded (B, L, 3·E) copy of Q/K/V with each
     sequence's key length. Token types are 0 (single sentences).
     """
     out = np.empty((ids.shape[0], encoder.config.hidden_size), encoder.dtype)
