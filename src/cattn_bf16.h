@@ -331,6 +331,15 @@ CATTN_AMX_TGT static void cattn_amx_configure(void)
     _tile_loadconfig(&cfg);
 }
 
+/* The 32 × 32 result block in tmm0-3 set to zero. */
+#define CATTN_AMX_ZERO_RESULT()                                                           \
+    do {                                                                                  \
+        _tile_zero(0);                                                                    \
+        _tile_zero(1);                                                                    \
+        _tile_zero(2);                                                                    \
+        _tile_zero(3);                                                                    \
+    } while (0)
+
 /* The 32 × 32 result block from tmm0-3 into buf (row stride 32 floats). */
 #define CATTN_AMX_STORE_RESULT(buf)                                                       \
     do {                                                                                  \
@@ -390,10 +399,7 @@ CATTN_AMX_TGT static void cattn_bf16_qkt_amx(ptrdiff_t rows, ptrdiff_t n_keys, f
         const ptrdiff_t nr = rows - i0 < 32 ? rows - i0 : 32;
         for (ptrdiff_t j0 = 0; j0 < n_keys; j0 += CATTN_BF16_PANEL) {
             const uint32_t *panel = packed + j0 * ldq;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            CATTN_AMX_ZERO_RESULT();
             for (ptrdiff_t e0 = 0; e0 < ldq; e0 += 16) {
                 CATTN_AMX_LOAD_ROWS(q0, ldq, e0);
                 CATTN_AMX_LOAD_COLUMNS(panel + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL);
@@ -523,10 +529,7 @@ CATTN_AMX_TGT static void cattn_linear_split_amx(ptrdiff_t rows, ptrdiff_t n_out
                                    : _mm512_setzero_ps();
             for (ptrdiff_t r0 = 0; r0 < mc; r0 += 32) {
                 const uint32_t *h0 = a_hi + r0 * ldq, *l0 = a_lo + r0 * ldq;
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
+                CATTN_AMX_ZERO_RESULT();
                 for (ptrdiff_t e0 = 0; e0 < ldq; e0 += 16) {
                     CATTN_AMX_LOAD_ROWS(h0, ldq, e0);
                     CATTN_AMX_LOAD_COLUMNS(ph + e0 * CATTN_BF16_PANEL, CATTN_BF16_PANEL);
