@@ -12,7 +12,9 @@ from here:
 - a budget: the worker threads of all pools together stay within 4 x cores, one team
   within 2 x cores; a caller that finds the budget spent runs its call on its own thread;
 - before a pool grows, the threads it needs are started (and stopped) here first, where a
-  refusal is an exception, not an exit: the call runs on the threads the OS allowed;
+  refusal is an exception, not an exit: the call runs on the threads the OS allowed. The
+  pool then grows at once, under the same lock as the probe, so that no other caller's
+  probe counts the room this pool is about to take;
 - before fork(), the forking thread's pool is released (omp_pause_resource_all), so the
   child starts a fresh one. Where that is impossible, the child runs that thread's calls
   on one thread and says so once.
@@ -26,6 +28,8 @@ import time
 import warnings
 import weakref
 from typing import Iterator, Optional
+
+import numpy as np
 
 
 # ----------------------------------------------------- idle workers sleep, not spin
@@ -243,6 +247,8 @@ def team_size(wanted):
         if started < target - have:
             _warn_once("refused", f"cattn: the system refused to start more threads; "
                        f"calls run on {team} thread(s) where {wanted} were asked for")
+        if team > have:
+            _grow_pool(team)
         if team > 1:
             if getattr(_local, "pool_owner", None) is None:
                 _watch_thread_exit()
@@ -262,6 +268,16 @@ def _watch_thread_exit():
 def _forget_pool(ident):
     with _lock:
         _pools.pop(ident, None)
+
+
+_ONE_ELEMENT = np.zeros(1, np.float32)
+
+
+def _grow_pool(team):
+    """Start the calling thread's OpenMP workers for a team of `team` now, with the lock
+    held: an empty parallel region of that many threads (libgomp keeps them for this
+    thread's next regions, the call's included)."""
+    _kernel.stream_sum(_ONE_ELEMENT, team)
 
 
 def _can_start_threads(n):

@@ -213,60 +213,120 @@ def test_sixteen_python_threads_asking_for_64_threads_stay_within_the_budget():
     assert left == 0  # ended threads give their share back
 
 
-NPROC_CHILD = """
-import os, resource, threading, time, warnings, numpy as np, cattn
-def tasks_of(uid):
-    n = 0
+# A child under RLIMIT_NPROC counts only its own threads: the limit counts every task of
+# the user, so the child first becomes a user no other process runs as (root: a uid of its
+# own; others: a new user namespace, where the count starts from the child's tasks). It
+# then lets exactly `room` more threads start, whatever runs beside it on the machine.
+LIMITED_CHILD = """
+import ctypes, os, resource, sys, threading, time
+ROOT = os.geteuid() == 0   # root ignores RLIMIT_NPROC: it becomes a uid of its own
+if not ROOT:   # a new user namespace, while the process is still single-threaded
+    if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:   # CLONE_NEWUSER
+        print("no user of our own"); sys.exit(0)
+import numpy as np, warnings, cattn
+from cattn import _runtime
+if ROOT:   # (after the imports: the new uid may not read every file)
+    used = set()
     for pid in os.listdir("/proc"):
         try:
             with open(f"/proc/{pid}/status") as f:
-                fields = dict(l.split(":", 1) for l in f if ":" in l)
-            if int(fields["Uid"].split()[0]) == uid:
-                n += int(fields["Threads"])
-        except (OSError, ValueError, KeyError):
+                used.add(int(next(l for l in f if l.startswith("Uid:")).split()[1]))
+        except (OSError, StopIteration, ValueError):
             pass
-    return n
-q = np.random.default_rng(0).standard_normal((8, 256, 32)).astype(np.float32)
-want = cattn.scaled_dot_product_attention(q, q, q, num_threads=1)
-if os.geteuid() == 0:   # root ignores RLIMIT_NPROC: become nobody first
-    os.setgid(65534); os.setuid(65534)
+    uid = next(u for u in range(1_000_000 + os.getpid(), 2_000_000_000) if u not in used)
+    os.setgroups([]); os.setgid(uid); os.setuid(uid)
 def startable(cap=64):
-    release, started = threading.Event(), []
+    release, started, ids = threading.Event(), [], []
+    def wait():
+        ids.append(threading.get_native_id()); release.wait()
     try:
         for _ in range(cap):
-            t = threading.Thread(target=release.wait); t.start(); started.append(t)
+            t = threading.Thread(target=wait); t.start(); started.append(t)
     except RuntimeError:
         pass
     release.set()
     for t in started: t.join()
-    time.sleep(0.05)   # let the kernel reap them
+    for tid in ids:   # until the kernel has reaped them (they count until then)
+        while os.path.exists(f"/proc/self/task/{tid}"):
+            time.sleep(0.001)
     return len(started)
-# Room for one more thread of this user, no more ( /proc may not show every task the
-# kernel counts for the user, so the limit is tightened until one thread fits).
-limit = tasks_of(os.getuid()) + 1
-for _ in range(5):
-    resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
-    room = startable()
-    if room == 1:
-        break
-    limit -= room - 1
-assert room == 1, room
+def limit_threads(room):
+    with open("/proc/self/status") as f:
+        mine = int(next(l for l in f if l.startswith("Threads:")).split()[1])
+    limit = mine + room
+    for _ in range(5):   # a task the kernel still counts (one just ending) tightens it
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+        got = startable()
+        if got == room:
+            return
+        limit -= got - room
+    raise AssertionError(f"could not leave room for {room} threads (got {got})")
+"""
+
+NPROC_CHILD = LIMITED_CHILD + """
+q = np.random.default_rng(0).standard_normal((8, 256, 32)).astype(np.float32)
+want = cattn.scaled_dot_product_attention(q, q, q, num_threads=1)
+limit_threads(1)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     got = cattn.scaled_dot_product_attention(q, q, q, num_threads=4)
 assert np.array_equal(got, want)
 assert any("refused" in str(w.message) for w in caught), [str(w.message) for w in caught]
-from cattn import _runtime
 print("alive", _runtime.thread_report())
 """
+
+
+def _run_limited(code):
+    status, out, err = run_child(code)
+    if out.startswith("no user of our own"):
+        pytest.skip("cannot run a child under a user of its own (not root, no user namespaces)")
+    return status, out, err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc and limits")
 def test_a_process_thread_limit_degrades_the_call_instead_of_ending_the_process():
     """RLIMIT_NPROC (ulimit -u; cgroup pids.max acts alike) leaves room for one thread:
     libgomp would print 'Thread creation failed' and exit(1)."""
-    status, out, err = run_child(NPROC_CHILD)
+    status, out, err = _run_limited(NPROC_CHILD)
     assert status == 0 and out.startswith("alive"), f"status {status}\n{err[-3000:]}"
+
+
+RACING_CHILD = LIMITED_CHILD + """
+CALLERS, ROUNDS = 4, 12
+rng = np.random.default_rng(0)
+q = rng.standard_normal((8, 256, 32)).astype(np.float32)
+want = cattn.scaled_dot_product_attention(q, q, q, num_threads=1)
+limited, start, results = threading.Event(), threading.Barrier(CALLERS), []
+def caller(i):
+    limited.wait()
+    for r in range(ROUNDS):
+        start.wait()   # every caller's pool grows (or shrinks) at the same moment
+        n = (8, 2, 5, 3)[(i + r) % 4]
+        results.append(np.array_equal(
+            cattn.scaled_dot_product_attention(q, q, q, num_threads=n), want))
+callers = [threading.Thread(target=caller, args=(i,)) for i in range(CALLERS)]
+warnings.simplefilter("ignore", RuntimeWarning)   # "the system refused": expected here
+for t in callers: t.start()   # (they count against the limit while they wait)
+limit_threads(ROOM)
+limited.set()
+for t in callers: t.join()
+print("done", len(results), all(results))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc and limits")
+@pytest.mark.skipif(not cattn.openmp_enabled(), reason="a serial build starts no threads")
+@pytest.mark.parametrize("room", [1, 3, 6])
+def test_concurrent_calls_under_a_thread_limit_never_end_the_process(room):
+    """Four Python threads whose calls grow their OpenMP pools at once, under a limit that
+    leaves room for fewer threads than they ask for: each call either gets its threads or
+    runs on fewer, never does libgomp exit the process ('Thread creation failed'), which
+    it did when one caller's probe of the room and its pool's growth let another
+    caller's probe in between. Repeated in three children per room."""
+    for _ in range(3):
+        status, out, err = _run_limited(RACING_CHILD.replace("ROOM", str(room)))
+        assert status == 0 and out.split() == ["done", "48", "True"], \
+            f"status {status}\n{out}\n{err[-3000:]}"
 
 
 # --------------------------------------------------------- the default thread count
