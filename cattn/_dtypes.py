@@ -127,10 +127,19 @@ def scales_for(scale, name, x, x_name):
         raise ValueError(f"{name} of shape {scale.shape} must broadcast to {x_name}'s "
                          f"shape without its feature axis, {wanted} (one scale per key "
                          f"and head)")
-    scale = np.broadcast_to(scale.astype(FLOAT32, copy=False), wanted)[..., None]
+    with np.errstate(over="ignore"):  # a scale beyond float32 becomes inf: refused below
+        scale32 = scale.astype(FLOAT32, copy=False)
+    if not (np.isfinite(scale32).all() and (scale32 > 0).all()):
+        raise ValueError(f"{name} must be finite and positive in float32 (int8 {x_name} "
+                         f"stand for {x_name} * {name}), got a value that is NaN, infinite, "
+                         f"zero, negative or beyond float32's range")
+    scale = np.broadcast_to(scale32, wanted)[..., None]
     if _kernel.gemm_row_stride(scale) < 0 or not scale.flags.aligned:
         scale = np.require(scale, requirements="CA")
     return scale
+
+
+_INT8_LARGEST = 127 * float(np.finfo(FLOAT32).max)
 
 
 def quantize_kv(x):
@@ -146,7 +155,8 @@ def quantize_kv(x):
     q : ndarray (..., D), int8
         round(x / scale), in [-127, 127].
     scale : ndarray (...), float32
-        max |x| / 127 of each row (1 for a row of zeros), so that q * scale[..., None]
+        max |x| / 127 of each row (1 for a row of zeros, or one whose scale underflows
+        float32: its codes are 0), so that q * scale[..., None]
         approximates x within half a scale step per element. Pass it as `k_scale=` or
         `v_scale=` with q as the key or value.
 
@@ -155,7 +165,8 @@ def quantize_kv(x):
     TypeError
         x is not a floating-point ndarray.
     ValueError
-        x has no axis, or holds infinities or NaN.
+        x has no axis, holds infinities or NaN, or a row whose largest magnitude exceeds
+        127 x float32's maximum (about 4.3e40: the kernel reads float32 scales).
 
     Examples
     --------
@@ -177,7 +188,12 @@ def quantize_kv(x):
     if not np.all(np.isfinite(wide)):
         raise ValueError("x must be finite to be quantized (it holds inf or NaN)")
     largest = np.max(np.abs(wide), axis=-1, initial=0.0)
-    scale = (largest / 127).astype(FLOAT32)
+    with np.errstate(over="ignore"):  # a scale beyond float32 becomes inf: refused below
+        scale = (largest / 127).astype(FLOAT32)
+    if np.isinf(scale).any():
+        raise ValueError(f"x has a row whose largest magnitude, {largest.max():.6g}, is too "
+                         f"large for int8 codes with a float32 scale (at most 127 x "
+                         f"float32's maximum, about {_INT8_LARGEST:.3g})")
     # a row of zeros, or one so small that its scale underflows float32, has scale 1 (its
     # values round to 0): never a division by zero
     scale[scale == 0] = 1
