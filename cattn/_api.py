@@ -22,8 +22,9 @@ from cattn._interop import from_dlpack
 from cattn._validation import (FLOAT_DTYPES as _FLOAT_DTYPES, broadcasts_to as _broadcasts_to,
                                check_flag as _check_flag,
                                check_int as _check_int, check_ndarray as _check_ndarray,
+                               check_no_dropout as _check_no_dropout,
                                check_positive_float as _check_positive_float,
-                               reject_masked as _reject_masked)
+                               reject_masked as _reject_masked, window_pair as _window_pair)
 
 _INT32_MAX = 2**31 - 1
 # "No limit" for window sides: far beyond any index, far below int64 overflow.
@@ -470,8 +471,7 @@ def _options(is_causal, enable_gqa, return_lse, return_weights, dropout_p, scale
         return_lse = _check_flag(return_lse, "return_lse")
     if return_weights is not False:
         return_weights = _check_flag(return_weights, "return_weights")
-    if not (isinstance(dropout_p, (int, float, np.number)) and dropout_p == 0):
-        raise ValueError("dropout_p must be 0: cattn computes attention for inference")
+    _check_no_dropout(dropout_p)
     if return_weights and S > _INT32_MAX:
         raise ValueError(f"return_weights needs S < 2**31 keys (a weights row is one BLAS "
                          f"matrix with 32-bit dimensions), got S = {S}")
@@ -560,13 +560,7 @@ def _window(window, is_causal):
     right side."""
     win_left, win_right = _UNBOUNDED, _UNBOUNDED
     if window is not None:
-        try:
-            if isinstance(window, (set, frozenset, dict, str)):  # no order: not a pair
-                raise TypeError
-            left, right = window
-        except (TypeError, ValueError):
-            raise TypeError(f"window must be a pair (left, right) of ints or None, "
-                            f"got {window!r}") from None
+        left, right = _window_pair(window)
         # (a side beyond any index is no limit: clamped, it stays a C integer)
         if left is not None:
             win_left = min(_check_int(left, "window left", 0), _UNBOUNDED)
@@ -758,14 +752,17 @@ def merge_attention(outputs, lses):
         Exactly what one call over the union of the keys returns, up to rounding. Each
         chunk is weighted by exp(lse_chunk - lse_total); chunks in which a row sees no key
         (lse -inf) contribute nothing, and a row that sees no key in any chunk gets output
-        0 and lse -inf.
+        0 and lse -inf. NaN or inf in an output propagate to the rows that use it (NaN
+        where its weight is 0), without a NumPy warning.
 
     Raises
     ------
     TypeError
         Arguments that are not sequences of arrays, or arrays of other dtypes.
     ValueError
-        No chunk, a different number of outputs and lses, or shapes that do not match.
+        No chunk, a different number of outputs and lses, shapes that do not match, or an
+        lse of +inf or NaN (no log-sum-exp of finite scores: that chunk's scores
+        overflowed).
 
     See Also
     --------
@@ -793,15 +790,20 @@ def merge_attention(outputs, lses):
         outputs = [o.astype(np.float32) for o in outputs]
     dtype = outputs[0].dtype
     lse_stack = np.stack(lses).astype(dtype, copy=False)
+    if not (lse_stack < np.inf).all():  # (NaN fails the comparison too)
+        raise ValueError("lses must be finite or -inf (a row that sees no key in that "
+                         "chunk), got +inf or NaN")
     lse_max = lse_stack.max(axis=0)
     safe_max = np.where(np.isfinite(lse_max), lse_max, 0).astype(dtype)
-    chunk_weights = np.exp(lse_stack - safe_max)  # exp(-inf) = 0 for empty chunks
-    total = chunk_weights.sum(axis=0)
-    out = np.zeros_like(outputs[0])
-    for o, w in zip(outputs, chunk_weights):
-        out += o * w[..., None]
-    np.divide(out, total[..., None], out=out, where=total[..., None] != 0)
-    with np.errstate(divide="ignore"):
+    # exp(-inf) = 0 weighs an empty chunk, log(0) = -inf is a row that sees nothing; a
+    # non-finite output propagates as NumPy would, without its warning
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        chunk_weights = np.exp(lse_stack - safe_max)
+        total = chunk_weights.sum(axis=0)
+        out = np.zeros_like(outputs[0])
+        for o, w in zip(outputs, chunk_weights):
+            out += o * w[..., None]
+        np.divide(out, total[..., None], out=out, where=total[..., None] != 0)
         lse = (safe_max + np.log(total)).astype(dtype)
     return out.astype(result_dtype, copy=False), lse
 

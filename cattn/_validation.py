@@ -35,6 +35,26 @@ def check_flag(x, name):
     return bool(x)
 
 
+def check_no_dropout(dropout_p):
+    """dropout_p must be a real zero (inference only): not a bool, not a complex zero."""
+    if type(dropout_p) is float and dropout_p == 0:  # the default, checked first
+        return
+    if (isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, numbers.Real)
+            or dropout_p != 0):
+        raise ValueError(f"dropout_p must be 0: cattn computes attention for inference, "
+                         f"got {dropout_p!r}")
+
+
+def window_pair(window):
+    """window's two sides (left, right) from a tuple, a list or a 1-D array of two: no
+    other iterable (a generator would be consumed, a set has no order)."""
+    if (isinstance(window, (tuple, list)) and len(window) == 2) or (
+            isinstance(window, np.ndarray) and window.shape == (2,)):
+        return window[0], window[1]
+    raise TypeError(f"window must be a pair (left, right) of ints or None, as a tuple or a "
+                    f"list, got {window!r}")
+
+
 def check_ndarray(x, name, kinds=""):
     """x itself when it is a numpy.ndarray; `kinds` says which ones are expected."""
     if not isinstance(x, np.ndarray):

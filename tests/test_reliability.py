@@ -505,6 +505,68 @@ def test_window_without_an_order_is_refused():
                                       sdpa(q, q, q, window=(1, 0)))
 
 
+def test_window_is_a_tuple_list_or_array_of_two_and_nothing_else():
+    """A generator (or any iterable of two) was unpacked as a window, and consumed."""
+    q = np.zeros((1, 3, 4), np.float32)
+    for window in ((i for i in (1, 0)), iter([1, 0]), range(1, 3), (1, 0, 0), [1],
+                   np.array([[1, 0]]), np.array(1)):
+        with pytest.raises(TypeError, match=r"window must be a pair \(left, right\)"):
+            sdpa(q, q, q, window=window)
+
+
+@pytest.mark.parametrize("bad", [False, True, np.bool_(False), 0j, np.complex64(0),
+                                 np.complex128(0.1), 0.1, float("nan"), "0", None])
+def test_dropout_p_is_a_real_zero(bad):
+    """A bool or a complex zero compared equal to 0 and was accepted as dropout_p."""
+    q = np.zeros((1, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="dropout_p must be 0"):
+        sdpa(q, q, q, dropout_p=bad)
+    for zero in (0, 0.0, -0.0, np.float32(0), np.int64(0)):
+        np.testing.assert_array_equal(sdpa(q, q, q, dropout_p=zero), sdpa(q, q, q))
+
+
+def _chunks(seed=9):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((2, 5, 8))
+    k = rng.standard_normal((2, 9, 8))
+    return [sdpa(q, k[:, s], k[:, s], return_lse=True) for s in (slice(0, 4), slice(4, 9))]
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_merge_attention_refuses_an_lse_of_plus_inf_or_nan_without_a_numpy_warning(bad):
+    """+inf (a chunk whose scores overflowed) made merge_attention emit NumPy's 'invalid
+    value' RuntimeWarning and return NaN; -inf stays 'this row sees no key here'."""
+    (o1, l1), (o2, l2) = _chunks()
+    l2 = l2.copy()
+    l2[1, 3] = bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"lses must be finite or -inf"):
+            cattn.merge_attention([o1, o2], [l1, l2])
+        l2[1, 3] = -np.inf   # the row sees no key in the second chunk: the first one's result
+        out, lse = cattn.merge_attention([o1, o2], [l1, l2])
+    np.testing.assert_array_equal(out[1, 3], o1[1, 3])
+    np.testing.assert_array_equal(lse[1, 3], l1[1, 3])
+
+
+def test_merge_attention_of_non_finite_outputs_emits_no_numpy_warning():
+    """NaN or inf in an output propagate into the merged rows that use it, silently as in
+    any cattn call, and leave the other rows exact."""
+    (o1, l1), (o2, l2) = _chunks()
+    o2 = o2.copy()
+    o2[0, 2, 1], o2[1, 4, 0] = np.nan, np.inf
+    l2 = l2.copy()
+    l2[1, 4] = -np.inf   # inf times a weight of 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, _ = cattn.merge_attention([o1, o2], [l1, l2])
+    assert np.isnan(out[0, 2, 1])
+    clean = np.ones(out.shape, bool)
+    clean[0, 2, 1] = clean[1, 4, 0] = False
+    want, _ = cattn.merge_attention([o1, np.nan_to_num(o2, posinf=0)], [l1, l2])
+    np.testing.assert_array_equal(out[clean], want[clean])
+
+
 def test_masked_key_lengths_are_refused():
     q = np.zeros((2, 3, 4), np.float32)
     lengths = np.ma.masked_array([2, 3], mask=[False, True])
