@@ -13,7 +13,16 @@ builds against another BLAS.
 
 The limit is reference-counted, so concurrent cattn calls from several Python threads
 restore the user's setting only when the last of them returns, and only if the count is
-still the 1 set here (a count the user sets meanwhile is kept).
+still the 1 set here (a count the user sets meanwhile is kept). Every call sets the count
+to 1 as it starts, even while another call runs: a count the user set since is the one
+restored at the end.
+
+What this promises: a call's result does not depend on the BLAS count in effect when it
+starts (every call is bitwise identical to every other). A count another thread sets
+while a call runs (threadpoolctl, openblas_set_num_threads) takes effect at once for the
+rest of that call: OpenBLAS may then split its block products over threads, which on
+some CPUs changes the last bits (OpenBLAS's Haswell and Zen kernels do; its SkylakeX
+kernels do not), within the accuracy of the float32 computation.
 
 This is a process-wide setting of scipy's OpenBLAS (NumPy's wheels bundle a separate
 OpenBLAS, which is never touched): while a call on this path runs, other threads calling
@@ -77,14 +86,14 @@ class _SingleThreadedBlas:
 
     def __enter__(self):
         with self._lock:
-            if self._depth == 0:
-                if self._openblas is not None:
-                    get, set_ = self._openblas
-                    self._saved = get()
-                    if self._saved != 1:
-                        set_(1)
-                elif self._threadpoolctl is not None:
-                    self._saved = self._threadpoolctl.threadpool_limits(1, user_api="blas")
+            if self._openblas is not None:
+                get, set_ = self._openblas
+                count = get()
+                if count != 1:  # the user's: first call, or set while another call runs
+                    self._saved = count
+                    set_(1)
+            elif self._depth == 0 and self._threadpoolctl is not None:
+                self._saved = self._threadpoolctl.threadpool_limits(1, user_api="blas")
             self._depth += 1
         return self
 
