@@ -188,8 +188,12 @@ def quantize_kv(x):
     if not np.all(np.isfinite(wide)):
         raise ValueError("x must be finite to be quantized (it holds inf or NaN)")
     largest = np.max(np.abs(wide), axis=-1, initial=0.0)
+    exact = largest / 127
     with np.errstate(over="ignore"):  # a scale beyond float32 becomes inf: refused below
-        scale = (largest / 127).astype(FLOAT32)
+        scale = exact.astype(FLOAT32)
+    # rounded down (by far, where the scale is a subnormal float32), the scale would put
+    # the largest code past 127: round it up instead
+    scale = np.where(scale < exact, np.nextafter(scale, FLOAT32.type(np.inf)), scale)
     if np.isinf(scale).any():
         raise ValueError(f"x has a row whose largest magnitude, {largest.max():.6g}, is too "
                          f"large for int8 codes with a float32 scale (at most 127 x "

@@ -32,6 +32,20 @@ def test_quantize_kv_dequantizes_within_half_a_step_across_the_float64_range(mag
     assert (q[tiny] == 0).all()
 
 
+def test_quantize_kv_never_clips_a_code_where_float32_scales_are_subnormal():
+    """Below ~1.5e-36 a row's scale is a subnormal float32, rounded to few bits: a scale
+    rounded down pushed the largest code past 127, where it was clipped (a row of largest
+    magnitude 2.67e-43 came back a third too small)."""
+    largest = np.geomspace(1e-44, 1e-35, 4001)
+    x = np.stack([largest, -largest / 3, largest / 7], axis=-1)
+    q, scale = cattn.quantize_kv(x)
+    step = scale.astype(np.float64)
+    tiny = scale == 1   # underflowed: codes 0
+    error = np.abs(q * step[:, None] - x).max(axis=-1)
+    assert (error[~tiny] <= 0.5 * step[~tiny] * (1 + 1e-9)).all()
+    assert (q[tiny] == 0).all()
+
+
 @pytest.mark.parametrize("largest", [4.4e40, 1e100, float(np.finfo(np.float64).max)])
 def test_quantize_kv_refuses_rows_beyond_a_float32_scale(largest):
     x = np.array([[1.0, -largest, 3.0], [1.0, 2.0, 3.0]])
@@ -82,3 +96,12 @@ def test_attention_refuses_a_scale_of_the_wrong_shape():
     k, k_scale = cattn.quantize_kv(rng.standard_normal((2, 5, 8)).astype(np.float32))
     with pytest.raises(ValueError, match="k_scale of shape .* must broadcast"):
         sdpa(q, k, k, k_scale=k_scale[:, :4], v_scale=k_scale)
+
+
+def test_quantize_kv_of_one_row():
+    """A 1-D x is one row: its scale is a 0-d array (assigning the scale of a row of zeros
+    failed on the NumPy scalar it was)."""
+    for x in (np.array([1.0, -2.0, 0.5]), np.zeros(3, np.float32)):
+        q, scale = cattn.quantize_kv(x)
+        assert q.shape == (3,) and scale.shape == () and scale.dtype == np.float32
+        assert np.abs(q * np.float64(scale) - x).max() <= 0.5 * float(scale)
