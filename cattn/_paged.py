@@ -471,6 +471,28 @@ class PagedKVCache:
         self.values[:, new] = self.values[:, page]
         return new
 
+    def _pages_to_take(self, seqs, starts, num_new, block_size):
+        """The free pages that writing num_new[b] positions from starts[b] into seqs[b]
+        takes, in the order of the writers: (sequence, page index) for a new page past its
+        last one, or for a private copy of a shared page. A page shared by several writers
+        is copied by all but the last, who holds it alone by then."""
+        holders = {}  # shared page -> its holders not yet copied away from it
+        plan = []
+        for s, start, n in zip(seqs, starts, num_new):
+            if not n:
+                continue
+            first, last = start // block_size, (start + n - 1) // block_size
+            for i in range(first, last + 1):
+                if i >= len(s.pages):
+                    plan.append((s, i))
+                    continue
+                page = s.pages[i]
+                count = holders.get(page, self.ref_counts[page])
+                if count > 1:
+                    plan.append((s, i))
+                    holders[page] = count - 1
+        return plan
+
     def _out_of_blocks(self, needed, what):
         return ValueError(
             f"the paged cache is out of blocks: {what} needs {needed} free blocks, "
@@ -603,29 +625,21 @@ class PagedKVCacheLayer:
         T, num_new = check_new_positions(self, keys, values, num_new, "sequences")
         seqs = [cache._seqs[s] for s in seq_ids]
         starts = [int(s.lengths[self.index]) for s in seqs]
-        # Pages first (all or nothing): new ones past each sequence's last page, and a
-        # private copy of every shared page about to be written.
-        needed = 0
-        for s, start, n in zip(seqs, starts, num_new):
-            if n:
-                first, last = start // bs, (start + n - 1) // bs
-                needed += max(0, last + 1 - len(s.pages))
-                needed += sum(cache.ref_counts[p] > 1
-                              for p in s.pages[first:min(last + 1, len(s.pages))])
-        if needed > cache.num_free_blocks:
-            raise cache._out_of_blocks(needed, f"appending {int(num_new.sum())} positions")
+        # Pages first (all or nothing): plan every page taken, then take them.
+        plan = cache._pages_to_take(seqs, starts, num_new, bs)
+        if len(plan) > cache.num_free_blocks:
+            raise cache._out_of_blocks(len(plan), f"appending {int(num_new.sum())} positions")
+        for s, i in plan:
+            if i == len(s.pages):
+                s.pages.append(cache._take_page())
+            else:  # shared: copy before writing
+                shared = s.pages[i]
+                s.pages[i] = cache._copy_page(shared)
+                cache._release([shared])
         page_of, row_of, batch_of, step_of = [], [], [], []
         for b, (s, start, n) in enumerate(zip(seqs, starts, num_new)):
             if not n:
                 continue
-            first, last = start // bs, (start + n - 1) // bs
-            for i in range(first, last + 1):
-                if i == len(s.pages):
-                    s.pages.append(cache._take_page())
-                elif cache.ref_counts[s.pages[i]] > 1:  # shared: copy before writing
-                    shared = s.pages[i]
-                    s.pages[i] = cache._copy_page(shared)
-                    cache._release([shared])
             positions = np.arange(start, start + n)
             page_of.append(np.asarray(s.pages, dtype=np.intp)[positions // bs])
             row_of.append(positions % bs)
