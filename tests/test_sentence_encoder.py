@@ -4,6 +4,7 @@ sentence-transformers users call it."""
 import json
 import math
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -329,6 +330,52 @@ def test_bad_options(tiny):
     with pytest.raises(TypeError, match="unexpected keyword"):
         tiny.encode(SENTENCES, normalize=True)
 
+
+@pytest.mark.parametrize("blas_gemm", [False, True], ids=["this_cpu", "blas_gemm"])
+def test_encode_leaves_blas_alone_unless_it_calls_blas(monkeypatch, blas_gemm):
+    """Another thread reads the BLAS thread counts in the middle of an encode (from inside
+    its attention calls, so on any machine and load): it sees the count the user set, or 1
+    only where the linear layers are BLAS's GEMMs (held on one thread for the call, as
+    attention's BLAS path): on this CPU as it runs, and with the weights left unpacked for
+    BLAS as on CPUs without the micro-kernels. Bug caught: holding SciPy's BLAS at one
+    thread, process-wide, during every encode, where no BLAS is called."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from cattn import _encoder_ops
+    from cattn._blas_threads import single_threaded_blas
+    from cattn.models import sentence
+
+    if blas_gemm:
+        monkeypatch.setattr(sentence, "_packs_weights", lambda dtype: False)
+    config = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=40,
+                        max_position_embeddings=64)
+    model = MiniLM(BertEncoder.random(config, rng=3), WordTokenizer(97), normalize=False)
+
+    def fewest_blas_threads():   # (NumPy's BLAS keeps the user's count: cattn never sets it)
+        return min(i["num_threads"] for i in threadpoolctl.threadpool_info()
+                   if i["user_api"] == "blas")
+
+    seen = []
+    attention = sentence.scaled_dot_product_attention
+
+    def attention_read_from_another_thread(*args, **kwargs):
+        reader = threading.Thread(target=lambda: seen.append(fewest_blas_threads()))
+        reader.start()
+        reader.join()
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(sentence, "scaled_dot_product_attention",
+                        attention_read_from_another_thread)
+    with threadpoolctl.threadpool_limits(limits=3, user_api="blas"):
+        if fewest_blas_threads() != 3:
+            pytest.skip("this BLAS does not take a count of 3 threads")
+        model.encode(["I love Apple phones", "How are you doing?"])
+        after = fewest_blas_threads()
+    # (the linear layers' GEMM is BLAS's where no packed micro-kernel serves float32)
+    calls_blas = ((blas_gemm or _encoder_ops.linear_panel_width(np.float32) == 1)
+                  and single_threaded_blas.backend != "none")
+    assert seen and set(seen) == {1 if calls_blas else 3}
+    assert after == 3
 
 def test_inputs_are_not_modified(tiny):
     sentences = list(SENTENCES)

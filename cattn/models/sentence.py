@@ -17,9 +17,13 @@ GEMM runs on the real tokens only, and only attention sees a padded layout, with
 per-sequence key lengths in cattn's kernel. Each layer is three parallel steps in cattn's
 OpenMP team (`cattn._encoder_ops`): Q/K/V projection; attention; output projection +
 LayerNorm + feed-forward + LayerNorm. In the first and last, each thread takes a chunk of
-rows through single-threaded BLAS GEMMs and the fused row loops (bias + GELU, bias +
-residual + LayerNorm), so no second thread pool (BLAS's) competes for the cores.
+rows through the GEMMs and the fused row loops (bias + GELU, bias + residual + LayerNorm).
+The GEMMs are cattn's micro-kernels on packed weights where the CPU has them (AVX2,
+AVX-512), else single-threaded BLAS: only then is SciPy's BLAS held on one thread for the
+call (as attention's BLAS path does), so that no second thread pool competes for the
+cores; elsewhere encoding leaves BLAS's settings alone.
 """
+import contextlib
 import importlib
 import json
 import math
@@ -146,9 +150,17 @@ def packed_forward(encoder, ids, offsets, num_threads=None, matmul_precision="hi
     sequence's key length. Token types are 0 (single sentences).
     """
     out = np.empty((ids.shape[0], encoder.config.hidden_size), encoder.dtype)
-    with single_threaded_blas:  # the GEMMs run inside cattn's threads
+    # BLAS GEMMs run inside cattn's threads: one BLAS thread each, for this call only
+    with (single_threaded_blas if not _packs_weights(encoder.dtype)
+          else contextlib.nullcontext()):
         _groups_forward(encoder, ids, offsets, num_threads, matmul_precision, out)
     return out
+
+
+def _packs_weights(dtype):
+    """Whether the linear layers of `dtype` run cattn's micro-kernels on packed weights on
+    this CPU (else BLAS's GEMM on the weights as they are)."""
+    return ops.linear_panel_width(dtype) > 1
 
 
 class _Workspace(threading.local):
@@ -236,7 +248,7 @@ def layer_weights(encoder, matmul_precision="highest"):
         return cached[1]
     encoder._packed_weights = None  # the old packing goes before the new one is made
     pack = None
-    if ops.linear_panel_width(encoder.dtype) > 1:
+    if _packs_weights(encoder.dtype):
         def pack(weight):
             return ops.pack_linear_weight(weight, precision=matmul_precision)
     packed = []
