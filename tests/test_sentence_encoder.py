@@ -342,10 +342,10 @@ def test_encode_leaves_blas_alone_unless_it_calls_blas(monkeypatch, blas_gemm):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     from cattn import _encoder_ops
     from cattn._blas_threads import single_threaded_blas
-    from cattn.models import sentence
+    from cattn.models import bert
 
     if blas_gemm:
-        monkeypatch.setattr(sentence, "_packs_weights", lambda dtype: False)
+        monkeypatch.setattr(bert, "packs_weights", lambda dtype: False)
     config = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=40,
                         max_position_embeddings=64)
@@ -356,7 +356,7 @@ def test_encode_leaves_blas_alone_unless_it_calls_blas(monkeypatch, blas_gemm):
                    if i["user_api"] == "blas")
 
     seen = []
-    attention = sentence.scaled_dot_product_attention
+    attention = bert.scaled_dot_product_attention
 
     def attention_read_from_another_thread(*args, **kwargs):
         reader = threading.Thread(target=lambda: seen.append(fewest_blas_threads()))
@@ -364,7 +364,7 @@ def test_encode_leaves_blas_alone_unless_it_calls_blas(monkeypatch, blas_gemm):
         reader.join()
         return attention(*args, **kwargs)
 
-    monkeypatch.setattr(sentence, "scaled_dot_product_attention",
+    monkeypatch.setattr(bert, "scaled_dot_product_attention",
                         attention_read_from_another_thread)
     with threadpoolctl.threadpool_limits(limits=3, user_api="blas"):
         if fewest_blas_threads() != 3:
@@ -387,9 +387,9 @@ def test_inputs_are_not_modified(tiny):
 def test_packed_forward_equals_padded_forward(rng, monkeypatch, tokens_per_group):
     """The packed pass (GEMMs on real tokens, fused row operations, groups of sequences)
     equals the padded layer-by-layer BertEncoder, in float64 to rounding."""
-    from cattn.models import sentence
+    from cattn.models import _packed
     from cattn.models.sentence import packed_forward
-    monkeypatch.setattr(sentence, "TOKENS_PER_GROUP", tokens_per_group)
+    monkeypatch.setattr(_packed, "TOKENS_PER_GROUP", tokens_per_group)
     config = BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=2,
                         num_attention_heads=3, intermediate_size=40,
                         max_position_embeddings=20)
@@ -483,7 +483,7 @@ def test_high_matmul_precision(rng):
     model.matmul_precision = "high"
     high = model.encode(sentences, batch_size=4)
     split = ops.split_bf16_available()
-    assert (layer_weights(model.encoder, "high")[0]["qkv"].dtype == np.uint32) == split
+    assert (layer_weights(model.encoder, "high")[0].qkv.dtype == np.uint32) == split
     if split:
         assert not np.array_equal(high, highest)
         np.testing.assert_allclose(high, highest, rtol=0, atol=2e-5)
@@ -535,3 +535,25 @@ def test_float32_weights_map_the_file_read_only(tmp_path, rng):
     # asked for float64, a float32 tensor is read and converted, never mapped
     as64 = BertEncoder(config, read_safetensors(tmp_path / "m.safetensors"), np.float64)
     assert as64.word_embeddings.dtype == np.float64 and as64.word_embeddings.flags.writeable
+
+
+def test_each_layer_keeps_its_packed_weights_per_precision():
+    """A layer packs its linear weights once per matmul precision and keeps only the last
+    precision's. Bugs caught: packing again on every encode, or serving the packing of
+    another precision after a change."""
+    config = BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=2,
+                        num_attention_heads=3, intermediate_size=40,
+                        max_position_embeddings=20)
+    model = MiniLM(BertEncoder.random(config, rng=2), WordTokenizer(50), normalize=False)
+    layer = model.encoder.layers[1]
+    model.encode(["one two three"])
+    first = layer.linear_weights("highest")
+    model.encode(["four five"])
+    assert layer.linear_weights("highest") is first
+    model.matmul_precision = "high"
+    embeddings = model.encode(["four five"])
+    high = layer.linear_weights("high")
+    assert high is not first and layer.linear_weights("high") is high
+    model.matmul_precision = "highest"
+    np.testing.assert_allclose(model.encode(["four five"]), embeddings, rtol=1e-3, atol=1e-4)
+    assert layer.linear_weights("highest") is not first     # the old packing was let go
