@@ -10,8 +10,9 @@ How the package is layered, from what a user calls down to the compiled loop nes
 
     cattn.models      real models on the layers: a BERT encoder, MiniLM sentence embeddings
         |
-    cattn.layers      MultiHeadAttention (projections, masks, grouped-query heads), KVCache
-        |             (cattn._paged: paged_attention and PagedKVCache, pages of a shared pool)
+    cattn.layers      MultiHeadAttention (projections, masks, grouped-query heads); the
+        |             caches in cattn._cache (KVCache, and PagedKVCache: pages of a shared
+        |             pool, read by cattn._paged's paged_attention)
     cattn._api        the validating front: every check happens here, once per call; the
         |             call becomes a plan (one table row of offsets per batch/head item)
     cattn._kernel     the tiled loop nest (Cython + OpenMP): online softmax over key blocks,
@@ -44,9 +45,10 @@ if TYPE_CHECKING:  # what the lazy loader below provides, for type checkers
     from cattn._shared_prefix import shared_prefix_attention
     from cattn._dtypes import quantize_kv
     from cattn._kernel import openmp_enabled
-    from cattn._paged import PagedKVCache, paged_attention
+    from cattn._cache import KVCache, PagedKVCache
+    from cattn._paged import paged_attention
     from cattn._runtime import get_num_threads, set_num_threads, threads
-    from cattn.layers import KVCache, MultiHeadAttention
+    from cattn.layers import MultiHeadAttention
 
 # Public name -> the module that defines it (None: the name is that submodule).
 _LAZY = {
@@ -56,9 +58,9 @@ _LAZY = {
     "shared_prefix_attention": "cattn._shared_prefix",
     "quantize_kv": "cattn._dtypes",
     "MultiHeadAttention": "cattn.layers",
-    "KVCache": "cattn.layers",
+    "KVCache": "cattn._cache",
     "paged_attention": "cattn._paged",
-    "PagedKVCache": "cattn._paged",
+    "PagedKVCache": "cattn._cache",
     "openmp_enabled": "cattn._kernel",
     "set_num_threads": "cattn._runtime",
     "get_num_threads": "cattn._runtime",

@@ -106,34 +106,6 @@ def check_positive_float(x, name, dtype):
     return x
 
 
-def check_new_positions(layer, keys, values, num_new, batch_name):
-    """A cache layer's append: keys (B, Hkv, T, D) and values (B, Hkv, T, Dv) of its dtype,
-    num_new (B,) ints in [0, T] or None (all T). Returns (T, num_new as intp)."""
-    B, Hkv = layer.batch_size, layer.num_kv_heads
-    for name, x, width in (("keys", keys, layer.head_dim), ("values", values,
-                                                            layer.value_dim)):
-        check_ndarray(x, name)
-        accepted = getattr(layer, "input_dtypes", (layer.dtype,))
-        if x.dtype not in accepted:
-            raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {layer.dtype} (and "
-                            f"takes {' or '.join(d.name for d in accepted)})")
-        if x.ndim != 4 or x.shape[0] != B or x.shape[1] != Hkv or x.shape[3] != width:
-            raise ValueError(f"{name} must have shape ({batch_name}={B}, kv_heads={Hkv}, "
-                             f"new, {width}), got {x.shape}")
-    T = keys.shape[2]
-    if values.shape[2] != T:
-        raise ValueError(f"keys and values must hold the same number of new positions, "
-                         f"got {keys.shape} and {values.shape}")
-    if num_new is None:
-        return T, np.full(B, T, dtype=np.intp)
-    num_new = np.asarray(num_new)
-    if num_new.dtype.kind not in "iu":
-        raise TypeError(f"num_new must be integers, got dtype {num_new.dtype}")
-    if num_new.shape != (B,) or num_new.min(initial=0) < 0 or num_new.max(initial=0) > T:
-        raise ValueError(f"num_new must be {B} integers in [0, {T}], got {num_new}")
-    return T, num_new.astype(np.intp)
-
-
 def check_cache_shape(num_kv_heads, head_dim, num_layers, value_dim, dtype):
     """A cache's (num_kv_heads, head_dim, num_layers, value_dim, dtype): sizes >= 1,
     value_dim defaulting to head_dim, dtype float32 or float64."""

@@ -12,7 +12,8 @@ import cattn
 
 # Modules whose docstrings carry examples; cattn._api is compiled, so its functions are
 # collected through the public names rather than by doctest's finder.
-MODULES = ["cattn", "cattn._api", "cattn._varlen", "cattn._paged", "cattn._runtime",
+MODULES = ["cattn", "cattn._api", "cattn._varlen", "cattn._paged", "cattn._cache",
+           "cattn._runtime",
            "cattn._shared_prefix",
            "cattn.layers", "cattn.reference",
            "cattn.models.bert", "cattn.models.minilm"]

@@ -347,7 +347,7 @@ def test_minilm_with_bfloat16_attention_inputs(monkeypatch):
                  "Self-attention lets every token look at every other token, all at once."]
     exact = model.encode(sentences)
     from cattn import layers
-    from cattn.models import sentence
+    from cattn.models import bert
     calls = []
 
     def in_bfloat16(q, k, v, *args, **kwargs):
@@ -356,7 +356,7 @@ def test_minilm_with_bfloat16_attention_inputs(monkeypatch):
 
     # (the layer and the sentence encoder's own attention call)
     monkeypatch.setattr(layers, "scaled_dot_product_attention", in_bfloat16)
-    monkeypatch.setattr(sentence, "scaled_dot_product_attention", in_bfloat16)
+    monkeypatch.setattr(bert, "scaled_dot_product_attention", in_bfloat16)
     rounded = model.encode(sentences)
     assert calls, "the model did not run its attention through cattn's attention"
     cosine = np.sum(exact * rounded, -1) / (np.linalg.norm(exact, axis=-1)

@@ -398,6 +398,163 @@ def test_out_of_blocks_changes_nothing(rng):
         small.fork(0)
 
 
+def shared_partial_page(rng):
+    """Two sequences sharing a partly filled page (a fork, then both truncated into the
+    shared page) in a pool of 3 pages, one of them free; and the keys they hold."""
+    cache = cattn.PagedKVCache(3, 4, 1, 8)
+    cache.add_sequence()
+    k, v = kv(rng, 1, 1, 8, 8)
+    cache.layer(0).append(k, v)
+    cache.fork(0)
+    for seq in (0, 1):
+        cache.truncate(seq, 6)
+    assert cache.block_table().tolist() == [[0, 1], [0, 1]] and cache.num_free_blocks == 1
+    return cache, k, v
+
+
+def check_pool(cache):
+    """The pool's bookkeeping agrees with the block table: every page's reference count is
+    the number of sequences holding it, and the free list holds exactly the others."""
+    counts = np.zeros(cache.num_blocks, dtype=np.intp)
+    for seq in cache.sequences:
+        np.add.at(counts, cache.block_table([seq])[0], 1)
+    np.testing.assert_array_equal(cache.ref_counts, counts)
+    assert cache.num_free_blocks == np.count_nonzero(counts == 0)
+
+
+def test_copy_on_write_counts_a_shared_page_once(rng):
+    """Bug caught: counting every writer of a shared page as a copy, when the last writer
+    owns the page once the others have copied it (1 page needed here, not 2)."""
+    cache, k, v = shared_partial_page(rng)
+    k_new, v_new = kv(rng, 2, 1, 1, 8)
+    cache.layer(0).append(k_new, v_new)
+    table = cache.block_table()
+    assert table[0, 1] == 2 and table[1, 1] == 1     # the first writer copied
+    assert cache.num_free_blocks == 0
+    check_pool(cache)
+    for seq in (0, 1):
+        keys, values = held(cache, seq)
+        np.testing.assert_array_equal(keys, np.concatenate([k[0, :, :6], k_new[seq]], 1))
+        np.testing.assert_array_equal(values, np.concatenate([v[0, :, :6], v_new[seq]], 1))
+
+
+def test_copy_on_write_out_of_blocks_changes_nothing(rng):
+    """Bug caught: copying (or taking) pages for the first writers before finding that a
+    later one does not fit, leaving the pool changed by a refused append."""
+    cache, k, _ = shared_partial_page(rng)
+    # Sequence 0 copies the shared page (the free one), sequence 1 then owns it but needs
+    # a new page past it: 2 pages, 1 free.
+    k_new, v_new = kv(rng, 2, 1, 3, 8)
+    table, counts = cache.block_table(), cache.ref_counts.copy()
+    keys_before = cache.keys.copy()
+    with pytest.raises(ValueError, match="needs 2 free blocks, 1 of 3 are free"):
+        cache.layer(0).append(k_new, v_new, num_new=np.array([1, 3]))
+    np.testing.assert_array_equal(cache.block_table(), table)
+    np.testing.assert_array_equal(cache.ref_counts, counts)
+    np.testing.assert_array_equal(cache.keys, keys_before)
+    np.testing.assert_array_equal(cache.layer(0).seq_lens(), [6, 6])
+    assert cache.num_free_blocks == 1
+    check_pool(cache)
+    np.testing.assert_array_equal(held(cache, 1)[0], k[0, :, :6])
+
+
+def test_random_operations_refuse_only_what_does_not_fit(rng):
+    """Random appends, forks, truncations and frees on a small pool, each replayed on a
+    twin with pages to spare: an append is refused exactly when the twin ends it holding
+    more pages than the small pool has, a refused one changes nothing, and every sequence
+    holds what was written to it. Bugs caught: under-counting pages (running out halfway),
+    over-counting new pages, a refused append that leaves pages taken or copied, reference
+    counts drifting from the block table. (The shared partial page is pinned down by the
+    tests above: random operations rarely reach it at the pool's edge.)"""
+    small = cattn.PagedKVCache(6, 3, 1, 4)
+    done = []                                   # the operations the small pool took
+
+    def replayed():
+        twin = cattn.PagedKVCache(60, 3, 1, 4)
+        for name, args in done:
+            getattr(twin.layer(0) if name == "append" else twin, name)(*args)
+        return twin
+
+    want = {}                                   # sequence -> the keys it holds
+    refused = 0
+    for step in range(300):
+        live = small.sequences
+        op = rng.choice(5, p=[0.1, 0.25, 0.25, 0.1, 0.3]) if live else 0
+        if op == 0 and len(live) < 4:
+            seq = small.add_sequence()
+            done.append(("add_sequence", (seq,)))
+            want[seq] = np.zeros((1, 0, 4), np.float32)
+        elif op == 1:
+            src = live[rng.integers(len(live))]
+            free_before = small.num_free_blocks
+            try:
+                dst = small.fork(src)
+            except ValueError:
+                assert free_before == 0 and small.length(src) % 3
+                continue
+            done.append(("fork", (src, dst)))
+            want[dst] = want[src].copy()
+        elif op == 2:
+            seq = live[rng.integers(len(live))]
+            length = int(rng.integers(small.length(seq) + 1))
+            small.truncate(seq, length)
+            done.append(("truncate", (seq, length)))
+            want[seq] = want[seq][:, :length]
+        elif op == 3 and len(live) > 1:
+            seq = live[rng.integers(len(live))]
+            small.free(seq)
+            done.append(("free", (seq,)))
+            del want[seq]
+        else:
+            k, _ = kv(rng, len(live), 1, 4, 4)
+            num_new = rng.integers(0, 3, size=len(live))
+            twin = replayed()
+            twin.layer(0).append(k, k, num_new)
+            if twin.num_blocks - twin.num_free_blocks > small.num_blocks:
+                refused += 1
+                state = (small.block_table(), small.ref_counts.copy(), small.keys.copy())
+                with pytest.raises(ValueError, match="out of blocks"):
+                    small.layer(0).append(k, k, num_new)
+                np.testing.assert_array_equal(small.block_table(), state[0])
+                np.testing.assert_array_equal(small.ref_counts, state[1])
+                np.testing.assert_array_equal(small.keys, state[2])
+                continue
+            small.layer(0).append(k, k, num_new)
+            done.append(("append", (k, k, num_new)))
+            for b, seq in enumerate(live):
+                want[seq] = np.concatenate([want[seq], k[b, :, 4 - num_new[b]:]], 1)
+        check_pool(small)
+        for seq in small.sequences:
+            np.testing.assert_array_equal(held(small, seq)[0], want[seq])
+    assert refused >= 5          # the pool ran out often enough to test the edge
+
+
+@pytest.mark.parametrize("length", [0, 4, 8])
+def test_truncate_to_a_page_boundary(rng, length):
+    """Truncating to a multiple of the page size (0 included) keeps exactly the pages
+    below it. Bug caught: keeping (or copying on the next write) a page past the end, or
+    writing the next position into the last kept page instead of a new one."""
+    cache = cattn.PagedKVCache(6, 4, 1, 8)
+    cache.add_sequence()
+    k, v = kv(rng, 1, 1, 10, 8)
+    cache.layer(0).append(k, v)
+    cache.fork(0)                              # pages 0 and 1 shared, the partial one copied
+    cache.truncate(0, length)
+    assert cache.length(0) == length and len(cache.block_table([0])[0]) == length // 4
+    check_pool(cache)
+    k_new, v_new = kv(rng, 2, 1, 5, 8)
+    cache.layer(0).append(k_new, v_new, num_new=np.array([5, 0]))
+    check_pool(cache)
+    keys, values = held(cache, 0)
+    np.testing.assert_array_equal(keys, np.concatenate([k[0, :, :length], k_new[0]], 1))
+    np.testing.assert_array_equal(values, np.concatenate([v[0, :, :length], v_new[0]], 1))
+    np.testing.assert_array_equal(held(cache, 1)[0], k[0])   # the fork kept its keys
+    cache.truncate(0, 0)
+    cache.free(1)
+    assert cache.block_table([0]).shape == (1, 0) and cache.num_free_blocks == 6
+    check_pool(cache)
+
+
 def test_cache_misuse():
     cache = cattn.PagedKVCache(4, 4, 1, 8, num_layers=2)
     seq = cache.add_sequence()

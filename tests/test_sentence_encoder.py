@@ -4,6 +4,7 @@ sentence-transformers users call it."""
 import json
 import math
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -330,6 +331,52 @@ def test_bad_options(tiny):
         tiny.encode(SENTENCES, normalize=True)
 
 
+@pytest.mark.parametrize("blas_gemm", [False, True], ids=["this_cpu", "blas_gemm"])
+def test_encode_leaves_blas_alone_unless_it_calls_blas(monkeypatch, blas_gemm):
+    """Another thread reads the BLAS thread counts in the middle of an encode (from inside
+    its attention calls, so on any machine and load): it sees the count the user set, or 1
+    only where the linear layers are BLAS's GEMMs (held on one thread for the call, as
+    attention's BLAS path): on this CPU as it runs, and with the weights left unpacked for
+    BLAS as on CPUs without the micro-kernels. Bug caught: holding SciPy's BLAS at one
+    thread, process-wide, during every encode, where no BLAS is called."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from cattn import _encoder_ops
+    from cattn._blas_threads import single_threaded_blas
+    from cattn.models import bert
+
+    if blas_gemm:
+        monkeypatch.setattr(bert, "packs_weights", lambda dtype: False)
+    config = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=40,
+                        max_position_embeddings=64)
+    model = MiniLM(BertEncoder.random(config, rng=3), WordTokenizer(97), normalize=False)
+
+    def fewest_blas_threads():   # (NumPy's BLAS keeps the user's count: cattn never sets it)
+        return min(i["num_threads"] for i in threadpoolctl.threadpool_info()
+                   if i["user_api"] == "blas")
+
+    seen = []
+    attention = bert.scaled_dot_product_attention
+
+    def attention_read_from_another_thread(*args, **kwargs):
+        reader = threading.Thread(target=lambda: seen.append(fewest_blas_threads()))
+        reader.start()
+        reader.join()
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(bert, "scaled_dot_product_attention",
+                        attention_read_from_another_thread)
+    with threadpoolctl.threadpool_limits(limits=3, user_api="blas"):
+        if fewest_blas_threads() != 3:
+            pytest.skip("this BLAS does not take a count of 3 threads")
+        model.encode(["I love Apple phones", "How are you doing?"])
+        after = fewest_blas_threads()
+    # (the linear layers' GEMM is BLAS's where no packed micro-kernel serves float32)
+    calls_blas = ((blas_gemm or _encoder_ops.linear_panel_width(np.float32) == 1)
+                  and single_threaded_blas.backend != "none")
+    assert seen and set(seen) == {1 if calls_blas else 3}
+    assert after == 3
+
 def test_inputs_are_not_modified(tiny):
     sentences = list(SENTENCES)
     tiny.encode(sentences, batch_size=2)
@@ -340,9 +387,9 @@ def test_inputs_are_not_modified(tiny):
 def test_packed_forward_equals_padded_forward(rng, monkeypatch, tokens_per_group):
     """The packed pass (GEMMs on real tokens, fused row operations, groups of sequences)
     equals the padded layer-by-layer BertEncoder, in float64 to rounding."""
-    from cattn.models import sentence
+    from cattn.models import _packed
     from cattn.models.sentence import packed_forward
-    monkeypatch.setattr(sentence, "TOKENS_PER_GROUP", tokens_per_group)
+    monkeypatch.setattr(_packed, "TOKENS_PER_GROUP", tokens_per_group)
     config = BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=2,
                         num_attention_heads=3, intermediate_size=40,
                         max_position_embeddings=20)
@@ -436,7 +483,7 @@ def test_high_matmul_precision(rng):
     model.matmul_precision = "high"
     high = model.encode(sentences, batch_size=4)
     split = ops.split_bf16_available()
-    assert (layer_weights(model.encoder, "high")[0]["qkv"].dtype == np.uint32) == split
+    assert (layer_weights(model.encoder, "high")[0].qkv.dtype == np.uint32) == split
     if split:
         assert not np.array_equal(high, highest)
         np.testing.assert_allclose(high, highest, rtol=0, atol=2e-5)
@@ -488,3 +535,25 @@ def test_float32_weights_map_the_file_read_only(tmp_path, rng):
     # asked for float64, a float32 tensor is read and converted, never mapped
     as64 = BertEncoder(config, read_safetensors(tmp_path / "m.safetensors"), np.float64)
     assert as64.word_embeddings.dtype == np.float64 and as64.word_embeddings.flags.writeable
+
+
+def test_each_layer_keeps_its_packed_weights_per_precision():
+    """A layer packs its linear weights once per matmul precision and keeps only the last
+    precision's. Bugs caught: packing again on every encode, or serving the packing of
+    another precision after a change."""
+    config = BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=2,
+                        num_attention_heads=3, intermediate_size=40,
+                        max_position_embeddings=20)
+    model = MiniLM(BertEncoder.random(config, rng=2), WordTokenizer(50), normalize=False)
+    layer = model.encoder.layers[1]
+    model.encode(["one two three"])
+    first = layer.linear_weights("highest")
+    model.encode(["four five"])
+    assert layer.linear_weights("highest") is first
+    model.matmul_precision = "high"
+    embeddings = model.encode(["four five"])
+    high = layer.linear_weights("high")
+    assert high is not first and layer.linear_weights("high") is high
+    model.matmul_precision = "highest"
+    np.testing.assert_allclose(model.encode(["four five"]), embeddings, rtol=1e-3, atol=1e-4)
+    assert layer.linear_weights("highest") is not first     # the old packing was let go

@@ -1,15 +1,24 @@
 """A BERT encoder on NumPy and cattn: embeddings and post-layer-norm transformer layers
 whose self-attention is `cattn.MultiHeadAttention`, loaded from Hugging Face BertModel
 weights. The sentence models of `cattn.models` are built on it.
+
+A layer (`BertLayer`) runs a batch in either layout: padded, (B, L, hidden) with a padding
+mask (`BertEncoder.__call__`, layer by layer in NumPy and cattn's attention), or packed,
+the real tokens of all sequences one after another (`cattn.models.sentence`, each step a
+parallel loop of the compiled core).
 """
 import math
 import re
-from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union, overload
+from dataclasses import dataclass, field, fields
+from typing import (Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Tuple, Union,
+                    overload)
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
+from cattn import _runtime  # noqa: F401  (first: it loads OpenMP with its wait policy)
+from cattn import _encoder_ops as ops
+from cattn._api import scaled_dot_product_attention
 from cattn.layers import MultiHeadAttention
 
 
@@ -144,6 +153,122 @@ def gelu(x: NDArray[Any]) -> NDArray[Any]:
     return x
 
 
+class LinearWeights(NamedTuple):
+    """A layer's four linear weights as the packed layer steps take them: packed for
+    cattn's GEMM micro-kernels where this CPU has them (`packs_weights`), else as the layer
+    stores them, for BLAS."""
+    qkv: NDArray[Any]
+    out: NDArray[Any]
+    ff_in: NDArray[Any]
+    ff_out: NDArray[Any]
+
+
+def packs_weights(dtype: DTypeLike) -> bool:
+    """Whether the linear layers of `dtype` run cattn's micro-kernels on packed weights on
+    this CPU (else BLAS's GEMM on the weights as they are)."""
+    return ops.linear_panel_width(dtype) > 1
+
+
+Norm = Tuple[NDArray[Any], NDArray[Any]]          # a LayerNorm's (weight, bias)
+Linear = Tuple[NDArray[Any], NDArray[Any]]        # a dense layer's (weight (in, out), bias)
+
+
+@dataclass(eq=False)
+class BertLayer:
+    """One post-layer-norm transformer layer: self-attention, add & norm, feed-forward
+    (dense, GELU, dense), add & norm. The feed-forward weights are stored transposed,
+    (in, out), so the padded pass's GEMMs read them as they are."""
+    attention: MultiHeadAttention
+    attention_norm: Norm
+    ff_in: Linear
+    ff_out: Linear
+    output_norm: Norm
+    # the packed steps' weights, made on first use for one matmul precision
+    _packed: Optional[Tuple[str, LinearWeights]] = field(default=None, init=False,
+                                                         repr=False)
+
+    def linear_weights(self, matmul_precision: str = "highest") -> LinearWeights:
+        """The linear weights for the packed steps (see LinearWeights), packed once per
+        precision; only the last precision's packing is kept."""
+        if self._packed is not None and self._packed[0] == matmul_precision:
+            return self._packed[1]
+        self._packed = None  # the old packing goes before the new one is made
+        attention = self.attention
+        if not packs_weights(attention.dtype):
+            weights = LinearWeights(attention.in_proj_weight, attention.out_proj_weight,
+                                    self.ff_in[0], self.ff_out[0])
+        else:  # packing takes (out, in): the feed-forward weights transposed back
+            def pack(weight):
+                return ops.pack_linear_weight(np.ascontiguousarray(weight),
+                                              precision=matmul_precision)
+            weights = LinearWeights(pack(attention.in_proj_weight),
+                                    pack(attention.out_proj_weight),
+                                    pack(self.ff_in[0].T), pack(self.ff_out[0].T))
+        self._packed = (matmul_precision, weights)
+        return weights
+
+    def padded(self, x: NDArray[Any], padding: Optional[NDArray[Any]],
+               real_rows: Optional[NDArray[Any]], eps: float, need_weights: bool = False
+               ) -> Tuple[NDArray[Any], Optional[NDArray[Any]]]:
+        """(hidden states (B, L, E), attention weights or None) after this layer, for x
+        (B, L, E) with `padding` (B, L) True at padding (or None). The feed-forward half
+        (2/3 of the FLOPs) runs on `real_rows` of x seen as (B·L, E) only (None: all);
+        hidden states at padding positions are left as the attention half made them."""
+        B, L, _ = x.shape
+        attended, weights = self.attention(x, key_padding_mask=padding,
+                                           need_weights=need_weights,
+                                           average_attn_weights=False)
+        attended += x
+        x = layer_norm(attended, *self.attention_norm, eps)
+        (w_in, b_in), (w_out, b_out) = self.ff_in, self.ff_out
+        all_rows = x.reshape(B * L, -1)
+        rows = all_rows if real_rows is None else all_rows[real_rows]
+        hidden = rows @ w_in
+        hidden += b_in
+        ff = gelu(hidden) @ w_out
+        ff += b_out
+        ff += rows
+        ff = layer_norm(ff, *self.output_norm, eps)
+        if real_rows is None:
+            return ff.reshape(B, L, -1), weights
+        all_rows[real_rows] = ff  # x is this layer's own array: safe to write
+        return x, weights
+
+    def packed(self, x: NDArray[Any], rows: "PackedRows", weights: LinearWeights,
+               eps: float, num_threads: Optional[int] = None) -> None:
+        """x (T, E), the packed hidden states of rows.lengths sequences, <- this layer's
+        output: Q/K/V projected into the padded layout, attention with each sequence's key
+        length, then output projection + add & norm + feed-forward + add & norm over the
+        packed rows, each step one parallel loop of the compiled core."""
+        attention = self.attention
+        ops.project_scatter(x, weights.qkv, attention.in_proj_bias, rows.padded_row,
+                            rows.padded_qkv, rows.scratch_qkv, num_threads=num_threads)
+        scaled_dot_product_attention(*rows.heads, key_lengths=rows.lengths,
+                                     out=rows.context_heads, num_threads=num_threads)
+        ops.attention_output_and_feed_forward(
+            rows.context, rows.padded_row, x, weights.out, attention.out_proj_bias,
+            *self.attention_norm, weights.ff_in, self.ff_in[1], weights.ff_out,
+            self.ff_out[1], *self.output_norm, eps, rows.scratch_e, rows.scratch_f,
+            num_threads=num_threads)
+
+
+@dataclass(eq=False)
+class PackedRows:
+    """Where a packed batch's rows go in each packed layer step: `padded_row` (T,), each
+    token's row in the padded (B·L) layout attention reads; `lengths` (B,); the buffers
+    `padded_qkv` (B·L, 3E) and `context` (B·L, E) with their (B, H, L, D) head views
+    (`heads`: Q, K, V; `context_heads`); the per-thread scratch of the row steps."""
+    padded_row: NDArray[Any]
+    lengths: NDArray[Any]
+    padded_qkv: NDArray[Any]
+    context: NDArray[Any]
+    heads: Tuple[NDArray[Any], NDArray[Any], NDArray[Any]]
+    context_heads: NDArray[Any]
+    scratch_qkv: NDArray[Any]
+    scratch_e: NDArray[Any]
+    scratch_f: NDArray[Any]
+
+
 class BertEncoder:
     """A BERT encoder (embeddings + post-LN transformer layers) on NumPy and cattn.
 
@@ -179,7 +304,7 @@ class BertEncoder:
         self.embeddings_norm = (w.pop("embeddings.LayerNorm.weight"),
                                 w.pop("embeddings.LayerNorm.bias"))
         # Each weight leaves `w` as it is placed: a converted array is never held twice.
-        self.layers = []
+        self.layers: List[BertLayer] = []
         E, H = config.hidden_size, config.num_attention_heads
         for i in range(config.num_hidden_layers):
             p = f"encoder.layer.{i}."
@@ -192,7 +317,7 @@ class BertEncoder:
                                                 for n in ("query", "key", "value")]),
                 "out_proj.weight": w.pop(p + "attention.output.dense.weight"),
                 "out_proj.bias": w.pop(p + "attention.output.dense.bias")})
-            self.layers.append(dict(
+            self.layers.append(BertLayer(
                 attention=attention,
                 attention_norm=(w.pop(p + "attention.output.LayerNorm.weight"),
                                 w.pop(p + "attention.output.LayerNorm.bias")),
@@ -273,24 +398,7 @@ class BertEncoder:
         x = layer_norm(x, *self.embeddings_norm, cfg.layer_norm_eps)
         attentions = []
         for layer in self.layers:
-            attended, weights = layer["attention"](x, key_padding_mask=padding,
-                                                   need_weights=output_attentions,
-                                                   average_attn_weights=False)
+            x, weights = layer.padded(x, padding, real_rows, cfg.layer_norm_eps,
+                                      output_attentions)
             attentions.append(weights)
-            attended += x
-            x = layer_norm(attended, *layer["attention_norm"], cfg.layer_norm_eps)
-            w_in, b_in = layer["ff_in"]
-            w_out, b_out = layer["ff_out"]
-            all_rows = x.reshape(B * L, -1)
-            rows = all_rows if real_rows is None else all_rows[real_rows]
-            hidden = rows @ w_in
-            hidden += b_in
-            ff = gelu(hidden) @ w_out
-            ff += b_out
-            ff += rows
-            ff = layer_norm(ff, *layer["output_norm"], cfg.layer_norm_eps)
-            if real_rows is None:
-                x = ff.reshape(B, L, -1)
-            else:
-                all_rows[real_rows] = ff  # x is this layer's own array: safe to write
         return (x, attentions) if output_attentions else x

