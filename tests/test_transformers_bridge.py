@@ -330,7 +330,14 @@ def test_masks_stay_native(hf, torch):
                          mask_function=mu.sliding_window_causal_mask_function(5),
                          attention_mask=torch.ones(2, 13, dtype=torch.bool))
     assert sliding.window == (4, 0) and sliding.key_mask is None
-    assert (sliding.q_offset, sliding.k_offset) == (12, 8)
+    # its last key is the query's position: bottom-right alignment, no per-item offsets
+    assert (sliding.alignment, sliding.q_offset, sliding.k_offset) == ("bottom_right", None,
+                                                                       None)
+    # a static cache's buffer (16 keys, 5 filled): true positions, its offset a tensor
+    static = cattn_mask(2, 1, 16, q_offset=torch.tensor(5), kv_offset=0,
+                        mask_function=mu.causal_mask_function)
+    assert static.alignment == "top_left" and int(static.q_offset) == 5
+    assert static.k_offset == 0
     both = cattn_mask(2, 12, 12, mask_function=mu.sliding_window_bidirectional_mask_function(2))
     assert not both.is_causal and both.window == (2, 2)
     chunked = mu.chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long))

@@ -17,7 +17,6 @@ The operator computes inference only: a forward pass works on tensors that requi
 """
 from typing import Optional
 
-import numpy as np
 import torch
 
 import cattn
@@ -66,11 +65,13 @@ def _window(window_left, window_right):
 def _batch_shape(query, key, value, enable_gqa):
     """The leading shape of the result: the operands' leading axes broadcast, the query's
     head count where grouped-query heads share key/value heads."""
+    lead = query.shape[:-2]
     key_lead, value_lead = key.shape[:-2], value.shape[:-2]
     if enable_gqa and query.dim() >= 3:
-        heads = query.shape[-3:-2]
-        key_lead, value_lead = key_lead[:-1] + heads, value_lead[:-1] + heads
-    return torch.broadcast_shapes(query.shape[:-2], key_lead, value_lead)
+        key_lead, value_lead = key_lead[:-1] + lead[-1:], value_lead[:-1] + lead[-1:]
+    if key_lead == lead and value_lead == lead:  # (the common case, without broadcasting)
+        return lead
+    return torch.broadcast_shapes(lead, key_lead, value_lead)
 
 
 def empty_result(query, key, value, enable_gqa):
@@ -80,8 +81,8 @@ def empty_result(query, key, value, enable_gqa):
     batch = _batch_shape(query, key, value, enable_gqa)
     L, Ev = query.shape[-2], value.shape[-1]
     if len(batch) == 2:
-        return query.new_empty((batch[0], L, batch[1], Ev)).transpose(1, 2)
-    return query.new_empty(tuple(batch) + (L, Ev))
+        return torch.empty((batch[0], L, batch[1], Ev), dtype=query.dtype).transpose(1, 2)
+    return torch.empty(tuple(batch) + (L, Ev), dtype=query.dtype)
 
 
 def attention_into(out, query, key, value, attn_mask=None, is_causal=False, scale=None,
@@ -91,14 +92,17 @@ def attention_into(out, query, key, value, attn_mask=None, is_causal=False, scal
     (any strides); integer tensors (lengths, offsets) may stand for ints."""
     if sinks is not None and sinks.dtype not in (torch.float32, torch.float64):
         sinks = sinks.float()  # a handful of logits: the kernel takes them in float32
-    integers = [x if x is None or isinstance(x, int) else numpy_view(x, name)
-                for x, name in ((key_lengths, "key_lengths"), (q_offset, "q_offset"),
-                                (k_offset, "k_offset"))]
+    if isinstance(key_lengths, torch.Tensor):
+        key_lengths = numpy_view(key_lengths, "key_lengths")
+    if isinstance(q_offset, torch.Tensor):
+        q_offset = numpy_view(q_offset, "q_offset")
+    if isinstance(k_offset, torch.Tensor):
+        k_offset = numpy_view(k_offset, "k_offset")
     cattn.scaled_dot_product_attention(
         numpy_view(query, "query"), numpy_view(key, "key"), numpy_view(value, "value"),
         None if attn_mask is None else numpy_view(attn_mask, "attn_mask"), is_causal, scale,
-        enable_gqa=enable_gqa, window=window, alignment=alignment, key_lengths=integers[0],
-        q_offset=integers[1], k_offset=integers[2], softcap=softcap,
+        enable_gqa=enable_gqa, window=window, alignment=alignment, key_lengths=key_lengths,
+        q_offset=q_offset, k_offset=k_offset, softcap=softcap,
         sinks=None if sinks is None else numpy_view(sinks, "sinks"),
         out=numpy_view(out, "out"))
     return out

@@ -51,27 +51,33 @@ class AttentionPattern:
         cattn's sliding window, relative to the diagonal.
     key_mask : bool tensor (batch, 1, 1, S) or None
         True for the keys that take part (padding excluded); None when all do.
-    q_offset, k_offset : int or integer tensor
+    alignment : "top_left" or "bottom_right"
+    q_offset, k_offset : int, integer tensor or None
         Positions of the first query and of the first key in the sequence (a cache's keys
         start after the ones a sliding window dropped), so causality and the window compare
-        true positions whatever the cache holds.
+        true positions whatever the cache holds. None when an alignment says as much (the
+        kernel then needs no per-item diagonals): "top_left" when both start at the same
+        position, "bottom_right" when the last query and the last key are at the same
+        position (a dynamic cache's keys).
     """
 
     # Not a 2-D padding mask: transformers' mask helpers pass it through unchanged when
     # generate() builds the masks ahead of the forward pass (static caches).
     ndim = 4
 
-    def __init__(self, is_causal, window, key_mask, q_offset, k_offset):
+    def __init__(self, is_causal, window, key_mask, alignment, q_offset, k_offset):
         self.is_causal = is_causal
         self.window = window
         self.key_mask = key_mask
+        self.alignment = alignment
         self.q_offset = q_offset
         self.k_offset = k_offset
 
     def __repr__(self):
         padding = "none" if self.key_mask is None else tuple(self.key_mask.shape)
         return (f"AttentionPattern(is_causal={self.is_causal}, window={self.window}, "
-                f"key_mask={padding}, q_offset={self.q_offset}, k_offset={self.k_offset})")
+                f"key_mask={padding}, alignment={self.alignment!r}, "
+                f"q_offset={self.q_offset}, k_offset={self.k_offset})")
 
 
 def _closure(function):
@@ -136,7 +142,13 @@ def cattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
         # reads no mask at all)
         if torch.compiler.is_compiling() or not bool(padding.all()):
             key_mask = padding[:, None, None, :]
-    return AttentionPattern(is_causal, window, key_mask, q_offset, kv_offset)
+    alignment = "top_left"
+    if isinstance(q_offset, int):  # (a static cache's offset is a tensor: kept as it is)
+        if q_offset == kv_offset:
+            q_offset = kv_offset = None
+        elif q_offset + q_length == kv_offset + kv_length:
+            alignment, q_offset, kv_offset = "bottom_right", None, None
+    return AttentionPattern(is_causal, window, key_mask, alignment, q_offset, kv_offset)
 
 
 def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
@@ -157,6 +169,7 @@ def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0
     if isinstance(attention_mask, AttentionPattern):
         mask, causal, window = (attention_mask.key_mask, attention_mask.is_causal,
                                 attention_mask.window)
+        alignment = attention_mask.alignment
         q_offset, k_offset = attention_mask.q_offset, attention_mask.k_offset
     elif attention_mask is None:
         # no mask from the model: the layer's own flags, the last query on the last key
