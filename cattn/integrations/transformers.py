@@ -182,11 +182,50 @@ def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0
         mask, causal, window = attention_mask, False, None
         if mask.is_floating_point() and mask.dtype not in (torch.float32, torch.float64):
             mask = mask.float()  # additive masks of 16-bit models: cattn adds in float32
+    if (query.shape[2] == 1 and query.shape[1] != key.shape[1] and s_aux is None
+            and (mask is None or mask.shape[1] == 1) and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and query.requires_grad)):
+        visible = _visible_keys(key.shape[2], causal, window, alignment, q_offset, k_offset)
+        if visible is not None:
+            return _one_token_grouped(query, key, value, mask, visible, scaling, softcap), None
     out = cattn_torch.scaled_dot_product_attention(
         query, key, value, mask, causal, scaling, enable_gqa=query.shape[1] != key.shape[1],
         window=window, alignment=alignment, q_offset=q_offset, k_offset=k_offset,
         softcap=softcap, sinks=s_aux)
     return out.transpose(1, 2), None
+
+
+def _visible_keys(S, causal, window, alignment, q_offset, k_offset):
+    """The keys [lo, hi) one query sees under causality and the window, or None if none."""
+    if alignment == "bottom_right":
+        position = S - 1
+    elif q_offset is None:
+        position = 0
+    else:
+        position = int(q_offset) - int(k_offset)
+    left, right = (None, None) if window is None else window
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    lo = 0 if left is None else max(0, position - left)
+    hi = S if right is None else min(S, position + right + 1)
+    return (lo, hi) if lo < hi else None
+
+
+def _one_token_grouped(query, key, value, mask, visible, scaling, softcap):
+    """Decoding one token with grouped-query heads: the query heads of each key/value head
+    become its rows, over the slice of keys the token sees. One (group, S) product per
+    key/value head reads each key once, where one row per query head would re-read the
+    keys for every head of the group."""
+    batch, heads, _, features = query.shape
+    kv_heads, value_features = key.shape[1], value.shape[-1]
+    lo, hi = visible
+    out = torch.empty((batch, 1, heads, value_features), dtype=query.dtype)
+    cattn_torch.attention_into(
+        out.view(batch, kv_heads, heads // kv_heads, value_features),
+        query.reshape(batch, kv_heads, heads // kv_heads, features), key[:, :, lo:hi],
+        value[:, :, lo:hi], None if mask is None else mask[..., lo:hi], scale=scaling,
+        softcap=softcap)
+    return out
 
 
 def register():
