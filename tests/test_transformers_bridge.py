@@ -243,6 +243,26 @@ def test_static_cache_generation_matches_eager(hf, torch, family):
     assert got.tolist() == want.tolist()
 
 
+def test_static_cache_without_padding_mask(hf, torch):
+    """Prefill and two decoding steps into a static cache with no attention mask: nothing
+    but the queries' positions hides the buffer's unfilled keys (zeros, which would take
+    probability mass). The cache advances its length counter before attention runs."""
+    model = decoder(hf, "llama")
+    ids, _ = prompts(torch)
+    logits = {}
+    for implementation in ("eager", "cattn"):
+        model.set_attn_implementation(implementation)
+        cache = hf.StaticCache(config=model.config, max_cache_len=20)
+        with torch.no_grad():
+            steps = [model(ids, cache=cache).logits[:, -1]]
+            for token in (5, 6):
+                steps.append(model(torch.tensor([[token], [token]]), cache=cache).logits[:, -1])
+        logits[implementation] = torch.stack(steps)
+    scale = max(1.0, logits["eager"].abs().max().item())
+    np.testing.assert_allclose(logits["cattn"].numpy(), logits["eager"].numpy(), rtol=0,
+                               atol=1e-5 * scale)
+
+
 def test_cache_keys_are_read_in_place(hf, torch, monkeypatch):
     """The keys and values cattn reads are the cache's own memory, not copies."""
     import cattn

@@ -143,7 +143,11 @@ def cattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
         if torch.compiler.is_compiling() or not bool(padding.all()):
             key_mask = padding[:, None, None, :]
     alignment = "top_left"
-    if isinstance(q_offset, int):  # (a static cache's offset is a tensor: kept as it is)
+    if isinstance(q_offset, torch.Tensor):
+        # a static cache's own length counter, which its update advances before the
+        # attention reads the pattern: keep the position the mask is made for
+        q_offset = q_offset.clone()
+    elif isinstance(q_offset, int):
         if q_offset == kv_offset:
             q_offset = kv_offset = None
         elif q_offset + q_length == kv_offset + kv_length:
