@@ -399,3 +399,27 @@ def test_bert_encoder_with_padding(hf, torch):
             got16 = half(ids, attention_mask=mask).last_hidden_state
         # layer-normed hidden states of order 1 through two bfloat16 layers
         assert_valid_positions_close(got16, want, mask, atol=0.1)
+
+
+def test_bench_preset_runs_and_reports(hf, torch, monkeypatch):
+    """python -m cattn.bench --preset transformers, on a tiny shape: every implementation
+    timed per case, their first logits checked against eager's, the table printed."""
+    from cattn.bench import transformers_bridge as preset
+    from cattn.bench.config import BenchConfig
+    tiny = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, num_hidden_layers=2)
+    monkeypatch.setattr(preset, "SHAPES", {"tiny": ("Qwen2Config", tiny, True, preset.IMPLS,
+                                                    32, (64,))})
+    monkeypatch.setattr(preset, "OVERHEAD_CALLS", 5)
+    result = preset.run_transformers_preset(BenchConfig(threads=[1], reps=1, warmup=0))
+    rows = result["transformers_cases"]
+    assert {(r["case"], r["impl"]) for r in rows} == {
+        (case, impl) for case in ("float32 prefill 32", "float32 decode at 64",
+                                  "bfloat16 prefill 32", "bfloat16 decode at 64")
+        for impl in preset.IMPLS}
+    for r in rows:
+        assert r["median_s"] > 0
+        tol = 1e-4 if r["dtype"] == "float32" else 0.5  # bfloat16 logits of order 1-10
+        assert r["logits_max_diff_vs_eager"] <= tol, r
+    table = preset.format_transformers_cases(result)
+    assert "cattn" in table and "bridge per call" in table

@@ -24,6 +24,7 @@ from cattn.bench.timing import Runner, first_call, median, time_round_robin
 CONTEXTS = (2048, 8192, 16384)
 VOCAB = 1024  # the real embedding tables (150k-256k rows) would only add a large GEMM
 IMPLS = ("sdpa", "eager", "cattn")
+OVERHEAD_CALLS = 2000  # calls per timed batch of the per-call overhead
 
 # name: (config class, options, float32 and bfloat16?, implementations compared,
 #        prefill length, decode contexts)
@@ -150,7 +151,8 @@ def _model_rows(name: str, dtype_name: str, config: BenchConfig) -> List[Dict[st
                      f"{dtype_name} prefill {prefill}")
     for context in contexts[:1] if config.quick else contexts:
         rows += _compare(name, "decode", models, lambda m: _decode_call(m, context), config,
-                         f"{dtype_name} decode at {context // 1024}k")
+                         f"{dtype_name} decode at " + (
+                             f"{context // 1024}k" if context % 1024 == 0 else str(context)))
     for row in rows:
         row["dtype"] = dtype_name
     return rows
@@ -175,7 +177,7 @@ def _per_call_overhead(reps: int) -> Dict[str, Any]:
             qn, kn, vn, is_causal=True, scale=0.125, enable_gqa=True),
         "bridge": lambda: cattn_attention_forward(Layer(), q, k, v, pattern, scaling=0.125),
     }
-    number, times = 2000, {name: [] for name in calls}
+    number, times = OVERHEAD_CALLS, {name: [] for name in calls}
     with cattn.threads(1), torch.inference_mode():
         for name in calls:
             calls[name]()
