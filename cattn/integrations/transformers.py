@@ -188,7 +188,8 @@ def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0
             mask = mask.float()  # additive masks of 16-bit models: cattn adds in float32
     if (query.shape[2] == 1 and query.shape[1] != key.shape[1] and s_aux is None
             and (mask is None or mask.shape[1] == 1) and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and query.requires_grad)):
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                                   or value.requires_grad))):
         visible = _visible_keys(key.shape[2], causal, window, alignment, q_offset, k_offset)
         if visible is not None:
             return _one_token_grouped(query, key, value, mask, visible, scaling, softcap), None
@@ -223,10 +224,11 @@ def _one_token_grouped(query, key, value, mask, visible, scaling, softcap):
     batch, heads, _, features = query.shape
     kv_heads, value_features = key.shape[1], value.shape[-1]
     lo, hi = visible
+    group = heads // kv_heads
     out = torch.empty((batch, 1, heads, value_features), dtype=query.dtype)
     cattn_torch.attention_into(
-        out.view(batch, kv_heads, heads // kv_heads, value_features),
-        query.reshape(batch, kv_heads, heads // kv_heads, features), key[:, :, lo:hi],
+        out.view(batch, kv_heads, group, value_features),
+        query.reshape(batch, kv_heads, group, features), key[:, :, lo:hi],
         value[:, :, lo:hi], None if mask is None else mask[..., lo:hi], scale=scaling,
         softcap=softcap)
     return out
