@@ -20,6 +20,8 @@ def missing_requirement(code):
     """What a snippet needs that is not installed, or None."""
     if re.search(r"^\s*import torch", code, flags=re.M) and find_spec("torch") is None:
         return "PyTorch"
+    if "from transformers" in code and find_spec("transformers") is None:
+        return "transformers (the transformers extra)"
     if "cattn.dask" in code and find_spec("dask") is None:
         return "Dask (the dask extra)"
     if re.search(r"^\s*import ml_dtypes", code, flags=re.M) and find_spec("ml_dtypes") is None:

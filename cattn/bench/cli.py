@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the small suite (< 1 minute on 2 cores)")
     p.add_argument("--preset", default=None,
                    help="comma-separated workloads: " + ", ".join(WORKLOADS) +
-                        "; or dask alone (needs the dask extra)")
+                        "; or dask alone (needs the dask extra); or transformers alone "
+                        "(whole models, attn_implementation compared; the transformers "
+                        "extra)")
     p.add_argument("--shape", default=None, metavar="B,H,L,S,E",
                    help="benchmark this one shape only")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -133,6 +135,12 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         result = {"machine": info, **run_dask_preset(config)}
         print(format_dask_cases(result["dask_cases"]))
         tag, args.plot = "dask", "-"
+    elif args.preset == "transformers":  # whole models: its own cases and table
+        from cattn.bench.transformers_bridge import (format_transformers_cases,
+                                                     run_transformers_preset)
+        result = {"machine": info, **run_transformers_preset(config)}
+        print(format_transformers_cases(result))
+        tag, args.plot = "transformers", "-"
     else:
         names = _names(args.preset) if args.preset else list(WORKLOADS)
         result = {"machine": info, **run_suite(names, config)}

@@ -1,0 +1,189 @@
+"""cattn as a PyTorch operator: ``torch.ops.cattn.scaled_dot_product_attention``.
+
+Importing this module registers the operator (with `torch.library.custom_op`) and its fake
+implementation, so `torch.compile` and `torch.export` keep the call in their graphs as one
+opaque node instead of breaking the graph around it. CPU tensors go in and out without a
+copy: they are shared with the NumPy kernel as views of the same memory.
+
+The operator computes inference only: a forward pass works on tensors that require grad
+(a model left in training mode), and the backward pass raises a RuntimeError that says so.
+
+>>> import torch
+>>> import cattn.integrations.torch
+>>> q = k = v = torch.ones(1, 2, 4, 8)
+>>> out = torch.ops.cattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+>>> tuple(out.shape)
+(1, 2, 4, 8)
+"""
+from typing import Optional
+
+import torch
+
+import cattn
+from cattn import _dtypes
+
+__all__ = ["scaled_dot_product_attention"]
+
+_BFLOAT16_NUMPY = None
+
+
+def _bfloat16():
+    global _BFLOAT16_NUMPY
+    if _BFLOAT16_NUMPY is None:
+        _BFLOAT16_NUMPY = _dtypes.bfloat16_dtype()  # ml_dtypes, with an install hint if absent
+    return _BFLOAT16_NUMPY
+
+
+def check_cpu(tensor, name):
+    """A clear error for tensors cattn cannot read in place (it computes on the CPU)."""
+    if tensor.device.type != "cpu":
+        raise ValueError(f"cattn computes on the CPU, but {name} is on {tensor.device}: move "
+                         f"the model and inputs to the CPU (model.to('cpu')), or use another "
+                         f"attention implementation on this device")
+
+
+def numpy_view(tensor, name):
+    """The same memory as a NumPy array (bfloat16 as ml_dtypes.bfloat16): never a copy."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.dtype is torch.bfloat16:  # NumPy has no bfloat16: share the bits
+        check_cpu(tensor, name)
+        return tensor.view(torch.int16).numpy().view(_bfloat16())
+    try:
+        return tensor.numpy()
+    except (RuntimeError, TypeError):
+        check_cpu(tensor, name)
+        raise TypeError(f"{name}: cattn cannot read a tensor of dtype {tensor.dtype}; "
+                        f"expected float32, float16, bfloat16 or float64") from None
+
+
+def _window(window_left, window_right):
+    return None if window_left is None and window_right is None else (window_left,
+                                                                      window_right)
+
+
+def _batch_shape(query, key, value, enable_gqa):
+    """The leading shape of the result: the operands' leading axes broadcast, the query's
+    head count where grouped-query heads share key/value heads."""
+    lead = query.shape[:-2]
+    key_lead, value_lead = key.shape[:-2], value.shape[:-2]
+    if enable_gqa and query.dim() >= 3:
+        key_lead, value_lead = key_lead[:-1] + lead[-1:], value_lead[:-1] + lead[-1:]
+    if key_lead == lead and value_lead == lead:  # (the common case, without broadcasting)
+        return lead
+    return torch.broadcast_shapes(lead, key_lead, value_lead)
+
+
+def empty_result(query, key, value, enable_gqa):
+    """The output, laid out in memory as (batch, L, heads, Ev) for 4-D operands (as
+    FlashAttention and PyTorch's CPU flash attention return it), so that the
+    (batch, L, heads, Ev) tensor models want is a free transpose of it."""
+    batch = _batch_shape(query, key, value, enable_gqa)
+    L, Ev = query.shape[-2], value.shape[-1]
+    if len(batch) == 2:
+        return torch.empty((batch[0], L, batch[1], Ev), dtype=query.dtype).transpose(1, 2)
+    return torch.empty(tuple(batch) + (L, Ev), dtype=query.dtype)
+
+
+def attention_into(out, query, key, value, attn_mask=None, is_causal=False, scale=None,
+                   enable_gqa=False, window=None, alignment="top_left", key_lengths=None,
+                   q_offset=None, k_offset=None, softcap=None, sinks=None):
+    """cattn.scaled_dot_product_attention on tensors, written into the tensor `out`
+    (any strides); integer tensors (lengths, offsets) may stand for ints."""
+    if sinks is not None and sinks.dtype not in (torch.float32, torch.float64):
+        sinks = sinks.float()  # a handful of logits: the kernel takes them in float32
+    if isinstance(key_lengths, torch.Tensor):
+        key_lengths = numpy_view(key_lengths, "key_lengths")
+    if isinstance(q_offset, torch.Tensor):
+        q_offset = numpy_view(q_offset, "q_offset")
+    if isinstance(k_offset, torch.Tensor):
+        k_offset = numpy_view(k_offset, "k_offset")
+    cattn.scaled_dot_product_attention(
+        numpy_view(query, "query"), numpy_view(key, "key"), numpy_view(value, "value"),
+        None if attn_mask is None else numpy_view(attn_mask, "attn_mask"), is_causal, scale,
+        enable_gqa=enable_gqa, window=window, alignment=alignment, key_lengths=key_lengths,
+        q_offset=q_offset, k_offset=k_offset, softcap=softcap,
+        sinks=None if sinks is None else numpy_view(sinks, "sinks"),
+        out=numpy_view(out, "out"))
+    return out
+
+
+@torch.library.custom_op("cattn::scaled_dot_product_attention", mutates_args=(),
+                         device_types="cpu")
+def _operator(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+              scale: Optional[float] = None, enable_gqa: bool = False,
+              window_left: Optional[int] = None, window_right: Optional[int] = None,
+              alignment: str = "top_left", key_lengths: Optional[torch.Tensor] = None,
+              q_offset: Optional[torch.Tensor] = None, k_offset: Optional[torch.Tensor] = None,
+              softcap: Optional[float] = None,
+              sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """cattn.scaled_dot_product_attention as a PyTorch operator. The window is given by
+    its two sides (None: no limit on that side); lengths and offsets as integer tensors.
+    (The arguments after `scale` may also be given by position: an operator's tensor
+    arguments cannot be keyword-only.)"""
+    out = empty_result(query, key, value, enable_gqa)
+    return attention_into(out, query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                          _window(window_left, window_right), alignment, key_lengths,
+                          q_offset, k_offset, softcap, sinks)
+
+
+@_operator.register_fake
+def _(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+      window_left=None, window_right=None, alignment="top_left", key_lengths=None,
+      q_offset=None, k_offset=None, softcap=None, sinks=None):
+    return empty_result(query, key, value, enable_gqa)
+
+
+def _no_gradient(ctx, grad_output):
+    raise RuntimeError(
+        "cattn.scaled_dot_product_attention computes inference only and has no gradient: "
+        "run the model under torch.no_grad() or torch.inference_mode() (and model.eval()), "
+        "or train with another attention implementation (attn_implementation='sdpa')")
+
+
+def _setup_context(ctx, inputs, output):
+    pass
+
+
+_operator.register_autograd(_no_gradient, setup_context=_setup_context)
+
+
+def _as_tensor(x):
+    return x if x is None or isinstance(x, torch.Tensor) else torch.tensor(x)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False,
+                                 scale=None, *, enable_gqa=False, window=None,
+                                 alignment="top_left", key_lengths=None, q_offset=None,
+                                 k_offset=None, softcap=None, sinks=None):
+    """`cattn.scaled_dot_product_attention` on CPU tensors, returning a tensor.
+
+    Inside a traced graph (torch.compile, torch.export) and whenever autograd records the
+    call, this is the operator ``torch.ops.cattn.scaled_dot_product_attention``; otherwise
+    the operator's implementation is called directly, skipping the dispatcher's cost.
+    Options are those of `cattn.scaled_dot_product_attention` (lengths and offsets as ints
+    or integer tensors). The result of 4-D operands is laid out in memory as
+    (batch, L, heads, Ev): ``out.transpose(1, 2)`` is contiguous.
+
+    Raises
+    ------
+    ValueError
+        A tensor on another device than the CPU (or an option out of its range).
+    TypeError
+        A dtype cattn cannot read (see `cattn.scaled_dot_product_attention`).
+    RuntimeError
+        On the backward pass: cattn computes inference only.
+    """
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            query.requires_grad or key.requires_grad or value.requires_grad
+            or (sinks is not None and sinks.requires_grad))):
+        left, right = (None, None) if window is None else window
+        return _operator(query, key, value, attn_mask, is_causal, scale,
+                         enable_gqa=enable_gqa, window_left=left, window_right=right,
+                         alignment=alignment, key_lengths=_as_tensor(key_lengths),
+                         q_offset=_as_tensor(q_offset), k_offset=_as_tensor(k_offset),
+                         softcap=softcap, sinks=sinks)
+    out = empty_result(query, key, value, enable_gqa)
+    return attention_into(out, query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                          window, alignment, key_lengths, q_offset, k_offset, softcap, sinks)

@@ -1,0 +1,243 @@
+"""cattn as an attention implementation of Hugging Face transformers (the optional extra
+``cattn[transformers]``).
+
+>>> import cattn.integrations.transformers as cattn_hf
+>>> cattn_hf.register()                       # attn_implementation="cattn" from now on
+>>> from transformers import AutoModelForCausalLM, LlamaConfig
+>>> config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+...                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+>>> model = AutoModelForCausalLM.from_config(config, attn_implementation="cattn")
+>>> model.config._attn_implementation
+'cattn'
+
+`register()` adds two functions under the name "cattn", as transformers' own `sdpa` and
+`flash_attention_2` are plugged in:
+
+- `cattn_attention_forward` to `transformers.AttentionInterface`: every attention layer
+  runs through `cattn.scaled_dot_product_attention` (the operator
+  ``torch.ops.cattn.scaled_dot_product_attention`` under `torch.compile`). Queries, keys
+  and values are read in place (the cache's keys too, whatever its kind), grouped-query
+  heads share their key/value heads without copies, and the result is written straight
+  into the (batch, L, heads, Ev) tensor the model reshapes. The layer's `scaling`,
+  `softcap` and `s_aux` (attention sinks) are applied inside the kernel.
+- `cattn_mask` to `transformers.masking_utils.AttentionMaskInterface`: instead of a dense
+  (batch, 1, L, S) mask, the model's mask becomes an `AttentionPattern` (causal or not, a
+  sliding window, the queries' and keys' positions, and one row of valid keys per sequence
+  when there is padding), which cattn applies without materializing the mask. Patterns it
+  cannot express (chunked attention, packed sequences, a model's own mask functions) fall
+  back to the dense boolean mask.
+
+cattn computes inference only, on the CPU: dropout must be 0 (`model.eval()`), and tensors
+on another device, an additive position bias (T5) or a backward pass raise a clear error.
+"""
+import torch
+from transformers import AttentionInterface
+from transformers import masking_utils
+from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function,
+                                        causal_mask_function, prepare_padding_mask, sdpa_mask)
+
+from cattn.integrations import torch as cattn_torch
+
+__all__ = ["register", "cattn_attention_forward", "cattn_mask", "AttentionPattern"]
+
+NAME = "cattn"
+
+
+class AttentionPattern:
+    """What `cattn_mask` hands to the attention layers in place of a dense mask.
+
+    is_causal : bool
+    window : (left, right) or None
+        cattn's sliding window, relative to the diagonal.
+    key_mask : bool tensor (batch, 1, 1, S) or None
+        True for the keys that take part (padding excluded); None when all do.
+    alignment : "top_left" or "bottom_right"
+    q_offset, k_offset : int, integer tensor or None
+        Positions of the first query and of the first key in the sequence (a cache's keys
+        start after the ones a sliding window dropped), so causality and the window compare
+        true positions whatever the cache holds. None when an alignment says as much (the
+        kernel then needs no per-item diagonals): "top_left" when both start at the same
+        position, "bottom_right" when the last query and the last key are at the same
+        position (a dynamic cache's keys).
+    """
+
+    # Not a 2-D padding mask: transformers' mask helpers pass it through unchanged when
+    # generate() builds the masks ahead of the forward pass (static caches).
+    ndim = 4
+
+    def __init__(self, is_causal, window, key_mask, alignment, q_offset, k_offset):
+        self.is_causal = is_causal
+        self.window = window
+        self.key_mask = key_mask
+        self.alignment = alignment
+        self.q_offset = q_offset
+        self.k_offset = k_offset
+
+    def __repr__(self):
+        padding = "none" if self.key_mask is None else tuple(self.key_mask.shape)
+        return (f"AttentionPattern(is_causal={self.is_causal}, window={self.window}, "
+                f"key_mask={padding}, alignment={self.alignment!r}, "
+                f"q_offset={self.q_offset}, k_offset={self.k_offset})")
+
+
+def _closure(function):
+    return dict(zip(function.__code__.co_freevars,
+                    (cell.cell_contents for cell in function.__closure__)))
+
+
+def _code(function):
+    return getattr(function, "__code__", None)
+
+
+# transformers' mask functions are closures: known by their code, read by their cells.
+_AND_CODE = _code(masking_utils.and_masks(causal_mask_function))
+_SLIDING_CODE = _code(masking_utils.sliding_window_overlay(1))
+_SLIDING_BIDIRECTIONAL_CODE = _code(masking_utils.sliding_window_bidirectional_overlay(1))
+
+
+def _native_pattern(mask_function):
+    """(is_causal, window) of the mask functions cattn computes natively, None otherwise."""
+    if mask_function is causal_mask_function:
+        return True, None
+    if mask_function is bidirectional_mask_function:
+        return False, None
+    if _code(mask_function) is not _AND_CODE:
+        return None
+    parts = _closure(mask_function)["mask_functions"]
+    if len(parts) != 2:
+        return None
+    overlay, base = parts
+    if _code(overlay) is _SLIDING_CODE and base is causal_mask_function:
+        # kv_idx > q_idx - sliding_window
+        return True, (_closure(overlay)["sliding_window"] - 1, 0)
+    if _code(overlay) is _SLIDING_BIDIRECTIONAL_CODE and base is bidirectional_mask_function:
+        # |q_idx - kv_idx| <= sliding_window
+        side = _closure(overlay)["sliding_window"]
+        return False, (side, side)
+    return None
+
+
+def cattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
+               mask_function=causal_mask_function, attention_mask=None, **kwargs):
+    """The mask function registered with `AttentionMaskInterface` (the signature of
+    transformers' `sdpa_mask`): an `AttentionPattern` for causal, bidirectional and
+    sliding-window masks with any padding, the dense boolean (batch, 1, L, S) mask for
+    other patterns."""
+    if isinstance(attention_mask, AttentionPattern):  # built ahead by generate()
+        return attention_mask
+    pattern = _native_pattern(mask_function)
+    if pattern is None:
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                         attention_mask, allow_is_causal_skip=False,
+                         allow_is_bidirectional_skip=False,
+                         use_vmap=kwargs.get("use_vmap", False),
+                         device=kwargs.get("device", "cpu"))
+    is_causal, window = pattern
+    key_mask = None
+    if attention_mask is not None:
+        # the 2-D mask covers positions 0 ..; the keys are positions kv_offset ..
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        padding = padding[:, kv_offset:kv_offset + kv_length]
+        # (outside a traced graph, a mask without padding is dropped: the kernel then
+        # reads no mask at all)
+        if torch.compiler.is_compiling() or not bool(padding.all()):
+            key_mask = padding[:, None, None, :]
+    alignment = "top_left"
+    if isinstance(q_offset, torch.Tensor):
+        # a static cache's own length counter, which its update advances before the
+        # attention reads the pattern: keep the position the mask is made for
+        q_offset = q_offset.clone()
+    elif isinstance(q_offset, int):
+        if q_offset == kv_offset:
+            q_offset = kv_offset = None
+        elif q_offset + q_length == kv_offset + kv_length:
+            alignment, q_offset, kv_offset = "bottom_right", None, None
+    return AttentionPattern(is_causal, window, key_mask, alignment, q_offset, kv_offset)
+
+
+def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
+                            scaling=None, sliding_window=None, softcap=None, is_causal=None,
+                            s_aux=None, position_bias=None, **kwargs):
+    """The attention function registered with `AttentionInterface` (the signature of
+    transformers' `sdpa_attention_forward`): query (batch, Hq, L, E), key and value
+    (batch, Hkv, S, E) -> ((batch, L, Hq, Ev) output, None)."""
+    if position_bias is not None:
+        raise ValueError("cattn does not apply an additive position bias (T5-style relative "
+                         "attention): load this model with attn_implementation='eager' or "
+                         "'sdpa'")
+    if dropout:
+        raise ValueError(f"cattn computes inference only, but this layer asks for dropout "
+                         f"{dropout}: call model.eval() (or set the attention dropout to 0)")
+    q_offset = k_offset = None
+    alignment = "top_left"
+    if isinstance(attention_mask, AttentionPattern):
+        mask, causal, window = (attention_mask.key_mask, attention_mask.is_causal,
+                                attention_mask.window)
+        alignment = attention_mask.alignment
+        q_offset, k_offset = attention_mask.q_offset, attention_mask.k_offset
+    elif attention_mask is None:
+        # no mask from the model: the layer's own flags, the last query on the last key
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        window = None
+        if sliding_window is not None:
+            window = (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
+        mask, alignment = None, "bottom_right"
+    else:  # a dense mask the model (or the user) built: applied as it is
+        mask, causal, window = attention_mask, False, None
+        if mask.is_floating_point() and mask.dtype not in (torch.float32, torch.float64):
+            mask = mask.float()  # additive masks of 16-bit models: cattn adds in float32
+    if (query.shape[2] == 1 and query.shape[1] != key.shape[1] and s_aux is None
+            and (mask is None or mask.shape[1] == 1) and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                                   or value.requires_grad))):
+        visible = _visible_keys(key.shape[2], causal, window, alignment, q_offset, k_offset)
+        if visible is not None:
+            return _one_token_grouped(query, key, value, mask, visible, scaling, softcap), None
+    out = cattn_torch.scaled_dot_product_attention(
+        query, key, value, mask, causal, scaling, enable_gqa=query.shape[1] != key.shape[1],
+        window=window, alignment=alignment, q_offset=q_offset, k_offset=k_offset,
+        softcap=softcap, sinks=s_aux)
+    return out.transpose(1, 2), None
+
+
+def _visible_keys(S, causal, window, alignment, q_offset, k_offset):
+    """The keys [lo, hi) one query sees under causality and the window, or None if none."""
+    if alignment == "bottom_right":
+        position = S - 1
+    elif q_offset is None:
+        position = 0
+    else:
+        position = int(q_offset) - int(k_offset)
+    left, right = (None, None) if window is None else window
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    lo = 0 if left is None else max(0, position - left)
+    hi = S if right is None else min(S, position + right + 1)
+    return (lo, hi) if lo < hi else None
+
+
+def _one_token_grouped(query, key, value, mask, visible, scaling, softcap):
+    """Decoding one token with grouped-query heads: the query heads of each key/value head
+    become its rows, over the slice of keys the token sees. One (group, S) product per
+    key/value head reads each key once, where one row per query head would re-read the
+    keys for every head of the group."""
+    batch, heads, _, features = query.shape
+    kv_heads, value_features = key.shape[1], value.shape[-1]
+    lo, hi = visible
+    group = heads // kv_heads
+    out = torch.empty((batch, 1, heads, value_features), dtype=query.dtype)
+    cattn_torch.attention_into(
+        out.view(batch, kv_heads, group, value_features),
+        query.reshape(batch, kv_heads, group, features), key[:, :, lo:hi],
+        value[:, :, lo:hi], None if mask is None else mask[..., lo:hi], scale=scaling,
+        softcap=softcap)
+    return out
+
+
+def register():
+    """Register "cattn" with transformers' attention and mask interfaces (idempotent):
+    afterwards `from_pretrained(..., attn_implementation="cattn")`,
+    `from_config(..., attn_implementation="cattn")` and
+    `model.set_attn_implementation("cattn")` run attention through cattn."""
+    AttentionInterface.register(NAME, cattn_attention_forward)
+    AttentionMaskInterface.register(NAME, cattn_mask)
