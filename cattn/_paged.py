@@ -19,6 +19,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 from cattn import _kernel, _dtypes
 from cattn._plan import (INT32_MAX as _INT32_MAX, Column as _Column, Plan, as_ndarray,
                          blas_ready as _blas_ready, check_array, element_strides, launch)
+from cattn._varlen import cu_seqlens, packed_layout, readable_in_place
 from cattn._validation import (check_float_dtype, check_int, check_ndarray,
                                check_cache_shape, check_new_positions, reject_masked)
 
@@ -26,13 +27,14 @@ from cattn._validation import (check_float_dtype, check_int, check_ndarray,
 
 def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLike,
                     block_table: ArrayLike, seq_lens: ArrayLike, *,
+                    cu_seqlens_q: Optional[ArrayLike] = None,
                     attn_mask: Optional[ArrayLike] = None, is_causal: bool = False,
                     scale: Optional[float] = None, enable_gqa: bool = False,
                     window: Optional[Tuple[Optional[int], Optional[int]]] = None,
                     softcap: Optional[float] = None, sinks: Optional[ArrayLike] = None,
                     keep_first: Optional[int] = None, return_lse: bool = False,
                     return_weights: bool = False, out: Optional[NDArray[Any]] = None,
-                    num_threads: Optional[int] = None,
+                    num_threads: Optional[int] = None, out_dtype: Optional[DTypeLike] = None,
                     _block_sizes: Optional[Tuple[int, int]] = None, _isa: Optional[str] = None
                     ) -> Union[NDArray[Any], Tuple[NDArray[Any], ...]]:
     """Attention of new queries over keys and values held in a paged cache.
@@ -40,7 +42,8 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
     Parameters
     ----------
     query : ndarray (B, Hq, L, E), float32 or float64 (or float16, bfloat16)
-        The queries of the last L positions of each of B sequences (any strides).
+        The queries of the last L positions of each of B sequences (any strides); or,
+        with `cu_seqlens_q`, packed queries (Tq, Hq, E).
     key_cache : ndarray (num_blocks, Hkv, block_size, E)
     value_cache : ndarray (num_blocks, Hkv, block_size, Ev)
         The query's dtype, or float16 / bfloat16 pages (read as they are stored, computed
@@ -55,6 +58,13 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
     seq_lens : integer ndarray (B,)
         Keys cached per sequence (the new queries' own keys included), at most
         max_blocks · block_size.
+    cu_seqlens_q : integer array (B + 1,), optional
+        Packed queries of different lengths (a mixed batch: some sequences prefilling a
+        chunk, others decoding one token): sequence b has the queries
+        cu_seqlens_q[b] to cu_seqlens_q[b + 1] - 1 of query (Tq, Hq, E), the last
+        tokens of its seq_lens[b] keys (bottom-right: its last query is its last key).
+        The output is then (Tq, Hq, Ev) and the lse (Hq, Tq), as in `varlen_attention`;
+        attn_mask and return_weights are not available then.
     attn_mask : ndarray, optional
         Broadcastable to (B, Hq, L, max_blocks · block_size), indexed by key position;
         boolean (True = attend) or float (added to the scores), as in
@@ -62,7 +72,7 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
     is_causal : bool
         Query i (the sequence's position seq_len - L + i) sees keys up to its own position.
     scale, enable_gqa, window, softcap, sinks, keep_first, return_lse, return_weights,
-    out, num_threads
+    out, num_threads, out_dtype
         As in `scaled_dot_product_attention`; the diagonal of `is_causal` and `window` is
         bottom-right (each sequence's last query is aligned with its last key). The weights
         are (B, Hq, L, max_blocks · block_size), 0 past each sequence's length.
@@ -106,11 +116,21 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
     ...                  atol=1e-6))
     True
     """
-    query, key_cache, value_cache = _cache_operands(query, key_cache, value_cache)
-    B, Hq, L, E = query.shape
-    num_blocks, Hkv, block_size, _ = key_cache.shape
-    Ev = value_cache.shape[-1]
-    plan = Plan(query, key_cache, value_cache, out, None, None, None)
+    packed = cu_seqlens_q is not None
+    query, key_cache, value_cache = _cache_operands(query, key_cache, value_cache, packed)
+    num_blocks, Hkv, block_size, E = key_cache.shape
+    Hq, Ev = query.shape[1], value_cache.shape[-1]
+    plan = Plan(query, key_cache, value_cache, out, None, None, out_dtype)
+    if packed:
+        Tq = query.shape[0]
+        cu_q, q_len = cu_seqlens(cu_seqlens_q, "cu_seqlens_q", Tq, "query")
+        B, L = q_len.size, int(q_len.max(initial=0))
+        if attn_mask is not None or return_weights is not False:
+            raise ValueError("attn_mask and return_weights are not available with "
+                             "cu_seqlens_q (packed queries): pass padded (B, Hq, L, E) "
+                             "queries for them")
+    else:
+        B, L = query.shape[0], query.shape[2]
     block_table, max_blocks = _block_table(block_table, B)
     S = max_blocks * block_size
     plan.set_options(is_causal, enable_gqa, return_lse, return_weights, 0.0, scale, softcap,
@@ -119,6 +139,7 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
         raise ValueError(
             f"query has {Hq} heads and the cache {Hkv} key/value heads: they must be equal, "
             f"or (with enable_gqa=True) the query heads a multiple of the cache's")
+    group = Hq // Hkv if Hkv else 1
     seq_lens = _seq_lens(seq_lens, B, S, max_blocks, block_size)
     _check_pages(block_table, seq_lens, block_size, num_blocks)
     batch_shape = (B, Hq)
@@ -126,27 +147,42 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
         attn_mask = as_ndarray(attn_mask, "attn_mask")
         plan.set_mask(attn_mask, batch_shape, L, S)
     plan.set_extras(keep_first, None, sinks, batch_shape, S)
-    plan.set_outputs(batch_shape + (L, Ev), batch_shape + (L,), batch_shape + (L, S),
-                     (("query", query), ("key_cache", key_cache),
-                      ("value_cache", value_cache), ("attn_mask", attn_mask)))
-    _paged_layout(plan, block_table, seq_lens, Hq // Hkv if Hkv else 1)
+    inputs = (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
+              ("attn_mask", attn_mask))
+    # (splits and block sizes follow the longest sequence, not the table's capacity:
+    # chunks past every sequence's end would be empty tasks)
+    plan.longest_keys = int(seq_lens.max(initial=0))
+    if packed:
+        plan.set_outputs((Tq, Hq, Ev), (Hq, Tq), None, inputs)
+        k_head_stride, v_head_stride = _pages(plan, block_table)
+        packed_layout(plan, cu_q, q_len, seq_lens, seq_lens - q_len, group, 0,
+                      k_head_stride, 0, v_head_stride)
+        plan.table[:, _Column.PAGES] = np.repeat(np.arange(B, dtype=np.intp) * max_blocks,
+                                                 Hq)
+    else:
+        plan.set_outputs(batch_shape + (L, Ev), batch_shape + (L,), batch_shape + (L, S),
+                         inputs)
+        _paged_layout(plan, block_table, seq_lens, group)
     launch(plan)
     return plan.results()
 
 
-def _cache_operands(query, key_cache, value_cache):
-    """query (B, Hq, L, E) and the caches (num_blocks, Hkv, block_size, E | Ev), of one
-    float dtype, whose shapes fit together; the caches' rows readable in place."""
+def _cache_operands(query, key_cache, value_cache, packed):
+    """query (B, Hq, L, E), or packed (Tq, Hq, E), and the caches (num_blocks, Hkv,
+    block_size, E | Ev), of one float dtype, whose shapes fit together; the caches' rows
+    readable in place, packed queries' tokens too (or copied)."""
     query = as_ndarray(query, "query")
     key_cache = as_ndarray(key_cache, "key_cache")
     value_cache = as_ndarray(value_cache, "value_cache")
-    for name, x, axes in (("query", query, "(batch, heads, L, E)"),
+    for name, x, axes in (("query", query, "(tokens, heads, E) with cu_seqlens_q" if packed
+                           else "(batch, heads, L, E)"),
                           ("key_cache", key_cache, "(num_blocks, kv_heads, block_size, E)"),
                           ("value_cache", value_cache,
                            "(num_blocks, kv_heads, block_size, Ev)")):
         check_array(x, name, narrow="half")
-        if x.ndim != 4:
-            raise ValueError(f"{name} must have 4 dimensions {axes}, got shape {x.shape}")
+        ndim = 3 if packed and name == "query" else 4
+        if x.ndim != ndim:
+            raise ValueError(f"{name} must have {ndim} dimensions {axes}, got shape {x.shape}")
     if key_cache.shape[:3] != value_cache.shape[:3]:
         raise ValueError(f"key_cache and value_cache must have the same pages, heads and "
                          f"block size, got shapes {key_cache.shape} and "
@@ -164,7 +200,7 @@ def _cache_operands(query, key_cache, value_cache):
                 f"{name} is read in place (never copied), so each row of its pages must be "
                 f"contiguous and aligned: unit stride on the last axis, row strides of "
                 f"whole elements (got strides {x.strides} for shape {x.shape})")
-    return query, key_cache, value_cache
+    return (readable_in_place(query) if packed else query), key_cache, value_cache
 
 
 def _block_table(block_table, B):
@@ -249,9 +285,6 @@ def _paged_layout(plan, block_table, seq_lens, group):
     _kernel.fill_column(table, _Column.PAGES,
                         np.repeat(np.arange(B, dtype=np.intp) * max_blocks, Hq))
     plan.table = table
-    # (splits follow the longest sequence, not the table's capacity: chunks past every
-    # sequence's end would be empty tasks)
-    plan.longest_keys = int(seq_lens.max(initial=0))
 
 
 # --------------------------------------------------------------------------- the cache

@@ -149,7 +149,7 @@ def _packed_operands(q, k, v, enable_gqa):
         if x.ndim != 3:
             raise ValueError(f"{name} must have 3 dimensions (tokens, heads, features), "
                              f"got shape {x.shape}")
-        arrays.append(_readable_in_place(x))
+        arrays.append(readable_in_place(x))
     q, k, v = arrays
     if k.shape[:2] != v.shape[:2]:
         raise ValueError(f"k and v must have the same tokens and heads (axes 0 and 1), got "
@@ -172,7 +172,7 @@ def _packed_operands(q, k, v, enable_gqa):
     return q, k, v, 1
 
 
-def _readable_in_place(x):
+def readable_in_place(x):
     """x when each token's (H, E) rows can be read at whole-element offsets with unit
     stride along the features and a token stride a GEMM accepts; otherwise a contiguous
     copy (the input itself is never modified)."""
