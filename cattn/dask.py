@@ -42,6 +42,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 import cattn
 from cattn import _api
+from cattn._visibility import rows_see_keys
 from cattn._validation import check_int
 
 
@@ -321,22 +322,10 @@ def _spans(chunks):
 
 
 def _pair_is_visible(kv_len, q_pos, k_pos, q0, q1, k0, k1, left, right):
-    """Whether some query of rows [q0, q1) of some item sees some key of [k0, k1).
-
-    Key j (local) is visible to query i when j < kv_len and the position difference
+    """Whether some query of rows [q0, q1) of some item sees some key of [k0, k1): key j
+    (local) is visible to query i when j < kv_len and the position difference
     (k_pos + j) - (q_pos + i) lies in [-left, right]."""
-    if q1 == q0 or k1 == k0:
-        return False
-    k_end = np.minimum(kv_len, k1)  # keys past an item's length are never visible
-    has_keys = k_end > k0
-    nearest = (k_pos + k0) - (q_pos + q1 - 1)   # the smallest difference in the pair
-    farthest = (k_pos + k_end - 1) - (q_pos + q0)
-    visible = has_keys
-    if left is not None:
-        visible &= farthest >= -left
-    if right is not None:
-        visible &= nearest <= right
-    return bool(np.any(visible))
+    return rows_see_keys(q0, q1, k0, k1, q_pos - k_pos, kv_len, left, right)
 
 
 def _tree(layers, parts, name, index, split_every, rows, dtype):
