@@ -97,6 +97,7 @@ extensions = [
     ),
     # The validating front, plain Python compiled as is: its per-call bookkeeping would
     # otherwise cost more than the whole computation on a tiny input.
+    Extension("cattn._plan", ["cattn/_plan.py"]),
     Extension("cattn._api", ["cattn/_api.py"]),
     Extension("cattn._varlen", ["cattn/_varlen.py"]),
     # The checks the front shares with the layers and models, compiled for the same reason.

@@ -1,81 +1,29 @@
-"""The validating front of the kernel: every check happens here, once per call.
+"""The padded entry point: every check happens at the front, once per call.
 
-A call is turned into a small plan for `cattn._kernel.attention`: one table row per
-(batch..., head) item with the element offsets of its query, key, value, mask and output
-matrices, its key length and where its causal diagonal lies. Broadcasting, grouped-query
+A call is turned into a plan for `cattn._kernel.attention` (see cattn._plan): one table
+row per (batch..., head) item with the element offsets of its query, key, value, mask and
+output matrices, its key length and where its causal diagonal lies. Broadcasting, grouped-query
 heads and arbitrary strides are all expressed as offsets, so nothing is copied or
 expanded, except a matrix whose last axis is not contiguous (BLAS needs unit stride there).
 
-`scaled_dot_product_attention` runs as named steps, each one checking what it turns into
-a part of the plan: operands, options, batch shape, mask, key lengths and diagonal,
-window, outputs, launch.
+`scaled_dot_product_attention` runs the plan's steps (storage, options, mask, kept keys
+and sinks, outputs, launch) around its own: operands, batch shape, key lengths and
+diagonal, and the padded layout's table.
 """
-import contextlib
 import math
 
 import numpy as np
 
-from cattn import _runtime, _kernel  # _runtime first: it loads OpenMP (wait policy)
-from cattn import _dtypes
-from cattn._blas_threads import single_threaded_blas
-from cattn._interop import from_dlpack
-from cattn._validation import (FLOAT_DTYPES as _FLOAT_DTYPES, broadcasts_to as _broadcasts_to,
-                               check_flag as _check_flag,
-                               check_int as _check_int, check_ndarray as _check_ndarray,
-                               check_no_dropout as _check_no_dropout,
-                               check_positive_float as _check_positive_float,
-                               reject_masked as _reject_masked, window_pair as _window_pair)
-
-_INT32_MAX = 2**31 - 1
-# "No limit" for window sides: far beyond any index, far below int64 overflow.
-_UNBOUNDED = 2**60
-_ALIGNMENTS = ("top_left", "bottom_right")
-_NO_LIMIT = contextlib.nullcontext()
-# The kernel's MaskKind members as plain ints: an enum member lookup costs more than a tiny
-# call can spare.
-_MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = (int(_kernel.MaskKind.MASK_NONE),
-                                         int(_kernel.MaskKind.MASK_BOOL),
-                                         int(_kernel.MaskKind.MASK_ADDITIVE))
-_Column = _kernel.Column
-_FLOAT32, _FLOAT64 = _FLOAT_DTYPES
+from cattn import _kernel, _dtypes
+from cattn._plan import (FLOAT_DTYPES as _FLOAT_DTYPES, INT32_MAX as _INT32_MAX,
+                         MAX_OFFSET as _MAX_OFFSET, Column as _Column, Plan, launch,
+                         as_ndarray as _as_ndarray, check_array as _check_array,
+                         blas_ready as _blas_ready, offset as _offset,
+                         per_item_integers as _per_item_integers,
+                         sink_logits as _sink_logits)  # (the last two: for dask, layers)
 
 
 # ------------------------------------------------------------------ validation helpers
-
-def _as_ndarray(x, name):
-    """x, or a zero-copy NumPy view of it when it exports DLPack (a CPU torch tensor)."""
-    return x if x is None or isinstance(x, np.ndarray) else from_dlpack(x, name)
-
-
-def _check_array(x, name, narrow=None):
-    """An array of float32 or float64; with `narrow` (an input of the attention), of float16
-    or bfloat16 too, and int8 when narrow == "int8"."""
-    if type(x) is not np.ndarray:  # (an exact ndarray needs neither check: the fast path)
-        _check_ndarray(x, name, " of float32 or float64")
-        _reject_masked(x, name)
-    if x.dtype not in _FLOAT_DTYPES and not (
-            narrow and (_dtypes.is_half(x.dtype) or (narrow == "int8" and
-                                                     x.dtype == _dtypes.INT8))):
-        kinds = ("float32 or float64" if not narrow else
-                 "float32, float64, float16, bfloat16 or int8" if narrow == "int8" else
-                 "float32, float64, float16 or bfloat16")
-        raise TypeError(f"{name} must have dtype {kinds}, got {x.dtype}")
-    if x.ndim < 2:
-        raise ValueError(f"{name} must have at least 2 dimensions (..., length, features), "
-                         f"got shape {x.shape}")
-
-
-def _check_softcap(x, dtype):
-    """The kernel divides scores by the softcap: its reciprocal must be finite in the
-    dtype too (a subnormal softcap would turn a zero score into 0·inf = NaN)."""
-    x = _check_positive_float(x, "softcap", dtype)
-    with np.errstate(over="ignore", divide="ignore"):
-        reciprocal = dtype.type(1) / dtype.type(x)
-    if not np.isfinite(reciprocal):
-        raise ValueError(f"softcap must be at least about {1 / float(np.finfo(dtype).max):.3g} "
-                         f"in {dtype} (1/softcap must be finite), got {x}")
-    return x
-
 
 def _broadcast_batch(shapes, names):
     if shapes[0] == shapes[1] == shapes[2]:  # the common case, without NumPy's machinery
@@ -86,102 +34,6 @@ def _broadcast_batch(shapes, names):
         listed = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
         raise ValueError(f"leading (batch) dimensions do not broadcast: {listed} ({e})"
                          ) from None
-
-
-def _broadcasts_to(shape, target):
-    """Whether an array of `shape` broadcasts to exactly `target`."""
-    try:
-        return np.broadcast_shapes(shape, target) == target
-    except ValueError:
-        return False
-
-
-def _element_strides(x):
-    """Strides in elements; None when some stride is not a whole number of elements."""
-    item = x.itemsize
-    strides = x.strides
-    for st in strides:
-        if st % item:
-            return None
-    return tuple([st // item for st in strides])
-
-
-def _blas_ready(x):
-    """(x or a contiguous copy, its row stride): matrices GEMM can read in place."""
-    row_stride = _kernel.gemm_row_stride(x)
-    if row_stride < 0 or not x.flags.aligned:
-        x = np.require(x, requirements="CA")  # (ascontiguousarray keeps misaligned data)
-        row_stride = _kernel.gemm_row_stride(x)
-    return x, row_stride
-
-
-def _overlaps(a, b):
-    """Whether a and b share memory; undecidable cases count as sharing."""
-    if not np.may_share_memory(a, b):
-        return False
-    try:
-        return np.shares_memory(a, b, max_work=10**5)
-    except np.exceptions.TooHardError:
-        return True
-
-
-def _has_internal_overlap(x):
-    """Whether two distinct elements of x share memory (undecidable cases count as yes).
-
-    Two elements overlap when their offsets differ by sum(d_i * stride_i) = 0 for index
-    differences |d_i| < shape_i, not all 0. Most layouts are ruled out at once: sorted by
-    stride, each stride exceeds the span of the smaller ones. Otherwise, an overlap whose
-    last nonzero difference is on axis k is also one between x[..., 1:, 0, ..., 0] and
-    x[..., :1, 0, ..., 0] (slicing axis k, later axes at 0; offsets are translation
-    invariant), which NumPy's exact shares_memory decides."""
-    axes = [(abs(st), n) for st, n in zip(x.strides, x.shape) if n > 1]
-    if x.size == 0 or not axes:
-        return False
-    span = 0
-    for stride, n in sorted(axes):
-        if stride < x.itemsize + span:
-            break
-        span += stride * (n - 1)
-    else:
-        return False
-    for k in range(x.ndim):
-        if x.shape[k] < 2:
-            continue
-        later = (0,) * (x.ndim - k - 1)
-        if _overlaps(x[(Ellipsis, slice(1, None)) + later],
-                     x[(Ellipsis, slice(0, 1)) + later]):
-            return True
-    return False
-
-
-def _per_item_integers(x, name, batch_shape, low, high, high_name=None):
-    """An int, or an integer array whose axes index the leading batch axes from the left:
-    one intp value per item (flattened), or the plain int when x is a scalar."""
-    _reject_masked(x, name)
-    values = np.asarray(x)
-    if values.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be integers, got dtype {values.dtype}")
-    if values.ndim > len(batch_shape) or values.shape != batch_shape[:values.ndim]:
-        raise ValueError(f"{name} of shape {values.shape} must match the leading batch "
-                         f"axes {batch_shape} from the left (e.g. one per sequence)")
-    if values.size and (values.min() < low or values.max() > high):
-        bound = high if high_name is None else f"{high_name}={high}"
-        raise ValueError(f"{name} must lie in [{low}, {bound}], got values from "
-                         f"{values.min()} to {values.max()}")
-    if values.ndim == 0:
-        return int(values)
-    values = values.astype(np.intp).reshape(
-        values.shape + (1,) * (len(batch_shape) - values.ndim))
-    return np.broadcast_to(values, batch_shape).reshape(-1)
-
-
-# Positions stay far from int64 overflow once windows (up to _UNBOUNDED) are added.
-_MAX_OFFSET = 2**48 - 1
-
-
-def _offset(x, name, batch_shape):
-    return 0 if x is None else _per_item_integers(x, name, batch_shape, -_MAX_OFFSET,
-                                                  _MAX_OFFSET)
 
 
 # ---------------------------------------------------------------------- the public API
@@ -324,52 +176,22 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     ((2, 4, 6, 6), (2, 4, 6), True)
     """
     query, key, value, L, S, E, Ev = _operands(query, key, value)
-    dtype = query.dtype
-    out = _as_ndarray(out, "out")
-    narrow = None
-    if not (key.dtype is dtype and value.dtype is dtype and k_scale is None and  # (fast)
-            v_scale is None and out_dtype is None and out is None and
-            (dtype is _FLOAT32 or dtype is _FLOAT64)):
-        if (key.dtype != dtype or value.dtype != dtype or dtype not in _FLOAT_DTYPES
-                or k_scale is not None or v_scale is not None or out_dtype is not None
-                or (isinstance(out, np.ndarray) and _dtypes.is_half(out.dtype))):
-            query, narrow = _narrow_storage(query, key, value, k_scale, v_scale, out_dtype,
-                                            out)
-            dtype = query.dtype
-    (is_causal, enable_gqa, return_lse, return_weights, scale, softcap,
-     num_threads) = _options(is_causal, enable_gqa, return_lse, return_weights, dropout_p,
-                             scale, softcap, alignment, num_threads, dtype, E, S)
-    batch_shape, group = _batch_shape(query, key, value, enable_gqa)
-    attn_mask = _as_ndarray(attn_mask, "attn_mask")
-    mask_plan = _mask_plan(attn_mask, batch_shape, L, S, dtype)
+    plan = Plan(query, key, value, out, k_scale, v_scale, out_dtype)
+    plan.set_options(is_causal, enable_gqa, return_lse, return_weights, dropout_p, scale,
+                     softcap, alignment, window, num_threads, _block_sizes, _isa, E, S)
+    batch_shape, group = _batch_shape(query, key, value, plan.enable_gqa)
+    if attn_mask is not None:
+        attn_mask = _as_ndarray(attn_mask, "attn_mask")
+        plan.set_mask(attn_mask, batch_shape, L, S)
     kv_len, diag = _key_lengths_and_diagonal(key_lengths, q_offset, k_offset, alignment,
                                              batch_shape, L, S)
-    win_left, win_right = _window(window, is_causal)
-    keep = 0 if keep_first is None else _kept_first_keys(keep_first, k_offset, batch_shape, S)
-    sink_logits = None if sinks is None else _sink_logits(sinks, batch_shape, dtype)
-    user_out = None
-    if narrow is not None and narrow.result_dtype != dtype:
-        # the kernel writes float32, rounded once to the result's dtype afterwards
-        if out is not None:
-            _check_out(out, batch_shape + (L, Ev), narrow.result_dtype,
-                       (query, key, value, attn_mask))
-        user_out, out = out, None
-    out, out_rs, out_cs, lse, weights = _outputs(
-        out, batch_shape, L, S, Ev, dtype, return_lse, return_weights,
-        (query, key, value, attn_mask))
-    _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group, kv_len,
-            diag, out_rs, out_cs, win_left, win_right, scale, softcap, num_threads,
-            return_weights, _block_sizes, _isa, keep, sink_logits, narrow)
-    if narrow is not None and narrow.result_dtype != dtype:
-        out, weights = narrow.results(out, weights, user_out)
-    return _results(out, weights, lse)
-
-
-def _results(out, weights, lse):
-    """out alone, or the tuple of out with the weights and/or lse that were asked for."""
-    if weights is None:
-        return out if lse is None else (out, lse)
-    return (out, weights) if lse is None else (out, weights, lse)
+    plan.set_extras(keep_first, k_offset, sinks, batch_shape, S)
+    plan.set_outputs(batch_shape + (L, Ev), batch_shape + (L,), batch_shape + (L, S),
+                     (("query", query), ("key", key), ("value", value),
+                      ("attn_mask", attn_mask)))
+    _padded_layout(plan, batch_shape, group, kv_len, diag, L, S, E, Ev)
+    launch(plan)
+    return plan.results()
 
 
 # ------------------------------------------------------------------------- the steps
@@ -401,94 +223,6 @@ def _operands(query, key, value):
     return query, key, value, L, S, E, Ev
 
 
-class _NarrowStorage:
-    """A float32 computation on float16, bfloat16 or int8 keys/values or queries: how the
-    kernel reads K and V, int8's scales, and the dtype of the result."""
-
-    def __init__(self, key, value, k_scale, v_scale, result_dtype, query_bf16=False):
-        self.k_scale = _dtypes.scales_for(k_scale, "k_scale", key, "key")
-        self.v_scale = _dtypes.scales_for(v_scale, "v_scale", value, "value")
-        self.kv_storage = (_dtypes.element_code(key.dtype), _dtypes.element_code(value.dtype),
-                           self.k_scale, self.v_scale)
-        self.result_dtype = result_dtype
-        self.query_bf16 = query_bf16  # (its float32 copy is exact in bfloat16 products)
-
-    def results(self, out, weights, user_out):
-        """The float32 output (and weights) rounded to the result dtype (into user_out)."""
-        if user_out is not None:
-            np.copyto(user_out, out, casting="unsafe")
-            out = user_out
-        else:
-            out = out.astype(self.result_dtype)
-        if weights is not None:
-            weights = weights.astype(self.result_dtype)
-        return out, weights
-
-
-def _narrow_storage(query, key, value, k_scale, v_scale, out_dtype, out):
-    """(query as float32, _NarrowStorage) for inputs that mix float32, float16, bfloat16
-    and int8 (or ask for such an output); float64 never mixes."""
-    dtypes = (query.dtype, key.dtype, value.dtype)
-    if any(d == np.float64 for d in dtypes):
-        if not dtypes[0] == dtypes[1] == dtypes[2]:
-            raise TypeError(f"query, key and value must have the same dtype, got "
-                            f"{dtypes[0]}, {dtypes[1]} and {dtypes[2]} (float64 does not "
-                            f"mix; float32, float16, bfloat16 and int8 may)")
-        if k_scale is not None or v_scale is not None:
-            raise ValueError("k_scale and v_scale are only for int8 keys and values, got "
-                             "float64 ones")
-        if out_dtype is not None and _dtypes.result_dtype_or_none(out_dtype) != np.float64:
-            raise TypeError(f"float64 inputs give a float64 output, got out_dtype "
-                            f"{out_dtype!r}")
-        if isinstance(out, np.ndarray) and _dtypes.is_half(out.dtype):
-            raise TypeError(f"out must have dtype float64 with float64 inputs, got "
-                            f"{out.dtype}")
-        return query, None
-    _dtypes.check_input_dtype(query, "query", False)
-    if out_dtype is not None:
-        result = _dtypes.result_dtype(out_dtype, "out_dtype")
-        if out is not None and isinstance(out, np.ndarray) and out.dtype != result:
-            raise ValueError(f"out has dtype {out.dtype} but out_dtype is {result}: give "
-                             f"one of them, or the same")
-    elif isinstance(out, np.ndarray):
-        result = _dtypes.result_dtype(out.dtype, "out's dtype")
-    else:
-        result = query.dtype
-    narrow = _NarrowStorage(key, value, k_scale, v_scale, result,
-                            query_bf16=_dtypes.is_bfloat16(query.dtype))
-    return query.astype(np.float32, copy=False), narrow
-
-
-def _options(is_causal, enable_gqa, return_lse, return_weights, dropout_p, scale, softcap,
-             alignment, num_threads, dtype, E, S):
-    """The flags as bools, the scale and softcap as floats, the thread count as an int."""
-    # (the checks run only for values other than False, the default: a tiny call's cost)
-    if is_causal is not False:
-        is_causal = _check_flag(is_causal, "is_causal")
-    if enable_gqa is not False:
-        enable_gqa = _check_flag(enable_gqa, "enable_gqa")
-    if return_lse is not False:
-        return_lse = _check_flag(return_lse, "return_lse")
-    if return_weights is not False:
-        return_weights = _check_flag(return_weights, "return_weights")
-    _check_no_dropout(dropout_p)
-    if return_weights and S > _INT32_MAX:
-        raise ValueError(f"return_weights needs S < 2**31 keys (a weights row is one BLAS "
-                         f"matrix with 32-bit dimensions), got S = {S}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(E)
-    else:
-        scale = _check_positive_float(scale, "scale", dtype)
-    softcap = 0.0 if softcap is None else _check_softcap(softcap, dtype)
-    if not isinstance(alignment, str) or alignment not in _ALIGNMENTS:
-        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
-    if num_threads is None:
-        num_threads = _runtime.get_num_threads()
-    else:
-        num_threads = _check_int(num_threads, "num_threads", 1)
-    return is_causal, enable_gqa, return_lse, return_weights, scale, softcap, num_threads
-
-
 def _batch_shape(query, key, value, enable_gqa):
     """The broadcast batch shape of the items (heads last with enable_gqa) and the number
     of query heads per key/value head."""
@@ -510,35 +244,6 @@ def _batch_shape(query, key, value, enable_gqa):
     return outer + (Hq,), Hq // Hk
 
 
-def _mask_plan(attn_mask, batch_shape, L, S, dtype):
-    """(mask array or None, its MaskKind, its row and column strides in elements): a
-    boolean mask is read as bytes, a float one in the inputs' dtype; neither is expanded."""
-    if attn_mask is None:
-        return None, _MASK_NONE, 0, 0
-    _check_ndarray(attn_mask, "attn_mask", " (bool or float)")
-    _reject_masked(attn_mask, "attn_mask")
-    full = batch_shape + (L, S)
-    if attn_mask.ndim < 2:
-        raise ValueError(f"attn_mask must have at least 2 dimensions (L, S) "
-                         f"broadcastable to {full}, got shape {attn_mask.shape}")
-    if not _broadcasts_to(attn_mask.shape, full):
-        raise ValueError(f"attn_mask of shape {attn_mask.shape} does not broadcast to "
-                         f"the attention shape (..., L, S) = {full}")
-    if attn_mask.dtype == np.bool_:
-        kind, mask = _MASK_BOOL, attn_mask.view(np.uint8)
-    elif attn_mask.dtype.kind == "f":
-        kind, mask = _MASK_ADDITIVE, attn_mask.astype(dtype, copy=False)
-    else:
-        raise TypeError(f"attn_mask must be boolean (True = attend) or floating "
-                        f"(added to the scores), got dtype {attn_mask.dtype}")
-    m_strides = _element_strides(mask)
-    if m_strides is None or not mask.flags.aligned:
-        mask = np.require(mask, requirements="CA")
-        m_strides = _element_strides(mask)
-    return (mask, kind, m_strides[-2] if mask.shape[-2] > 1 else 0,
-            m_strides[-1] if mask.shape[-1] > 1 else 0)
-
-
 def _key_lengths_and_diagonal(key_lengths, q_offset, k_offset, alignment, batch_shape, L,
                               S):
     """(valid keys, key index of query 0's diagonal): ints, or one intp per item."""
@@ -555,182 +260,30 @@ def _key_lengths_and_diagonal(key_lengths, q_offset, k_offset, alignment, batch_
     return kv_len, diag
 
 
-def _window(window, is_causal):
-    """(left, right) sides of the visible band around the diagonal; causal closes the
-    right side."""
-    win_left, win_right = _UNBOUNDED, _UNBOUNDED
-    if window is not None:
-        left, right = _window_pair(window)
-        # (a side beyond any index is no limit: clamped, it stays a C integer)
-        if left is not None:
-            win_left = min(_check_int(left, "window left", 0), _UNBOUNDED)
-        if right is not None:
-            win_right = min(_check_int(right, "window right", 0), _UNBOUNDED)
-    if is_causal:
-        win_right = 0
-    return win_left, win_right
-
-
-def _kept_first_keys(keep_first, k_offset, batch_shape, S):
-    """How many leading keys of each item are the sequence's first keep_first positions
-    (an int, or one intp per item when k_offset varies)."""
-    keep_first = _check_int(keep_first, "keep_first", 0, "a non-negative integer")
-    kept = min(keep_first, _MAX_OFFSET) - _offset(k_offset, "k_offset", batch_shape)
-    return np.clip(kept, 0, S) if isinstance(kept, np.ndarray) else min(max(kept, 0), S)
-
-
-def _sink_logits(sinks, batch_shape, dtype):
-    """One sink logit per item, contiguous in the operands' dtype."""
-    sinks = _as_ndarray(sinks, "sinks")
-    if not isinstance(sinks, np.ndarray):
-        try:
-            sinks = np.asarray(sinks)
-        except (TypeError, ValueError):
-            raise TypeError(f"sinks must be an array of floats, one per query head, got "
-                            f"{type(sinks).__name__}") from None
-    _reject_masked(sinks, "sinks")
-    if sinks.dtype.kind != "f":
-        raise TypeError(f"sinks must be floating-point logits, one per query head, got "
-                        f"dtype {sinks.dtype}")
-    if not _broadcasts_to(sinks.shape, batch_shape):
-        heads = f"(Hq,) = ({batch_shape[-1]},)" if batch_shape else "()"
-        raise ValueError(f"sinks of shape {sinks.shape} must hold one logit per query head, "
-                         f"{heads}, or broadcast to the batch shape {batch_shape}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        logits = np.broadcast_to(sinks, batch_shape).astype(dtype).reshape(-1)
-    if np.isnan(logits).any() or np.isposinf(logits).any():
-        bad = logits[np.isnan(logits) | np.isposinf(logits)][0]
-        raise ValueError(f"sinks must be finite in {dtype} (or -inf: no sink for that "
-                         f"head), got {bad} after conversion to {dtype}")
-    return logits
-
-
-def _outputs(out, batch_shape, L, S, Ev, dtype, return_lse, return_weights, inputs):
-    """(out, its row and column strides in elements, lse or None, weights or None)."""
-    out_shape = batch_shape + (L, Ev)
-    if out is None:
-        out = np.empty(out_shape, dtype=dtype)
-        out_rs, out_cs = Ev, 1
-    else:
-        out_rs, out_cs = _check_out(out, out_shape, dtype, inputs)[-2:]
-    lse = np.empty(batch_shape + (L,), dtype=dtype) if return_lse else None
-    weights = np.zeros(batch_shape + (L, S), dtype=dtype) if return_weights else None
-    return out, out_rs, out_cs, lse, weights
-
-
-def _check_out(out, out_shape, dtype, inputs):
-    """A user's `out`: writable, of the right shape and dtype, sharing no memory with the
-    inputs or within itself. Returns its strides in elements."""
-    _check_ndarray(out, "out")
-    if out.shape != out_shape or out.dtype != dtype:
-        raise ValueError(f"out must have shape {out_shape} and dtype {dtype}, got "
-                         f"shape {out.shape} and dtype {out.dtype}")
-    _reject_masked(out, "out")
-    if not out.flags.writeable:
-        raise ValueError("out is read-only")
-    for name, x in zip(("query", "key", "value", "attn_mask"), inputs):
-        if x is not None and _overlaps(out, x):
-            raise ValueError(f"out overlaps {name}: the output must not share memory "
-                             f"with an input")
-    strides = _element_strides(out)
-    if strides is None or not out.flags.aligned:
-        raise ValueError("out must be aligned, with strides that are multiples of its "
-                         "item size")
-    if _has_internal_overlap(out):
-        raise ValueError(f"out has overlapping elements (two of its elements share "
-                         f"memory: strides {out.strides} for shape {out.shape})")
-    return strides
-
-
-def _launch(query, key, value, out, lse, weights, mask_plan, batch_shape, group, kv_len,
-            diag, out_rs, out_cs, win_left, win_right, scale, softcap, num_threads,
-            weights_mode, block_sizes, isa, keep=0, sinks=None, narrow=None):
-    """Operands GEMM can read, the per-item table, block sizes and key splits; then the
-    kernel, with BLAS kept on one thread inside its OpenMP team."""
-    query, q_rs = _blas_ready(query)
-    key, k_rs = _blas_ready(key)
-    value, v_rs = _blas_ready(value)
-    if sinks is not None and sinks.dtype != query.dtype:  # the kernel's compute dtype
-        sinks = sinks.astype(query.dtype)
-    mask, mask_kind, mask_rs, mask_cs = mask_plan
-    table = _table(query, key, value, out, mask, batch_shape, group, kv_len, diag, keep,
-                   narrow)
-    L, E = query.shape[-2:]
-    S, Ev = value.shape[-2:]
-    isa = _kernel.default_isa_index() if isa is None else _kernel.isa_index(isa)
-    block_q, block_k = (_choose_block_sizes(L, S, isa) if block_sizes is None
-                        else _checked_block_sizes(block_sizes))
-    n_q_blocks = -(-L // block_q)
-    n_splits, split_keys = _key_splits(n_q_blocks, S, block_k, weights_mode)
-    n_items = table.shape[0]
-    n_tasks = n_items * n_q_blocks * n_splits
-    threads = _runtime.team_size(min(num_threads, n_tasks))
-    partials = (np.empty((n_splits, n_items, L, Ev + 2), dtype=out.dtype) if n_splits > 1
-                else None)
-    with single_threaded_blas if _kernel.calls_blas(isa) else _NO_LIMIT:
-        _kernel.attention(query, key, value, out, lse, weights, mask, partials, table,
-                          shape=(L, S, E, Ev),
-                          strides=(q_rs, k_rs, v_rs, out_rs, out_cs, mask_rs, mask_cs),
-                          variant=(mask_kind, win_left, win_right, scale, softcap,
-                                   weights_mode),
-                          blocks=(block_q, block_k, n_splits, split_keys),
-                          run=(threads, isa), sinks=sinks,
-                          kv_storage=None if narrow is None else narrow.kv_storage,
-                          bf16_query=narrow is not None and narrow.query_bf16)
-
-
-def _table(query, key, value, out, mask, batch_shape, group, kv_len, diag, keep=0,
-           narrow=None):
-    """One row per item: where its matrices start (in elements), its key length, its
-    diagonal, how many of its first keys stay visible outside the window and where its
-    int8 scales start."""
+def _padded_layout(plan, batch_shape, group, kv_len, diag, L, S, E, Ev):
+    """Operands GEMM can read in place (or contiguous copies) and one table row per item:
+    where its matrices start (in elements), its key length, its diagonal, how many of its
+    first keys stay visible outside the window and where its int8 scales start."""
+    query, plan.q_rs = _blas_ready(plan.query)
+    key, plan.k_rs = _blas_ready(plan.key)
+    value, plan.v_rs = _blas_ready(plan.value)
+    plan.query, plan.key, plan.value = query, key, value
+    plan.L, plan.S, plan.E, plan.Ev = L, S, E, Ev
+    plan.longest_keys = S
     table = np.empty((math.prod(batch_shape), _kernel.TABLE_COLUMNS), dtype=np.intp)
     _kernel.fill_offsets(table, _Column.Q, query, batch_shape)
     _kernel.fill_offsets(table, _Column.K, key, batch_shape, group)
     _kernel.fill_offsets(table, _Column.V, value, batch_shape, group)
-    _kernel.fill_offsets(table, _Column.OUT, out, batch_shape)
-    _kernel.fill_offsets(table, _Column.MASK, mask, batch_shape)
+    _kernel.fill_offsets(table, _Column.OUT, plan.out, batch_shape)
+    _kernel.fill_offsets(table, _Column.MASK, plan.mask, batch_shape)
     _kernel.fill_column(table, _Column.KV_LEN, kv_len)
     _kernel.fill_column(table, _Column.DIAG, diag)
-    _kernel.fill_column(table, _Column.KEEP_FIRST, keep)
+    _kernel.fill_column(table, _Column.KEEP_FIRST, plan.keep)
+    narrow = plan.narrow
     if narrow is not None:  # (without scales the kernel never reads these columns)
         _kernel.fill_offsets(table, _Column.K_SCALE, narrow.k_scale, batch_shape, group)
         _kernel.fill_offsets(table, _Column.V_SCALE, narrow.v_scale, batch_shape, group)
-    return table
-
-
-def _choose_block_sizes(L, S, isa):
-    """Query rows per task and keys per block."""
-    block_q = min(max(L, 1), 128)
-    block_k = min(max(S, 1), 256)
-    return block_q, block_k
-
-
-def _checked_block_sizes(sizes):
-    block_q, block_k = sizes
-    return _check_int(block_q, "block_q", 1), _check_int(block_k, "block_k", 1)
-
-
-# An item with few query blocks (decoding, short chunks) against many keys: split its keys
-# into chunks of at least _MIN_SPLIT_KEYS, aiming at _MIN_TASKS tasks per item, so that the
-# cores stay busy when a few heads decode against a long cache. The rule looks at one
-# item's shape only, never at the number of items or threads: each item is computed
-# bitwise alike whatever the thread count and whichever other heads share the call (a
-# call on some of the heads equals those heads of the full call, as sharding needs).
-_FEW_Q_BLOCKS = 2
-_MIN_TASKS = 16
-_MIN_SPLIT_KEYS = 512
-
-
-def _key_splits(n_q_blocks, S, block_k, weights_mode):
-    """(number of chunks of keys, keys per chunk: a multiple of block_k)."""
-    if (weights_mode or n_q_blocks == 0 or n_q_blocks > _FEW_Q_BLOCKS
-            or S < 2 * _MIN_SPLIT_KEYS):
-        return 1, S
-    n_splits = min(-(-_MIN_TASKS // n_q_blocks), S // _MIN_SPLIT_KEYS)
-    split_keys = -(-S // n_splits)
-    split_keys = -(-split_keys // block_k) * block_k
-    return -(-S // split_keys), split_keys
+    plan.table = table
 
 
 def merge_attention(outputs, lses):

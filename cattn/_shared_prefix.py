@@ -6,7 +6,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from cattn._api import merge_attention, scaled_dot_product_attention
-from cattn._validation import check_flag, check_ndarray
+from cattn._plan import as_ndarray
+from cattn._validation import broadcasts_to, check_flag, check_ndarray
 
 
 def _check_layout(x: Any, name: str, ndim: int, layout: str) -> None:
@@ -19,6 +20,8 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
                             k: NDArray[Any], v: NDArray[Any], *,
                             key_lengths: Union[int, ArrayLike, None] = None,
                             is_causal: bool = False, scale: Optional[float] = None,
+                            window: Optional[Tuple[Optional[int], Optional[int]]] = None,
+                            attn_mask: Optional[ArrayLike] = None,
                             softcap: Optional[float] = None,
                             sinks: Optional[ArrayLike] = None, enable_gqa: bool = False,
                             return_lse: bool = False, num_threads: Optional[int] = None,
@@ -29,7 +32,11 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
     Equal to attention over the concatenation [prefix, suffix of request r] for every
     request, without copying the prefix R times: all R·L queries meet the prefix in one
     call (K and V of the prefix read once, the queries as one block of rows per head), each
-    request then meets its own suffix, and the two results are merged by their lse.
+    request then meets its own suffix, and the two results are merged by their lse. When
+    some queries see only part of the prefix (a window, a mask, or a causal request with
+    fewer than L - 1 valid suffix keys, whose first queries are prefix tokens), each
+    request meets the prefix at its own positions instead (the prefix read per request,
+    still never copied).
 
     Parameters
     ----------
@@ -45,9 +52,16 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
         Valid suffix keys per request (default S); the queries are each request's last L
         tokens.
     is_causal : bool
-        The prefix lies before every query, so it is always visible; in the suffix a
-        query sees its request's keys up to its own position (bottom-right alignment:
-        the last query is the last valid key).
+        Each query sees the concatenation's keys up to its own position, bottom-right
+        aligned: the last query is the request's last valid key, query i sits at
+        position P + n - L + i of [prefix, n valid suffix keys]. With n >= L - 1 the whole
+        prefix lies before every query.
+    window : (left, right), optional
+        Sliding window around each query's position in the concatenation (as in
+        scaled_dot_product_attention, bottom-right aligned); either side may be None.
+    attn_mask : ndarray, optional
+        Boolean (True = attend) or float (added to the scores), broadcastable to
+        (R, H, L, P + S): indexed by key position in [prefix, suffix slots].
     scale, softcap, enable_gqa, num_threads
         As in scaled_dot_product_attention.
     sinks : array (H,) or (R, H), optional
@@ -110,25 +124,60 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
         raise ValueError(f"q has {H} heads and the prefix {Hkv}: they must be equal, or "
                          f"with enable_gqa=True a divisor of the query heads")
     group = H // Hkv
+    P, S = prefix_k.shape[1], k.shape[2]
     # Half-precision queries: both parts stay float32 until the merge, rounded once.
     exact = q.dtype in (np.float32, np.float64)
     options = dict(scale=scale, softcap=softcap, num_threads=num_threads, _isa=_isa,
-                   out_dtype=None if exact else np.float32)
-    # Every query of every request meets the prefix in one call: the queries of each
-    # key/value head, (Hkv, group·R·L, E) (a small copy), so the prefix's keys and values
-    # are read once, by blocks of rows from all requests.
-    all_queries = q.reshape(R, Hkv, group, L, E).transpose(1, 2, 0, 3, 4).reshape(
-        Hkv, group * R * L, E)
-    prefix_out, prefix_lse = scaled_dot_product_attention(
-        all_queries, prefix_k, prefix_v, return_lse=True, **options)
-    Ev = prefix_out.shape[-1]
-    prefix_out = prefix_out.reshape(Hkv, group, R, L, Ev).transpose(2, 0, 1, 3, 4).reshape(
-        R, H, L, Ev)
-    prefix_lse = prefix_lse.reshape(Hkv, group, R, L).transpose(2, 0, 1, 3).reshape(R, H, L)
+                   out_dtype=None if exact else np.float32, enable_gqa=enable_gqa)
+    prefix_mask, own_mask = _split_mask(attn_mask, (R, H, L, P + S), P)
     own_out, own_lse = scaled_dot_product_attention(
-        q, k, v, is_causal=is_causal, alignment="bottom_right", key_lengths=key_lengths,
-        sinks=sinks, enable_gqa=enable_gqa, return_lse=True, **options)
+        q, k, v, attn_mask=own_mask, is_causal=is_causal, alignment="bottom_right",
+        key_lengths=key_lengths, window=window, sinks=sinks, return_lse=True, **options)
+    # (key_lengths is valid now: the suffix's call checked it)
+    valid = np.asarray(S if key_lengths is None else key_lengths)
+    if window is None and prefix_mask is None and not (
+            is_causal and valid.size and valid.min() < L - 1):
+        prefix_out, prefix_lse = _every_query_over_the_prefix(q, prefix_k, prefix_v, group,
+                                                              options)
+    else:
+        # Query i of request r sits at position P + n_r - L + i; the prefix at 0 .. P - 1.
+        prefix_out, prefix_lse = scaled_dot_product_attention(
+            q, prefix_k, prefix_v, attn_mask=prefix_mask, is_causal=is_causal, window=window,
+            q_offset=P + valid - L, return_lse=True, **options)
     out, lse = merge_attention([prefix_out, own_out], [prefix_lse, own_lse])
     if not exact:
         out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _every_query_over_the_prefix(q, prefix_k, prefix_v, group, options):
+    """(out, lse) of every query over the whole prefix, in one call: the queries of each
+    key/value head, (Hkv, group·R·L, E) (a small copy), so the prefix's keys and values
+    are read once, by blocks of rows from all requests."""
+    R, H, L, E = q.shape
+    Hkv = prefix_k.shape[0]
+    all_queries = q.reshape(R, Hkv, group, L, E).transpose(1, 2, 0, 3, 4).reshape(
+        Hkv, group * R * L, E)
+    options = dict(options, enable_gqa=False)
+    out, lse = scaled_dot_product_attention(all_queries, prefix_k, prefix_v,
+                                            return_lse=True, **options)
+    Ev = out.shape[-1]
+    out = out.reshape(Hkv, group, R, L, Ev).transpose(2, 0, 1, 3, 4).reshape(R, H, L, Ev)
+    lse = lse.reshape(Hkv, group, R, L).transpose(2, 0, 1, 3).reshape(R, H, L)
+    return out, lse
+
+
+def _split_mask(attn_mask, full, P):
+    """attn_mask over [prefix, suffix slots] as its prefix part and its suffix part (an
+    axis of length 1 broadcasts to both)."""
+    if attn_mask is None:
+        return None, None
+    attn_mask = as_ndarray(attn_mask, "attn_mask")
+    check_ndarray(attn_mask, "attn_mask", " (bool or float)")
+    if attn_mask.ndim < 2 or not broadcasts_to(attn_mask.shape, full):
+        raise ValueError(f"attn_mask of shape {attn_mask.shape} must broadcast to "
+                         f"(R, H, L, P + S) = {full}: one column per key of [prefix, "
+                         f"suffix slots]")
+    if attn_mask.shape[-1] == 1:
+        return attn_mask, attn_mask
+    return attn_mask[..., :P], attn_mask[..., P:]

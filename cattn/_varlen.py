@@ -8,23 +8,17 @@ sequence starts early and the short ones fill the gaps between the threads.
 """
 import numpy as np
 
-from cattn import _runtime, _kernel  # _runtime first: it loads OpenMP (wait policy)
-from cattn._api import (_FLOAT_DTYPES, _INT32_MAX, _MASK_NONE, _NO_LIMIT, _Column,
-                        _as_ndarray, _check_array, _checked_block_sizes, _choose_block_sizes,
-                        _element_strides, _narrow_storage, _options, _sink_logits, _window)
-from cattn._blas_threads import single_threaded_blas
-from cattn._validation import (check_flag as _check_flag, check_int as _check_int,
-                               reject_masked as _reject_masked)
-
-# keep_first beyond any sequence keeps every key (clamped to stay an int64)
-_KEEP_ALL = 2**48
-
+from cattn import _kernel
+from cattn._plan import (INT32_MAX as _INT32_MAX, Column as _Column, Plan, as_ndarray,
+                         check_array, choose_blocks, element_strides, launch)
+from cattn._validation import check_flag as _check_flag, reject_masked as _reject_masked
+from cattn._visibility import key_span
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
                      alignment="top_left", window=None, softcap=None, scale=None,
                      sinks=None, keep_first=None, enable_gqa=False, return_lse=False,
-                     num_threads=None, k_scale=None, v_scale=None, out_dtype=None,
-                     _block_sizes=None, _isa=None):
+                     out=None, num_threads=None, k_scale=None, v_scale=None,
+                     out_dtype=None, _block_sizes=None, _isa=None):
     """Exact attention of each packed sequence over its own keys.
 
     Parameters
@@ -68,6 +62,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     return_lse : bool
         Also return the log-sum-exp of each row, shape (Hq, Tq) (FlashAttention's
         `softmax_lse` layout for varlen calls: heads first, tokens packed).
+    out : ndarray (Tq, Hq, Ev), optional
+        Preallocated output (any strides), of the result's dtype.
     num_threads : int, optional
         Threads for this call; defaults to OpenMP's.
     k_scale, v_scale : array (Tk, Hkv), optional
@@ -113,59 +109,32 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     True
     """
     q, k, v, group = _packed_operands(q, k, v, enable_gqa)
-    narrow = None
-    if not (k.dtype == q.dtype == v.dtype and q.dtype in _FLOAT_DTYPES and k_scale is None
-            and v_scale is None and out_dtype is None):
-        q, narrow = _narrow_storage(q, k, v, k_scale, v_scale, out_dtype, None)
+    plan = Plan(q, k, v, out, k_scale, v_scale, out_dtype)
     Tq, Hq, E = q.shape
     Tk, Ev = k.shape[0], v.shape[2]
-    cu_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", Tq, "q")
-    cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", Tk, "k")
+    cu_q, q_len = cu_seqlens(cu_seqlens_q, "cu_seqlens_q", Tq, "q")
+    cu_k, k_len = cu_seqlens(cu_seqlens_k, "cu_seqlens_k", Tk, "k")
     if cu_q.shape != cu_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of "
                          f"sequences, got {cu_q.size - 1} and {cu_k.size - 1}")
-    q_len, k_len = np.diff(cu_q), np.diff(cu_k)
-    max_q = int(q_len.max(initial=0))
     max_k = int(k_len.max(initial=0))
-    (is_causal, enable_gqa, return_lse, _, scale, softcap, num_threads) = _options(
-        is_causal, enable_gqa, return_lse, False, 0.0, scale, softcap, alignment,
-        num_threads, q.dtype, E, max_k)
+    plan.set_options(is_causal, enable_gqa, return_lse, False, 0.0, scale, softcap,
+                     alignment, window, num_threads, _block_sizes, _isa, E, max_k)
     n = cu_q.size - 1
-    sink_logits = None if sinks is None else _sink_logits(sinks, (n, Hq), q.dtype)
-    keep = (np.zeros_like(k_len) if keep_first is None else
-            np.minimum(min(_check_int(keep_first, "keep_first", 0, "a non-negative integer"),
-                           _KEEP_ALL), k_len))
-    win_left, win_right = _window(window, is_causal)
+    plan.set_extras(keep_first, None, sinks, (n, Hq), max_k)
     diag = k_len - q_len if alignment == "bottom_right" else np.zeros_like(q_len)
-
-    out = np.empty((Tq, Hq, Ev), dtype=q.dtype)
-    lse = np.empty((Hq, Tq), dtype=q.dtype) if return_lse else None
-    isa = _kernel.default_isa_index() if _isa is None else _kernel.isa_index(_isa)
-    block_q, block_k = (_choose_block_sizes(max_q, max_k, isa) if _block_sizes is None
-                        else _checked_block_sizes(_block_sizes))
-    table = _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, keep, group, narrow)
-    kv_storage = None if narrow is None else _kv_storage(narrow)
-    tasks = _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right)
-    if tasks.shape[0]:
-        threads = _runtime.team_size(min(num_threads, tasks.shape[0]))
-        # Keys are never split into chunks here: a packed batch has a task per
-        # (sequence, head, query block), and even decode-like sequences bring one per
-        # head, which the heaviest-first order spreads over the threads; a split would
-        # also make an item's result depend on which other sequences share its call.
-        with single_threaded_blas if _kernel.calls_blas(isa) else _NO_LIMIT:
-            _kernel.attention(q, k, v, out, lse, None, None, None, table,
-                              shape=(max_q, max_k, E, Ev),
-                              strides=(_token_stride(q), _token_stride(k), _token_stride(v),
-                                       Hq * Ev, 1, 0, 0),
-                              variant=(_MASK_NONE, win_left, win_right, scale, softcap,
-                                       False),
-                              blocks=(block_q, block_k, 1, max_k),
-                              run=(threads, isa), tasks=tasks, sinks=sink_logits,
-                              kv_storage=kv_storage,
-                              bf16_query=narrow is not None and narrow.query_bf16)
-    if narrow is not None and narrow.result_dtype != out.dtype:
-        out = narrow.results(out, None, None)[0]
-    return (out, lse) if return_lse else out
+    plan.set_outputs((Tq, Hq, Ev), (Hq, Tq), None, (("q", q), ("k", k), ("v", v)))
+    k_st, v_st = element_strides(plan.key), element_strides(plan.value)
+    plan.k_rs, plan.v_rs = _token_stride(plan.key), _token_stride(plan.value)
+    plan.S, plan.longest_keys = max_k, max_k
+    packed_layout(plan, cu_q, q_len, k_len, diag, group, cu_k * k_st[0], k_st[1],
+                  cu_k * v_st[0], v_st[1])
+    narrow = plan.narrow
+    if narrow is not None:
+        _scale_columns(plan.table, narrow, cu_k, q_len.size, Hq, group)
+        plan.kv_storage = _kv_storage(narrow)
+    launch(plan)
+    return plan.results()
 
 
 # ------------------------------------------------------------------------- the steps
@@ -176,12 +145,12 @@ def _packed_operands(q, k, v, enable_gqa):
     names = ("q", "k", "v")
     arrays = []
     for name, x, narrow in zip(names, (q, k, v), ("half", "int8", "int8")):
-        x = _as_ndarray(x, name)
-        _check_array(x, name, narrow)
+        x = as_ndarray(x, name)
+        check_array(x, name, narrow)
         if x.ndim != 3:
             raise ValueError(f"{name} must have 3 dimensions (tokens, heads, features), "
                              f"got shape {x.shape}")
-        arrays.append(_readable_in_place(x))
+        arrays.append(readable_in_place(x))
     q, k, v = arrays
     if k.shape[:2] != v.shape[:2]:
         raise ValueError(f"k and v must have the same tokens and heads (axes 0 and 1), got "
@@ -204,11 +173,11 @@ def _packed_operands(q, k, v, enable_gqa):
     return q, k, v, 1
 
 
-def _readable_in_place(x):
+def readable_in_place(x):
     """x when each token's (H, E) rows can be read at whole-element offsets with unit
     stride along the features and a token stride a GEMM accepts; otherwise a contiguous
     copy (the input itself is never modified)."""
-    strides = _element_strides(x)
+    strides = element_strides(x)
     T, H, E = x.shape
     if (strides is not None and x.flags.aligned and (E <= 1 or strides[2] == 1)
             and (T <= 1 or max(E, 1) <= strides[0] <= _INT32_MAX)):
@@ -222,9 +191,9 @@ def _token_stride(x):
     return x.strides[0] // x.itemsize if T > 1 else max(E, 1)
 
 
-def _cu_seqlens(cu, name, total, operand):
-    """cu as an intp array after checking it is (n + 1,) integer prefix sums from 0 to
-    total."""
+def cu_seqlens(cu, name, total, operand):
+    """(cu, the n lengths) as intp arrays after checking cu is (n + 1,) integer prefix
+    sums from 0 to total."""
     _reject_masked(cu, name)
     values = np.asarray(cu)
     if values.dtype.kind not in "iu":
@@ -243,35 +212,55 @@ def _cu_seqlens(cu, name, total, operand):
     if values[-1] != total:
         raise ValueError(f"{name} must end at the number of tokens of {operand} "
                          f"({total}), got {values[-1]}")
-    return values.astype(np.intp)
+    values = values.astype(np.intp)
+    return values, np.diff(values)
 
 
-def _table(q, k, v, out, cu_q, cu_k, q_len, k_len, diag, keep, group, narrow=None):
-    """One row per (sequence, head), sequence-major: where its matrices start (element
-    offsets into the packed arrays), its key length, diagonal, kept first keys, query
-    length, lse and int8 scales."""
-    Tq, Hq, _ = q.shape
+def packed_layout(plan, cu_q, q_len, k_len, diag, group, k_starts, k_head_stride,
+                  v_starts, v_head_stride):
+    """The table of packed queries (T, Hq, E) and outputs, one row per (sequence, head),
+    sequence-major, and the task list, heaviest first. k_starts / v_starts: where each
+    sequence's keys / values start (element offsets), the head strides apart."""
+    query, out = plan.query, plan.out
+    Tq, Hq, _ = query.shape
     n = q_len.size
+    plan.L = int(q_len.max(initial=0))
+    plan.E, plan.Ev = query.shape[2], out.shape[2]
+    plan.q_rs = _token_stride(query)
+    q_st, out_st = element_strides(query), element_strides(out)
+    plan.out_rs = out_st[0] if Tq > 1 else max(plan.Ev, 1)
+    plan.out_cs = out_st[2]
     seq = np.repeat(np.arange(n, dtype=np.intp), Hq)
     head = np.tile(np.arange(Hq, dtype=np.intp), n)
     kv_head = head // group
     table = np.zeros((n * Hq, _kernel.TABLE_COLUMNS), dtype=np.intp)
-    q_st, k_st, v_st = (_element_strides(x) for x in (q, k, v))
     table[:, _Column.Q] = cu_q[seq] * q_st[0] + head * q_st[1]
-    table[:, _Column.K] = cu_k[seq] * k_st[0] + kv_head * k_st[1]
-    table[:, _Column.V] = cu_k[seq] * v_st[0] + kv_head * v_st[1]
-    table[:, _Column.OUT] = (cu_q[seq] * Hq + head) * out.shape[2]
+    table[:, _Column.K] = (k_starts[seq] if np.ndim(k_starts) else k_starts) + \
+        kv_head * k_head_stride
+    table[:, _Column.V] = (v_starts[seq] if np.ndim(v_starts) else v_starts) + \
+        kv_head * v_head_stride
+    table[:, _Column.OUT] = cu_q[seq] * out_st[0] + head * out_st[1]
     table[:, _Column.KV_LEN] = k_len[seq]
     table[:, _Column.DIAG] = diag[seq]
     table[:, _Column.Q_LEN] = q_len[seq]
     table[:, _Column.LSE] = head * Tq + cu_q[seq]
+    keep = np.minimum(plan.keep, k_len)
     table[:, _Column.KEEP_FIRST] = keep[seq]
-    for column, scale in ((_Column.K_SCALE, getattr(narrow, "k_scale", None)),
-                          (_Column.V_SCALE, getattr(narrow, "v_scale", None))):
-        if scale is not None:  # (Tk, Hkv, 1) scales, read like the keys
-            token_stride, head_stride = _element_strides(scale)[:2]
+    plan.table = table
+    choose_blocks(plan)
+    plan.tasks = _task_list(q_len, k_len, diag, keep, Hq, plan.block_q, plan.win_left,
+                            plan.win_right)
+
+
+def _scale_columns(table, narrow, cu_k, n, Hq, group):
+    """Where each item's int8 scales (Tk, Hkv, 1) start, read like its keys."""
+    seq = np.repeat(np.arange(n, dtype=np.intp), Hq)
+    kv_head = np.tile(np.arange(Hq, dtype=np.intp), n) // group
+    for column, scale in ((_Column.K_SCALE, narrow.k_scale), (_Column.V_SCALE,
+                                                               narrow.v_scale)):
+        if scale is not None:
+            token_stride, head_stride = element_strides(scale)[:2]
             table[:, column] = cu_k[seq] * token_stride + kv_head * head_stride
-    return table
 
 
 def _kv_storage(narrow):
@@ -292,9 +281,7 @@ def _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right):
     first = np.arange(seq.size, dtype=np.intp) - np.repeat(np.cumsum(blocks) - blocks, blocks)
     i0 = first * block_q
     rows = np.minimum(block_q, q_len[seq] - i0)
-    # the keys any row of the block sees: [first row's start, last row's end)
-    k_begin = np.clip(i0 + diag[seq] - win_left, 0, k_len[seq])
-    k_end = np.clip(i0 + rows + diag[seq] + win_right, 0, k_len[seq])
+    k_begin, k_end = key_span(i0, i0 + rows, diag[seq], k_len[seq], win_left, win_right)
     kept = np.minimum(keep[seq], k_begin)  # kept keys before the window's start
     work = rows * (np.maximum(k_end - k_begin, 0) + kept + 1)
     order = np.argsort(-work, kind="stable")

@@ -16,6 +16,8 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from cattn import _visibility as visibility
+
 _Window = Optional[Tuple[Optional[int], Optional[int]]]
 
 
@@ -32,29 +34,23 @@ def visible_keys(L: int, S: int, is_causal: bool = False, window: _Window = None
                  k_offset: Optional[ArrayLike] = None,
                  keep_first: Optional[int] = None) -> NDArray[np.bool_]:
     """Boolean (..., L, S): which key each query may see, from the structural options."""
-    visible = np.ones(batch_shape + (L, S), dtype=bool)
     kl = _per_item(S if key_lengths is None else key_lengths, batch_shape)
     # Positions: query i and key j sit at q_offset + i and k_offset + j of the sequence.
     if (q_offset is not None or k_offset is not None) and alignment != "top_left":
         raise ValueError("q_offset and k_offset need alignment='top_left'")
-    i = _per_item(0 if q_offset is None else q_offset, batch_shape) + np.arange(L)[:, None]
-    j_local = np.arange(S)[None, :]
-    j = _per_item(0 if k_offset is None else k_offset, batch_shape) + j_local
-    # The diagonal: key position (i + diag) is "the same position" as query i.
-    diag = kl - L if alignment == "bottom_right" else np.zeros_like(kl)
-    visible &= j_local < kl
+    q_pos = _per_item(0 if q_offset is None else q_offset, batch_shape)
+    k_pos = _per_item(0 if k_offset is None else k_offset, batch_shape)
+    # The diagonal: key (i + diag) sits at query i's position.
+    diag = (kl - L if alignment == "bottom_right" else 0) + q_pos - k_pos
+    left, right = (None, None) if window is None else window
     if is_causal:
-        visible &= j <= i + diag
-    if window is not None:
-        left, right = window
-        if left is not None:
-            # keep_first: the sequence's first keys stay visible past the left side
-            # (positions below keep_first, which include any negative ones)
-            in_band = j >= i + diag - left
-            visible &= in_band if keep_first is None else in_band | (j < keep_first)
-        if right is not None:
-            visible &= j <= i + diag + right
-    return visible
+        right = 0 if right is None else min(right, 0)
+    # keep_first: the sequence's first keys (positions below keep_first, which include
+    # any negative ones) stay visible past the left side
+    kept = 0 if keep_first is None else keep_first - k_pos
+    i, j = np.arange(L)[:, None], np.arange(S)[None, :]
+    return np.array(np.broadcast_to(visibility.visible(i, j, diag, kl, left, right, kept),
+                                    batch_shape + (L, S)))
 
 
 def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: NDArray[Any],

@@ -28,10 +28,11 @@ def problem(seed, R=3, H=4, Hkv=None, L=1, P=40, S=9, E=8, Ev=6, dtype=np.float6
 
 
 def concatenated_reference(q, prefix_k, prefix_v, k, v, key_lengths=None, is_causal=False,
-                           sinks=None, **options):
+                           sinks=None, attn_mask=None, **options):
     """(out, lse): each request over [prefix, its first key_lengths[r] suffix keys], in
-    float64. Causal: the whole prefix is before every query; suffix key j is visible to
-    query i when j <= n - L + i (the queries are the request's last L tokens)."""
+    float64. Causal (and windows) bottom-right over the concatenation: the queries are the
+    request's last L tokens, so key j (prefix first) is visible to query i when
+    j <= P + n - L + i; with n < L - 1 the first queries see part of the prefix only."""
     R, L, S, P = q.shape[0], q.shape[2], k.shape[2], prefix_k.shape[1]
     lengths = np.broadcast_to(S if key_lengths is None else key_lengths, (R,))
     outs, lses = [], []
@@ -40,11 +41,12 @@ def concatenated_reference(q, prefix_k, prefix_v, k, v, key_lengths=None, is_cau
         keys = np.concatenate([prefix_k, k[r, :, :n]], axis=1)
         values = np.concatenate([prefix_v, v[r, :, :n]], axis=1)
         request_sinks = None if sinks is None else np.broadcast_to(sinks, (R, q.shape[1]))[r]
-        visible = None
-        if is_causal:
-            i, j = np.arange(L)[:, None], np.arange(P + n)[None, :]
-            visible = (j < P) | (j - P <= n - L + i)
-        out, lse = reference64(q[r], keys, values, attn_mask=visible, sinks=request_sinks,
+        mask = None
+        if attn_mask is not None:
+            full = np.broadcast_to(attn_mask, (R, q.shape[1], L, P + S))[r]
+            mask = np.concatenate([full[..., :P], full[..., P:P + n]], axis=-1)
+        out, lse = reference64(q[r], keys, values, attn_mask=mask, sinks=request_sinks,
+                               is_causal=is_causal, alignment="bottom_right",
                                return_lse=True, **options)
         outs.append(out)
         lses.append(lse)
@@ -72,8 +74,9 @@ def test_decoding_equals_attention_over_each_concatenation(path, dtype, is_causa
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_chunks_of_queries_are_causal_within_each_request(dtype):
-    """L = 4 new tokens: a request with fewer valid keys than queries has queries that see
-    the prefix only; the others see their own earlier tokens."""
+    """L = 4 new tokens: a request with fewer valid keys than queries has queries that are
+    prefix tokens (they see part of the prefix); the others see their own earlier
+    tokens."""
     rng, q, pk, pv, k, v = problem(2, L=4, dtype=dtype)
     assert_equals_concatenation(q, pk, pv, k, v, key_lengths=[9, 2, 4], is_causal=True)
 
@@ -195,3 +198,44 @@ def test_half_precision_prefix_and_suffix(half, query_dtype):
     tol["atol"] += p_rounding(None, v)  # (P rounded to bfloat16 on the native paths)
     np.testing.assert_allclose(out.astype(np.float64), want_out, **tol)
     np.testing.assert_allclose(lse, want_lse, **tolerance_for(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L", [1, 3, 5])
+def test_every_suffix_length_equals_the_concatenation(dtype, L):
+    """Causal, every suffix length n from 0 to L + 1 (one request each): a request with
+    n < L - 1 has queries that are prefix tokens and must not see the prefix after them
+    (the bug: every query saw the whole prefix)."""
+    lengths = np.arange(L + 2)
+    rng, q, pk, pv, k, v = problem(6, R=lengths.size, H=2, L=L, P=7, S=L + 1, dtype=dtype)
+    assert_equals_concatenation(q, pk, pv, k, v, key_lengths=lengths, is_causal=True)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("window", [(2, 1), (4, None), (None, 0)])
+def test_windows_follow_positions_in_the_concatenation(is_causal, window):
+    """A window reaches back into the prefix by position (the bug: the prefix seen whole,
+    or the window measured from the suffix's start)."""
+    lengths = np.array([0, 1, 3, 6])
+    rng, q, pk, pv, k, v = problem(7, R=4, H=4, Hkv=2, L=3, P=6, S=6)
+    assert_equals_concatenation(q, pk, pv, k, v, key_lengths=lengths, is_causal=is_causal,
+                                window=window, enable_gqa=True)
+
+
+@pytest.mark.parametrize("mask_shape", [(3, 4, 2, 15), (4, 2, 15), (2, 1), (1, 15)])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_attn_mask_covers_prefix_and_suffix(mask_shape, kind):
+    """One mask over [prefix, suffix slots], split at P (the bug: the prefix's columns
+    applied to the suffix, or a broadcast last axis lost)."""
+    rng, q, pk, pv, k, v = problem(8, R=3, H=4, L=2, P=6, S=9)
+    mask = rng.random(mask_shape) < 0.7
+    if kind == "float":
+        mask = np.where(mask, rng.standard_normal(mask_shape), -np.inf)
+    assert_equals_concatenation(q, pk, pv, k, v, key_lengths=[9, 1, 4], is_causal=True,
+                                attn_mask=mask)
+
+
+def test_a_mask_that_does_not_cover_the_concatenation_is_rejected():
+    rng, q, pk, pv, k, v = problem(9, R=2, H=2, L=2, P=6, S=9)
+    with pytest.raises(ValueError, match=r"\(R, H, L, P \+ S\)"):
+        spa(q, pk, pv, k, v, attn_mask=np.ones((2, 9), dtype=bool))
