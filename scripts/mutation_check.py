@@ -9,8 +9,8 @@ Each mutant below is a realistic bug: one or more edits, each an exact piece of 
 named file and its replacement. The script copies this tree (sources and the in-place build)
 to a temporary directory, checks that the unmutated copy passes every selected test, then
 for each mutant: makes a fresh copy, applies its edits, rebuilds the compiled core when an
-edit touches it (.pyx, .pxd, .h, setup.py, or cattn/_api.py or cattn/_varlen.py, which
-Cython compiles too),
+edit touches it (.pyx, .pxd, .h, setup.py, or cattn/_api.py, cattn/_varlen.py or
+cattn/_validation.py, which Cython compiles too),
 and runs the mutant's tests with `-x`. A mutant is killed when a test fails; it survives
 when they all pass (a crash of the test process counts as killed). The exit status is non-zero when a mutant survives, or when one cannot
 be applied or built: an edit whose text is no longer in its file (the code moved) fails
@@ -35,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_NAMES = {".git", ".ci-venv", ".hypothesis", ".pytest_cache", "__pycache__", "dist",
               "out", "cattn-demo"}
 # Edits to these need a rebuild of the compiled core.
-COMPILED = re.compile(r"(\.pyx|\.pxd|\.h|\.c|setup\.py|cattn/_api\.py|cattn/_varlen\.py)$")
+COMPILED = re.compile(r"(\.pyx|\.pxd|\.h|\.c|setup\.py|cattn/_api\.py|cattn/_varlen\.py|"
+                      r"cattn/_validation\.py)$")
 
 
 @dataclasses.dataclass
@@ -52,6 +53,7 @@ class Mutant:
     edits: list
     tests: list                # pytest arguments: files, node ids, -k expressions
     env: dict = dataclasses.field(default_factory=dict)  # for the build and the tests
+    quick: bool = False        # one of the few `--quick` runs (CI)
 
 
 API, KERNEL, REF, LAYERS = "cattn/_api.py", "cattn/_kernel.pyx", "cattn/reference.py", \
@@ -60,6 +62,8 @@ PAGED = "cattn/_paged.py"
 VARLEN = "cattn/_varlen.py"
 BF16 = "src/cattn_bf16.h"
 CONVERT, GEMM, DTYPES = "src/cattn_convert.h", "src/cattn_gemm.h", "cattn/_dtypes.py"
+DASK, RUNTIME = "cattn/dask.py", "cattn/_runtime.py"
+SENTENCE, MINILM, BERT = "cattn/models/sentence.py", "cattn/models/minilm.py", "cattn/models/bert.py"
 
 MUTANTS = [
     # ------------------------------------------------------------ found by the audit
@@ -448,6 +452,89 @@ MUTANTS = [
            [Edit(LAYERS, "(self.key_scales, key_scales),\n                      "
                  "(self.value_scales, value_scales)]", "(self.key_scales, key_scales)]")],
            ["tests/test_dtypes.py", "-k", "cache"]),
+    # ------------------------------------------------ edges where the easy case passes
+    Mutant("varlen-gqa-heads-tiled",
+           "packed grouped-query attention maps query head h to kv head h % Hkv (tiled) "
+           "instead of h // group: wrong with several kv heads and groups > 1",
+           [Edit(VARLEN, "    kv_head = head // group\n", "    kv_head = head % (Hq // group)\n")],
+           ["tests/test_edges.py", "-k", "varlen_grouped"], quick=True),
+    Mutant("varlen-lse-token-major",
+           "a packed call's lse lands token-major (t * Hq + h), not heads first (h * Tq + t)",
+           [Edit(VARLEN, "table[:, _Column.LSE] = head * Tq + cu_q[seq]",
+                 "table[:, _Column.LSE] = cu_q[seq] * Hq + head")],
+           ["tests/test_edges.py", "-k", "lse_values"]),
+    Mutant("lse-row-one-past",
+           "every item's lse is written one row late: its first row is never written and "
+           "the last item's last row lands past the array (a value check, not a crash)",
+           [Edit(KERNEL, "        t.lse_row0 = t.item[COL_LSE]\n",
+                 "        t.lse_row0 = t.item[COL_LSE] + 1\n")],
+           ["tests/test_edges.py", "-k", "lse_values"]),
+    Mutant("dask-diagonal-pair-skipped",
+           "a key chunk starting exactly on a query chunk's causal diagonal is skipped: the "
+           "chunk's last query misses its own key",
+           [Edit(DASK, "visible &= nearest <= right", "visible &= nearest < right")],
+           ["tests/test_edges.py", "-k", "dask_chunk_boundary"], quick=True),
+    Mutant("dask-window-edge-pair-skipped",
+           "a key chunk ending exactly at a window's left edge is skipped",
+           [Edit(DASK, "visible &= farthest >= -left", "visible &= farthest > -left")],
+           ["tests/test_edges.py", "-k", "dask_chunk_boundary"]),
+    Mutant("paged-truncate-keeps-a-page-too-many",
+           "truncating to a page boundary (or to 0) keeps one more page: the pool leaks it "
+           "and the next append writes after a page of stale keys",
+           [Edit(PAGED, "keep = -(-length // self.block_size)",
+                 "keep = length // self.block_size + 1")],
+           ["tests/test_edges.py", "-k", "truncate"], quick=True),
+    Mutant("paged-copy-on-write-not-counted",
+           "an append's copies of shared pages are not counted before writing: out of blocks "
+           "fails half-way (pages taken, lengths grown) with an IndexError",
+           [Edit(PAGED, "                needed += sum(cache.ref_counts[p] > 1\n"
+                        "                              for p in s.pages[first:min(last + 1, "
+                        "len(s.pages))])\n", "")],
+           ["tests/test_edges.py", "-k", "copy_on_write"]),
+    Mutant("bf16-query-through-float16",
+           "bfloat16 queries are widened through float16: inf beyond 65504, lost below 6e-5",
+           [Edit(API, "return query.astype(np.float32, copy=False), narrow",
+                 "return query.astype(np.float16).astype(np.float32), narrow")],
+           ["tests/test_edges.py", "-k", "bfloat16_beyond"], quick=True),
+    Mutant("bf16-output-through-float16",
+           "a float32 result is narrowed to bfloat16 through float16 (inf beyond 65504)",
+           [Edit(API, "out = out.astype(self.result_dtype)",
+                 "out = out.astype(np.float16).astype(self.result_dtype)")],
+           ["tests/test_edges.py", "-k", "bfloat16_beyond"]),
+    Mutant("threads-block-not-restored-on-exception",
+           "`with cattn.threads(n)` left by an exception keeps n for every later call",
+           [Edit(RUNTIME, "    try:\n        yield n\n    finally:\n"
+                          "        _local.override = previous\n",
+                 "    yield n\n    _local.override = previous\n")],
+           ["tests/test_edges.py", "-k", "threads"], quick=True),
+    Mutant("int8-cache-layers-share-first-scales",
+           "every layer of an int8 KVCache reads layer 0's key scales",
+           [Edit(LAYERS, "self.key_scales = None if cache.key_scales is None else "
+                         "cache.key_scales[index]",
+                 "self.key_scales = None if cache.key_scales is None else cache.key_scales[0]")],
+           ["tests/test_edges.py", "-k", "int8_cache"]),
+    Mutant("encode-normalizes-last-batch-only",
+           "normalize_embeddings=True scales only the last batch's rows to unit length",
+           [Edit(SENTENCE, "        if normalize_embeddings:\n"
+                           "            pooled = _unit_rows(pooled)\n",
+                 "        if normalize_embeddings:\n"
+                 "            pooled[chunk] = _unit_rows(pooled[chunk])\n")],
+           ["tests/test_edges.py", "-k", "normalize_embeddings"], quick=True),
+    Mutant("mean-pooling-over-padded-length",
+           "the public mean_pooling divides by the padded length, not the real tokens",
+           [Edit(MINILM, "return summed / np.maximum(mask.sum(axis=1), 1e-9)",
+                 "return summed / mask.shape[1]")],
+           ["tests/test_edges.py", "-k", "pooling_helpers"]),
+    Mutant("encoder-truncation-left-to-the-tokenizer",
+           "max_seq_length is not applied when the tokenizer does not truncate",
+           [Edit(SENTENCE, "ids = [e.ids[:self.max_seq_length] for e in encodings]",
+                 "ids = [e.ids for e in encodings]")],
+           ["tests/test_edges.py", "-k", "truncation"]),
+    Mutant("bert-token-types-ignored",
+           "the encoder types every token 0 whatever token_type_ids says (sentence pairs)",
+           [Edit(BERT, "x += self.token_type_embeddings[token_type_ids]",
+                 "x += self.token_type_embeddings[0]")],
+           ["tests/test_edges.py", "-k", "token_type"]),
 ]
 
 
