@@ -1,6 +1,8 @@
 """Mutation check: does the test suite catch the bugs it exists for?
 
-    python scripts/mutation_check.py               # every mutant (about 10 min on 2 cores)
+    python scripts/mutation_check.py               # every mutant (about an hour on 2 cores)
+    python scripts/mutation_check.py --quick       # the few marked quick: CI time (minutes)
+    python scripts/mutation_check.py --module cattn.dask cattn.models   # one module's
     python scripts/mutation_check.py --list        # the mutants, what each breaks, its tests
     python scripts/mutation_check.py --only merge-without-max-shift leak-100-bytes
     python scripts/mutation_check.py --keep        # keep the temporary copies (paths printed)
@@ -11,10 +13,13 @@ to a temporary directory, checks that the unmutated copy passes every selected t
 for each mutant: makes a fresh copy, applies its edits, rebuilds the compiled core when an
 edit touches it (.pyx, .pxd, .h, setup.py, or cattn/_api.py, cattn/_varlen.py or
 cattn/_validation.py, which Cython compiles too),
-and runs the mutant's tests with `-x`. A mutant is killed when a test fails; it survives
+and runs the mutant's tests with `-x` (one mutant at a time, so a kernel rebuild per
+compiled mutant: a few minutes each on a loaded machine). A mutant is killed when a test fails; it survives
 when they all pass (a crash of the test process counts as killed). The exit status is non-zero when a mutant survives, or when one cannot
 be applied or built: an edit whose text is no longer in its file (the code moved) fails
 loudly as "mutant did not apply", so the list cannot rot silently.
+The score is printed per module (the file of a mutant's first edit: `cattn._paged`,
+`cattn.models`, `src/cattn_simd.h`...) and in total.
 
 Every new feature adds its mutants here: the bugs its tests exist to catch.
 """
@@ -402,7 +407,7 @@ MUTANTS = [
     Mutant("paged-copy-on-write-skipped",
            "a sequence writes into a page it shares: the other sequence's keys change",
            [Edit(PAGED, "elif cache.ref_counts[s.pages[i]] > 1:", "elif False:")],
-           ["tests/test_paged.py", "-k", "fork"]),
+           ["tests/test_paged.py", "-k", "fork"], quick=True),
     Mutant("paged-fork-copy-empty",
            "a forked sequence's copy of the partly filled last page holds no keys",
            [Edit(PAGED, "        self.keys[:, new] = self.keys[:, page]\n", "")],
@@ -446,7 +451,7 @@ MUTANTS = [
            "quantize_kv scales rows by their largest value, not magnitude: negatives clip",
            [Edit(DTYPES, "largest = np.max(np.abs(wide), axis=-1, initial=0.0)",
                  "largest = np.max(wide, axis=-1, initial=0.0)")],
-           ["tests/test_dtypes.py", "-k", "quantize"]),
+           ["tests/test_dtypes.py", "-k", "quantize"], quick=True),
     Mutant("int8-cache-value-scales-not-stored",
            "an int8 KVCache keeps its value scales at 1 (values decoded 100x off)",
            [Edit(LAYERS, "(self.key_scales, key_scales),\n                      "
@@ -535,10 +540,83 @@ MUTANTS = [
            [Edit(BERT, "x += self.token_type_embeddings[token_type_ids]",
                  "x += self.token_type_embeddings[0]")],
            ["tests/test_edges.py", "-k", "token_type"]),
+    # ------------------------------------------- likeliest bugs of the public functions
+    Mutant("dask-merge-keeps-two-parts-a-group",
+           "a merge task of more than two key chunks merges only its first two",
+           [Edit(DASK, "layers[node] = (_merge,) + tuple(group)",
+                 "layers[node] = (_merge,) + tuple(group[:2])")],
+           ["tests/test_dask.py", "-k", "merge_trees"]),
+    Mutant("dask-gqa-heads-follow-kv-chunks",
+           "with enable_gqa the output's head chunks are the key's, not the key's times the "
+           "group: chunks and shape disagree",
+           [Edit(DASK, "batch_chunks.append(tuple(c * group for c in key.chunks[axis]))",
+                 "batch_chunks.append(key.chunks[axis])")],
+           ["tests/test_dask.py"]),
+    Mutant("quantize-kv-floor",
+           "quantize_kv rounds toward minus infinity: a bias of half a step per value",
+           [Edit(DTYPES, "q = np.clip(np.rint(wide / scale", "q = np.clip(np.floor(wide / scale")],
+           ["tests/test_dtypes.py", "-k", "quantize"]),
+    Mutant("kvcache-reset-one-resets-all",
+           "KVCache.reset(batch_index) forgets every sequence, not the one named",
+           [Edit(LAYERS, "self.lengths[:, batch_index] = 0", "self.lengths[...] = 0")],
+           ["tests/test_kvcache.py", "-k", "reset", "tests/test_reliability.py", "-k",
+            "reset"]),
+    Mutant("set-num-threads-ignored",
+           "cattn.set_num_threads(n) checks n and then keeps OpenMP's default",
+           [Edit(RUNTIME, '_process_default = None if n is None else _check_count(n, '
+                          '"set_num_threads(n): n")',
+                 '_process_default = None if n is None else _check_count(n, '
+                 '"set_num_threads(n): n") and None')],
+           ["tests/test_reliability.py", "-k", "set_num_threads"], quick=True),
+    Mutant("quantize-embeddings-rounds-not-floors",
+           "int8/uint8 embedding quantization rounds to nearest (sentence-transformers "
+           "floors): levels one step off",
+           [Edit(SENTENCE, "levels = np.clip(np.floor((embeddings - ranges[0]) / steps), 0, 255)",
+                 "levels = np.clip(np.rint((embeddings - ranges[0]) / steps), 0, 255)")],
+           ["tests/test_sentence_encoder.py", "-k", "quantiz"]),
+    Mutant("cosine-similarity-left-unnormalized",
+           "similarity(a, b) 'cosine' normalizes b only",
+           [Edit(SENTENCE, "return _unit_rows(a) @ _unit_rows(b).T",
+                 "return a @ _unit_rows(b).T")],
+           ["tests/test_sentence_encoder.py", "-k", "similarity"]),
+    Mutant("pool-mean-sqrt-len-is-the-mean",
+           "pooling mean_sqrt_len_tokens divides the sum by n, not sqrt(n) (a .pyx bug)",
+           [Edit("cattn/_encoder_ops.pyx", "scale = 1 / <floating>sqrt(<double>count)",
+                 "scale = 1 / <floating>count")],
+           ["tests/test_encoder_ops.py", "-k", "pool", "tests/test_sentence_encoder.py",
+            "-k", "sqrt or pooling"]),
+    Mutant("scalar-exp-coefficient-off",
+           "the scalar float32 exp (the online softmax's rescaling factor) has a wrong "
+           "Taylor coefficient: 1e-3 relative error once a row's maximum moves (a C header bug)",
+           [Edit("src/cattn_simd.h", "    y = y * r + 5.0000001201E-1f;",
+                 "    y = y * r + 4.9E-1f;")],
+           ["tests/test_key_splits.py"]),
 ]
 
 
 # --------------------------------------------------------------------------- machinery
+
+def module_of(mutant):
+    """The module a mutant breaks: its first edit's file, as a dotted name for Python and
+    Cython sources (cattn/models/* together), as a path for C headers and the rest."""
+    path = mutant.edits[0].path
+    if path.startswith("cattn/models/"):
+        return "cattn.models"
+    if path.startswith("cattn/") and path.endswith((".py", ".pyx")):
+        return path.rsplit(".", 1)[0].replace("/", ".")
+    return path
+
+
+def scores_by_module(results):
+    """Lines 'module: killed of n' for (mutant, status, detail) results, by module."""
+    by_module = {}
+    for mutant, status, _ in results:
+        killed, total = by_module.get(module_of(mutant), (0, 0))
+        by_module[module_of(mutant)] = (killed + (status == "killed"), total + 1)
+    width = max(map(len, by_module), default=0)
+    return [f"  {module:<{width}}  {killed:>3} of {total:>3} killed"
+            for module, (killed, total) in sorted(by_module.items())]
+
 
 def copy_tree(src, dst):
     def ignore(directory, names):
@@ -616,6 +694,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
+    parser.add_argument("--quick", action="store_true",
+                        help="run only the mutants marked quick (a subset for CI)")
+    parser.add_argument("--module", nargs="+", metavar="MODULE",
+                        help="run only the mutants of these modules (as --list names them)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip checking that the unmutated copy passes the tests")
@@ -627,11 +709,20 @@ def main(argv=None):
         if unknown:
             parser.error(f"unknown mutants: {', '.join(sorted(unknown))}")
         mutants = [m for m in MUTANTS if m.name in args.only]
+    if args.quick:
+        mutants = [m for m in mutants if m.quick]
+    if args.module:
+        unknown = set(args.module) - {module_of(m) for m in MUTANTS}
+        if unknown:
+            parser.error(f"no mutants in modules: {', '.join(sorted(unknown))}")
+        mutants = [m for m in mutants if module_of(m) in args.module]
     if args.list:
         for m in mutants:
             files = sorted({e.path for e in m.edits})
-            print(f"{m.name}\n    bug:   {m.bug}\n    edits: {', '.join(files)}\n"
-                  f"    tests: {' '.join(m.tests)}")
+            print(f"{m.name}{'  (quick)' if m.quick else ''}\n    module: {module_of(m)}\n"
+                  f"    bug:    {m.bug}\n    edits:  {', '.join(files)}\n"
+                  f"    tests:  {' '.join(m.tests)}")
+        print(f"\n{len(mutants)} mutants")
         return 0
 
     # Every mutant applies to the tree as it is (fail before spending any time).
@@ -692,7 +783,7 @@ def main(argv=None):
                 status, detail = "ERROR", str(e).splitlines()[0]
             if not args.keep:
                 shutil.rmtree(tree, ignore_errors=True)
-            results.append((m.name, status, detail))
+            results.append((m, status, detail))
             print(f"{status:<9} {m.name} ({time.perf_counter() - t0:.0f} s): {detail}",
                   flush=True)
     finally:
@@ -702,11 +793,12 @@ def main(argv=None):
             shutil.rmtree(work, ignore_errors=True)
 
     killed = sum(status == "killed" for _, status, _ in results)
+    print("\nby module:\n" + "\n".join(scores_by_module(results)))
     print(f"\n{killed} of {len(results)} mutants killed in "
           f"{time.perf_counter() - start:.0f} s")
-    for name, status, detail in results:
+    for m, status, detail in results:
         if status != "killed":
-            print(f"  {status}: {name}: {detail}")
+            print(f"  {status}: {m.name}: {detail}")
     return 0 if killed == len(results) else 1
 
 
