@@ -203,6 +203,39 @@ def test_paged_copy_on_write_out_of_blocks_changes_nothing(rng):
     assert cache.length(a) == 9
 
 
+def test_paged_fork_and_truncate_with_several_layers(rng):
+    """Bugs caught: a fork sharing its source's length array (appending to one grows the
+    other), truncation shortening layer 0 only. Every layer's keys are checked after the
+    fork, the appends and the truncation."""
+    bs, Hkv, D = 4, 2, 4
+    cache = cattn.PagedKVCache(num_blocks=12, block_size=bs, num_kv_heads=Hkv, head_dim=D,
+                               num_layers=2)
+    a = cache.add_sequence()
+    first = [rng.standard_normal((1, Hkv, 6, D)).astype(np.float32) for _ in range(2)]
+    for layer in range(2):
+        cache.layer(layer).append(first[layer], first[layer])
+    b = cache.fork(a)
+    more = [rng.standard_normal((2, Hkv, 2, D)).astype(np.float32) for _ in range(2)]
+    for layer in range(2):
+        cache.layer(layer).append(more[layer], more[layer], num_new=np.array([0, 2]))
+    for layer in range(2):
+        assert cache.length(a, layer) == 6 and cache.length(b, layer) == 8
+        np.testing.assert_array_equal(held_keys(cache, a, layer)[0], first[layer][0])
+        np.testing.assert_array_equal(
+            held_keys(cache, b, layer)[0],
+            np.concatenate([first[layer][0], more[layer][1]], axis=1))
+    cache.truncate(b, 4)
+    assert [cache.length(b, layer) for layer in range(2)] == [4, 4]
+    for layer in range(2):
+        cache.layer(layer).append(more[layer], more[layer])
+        np.testing.assert_array_equal(
+            held_keys(cache, b, layer)[0],
+            np.concatenate([first[layer][0, :, :4], more[layer][1]], axis=1))
+        np.testing.assert_array_equal(
+            held_keys(cache, a, layer)[0],
+            np.concatenate([first[layer][0], more[layer][0]], axis=1))
+
+
 # --------------------------------------------------- bfloat16 beyond float16's range
 
 def bf16():
@@ -215,6 +248,8 @@ def bf16():
 # must be m times those at m = 1, bit for bit. 2^20 ~ 1e6 and 2^100 ~ 1e30 overflow float16
 # (65504); 2^-20 ~ 1e-6 times unit values falls below float16's normal range.
 MAGNITUDES = [2.0 ** 20, 2.0 ** -20, 2.0 ** 100]
+# Every instruction-set path this CPU runs (the others are tested where they run).
+ISA_PATHS = cattn.show_config()["isa_supported"]
 
 
 def assert_scales_exactly(run, magnitude, reference):
@@ -228,9 +263,10 @@ def assert_scales_exactly(run, magnitude, reference):
     np.testing.assert_allclose(unit, reference, rtol=0, atol=5e-2)
 
 
+@pytest.mark.parametrize("isa", ISA_PATHS)
 @pytest.mark.parametrize("magnitude", MAGNITUDES)
 @pytest.mark.parametrize("L", [1, 33])
-def test_bfloat16_beyond_float16_range_in_scaled_dot_product_attention(rng, magnitude, L):
+def test_bfloat16_beyond_float16_range_in_scaled_dot_product_attention(rng, magnitude, L, isa):
     """Bug caught: bfloat16 queries (or outputs) passed through float16 on the way to or
     from float32: inf beyond 65504, zeros or subnormals near 1e-6 times unit values; in the
     decode (L = 1, keys split) and the tiled path, bfloat16 and float32 outputs."""
@@ -243,14 +279,15 @@ def test_bfloat16_beyond_float16_range_in_scaled_dot_product_attention(rng, magn
         def run(m):
             got = cattn.scaled_dot_product_attention(
                 (q * m).astype(dtype), (k / m).astype(dtype), (v * m).astype(dtype),
-                out_dtype=out_dtype, **options)
+                out_dtype=out_dtype, _isa=isa, **options)
             assert got.dtype == (dtype if out_dtype is None else out_dtype)
             return got
         assert_scales_exactly(run, magnitude, want)
 
 
+@pytest.mark.parametrize("isa", ISA_PATHS)
 @pytest.mark.parametrize("magnitude", MAGNITUDES)
-def test_bfloat16_beyond_float16_range_in_varlen_and_paged(rng, magnitude):
+def test_bfloat16_beyond_float16_range_in_varlen_and_paged(rng, magnitude, isa):
     """The same bug in the packed and the paged entry points."""
     dtype = bf16()
     q, cu_q = packed(rng, [3, 1, 5], 2, 16, dtype)
@@ -259,7 +296,7 @@ def test_bfloat16_beyond_float16_range_in_varlen_and_paged(rng, magnitude):
     want, _ = varlen_reference(q, k, v, cu_q, cu_k)
     assert_scales_exactly(
         lambda m: cattn.varlen_attention((q * m).astype(dtype), (k / m).astype(dtype),
-                                         (v * m).astype(dtype), cu_q, cu_k),
+                                         (v * m).astype(dtype), cu_q, cu_k, _isa=isa),
         magnitude, want)
 
     bs = 4
@@ -276,7 +313,8 @@ def test_bfloat16_beyond_float16_range_in_varlen_and_paged(rng, magnitude):
         want.append(reference64(q[b], kb, vb))
     assert_scales_exactly(
         lambda m: cattn.paged_attention((q * m).astype(dtype), (k_pool / m).astype(dtype),
-                                        (v_pool * m).astype(dtype), table, seq_lens),
+                                        (v_pool * m).astype(dtype), table, seq_lens,
+                                        _isa=isa),
         magnitude, np.stack(want))
 
 
