@@ -203,6 +203,19 @@ def test_paged_copy_on_write_out_of_blocks_changes_nothing(rng):
     assert cache.length(a) == 9
 
 
+def test_paged_cache_for_layer_holds_its_sequences_at_max_len(rng):
+    """Bug caught: for_layer rounding max_len / block_size down, so that batch_size
+    sequences of max_len positions run out of pages before max_len."""
+    mha = cattn.MultiHeadAttention(16, 2, rng=0)
+    for max_len, block_size in ((10, 4), (8, 4), (1, 16)):
+        cache = cattn.PagedKVCache.for_layer(mha, batch_size=3, max_len=max_len,
+                                             block_size=block_size)
+        x = rng.standard_normal((3, max_len, 16)).astype(np.float32)
+        mha(x, cache=cache, is_causal=True)
+        assert cache.layer(0).seq_lens().tolist() == [max_len] * 3
+        assert cache.num_free_blocks == 0  # and no more pages than that
+
+
 def test_paged_fork_and_truncate_with_several_layers(rng):
     """Bugs caught: a fork sharing its source's length array (appending to one grows the
     other), truncation shortening layer 0 only. Every layer's keys are checked after the
@@ -444,6 +457,22 @@ def test_public_pooling_helpers_match_encode():
     np.testing.assert_allclose(pooled, by_hand, rtol=1e-12)
     np.testing.assert_allclose(l2_normalize(pooled), model.encode(SENTENCES, batch_size=2),
                                rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("given", [("mean", "cls"), ("max", "mean", "cls")])
+def test_several_poolings_concatenate_in_sentence_transformers_order(given):
+    """Bug caught: pooling modes concatenated in the order given instead of
+    sentence-transformers' fixed order (cls, max, mean, mean_sqrt_len_tokens): a model
+    folder's embedding would come out permuted."""
+    from cattn.models.minilm import mean_pooling
+    model = tiny_encoder(pooling=given)
+    ids, mask, _ = model.tokenize(SENTENCES)
+    hidden = model.encoder(ids, mask)
+    parts = {"cls": hidden[:, 0], "mean": mean_pooling(hidden, mask),
+             "max": np.where(mask[..., None] == 1, hidden, -np.inf).max(axis=1)}
+    want = np.concatenate([parts[m] for m in ("cls", "max", "mean") if m in given], axis=1)
+    np.testing.assert_allclose(model.encode(SENTENCES, batch_size=4), want, rtol=1e-9,
+                               atol=1e-12)
 
 
 def test_truncation_by_the_model_when_the_tokenizer_does_not_truncate():
