@@ -16,8 +16,10 @@ cattn/_validation.py, which Cython compiles too),
 and runs the mutant's tests with `-x` (one mutant at a time, so a kernel rebuild per
 compiled mutant: a few minutes each on a loaded machine). A mutant is killed when a test fails; it survives
 when they all pass (a crash of the test process counts as killed). The exit status is non-zero when a mutant survives, or when one cannot
-be applied or built: an edit whose text is no longer in its file (the code moved) fails
-loudly as "mutant did not apply", so the list cannot rot silently.
+be applied or built. An edit finds its text by content: in its named file, or, when the
+code has moved to another module, in the one source file that holds it; text that is gone
+(or no longer unique) fails loudly as "mutant did not apply", so the list cannot rot
+silently.
 The score is printed per module (the file of a mutant's first edit: `cattn._paged`,
 `cattn.models`, `src/cattn_simd.h`...) and in total.
 
@@ -25,6 +27,7 @@ Every new feature adds its mutants here: the bugs its tests exist to catch.
 """
 import argparse
 import dataclasses
+import glob
 import os
 import re
 import shutil
@@ -39,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Directories and files never copied: VCS data, environments, caches, outputs.
 SKIP_NAMES = {".git", ".ci-venv", ".hypothesis", ".pytest_cache", "__pycache__", "dist",
               "out", "cattn-demo"}
-# Edits to these need a rebuild of the compiled core.
+# Edits to these need a rebuild of the compiled core (as do Python modules built in place).
 COMPILED = re.compile(r"(\.pyx|\.pxd|\.h|\.c|setup\.py|cattn/_api\.py|cattn/_varlen\.py|"
                       r"cattn/_validation\.py)$")
 
@@ -664,9 +667,13 @@ MUTANTS = [
 # --------------------------------------------------------------------------- machinery
 
 def module_of(mutant):
-    """The module a mutant breaks: its first edit's file, as a dotted name for Python and
-    Cython sources (cattn/models/* together), as a path for C headers and the rest."""
-    path = mutant.edits[0].path
+    """The module a mutant breaks: its first edit's file (where its text is now), as a
+    dotted name for Python and Cython sources (cattn/models/* together), as a path for C
+    headers and the rest."""
+    try:
+        path = locate(ROOT, mutant, mutant.edits[0])
+    except ValueError:
+        path = mutant.edits[0].path
     if path.startswith("cattn/models/"):
         return "cattn.models"
     if path.startswith("cattn/") and path.endswith((".py", ".pyx")):
@@ -691,22 +698,63 @@ def copy_tree(src, dst):
     shutil.copytree(src, dst, ignore=ignore, symlinks=True)
 
 
+def _read(tree, path):
+    try:
+        with open(os.path.join(tree, path), encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _sources(tree, like):
+    """The tree's source files of the same kind as `like` (Python and Cython modules, C
+    headers), where an edit's text may have moved: never generated .c files or builds."""
+    kinds = (".h",) if like.endswith(".h") else (".py", ".pyx", ".pxd")
+    found = []
+    for top in ("cattn", "src"):
+        for directory, dirs, files in os.walk(os.path.join(tree, top)):
+            dirs[:] = [d for d in dirs if d not in SKIP_NAMES]
+            found += [os.path.relpath(os.path.join(directory, f), tree) for f in files
+                      if f.endswith(kinds)]
+    return sorted(found)
+
+
+def locate(tree, mutant, edit):
+    """The file of `tree` that holds the edit's text exactly once: its named file, or, when
+    the code has moved to another module, the one source file that holds it. Raises
+    ValueError ("mutant did not apply") when no file, or more than one, does."""
+    text = _read(tree, edit.path)
+    count = 0 if text is None else text.count(edit.find)
+    if count == 1:
+        return edit.path
+    holders = [path for path in _sources(tree, edit.path)
+               if (_read(tree, path) or "").count(edit.find) == 1]
+    if len(holders) == 1 and count == 0:
+        return holders[0]
+    where = (f"occurs {count} times in {edit.path}" if text is not None
+             else f"has no file {edit.path}")
+    raise ValueError(f"mutant did not apply: {mutant.name}: the text to replace {where} "
+                     f"(expected once) and once in {len(holders)} other source files "
+                     f"(expected one: the module it moved to):\n{edit.find}")
+
+
 def apply(mutant, tree):
     """Apply the mutant's edits in `tree`; returns whether the compiled core changed."""
     rebuild = False
     for edit in mutant.edits:
-        path = os.path.join(tree, edit.path)
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        count = text.count(edit.find)
-        if count != 1:
-            raise ValueError(f"mutant did not apply: {mutant.name}: the text to replace "
-                             f"occurs {count} times in {edit.path} (expected once):\n"
-                             f"{edit.find}")
-        with open(path, "w", encoding="utf-8") as f:
+        path = locate(tree, mutant, edit)
+        text = _read(tree, path)
+        with open(os.path.join(tree, path), "w", encoding="utf-8") as f:
             f.write(text.replace(edit.find, edit.replace))
-        rebuild |= bool(COMPILED.search(edit.path))
+        rebuild |= needs_build(tree, path)
     return rebuild
+
+
+def needs_build(tree, path):
+    """Whether an edit of `path` needs the build: C, Cython and setup.py, and a Python
+    module that setup.py compiles (its built module shadows the .py)."""
+    return bool(COMPILED.search(path)) or (
+        path.endswith(".py") and bool(glob.glob(os.path.join(tree, path[:-3]) + ".*.so")))
 
 
 def child_env(extra=None):
@@ -796,11 +844,10 @@ def main(argv=None):
     stale = []
     for m in mutants:
         for edit in m.edits:
-            with open(os.path.join(ROOT, edit.path), encoding="utf-8") as f:
-                count = f.read().count(edit.find)
-            if count != 1:
-                stale.append(f"mutant did not apply: {m.name}: the text to replace occurs "
-                             f"{count} times in {edit.path} (expected once):\n{edit.find}")
+            try:
+                locate(ROOT, m, edit)
+            except ValueError as e:
+                stale.append(str(e))
     if stale:
         print("\n\n".join(stale) + "\n\nupdate these mutants to the code as it is now")
         return 2
