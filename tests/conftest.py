@@ -128,32 +128,58 @@ def _skip_reason(report):
     return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
 
 
+# peer -> node ids of the tests (or whole test files) its absence skipped, in this session
+_MISSING_PEERS = {}
+
+
+def _note_missing_peer(report):
+    """The peer whose absence skipped `report`'s test or file (noted), or None."""
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return None
+    peer = missing_peer(_skip_reason(report))
+    if peer is not None:
+        _MISSING_PEERS.setdefault(peer, set()).add(report.nodeid)
+    return peer
+
+
 def pytest_report_teststatus(report, config):
     """A test skipped for a missing optional peer counts as "missing peer", not "skipped":
     `-ra` then lists only the other skips (a CPU that lacks a path, no fork()...), and the
     missing peers get one line of their own (pytest_terminal_summary)."""
-    if report.skipped and not hasattr(report, "wasxfail"):
-        peer = missing_peer(_skip_reason(report))
-        if peer is not None:
-            config._cattn_missing_peers = getattr(config, "_cattn_missing_peers", {})
-            config._cattn_missing_peers.setdefault(peer, set()).add(report.nodeid)
-            return "missing peer", "s", "SKIPPED (missing peer)"
+    if _note_missing_peer(report) is not None:
+        return "missing peer", "s", "SKIPPED (missing peer)"
     return None
 
 
+def pytest_collectreport(report):
+    _note_missing_peer(report)  # a whole file skipped at import (its reporter counts it)
+
+
 def missing_peers_line(missing):
-    """One line: the missing peers, the tests they skip, and the commands that bring them."""
+    """One line: the missing peers, the tests (and whole test files) they skip, and the
+    commands that bring them."""
     commands = {}
     for peer in sorted(missing, key=str.lower):
         commands.setdefault(PEER_INSTALL[peer], []).append(peer)
-    tests = len(set().union(*missing.values()))
-    return (f"{tests} tests skipped: optional peers not installed: "
+    skipped = set().union(*missing.values())
+    files = sum(1 for node in skipped if "::" not in node)
+    tests = len(skipped) - files
+    counted = (f"{tests} test{'s' * (tests != 1)}"
+               + (f" and {files} test file{'s' * (files != 1)}" if files else ""))
+    return (f"{counted} skipped: optional peers not installed: "
             + "; ".join(f"{', '.join(peers)} ({command})" for command, peers in commands.items())
             + ". Every peer, as CI: .ci/run")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    missing = getattr(config, "_cattn_missing_peers", None)
+    # files skipped at collection for a missing peer move to "missing peer" too, before
+    # -ra's list and the final counts are printed
+    stats = terminalreporter.stats
+    files = [r for r in stats.get("skipped", []) if missing_peer(_skip_reason(r))]
+    if files:
+        stats["skipped"] = [r for r in stats["skipped"] if r not in files]
+        stats.setdefault("missing peer", []).extend(files)
+    missing = _MISSING_PEERS
     if missing:
         terminalreporter.write_sep("=", "missing optional peers", yellow=True)
         terminalreporter.write_line(missing_peers_line(missing))

@@ -40,6 +40,11 @@ def test_one_line_for_the_missing_peers(tmp_path):
         "    pytest.skip('this CPU lacks the amx path')\n"
         "def test_runs():\n"
         "    pass\n")
+    (tmp_path / "test_whole_file.py").write_text(  # skipped at import, as a whole
+        "import pytest\n"
+        "torch = pytest.importorskip('cattn_missing_torch_stand_in')\n"
+        "def test_never_collected():\n"
+        "    pass\n")
     # the stand-ins are "missing peers" for this run only
     plugin = tmp_path / "stand_ins.py"
     plugin.write_text(
@@ -50,16 +55,16 @@ def test_one_line_for_the_missing_peers(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), TESTS, ROOT])
     proc = subprocess.run([sys.executable, "-m", "pytest", "-ra", "-p", "conftest", "-p",
                            "stand_ins", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-                           "-c", os.devnull, str(tmp_path / "test_peers.py")],
+                           "-c", os.devnull, str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     lines = [line for line in out.splitlines() if "optional peers not installed" in line]
     assert len(lines) == 1, out
-    assert lines[0].startswith("6 tests skipped")
+    assert lines[0].startswith("6 tests and 1 test file skipped")
     assert "cattn_missing_torch_stand_in (pip install -e '.[torch]')" in lines[0]
     assert "cattn_missing_transformers_stand_in (pip install x)" in lines[0]
     # -ra still lists the other skip, and only it
     skipped = [line for line in out.splitlines() if line.startswith("SKIPPED")]
     assert len(skipped) == 1 and "amx" in skipped[0], out
-    assert "1 passed, 1 skipped, 6 missing peer" in out, out
+    assert "1 passed, 1 skipped, 7 missing peer" in out, out
