@@ -34,6 +34,13 @@ def varlen_reference(q, k, v, cu_q, cu_k, **options):
     return np.concatenate(outs), np.concatenate(lses, axis=1)
 
 
+def gathered(pool, table_row, n):
+    """The first n positions that a block-table row lists in a pool of pages
+    (num_blocks, Hkv, block_size, D), as one (Hkv, n, D) array."""
+    pages = pool[np.asarray(table_row)[:-(-n // pool.shape[2])]]
+    return pages.transpose(1, 0, 2, 3).reshape(pool.shape[1], -1, pool.shape[3])[:, :n]
+
+
 # ------------------------------------------------------------- grouped-query varlen heads
 
 @pytest.mark.parametrize("Hq, Hkv", [(6, 3), (8, 2), (4, 4)])
@@ -77,6 +84,18 @@ def test_lse_values_of_every_row_in_every_entry_point(rng):
         _, want = reference64(q4, k4, v4, return_lse=True, key_lengths=lengths)
         np.testing.assert_allclose(lse, want, **tolerance(np.float32))
 
+    k_pool = rng.standard_normal((7, Hq, 4, E)).astype(np.float32)
+    v_pool = rng.standard_normal((7, Hq, 4, E)).astype(np.float32)
+    table = np.array([[6, 2, 0], [1, 5, -1]], dtype=np.int32)
+    seq_lens = np.array([11, 8])
+    q2 = rng.standard_normal((2, Hq, 3, E)).astype(np.float32)
+    _, lse = cattn.paged_attention(q2, k_pool, v_pool, table, seq_lens, return_lse=True,
+                                   is_causal=True)
+    for b in range(2):
+        _, want = reference64(q2[b], gathered(k_pool, table[b], seq_lens[b]),
+                              gathered(v_pool, table[b], seq_lens[b]), return_lse=True,
+                              is_causal=True, alignment="bottom_right")
+        np.testing.assert_allclose(lse[b], want, **tolerance(np.float32))
 
 
 # ----------------------------------------------------------- Dask chunks on the diagonal
@@ -131,14 +150,8 @@ def assert_same_state(before, after):
 
 def held_keys(cache, seq, layer=0):
     """The keys and values sequence `seq` holds, gathered from its pages: (Hkv, n, D)."""
-    n, bs = cache.length(seq, layer), cache.block_size
-    row = cache.block_table([seq])[0]
-    pages = row[:-(-n // bs)]
-    k = cache.keys[layer][pages].transpose(1, 0, 2, 3).reshape(cache.num_kv_heads, -1,
-                                                               cache.head_dim)
-    v = cache.values[layer][pages].transpose(1, 0, 2, 3).reshape(cache.num_kv_heads, -1,
-                                                                 cache.value_dim)
-    return k[:, :n], v[:, :n]
+    n, row = cache.length(seq, layer), cache.block_table([seq])[0]
+    return gathered(cache.keys[layer], row, n), gathered(cache.values[layer], row, n)
 
 
 @pytest.mark.parametrize("length", [0, 4, 8])
@@ -320,10 +333,8 @@ def test_bfloat16_beyond_float16_range_in_varlen_and_paged(rng, magnitude, isa):
     q = rng.standard_normal((2, 2, 1, 16)).astype(dtype)
     want = []
     for b in range(2):
-        pages = table[b, :-(-seq_lens[b] // bs)]
-        kb = k_pool[pages].transpose(1, 0, 2, 3).reshape(2, -1, 16)[:, :seq_lens[b]]
-        vb = v_pool[pages].transpose(1, 0, 2, 3).reshape(2, -1, 8)[:, :seq_lens[b]]
-        want.append(reference64(q[b], kb, vb))
+        want.append(reference64(q[b], gathered(k_pool, table[b], seq_lens[b]),
+                                gathered(v_pool, table[b], seq_lens[b])))
     assert_scales_exactly(
         lambda m: cattn.paged_attention((q * m).astype(dtype), (k_pool / m).astype(dtype),
                                         (v_pool * m).astype(dtype), table, seq_lens,
@@ -484,7 +495,7 @@ def test_truncation_by_the_model_when_the_tokenizer_does_not_truncate():
     long = "one two three four five six seven eight nine ten eleven twelve"
     full_ids = model.tokenizer.encode_batch([long])[0].ids
     assert len(full_ids) > 6
-    ids, mask, tokens = model.tokenize([long])
+    ids, mask, _ = model.tokenize([long])
     assert ids.shape == (1, 6) and ids[0].tolist() == full_ids[:6]
     hidden = model.encoder(ids, mask)
     np.testing.assert_allclose(model.encode([long]), mean_pooling(hidden, mask), rtol=1e-9,
