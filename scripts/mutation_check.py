@@ -653,7 +653,7 @@ MUTANTS = [
            "a key_padding_mask and a bool attn_mask hide a key only when both do",
            [Edit(LAYERS, "mask = ~parts[0] if len(parts) == 1 else ~(parts[0] | parts[1])",
                  "mask = ~parts[0] if len(parts) == 1 else ~(parts[0] & parts[1])")],
-           ["tests/test_layers.py"]),
+           ["tests/test_layers.py", "tests/test_edges.py", "-k", "mask"]),
     Mutant("mha-3d-mask-heads-major",
            "a (B·H, L, S) attn_mask is read head-major (h·B + b), not PyTorch's b·H + h",
            [Edit(LAYERS, "am = am.reshape(B, H, L, S)  # PyTorch's layout: item b·H + h",

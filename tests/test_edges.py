@@ -421,6 +421,30 @@ def test_int8_cache_layer_of_a_multilayer_cache_serves_a_layer(rng):
         np.testing.assert_allclose(got, want, rtol=0, atol=0.05 * np.abs(want).max())
 
 
+# ------------------------------------------------------------------ the layer's masks
+
+def test_layer_padding_and_attention_masks_both_hide_keys(rng):
+    """Bug caught: a boolean key_padding_mask and a boolean attn_mask combined so that a key
+    is hidden only when both hide it (& instead of |). A left padding (not turned into key
+    lengths) and a random mask, against the reference on the layer's own projections."""
+    B, L, E, H = 3, 7, 16, 4
+    mha = cattn.MultiHeadAttention(E, H, rng=1)
+    mha.in_proj_bias[:] = rng.standard_normal(3 * E)
+    x = rng.standard_normal((B, L, E)).astype(np.float32)
+    padding = np.zeros((B, L), bool)
+    padding[1, :2] = padding[2, :4] = True                 # left padding: True = ignore
+    hidden = rng.random((L, L)) < 0.4                        # True = ignore, as PyTorch
+    hidden[:, -1] = False                                    # every row keeps a key
+    got, _ = mha(x, key_padding_mask=padding, attn_mask=hidden)
+    qkv = x.astype(np.float64) @ mha.in_proj_weight.T.astype(np.float64) + mha.in_proj_bias
+    q, k, v = (qkv[..., i * E:(i + 1) * E].reshape(B, L, H, E // H).transpose(0, 2, 1, 3)
+               for i in range(3))
+    attend = ~(padding[:, None, None, :] | hidden)
+    context = reference64(q, k, v, attn_mask=attend).transpose(0, 2, 1, 3).reshape(B, L, E)
+    want = context @ mha.out_proj_weight.T.astype(np.float64) + mha.out_proj_bias
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ the sentence encoder
 
 def tiny_encoder(normalize=False, max_seq_length=None, pooling="mean"):
