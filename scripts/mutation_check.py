@@ -1,6 +1,6 @@
 """Mutation check: does the test suite catch the bugs it exists for?
 
-    python scripts/mutation_check.py               # every mutant (about an hour on 2 cores)
+    python scripts/mutation_check.py               # every mutant (one to several hours on 2 cores)
     python scripts/mutation_check.py --quick       # the few marked quick: CI time (minutes)
     python scripts/mutation_check.py --module cattn.dask cattn.models   # one module's
     python scripts/mutation_check.py --list        # the mutants, what each breaks, its tests
