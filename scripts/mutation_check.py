@@ -1,6 +1,8 @@
 """Mutation check: does the test suite catch the bugs it exists for?
 
-    python scripts/mutation_check.py               # every mutant (about 10 min on 2 cores)
+    python scripts/mutation_check.py               # every mutant (one to several hours on 2 cores)
+    python scripts/mutation_check.py --quick       # the few marked quick: CI time (minutes)
+    python scripts/mutation_check.py --module cattn.dask cattn.models   # one module's
     python scripts/mutation_check.py --list        # the mutants, what each breaks, its tests
     python scripts/mutation_check.py --only merge-without-max-shift leak-100-bytes
     python scripts/mutation_check.py --keep        # keep the temporary copies (paths printed)
@@ -9,17 +11,23 @@ Each mutant below is a realistic bug: one or more edits, each an exact piece of 
 named file and its replacement. The script copies this tree (sources and the in-place build)
 to a temporary directory, checks that the unmutated copy passes every selected test, then
 for each mutant: makes a fresh copy, applies its edits, rebuilds the compiled core when an
-edit touches it (.pyx, .pxd, .h, setup.py, or cattn/_api.py or cattn/_varlen.py, which
-Cython compiles too),
-and runs the mutant's tests with `-x`. A mutant is killed when a test fails; it survives
+edit touches it (.pyx, .pxd, .h, setup.py, or cattn/_api.py, cattn/_varlen.py or
+cattn/_validation.py, which Cython compiles too),
+and runs the mutant's tests with `-x` (one mutant at a time, so a kernel rebuild per
+compiled mutant: a few minutes each on a loaded machine). A mutant is killed when a test fails; it survives
 when they all pass (a crash of the test process counts as killed). The exit status is non-zero when a mutant survives, or when one cannot
-be applied or built: an edit whose text is no longer in its file (the code moved) fails
-loudly as "mutant did not apply", so the list cannot rot silently.
+be applied or built. An edit finds its text by content: in its named file, or, when the
+code has moved to another module, in the one source file that holds it; text that is gone
+(or no longer unique) fails loudly as "mutant did not apply", so the list cannot rot
+silently.
+The score is printed per module (the file of a mutant's first edit: `cattn._paged`,
+`cattn.models`, `src/cattn_simd.h`...) and in total.
 
 Every new feature adds its mutants here: the bugs its tests exist to catch.
 """
 import argparse
 import dataclasses
+import glob
 import os
 import re
 import shutil
@@ -34,8 +42,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Directories and files never copied: VCS data, environments, caches, outputs.
 SKIP_NAMES = {".git", ".ci-venv", ".hypothesis", ".pytest_cache", "__pycache__", "dist",
               "out", "cattn-demo"}
-# Edits to these need a rebuild of the compiled core.
-COMPILED = re.compile(r"(\.pyx|\.pxd|\.h|\.c|setup\.py|cattn/_api\.py|cattn/_varlen\.py)$")
+# Edits to these need a rebuild of the compiled core (as do Python modules built in place).
+COMPILED = re.compile(r"(\.pyx|\.pxd|\.h|\.c|setup\.py|cattn/_api\.py|cattn/_varlen\.py|"
+                      r"cattn/_validation\.py)$")
 
 
 @dataclasses.dataclass
@@ -52,6 +61,7 @@ class Mutant:
     edits: list
     tests: list                # pytest arguments: files, node ids, -k expressions
     env: dict = dataclasses.field(default_factory=dict)  # for the build and the tests
+    quick: bool = False        # one of the few `--quick` runs (CI)
 
 
 API, KERNEL, REF, LAYERS = "cattn/_api.py", "cattn/_kernel.pyx", "cattn/reference.py", \
@@ -60,6 +70,8 @@ PAGED = "cattn/_paged.py"
 VARLEN = "cattn/_varlen.py"
 BF16 = "src/cattn_bf16.h"
 CONVERT, GEMM, DTYPES = "src/cattn_convert.h", "src/cattn_gemm.h", "cattn/_dtypes.py"
+DASK, RUNTIME = "cattn/dask.py", "cattn/_runtime.py"
+SENTENCE, MINILM, BERT = "cattn/models/sentence.py", "cattn/models/minilm.py", "cattn/models/bert.py"
 
 MUTANTS = [
     # ------------------------------------------------------------ found by the audit
@@ -398,7 +410,7 @@ MUTANTS = [
     Mutant("paged-copy-on-write-skipped",
            "a sequence writes into a page it shares: the other sequence's keys change",
            [Edit(PAGED, "elif cache.ref_counts[s.pages[i]] > 1:", "elif False:")],
-           ["tests/test_paged.py", "-k", "fork"]),
+           ["tests/test_paged.py", "-k", "fork"], quick=True),
     Mutant("paged-fork-copy-empty",
            "a forked sequence's copy of the partly filled last page holds no keys",
            [Edit(PAGED, "        self.keys[:, new] = self.keys[:, page]\n", "")],
@@ -442,16 +454,241 @@ MUTANTS = [
            "quantize_kv scales rows by their largest value, not magnitude: negatives clip",
            [Edit(DTYPES, "largest = np.max(np.abs(wide), axis=-1, initial=0.0)",
                  "largest = np.max(wide, axis=-1, initial=0.0)")],
-           ["tests/test_dtypes.py", "-k", "quantize"]),
+           ["tests/test_dtypes.py", "-k", "quantize"], quick=True),
     Mutant("int8-cache-value-scales-not-stored",
            "an int8 KVCache keeps its value scales at 1 (values decoded 100x off)",
            [Edit(LAYERS, "(self.key_scales, key_scales),\n                      "
                  "(self.value_scales, value_scales)]", "(self.key_scales, key_scales)]")],
            ["tests/test_dtypes.py", "-k", "cache"]),
+    # ------------------------------------------------ edges where the easy case passes
+    Mutant("varlen-gqa-heads-tiled",
+           "packed grouped-query attention maps query head h to kv head h % Hkv (tiled) "
+           "instead of h // group: wrong with several kv heads and groups > 1",
+           [Edit(VARLEN, "    kv_head = head // group\n", "    kv_head = head % (Hq // group)\n")],
+           ["tests/test_edges.py", "-k", "varlen_grouped"], quick=True),
+    Mutant("varlen-lse-token-major",
+           "a packed call's lse lands token-major (t * Hq + h), not heads first (h * Tq + t)",
+           [Edit(VARLEN, "table[:, _Column.LSE] = head * Tq + cu_q[seq]",
+                 "table[:, _Column.LSE] = cu_q[seq] * Hq + head")],
+           ["tests/test_edges.py", "-k", "lse_values"]),
+    Mutant("lse-row-one-past",
+           "every item's lse is written one row late: its first row is never written and "
+           "the last item's last row lands past the array (a value check, not a crash)",
+           [Edit(KERNEL, "        t.lse_row0 = t.item[COL_LSE]\n",
+                 "        t.lse_row0 = t.item[COL_LSE] + 1\n")],
+           ["tests/test_edges.py", "-k", "lse_values"]),
+    Mutant("dask-diagonal-pair-skipped",
+           "a key chunk starting exactly on a query chunk's causal diagonal is skipped: the "
+           "chunk's last query misses its own key",
+           [Edit(DASK, "visible &= nearest <= right", "visible &= nearest < right")],
+           ["tests/test_edges.py", "-k", "dask_chunk_boundary"], quick=True),
+    Mutant("dask-window-edge-pair-skipped",
+           "a key chunk ending exactly at a window's left edge is skipped",
+           [Edit(DASK, "visible &= farthest >= -left", "visible &= farthest > -left")],
+           ["tests/test_edges.py", "-k", "dask_chunk_boundary"]),
+    Mutant("paged-truncate-keeps-a-page-too-many",
+           "truncating to a page boundary (or to 0) keeps one more page: the pool leaks it "
+           "and the next append writes after a page of stale keys",
+           [Edit(PAGED, "keep = -(-length // self.block_size)",
+                 "keep = length // self.block_size + 1")],
+           ["tests/test_edges.py", "-k", "truncate"], quick=True),
+    Mutant("paged-copy-on-write-not-counted",
+           "an append's copies of shared pages are not counted before writing: out of blocks "
+           "fails half-way (pages taken, lengths grown) with an IndexError",
+           [Edit(PAGED, "                needed += sum(cache.ref_counts[p] > 1\n"
+                        "                              for p in s.pages[first:min(last + 1, "
+                        "len(s.pages))])\n", "")],
+           ["tests/test_edges.py", "-k", "copy_on_write"]),
+    Mutant("bf16-query-through-float16",
+           "bfloat16 queries are widened through float16: inf beyond 65504, lost below 6e-5",
+           [Edit(API, "return query.astype(np.float32, copy=False), narrow",
+                 "return query.astype(np.float16).astype(np.float32), narrow")],
+           ["tests/test_edges.py", "-k", "bfloat16_beyond"], quick=True),
+    Mutant("bf16-output-through-float16",
+           "a float32 result is narrowed to bfloat16 through float16 (inf beyond 65504)",
+           [Edit(API, "out = out.astype(self.result_dtype)",
+                 "out = out.astype(np.float16).astype(self.result_dtype)")],
+           ["tests/test_edges.py", "-k", "bfloat16_beyond"]),
+    Mutant("threads-block-not-restored-on-exception",
+           "`with cattn.threads(n)` left by an exception keeps n for every later call",
+           [Edit(RUNTIME, "    try:\n        yield n\n    finally:\n"
+                          "        _local.override = previous\n",
+                 "    yield n\n    _local.override = previous\n")],
+           ["tests/test_edges.py", "-k", "threads"], quick=True),
+    Mutant("int8-cache-layers-share-first-scales",
+           "every layer of an int8 KVCache reads layer 0's key scales",
+           [Edit(LAYERS, "self.key_scales = None if cache.key_scales is None else "
+                         "cache.key_scales[index]",
+                 "self.key_scales = None if cache.key_scales is None else cache.key_scales[0]")],
+           ["tests/test_edges.py", "-k", "int8_cache"]),
+    Mutant("encode-normalizes-last-batch-only",
+           "normalize_embeddings=True scales only the last batch's rows to unit length",
+           [Edit(SENTENCE, "        if normalize_embeddings:\n"
+                           "            pooled = _unit_rows(pooled)\n",
+                 "        if normalize_embeddings:\n"
+                 "            pooled[chunk] = _unit_rows(pooled[chunk])\n")],
+           ["tests/test_edges.py", "-k", "normalize_embeddings"], quick=True),
+    Mutant("mean-pooling-over-padded-length",
+           "the public mean_pooling divides by the padded length, not the real tokens",
+           [Edit(MINILM, "return summed / np.maximum(mask.sum(axis=1), 1e-9)",
+                 "return summed / mask.shape[1]")],
+           ["tests/test_edges.py", "-k", "pooling_helpers"]),
+    Mutant("encoder-truncation-left-to-the-tokenizer",
+           "max_seq_length is not applied when the tokenizer does not truncate",
+           [Edit(SENTENCE, "ids = [e.ids[:self.max_seq_length] for e in encodings]",
+                 "ids = [e.ids for e in encodings]")],
+           ["tests/test_edges.py", "-k", "truncation"]),
+    Mutant("bert-token-types-ignored",
+           "the encoder types every token 0 whatever token_type_ids says (sentence pairs)",
+           [Edit(BERT, "x += self.token_type_embeddings[token_type_ids]",
+                 "x += self.token_type_embeddings[0]")],
+           ["tests/test_edges.py", "-k", "token_type"]),
+    # ------------------------------------------- likeliest bugs of the public functions
+    Mutant("dask-merge-keeps-two-parts-a-group",
+           "a merge task of more than two key chunks merges only its first two",
+           [Edit(DASK, "layers[node] = (_merge,) + tuple(group)",
+                 "layers[node] = (_merge,) + tuple(group[:2])")],
+           ["tests/test_dask.py", "-k", "merge_trees"]),
+    Mutant("dask-gqa-heads-follow-kv-chunks",
+           "with enable_gqa the output's head chunks are the key's, not the key's times the "
+           "group: chunks and shape disagree",
+           [Edit(DASK, "batch_chunks.append(tuple(c * group for c in key.chunks[axis]))",
+                 "batch_chunks.append(key.chunks[axis])")],
+           ["tests/test_dask.py"]),
+    Mutant("quantize-kv-floor",
+           "quantize_kv rounds toward minus infinity: a bias of half a step per value",
+           [Edit(DTYPES, "q = np.clip(np.rint(wide / scale", "q = np.clip(np.floor(wide / scale")],
+           ["tests/test_dtypes.py", "-k", "quantize"]),
+    Mutant("kvcache-reset-one-resets-all",
+           "KVCache.reset(batch_index) forgets every sequence, not the one named",
+           [Edit(LAYERS, "self.lengths[:, batch_index] = 0", "self.lengths[...] = 0")],
+           ["tests/test_kvcache.py", "tests/test_reliability.py", "-k", "reset"]),
+    Mutant("set-num-threads-ignored",
+           "cattn.set_num_threads(n) checks n and then keeps OpenMP's default",
+           [Edit(RUNTIME, '_process_default = None if n is None else _check_count(n, '
+                          '"set_num_threads(n): n")',
+                 '_process_default = None if n is None else _check_count(n, '
+                 '"set_num_threads(n): n") and None')],
+           ["tests/test_reliability.py", "-k", "set_num_threads"], quick=True),
+    Mutant("quantize-embeddings-rounds-not-floors",
+           "int8/uint8 embedding quantization rounds to nearest (sentence-transformers "
+           "floors): levels one step off",
+           [Edit(SENTENCE, "levels = np.clip(np.floor((embeddings - ranges[0]) / steps), 0, 255)",
+                 "levels = np.clip(np.rint((embeddings - ranges[0]) / steps), 0, 255)")],
+           ["tests/test_sentence_encoder.py", "-k", "precisions"]),
+    Mutant("cosine-similarity-left-unnormalized",
+           "similarity(a, b) 'cosine' normalizes b only",
+           [Edit(SENTENCE, "return _unit_rows(a) @ _unit_rows(b).T",
+                 "return a @ _unit_rows(b).T")],
+           ["tests/test_sentence_encoder.py", "-k", "similarity"]),
+    Mutant("pool-mean-sqrt-len-is-the-mean",
+           "pooling mean_sqrt_len_tokens divides the sum by n, not sqrt(n) (a .pyx bug)",
+           [Edit("cattn/_encoder_ops.pyx", "scale = 1 / <floating>sqrt(<double>count)",
+                 "scale = 1 / <floating>count")],
+           ["tests/test_encoder_ops.py", "-k", "test_pool"]),
+    Mutant("scalar-exp-coefficient-off",
+           "the scalar float32 exp (the online softmax's rescaling factor) has a wrong "
+           "Taylor coefficient: 1e-3 relative error once a row's maximum moves (a C header bug)",
+           [Edit("src/cattn_simd.h", "    y = y * r + 5.0000001201E-1f;",
+                 "    y = y * r + 4.9E-1f;")],
+           ["tests/test_key_splits.py"]),
+    Mutant("encode-token-embeddings-out-of-order",
+           "output_value='token_embeddings' over several batches returns them in length "
+           "order, not the input's",
+           [Edit(SENTENCE, "for i, t in zip(chunk, batch_tokens):",
+                 "for i, t in zip(sorted(chunk), batch_tokens):")],
+           ["tests/test_sentence_encoder.py", "tests/test_edges.py", "-k",
+            "token or encode"]),
+    Mutant("sentence-pooling-in-the-given-order",
+           "several pooling modes concatenated in the order given, not sentence-transformers' "
+           "(cls, max, mean, mean_sqrt_len_tokens)",
+           [Edit(SENTENCE, "self.pooling = tuple(m for m in POOLING_MODES if m in modes)",
+                 "self.pooling = tuple(modes)")],
+           ["tests/test_sentence_encoder.py", "tests/test_edges.py", "-k", "pooling"]),
+    Mutant("euclidean-similarity-not-negated",
+           "similarity 'euclidean' returns the distance: higher means less similar",
+           [Edit(SENTENCE, "return -np.sqrt(np.maximum(squared, 0))",
+                 "return np.sqrt(np.maximum(squared, 0))")],
+           ["tests/test_sentence_encoder.py", "-k", "similarity"]),
+    Mutant("paged-append-left-padding-ignored",
+           "num_new < T appends the first num_new positions, not the last (left padding)",
+           [Edit(PAGED, "step_of.append(np.arange(T - n, T))", "step_of.append(np.arange(n))")],
+           ["tests/test_paged.py"]),
+    Mutant("kvcache-append-left-padding-ignored",
+           "KVCache.append with num_new < T writes the first positions, not the last",
+           [Edit(LAYERS, "stored[b, :, s:s + n] = new[b, :, T - n:]",
+                 "stored[b, :, s:s + n] = new[b, :, :n]")],
+           ["tests/test_kvcache.py", "tests/test_layers.py"]),
+    Mutant("paged-for-layer-pages-rounded-down",
+           "PagedKVCache.for_layer has max_len // block_size pages per sequence: a sequence "
+           "of max_len positions runs out",
+           [Edit(PAGED, "cache = cls(batch_size * -(-max_len // block_size)",
+                 "cache = cls(batch_size * (max_len // block_size)")],
+           ["tests/test_paged.py", "tests/test_edges.py", "-k", "for_layer or paged"]),
+    Mutant("quantize-kv-zero-row-divides-by-zero",
+           "a row of zeros gets scale 0: its int8 values are NaN cast to int8",
+           [Edit(DTYPES, "scale[scale == 0] = 1", "pass")],
+           ["tests/test_dtypes.py", "-k", "quantize"]),
+    Mutant("dask-key-lengths-not-local-to-the-chunk",
+           "each key chunk gets the global key length, not the part that lies in it",
+           [Edit(DASK, "np.clip(block_len - k0, 0, k1 - k0), block_q + q0, block_k + k0)",
+                 "np.clip(block_len, 0, k1 - k0), block_q + q0, block_k + k0)")],
+           ["tests/test_dask.py"]),
+    Mutant("paged-truncate-first-layer-only",
+           "truncate shortens layer 0 only: the other layers keep the dropped positions",
+           [Edit(PAGED, "        sequence.lengths[:] = length", "        sequence.lengths[0] = length")],
+           ["tests/test_paged.py", "tests/test_edges.py", "-k", "truncat or several_layers"]),
+    Mutant("paged-fork-shares-the-lengths",
+           "a fork shares its source's length array: appending to one grows both",
+           [Edit(PAGED, "self._seqs[dst] = _Sequence(pages, lengths.copy())",
+                 "self._seqs[dst] = _Sequence(pages, lengths)")],
+           ["tests/test_paged.py", "tests/test_edges.py", "-k",
+            "fork or copy_on_write or several_layers"]),
+    Mutant("mha-cross-attention-keys-and-values-swapped",
+           "cross-attention with key is value (one fused K/V projection) swaps K and V",
+           [Edit(LAYERS, "return q, kv_proj[..., :kv], kv_proj[..., kv:]",
+                 "return q, kv_proj[..., kv:], kv_proj[..., :kv]")],
+           ["tests/test_layers.py"]),
+    Mutant("mha-two-bool-masks-intersected",
+           "a key_padding_mask and a bool attn_mask hide a key only when both do",
+           [Edit(LAYERS, "mask = ~parts[0] if len(parts) == 1 else ~(parts[0] | parts[1])",
+                 "mask = ~parts[0] if len(parts) == 1 else ~(parts[0] & parts[1])")],
+           ["tests/test_layers.py", "tests/test_edges.py", "-k", "mask"]),
+    Mutant("mha-3d-mask-heads-major",
+           "a (B·H, L, S) attn_mask is read head-major (h·B + b), not PyTorch's b·H + h",
+           [Edit(LAYERS, "am = am.reshape(B, H, L, S)  # PyTorch's layout: item b·H + h",
+                 "am = am.reshape(H, B, L, S).transpose(1, 0, 2, 3)")],
+           ["tests/test_layers.py"]),
 ]
 
 
 # --------------------------------------------------------------------------- machinery
+
+def module_of(mutant):
+    """The module a mutant breaks: its first edit's file (where its text is now), as a
+    dotted name for Python and Cython sources (cattn/models/* together), as a path for C
+    headers and the rest."""
+    try:
+        path = locate(ROOT, mutant, mutant.edits[0])
+    except ValueError:
+        path = mutant.edits[0].path
+    if path.startswith("cattn/models/"):
+        return "cattn.models"
+    if path.startswith("cattn/") and path.endswith((".py", ".pyx")):
+        return path.rsplit(".", 1)[0].replace("/", ".")
+    return path
+
+
+def scores_by_module(results):
+    """Lines 'module: killed of n' for (mutant, status, detail) results, by module."""
+    by_module = {}
+    for mutant, status, _ in results:
+        killed, total = by_module.get(module_of(mutant), (0, 0))
+        by_module[module_of(mutant)] = (killed + (status == "killed"), total + 1)
+    width = max(map(len, by_module), default=0)
+    return [f"  {module:<{width}}  {killed:>3} of {total:>3} killed"
+            for module, (killed, total) in sorted(by_module.items())]
+
 
 def copy_tree(src, dst):
     def ignore(directory, names):
@@ -459,22 +696,63 @@ def copy_tree(src, dst):
     shutil.copytree(src, dst, ignore=ignore, symlinks=True)
 
 
+def _read(tree, path):
+    try:
+        with open(os.path.join(tree, path), encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _sources(tree, like):
+    """The tree's source files of the same kind as `like` (Python and Cython modules, C
+    headers), where an edit's text may have moved: never generated .c files or builds."""
+    kinds = (".h",) if like.endswith(".h") else (".py", ".pyx", ".pxd")
+    found = []
+    for top in ("cattn", "src"):
+        for directory, dirs, files in os.walk(os.path.join(tree, top)):
+            dirs[:] = [d for d in dirs if d not in SKIP_NAMES]
+            found += [os.path.relpath(os.path.join(directory, f), tree) for f in files
+                      if f.endswith(kinds)]
+    return sorted(found)
+
+
+def locate(tree, mutant, edit):
+    """The file of `tree` that holds the edit's text exactly once: its named file, or, when
+    the code has moved to another module, the one source file that holds it. Raises
+    ValueError ("mutant did not apply") when no file, or more than one, does."""
+    text = _read(tree, edit.path)
+    count = 0 if text is None else text.count(edit.find)
+    if count == 1:
+        return edit.path
+    holders = [path for path in _sources(tree, edit.path)
+               if (_read(tree, path) or "").count(edit.find) == 1]
+    if len(holders) == 1 and count == 0:
+        return holders[0]
+    where = (f"occurs {count} times in {edit.path}" if text is not None
+             else f"has no file {edit.path}")
+    raise ValueError(f"mutant did not apply: {mutant.name}: the text to replace {where} "
+                     f"(expected once) and once in {len(holders)} other source files "
+                     f"(expected one: the module it moved to):\n{edit.find}")
+
+
 def apply(mutant, tree):
     """Apply the mutant's edits in `tree`; returns whether the compiled core changed."""
     rebuild = False
     for edit in mutant.edits:
-        path = os.path.join(tree, edit.path)
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        count = text.count(edit.find)
-        if count != 1:
-            raise ValueError(f"mutant did not apply: {mutant.name}: the text to replace "
-                             f"occurs {count} times in {edit.path} (expected once):\n"
-                             f"{edit.find}")
-        with open(path, "w", encoding="utf-8") as f:
+        path = locate(tree, mutant, edit)
+        text = _read(tree, path)
+        with open(os.path.join(tree, path), "w", encoding="utf-8") as f:
             f.write(text.replace(edit.find, edit.replace))
-        rebuild |= bool(COMPILED.search(edit.path))
+        rebuild |= needs_build(tree, path)
     return rebuild
+
+
+def needs_build(tree, path):
+    """Whether an edit of `path` needs the build: C, Cython and setup.py, and a Python
+    module that setup.py compiles (its built module shadows the .py)."""
+    return bool(COMPILED.search(path)) or (
+        path.endswith(".py") and bool(glob.glob(os.path.join(tree, path[:-3]) + ".*.so")))
 
 
 def child_env(extra=None):
@@ -529,6 +807,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
+    parser.add_argument("--quick", action="store_true",
+                        help="run only the mutants marked quick (a subset for CI)")
+    parser.add_argument("--module", nargs="+", metavar="MODULE",
+                        help="run only the mutants of these modules (as --list names them)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip checking that the unmutated copy passes the tests")
@@ -540,22 +822,30 @@ def main(argv=None):
         if unknown:
             parser.error(f"unknown mutants: {', '.join(sorted(unknown))}")
         mutants = [m for m in MUTANTS if m.name in args.only]
+    if args.quick:
+        mutants = [m for m in mutants if m.quick]
+    if args.module:
+        unknown = set(args.module) - {module_of(m) for m in MUTANTS}
+        if unknown:
+            parser.error(f"no mutants in modules: {', '.join(sorted(unknown))}")
+        mutants = [m for m in mutants if module_of(m) in args.module]
     if args.list:
         for m in mutants:
             files = sorted({e.path for e in m.edits})
-            print(f"{m.name}\n    bug:   {m.bug}\n    edits: {', '.join(files)}\n"
-                  f"    tests: {' '.join(m.tests)}")
+            print(f"{m.name}{'  (quick)' if m.quick else ''}\n    module: {module_of(m)}\n"
+                  f"    bug:    {m.bug}\n    edits:  {', '.join(files)}\n"
+                  f"    tests:  {' '.join(m.tests)}")
+        print(f"\n{len(mutants)} mutants")
         return 0
 
     # Every mutant applies to the tree as it is (fail before spending any time).
     stale = []
     for m in mutants:
         for edit in m.edits:
-            with open(os.path.join(ROOT, edit.path), encoding="utf-8") as f:
-                count = f.read().count(edit.find)
-            if count != 1:
-                stale.append(f"mutant did not apply: {m.name}: the text to replace occurs "
-                             f"{count} times in {edit.path} (expected once):\n{edit.find}")
+            try:
+                locate(ROOT, m, edit)
+            except ValueError as e:
+                stale.append(str(e))
     if stale:
         print("\n\n".join(stale) + "\n\nupdate these mutants to the code as it is now")
         return 2
@@ -605,7 +895,7 @@ def main(argv=None):
                 status, detail = "ERROR", str(e).splitlines()[0]
             if not args.keep:
                 shutil.rmtree(tree, ignore_errors=True)
-            results.append((m.name, status, detail))
+            results.append((m, status, detail))
             print(f"{status:<9} {m.name} ({time.perf_counter() - t0:.0f} s): {detail}",
                   flush=True)
     finally:
@@ -615,11 +905,12 @@ def main(argv=None):
             shutil.rmtree(work, ignore_errors=True)
 
     killed = sum(status == "killed" for _, status, _ in results)
+    print("\nby module:\n" + "\n".join(scores_by_module(results)))
     print(f"\n{killed} of {len(results)} mutants killed in "
           f"{time.perf_counter() - start:.0f} s")
-    for name, status, detail in results:
+    for m, status, detail in results:
         if status != "killed":
-            print(f"  {status}: {name}: {detail}")
+            print(f"  {status}: {m.name}: {detail}")
     return 0 if killed == len(results) else 1
 
 

