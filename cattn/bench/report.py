@@ -130,6 +130,9 @@ def _markdown_table(case: Case) -> List[str]:
     if case.kind == "varlen":
         from cattn.bench.varlen import varlen_markdown_table
         return varlen_markdown_table(case)
+    if case.kind == "decode_loop":
+        from cattn.bench.decode_loop import decode_loop_markdown_table
+        return decode_loop_markdown_table(case)
     decode = case.kind == "decode"
     lines = [("| impl | threads | options | median | "
               + ("KV GB/s | % stream" if decode else "GFLOP/s | % gemm")
