@@ -20,6 +20,7 @@ raised is MemoryError when the per-thread scratch cannot be allocated).
 """
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -1226,6 +1227,69 @@ def stream_sum(float[::1] x, int num_threads):
             if c * chunk < n:
                 total += cattn_stream_sum_f32(isa, &x[c * chunk], min(chunk, n - c * chunk))
     return total
+
+
+cdef extern from "cattn_peak.h" nogil:
+    double cattn_peak_run(int isa, int is_double, long passes)
+    double cattn_peak_pass_flops(int isa, int is_double)
+
+
+cdef extern from *:
+    """
+    /* Wall-clock seconds (OpenMP's clock; clock() in a build without OpenMP, serial). */
+    #ifdef _OPENMP
+    #define cattn_seconds() omp_get_wtime()
+    #else
+    #include <time.h>
+    #define cattn_seconds() ((double)clock() / CLOCKS_PER_SEC)
+    #endif
+    """
+    double cattn_seconds() nogil
+
+
+def fma_peak(str path, bint is_double=False, int num_threads=1, double seconds=0.05):
+    """The multiply-add peak in GFLOP/s of `path`'s vectors ("avx512", "avx2" or
+    "portable"; float64 if is_double) on num_threads threads: a loop on registers only,
+    lengthened until it takes `seconds` on one thread, then run by every thread at once,
+    each timing its own loop (the sum of their rates: a team's wake-up on a loaded machine
+    is no part of what the cores compute); the best of three runs. The benchmark's ceiling
+    that no kernel can pass (a library sgemm may sit below it)."""
+    cdef int isa = isa_index(path)
+    if isa not in (CATTN_ISA_AVX512, CATTN_ISA_AVX2, CATTN_ISA_PORTABLE):
+        raise ValueError(f"fma_peak measures the avx512, avx2 and portable paths, not {path!r}")
+    cdef int threads = max(num_threads, 1)
+    cdef long passes = 1 << 12
+    while _time_peak_loops(isa, is_double, 1, passes) < seconds and passes < (1 << 40):
+        passes *= 2
+    cdef double best = 0
+    for _ in range(3):
+        best = max(best, threads * passes * cattn_peak_pass_flops(isa, is_double)
+                   / _time_peak_loops(isa, is_double, threads, passes) / 1e9)
+    return best
+
+
+cdef double _time_peak_loops(int isa, bint is_double, int threads, long passes):
+    """The longest time any of `threads` threads took for `passes` passes of the register
+    loop, each timing its own."""
+    cdef int t
+    cdef double sink = 0, longest = 0, start
+    cdef double* took = <double*> PyMem_RawMalloc(threads * sizeof(double))
+    if took == NULL:
+        raise MemoryError()
+    with nogil:
+        for t in prange(threads, num_threads=threads, schedule='static'):
+            start = cattn_seconds()
+            sink += cattn_peak_run(isa, is_double, passes)
+            took[t] = cattn_seconds() - start
+    for t in range(threads):
+        longest = max(longest, took[t])
+    PyMem_RawFree(took)
+    global _peak_sum
+    _peak_sum = sink  # (kept, so that no compiler drops the loops as unused)
+    return longest
+
+
+_peak_sum = 0.0
 
 
 cdef Py_ssize_t _row_stride(cnp.ndarray x, int itemsize, str name) except -1:
