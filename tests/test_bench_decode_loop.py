@@ -32,11 +32,13 @@ def test_decode_loop_rows_and_tables(tiny_decoder):
         assert len(r.times_s) == 2 * 2 * 2
         if r.impl.startswith("cattn"):
             assert r.max_abs_diff < 1e-5  # (a wrong attention would show here)
-    assert set(case.stream_gbps) == {f"Hkv={h} {t}t" for h in (4, 1) for t in (1, 2)}
+    assert set(case.spec["stream_read_gbps"]) == {f"Hkv={h} {t}t" for h in (4, 1)
+                                                  for t in (1, 2)}
     text = decode_loop.format_decode_loop_case(case)
     assert "cattn-loop" in text and "stream read" in text
     markdown = format_markdown({"machine": {}, "cases": [case]})
     assert "| cattn-loop | 1 | Hkv=4 |" in markdown
+    assert "Same-run ceiling" not in markdown  # (the stream rates are per heads, in the table)
 
 
 def test_decode_loop_is_a_preset():
