@@ -3,7 +3,9 @@
 """The tiled (FlashAttention-style) attention loop nest.
 
 One task is one block of query rows of one (batch, head) item (and, when tasks are few, one
-chunk of its keys). For each block of keys visible to it, the task computes the scores with
+chunk of its keys); items that share their keys and values (the query heads of one K/V head
+under grouped-query attention) are rows of one task, so that their keys and values are read
+once per group. For each block of keys visible to it, the task computes the scores with
 one GEMM, applies mask, window and softcap, folds the block into a running (online)
 softmax, and accumulates P·V with a second GEMM. The L×S score matrix never exists; scratch
 is one block per thread.
@@ -18,6 +20,7 @@ raised is MemoryError when the per-thread scratch cannot be allocated).
 """
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -186,6 +189,11 @@ cdef struct Plan:
     Py_ssize_t win_left, win_right        # visible keys: [i+diag-left, i+diag+right]
     double scale, softcap                  # softcap <= 0: off
     Py_ssize_t block_q, block_k, n_q_blocks
+    # Consecutive items that share keys and values become the rows of one task (member-
+    # major: row r is query row i0 + r % rows-per-member of item n + r // rows-per-member);
+    # task_rows = group · block_q sizes the scratch, whose gathered queries (task_rows × E)
+    # start queries_offset elements in. group 1: one item per task.
+    Py_ssize_t group, task_rows, queries_offset
     Py_ssize_t n_splits, split_keys         # keys split into chunks merged by lse
     bint weights_mode                      # scores go straight into the weights output
     int isa                                # CATTN_ISA_*: which micro-kernels and row ops
@@ -239,6 +247,9 @@ cdef struct Task:
     Py_ssize_t n, split, i0, rows, k_begin, k_end, keep_begin, keep_end
     Py_ssize_t lse_row0                    # lse index of the item's query row 0
     const Py_ssize_t* item
+    # rows = members · member_rows: the items n .. n + members - 1 (sharing keys and
+    # values) each with query rows [i0, i0 + member_rows); their queries at row stride q_rs
+    Py_ssize_t members, member_rows, q_rs
     # (keys or values stored in another type) this item's scales, the thread's scratch for
     # a converted block and for P scaled by the values' scales
     const float* k_scale
@@ -370,23 +381,23 @@ cdef inline void block_scores(const Plan* p, const Task* t, Py_ssize_t n_keys,
     cdef const floating* k_native = <const floating*> k_block
     if p.blas:
         gemm_abt(<int> rows, <int> n_keys, <int> p.E, <floating> p.scale, q_block,
-                 <int> p.q_rs, k_native, <int> p.k_rs, <floating> 0, scores, <int> ld)
+                 <int> t.q_rs, k_native, <int> p.k_rs, <floating> 0, scores, <int> ld)
     elif rows <= CATTN_DIRECT_ROWS or n_keys < CATTN_DIRECT_KEYS:
         # decoding, or a few keys (a tiny call): stream K, no packing
         if floating is float:
             cattn_gemm_qkt_direct_f32(p.isa, rows, n_keys, p.E, <float> p.scale, q_block,
-                                      p.q_rs, k_native, p.k_rs, scores, ld)
+                                      t.q_rs, k_native, p.k_rs, scores, ld)
         else:
-            cattn_gemm_qkt_direct_f64(p.isa, rows, n_keys, p.E, p.scale, q_block, p.q_rs,
+            cattn_gemm_qkt_direct_f64(p.isa, rows, n_keys, p.E, p.scale, q_block, t.q_rs,
                                       k_native, p.k_rs, scores, ld)
     else:
         if floating is float:
             cattn_pack_keys_f32(p.isa, k_native, p.k_rs, n_keys, p.E, packed)
-            cattn_gemm_qkt_f32(p.isa, rows, n_keys, p.E, <float> p.scale, q_block, p.q_rs,
+            cattn_gemm_qkt_f32(p.isa, rows, n_keys, p.E, <float> p.scale, q_block, t.q_rs,
                                packed, scores, ld)
         else:
             cattn_pack_keys_f64(p.isa, k_native, p.k_rs, n_keys, p.E, packed)
-            cattn_gemm_qkt_f64(p.isa, rows, n_keys, p.E, p.scale, q_block, p.q_rs, packed,
+            cattn_gemm_qkt_f64(p.isa, rows, n_keys, p.E, p.scale, q_block, t.q_rs, packed,
                                scores, ld)
 
 
@@ -408,13 +419,13 @@ cdef inline void scores_converted(const Plan* p, const Task* t, Py_ssize_t n_key
     if p.blas:
         cattn_convert_rows(p.isa, p.k_type, k_block, p.k_rs, n_keys, p.E, t.converted, p.E)
         gemm_abt(<int> rows, <int> n_keys, <int> p.E, <float> p.scale, q_block,
-                 <int> p.q_rs, t.converted, <int> p.E, <float> 0, scores, <int> ld)
+                 <int> t.q_rs, t.converted, <int> p.E, <float> 0, scores, <int> ld)
     elif rows <= CATTN_DIRECT_ROWS or n_keys < CATTN_DIRECT_KEYS:
         cattn_gemm_qkt_direct_cvt(p.isa, p.k_type, rows, n_keys, p.E, <float> p.scale,
-                                  q_block, p.q_rs, k_block, p.k_rs, scores, ld)
+                                  q_block, t.q_rs, k_block, p.k_rs, scores, ld)
     else:
         cattn_pack_keys_cvt(p.isa, p.k_type, k_block, p.k_rs, n_keys, p.E, packed)
-        cattn_gemm_qkt_f32(p.isa, rows, n_keys, p.E, <float> p.scale, q_block, p.q_rs,
+        cattn_gemm_qkt_f32(p.isa, rows, n_keys, p.E, <float> p.scale, q_block, t.q_rs,
                            packed, scores, ld)
     if k_scale != NULL:
         for r in range(rows):
@@ -493,8 +504,10 @@ cdef inline void fold_block(const Plan* p, const Task* t, Py_ssize_t kb0, Py_ssi
     cdef Py_ssize_t r, i, lo, hi, a, b, gap_a, gap_b
     cdef Py_ssize_t kv_len = t.item[COL_KV_LEN], diag = t.item[COL_DIAG]
     cdef Py_ssize_t keep_first = t.item[COL_KEEP_FIRST]
+    cdef const Py_ssize_t* item
     for r in range(t.rows):
-        i = t.i0 + r
+        item = row_item(p, t, r)
+        i = t.i0 + r % t.member_rows
         lo = clamp(i + diag - p.win_left, 0, kv_len)
         hi = clamp(i + diag + p.win_right + 1, 0, kv_len)
         a = clamp(lo - kb0, 0, n_keys)
@@ -513,7 +526,7 @@ cdef inline void fold_block(const Plan* p, const Task* t, Py_ssize_t kb0, Py_ssi
                 a = 0
                 b = clamp(keep_first - kb0, 0, n_keys)
         fold_row(scores + r * ld, n_keys, a, b, gap_a, gap_b, r,
-                 t.item[COL_MASK] + i * p.mask_rs + kb0 * p.mask_cs, p,
+                 item[COL_MASK] + i * p.mask_rs + kb0 * p.mask_cs, p,
                  mask_add, mask_bool, acc, run_max, run_sum)
 
 
@@ -521,6 +534,8 @@ cdef inline void task_of(const Plan* p, Py_ssize_t task_index, Task* t) noexcept
     """The coordinates of a task: tasks run item-major, then query block, then key chunk
     (or in the order of the task list, whose items have their own query lengths)."""
     cdef Py_ssize_t n_rows = p.L
+    t.members = 1
+    t.q_rs = p.q_rs
     if p.task_list != NULL:
         t.split = 0
         t.n = p.task_list[2 * task_index]
@@ -530,16 +545,18 @@ cdef inline void task_of(const Plan* p, Py_ssize_t task_index, Task* t) noexcept
         t.lse_row0 = t.item[COL_LSE]
     else:
         t.split = task_index % p.n_splits
-        t.n = task_index // p.n_splits // p.n_q_blocks
+        t.members = p.group
+        t.n = task_index // p.n_splits // p.n_q_blocks * p.group
         t.i0 = (task_index // p.n_splits % p.n_q_blocks) * p.block_q
         t.item = p.table + t.n * N_COLS
         t.lse_row0 = t.n * p.L
-    t.rows = (p.block_q if t.i0 + p.block_q < n_rows else n_rows - t.i0)
+    t.member_rows = (p.block_q if t.i0 + p.block_q < n_rows else n_rows - t.i0)
+    t.rows = t.member_rows * t.members
     cdef Py_ssize_t kv_len = t.item[COL_KV_LEN], diag = t.item[COL_DIAG]
     # Keys any row of the block may see; lo and hi grow with i, so the first row gives
     # the start and the last row the end.
     t.k_begin = clamp(t.i0 + diag - p.win_left, 0, kv_len)
-    t.k_end = clamp(t.i0 + t.rows - 1 + diag + p.win_right + 1, 0, kv_len)
+    t.k_end = clamp(t.i0 + t.member_rows - 1 + diag + p.win_right + 1, 0, kv_len)
     # Kept first keys: visible to a row up to its window's right side, so to some row of
     # the block below k_end.
     cdef Py_ssize_t keep = t.item[COL_KEEP_FIRST]
@@ -554,6 +571,35 @@ cdef inline void task_of(const Plan* p, Py_ssize_t task_index, Task* t) noexcept
         t.k_begin = t.keep_begin
     if t.keep_end >= t.k_begin:
         t.keep_end = t.keep_begin
+
+
+cdef inline const Py_ssize_t* row_item(const Plan* p, const Task* t,
+                                       Py_ssize_t r) noexcept nogil:
+    """The table row of the item whose query row is row r of the task."""
+    return t.item + r // t.member_rows * N_COLS
+
+
+cdef inline Py_ssize_t row_lse(const Plan* p, const Task* t, Py_ssize_t r) noexcept nogil:
+    """Where row r of the task keeps its lse (and its merged chunk rows: item · L + i)."""
+    return t.lse_row0 + r // t.member_rows * p.L + t.i0 + r % t.member_rows
+
+
+cdef inline const floating* gather_queries(const Plan* p, Task* t, const floating* q,
+                                           floating* rows_out) noexcept nogil:
+    """The task's query rows, one block under the other: in place for one item, else
+    copied (member by member) into rows_out at row stride E, so that one GEMM scores all
+    of them against the shared keys."""
+    cdef Py_ssize_t m, i
+    cdef const floating* src
+    if t.members == 1:
+        return q + t.item[COL_Q] + t.i0 * p.q_rs
+    for m in range(t.members):
+        src = q + t.item[m * N_COLS + COL_Q] + t.i0 * p.q_rs
+        for i in range(t.member_rows):
+            memcpy(rows_out + (m * t.member_rows + i) * p.E, src + i * p.q_rs,
+                   p.E * sizeof(floating))
+    t.q_rs = p.E
+    return rows_out
 
 
 cdef inline Py_ssize_t segment_end(const Plan* p, Py_ssize_t j, Py_ssize_t kb1) noexcept nogil:
@@ -665,7 +711,7 @@ cdef void store_partials(const Plan* p, const Task* t, const floating* acc,
     cdef Py_ssize_t r, Ev = p.Ev
     cdef floating* part_row
     for r in range(t.rows):
-        part_row = partials + ((t.split * p.n_items + t.n) * p.L + t.i0 + r) * (Ev + 2)
+        part_row = partials + (t.split * p.n_items * p.L + row_lse(p, t, r)) * (Ev + 2)
         memcpy(part_row, acc + r * Ev, Ev * sizeof(floating))
         part_row[Ev] = run_max[r]
         part_row[Ev + 1] = run_sum[r]
@@ -680,19 +726,19 @@ cdef void finish_rows(const Plan* p, const Task* t, const floating* acc,
     cdef floating inv_sum
     cdef floating* out_row
     for r in range(t.rows):
-        i = t.i0 + r
-        out_row = out + t.item[COL_OUT] + i * p.out_rs
+        i = t.i0 + r % t.member_rows
+        out_row = out + row_item(p, t, r)[COL_OUT] + i * p.out_rs
         if run_sum[r] == 0:  # no visible key: output 0, lse -inf (never NaN)
             for j in range(Ev):
                 out_row[j * p.out_cs] = 0
             if lse != NULL:
-                lse[t.lse_row0 + i] = -INFINITY
+                lse[row_lse(p, t, r)] = -INFINITY
             continue
         inv_sum = 1 / run_sum[r]
         for j in range(Ev):
             out_row[j * p.out_cs] = acc[r * Ev + j] * inv_sum
         if lse != NULL:
-            lse[t.lse_row0 + i] = run_max[r] + <floating> log(run_sum[r])
+            lse[row_lse(p, t, r)] = run_max[r] + <floating> log(run_sum[r])
         if weights_rows != NULL:
             for j in range(weights_begin, t.k_end):
                 weights_rows[r * p.S + j] *= inv_sum
@@ -707,12 +753,13 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     """One task: a block of query rows of one batch item, over the key blocks it can see
     (of one chunk of keys, when the keys are split).
 
-    scratch (this thread's own) holds, in order: running row max and row sum (block_q
-    each), the unnormalized output rows (block_q × Ev), the block scores (block_q ×
+    scratch (this thread's own) holds, in order: running row max and row sum (task_rows
+    each), the unnormalized output rows (task_rows × Ev), the block scores (task_rows ×
     block_k, absent when the scores go straight into the weights output) and the packed
     keys of one block (block_k × E rounded up to whole panels; micro-kernels only); then,
     when K or V is stored in another type, a converted block (block_k × max(E, Ev)), and
-    with V's scales, P scaled by them (block_q × block_k).
+    with V's scales, P scaled by them (task_rows × block_k); with grouped items, their
+    gathered queries (task_rows × E) at queries_offset.
     """
     cdef Task t
     task_of(p, task_index, &t)
@@ -721,12 +768,12 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     cdef bint keep_range = t.keep_end > t.keep_begin
     cdef Py_ssize_t first_key = t.keep_begin if keep_range else t.k_begin
     cdef floating* run_max = scratch
-    cdef floating* run_sum = scratch + p.block_q
-    cdef floating* acc = scratch + 2 * p.block_q
-    cdef floating* scores = acc + p.block_q * p.Ev
-    cdef floating* packed = scores + (0 if p.weights_mode else p.block_q * p.block_k)
+    cdef floating* run_sum = scratch + p.task_rows
+    cdef floating* acc = scratch + 2 * p.task_rows
+    cdef floating* scores = acc + p.task_rows * p.Ev
+    cdef floating* packed = scores + (0 if p.weights_mode else p.task_rows * p.block_k)
     cdef floating* weights_rows = NULL
-    cdef const floating* q_block = q + t.item[COL_Q] + t.i0 * p.q_rs
+    cdef const floating* q_block = gather_queries(p, &t, q, scratch + p.queries_offset)
     cdef const char* k_item = <const char*> k + t.item[COL_K] * p.k_size
     cdef const char* v_item = <const char*> v + t.item[COL_V] * p.v_size
     t.converted = <float*> (packed + packed_elements(p, floating is double))
@@ -736,7 +783,7 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     t.counters = counters
     if floating is float:
         if p.bf16_scores and t.rows > CATTN_DIRECT_ROWS:
-            cattn_bf16_load_queries(t.rows, p.E, q_block, 1, p.q_rs, t.bf16_queries)
+            cattn_bf16_load_queries(t.rows, p.E, q_block, 1, t.q_rs, t.bf16_queries)
     t.k_scale = p.k_scale + t.item[COL_K_SCALE] if p.k_scale != NULL else NULL
     t.v_scale = p.v_scale + t.item[COL_V_SCALE] if p.v_scale != NULL else NULL
 
@@ -746,9 +793,9 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     if p.sinks != NULL and t.split == 0:
         # The sink is one more score with no value: the online softmax starts from it
         # (running max = sink, running sum = exp(0)), once per row, in the first chunk only.
-        sink = (<const floating*> p.sinks)[t.n]
-        if sink != -INFINITY:
-            for r in range(t.rows):
+        for r in range(t.rows):
+            sink = (<const floating*> p.sinks)[t.n + r // t.member_rows]
+            if sink != -INFINITY:
                 run_max[r] = sink
                 run_sum[r] = 1
     memset(acc, 0, t.rows * p.Ev * sizeof(floating))
@@ -886,15 +933,54 @@ cdef inline bint converts(const Plan* p) noexcept nogil:
 
 cdef Py_ssize_t scratch_elements(const Plan* p, bint is_double) noexcept:
     """Elements of per-thread scratch, padded to 64 bytes so threads never share a line."""
-    cdef Py_ssize_t n = 2 * p.block_q + p.block_q * p.Ev
+    cdef Py_ssize_t n = 2 * p.task_rows + p.task_rows * p.Ev
     if not p.weights_mode:
-        n += p.block_q * p.block_k
+        n += p.task_rows * p.block_k
     n += packed_elements(p, is_double)
     if converts(p):
         n += p.block_k * max(p.E, p.Ev)
     if p.v_scale != NULL:
-        n += p.block_q * p.block_k
+        n += p.task_rows * p.block_k
     return (n + 15) // 16 * 16
+
+
+# Rows of one task made of grouped items, at most: 128 query heads of one decoding step (a
+# latent-attention model's) fit, a prefill block of 128 rows stays one item.
+cdef Py_ssize_t MAX_TASK_ROWS = 128
+
+
+cdef inline bint share_keys(const Plan* p, Py_ssize_t a, Py_ssize_t b) noexcept:
+    """Whether items a and b read the same keys and values, over the same visible range
+    (the columns the table fills for this call)."""
+    cdef const Py_ssize_t* x = p.table + a * N_COLS
+    cdef const Py_ssize_t* y = p.table + b * N_COLS
+    return (x[COL_K] == y[COL_K] and x[COL_V] == y[COL_V] and x[COL_KV_LEN] == y[COL_KV_LEN]
+            and x[COL_DIAG] == y[COL_DIAG] and x[COL_KEEP_FIRST] == y[COL_KEEP_FIRST]
+            and (p.pages == NULL or x[COL_PAGES] == y[COL_PAGES])
+            and (p.k_scale == NULL or x[COL_K_SCALE] == y[COL_K_SCALE])
+            and (p.v_scale == NULL or x[COL_V_SCALE] == y[COL_V_SCALE]))
+
+
+cdef Py_ssize_t items_per_task(const Plan* p) noexcept:
+    """How many consecutive items one task computes as rows of one block: the query heads
+    of one K/V head (grouped-query attention) share its keys and values, so one task reads
+    them once for all (decoding: one g-row GEMM instead of g GEMVs). The size of the first
+    run of items sharing keys, cut to a divisor of it within MAX_TASK_ROWS rows, if every
+    group of that size shares its keys; else 1. It depends on the table and the block
+    size only, never on the threads: each row is computed alike whichever thread runs it."""
+    cdef Py_ssize_t run = 1, g, first, m
+    while run < p.n_items and share_keys(p, 0, run):
+        run += 1
+    g = min(run, MAX_TASK_ROWS // p.block_q)
+    while g > 1 and (run % g or p.n_items % g):
+        g -= 1
+    if g <= 1:
+        return 1
+    for first in range(0, p.n_items, g):
+        for m in range(1, g):
+            if not share_keys(p, first, first + m):
+                return 1
+    return g
 
 
 cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double,
@@ -904,7 +990,7 @@ cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double,
     (a mixed batch's one-row decodes are not full blocks: taken as such, the call would end
     and restart its parallel region every few tasks)."""
     cdef double keys = <double> min(p.S, p.split_keys)
-    cdef double rows = p.block_q, total_rows = 0
+    cdef double rows = p.task_rows, total_rows = 0
     cdef Py_ssize_t n
     if p.task_list != NULL and n_tasks > 0:
         for n in range(p.n_items):
@@ -934,14 +1020,15 @@ def last_call_stats():
     """What the calling thread's most recent kernel call did (a private testing hook):
     its path, OpenMP team size, tasks and how many threads ran some, key chunks, block
     sizes, key blocks visited, the per-thread scratch in bytes, and how many block products
-    (Q·Kᵀ or P·V of one key block) used native bfloat16 products, and the path whose
-    float kernels and row operations ran ("avx512" on the bfloat16 levels)."""
+    (Q·Kᵀ or P·V of one key block) used native bfloat16 products, the path whose
+    float kernels and row operations ran ("avx512" on the bfloat16 levels), and how many
+    items sharing keys and values each task computed."""
     stats = getattr(_last_call, "stats", None)
     if stats is None:
         return None
     keys = ("isa", "team_size", "threads_with_tasks", "n_tasks", "n_splits", "split_keys",
             "block_q", "block_k", "key_blocks_visited", "scratch_bytes", "interrupt_checks",
-            "bf16_native_blocks", "float_kernels")
+            "bf16_native_blocks", "float_kernels", "items_per_task")
     return dict(zip(keys, stats))
 
 
@@ -1017,6 +1104,8 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.k_scale_rs = p.v_scale_rs = 0
     if kv_storage is not None:
         set_kv_storage(&p, kv_storage)
+    p.group = 1 if tasks is not None or weights_mode else items_per_task(&p)
+    p.task_rows = p.group * block_q
     p.k_size = (<cnp.ndarray> k).descr.itemsize
     p.v_size = (<cnp.ndarray> v).descr.itemsize
     # never an instruction the CPU lacks, whatever the caller asked for
@@ -1031,15 +1120,19 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.bf16_pv = p.bf16_isa and p.v_type == CATTN_ELEM_BF16
     p.bf16_queries_offset = stride
     if p.bf16_scores:
-        stride += (<Py_ssize_t> cattn_bf16_queries_bytes(block_q, E) + 63) // 64 * 16
+        stride += (<Py_ssize_t> cattn_bf16_queries_bytes(p.task_rows, E) + 63) // 64 * 16
     p.bf16_work_offset = stride
     if p.bf16_scores or p.bf16_pv:
-        stride += (<Py_ssize_t> cattn_bf16_work_bytes(block_q, block_k, E, Ev) + 63) // 64 * 16
-    cdef Py_ssize_t n_tasks = p.n_items * p.n_q_blocks * p.n_splits
+        stride += (<Py_ssize_t> cattn_bf16_work_bytes(p.task_rows, block_k, E, Ev) + 63) // 64 * 16
+    p.queries_offset = stride
+    if p.group > 1:
+        stride += (p.task_rows * E + 15) // 16 * 16
+    cdef Py_ssize_t n_tasks = p.n_items // p.group * p.n_q_blocks * p.n_splits
     if tasks is not None:
         p.task_list = <const Py_ssize_t*> cnp.PyArray_DATA(<cnp.ndarray> tasks)
         n_tasks = (<cnp.ndarray> tasks).shape[0]
-    cdef int threads = max(num_threads, 1)
+    # (grouping leaves fewer tasks than the caller counted: no thread waits for none)
+    cdef int threads = max(min(num_threads, n_tasks), 1)
     cdef void* qp = data_or_null(q)
     cdef void* kp = data_or_null(k)
     cdef void* vp = data_or_null(v)
@@ -1088,7 +1181,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
             with_tasks += counters[th * COUNTER_STRIDE + COUNTER_TASKS] > 0
         _last_call.stats = (ISA_NAME_OF[level], team, with_tasks, n_tasks, n_splits,
                             split_keys, block_q, block_k, key_blocks, stride * item, checks,
-                            bf16_blocks, ISA_NAME_OF[p.isa])
+                            bf16_blocks, ISA_NAME_OF[p.isa], p.group)
     finally:
         PyMem_RawFree(sp)
         PyMem_RawFree(counters)
@@ -1143,6 +1236,69 @@ def stream_sum(float[::1] x, int num_threads):
             if c * chunk < n:
                 total += cattn_stream_sum_f32(isa, &x[c * chunk], min(chunk, n - c * chunk))
     return total
+
+
+cdef extern from "cattn_peak.h" nogil:
+    double cattn_peak_run(int isa, int is_double, long passes)
+    double cattn_peak_pass_flops(int isa, int is_double)
+
+
+cdef extern from *:
+    """
+    /* Wall-clock seconds (OpenMP's clock; clock() in a build without OpenMP, serial). */
+    #ifdef _OPENMP
+    #define cattn_seconds() omp_get_wtime()
+    #else
+    #include <time.h>
+    #define cattn_seconds() ((double)clock() / CLOCKS_PER_SEC)
+    #endif
+    """
+    double cattn_seconds() nogil
+
+
+def fma_peak(str path, bint is_double=False, int num_threads=1, double seconds=0.05):
+    """The multiply-add peak in GFLOP/s of `path`'s vectors ("avx512", "avx2" or
+    "portable"; float64 if is_double) on num_threads threads: a loop on registers only,
+    lengthened until it takes `seconds` on one thread, then run by every thread at once,
+    each timing its own loop (the sum of their rates: a team's wake-up on a loaded machine
+    is no part of what the cores compute); the best of three runs. The benchmark's ceiling
+    that no kernel can pass (a library sgemm may sit below it)."""
+    cdef int isa = isa_index(path)
+    if isa not in (CATTN_ISA_AVX512, CATTN_ISA_AVX2, CATTN_ISA_PORTABLE):
+        raise ValueError(f"fma_peak measures the avx512, avx2 and portable paths, not {path!r}")
+    cdef int threads = max(num_threads, 1)
+    cdef long passes = 1 << 12
+    while _time_peak_loops(isa, is_double, 1, passes) < seconds and passes < (1 << 40):
+        passes *= 2
+    cdef double best = 0
+    for _ in range(3):
+        best = max(best, threads * passes * cattn_peak_pass_flops(isa, is_double)
+                   / _time_peak_loops(isa, is_double, threads, passes) / 1e9)
+    return best
+
+
+cdef double _time_peak_loops(int isa, bint is_double, int threads, long passes):
+    """The longest time any of `threads` threads took for `passes` passes of the register
+    loop, each timing its own."""
+    cdef int t
+    cdef double sink = 0, longest = 0, start
+    cdef double* took = <double*> PyMem_RawMalloc(threads * sizeof(double))
+    if took == NULL:
+        raise MemoryError()
+    with nogil:
+        for t in prange(threads, num_threads=threads, schedule='static'):
+            start = cattn_seconds()
+            sink += cattn_peak_run(isa, is_double, passes)
+            took[t] = cattn_seconds() - start
+    for t in range(threads):
+        longest = max(longest, took[t])
+    PyMem_RawFree(took)
+    global _peak_sum
+    _peak_sum = sink  # (kept, so that no compiler drops the loops as unused)
+    return longest
+
+
+_peak_sum = 0.0
 
 
 cdef Py_ssize_t _row_stride(cnp.ndarray x, int itemsize, str name) except -1:

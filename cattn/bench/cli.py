@@ -120,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         return None
     config = config_from_args(args)
     t_start = time.perf_counter()
-    info = machine_info(config.impls)
+    info = machine_info(config.impls, config.threads)
     print(format_header(info), flush=True)
     if args.shape:
         shape = _ints(args.shape)

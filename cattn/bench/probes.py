@@ -280,7 +280,41 @@ def cattn_isa(config: Dict[str, Any]) -> Optional[str]:
     return config.get("isa", config.get("simd"))
 
 
-def machine_info(impls=None) -> Dict[str, Any]:
+PEAK_PATHS = ("avx512", "avx2")
+
+
+def fma_peaks(threads: List[int]) -> Dict[str, float]:
+    """{"float32 avx512 1t": GFLOP/s, ...}: the register-only multiply-add peak of each
+    vector path cattn runs on this CPU, per precision and thread count (measured now, a
+    few seconds). What no kernel can pass, whatever the library sgemm reaches."""
+    try:
+        from cattn import _kernel
+        fma_peak = _kernel.fma_peak
+    except (ImportError, AttributeError):
+        return {}
+    peaks = {}
+    for dtype in ("float32", "float64"):
+        for path in PEAK_PATHS:
+            if path not in _kernel.supported_isa_paths():
+                continue
+            for n in threads:
+                peaks[f"{dtype} {path} {n}t"] = fma_peak(path, dtype == "float64", n)
+    return peaks
+
+
+def gemm_libraries() -> List[Dict[str, Any]]:
+    """The BLAS libraries loaded (threadpoolctl), with the core type OpenBLAS runs its
+    kernels for ("architecture"): OPENBLAS_CORETYPE can force an older one, which slows
+    the library sgemm (the ceiling) but not cattn's own kernels."""
+    tpc = optional("threadpoolctl")
+    if tpc is None:
+        return []
+    return [{k: d.get(k) for k in ("internal_api", "prefix", "version", "architecture",
+                                   "threading_layer", "num_threads", "filepath")}
+            for d in tpc.threadpool_info() if d.get("user_api") == "blas"]
+
+
+def machine_info(impls=None, threads: Optional[List[int]] = None) -> Dict[str, Any]:
     """The machine, the versions and the thread control of this run (for the JSON)."""
     info: Dict[str, Any] = {"python": sys.version.split()[0],
                             "platform": platform.platform(), "cpu_count": os.cpu_count(),
@@ -318,4 +352,8 @@ def machine_info(impls=None) -> Dict[str, Any]:
                                                       "num_threads", "filepath")}
                                for d in tpc.threadpool_info()]
     info["thread_control"] = dict(THREAD_CONTROL, blas=blas_threads().method)
+    info["gemm_libraries"] = gemm_libraries()
+    if "OPENBLAS_CORETYPE" in os.environ:
+        info["openblas_coretype"] = os.environ["OPENBLAS_CORETYPE"]
+    info["fma_peak_gflops"] = fma_peaks(threads or [1])
     return info

@@ -51,7 +51,26 @@ def format_header(info: Dict[str, Any]) -> str:
             f"kernels: cattn {isa.get('cattn') or 'unknown'}"]
     if "torch" in isa:
         line[1] += f", torch {isa['torch'] or 'unknown'}"
-    return "\n".join(line)
+    return "\n".join(line + ceiling_lines(info))
+
+
+def ceiling_lines(info: Dict[str, Any]) -> List[str]:
+    """The compute ceilings beside the library GEMM: the register-only FMA peak, and the
+    GEMM library with the core type its kernels were chosen for."""
+    lines = []
+    peaks = info.get("fma_peak_gflops") or {}
+    if peaks:
+        lines.append("FMA peak (registers only, measured): "
+                     + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+    for lib in info.get("gemm_libraries") or []:
+        lines.append(f"GEMM library: {lib.get('internal_api')} {lib.get('version')} "
+                     f"(core type {lib.get('architecture') or 'unknown'}, "
+                     f"{lib.get('threading_layer') or 'threads unknown'})")
+    if info.get("openblas_coretype"):
+        lines.append(f"OPENBLAS_CORETYPE={info['openblas_coretype']} is set: OpenBLAS runs "
+                     "that core type's kernels, which can put its sgemm (the %gemm ceiling) "
+                     "below what this CPU does; the FMA peak is the hard ceiling")
+    return lines
 
 
 def format_case(case: Case) -> str:
@@ -136,6 +155,9 @@ def _markdown_table(case: Case) -> List[str]:
                 + [f"| {r.impl} | {r.threads} | {r.median_s * 1e3:.2f} ms | "
                    f"{_fmt(r.cattn_speedup, '{:.2f}x', '-')} | "
                    f"{_fmt(r.max_abs_diff, '{:.1e}', '-')} |" for r in case.rows])
+    if case.kind == "decode_loop":
+        from cattn.bench.decode_loop import decode_loop_markdown_table
+        return decode_loop_markdown_table(case)
     decode = case.kind == "decode"
     lines = [("| impl | threads | options | median | "
               + ("KV GB/s | % stream" if decode else "GFLOP/s | % gemm")
@@ -165,6 +187,7 @@ def format_markdown(result: Dict[str, Any]) -> str:
              + "  ",
              "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + "  ",
              f"cattn: `{m.get('cattn_config')}`  ",
+             *[f"{line}  " for line in ceiling_lines(m)],
              f"Reps: median of {result.get('reps')} timed round-robin reps per case; GEMM "
              f"ceiling {result.get('gemm_n')}^3.", ""]
     for case in result["cases"]:

@@ -253,6 +253,7 @@ WORKLOADS = {
     "memory": memory_cases,
     "blocks": lambda mode: [("blocks", [], {"kind": "blockgemm"})],
     "varlen": lambda mode: [("varlen", [], {"kind": "varlen"})],
+    "decode-loop": lambda mode: [("decode loop", [], {"kind": "decode_loop"})],
     "serving": lambda mode: [("shared prefix", [], {"kind": "shared_prefix",
                                                     "impls": ("cattn",)})],
 }
@@ -278,6 +279,10 @@ def run_workload_case(wname: str, name: str, specs: List[Spec], opts: Dict[str, 
         from cattn.bench.mixed_paged import format_mixed_paged_case, run_mixed_paged_case
         case = run_mixed_paged_case(name, config)
         text = format_mixed_paged_case(case)
+    elif opts["kind"] == "decode_loop":  # (its own model, peers and stream probe)
+        from cattn.bench.decode_loop import format_decode_loop_case, run_decode_loop_case
+        case = run_decode_loop_case(name, "quick" if config.quick else "full", config)
+        text = format_decode_loop_case(case)
     elif not impls:
         return None
     elif opts["kind"] == "shared_prefix":  # (its own inputs: a prefix and R suffixes)

@@ -1,0 +1,45 @@
+"""The decode-loop benchmark preset on a miniature decoder: every row it promises (cattn
+and PyTorch in the loop and back to back, at each thread count and K/V head count), its
+bandwidth against the same run's stream read, the check of cattn's attention against the
+float64 reference, and the report's tables. (Timing figures are not checked: they depend
+on the machine and its load.)"""
+import pytest
+
+from cattn import bench
+from cattn.bench import decode_loop
+from cattn.bench.report import format_markdown
+
+
+@pytest.fixture
+def tiny_decoder(monkeypatch):
+    monkeypatch.setattr(decode_loop, "HEADS", 4)
+    monkeypatch.setattr(decode_loop, "HEAD_DIM", 16)
+    monkeypatch.setattr(decode_loop, "KV_HEADS", (4, 1))
+    for name in ("CONTEXT", "LAYERS", "STEPS", "ROUNDS"):
+        monkeypatch.setattr(decode_loop, name, {"quick": {"CONTEXT": 300}.get(name, 2)})
+
+
+def test_decode_loop_rows_and_tables(tiny_decoder):
+    torch_present = decode_loop.optional("torch") is not None
+    config = bench.BenchConfig(threads=[1, 2], impls=["cattn", "torch"], stream_mib=8)
+    case = decode_loop.run_decode_loop_case("decode loop", "quick", config)
+    impls = decode_loop.IMPLS if torch_present else ("cattn-loop", "cattn-b2b")
+    assert {(r.impl, r.threads, r.options) for r in case.rows} == {
+        (impl, threads, f"Hkv={h}") for impl in impls for threads in (1, 2) for h in (4, 1)}
+    for r in case.rows:
+        assert r.kv_gbps > 0 and r.pct_of_stream > 0 and r.median_s > 0
+        # one time per layer of every step of every round
+        assert len(r.times_s) == 2 * 2 * 2
+        if r.impl.startswith("cattn"):
+            assert r.max_abs_diff < 1e-5  # (a wrong attention would show here)
+    assert set(case.spec["stream_read_gbps"]) == {f"Hkv={h} {t}t" for h in (4, 1)
+                                                  for t in (1, 2)}
+    text = decode_loop.format_decode_loop_case(case)
+    assert "cattn-loop" in text and "stream read" in text
+    markdown = format_markdown({"machine": {}, "cases": [case]})
+    assert "| cattn-loop | 1 | Hkv=4 |" in markdown
+    assert "Same-run ceiling" not in markdown  # (the stream rates are per heads, in the table)
+
+
+def test_decode_loop_is_a_preset():
+    assert "decode-loop" in bench.suite.WORKLOADS
