@@ -50,7 +50,8 @@ def _models(name: str, dtype, impls):
     """One model per attention implementation, with the same random weights."""
     import torch
     import transformers
-    config_class, options = SHAPES[name][:2]
+    config_class: Any = SHAPES[name][0]
+    options: Dict[str, Any] = SHAPES[name][1]  # type: ignore[assignment]
     config = getattr(transformers, config_class)(vocab_size=VOCAB,
                                                   max_position_embeddings=32768, **options)
     torch.manual_seed(0)
@@ -177,7 +178,8 @@ def _per_call_overhead(reps: int) -> Dict[str, Any]:
             qn, kn, vn, is_causal=True, scale=0.125, enable_gqa=True),
         "bridge": lambda: cattn_attention_forward(Layer(), q, k, v, pattern, scaling=0.125),
     }
-    number, times = OVERHEAD_CALLS, {name: [] for name in calls}
+    number = OVERHEAD_CALLS
+    times: Dict[str, List[float]] = {name: [] for name in calls}
     with cattn.threads(1), torch.inference_mode():
         for name in calls:
             calls[name]()
