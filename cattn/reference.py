@@ -34,15 +34,8 @@ def visible_keys(L: int, S: int, is_causal: bool = False, window: _Window = None
     """Boolean (..., L, S): which key each query may see, from the structural options."""
     visible = np.ones(batch_shape + (L, S), dtype=bool)
     kl = _per_item(S if key_lengths is None else key_lengths, batch_shape)
-    # Positions: query i and key j sit at q_offset + i and k_offset + j of the sequence.
-    if (q_offset is not None or k_offset is not None) and alignment != "top_left":
-        raise ValueError("q_offset and k_offset need alignment='top_left'")
-    i = _per_item(0 if q_offset is None else q_offset, batch_shape) + np.arange(L)[:, None]
-    j_local = np.arange(S)[None, :]
-    j = _per_item(0 if k_offset is None else k_offset, batch_shape) + j_local
-    # The diagonal: key position (i + diag) is "the same position" as query i.
-    diag = kl - L if alignment == "bottom_right" else np.zeros_like(kl)
-    visible &= j_local < kl
+    i, j, diag = _positions(L, S, alignment, key_lengths, batch_shape, q_offset, k_offset)
+    visible &= np.arange(S)[None, :] < kl
     if is_causal:
         visible &= j <= i + diag
     if window is not None:
@@ -57,6 +50,33 @@ def visible_keys(L: int, S: int, is_causal: bool = False, window: _Window = None
     return visible
 
 
+def _positions(L, S, alignment, key_lengths, batch_shape, q_offset, k_offset):
+    """(i, j, diag): query i and key j sit at q_offset + i and k_offset + j of the
+    sequence, (..., L, 1) and (..., 1, S); key position i + diag is "the same position" as
+    query i (the diagonal of `alignment`)."""
+    if (q_offset is not None or k_offset is not None) and alignment != "top_left":
+        raise ValueError("q_offset and k_offset need alignment='top_left'")
+    kl = _per_item(S if key_lengths is None else key_lengths, batch_shape)
+    i = _per_item(0 if q_offset is None else q_offset, batch_shape) + np.arange(L)[:, None]
+    j = _per_item(0 if k_offset is None else k_offset, batch_shape) + np.arange(S)[None, :]
+    diag = kl - L if alignment == "bottom_right" else np.zeros_like(kl)
+    return i, j, diag
+
+
+def alibi_bias(slopes: ArrayLike, L: int, S: int, alignment: str = "top_left",
+               key_lengths: Optional[ArrayLike] = None, batch_shape: Tuple[int, ...] = (),
+               q_offset: Optional[ArrayLike] = None,
+               k_offset: Optional[ArrayLike] = None) -> NDArray[np.float64]:
+    """ALiBi's bias (..., L, S): -slope·|(i + diag) - j| for query i and key j at their
+    global positions, one slope per item (slopes broadcast to batch_shape, (Hq,) or
+    (B, Hq)). Causal or not, this is FlashAttention's `alibi_slopes` bias on every key a
+    query sees (its causal kernel adds slope·j instead, which differs by a constant per
+    row: the same softmax)."""
+    i, j, diag = _positions(L, S, alignment, key_lengths, batch_shape, q_offset, k_offset)
+    slope = np.broadcast_to(np.asarray(slopes, dtype=np.float64), batch_shape)[..., None, None]
+    return -slope * np.abs(i + diag - j)
+
+
 def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: NDArray[Any],
                                  attn_mask: Optional[NDArray[Any]] = None,
                                  is_causal: bool = False, scale: Optional[float] = None, *,
@@ -67,8 +87,9 @@ def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: 
                                  k_offset: Optional[ArrayLike] = None,
                                  softcap: Optional[float] = None,
                                  sinks: Optional[ArrayLike] = None,
-                                 keep_first: Optional[int] = None, return_lse: bool = False,
-                                 return_weights: bool = False
+                                 keep_first: Optional[int] = None,
+                                 alibi_slopes: Optional[ArrayLike] = None,
+                                 return_lse: bool = False, return_weights: bool = False
                                  ) -> Union[NDArray[Any], Tuple[NDArray[Any], ...]]:
     """softmax(Q·Kᵀ·scale + mask)·V with the full score matrix (see cattn for options)."""
     dtype = query.dtype
@@ -103,6 +124,9 @@ def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: 
             scores = np.where(attn_mask, scores, -np.inf).astype(dtype)
         else:
             scores = scores + attn_mask.astype(dtype)
+    if alibi_slopes is not None:  # after the softcap, with the mask (as FlashAttention)
+        scores = scores + alibi_bias(alibi_slopes, L, S, alignment, key_lengths,
+                                     batch_shape, q_offset, k_offset).astype(dtype)
     structural = (is_causal or window is not None or key_lengths is not None
                   or q_offset is not None or k_offset is not None)
     if structural:
