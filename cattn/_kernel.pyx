@@ -947,11 +947,20 @@ cdef Py_ssize_t scratch_elements(const Plan* p, bint is_double) noexcept:
     return (n + 15) // 16 * 16
 
 
-cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double) noexcept:
+cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double,
+                                Py_ssize_t n_tasks) noexcept:
     """Tasks run between two checks for Ctrl-C: about 0.1 s of work on a fast core (more on
-    a slow one), and at least one per thread."""
+    a slow one), and at least one per thread. A task list's tasks count their average rows
+    (a mixed batch's one-row decodes are not full blocks: taken as such, the call would end
+    and restart its parallel region every few tasks)."""
     cdef double keys = <double> min(p.S, p.split_keys)
-    cdef double task_flops = 2.0 * p.block_q * keys * (p.E + p.Ev) + 1.0
+    cdef double rows = p.block_q, total_rows = 0
+    cdef Py_ssize_t n
+    if p.task_list != NULL and n_tasks > 0:
+        for n in range(p.n_items):
+            total_rows += p.table[n * N_COLS + COL_Q_LEN]
+        rows = min(rows, total_rows / n_tasks)
+    cdef double task_flops = 2.0 * rows * keys * (p.E + p.Ev) + 1.0
     cdef double rate = (1e11 if p.isa == CATTN_ISA_AVX512 else
                         5e10 if p.isa == CATTN_ISA_AVX2 else 2e10)
     if is_double:
@@ -1114,7 +1123,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
                           f"{threads} threads")
     memset(counters, 0, threads * COUNTER_STRIDE * sizeof(Py_ssize_t))
     p.counters = counters
-    group = tasks_per_group(&p, threads, is_double)
+    group = tasks_per_group(&p, threads, is_double, n_tasks)
     try:
         while first < n_tasks:
             last = min(first + group, n_tasks)

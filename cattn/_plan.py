@@ -68,15 +68,6 @@ class Plan:
     return_key_mass, mass_shape, key_mass   the per-key attention mass: asked for, its
                          shape (the items' shape, then keys), the result after launch
     """
-    __slots__ = ("query", "key", "value", "narrow", "dtype", "user_out", "out",
-                 "L", "S", "E", "Ev", "longest_keys", "q_rs", "k_rs", "v_rs", "paged",
-                 "tasks", "table", "is_causal", "enable_gqa", "return_lse",
-                 "return_weights", "scale", "softcap", "win_left", "win_right",
-                 "num_threads", "block_sizes", "isa", "block_q", "block_k", "mask",
-                 "mask_kind", "mask_rs", "mask_cs", "keep", "sinks", "alibi", "out_rs", "out_cs",
-                 "lse", "weights", "kv_storage", "return_key_mass", "mass_shape",
-                 "key_mass")
-
     def __init__(self, query, key, value, out, k_scale, v_scale, out_dtype):
         """The storage step: float64 computes in float64; any mix of float32, float16,
         bfloat16 and int8 (or a narrow result asked for) in float32."""

@@ -12,6 +12,7 @@ from cattn import _kernel
 from cattn._plan import (INT32_MAX as _INT32_MAX, Column as _Column, Plan, as_ndarray,
                          check_array, choose_blocks, element_strides, launch)
 from cattn._validation import check_flag as _check_flag, reject_masked as _reject_masked
+from cattn._visibility import key_span
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
                      alignment="top_left", window=None, softcap=None, scale=None,
@@ -298,9 +299,7 @@ def _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right):
     first = np.arange(seq.size, dtype=np.intp) - np.repeat(np.cumsum(blocks) - blocks, blocks)
     i0 = first * block_q
     rows = np.minimum(block_q, q_len[seq] - i0)
-    # the keys any row of the block sees: [first row's start, last row's end)
-    k_begin = np.clip(i0 + diag[seq] - win_left, 0, k_len[seq])
-    k_end = np.clip(i0 + rows + diag[seq] + win_right, 0, k_len[seq])
+    k_begin, k_end = key_span(i0, i0 + rows, diag[seq], k_len[seq], win_left, win_right)
     kept = np.minimum(keep[seq], k_begin)  # kept keys before the window's start
     work = rows * (np.maximum(k_end - k_begin, 0) + kept + 1)
     order = np.argsort(-work, kind="stable")

@@ -16,6 +16,8 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from cattn import _visibility as visibility
+
 _Window = Optional[Tuple[Optional[int], Optional[int]]]
 
 
@@ -32,47 +34,42 @@ def visible_keys(L: int, S: int, is_causal: bool = False, window: _Window = None
                  k_offset: Optional[ArrayLike] = None,
                  keep_first: Optional[int] = None) -> NDArray[np.bool_]:
     """Boolean (..., L, S): which key each query may see, from the structural options."""
-    visible = np.ones(batch_shape + (L, S), dtype=bool)
-    kl = _per_item(S if key_lengths is None else key_lengths, batch_shape)
-    i, j, diag = _positions(L, S, alignment, key_lengths, batch_shape, q_offset, k_offset)
-    visible &= np.arange(S)[None, :] < kl
+    kl, k_pos, diag = _diagonal(L, S, alignment, key_lengths, batch_shape, q_offset,
+                                k_offset)
+    left, right = (None, None) if window is None else window
     if is_causal:
-        visible &= j <= i + diag
-    if window is not None:
-        left, right = window
-        if left is not None:
-            # keep_first: the sequence's first keys stay visible past the left side
-            # (positions below keep_first, which include any negative ones)
-            in_band = j >= i + diag - left
-            visible &= in_band if keep_first is None else in_band | (j < keep_first)
-        if right is not None:
-            visible &= j <= i + diag + right
-    return visible
+        right = 0 if right is None else min(right, 0)
+    # keep_first: the sequence's first keys (positions below keep_first, which include
+    # any negative ones) stay visible past the left side
+    kept = 0 if keep_first is None else keep_first - k_pos
+    i, j = np.arange(L)[:, None], np.arange(S)[None, :]
+    return np.array(np.broadcast_to(visibility.visible(i, j, diag, kl, left, right, kept),
+                                    batch_shape + (L, S)))
 
 
-def _positions(L, S, alignment, key_lengths, batch_shape, q_offset, k_offset):
-    """(i, j, diag): query i and key j sit at q_offset + i and k_offset + j of the
-    sequence, (..., L, 1) and (..., 1, S); key position i + diag is "the same position" as
-    query i (the diagonal of `alignment`)."""
+def _diagonal(L, S, alignment, key_lengths, batch_shape, q_offset, k_offset):
+    """(key lengths, k_offset, diag), each (..., 1, 1) per item: key i + diag sits at
+    query i's position."""
+    kl = _per_item(S if key_lengths is None else key_lengths, batch_shape)
+    # Positions: query i and key j sit at q_offset + i and k_offset + j of the sequence.
     if (q_offset is not None or k_offset is not None) and alignment != "top_left":
         raise ValueError("q_offset and k_offset need alignment='top_left'")
-    kl = _per_item(S if key_lengths is None else key_lengths, batch_shape)
-    i = _per_item(0 if q_offset is None else q_offset, batch_shape) + np.arange(L)[:, None]
-    j = _per_item(0 if k_offset is None else k_offset, batch_shape) + np.arange(S)[None, :]
-    diag = kl - L if alignment == "bottom_right" else np.zeros_like(kl)
-    return i, j, diag
+    q_pos = _per_item(0 if q_offset is None else q_offset, batch_shape)
+    k_pos = _per_item(0 if k_offset is None else k_offset, batch_shape)
+    return kl, k_pos, (kl - L if alignment == "bottom_right" else 0) + q_pos - k_pos
 
 
 def alibi_bias(slopes: ArrayLike, L: int, S: int, alignment: str = "top_left",
                key_lengths: Optional[ArrayLike] = None, batch_shape: Tuple[int, ...] = (),
                q_offset: Optional[ArrayLike] = None,
                k_offset: Optional[ArrayLike] = None) -> NDArray[np.float64]:
-    """ALiBi's bias (..., L, S): -slope·|(i + diag) - j| for query i and key j at their
-    global positions, one slope per item (slopes broadcast to batch_shape, (Hq,) or
+    """ALiBi's bias (..., L, S): -slope·|(i + diag) - j| for query i and key j, the
+    distance of their global positions, one slope per item (slopes broadcast to batch_shape, (Hq,) or
     (B, Hq)). Causal or not, this is FlashAttention's `alibi_slopes` bias on every key a
     query sees (its causal kernel adds slope·j instead, which differs by a constant per
     row: the same softmax)."""
-    i, j, diag = _positions(L, S, alignment, key_lengths, batch_shape, q_offset, k_offset)
+    _, _, diag = _diagonal(L, S, alignment, key_lengths, batch_shape, q_offset, k_offset)
+    i, j = np.arange(L)[:, None], np.arange(S)[None, :]
     slope = np.broadcast_to(np.asarray(slopes, dtype=np.float64), batch_shape)[..., None, None]
     return -slope * np.abs(i + diag - j)
 

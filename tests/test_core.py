@@ -3,8 +3,8 @@ empty sizes, strides and `out=`, scale, masks, top-left causal, threads, dtypes,
 input is ever written. The reference itself is checked first, on a case small enough to
 compute with Python loops.
 
-The kernel works on blocks of 128 query rows and 512 keys, so the sizes 127/128/129/300 and
-511/512/513/1100 put rows and keys on either side of a block edge.
+The kernel works on blocks of 128 query rows and 256 keys, so the sizes 127/128/129/300 and
+511/512/513/1100 put rows and keys on either side of a block edge (512 keys: two blocks).
 """
 import math
 

@@ -2,7 +2,7 @@
 causal, per-item key lengths, sliding windows, grouped-query heads, softcap, the log-sum-exp
 and `merge_attention`, the weights, their combinations, fully masked rows, and threads.
 
-Sizes cross the kernel's blocks of 128 query rows and 512 keys; key and value are strided
+Sizes cross the kernel's blocks of 128 query rows and 256 keys; key and value are strided
 views (a (B, S, H, E) cache seen as (B, H, S, E)) and masks broadcast.
 """
 import itertools

@@ -130,6 +130,12 @@ def _markdown_table(case: Case) -> List[str]:
     if case.kind == "varlen":
         from cattn.bench.varlen import varlen_markdown_table
         return varlen_markdown_table(case)
+    if case.kind == "mixed_paged":
+        return (["| impl | threads | median | time / cattn-mixed's | max abs diff |",
+                 "|---|---|---|---|---|"]
+                + [f"| {r.impl} | {r.threads} | {r.median_s * 1e3:.2f} ms | "
+                   f"{_fmt(r.cattn_speedup, '{:.2f}x', '-')} | "
+                   f"{_fmt(r.max_abs_diff, '{:.1e}', '-')} |" for r in case.rows])
     decode = case.kind == "decode"
     lines = [("| impl | threads | options | median | "
               + ("KV GB/s | % stream" if decode else "GFLOP/s | % gemm")

@@ -201,11 +201,15 @@ def decode_cases(mode: str):
 
 def paged_cases(mode: str):
     """The decode shape with its keys and values in pages of 16 and of 256 positions
-    (shuffled, read through the block table), against the contiguous decode, same run."""
+    (shuffled, read through the block table), against the contiguous decode, same run;
+    and a mixed batch of decoding and prefilling sequences over pages, in one call
+    against one call per sequence."""
     shape = (1, 32, 1, 4096, 128)
     return [("paged decode S=4096", [Spec(*shape)] + [Spec(*shape, page_size=size)
                                                      for size in (16, 256)],
-             {"kind": "decode", "impls": ("cattn",), "ceiling": False})]
+             {"kind": "decode", "impls": ("cattn",), "ceiling": False}),
+            # 8 decoding + 1 prefilling sequences: one mixed call vs one per sequence
+            ("paged mixed batch", [], {"kind": "mixed_paged"})]
 
 
 def tiny_cases(mode: str):
@@ -270,6 +274,10 @@ def run_workload_case(wname: str, name: str, specs: List[Spec], opts: Dict[str, 
         from cattn.bench.varlen import format_varlen_case, run_varlen_case
         case = run_varlen_case(name, config)
         text = format_varlen_case(case)
+    elif opts["kind"] == "mixed_paged":  # (its own inputs: pages, packed queries)
+        from cattn.bench.mixed_paged import format_mixed_paged_case, run_mixed_paged_case
+        case = run_mixed_paged_case(name, config)
+        text = format_mixed_paged_case(case)
     elif not impls:
         return None
     elif opts["kind"] == "shared_prefix":  # (its own inputs: a prefix and R suffixes)

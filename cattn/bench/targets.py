@@ -188,6 +188,18 @@ def _varlen_targets(result) -> List[Target]:
     return out
 
 
+def _mixed_paged_targets(result) -> List[Target]:
+    """One call over a mixed paged batch against one call per sequence, same run."""
+    checks = [(f"{r.threads}t", r.cattn_speedup, 1.3, True)
+              for c, r in _rows(result, workload="paged", impl="cattn-per-sequence")
+              if r.cattn_speedup is not None]
+    quick = any(c.spec.get("decode_len") != 1024 for c, _ in
+                _rows(result, workload="paged", impl="cattn-mixed"))
+    return [_target("paged-mixed-batch", "8 sequences decoding + 1 prefilling 512 queries "
+                    "over pages of 16, Hq=32 Hkv=8 E=128: one call >=1.3x faster than one "
+                    "call per sequence", checks, indicative=quick)]
+
+
 def _serving_targets(result) -> List[Target]:
     checks = []
     for c, r in _rows(result, workload="serving", impl="cattn", options="shared-prefix"):
@@ -246,6 +258,7 @@ def check_targets(result: Dict[str, Any]) -> List[Target]:
     when measured on other shapes than the target's (indicative only)."""
     return (_prefill_targets(result) + _encoder_decode_targets(result)
             + _memory_and_variant_targets(result) + _varlen_targets(result)
+            + _mixed_paged_targets(result)
             + _serving_targets(result) + _paged_targets(result) + _narrow_targets(result))
 
 
