@@ -168,3 +168,18 @@ def test_bad_flag_is_refused(rng):
     q, k, v = operands(rng, np.float32, 1, 2, 2, 3, 4)
     with pytest.raises(TypeError, match="return_key_mass"):
         sdpa(q, k, v, return_key_mass="yes")
+
+
+def test_h2o_example_runs_and_beats_a_window_of_the_same_budget(capsys):
+    # examples/h2o_eviction.py: evicting by key mass keeps the output closer to attention
+    # over the whole history than keeping the newest positions alone.
+    import os
+    import re
+    import runpy
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "examples", "h2o_eviction.py")
+    runpy.run_path(path, run_name="__main__")
+    text = capsys.readouterr().out
+    h2o, window = map(float, re.search(r"evicting: ([\d.]+) \(the \d+ newest positions "
+                                       r"alone: ([\d.]+)\)", text).groups())
+    assert h2o < window

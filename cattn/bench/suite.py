@@ -253,6 +253,7 @@ WORKLOADS = {
     "memory": memory_cases,
     "blocks": lambda mode: [("blocks", [], {"kind": "blockgemm"})],
     "varlen": lambda mode: [("varlen", [], {"kind": "varlen"})],
+    "bias": lambda mode: [("position bias", [], {"kind": "position_bias"})],
     "serving": lambda mode: [("shared prefix", [], {"kind": "shared_prefix",
                                                     "impls": ("cattn",)})],
 }
@@ -278,6 +279,11 @@ def run_workload_case(wname: str, name: str, specs: List[Spec], opts: Dict[str, 
         from cattn.bench.mixed_paged import format_mixed_paged_case, run_mixed_paged_case
         case = run_mixed_paged_case(name, config)
         text = format_mixed_paged_case(case)
+    elif opts["kind"] == "position_bias":  # (its own inputs: slopes, a dense bias)
+        from cattn.bench.position_bias import (format_position_bias_case,
+                                               run_position_bias_case)
+        case = run_position_bias_case(name, config)
+        text = format_position_bias_case(case)
     elif not impls:
         return None
     elif opts["kind"] == "shared_prefix":  # (its own inputs: a prefix and R suffixes)
