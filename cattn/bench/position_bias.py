@@ -15,9 +15,9 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 
 from cattn.bench.config import BenchConfig
-from cattn.bench.results import AttentionRow, Case, SkippedRun, WrongOutput
+from cattn.bench.results import Case, SkippedRun, WrongOutput
 from cattn.bench.specs import tolerance
-from cattn.bench.timing import Runner, admit, first_call, median, time_round_robin
+from cattn.bench.timing import Runner, admit, first_call, timed_rows
 
 IMPLS = ("cattn-plain", "cattn-alibi", "cattn-dense-bias", "cattn-key-mass")
 HEADS, HEAD_DIM = 8, 64
@@ -71,20 +71,7 @@ def run_position_bias_case(name: str, config: BenchConfig) -> Case:
             diff = _max_abs_diff(impl, res, *inputs) if config.check else None
             admit(runner, t_single, diff, tolerance(np.float32), "full", runners, wrong,
                   config)
-    config.log(f"  {name}: {len(runners)} runners ")
-    time_round_robin(runners, config.reps, config.warmup, log=config.log)
-    config.log("\n")
-    rows = []
-    for runner in runners:
-        rows.append(AttentionRow(
-            label=runner.label, impl=runner.impl, threads=runner.threads, kind=runner.kind,
-            median_s=median(runner.times), min_s=float(min(runner.times)),
-            times_s=runner.times, calls_per_timing=runner.number, note=runner.note,
-            options="full", max_abs_diff=runner.max_abs_diff))
-    for r in rows:  # time over the plain call's, same threads
-        plain = next((x for x in rows if x.impl == "cattn-plain" and x.threads == r.threads),
-                     None)
-        r.cattn_speedup = None if plain is None else r.median_s / plain.median_s
+    rows = timed_rows(name, runners, "full", config, baseline="cattn-plain")
     spec = {"N": N, "H": HEADS, "E": HEAD_DIM, "dtype": "float32"}
     return Case(name, "position_bias", spec, ["full"], list(config.threads), rows,
                 skipped=skipped, wrong_output=wrong)
