@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # what the lazy loader below provides, for type checkers
     from cattn._dtypes import quantize_kv
     from cattn._kernel import openmp_enabled
     from cattn._paged import PagedKVCache, paged_attention
+    from cattn._position_bias import RelativePositionBias
     from cattn._runtime import get_num_threads, set_num_threads, threads
     from cattn.layers import KVCache, MultiHeadAttention
 
@@ -59,6 +60,7 @@ _LAZY = {
     "KVCache": "cattn.layers",
     "paged_attention": "cattn._paged",
     "PagedKVCache": "cattn._paged",
+    "RelativePositionBias": "cattn._position_bias",
     "openmp_enabled": "cattn._kernel",
     "set_num_threads": "cattn._runtime",
     "get_num_threads": "cattn._runtime",
@@ -144,5 +146,6 @@ def show_config() -> Dict[str, Any]:
 __all__ = ["scaled_dot_product_attention", "merge_attention", "varlen_attention",
            "shared_prefix_attention", "quantize_kv", "reference",
            "MultiHeadAttention", "KVCache", "paged_attention", "PagedKVCache",
+           "RelativePositionBias",
            "set_num_threads", "get_num_threads", "threads",
            "openmp_enabled", "show_config", "__version__"]

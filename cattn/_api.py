@@ -43,7 +43,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                                  alignment="top_left", key_lengths=None, q_offset=None,
                                  k_offset=None, softcap=None, sinks=None, keep_first=None,
                                  alibi_slopes=None, return_lse=False, return_weights=False,
-                                 return_key_mass=False, out=None,
+                                 return_key_mass=False, position_bias=None, out=None,
                                  num_threads=None, dropout_p=0.0, k_scale=None, v_scale=None,
                                  out_dtype=None, _block_sizes=None, _isa=None):
     """Exact attention softmax(Q·Kᵀ·scale + mask)·V, computed tile by tile.
@@ -113,6 +113,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         non-causal bias -slope·|i + S - L - j| is the bottom-right case); under a causal
         mask FlashAttention adds slope·j instead, which differs by a constant per row:
         the same output, its lse higher by slope·(i + S - L).
+    position_bias : cattn.RelativePositionBias, optional
+        T5's bucketed relative position bias (one learned value per head and bucket of
+        the key - query distance, global positions as for alibi_slopes), looked up per
+        block in the kernel: no (H, L, S) bias array. Heads on the batch shape's last axis.
     return_lse : bool
         Also return the natural-log sum of exp of each row's scores, shape (..., L).
     return_weights : bool
@@ -205,7 +209,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         plan.set_mask(attn_mask, batch_shape, L, S)
     kv_len, diag = _key_lengths_and_diagonal(key_lengths, q_offset, k_offset, alignment,
                                              batch_shape, L, S)
-    plan.set_extras(keep_first, k_offset, sinks, batch_shape, S, alibi_slopes)
+    plan.set_extras(keep_first, k_offset, sinks, batch_shape, S, alibi_slopes, position_bias)
     plan.set_outputs(batch_shape + (L, Ev), batch_shape + (L,), batch_shape + (L, S),
                      (("query", query), ("key", key), ("value", value),
                       ("attn_mask", attn_mask)), batch_shape + (S,))

@@ -9,6 +9,8 @@ from typing import Any, Literal, Optional, Protocol, Sequence, Tuple, TypeVar, U
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
+from cattn._position_bias import RelativePositionBias
+
 _F = TypeVar("_F", np.float32, np.float64)
 _Alignment = Literal["top_left", "bottom_right"]
 
@@ -27,6 +29,7 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
     keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     return_lse: Literal[False] = ..., return_weights: Literal[False] = ...,
     return_key_mass: Literal[False] = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
@@ -45,6 +48,7 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
     keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     return_lse: Literal[True], return_weights: Literal[False] = ...,
     return_key_mass: Literal[False] = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
@@ -63,6 +67,7 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
     keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     return_lse: Literal[False] = ..., return_weights: Literal[True],
     return_key_mass: Literal[False] = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
@@ -81,6 +86,7 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
     keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     return_lse: Literal[True], return_weights: Literal[True],
     return_key_mass: Literal[False] = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
@@ -99,6 +105,7 @@ def scaled_dot_product_attention(
     q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
     keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     return_lse: bool = ..., return_weights: bool = ..., return_key_mass: bool = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
     dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
@@ -118,6 +125,7 @@ def scaled_dot_product_attention(
     q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
     keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     return_lse: bool = ..., return_weights: bool = ..., return_key_mass: bool = ...,
     out: Optional[NDArray[Any]] = ..., num_threads: Optional[int] = ...,
     dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,

@@ -214,6 +214,11 @@ cdef struct Plan:
     # ALiBi: one slope per item (the operands' dtype), or NULL; the bias is computed from
     # the positions as each block of scores is folded, never stored
     const void* alibi
+    # A bias by relative position (T5's buckets, looked up per distance): per item a row of
+    # 2·max_distance + 1 values (the operands' dtype) for key - query distances
+    # -max_distance .. max_distance, farther ones clamped to the ends; NULL: none
+    const void* distance_bias
+    Py_ssize_t max_distance
     # Per-key attention mass: each task writes the column sums of its rows' weights to its
     # own row of key_mass ((n_items · n_q_blocks, S): summed over query blocks by the
     # caller, in a fixed order), from full rows of scores in the thread's scratch (at
@@ -336,16 +341,29 @@ cdef inline void add_alibi(floating* x, Py_ssize_t n, floating slope,
             x[j] -= slope * fabs(base - <double> j)
 
 
+cdef inline void add_distance_bias(floating* x, Py_ssize_t n, const floating* by_distance,
+                                   Py_ssize_t max_distance,
+                                   Py_ssize_t query_pos) noexcept nogil:
+    """x[j] += by_distance[j - query_pos], the distance clamped to ±max_distance
+    (by_distance points at distance 0)."""
+    cdef Py_ssize_t j, d
+    for j in range(n):
+        d = j - query_pos
+        d = -max_distance if d < -max_distance else (max_distance if d > max_distance else d)
+        x[j] += by_distance[d]
+
+
 cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssize_t b,
                           Py_ssize_t gap_a, Py_ssize_t gap_b,
                           Py_ssize_t r, Py_ssize_t mask_pos, const Plan* p,
                           const floating* mask_add, const uint8_t* mask_bool,
-                          floating slope, Py_ssize_t query_pos,
+                          floating slope, Py_ssize_t query_pos, Py_ssize_t item_index,
                           floating* acc, floating* run_max, floating* run_sum) noexcept nogil:
     """Turn one row of block scores into probabilities P (visible keys [a, b) of the block,
     except the hidden gap [gap_a, gap_b) between kept first keys and the window) and fold
     them into the running max, sum and accumulator of query row r. query_pos: the row's
-    position relative to the block's first key (for ALiBi's slope, when not 0)."""
+    position relative to the block's first key (for ALiBi's slope, when not 0, and the
+    distance bias, item_index's row of it)."""
     cdef Py_ssize_t j, Ev = p.Ev
     cdef floating blk_max, m_old, m_new, corr
     cdef floating* x = row + a
@@ -363,6 +381,10 @@ cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssi
         apply_mask(x, n, p, mask_add, mask_bool, mask_pos + a * p.mask_cs)
     if slope != 0:
         add_alibi(x, n, slope, query_pos - a)
+    if p.distance_bias != NULL:
+        add_distance_bias(x, n, (<const floating*> p.distance_bias)
+                          + p.max_distance + item_index * (2 * p.max_distance + 1),
+                          p.max_distance, query_pos - a)
     for j in range(gap_a, gap_b):
         row[j] = -INFINITY
     blk_max = row_max(p.isa, x, n)
@@ -543,7 +565,7 @@ cdef inline void fold_block(const Plan* p, const Task* t, Py_ssize_t kb0, Py_ssi
                 b = clamp(keep_first - kb0, 0, n_keys)
         fold_row(scores + r * ld, n_keys, a, b, gap_a, gap_b, r,
                  t.item[COL_MASK] + i * p.mask_rs + kb0 * p.mask_cs, p,
-                 mask_add, mask_bool, slope, i + diag - kb0, acc, run_max, run_sum)
+                 mask_add, mask_bool, slope, i + diag - kb0, t.n, acc, run_max, run_sum)
 
 
 cdef inline void task_of(const Plan* p, Py_ssize_t task_index, Task* t) noexcept nogil:
@@ -999,7 +1021,8 @@ def attention(object q, object k, object v, object out, object lse, object weigh
               object mask, object partials, cnp.ndarray table, *, tuple shape,
               tuple strides, tuple variant, tuple blocks, tuple run, object tasks=None,
               tuple paged=None, object sinks=None, tuple kv_storage=None,
-              object bf16_query=None, object alibi=None, object key_mass=None):
+              object bf16_query=None, object alibi=None, object key_mass=None,
+              tuple distance_bias=None):
     """Run the loop nest on validated operands (see cattn._api for their meaning).
 
     q, k, v, out, lse, weights and mask are arrays whose data pointers point at element 0
@@ -1018,6 +1041,9 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     row's softmax denominator without a value.
     alibi: None, or one ALiBi slope per item (contiguous, the operands' dtype): the score
     of query i and key j gains -slope·|i + diag - j| (after the softcap, with the mask).
+    distance_bias: None, or (by_distance, max_distance): by_distance a contiguous
+    (n_items, 2·max_distance + 1) array of the operands' dtype, the bias added to the score
+    of key j seen from query i by their distance j - (i + diag), clamped to ±max_distance.
     key_mass: None, or a zeroed C-contiguous (n_items · n_q_blocks, S) array of the
     computing dtype: row n · n_q_blocks + b receives, for each key, the sum of its weights
     over the rows of item n's query block b (n_splits must be 1).
@@ -1068,6 +1094,10 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         p.page_size, p.k_page_stride, p.v_page_stride = paged[1], paged[2], paged[3]
     p.sinks = data_or_null(sinks)
     p.alibi = data_or_null(alibi)
+    p.distance_bias, p.max_distance = NULL, 0
+    if distance_bias is not None:
+        p.distance_bias = data_or_null(distance_bias[0])
+        p.max_distance = distance_bias[1]
     p.key_mass = data_or_null(key_mass)
     p.k_type = p.v_type = CATTN_ELEM_NATIVE
     p.k_scale = p.v_scale = NULL

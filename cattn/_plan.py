@@ -26,6 +26,7 @@ from cattn import _runtime, _kernel  # _runtime first: it loads OpenMP (wait pol
 from cattn import _dtypes
 from cattn._blas_threads import single_threaded_blas
 from cattn._interop import from_dlpack
+from cattn._position_bias import RelativePositionBias
 from cattn._validation import (FLOAT_DTYPES, broadcasts_to, check_flag, check_int,
                                check_ndarray, check_positive_float, reject_masked)
 
@@ -64,6 +65,7 @@ class Plan:
     mask, mask_kind, mask_rs, mask_cs      attn_mask as read (see set_mask())
     keep, sinks          kept first keys per item (int or intp array), sink logits or None
     alibi                ALiBi slopes, one per item, or None
+    distance_bias        (bias by distance per item, max distance) of position_bias, or None
     out, out_rs, out_cs, lse, weights, user_out   the outputs (see set_outputs())
     return_key_mass, mass_shape, key_mass   the per-key attention mass: asked for, its
                          shape (the items' shape, then keys), the result after launch
@@ -93,7 +95,7 @@ class Plan:
         self.kv_storage = None if narrow is None else narrow.kv_storage
         self.mask, self.mask_kind, self.mask_rs, self.mask_cs = None, MASK_NONE, 0, 0
         self.keep = 0
-        self.sinks = self.alibi = None
+        self.sinks = self.alibi = self.distance_bias = None
         self.block_q = 0
         self.lse = self.weights = self.key_mass = None
         self.return_key_mass = False
@@ -143,15 +145,22 @@ class Plan:
         self.mask, self.mask_kind, self.mask_rs, self.mask_cs = mask_plan(
             attn_mask, batch_shape, L, S, self.dtype)
 
-    def set_extras(self, keep_first, k_offset, sinks, batch_shape, S, alibi_slopes=None):
+    def set_extras(self, keep_first, k_offset, sinks, batch_shape, S, alibi_slopes=None,
+                   position_bias=None):
         """keep_first as kept keys per item, sinks as one logit per item, ALiBi's slopes as
-        one per item."""
+        one per item, a RelativePositionBias as one row of biases by distance per item."""
         if keep_first is not None:
             self.keep = kept_first_keys(keep_first, k_offset, batch_shape, S)
         if sinks is not None:
             self.sinks = sink_logits(sinks, batch_shape, self.dtype)
         if alibi_slopes is not None:
             self.alibi = alibi_slopes_per_item(alibi_slopes, batch_shape, self.dtype)
+        if position_bias is not None:
+            if not isinstance(position_bias, RelativePositionBias):
+                raise TypeError(f"position_bias must be a cattn.RelativePositionBias, got "
+                                f"{type(position_bias).__name__}")
+            self.distance_bias = (position_bias.per_item(batch_shape, self.query.dtype),
+                                  position_bias.max_distance)
 
     def set_outputs(self, out_shape, lse_shape, weights_shape, inputs, mass_shape=None):
         """out (the user's, checked, or new), lse and weights; the kernel writes float32
@@ -248,6 +257,7 @@ def launch(plan):
                           blocks=(block_q, block_k, n_splits, split_keys),
                           run=(threads, isa), tasks=plan.tasks, paged=plan.paged,
                           sinks=sinks, alibi=alibi, key_mass=key_mass,
+                          distance_bias=plan.distance_bias,
                           kv_storage=plan.kv_storage,
                           bf16_query=narrow is not None and narrow.query_bf16)
     if key_mass is not None:

@@ -86,6 +86,7 @@ def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: 
                                  sinks: Optional[ArrayLike] = None,
                                  keep_first: Optional[int] = None,
                                  alibi_slopes: Optional[ArrayLike] = None,
+                                 position_bias: Any = None,
                                  return_lse: bool = False, return_weights: bool = False
                                  ) -> Union[NDArray[Any], Tuple[NDArray[Any], ...]]:
     """softmax(Q·Kᵀ·scale + mask)·V with the full score matrix (see cattn for options)."""
@@ -124,6 +125,15 @@ def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: 
     if alibi_slopes is not None:  # after the softcap, with the mask (as FlashAttention)
         scores = scores + alibi_bias(alibi_slopes, L, S, alignment, key_lengths,
                                      batch_shape, q_offset, k_offset).astype(dtype)
+    if position_bias is not None:  # T5: a learned value per head and distance bucket
+        from cattn._position_bias import relative_position_bucket
+        _, _, diag = _diagonal(L, S, alignment, key_lengths, batch_shape, q_offset, k_offset)
+        distance = np.arange(S)[None, :] - (np.arange(L)[:, None] + diag)
+        buckets = relative_position_bucket(
+            np.broadcast_to(distance, batch_shape + (L, S)), position_bias.bidirectional,
+            position_bias.num_buckets, position_bias.max_distance)
+        heads = np.arange(batch_shape[-1])[:, None, None]
+        scores = scores + position_bias.table[buckets, heads].astype(dtype)
     structural = (is_causal or window is not None or key_lengths is not None
                   or q_offset is not None or k_offset is not None)
     if structural:
