@@ -6,6 +6,8 @@ score gets the bias):
 - cattn-alibi: `alibi_slopes=` (8 geometric slopes), the bias computed per block;
 - cattn-dense-bias: the same values as a dense (1, 8, N, N) float32 `attn_mask` (what a
   user builds without alibi_slopes);
+- cattn-t5: T5's bucketed bias (`position_bias=`, 32 buckets up to distance 128),
+  looked up per block;
 - cattn-key-mass: no bias, `return_key_mass=True`.
 
 Each is checked on its first head against the float64 reference before it is timed.
@@ -19,7 +21,7 @@ from cattn.bench.results import Case, SkippedRun, WrongOutput
 from cattn.bench.specs import tolerance
 from cattn.bench.timing import Runner, admit, first_call, timed_rows
 
-IMPLS = ("cattn-plain", "cattn-alibi", "cattn-dense-bias", "cattn-key-mass")
+IMPLS = ("cattn-plain", "cattn-alibi", "cattn-dense-bias", "cattn-t5", "cattn-key-mass")
 HEADS, HEAD_DIM = 8, 64
 SIZES = {"full": 2048, "quick": 512}
 
@@ -35,10 +37,19 @@ def bias_inputs(N: int, seed: int):
     return q, k, v, slopes, dense
 
 
+def t5_bias(cattn):
+    """A T5 encoder's bias: 32 buckets up to distance 128, seeded values per head."""
+    table = np.random.default_rng(1).standard_normal((32, HEADS)).astype(np.float32)
+    return cattn.RelativePositionBias(table, num_buckets=32, max_distance=128,
+                                      bidirectional=True)
+
+
 def _makers(q, k, v, slopes, dense) -> Dict[str, Callable[[int], Callable[[], Any]]]:
     import cattn
     sdpa = cattn.scaled_dot_product_attention
+    t5 = t5_bias(cattn)
     return {
+        "cattn-t5": lambda t: lambda: sdpa(q, k, v, position_bias=t5, num_threads=t),
         "cattn-plain": lambda t: lambda: sdpa(q, k, v, num_threads=t),
         "cattn-alibi": lambda t: lambda: sdpa(q, k, v, alibi_slopes=slopes, num_threads=t),
         "cattn-dense-bias": lambda t: lambda: sdpa(q, k, v, attn_mask=dense, num_threads=t),
@@ -53,7 +64,14 @@ def _max_abs_diff(impl: str, out, q, k, v, slopes, dense) -> float:
     mask = dense[0, :1].astype(np.float64) if impl in ("cattn-alibi",
                                                        "cattn-dense-bias") else None
     q1, k1, v1 = (x[0, :1].astype(np.float64) for x in (q, k, v))
-    want = ref(q1, k1, v1, attn_mask=mask)
+    if impl == "cattn-t5":
+        import cattn
+        bias = t5_bias(cattn)
+        first_head = cattn.RelativePositionBias(bias.table[:, :1], num_buckets=32,
+                                                max_distance=128, bidirectional=True)
+        want = ref(q1, k1, v1, position_bias=first_head)
+    else:
+        want = ref(q1, k1, v1, attn_mask=mask)
     return float(np.max(np.abs(np.asarray(out)[0, :1] - want)))
 
 
