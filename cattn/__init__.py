@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # what the lazy loader below provides, for type checkers
     from cattn._kernel import openmp_enabled
     from cattn._cache import KVCache, PagedKVCache
     from cattn._paged import paged_attention
+    from cattn._position_bias import RelativePositionBias
     from cattn._runtime import get_num_threads, set_num_threads, threads
     from cattn.layers import MultiHeadAttention
 
@@ -61,6 +62,7 @@ _LAZY = {
     "KVCache": "cattn._cache",
     "paged_attention": "cattn._paged",
     "PagedKVCache": "cattn._cache",
+    "RelativePositionBias": "cattn._position_bias",
     "openmp_enabled": "cattn._kernel",
     "set_num_threads": "cattn._runtime",
     "get_num_threads": "cattn._runtime",
@@ -146,5 +148,6 @@ def show_config() -> Dict[str, Any]:
 __all__ = ["scaled_dot_product_attention", "merge_attention", "varlen_attention",
            "shared_prefix_attention", "quantize_kv", "reference",
            "MultiHeadAttention", "KVCache", "paged_attention", "PagedKVCache",
+           "RelativePositionBias",
            "set_num_threads", "get_num_threads", "threads",
            "openmp_enabled", "show_config", "__version__"]

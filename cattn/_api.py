@@ -42,7 +42,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                                  scale=None, *, enable_gqa=False, window=None,
                                  alignment="top_left", key_lengths=None, q_offset=None,
                                  k_offset=None, softcap=None, sinks=None, keep_first=None,
-                                 return_lse=False, return_weights=False, out=None,
+                                 alibi_slopes=None, return_lse=False, return_weights=False,
+                                 return_key_mass=False, position_bias=None, out=None,
                                  num_threads=None, dropout_p=0.0, k_scale=None, v_scale=None,
                                  out_dtype=None, _block_sizes=None, _isa=None):
     """Exact attention softmax(Q·Kᵀ·scale + mask)·V, computed tile by tile.
@@ -102,10 +103,31 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         StreamingLLM's sink tokens: the first keep_first keys of the sequence (global
         positions 0 .. keep_first - 1, see k_offset) stay visible to every query whatever
         the left side of `window`; the right side (and is_causal) still applies.
+    alibi_slopes : array (Hq,) or (B, Hq), optional
+        ALiBi (attention with linear biases): one slope per query head (or per sequence
+        and head), float32 (float64 inputs may give float64). Query i and key j at
+        global positions p_i and p_j get the bias -slope·|p_i - p_j| added to their
+        scaled (and capped) scores, with the mask; p_i - p_j = i + diag - j on the
+        diagonal of `alignment` and the offsets. Computed inside the kernel from the
+        positions, never stored. This is FlashAttention's `alibi_slopes` (its
+        non-causal bias -slope·|i + S - L - j| is the bottom-right case); under a causal
+        mask FlashAttention adds slope·j instead, which differs by a constant per row:
+        the same output, its lse higher by slope·(i + S - L).
+    position_bias : cattn.RelativePositionBias, optional
+        T5's bucketed relative position bias (one learned value per head and bucket of
+        the key - query distance, global positions as for alibi_slopes), looked up per
+        block in the kernel: no (H, L, S) bias array. Heads on the batch shape's last axis.
     return_lse : bool
         Also return the natural-log sum of exp of each row's scores, shape (..., L).
     return_weights : bool
         Also return the attention weights (..., L, S); each visible row sums to 1.
+    return_key_mass : bool
+        Also return the attention mass of each key, (..., S): the sum over the call's
+        queries of the key's weight (what H2O-style KV-cache eviction ranks keys by),
+        float32 (float64 for float64 inputs). Computed in the kernel from each block of
+        query rows once its softmax is final, without the (..., L, S) weights: its memory
+        is (..., ceil(L / 128), S) partial sums, added in a fixed order (bitwise the same
+        result for any thread count). Keys are then not split into chunks.
     out : ndarray, optional
         Preallocated output of shape (..., L, Ev) and the inputs' dtype (any strides).
     num_threads : int, optional
@@ -125,7 +147,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     -------
     out : ndarray (..., L, Ev)
         Alone, or first of a tuple (out, weights), (out, lse) or (out, weights, lse) when
-        `return_weights` and/or `return_lse` ask for them.
+        `return_weights` and/or `return_lse` ask for them; the key mass comes last, when
+        asked for.
 
     A query row that sees no key at all (fully masked) gets output 0 and lse -inf.
     Ctrl-C interrupts a long call within about 0.1 s with KeyboardInterrupt; `out` then
@@ -178,17 +201,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     query, key, value, L, S, E, Ev = _operands(query, key, value)
     plan = Plan(query, key, value, out, k_scale, v_scale, out_dtype)
     plan.set_options(is_causal, enable_gqa, return_lse, return_weights, dropout_p, scale,
-                     softcap, alignment, window, num_threads, _block_sizes, _isa, E, S)
+                     softcap, alignment, window, num_threads, _block_sizes, _isa, E, S,
+                     return_key_mass)
     batch_shape, group = _batch_shape(query, key, value, plan.enable_gqa)
     if attn_mask is not None:
         attn_mask = _as_ndarray(attn_mask, "attn_mask")
         plan.set_mask(attn_mask, batch_shape, L, S)
     kv_len, diag = _key_lengths_and_diagonal(key_lengths, q_offset, k_offset, alignment,
                                              batch_shape, L, S)
-    plan.set_extras(keep_first, k_offset, sinks, batch_shape, S)
+    plan.set_extras(keep_first, k_offset, sinks, batch_shape, S, alibi_slopes, position_bias)
     plan.set_outputs(batch_shape + (L, Ev), batch_shape + (L,), batch_shape + (L, S),
                      (("query", query), ("key", key), ("value", value),
-                      ("attn_mask", attn_mask)))
+                      ("attn_mask", attn_mask)), batch_shape + (S,))
     _padded_layout(plan, batch_shape, group, kv_len, diag, L, S, E, Ev)
     launch(plan)
     return plan.results()

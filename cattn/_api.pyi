@@ -1,12 +1,15 @@
 """Type signatures of the validating front, which is compiled by Cython (see _api.py).
 
 The result of scaled_dot_product_attention depends on its flags: the output alone, or a
-tuple of the output with the attention weights and/or the log-sum-exp, in that order.
+tuple of the output with the attention weights and/or the log-sum-exp, in that order (and
+the key mass last, with return_key_mass=True).
 """
 from typing import Any, Literal, Optional, Protocol, Sequence, Tuple, TypeVar, Union, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
+
+from cattn._position_bias import RelativePositionBias
 
 _F = TypeVar("_F", np.float32, np.float64)
 _Alignment = Literal["top_left", "bottom_right"]
@@ -25,8 +28,10 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
     q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
-    keep_first: Optional[int] = ...,
+    keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     return_lse: Literal[False] = ..., return_weights: Literal[False] = ...,
+    return_key_mass: Literal[False] = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
     dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
@@ -42,8 +47,10 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
     q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
-    keep_first: Optional[int] = ...,
+    keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     return_lse: Literal[True], return_weights: Literal[False] = ...,
+    return_key_mass: Literal[False] = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
     dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
@@ -59,8 +66,10 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
     q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
-    keep_first: Optional[int] = ...,
+    keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     return_lse: Literal[False] = ..., return_weights: Literal[True],
+    return_key_mass: Literal[False] = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
     dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
@@ -76,8 +85,10 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
     q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
-    keep_first: Optional[int] = ...,
+    keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     return_lse: Literal[True], return_weights: Literal[True],
+    return_key_mass: Literal[False] = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
     dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
@@ -93,8 +104,9 @@ def scaled_dot_product_attention(
     alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
     q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
-    keep_first: Optional[int] = ...,
-    return_lse: bool = ..., return_weights: bool = ...,
+    keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
+    return_lse: bool = ..., return_weights: bool = ..., return_key_mass: bool = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
     dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
@@ -112,8 +124,9 @@ def scaled_dot_product_attention(
     alignment: _Alignment = ..., key_lengths: Union[int, ArrayLike, None] = ...,
     q_offset: Union[int, ArrayLike, None] = ..., k_offset: Union[int, ArrayLike, None] = ...,
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
-    keep_first: Optional[int] = ...,
-    return_lse: bool = ..., return_weights: bool = ...,
+    keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
+    return_lse: bool = ..., return_weights: bool = ..., return_key_mass: bool = ...,
     out: Optional[NDArray[Any]] = ..., num_threads: Optional[int] = ...,
     dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,

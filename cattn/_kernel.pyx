@@ -26,7 +26,7 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
-from libc.math cimport INFINITY, NAN, log, tanh
+from libc.math cimport INFINITY, NAN, fabs, fabsf, log, tanh
 from libc.stdint cimport int32_t, uint8_t
 from libc.string cimport memcpy, memset
 from cpython.exc cimport PyErr_CheckSignals
@@ -219,6 +219,20 @@ cdef struct Plan:
     const int32_t* pages
     # attention sinks
     const void* sinks                      # one logit per item (the operands' dtype), or NULL
+    # ALiBi: one slope per item (the operands' dtype), or NULL; the bias is computed from
+    # the positions as each block of scores is folded, never stored
+    const void* alibi
+    # A bias by relative position (T5's buckets, looked up per distance): per item a row of
+    # 2·max_distance + 1 values (the operands' dtype) for key - query distances
+    # -max_distance .. max_distance, farther ones clamped to the ends; NULL: none
+    const void* distance_bias
+    Py_ssize_t max_distance
+    # Per-key attention mass: each task writes the column sums of its rows' weights to its
+    # own row of key_mass ((n_items · n_q_blocks, S): summed over query blocks by the
+    # caller, in a fixed order), from full rows of scores in the thread's scratch (at
+    # mass_rows_offset, block_q × S) unless the weights output holds them. NULL: not asked.
+    void* key_mass
+    Py_ssize_t mass_rows_offset
     # How K and V are stored: CATTN_ELEM_NATIVE (the computing precision) or float16,
     # bfloat16, int8 read as such and converted to float32 in the kernel; bytes per stored
     # element; int8's per-key scales (NULL: none; the table locates each item's) and their
@@ -323,14 +337,44 @@ cdef inline void apply_mask(floating* x, Py_ssize_t n, const Plan* p,
                 x[j] = -INFINITY
 
 
+cdef inline void add_alibi(floating* x, Py_ssize_t n, floating slope,
+                           Py_ssize_t query_pos) noexcept nogil:
+    """x[j] -= slope·|query_pos - j|: ALiBi's bias of key j seen from a query at query_pos
+    (both relative to x's first key). An int loop over floating distances: it vectorizes,
+    and a distance below 2**24 (2**53) is exact."""
+    cdef int j
+    cdef floating base = <floating> query_pos
+    if floating is float:
+        for j in range(<int> n):
+            x[j] -= slope * fabsf(base - <float> j)
+    else:
+        for j in range(<int> n):
+            x[j] -= slope * fabs(base - <double> j)
+
+
+cdef inline void add_distance_bias(floating* x, Py_ssize_t n, const floating* by_distance,
+                                   Py_ssize_t max_distance,
+                                   Py_ssize_t query_pos) noexcept nogil:
+    """x[j] += by_distance[j - query_pos], the distance clamped to ±max_distance
+    (by_distance points at distance 0)."""
+    cdef Py_ssize_t j, d
+    for j in range(n):
+        d = j - query_pos
+        d = -max_distance if d < -max_distance else (max_distance if d > max_distance else d)
+        x[j] += by_distance[d]
+
+
 cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssize_t b,
                           Py_ssize_t gap_a, Py_ssize_t gap_b,
                           Py_ssize_t r, Py_ssize_t mask_pos, const Plan* p,
                           const floating* mask_add, const uint8_t* mask_bool,
+                          floating slope, Py_ssize_t query_pos, Py_ssize_t item_index,
                           floating* acc, floating* run_max, floating* run_sum) noexcept nogil:
     """Turn one row of block scores into probabilities P (visible keys [a, b) of the block,
     except the hidden gap [gap_a, gap_b) between kept first keys and the window) and fold
-    them into the running max, sum and accumulator of query row r."""
+    them into the running max, sum and accumulator of query row r. query_pos: the row's
+    position relative to the block's first key (for ALiBi's slope, when not 0, and the
+    distance bias, item_index's row of it)."""
     cdef Py_ssize_t j, Ev = p.Ev
     cdef floating blk_max, m_old, m_new, corr
     cdef floating* x = row + a
@@ -346,6 +390,12 @@ cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssi
         apply_softcap(x, n, <floating> p.softcap)
     if p.mask_kind != MASK_NONE:
         apply_mask(x, n, p, mask_add, mask_bool, mask_pos + a * p.mask_cs)
+    if slope != 0:
+        add_alibi(x, n, slope, query_pos - a)
+    if p.distance_bias != NULL:
+        add_distance_bias(x, n, (<const floating*> p.distance_bias)
+                          + p.max_distance + item_index * (2 * p.max_distance + 1),
+                          p.max_distance, query_pos - a)
     for j in range(gap_a, gap_b):
         row[j] = -INFINITY
     blk_max = row_max(p.isa, x, n)
@@ -505,8 +555,13 @@ cdef inline void fold_block(const Plan* p, const Task* t, Py_ssize_t kb0, Py_ssi
     cdef Py_ssize_t kv_len = t.item[COL_KV_LEN], diag = t.item[COL_DIAG]
     cdef Py_ssize_t keep_first = t.item[COL_KEEP_FIRST]
     cdef const Py_ssize_t* item
+    cdef Py_ssize_t n
+    cdef floating slope = 0
     for r in range(t.rows):
         item = row_item(p, t, r)
+        n = t.n + r // t.member_rows  # (this row's item: a grouped task's rows span heads)
+        if p.alibi != NULL:
+            slope = (<const floating*> p.alibi)[n]
         i = t.i0 + r % t.member_rows
         lo = clamp(i + diag - p.win_left, 0, kv_len)
         hi = clamp(i + diag + p.win_right + 1, 0, kv_len)
@@ -527,7 +582,7 @@ cdef inline void fold_block(const Plan* p, const Task* t, Py_ssize_t kb0, Py_ssi
                 b = clamp(keep_first - kb0, 0, n_keys)
         fold_row(scores + r * ld, n_keys, a, b, gap_a, gap_b, r,
                  item[COL_MASK] + i * p.mask_rs + kb0 * p.mask_cs, p,
-                 mask_add, mask_bool, acc, run_max, run_sum)
+                 mask_add, mask_bool, slope, i + diag - kb0, n, acc, run_max, run_sum)
 
 
 cdef inline void task_of(const Plan* p, Py_ssize_t task_index, Task* t) noexcept nogil:
@@ -744,6 +799,23 @@ cdef void finish_rows(const Plan* p, const Task* t, const floating* acc,
                 weights_rows[r * p.S + j] *= inv_sum
 
 
+cdef void sum_weight_columns(const Plan* p, const Task* t, const floating* weights_rows,
+                             Py_ssize_t first_key, floating* key_mass) noexcept nogil:
+    """The task's share of the key mass: the sum over its rows of each key's weight, into
+    its own row of key_mass (zero outside the keys it sees), rows added in order."""
+    cdef Py_ssize_t r, j
+    cdef floating* mass = key_mass + (t.n * p.n_q_blocks + t.i0 // p.block_q) * p.S
+    cdef const floating* row
+    if t.k_end <= first_key:
+        return
+    memcpy(mass + first_key, weights_rows + first_key,
+           (t.k_end - first_key) * sizeof(floating))
+    for r in range(1, t.rows):
+        row = weights_rows + r * p.S
+        for j in range(first_key, t.k_end):
+            mass[j] += row[j]
+
+
 cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
                              const floating* q, const void* k, const void* v,
                              const floating* mask_add, const uint8_t* mask_bool,
@@ -801,11 +873,13 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     memset(acc, 0, t.rows * p.Ev * sizeof(floating))
     counters[COUNTER_TASKS] += 1
 
-    if p.weights_mode:
-        # The scores of all visible keys go straight into the weights output, are turned
-        # into probabilities in one fold (one max per row: no rescaling of earlier
-        # blocks), normalized at the end; the GEMMs still run block by block.
-        weights_rows = weights + (t.n * p.L + t.i0) * p.S
+    if p.weights_mode or p.key_mass != NULL:
+        # The scores of all visible keys go straight into the weights output (or the
+        # thread's rows, for the key mass), are turned into probabilities in one fold (one
+        # max per row: no rescaling of earlier blocks), normalized at the end; the GEMMs
+        # still run block by block.
+        weights_rows = (weights + (t.n * p.L + t.i0) * p.S if p.weights_mode
+                        else scratch + p.mass_rows_offset)
         if keep_range:
             step_key_blocks(p, &t, STEP_SCORES, t.keep_begin, t.keep_end, q_block, k_item,
                             v_item, packed, weights_rows, p.S, True, mask_add, mask_bool,
@@ -836,6 +910,8 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
         store_partials(p, &t, acc, run_max, run_sum, partials)
     else:
         finish_rows(p, &t, acc, run_max, run_sum, out, lse, weights_rows, first_key)
+    if p.key_mass != NULL:
+        sum_weight_columns(p, &t, weights_rows, first_key, <floating*> p.key_mass)
 
 
 cdef void merge_split_row(const Plan* p, Py_ssize_t row, const floating* partials,
@@ -1036,7 +1112,8 @@ def attention(object q, object k, object v, object out, object lse, object weigh
               object mask, object partials, cnp.ndarray table, *, tuple shape,
               tuple strides, tuple variant, tuple blocks, tuple run, object tasks=None,
               tuple paged=None, object sinks=None, tuple kv_storage=None,
-              object bf16_query=None):
+              object bf16_query=None, object alibi=None, object key_mass=None,
+              tuple distance_bias=None):
     """Run the loop nest on validated operands (see cattn._api for their meaning).
 
     q, k, v, out, lse, weights and mask are arrays whose data pointers point at element 0
@@ -1053,6 +1130,14 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         starting at its table's COL_PAGES; strides in elements)
     sinks: None, or one logit per item (contiguous, the operands' dtype) that joins each
     row's softmax denominator without a value.
+    alibi: None, or one ALiBi slope per item (contiguous, the operands' dtype): the score
+    of query i and key j gains -slope·|i + diag - j| (after the softcap, with the mask).
+    distance_bias: None, or (by_distance, max_distance): by_distance a contiguous
+    (n_items, 2·max_distance + 1) array of the operands' dtype, the bias added to the score
+    of key j seen from query i by their distance j - (i + diag), clamped to ±max_distance.
+    key_mass: None, or a zeroed C-contiguous (n_items · n_q_blocks, S) array of the
+    computing dtype: row n · n_q_blocks + b receives, for each key, the sum of its weights
+    over the rows of item n's query block b (n_splits must be 1).
       kv_storage = (k_type, v_type, k_scale, v_scale), optional: how K and V are stored
         (Element members; float16, bfloat16 and int8 need float32 q, out, lse, weights,
         mask and partials) and int8's per-key scales (float32 arrays whose matrices are
@@ -1099,12 +1184,20 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         p.pages = <const int32_t*> cnp.PyArray_DATA(<cnp.ndarray> paged[0])
         p.page_size, p.k_page_stride, p.v_page_stride = paged[1], paged[2], paged[3]
     p.sinks = data_or_null(sinks)
+    p.alibi = data_or_null(alibi)
+    p.distance_bias, p.max_distance = NULL, 0
+    if distance_bias is not None:
+        p.distance_bias = data_or_null(distance_bias[0])
+        p.max_distance = distance_bias[1]
+    p.key_mass = data_or_null(key_mass)
     p.k_type = p.v_type = CATTN_ELEM_NATIVE
     p.k_scale = p.v_scale = NULL
     p.k_scale_rs = p.v_scale_rs = 0
     if kv_storage is not None:
         set_kv_storage(&p, kv_storage)
-    p.group = 1 if tasks is not None or weights_mode else items_per_task(&p)
+    # (a key-mass row of the scratch belongs to one item: its tasks are not grouped)
+    p.group = (1 if tasks is not None or weights_mode or p.key_mass != NULL
+               else items_per_task(&p))
     p.task_rows = p.group * block_q
     p.k_size = (<cnp.ndarray> k).descr.itemsize
     p.v_size = (<cnp.ndarray> v).descr.itemsize
@@ -1127,6 +1220,9 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.queries_offset = stride
     if p.group > 1:
         stride += (p.task_rows * E + 15) // 16 * 16
+    p.mass_rows_offset = stride
+    if p.key_mass != NULL and not weights_mode:
+        stride += (block_q * S + 15) // 16 * 16
     cdef Py_ssize_t n_tasks = p.n_items // p.group * p.n_q_blocks * p.n_splits
     if tasks is not None:
         p.task_list = <const Py_ssize_t*> cnp.PyArray_DATA(<cnp.ndarray> tasks)

@@ -26,6 +26,7 @@ from cattn import _runtime, _kernel  # _runtime first: it loads OpenMP (wait pol
 from cattn import _dtypes
 from cattn._blas_threads import single_threaded_blas
 from cattn._interop import from_dlpack
+from cattn._position_bias import RelativePositionBias
 from cattn._validation import (FLOAT_DTYPES, broadcasts_to, check_flag, check_int,
                                check_no_dropout, window_pair,
                                check_ndarray, check_positive_float, reject_masked)
@@ -64,7 +65,11 @@ class Plan:
     num_threads, block_sizes (None: chosen), isa (None: the CPU's), block_q, block_k
     mask, mask_kind, mask_rs, mask_cs      attn_mask as read (see set_mask())
     keep, sinks          kept first keys per item (int or intp array), sink logits or None
+    alibi                ALiBi slopes, one per item, or None
+    distance_bias        (bias by distance per item, max distance) of position_bias, or None
     out, out_rs, out_cs, lse, weights, user_out   the outputs (see set_outputs())
+    return_key_mass, mass_shape, key_mass   the per-key attention mass: asked for, its
+                         shape (the items' shape, then keys), the result after launch
     """
     def __init__(self, query, key, value, out, k_scale, v_scale, out_dtype):
         """The storage step: float64 computes in float64; any mix of float32, float16,
@@ -91,12 +96,14 @@ class Plan:
         self.kv_storage = None if narrow is None else narrow.kv_storage
         self.mask, self.mask_kind, self.mask_rs, self.mask_cs = None, MASK_NONE, 0, 0
         self.keep = 0
-        self.sinks = None
+        self.sinks = self.alibi = self.distance_bias = None
         self.block_q = 0
-        self.lse = self.weights = None
+        self.lse = self.weights = self.key_mass = None
+        self.return_key_mass = False
 
     def set_options(self, is_causal, enable_gqa, return_lse, return_weights, dropout_p, scale,
-                softcap, alignment, window, num_threads, block_sizes, isa, E, S):
+                softcap, alignment, window, num_threads, block_sizes, isa, E, S,
+                return_key_mass=False):
         """The flags as bools, scale and softcap as floats, the window's sides, the thread
         count, block sizes and path."""
         # (the checks run only for values other than False, the default: a tiny call's cost)
@@ -108,9 +115,12 @@ class Plan:
             return_lse = check_flag(return_lse, "return_lse")
         if return_weights is not False:
             return_weights = check_flag(return_weights, "return_weights")
+        if return_key_mass is not False:
+            self.return_key_mass = check_flag(return_key_mass, "return_key_mass")
         check_no_dropout(dropout_p)
-        if return_weights and S > INT32_MAX:
-            raise ValueError(f"return_weights needs S < 2**31 keys (a weights row is one "
+        if (return_weights or self.return_key_mass) and S > INT32_MAX:
+            asked = "return_weights" if return_weights else "return_key_mass"
+            raise ValueError(f"{asked} needs S < 2**31 keys (a weights row is one "
                              f"BLAS matrix with 32-bit dimensions), got S = {S}")
         if scale is None:
             scale = 1.0 / math.sqrt(E)
@@ -135,17 +145,29 @@ class Plan:
         self.mask, self.mask_kind, self.mask_rs, self.mask_cs = mask_plan(
             attn_mask, batch_shape, L, S, self.dtype)
 
-    def set_extras(self, keep_first, k_offset, sinks, batch_shape, S):
-        """keep_first as kept keys per item, sinks as one logit per item."""
+    def set_extras(self, keep_first, k_offset, sinks, batch_shape, S, alibi_slopes=None,
+                   position_bias=None):
+        """keep_first as kept keys per item, sinks as one logit per item, ALiBi's slopes as
+        one per item, a RelativePositionBias as one row of biases by distance per item."""
         if keep_first is not None:
             self.keep = kept_first_keys(keep_first, k_offset, batch_shape, S)
         if sinks is not None:
             self.sinks = sink_logits(sinks, batch_shape, self.dtype)
+        if alibi_slopes is not None:
+            self.alibi = alibi_slopes_per_item(alibi_slopes, batch_shape, self.dtype)
+        if position_bias is not None:
+            if not isinstance(position_bias, RelativePositionBias):
+                raise TypeError(f"position_bias must be a cattn.RelativePositionBias, got "
+                                f"{type(position_bias).__name__}")
+            self.distance_bias = (position_bias.per_item(batch_shape, self.query.dtype),
+                                  position_bias.max_distance)
 
-    def set_outputs(self, out_shape, lse_shape, weights_shape, inputs):
+    def set_outputs(self, out_shape, lse_shape, weights_shape, inputs, mass_shape=None):
         """out (the user's, checked, or new), lse and weights; the kernel writes float32
         where a narrow result is rounded once afterwards. out_rs and out_cs are the
-        strides of out's last two axes (a packed layout replaces them)."""
+        strides of out's last two axes (a packed layout replaces them). mass_shape: the
+        key mass's, (items..., S)."""
+        self.mass_shape = mass_shape
         out = self.user_out
         narrow = self.narrow
         if narrow is not None and narrow.result_dtype != self.dtype:
@@ -168,12 +190,15 @@ class Plan:
             self.weights = np.zeros(weights_shape, dtype=dtype)
 
     def results(self):
-        """out alone, or the tuple of out with the weights and/or lse asked for."""
+        """out alone, or the tuple of out with the weights, lse and/or key mass asked for."""
         out, weights, lse = self.out, self.weights, self.lse
         narrow = self.narrow
         if narrow is not None and narrow.result_dtype != self.dtype:
             out, weights = narrow.results(out, weights, self.user_out)
-        return results(out, weights, lse)
+        result = results(out, weights, lse)
+        if self.return_key_mass:
+            return (result if isinstance(result, tuple) else (result,)) + (self.key_mass,)
+        return result
 
 
 def choose_blocks(plan):
@@ -192,10 +217,16 @@ def launch(plan):
     block_q, block_k = plan.block_q, plan.block_k
     L = plan.L
     n_items = plan.table.shape[0]
+    n_q_blocks = -(-L // block_q)
+    key_mass = None
+    if plan.return_key_mass:
+        # (one row of column sums per task, summed over query blocks below: in a fixed
+        # order, whichever thread ran which task)
+        key_mass = np.zeros((n_items * n_q_blocks, plan.S), dtype=plan.out.dtype)
+        plan.key_mass = np.zeros(plan.mass_shape, dtype=plan.out.dtype)
     if plan.tasks is None:
-        n_q_blocks = -(-L // block_q)
         n_splits, split_keys = key_splits(n_q_blocks, plan.longest_keys, block_k,
-                                          plan.return_weights)
+                                          plan.return_weights or plan.return_key_mass)
         n_tasks = n_items * n_q_blocks * n_splits
     else:
         # Keys are never split with a task list: it has a task per (item, query block),
@@ -208,9 +239,11 @@ def launch(plan):
     threads = _runtime.team_size(min(plan.num_threads, n_tasks))
     partials = (np.empty((n_splits, n_items, L, plan.Ev + 2), dtype=out.dtype)
                 if n_splits > 1 else None)
-    sinks = plan.sinks
+    sinks, alibi = plan.sinks, plan.alibi
     if sinks is not None and sinks.dtype != plan.query.dtype:  # the kernel's compute dtype
         sinks = sinks.astype(plan.query.dtype)
+    if alibi is not None and alibi.dtype != plan.query.dtype:
+        alibi = alibi.astype(plan.query.dtype)
     narrow = plan.narrow
     isa = plan.isa
     with single_threaded_blas if _kernel.calls_blas(isa) else NO_LIMIT:
@@ -223,9 +256,13 @@ def launch(plan):
                                    plan.softcap, plan.return_weights),
                           blocks=(block_q, block_k, n_splits, split_keys),
                           run=(threads, isa), tasks=plan.tasks, paged=plan.paged,
-                          sinks=sinks,
+                          sinks=sinks, alibi=alibi, key_mass=key_mass,
+                          distance_bias=plan.distance_bias,
                           kv_storage=plan.kv_storage,
                           bf16_query=narrow is not None and narrow.query_bf16)
+    if key_mass is not None:
+        plan.key_mass = key_mass.reshape(n_items, n_q_blocks, plan.S).sum(axis=1).reshape(
+            plan.mass_shape)
 
 
 def results(out, weights, lse):
@@ -437,25 +474,41 @@ def kept_first_keys(keep_first, k_offset, batch_shape, S):
     return np.clip(kept, 0, S) if isinstance(kept, np.ndarray) else min(max(kept, 0), S)
 
 
+def per_head_floats(x, name, noun, batch_shape, dtype):
+    """One float per item from x, one per query head (Hq,) or broadcasting to the batch
+    shape: contiguous, in `dtype` (overflow left to the caller's check)."""
+    x = as_ndarray(x, name)
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be an array of floats, one per query head, got "
+                            f"{type(x).__name__}") from None
+    reject_masked(x, name)
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name} must be floating-point {noun}s, one per query head, got "
+                        f"dtype {x.dtype}")
+    if not broadcasts_to(x.shape, batch_shape):
+        heads = f"(Hq,) = ({batch_shape[-1]},)" if batch_shape else "()"
+        raise ValueError(f"{name} of shape {x.shape} must hold one {noun} per query "
+                         f"head, {heads}, or broadcast to the batch shape {batch_shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.broadcast_to(x, batch_shape).astype(dtype).reshape(-1)
+
+
+def alibi_slopes_per_item(slopes, batch_shape, dtype):
+    """ALiBi's slopes, (Hq,) or (B, Hq) (any shape broadcasting to the batch shape): one
+    finite slope per item, contiguous in the operands' dtype."""
+    slopes = per_head_floats(slopes, "alibi_slopes", "slope", batch_shape, dtype)
+    if not np.isfinite(slopes).all():
+        bad = slopes[~np.isfinite(slopes)][0]
+        raise ValueError(f"alibi_slopes must be finite in {dtype}, got {bad}")
+    return slopes
+
+
 def sink_logits(sinks, batch_shape, dtype):
     """One sink logit per item, contiguous in the operands' dtype."""
-    sinks = as_ndarray(sinks, "sinks")
-    if not isinstance(sinks, np.ndarray):
-        try:
-            sinks = np.asarray(sinks)
-        except (TypeError, ValueError):
-            raise TypeError(f"sinks must be an array of floats, one per query head, got "
-                            f"{type(sinks).__name__}") from None
-    reject_masked(sinks, "sinks")
-    if sinks.dtype.kind != "f":
-        raise TypeError(f"sinks must be floating-point logits, one per query head, got "
-                        f"dtype {sinks.dtype}")
-    if not broadcasts_to(sinks.shape, batch_shape):
-        heads = f"(Hq,) = ({batch_shape[-1]},)" if batch_shape else "()"
-        raise ValueError(f"sinks of shape {sinks.shape} must hold one logit per query head, "
-                         f"{heads}, or broadcast to the batch shape {batch_shape}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        logits = np.broadcast_to(sinks, batch_shape).astype(dtype).reshape(-1)
+    logits = per_head_floats(sinks, "sinks", "logit", batch_shape, dtype)
     if np.isnan(logits).any() or np.isposinf(logits).any():
         bad = logits[np.isnan(logits) | np.isposinf(logits)][0]
         raise ValueError(f"sinks must be finite in {dtype} (or -inf: no sink for that "

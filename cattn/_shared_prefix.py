@@ -23,7 +23,8 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
                             window: Optional[Tuple[Optional[int], Optional[int]]] = None,
                             attn_mask: Optional[ArrayLike] = None,
                             softcap: Optional[float] = None,
-                            sinks: Optional[ArrayLike] = None, enable_gqa: bool = False,
+                            sinks: Optional[ArrayLike] = None,
+                            alibi_slopes: Optional[ArrayLike] = None, enable_gqa: bool = False,
                             return_lse: bool = False, num_threads: Optional[int] = None,
                             _isa: Optional[str] = None
                             ) -> Union[NDArray[Any], Tuple[NDArray[Any], NDArray[Any]]]:
@@ -66,6 +67,9 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
         As in scaled_dot_product_attention.
     sinks : array (H,) or (R, H), optional
         Attention sinks, counted once per row (in the suffix's call).
+    alibi_slopes : array (H,) or (R, H), optional
+        ALiBi's slopes, over positions in the concatenation (each request meets the prefix
+        at its own positions then).
     return_lse : bool
         Also return the lse (R, H, L) over prefix, suffix and sink.
 
@@ -128,14 +132,15 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
     # Half-precision queries: both parts stay float32 until the merge, rounded once.
     exact = q.dtype in (np.float32, np.float64)
     options = dict(scale=scale, softcap=softcap, num_threads=num_threads, _isa=_isa,
-                   out_dtype=None if exact else np.float32, enable_gqa=enable_gqa)
+                   out_dtype=None if exact else np.float32, enable_gqa=enable_gqa,
+                   alibi_slopes=alibi_slopes)
     prefix_mask, own_mask = _split_mask(attn_mask, (R, H, L, P + S), P)
     own_out, own_lse = scaled_dot_product_attention(
         q, k, v, attn_mask=own_mask, is_causal=is_causal, alignment="bottom_right",
         key_lengths=key_lengths, window=window, sinks=sinks, return_lse=True, **options)
     # (key_lengths is valid now: the suffix's call checked it)
     valid = np.asarray(S if key_lengths is None else key_lengths)
-    if window is None and prefix_mask is None and not (
+    if window is None and prefix_mask is None and alibi_slopes is None and not (
             is_causal and valid.size and valid.min() < L - 1):
         prefix_out, prefix_lse = _every_query_over_the_prefix(q, prefix_k, prefix_v, group,
                                                               options)
@@ -158,7 +163,7 @@ def _every_query_over_the_prefix(q, prefix_k, prefix_v, group, options):
     Hkv = prefix_k.shape[0]
     all_queries = q.reshape(R, Hkv, group, L, E).transpose(1, 2, 0, 3, 4).reshape(
         Hkv, group * R * L, E)
-    options = dict(options, enable_gqa=False)
+    options = dict(options, enable_gqa=False)  # (alibi_slopes is None here)
     out, lse = scaled_dot_product_attention(all_queries, prefix_k, prefix_v,
                                             return_lse=True, **options)
     Ev = out.shape[-1]

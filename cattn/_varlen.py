@@ -16,7 +16,8 @@ from cattn._visibility import key_span
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
                      alignment="top_left", window=None, softcap=None, scale=None,
-                     sinks=None, keep_first=None, enable_gqa=False, return_lse=False,
+                     sinks=None, keep_first=None, alibi_slopes=None, enable_gqa=False,
+                     return_lse=False, return_key_mass=False,
                      out=None, num_threads=None, k_scale=None, v_scale=None,
                      out_dtype=None, _block_sizes=None, _isa=None):
     """Exact attention of each packed sequence over its own keys.
@@ -56,12 +57,18 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
         The first keep_first keys of each sequence stay visible to every query whatever
         the window's left side (StreamingLLM's sink tokens; the window's right side and
         the causal mask still apply).
+    alibi_slopes : array (Hq,) or (n, Hq), optional
+        ALiBi's slopes, as in `scaled_dot_product_attention`: -slope·|i + diag - j| is
+        added to the scores of each sequence, on its own diagonal.
     enable_gqa : bool
         Grouped-query attention: Hq a multiple of Hkv; query head h reads key/value head
         h // (Hq // Hkv). Without it, Hq must equal Hkv.
     return_lse : bool
         Also return the log-sum-exp of each row, shape (Hq, Tq) (FlashAttention's
         `softmax_lse` layout for varlen calls: heads first, tokens packed).
+    return_key_mass : bool
+        Also return each key's attention mass (the sum of its weights over its sequence's
+        queries, as in `scaled_dot_product_attention`), shape (Hq, Tk), last in the tuple.
     out : ndarray (Tq, Hq, Ev), optional
         Preallocated output (any strides), of the result's dtype.
     num_threads : int, optional
@@ -119,11 +126,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
                          f"sequences, got {cu_q.size - 1} and {cu_k.size - 1}")
     max_k = int(k_len.max(initial=0))
     plan.set_options(is_causal, enable_gqa, return_lse, False, 0.0, scale, softcap,
-                     alignment, window, num_threads, _block_sizes, _isa, E, max_k)
+                     alignment, window, num_threads, _block_sizes, _isa, E, max_k,
+                     return_key_mass)
     n = cu_q.size - 1
-    plan.set_extras(keep_first, None, sinks, (n, Hq), max_k)
+    plan.set_extras(keep_first, None, sinks, (n, Hq), max_k, alibi_slopes)
     diag = k_len - q_len if alignment == "bottom_right" else np.zeros_like(q_len)
-    plan.set_outputs((Tq, Hq, Ev), (Hq, Tq), None, (("q", q), ("k", k), ("v", v)))
+    plan.set_outputs((Tq, Hq, Ev), (Hq, Tq), None, (("q", q), ("k", k), ("v", v)),
+                     (n, Hq, max_k))
     k_st, v_st = element_strides(plan.key), element_strides(plan.value)
     plan.k_rs, plan.v_rs = _token_stride(plan.key), _token_stride(plan.value)
     plan.S, plan.longest_keys = max_k, max_k
@@ -134,7 +143,16 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
         _scale_columns(plan.table, narrow, cu_k, q_len.size, Hq, group)
         plan.kv_storage = _kv_storage(narrow)
     launch(plan)
+    if plan.return_key_mass:
+        plan.key_mass = _packed_key_mass(plan.key_mass, cu_k, k_len)
     return plan.results()
+
+
+def _packed_key_mass(mass, cu_k, k_len):
+    """(n, Hq, max_k) per sequence -> (Hq, Tk), the keys packed as in k (the lse's layout)."""
+    sequence = np.repeat(np.arange(k_len.size), k_len)
+    local = np.arange(int(cu_k[-1])) - cu_k[sequence]
+    return np.ascontiguousarray(mass[sequence, :, local].T)
 
 
 # ------------------------------------------------------------------------- the steps

@@ -1,6 +1,7 @@
 """Type signatures of the packed variable-length front (compiled by Cython, see _varlen.py).
 
-varlen_attention returns the output alone, or (output, lse) with return_lse=True."""
+varlen_attention returns the output alone, or (output, lse) with return_lse=True (the key
+mass last, with return_key_mass=True)."""
 from typing import Any, Literal, Optional, Tuple, TypeVar, Union, overload
 
 import numpy as np
@@ -16,8 +17,9 @@ def varlen_attention(  # type: ignore[overload-overlap]
     cu_seqlens_k: ArrayLike, *, is_causal: bool = ..., alignment: _Alignment = ...,
     window: _Window = ..., softcap: Optional[float] = ..., scale: Optional[float] = ...,
     sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
+    alibi_slopes: Optional[ArrayLike] = ...,
     enable_gqa: bool = ...,
-    return_lse: Literal[False] = ..., out: Optional[NDArray[Any]] = ...,
+    return_lse: Literal[False] = ..., return_key_mass: Literal[False] = ..., out: Optional[NDArray[Any]] = ...,
     num_threads: Optional[int] = ...,
     k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,
     out_dtype: Optional[DTypeLike] = ...,
@@ -30,8 +32,9 @@ def varlen_attention(  # type: ignore[overload-overlap]
     cu_seqlens_k: ArrayLike, *, is_causal: bool = ..., alignment: _Alignment = ...,
     window: _Window = ..., softcap: Optional[float] = ..., scale: Optional[float] = ...,
     sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
+    alibi_slopes: Optional[ArrayLike] = ...,
     enable_gqa: bool = ...,
-    return_lse: Literal[True], out: Optional[NDArray[Any]] = ...,
+    return_lse: Literal[True], return_key_mass: Literal[False] = ..., out: Optional[NDArray[Any]] = ...,
     num_threads: Optional[int] = ...,
     k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,
     out_dtype: Optional[DTypeLike] = ...,
@@ -44,13 +47,14 @@ def varlen_attention(
     cu_seqlens_k: ArrayLike, *, is_causal: bool = ..., alignment: _Alignment = ...,
     window: _Window = ..., softcap: Optional[float] = ..., scale: Optional[float] = ...,
     sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
+    alibi_slopes: Optional[ArrayLike] = ...,
     enable_gqa: bool = ...,
-    return_lse: bool = ..., out: Optional[NDArray[Any]] = ...,
+    return_lse: bool = ..., return_key_mass: bool = ..., out: Optional[NDArray[Any]] = ...,
     num_threads: Optional[int] = ...,
     k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,
     out_dtype: Optional[DTypeLike] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ..., _isa: Optional[str] = ...,
-) -> Union[NDArray[_F], Tuple[NDArray[_F], NDArray[_F]]]: ...
+) -> Union[NDArray[_F], Tuple[NDArray[_F], ...]]: ...
 
 # float16, bfloat16 or int8 inputs, DLPack producers (CPU PyTorch tensors): the result's
 # dtype is only known at run time.
@@ -60,7 +64,9 @@ def varlen_attention(
     is_causal: bool = ..., alignment: _Alignment = ..., window: _Window = ...,
     softcap: Optional[float] = ..., scale: Optional[float] = ...,
     sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
-    enable_gqa: bool = ..., return_lse: bool = ..., out: Optional[NDArray[Any]] = ...,
+    alibi_slopes: Optional[ArrayLike] = ...,
+    enable_gqa: bool = ..., return_lse: bool = ..., return_key_mass: bool = ...,
+    out: Optional[NDArray[Any]] = ...,
     num_threads: Optional[int] = ...,
     k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,
     out_dtype: Optional[DTypeLike] = ..., _block_sizes: Optional[Tuple[int, int]] = ...,

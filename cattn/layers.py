@@ -24,6 +24,7 @@ from cattn._api import _sink_logits, scaled_dot_product_attention
 from cattn._cache import (KVCache, KVCacheLayer, PagedKVCache,  # noqa: F401 (re-exported)
                           PagedKVCacheLayer, _serves)
 from cattn._paged import paged_attention
+from cattn._plan import alibi_slopes_per_item as _alibi_slopes
 from cattn._interop import from_dlpack
 from cattn._validation import check_flag, check_float_dtype, check_int, check_ndarray
 
@@ -309,7 +310,7 @@ class MultiHeadAttention:
                  need_weights: bool = False, average_attn_weights: bool = True,
                  cache: Union["KVCache", "KVCacheLayer", PagedKVCache, PagedKVCacheLayer,
                               None] = None,
-                 sinks: Optional[ArrayLike] = None
+                 sinks: Optional[ArrayLike] = None, alibi_slopes: Optional[ArrayLike] = None
                  ) -> Tuple[NDArray[Any], Optional[NDArray[Any]]]:
         """Attention of `query` over `key`/`value`, batch first, as nn.MultiheadAttention.
 
@@ -343,6 +344,10 @@ class MultiHeadAttention:
             Attention sinks (gpt-oss): one logit per head that joins each row's softmax
             denominator without a value (see scaled_dot_product_attention). The weights
             then sum to less than 1.
+        alibi_slopes : (num_heads,) or (B, num_heads) array, optional
+            ALiBi: -slope·|i - j| is added to the scores of query i and key j, computed in
+            the kernel (see scaled_dot_product_attention; with a cache, i and j are
+            positions in the cached sequence).
 
         Returns
         -------
@@ -391,14 +396,18 @@ class MultiHeadAttention:
         is_causal = check_flag(is_causal, "is_causal")
         need_weights = check_flag(need_weights, "need_weights")
         average_attn_weights = check_flag(average_attn_weights, "average_attn_weights")
+        heads = (query.shape[0], self.num_heads)
         if sinks is not None:  # checked before a cache is appended to
-            _sink_logits(sinks, (query.shape[0], self.num_heads), self.dtype)
+            _sink_logits(sinks, heads, self.dtype)
+        if alibi_slopes is not None:
+            _alibi_slopes(alibi_slopes, heads, self.dtype)
+        per_head = dict(sinks=sinks, alibi_slopes=alibi_slopes)
         if cache is not None:
             out, weights = self._cached(query, key, value, self_attention, key_padding_mask,
-                                        attn_mask, is_causal, need_weights, cache, sinks)
+                                        attn_mask, is_causal, need_weights, cache, per_head)
         else:
             out, weights = self._full(query, key, value, self_attention, key_padding_mask,
-                                      attn_mask, is_causal, need_weights, sinks)
+                                      attn_mask, is_causal, need_weights, per_head)
         if weights is not None and average_attn_weights:
             weights = weights.mean(axis=1)
         if unbatched:
@@ -454,7 +463,8 @@ class MultiHeadAttention:
         return context, weights
 
     def _full(self, query, key, value, self_attention, key_padding_mask, attn_mask,
-              is_causal, need_weights, sinks=None):
+              is_causal, need_weights, per_head):
+        """per_head: the sinks and alibi_slopes options (None or one value per head)."""
         B, L, _ = query.shape
         self._check_input(key, "key", self.kdim)
         self._check_input(value, "value", self.vdim)
@@ -470,7 +480,7 @@ class MultiHeadAttention:
         q, k, v = (_split_heads(q, self.num_heads), _split_heads(k, self.num_kv_heads),
                    _split_heads(v, self.num_kv_heads))
         return self._attend(q, k, v, B, L, attn_mask=mask, is_causal=is_causal,
-                            key_lengths=key_lengths, return_weights=need_weights, sinks=sinks)
+                            key_lengths=key_lengths, return_weights=need_weights, **per_head)
 
     def _combine_masks(self, key_padding_mask, attn_mask, B, L, S):
         """PyTorch's two masks as one cattn mask broadcastable to (B, H, L, S) (boolean True =
@@ -558,7 +568,7 @@ class MultiHeadAttention:
         return layer
 
     def _cached(self, query, key, value, self_attention, key_padding_mask, attn_mask,
-                is_causal, need_weights, cache, sinks=None):
+                is_causal, need_weights, cache, per_head):
         if not self_attention:
             raise ValueError("a cache serves incremental self-attention: call "
                              "mha(query, cache=...) without a different key or value")
@@ -591,7 +601,7 @@ class MultiHeadAttention:
             out, weights = self._attend(
                 q, layer.keys, layer.values, B, L, paged=True,
                 block_table=layer.cache.block_table(), seq_lens=lengths,
-                is_causal=is_causal, return_weights=need_weights, sinks=sinks)
+                is_causal=is_causal, return_weights=need_weights, **per_head)
         else:
             lengths = layer.lengths.copy()
             scales = ({} if getattr(layer, "key_scales", None) is None else
@@ -599,7 +609,7 @@ class MultiHeadAttention:
             out, weights = self._attend(q, layer.keys, layer.values, B, L,
                                         is_causal=is_causal, alignment="bottom_right",
                                         key_lengths=lengths, return_weights=need_weights,
-                                        sinks=sinks, **scales)
+                                        **per_head, **scales)
         if weights is not None:
             weights = weights[..., :lengths.max(initial=0)]
         return out, weights

@@ -34,14 +34,8 @@ def visible_keys(L: int, S: int, is_causal: bool = False, window: _Window = None
                  k_offset: Optional[ArrayLike] = None,
                  keep_first: Optional[int] = None) -> NDArray[np.bool_]:
     """Boolean (..., L, S): which key each query may see, from the structural options."""
-    kl = _per_item(S if key_lengths is None else key_lengths, batch_shape)
-    # Positions: query i and key j sit at q_offset + i and k_offset + j of the sequence.
-    if (q_offset is not None or k_offset is not None) and alignment != "top_left":
-        raise ValueError("q_offset and k_offset need alignment='top_left'")
-    q_pos = _per_item(0 if q_offset is None else q_offset, batch_shape)
-    k_pos = _per_item(0 if k_offset is None else k_offset, batch_shape)
-    # The diagonal: key (i + diag) sits at query i's position.
-    diag = (kl - L if alignment == "bottom_right" else 0) + q_pos - k_pos
+    kl, k_pos, diag = _diagonal(L, S, alignment, key_lengths, batch_shape, q_offset,
+                                k_offset)
     left, right = (None, None) if window is None else window
     if is_causal:
         right = 0 if right is None else min(right, 0)
@@ -51,6 +45,33 @@ def visible_keys(L: int, S: int, is_causal: bool = False, window: _Window = None
     i, j = np.arange(L)[:, None], np.arange(S)[None, :]
     return np.array(np.broadcast_to(visibility.visible(i, j, diag, kl, left, right, kept),
                                     batch_shape + (L, S)))
+
+
+def _diagonal(L, S, alignment, key_lengths, batch_shape, q_offset, k_offset):
+    """(key lengths, k_offset, diag), each (..., 1, 1) per item: key i + diag sits at
+    query i's position."""
+    kl = _per_item(S if key_lengths is None else key_lengths, batch_shape)
+    # Positions: query i and key j sit at q_offset + i and k_offset + j of the sequence.
+    if (q_offset is not None or k_offset is not None) and alignment != "top_left":
+        raise ValueError("q_offset and k_offset need alignment='top_left'")
+    q_pos = _per_item(0 if q_offset is None else q_offset, batch_shape)
+    k_pos = _per_item(0 if k_offset is None else k_offset, batch_shape)
+    return kl, k_pos, (kl - L if alignment == "bottom_right" else 0) + q_pos - k_pos
+
+
+def alibi_bias(slopes: ArrayLike, L: int, S: int, alignment: str = "top_left",
+               key_lengths: Optional[ArrayLike] = None, batch_shape: Tuple[int, ...] = (),
+               q_offset: Optional[ArrayLike] = None,
+               k_offset: Optional[ArrayLike] = None) -> NDArray[np.float64]:
+    """ALiBi's bias (..., L, S): -slope·|(i + diag) - j| for query i and key j, the
+    distance of their global positions, one slope per item (slopes broadcast to batch_shape, (Hq,) or
+    (B, Hq)). Causal or not, this is FlashAttention's `alibi_slopes` bias on every key a
+    query sees (its causal kernel adds slope·j instead, which differs by a constant per
+    row: the same softmax)."""
+    _, _, diag = _diagonal(L, S, alignment, key_lengths, batch_shape, q_offset, k_offset)
+    i, j = np.arange(L)[:, None], np.arange(S)[None, :]
+    slope = np.broadcast_to(np.asarray(slopes, dtype=np.float64), batch_shape)[..., None, None]
+    return -slope * np.abs(i + diag - j)
 
 
 def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: NDArray[Any],
@@ -63,8 +84,10 @@ def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: 
                                  k_offset: Optional[ArrayLike] = None,
                                  softcap: Optional[float] = None,
                                  sinks: Optional[ArrayLike] = None,
-                                 keep_first: Optional[int] = None, return_lse: bool = False,
-                                 return_weights: bool = False
+                                 keep_first: Optional[int] = None,
+                                 alibi_slopes: Optional[ArrayLike] = None,
+                                 position_bias: Any = None,
+                                 return_lse: bool = False, return_weights: bool = False
                                  ) -> Union[NDArray[Any], Tuple[NDArray[Any], ...]]:
     """softmax(Q·Kᵀ·scale + mask)·V with the full score matrix (see cattn for options)."""
     dtype = query.dtype
@@ -99,6 +122,18 @@ def scaled_dot_product_attention(query: NDArray[Any], key: NDArray[Any], value: 
             scores = np.where(attn_mask, scores, -np.inf).astype(dtype)
         else:
             scores = scores + attn_mask.astype(dtype)
+    if alibi_slopes is not None:  # after the softcap, with the mask (as FlashAttention)
+        scores = scores + alibi_bias(alibi_slopes, L, S, alignment, key_lengths,
+                                     batch_shape, q_offset, k_offset).astype(dtype)
+    if position_bias is not None:  # T5: a learned value per head and distance bucket
+        from cattn._position_bias import relative_position_bucket
+        _, _, diag = _diagonal(L, S, alignment, key_lengths, batch_shape, q_offset, k_offset)
+        distance = np.arange(S)[None, :] - (np.arange(L)[:, None] + diag)
+        buckets = relative_position_bucket(
+            np.broadcast_to(distance, batch_shape + (L, S)), position_bias.bidirectional,
+            position_bias.num_buckets, position_bias.max_distance)
+        heads = np.arange(batch_shape[-1])[:, None, None]
+        scores = scores + position_bias.table[buckets, heads].astype(dtype)
     structural = (is_causal or window is not None or key_lengths is not None
                   or q_offset is not None or k_offset is not None)
     if structural:

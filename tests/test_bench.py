@@ -164,3 +164,20 @@ def test_varlen_preset_times_packed_and_padded_calls(tmp_path, monkeypatch, caps
     target = next(t for t in result["targets"] if t.id == "varlen-vs-padded")
     assert target.verdict in ("(pass)", "(fail)") and len(target.details) == 2
     assert "| cattn-varlen | 1 | causal |" in (tmp_path / "v.md").read_text()
+
+
+def test_bias_preset_times_alibi_against_no_bias_and_a_dense_bias(tmp_path, monkeypatch,
+                                                                  capsys):
+    from cattn.bench import position_bias
+    monkeypatch.setitem(position_bias.SIZES, "quick", 48)
+    out = tmp_path / "b.json"
+    bench.main(["--preset", "bias", "--quick", "--json", str(out),
+                "--markdown", str(tmp_path / "b.md")] + SMALL)
+    assert "N = 48, E = 64" in capsys.readouterr().out
+    case = json.loads(out.read_text())["cases"][0]
+    rows = {r["impl"]: r for r in case["rows"]}
+    assert set(rows) == set(position_bias.IMPLS)
+    for impl, row in rows.items():  # each was checked against the reference, then timed
+        assert row["max_abs_diff"] < 1e-5 and row["cattn_speedup"] > 0
+    assert rows["cattn-plain"]["cattn_speedup"] == 1
+    assert "| cattn-alibi | 1 |" in (tmp_path / "b.md").read_text()

@@ -14,7 +14,7 @@ import cattn
 # collected through the public names rather than by doctest's finder.
 MODULES = ["cattn", "cattn._api", "cattn._varlen", "cattn._paged", "cattn._cache",
            "cattn._runtime",
-           "cattn._shared_prefix",
+           "cattn._shared_prefix", "cattn._position_bias",
            "cattn.layers", "cattn.reference",
            "cattn.models.bert", "cattn.models.minilm"]
 
@@ -24,6 +24,7 @@ PUBLIC = ["scaled_dot_product_attention", "merge_attention", "varlen_attention",
           "shared_prefix_attention",
           "MultiHeadAttention",
           "MultiHeadAttention.__call__", "KVCache", "paged_attention", "PagedKVCache",
+          "RelativePositionBias",
           "set_num_threads", "get_num_threads",
           "threads", "show_config"]
 

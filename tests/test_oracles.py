@@ -34,11 +34,11 @@ def per_item(x, default, B, Hq):
 
 def loop_attention(q, k, v, *, scale=None, attn_mask=None, is_causal=False, window=None,
                    alignment="top_left", key_lengths=None, q_offset=None, k_offset=None,
-                   softcap=None, enable_gqa=False):
+                   softcap=None, enable_gqa=False, alibi_slopes=None):
     """out (B, Hq, L, Ev) and lse (B, Hq, L) for q (B, Hq, L, E), k/v (B, Hk, S, ·).
 
     key_lengths, q_offset, k_offset: None, an int, (B,) or (B, Hq). attn_mask:
-    broadcastable to (B, Hq, L, S).
+    broadcastable to (B, Hq, L, S). alibi_slopes: None, (Hq,) or (B, Hq).
     """
     B, Hq, L, E = q.shape
     Hk, S, Ev = k.shape[1], k.shape[2], v.shape[3]
@@ -47,6 +47,7 @@ def loop_attention(q, k, v, *, scale=None, attn_mask=None, is_causal=False, wind
     lengths = per_item(key_lengths, S, B, Hq)
     q_start, k_start = per_item(q_offset, 0, B, Hq), per_item(k_offset, 0, B, Hq)
     mask = None if attn_mask is None else np.broadcast_to(attn_mask, (B, Hq, L, S))
+    slopes = None if alibi_slopes is None else np.broadcast_to(alibi_slopes, (B, Hq))
     out = np.zeros((B, Hq, L, Ev))
     lse = np.full((B, Hq, L), -math.inf)
     for b in range(B):
@@ -80,6 +81,8 @@ def loop_attention(q, k, v, *, scale=None, attn_mask=None, is_causal=False, wind
                                 continue
                         else:
                             s += float(m)
+                    if slopes is not None:  # ALiBi: minus slope times the distance
+                        s -= float(slopes[b, h]) * abs(at - key_at)
                     if s == -math.inf:
                         continue
                     scores[j] = s
@@ -171,6 +174,23 @@ def test_bottom_right_follows_each_key_length(lengths, causal):
     q, k, v = small_problem(3, 4, 9)
     assert_agree_with_loops(q, k, v, key_lengths=lengths, is_causal=causal,
                             alignment="bottom_right", window=(2, None))
+
+
+@pytest.mark.parametrize("slopes", [[0.5, 0.125], [[0.25, 1.0], [2.0, 0.0]]],
+                         ids=["per-head", "per-sequence-and-head"])
+@pytest.mark.parametrize("options", [
+    {}, dict(is_causal=True), dict(alignment="bottom_right"),
+    dict(alignment="bottom_right", is_causal=True, key_lengths=[6, 3]),
+    dict(window=(2, 1), softcap=2.0), dict(q_offset=[7, 2], k_offset=3, is_causal=True),
+    dict(q_offset=-2, k_offset=[1, 5], attn_mask="float"), dict(enable_gqa=True)], ids=str)
+def test_alibi_subtracts_slope_times_distance(options, slopes):
+    # The bias is -slope·|query position - key position| on the call's diagonal, after the
+    # softcap, with the mask; per head, or per sequence and head.
+    options = dict(options)
+    q, k, v = small_problem(11, 4, 6, Hk=1 if options.get("enable_gqa") else None)
+    if options.get("attn_mask") == "float":
+        options["attn_mask"] = np.random.default_rng(12).standard_normal((4, 6))
+    assert_agree_with_loops(q, k, v, alibi_slopes=np.array(slopes), **options)
 
 
 # ----------------------------------------------------------- softcap, scale and masks

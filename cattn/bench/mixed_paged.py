@@ -14,9 +14,9 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 
 from cattn.bench.config import BenchConfig
-from cattn.bench.results import AttentionRow, Case, SkippedRun, WrongOutput
+from cattn.bench.results import Case, SkippedRun, WrongOutput
 from cattn.bench.specs import tolerance
-from cattn.bench.timing import Runner, admit, first_call, median, time_round_robin
+from cattn.bench.timing import Runner, admit, first_call, timed_rows
 
 IMPLS = ("cattn-mixed", "cattn-per-sequence")
 DECODING, HQ, HKV, HEAD_DIM, PAGE = 8, 32, 8, 128, 16
@@ -98,21 +98,7 @@ def run_mixed_paged_case(name: str, config: BenchConfig) -> Case:
             diff = _max_abs_diff(res, *inputs) if config.check else None
             admit(runner, t_single, diff, tolerance(np.float32), "causal", runners, wrong,
                   config)
-    config.log(f"  {name}: {len(runners)} runners ")
-    time_round_robin(runners, config.reps, config.warmup, log=config.log)
-    config.log("\n")
-    rows = []
-    for runner in runners:
-        med = median(runner.times)
-        rows.append(AttentionRow(
-            label=runner.label, impl=runner.impl, threads=runner.threads, kind=runner.kind,
-            median_s=med, min_s=float(min(runner.times)), times_s=runner.times,
-            calls_per_timing=runner.number, note=runner.note, options="causal",
-            max_abs_diff=runner.max_abs_diff))
-    for r in rows:  # how much slower than the mixed call, same threads
-        mine = next((x for x in rows if x.impl == "cattn-mixed" and x.threads == r.threads),
-                    None)
-        r.cattn_speedup = None if mine is None else r.median_s / mine.median_s
+    rows = timed_rows(name, runners, "causal", config, baseline="cattn-mixed")
     decode_len, chunk, chunk_cache = SIZES[mode]
     spec = {"decoding": DECODING, "decode_len": decode_len, "chunk": chunk,
             "chunk_cache": chunk_cache, "Hq": HQ, "Hkv": HKV, "E": HEAD_DIM, "page": PAGE,

@@ -149,6 +149,9 @@ def _markdown_table(case: Case) -> List[str]:
     if case.kind == "varlen":
         from cattn.bench.varlen import varlen_markdown_table
         return varlen_markdown_table(case)
+    if case.kind == "position_bias":
+        from cattn.bench.position_bias import position_bias_markdown_table
+        return position_bias_markdown_table(case)
     if case.kind == "mixed_paged":
         return (["| impl | threads | median | time / cattn-mixed's | max abs diff |",
                  "|---|---|---|---|---|"]

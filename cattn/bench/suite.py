@@ -254,6 +254,7 @@ WORKLOADS = {
     "blocks": lambda mode: [("blocks", [], {"kind": "blockgemm"})],
     "varlen": lambda mode: [("varlen", [], {"kind": "varlen"})],
     "decode-loop": lambda mode: [("decode loop", [], {"kind": "decode_loop"})],
+    "bias": lambda mode: [("position bias", [], {"kind": "position_bias"})],
     "serving": lambda mode: [("shared prefix", [], {"kind": "shared_prefix",
                                                     "impls": ("cattn",)})],
 }
@@ -283,6 +284,11 @@ def run_workload_case(wname: str, name: str, specs: List[Spec], opts: Dict[str, 
         from cattn.bench.decode_loop import format_decode_loop_case, run_decode_loop_case
         case = run_decode_loop_case(name, "quick" if config.quick else "full", config)
         text = format_decode_loop_case(case)
+    elif opts["kind"] == "position_bias":  # (its own inputs: slopes, a dense bias)
+        from cattn.bench.position_bias import (format_position_bias_case,
+                                               run_position_bias_case)
+        case = run_position_bias_case(name, config)
+        text = format_position_bias_case(case)
     elif not impls:
         return None
     elif opts["kind"] == "shared_prefix":  # (its own inputs: a prefix and R suffixes)

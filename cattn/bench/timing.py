@@ -8,7 +8,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from cattn.bench.config import BenchConfig
-from cattn.bench.results import WrongOutput
+from cattn.bench.results import AttentionRow, WrongOutput
 
 # Seconds of idling before each timed call (see time_round_robin).
 IDLE_BEFORE_TIMING = 0.1
@@ -120,3 +120,22 @@ def admit(runner: Runner, t_single: float, diff: Optional[float], tol: float, op
 
 def median(xs) -> float:
     return float(np.median(xs)) if len(xs) else float("nan")
+
+
+def timed_rows(name: str, runners: List[Runner], options: str, config: BenchConfig,
+               baseline: str) -> List[AttentionRow]:
+    """Time the admitted runners round-robin; one row each, its cattn_speedup its median
+    over the `baseline` implementation's at the same thread count (same run)."""
+    config.log(f"  {name}: {len(runners)} runners ")
+    time_round_robin(runners, config.reps, config.warmup, log=config.log)
+    config.log("\n")
+    rows = [AttentionRow(
+        label=r.label, impl=r.impl, threads=r.threads, kind=r.kind,
+        median_s=median(r.times), min_s=float(min(r.times)), times_s=r.times,
+        calls_per_timing=r.number, note=r.note, options=options,
+        max_abs_diff=r.max_abs_diff) for r in runners]
+    for row in rows:
+        base = next((x for x in rows if x.impl == baseline and x.threads == row.threads),
+                    None)
+        row.cattn_speedup = None if base is None else row.median_s / base.median_s
+    return rows
