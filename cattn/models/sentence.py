@@ -41,7 +41,7 @@ from cattn.models._folder import (MODEL_EXTRA, POOLING_MODES,  # noqa: F401 (re-
 from cattn.models._packed import (MIN_ROWS_PER_THREAD,  # noqa: F401 (re-exported)
                                   TOKENS_PER_GROUP, layer_weights, packed_forward)
 from cattn.models._safetensors import SafetensorsTensor, read_safetensors  # noqa: F401
-from cattn.models.bert import BertConfig, BertEncoder
+from cattn.models.bert import QUANTIZATIONS, BertConfig, BertEncoder
 
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", None)
@@ -205,11 +205,17 @@ class SentenceEncoder:
         when CATTN_ISA caps the path below amx), and for float64 models, the same as
         "highest". Attention is always computed in the
         model's dtype. Settable after loading.
+    quantize : None (default), or "int8": the linear layers (bert.INT8_LINEARS) take int8
+        products with int32 sums -- weights quantized once per output, each token's
+        activations per row at run time -- dequantized with the bias on the way out;
+        attention, layer norms, GELU and pooling stay float32 (float32 models only).
+        all-MiniLM-L6-v2: see scripts/int8_quality.py for the measured agreement with the
+        float32 embeddings. Settable after loading.
     """
 
     def __init__(self, encoder, tokenizer, *, pooling="mean", normalize=False,
                  max_seq_length=None, do_lower_case=False, similarity_fn_name="cosine",
-                 name="custom", matmul_precision="highest"):
+                 name="custom", matmul_precision="highest", quantize=None):
         if not isinstance(encoder, BertEncoder):
             raise TypeError(f"encoder must be a cattn.models.bert.BertEncoder, got "
                             f"{type(encoder).__name__}")
@@ -231,6 +237,20 @@ class SentenceEncoder:
         self.similarity_fn_name = similarity_fn_name
         self.name = name
         self.matmul_precision = matmul_precision
+        self.quantize = quantize
+
+    @property
+    def quantize(self):
+        return self._quantize
+
+    @quantize.setter
+    def quantize(self, value):
+        if value not in QUANTIZATIONS:
+            raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {value!r}")
+        if value is not None and self.encoder.dtype != np.float32:
+            raise ValueError(f"quantize={value!r} needs a float32 model, this one is "
+                             f"{self.encoder.dtype}")
+        self._quantize = value
 
     @property
     def matmul_precision(self):
@@ -253,11 +273,12 @@ class SentenceEncoder:
     # ---- loading
 
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32, matmul_precision="highest"):
+    def from_pretrained(cls, path, dtype=np.float32, matmul_precision="highest",
+                        quantize=None):
         """Load a sentence-transformers model folder (BERT family): config.json,
         model.safetensors, tokenizer.json, and optionally modules.json, 1_Pooling/config.json,
-        sentence_bert_config.json, config_sentence_transformers.json. matmul_precision: see
-        the class."""
+        sentence_bert_config.json, config_sentence_transformers.json. matmul_precision,
+        quantize: see the class."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no model folder at {path!r}")
@@ -283,7 +304,7 @@ class SentenceEncoder:
         return cls(BertEncoder(config, weights, dtype), tokenizer,
                    max_seq_length=max_seq_length,
                    name=os.path.basename(os.path.normpath(path)),
-                   matmul_precision=matmul_precision, **options)
+                   matmul_precision=matmul_precision, quantize=quantize, **options)
 
     # ---- tokens
 
@@ -323,7 +344,7 @@ class SentenceEncoder:
         flat = np.fromiter((t for row in ids for t in row), dtype=np.int64,
                            count=int(offsets[-1]))
         hidden = packed_forward(self.encoder, flat, offsets, num_threads,
-                                self.matmul_precision)
+                                self.matmul_precision, self.quantize)
         E = hidden.shape[1]
         pooled = np.empty((len(ids), E * len(self.pooling)), hidden.dtype)
         for i, mode in enumerate(self.pooling):
