@@ -83,27 +83,67 @@ def main():
     finally:
         bert.INT8_LINEARS = shipped
     if args.onnx_int8:
-        got = onnx_embeddings(args.onnx_int8, model, sentences)
+        got = onnx_embeddings(onnx_session(args.onnx_int8), model, sentences)
         lo, mean, overlap = agreement(reference, got)
         print(f"{'ONNX Runtime int8':<28} {lo:8.5f} {mean:9.6f} {overlap:7.3f}")
 
 
-def onnx_embeddings(path, model, sentences):
-    """Mean-pooled, normalized embeddings of an ONNX BERT (inputs input_ids,
-    attention_mask[, token_type_ids]) with the cattn model's tokenizer."""
-    import onnxruntime as ort
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+def onnx_embeddings(session, model, sentences, batch_size=32):
+    """Mean-pooled, normalized embeddings of an ONNX BERT session (inputs input_ids,
+    attention_mask[, token_type_ids]; output 0 the last hidden states) with the cattn
+    model's tokenizer, in batches of similar lengths as encode makes them."""
     names = {i.name for i in session.get_inputs()}
-    out = []
-    for start in range(0, len(sentences), 32):
-        ids, mask, _ = model.tokenize(sentences[start:start + 32])
+    order = np.argsort([-len(s) for s in sentences], kind="stable")
+    out = np.empty((len(sentences), model.get_sentence_embedding_dimension()), np.float32)
+    for start in range(0, len(sentences), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask, _ = model.tokenize([sentences[i] for i in chunk])
         feed = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in names:
             feed["token_type_ids"] = np.zeros_like(ids)
         hidden = session.run(None, feed)[0]
         pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-        out.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
-    return np.concatenate(out)
+        out[chunk] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    return out
+
+
+def onnx_session(path, threads=None):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(folder, out_dir):
+    """(float32 path, int8 path): the model folder's BertModel exported to ONNX (PyTorch's
+    TorchScript exporter, offline) and quantized by ONNX Runtime's quantize_dynamic with
+    per-channel int8 weights."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import BertModel
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    f32, int8 = os.path.join(out_dir, "model_f32.onnx"), os.path.join(out_dir, "model_int8.onnx")
+    bert = BertModel.from_pretrained(folder).eval()
+    ids = torch.ones((2, 16), dtype=torch.long)
+    axes = {0: "batch", 1: "length"}
+    torch.onnx.export(LastHidden(bert), (ids, torch.ones_like(ids)), f32,
+                      input_names=["input_ids", "attention_mask"],
+                      output_names=["last_hidden_state"],
+                      dynamic_axes={"input_ids": axes, "attention_mask": axes,
+                                    "last_hidden_state": axes},
+                      opset_version=17, dynamo=False)
+    quantize_dynamic(f32, int8, per_channel=True, weight_type=QuantType.QInt8)
+    return f32, int8
 
 
 if __name__ == "__main__":

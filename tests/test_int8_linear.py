@@ -208,3 +208,24 @@ def test_attention_path_caps_the_int8_path(cap):
     assert proc.returncode == 0, proc.stderr
     allowed = {"portable": {"portable"}, "avx2": {"avx2", "avx_vnni"}}[cap]
     assert proc.stdout.strip() in allowed
+
+
+def test_layer_steps_take_int8_weights():
+    """project_scatter with an Int8Weight: the int8 linear layer, scattered; a float64 layer
+    refuses it. Catches the work area sized for float weights only (int8 rows need their
+    own), an Int8Weight read as a packed float array."""
+    rng = rng_for("steps")
+    T, K, N, chunks = 70, 45, 33, 3
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    weight = ops.Int8Weight(rng.standard_normal((N, K)).astype(np.float32))
+    bias = rng.standard_normal(N).astype(np.float32)
+    dest = rng.permutation(T + 5)[:T].astype(np.int64)
+    padded = np.zeros((T + 5, N), np.float32)
+    scratch = np.zeros((chunks, -(-T // chunks), N), np.float32)
+    ops.project_scatter(x, weight, bias, dest, padded, scratch, num_threads=2)
+    want = np.empty((T, N), np.float32)
+    ops.linear_int8(x, weight, bias, want)
+    np.testing.assert_allclose(padded[dest], want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="float32 layers only"):
+        ops.project_scatter(x.astype(np.float64), weight, bias.astype(np.float64), dest,
+                            padded.astype(np.float64), scratch.astype(np.float64))
