@@ -1,6 +1,8 @@
 """Type signatures of the encoder's fused row operations (cattn/_encoder_ops.pyx)."""
 from typing import Any, Optional, Tuple
 
+from typing_extensions import disjoint_base
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -53,3 +55,29 @@ def pack_linear_weight(weight: NDArray[np.floating], isa: Optional[str] = ...,
 def linear(x: NDArray[np.floating], packed: NDArray[Any],
            bias: Optional[NDArray[np.floating]], out: NDArray[np.floating],
            isa: Optional[str] = ..., num_threads: Optional[int] = ...) -> None: ...
+
+INT8_PATHS: Tuple[str, ...]
+
+def int8_supported_paths() -> Tuple[str, ...]: ...
+def int8_path_index(isa: Optional[str] = ...) -> int: ...
+def int8_path() -> str: ...
+
+@disjoint_base
+class Int8Weight:
+    packed: NDArray[np.int8]
+    col_sums: NDArray[np.int32]
+    scale: NDArray[np.float32]
+    n_out: int
+    n_in: int
+    path: str
+    def __init__(self, weight: NDArray[np.float32], isa: Optional[str] = ...) -> None: ...
+    def levels(self) -> NDArray[np.int8]: ...
+    def dequantized(self) -> NDArray[np.float32]: ...
+
+def quantize_rows(x: NDArray[np.float32], isa: Optional[str] = ...
+                  ) -> Tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.int32]]: ...
+def int8_matmul(levels: NDArray[np.uint8], weight: Int8Weight,
+                isa: Optional[str] = ...) -> NDArray[np.int32]: ...
+def linear_int8(x: NDArray[np.float32], weight: Int8Weight,
+                bias: Optional[NDArray[np.float32]], out: NDArray[np.float32],
+                isa: Optional[str] = ..., num_threads: Optional[int] = ...) -> None: ...

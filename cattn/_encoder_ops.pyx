@@ -30,7 +30,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from cattn._blas cimport gemm_ab, gemm_abt
 from libc.math cimport sqrt
-from libc.stdint cimport int64_t, uint8_t, uint32_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t
 
 import numpy as np
 
@@ -503,7 +503,9 @@ def pool(const floating[:, ::1] x, const int64_t[::1] offsets, int mode,
 def _weight_width(weight, Py_ssize_t N, Py_ssize_t K, bint transposed, dtype, isa, name):
     """0 for a plain weight ((N, K), or (K, N) when `transposed`), SPLIT_BF16 for one
     packed by pack_linear_weight(..., precision="high"), else the panel width of a packed
-    one; ValueError when it fits none."""
+    one, INT8_WEIGHT for an Int8Weight; ValueError when it fits none."""
+    if isinstance(weight, Int8Weight):
+        return _check_int8_layer(weight, N, K, dtype, name)
     if isinstance(weight, np.ndarray) and weight.dtype == np.uint32:
         return _check_split(weight, N, K, dtype, isa, name)
     if not isinstance(weight, np.ndarray) or weight.dtype != dtype:
@@ -522,6 +524,8 @@ cdef const floating* _weight_data(weight, Py_ssize_t width, const floating* like
     cdef const floating[:, :, ::1] packed
     cdef const floating[:, ::1] plain
     cdef const uint32_t[:, :, :, ::1] split
+    if width == INT8_WEIGHT:
+        return <const floating*><const void*>&(<Int8Weight>weight).c
     if width == SPLIT_BF16:
         split = weight
         return <const floating*><const void*>&split[0, 0, 0, 0]
@@ -536,8 +540,15 @@ cdef inline void layer_gemm(int path, Py_ssize_t m, Py_ssize_t N, Py_ssize_t K,
                             const floating* a, Py_ssize_t lda, const floating* w,
                             Py_ssize_t width, bint transposed, floating* c,
                             Py_ssize_t ldc, void* work) noexcept nogil:
-    """c[m, N] = a[m, K] · W: W plain (N, K) or, when `transposed`, (K, N); or packed."""
-    if width:
+    """c[m, N] = a[m, K] · W: W plain (N, K) or, when `transposed`, (K, N); or packed;
+    or an Int8Weight's (float32 only)."""
+    cdef const cattn_i8_weight* q
+    if width == INT8_WEIGHT:
+        if floating is float:
+            q = <const cattn_i8_weight*><const void*>w
+            cattn_i8_linear(q.path, m, N, K, a, lda, q.packed, q.col_sums, q.scale, NULL, c,
+                            ldc, work)
+    elif width:
         linear_rows(path, m, N, K, a, lda, w, width, NULL, c, ldc, work)
     elif transposed:
         gemm_ab(<int>m, <int>N, <int>K, <floating>1, a, <int>lda, w, <int>N, <floating>0, c,
@@ -555,11 +566,11 @@ cdef inline void layernorm_row_into(floating* x, const floating* bias, floating*
 
 
 def _split_work(Py_ssize_t n_chunks, Py_ssize_t K, *widths):
-    """One work area per chunk for the layers' split inputs (K: their widest input), or a
-    placeholder when no weight is split."""
-    if SPLIT_BF16 not in widths:
-        return np.empty((max(n_chunks, 1), 1), np.uint8)
-    return np.empty((max(n_chunks, 1), cattn_split_work_bytes(K)), np.uint8)
+    """One work area per chunk for the layers' split or int8 inputs (K: their widest
+    input), or a placeholder when no weight is either."""
+    size = max(cattn_split_work_bytes(K) if SPLIT_BF16 in widths else 1,
+               cattn_i8_work_bytes(K) if INT8_WEIGHT in widths else 1)
+    return np.empty((max(n_chunks, 1), size), np.uint8)
 
 
 def _chunks(Py_ssize_t rows, floating[:, :, ::1] scratch, Py_ssize_t width, name):
@@ -774,6 +785,7 @@ MATMUL_PRECISIONS = ("highest", "high")
 # The width code of a weight split into bfloat16 pairs (pack_linear_weight(..., "high")).
 cdef enum:
     SPLIT_BF16 = -1
+    INT8_WEIGHT = -2
 
 
 def split_bf16_available(isa=None):
@@ -865,3 +877,225 @@ def linear(const floating[:, :] x, packed, const floating[::1] bias, floating[:,
             if m > 0:
                 linear_rows(path, m, N, K, &x[r0, 0], lda, w, width, bias_p, &out[r0, 0], ldc,
                             &work[c, 0])
+
+
+# ---- int8 linear layers (cattn_int8_gemm.h) ----------------------------------------------
+# A float32 weight is quantized once (int8, one scale per output) and packed in panels of
+# 16 outputs × groups of 4 inputs; each call quantizes its rows (uint8, one scale and zero
+# point per row) and sums the products exactly in int32 on the best int8 path of the CPU.
+
+cdef extern from "cattn_int8_gemm.h":
+    int CATTN_I8_PORTABLE, CATTN_I8_AVX2, CATTN_I8_AVX_VNNI, CATTN_I8_AVX512_VNNI
+    int CATTN_I8_HAVE_AVX_VNNI
+    int cattn_i8_supported() noexcept nogil
+    size_t cattn_i8_work_bytes(Py_ssize_t K) noexcept nogil
+    void cattn_i8_quantize_rows(int path, Py_ssize_t rows, Py_ssize_t K, const float* x,
+                                Py_ssize_t ldx, uint8_t* q, Py_ssize_t ldq, float* scale,
+                                int32_t* zp) noexcept nogil
+    void cattn_i8_gemm_raw(int path, Py_ssize_t rows, Py_ssize_t N, Py_ssize_t kg,
+                           const uint8_t* a, Py_ssize_t lda, const int8_t* packed, int32_t* c,
+                           Py_ssize_t ldc) noexcept nogil
+    ctypedef struct cattn_i8_weight:
+        const int8_t* packed
+        const int32_t* col_sums
+        const float* scale
+        int path
+    void cattn_i8_linear(int path, Py_ssize_t rows, Py_ssize_t N, Py_ssize_t K, const float* x,
+                         Py_ssize_t ldx, const int8_t* packed, const int32_t* col_sums,
+                         const float* w_scale, const float* bias, float* out, Py_ssize_t ldo,
+                         void* work) noexcept nogil
+
+
+# best first; the path numbers of cattn_int8_gemm.h are the positions from the end
+INT8_PATHS = ("avx512_vnni", "avx_vnni", "avx2", "portable")
+cdef int INT8_SUPPORTED = cattn_i8_supported()
+
+
+def int8_supported_paths():
+    """The int8 paths this CPU runs, best first (avx_vnni only where the CPU has it, not as
+    a step below avx512_vnni)."""
+    return tuple(name for i, name in enumerate(INT8_PATHS[::-1])
+                 if i <= INT8_SUPPORTED and (i != CATTN_I8_AVX_VNNI or i == INT8_SUPPORTED))[::-1]
+
+
+def int8_path_index(isa=None):
+    """The int8 path for a call: `isa` (a name of INT8_PATHS this CPU runs), else the best
+    one the attention kernel's path allows (CATTN_ISA=portable: plain C; avx2: the 256-bit
+    paths; above: all)."""
+    if isa is not None:
+        if isa not in int8_supported_paths():
+            raise ValueError(f"the int8 path {isa!r} is not available on this CPU; "
+                             f"available: {', '.join(int8_supported_paths())}")
+        return len(INT8_PATHS) - 1 - INT8_PATHS.index(isa)
+    cap = _kernel.default_isa_index()
+    if cap == CATTN_ISA_PORTABLE:
+        return CATTN_I8_PORTABLE
+    if cap == CATTN_ISA_AVX2:
+        return min(INT8_SUPPORTED, CATTN_I8_AVX_VNNI)
+    return INT8_SUPPORTED
+
+
+def int8_path():
+    """The int8 path calls take by default: a name of INT8_PATHS."""
+    return INT8_PATHS[len(INT8_PATHS) - 1 - int8_path_index()]
+
+
+cdef class Int8Weight:
+    """A float32 weight (n_out, n_in) quantized for linear_int8: int8 levels
+    q = round(w / scale) with scale = max|w[n, :]| / 127 per output (1 for a row of zeros),
+    packed in panels of 16 outputs (see cattn_int8_gemm.h), the levels' sum per output and
+    the scales, both padded with zeros to whole panels. The layer steps (project_scatter,
+    attention_output_and_feed_forward) take it in place of a float32 weight; its products
+    run on int8 path `isa` (default: int8_path())."""
+    cdef readonly object packed, col_sums, scale
+    cdef readonly Py_ssize_t n_out, n_in
+    cdef cattn_i8_weight c
+
+    def __init__(self, weight, isa=None):
+        w = np.asarray(weight)
+        if w.ndim != 2 or w.dtype != np.float32:
+            raise TypeError(f"an int8 weight is quantized from a float32 (n_out, n_in) "
+                            f"array, got {w.dtype} of shape {w.shape}")
+        if not np.isfinite(w).all():
+            raise ValueError("a weight quantized to int8 must be finite")
+        N, K = w.shape
+        panels, groups = (N + 15) // 16, (K + 3) // 4
+        scale = np.abs(w).max(axis=1, initial=0) / np.float32(127)
+        scale[scale == 0] = 1
+        levels = np.zeros((panels * 16, max(groups, 1) * 4), np.int8)
+        levels[:N, :K] = np.clip(np.rint(w / scale[:, None]), -127, 127)
+        self.packed = np.ascontiguousarray(
+            levels.reshape(panels, 16, -1, 4).transpose(0, 2, 1, 3))[:, :groups]
+        self.col_sums = levels.sum(axis=1, dtype=np.int32)
+        self.scale = np.zeros(panels * 16, np.float32)
+        self.scale[:N] = scale
+        self.n_out, self.n_in = N, K
+        cdef const int8_t[:, :, :, ::1] packed = self.packed if N and K else None
+        cdef const int32_t[::1] col_sums = self.col_sums
+        cdef const float[::1] scales = self.scale
+        self.c.packed = &packed[0, 0, 0, 0] if N and K else NULL
+        self.c.col_sums = &col_sums[0] if N else NULL
+        self.c.scale = &scales[0] if N else NULL
+        self.c.path = int8_path_index(isa)
+
+    @property
+    def path(self):
+        """The int8 path of this weight's products (a name of INT8_PATHS)."""
+        return INT8_PATHS[len(INT8_PATHS) - 1 - self.c.path]
+
+    def levels(self):
+        """The int8 levels (n_out, n_in), unpacked."""
+        panels, groups = self.packed.shape[:2]
+        flat = self.packed.transpose(0, 2, 1, 3).reshape(panels * 16, groups * 4)
+        return flat[:self.n_out, :self.n_in].copy()
+
+    def dequantized(self):
+        """The float32 weight these levels stand for."""
+        return self.levels() * self.scale[:self.n_out, None]
+
+    def __repr__(self):
+        return f"Int8Weight(n_out={self.n_out}, n_in={self.n_in}, path={self.path!r})"
+
+
+def quantize_rows(const float[:, :] x, isa=None):
+    """Each row of x (unit column stride) quantized as linear_int8 does: (levels (rows,
+    n_in rounded up to 4) uint8, zeros past n_in; scale (rows,) float32; zero_point (rows,)
+    int32), with x ≈ (levels - zero_point) · scale. The range of a row always holds 0."""
+    cdef int path = int8_path_index(isa)
+    cdef Py_ssize_t M = x.shape[0], K = x.shape[1]
+    if M and x.strides[1] != x.itemsize:
+        raise ValueError("x must have unit column stride")
+    levels_a = np.zeros((M, (K + 3) // 4 * 4), np.uint8)
+    scale_a = np.zeros(M, np.float32)
+    zp_a = np.zeros(M, np.int32)
+    cdef uint8_t[:, ::1] levels = levels_a
+    cdef float[::1] scale = scale_a
+    cdef int32_t[::1] zp = zp_a
+    if M and K:
+        with nogil:
+            cattn_i8_quantize_rows(path, M, K, &x[0, 0], x.strides[0] // 4, &levels[0, 0],
+                                   levels.shape[1], &scale[0], &zp[0])
+    return levels_a, scale_a, zp_a
+
+
+cdef int _int8_call_path(weight, isa) except -1:
+    return int8_path_index(isa) if isa is not None else (<Int8Weight>weight).c.path
+
+
+def _check_int8_layer(weight, Py_ssize_t N, Py_ssize_t K, dtype, name):
+    if dtype != np.float32:
+        raise TypeError(f"{name} is an int8 weight, which serves float32 layers only, not "
+                        f"{np.dtype(dtype)}")
+    if (weight.n_out, weight.n_in) != (N, K):
+        raise ValueError(f"{name} must be quantized from an ({N}, {K}) weight, got "
+                         f"({weight.n_out}, {weight.n_in})")
+    return INT8_WEIGHT
+
+
+def _check_int8_weight(weight, Py_ssize_t K):
+    if not isinstance(weight, Int8Weight):
+        raise TypeError(f"weight must be an Int8Weight, got {type(weight).__name__}")
+    if weight.n_in != K:
+        raise ValueError(f"the weight takes {weight.n_in} inputs, the rows have {K}")
+
+
+def int8_matmul(const uint8_t[:, ::1] levels, weight, isa=None):
+    """The raw int32 sums levels · qwᵀ (rows, n_out) of quantized rows (as quantize_rows
+    returns them) and an Int8Weight: what linear_int8 dequantizes."""
+    cdef Py_ssize_t M = levels.shape[0], groups
+    if not isinstance(weight, Int8Weight):
+        raise TypeError(f"weight must be an Int8Weight, got {type(weight).__name__}")
+    cdef int path = _int8_call_path(weight, isa)
+    groups = weight.packed.shape[1]
+    if levels.shape[1] != groups * 4:
+        raise ValueError(f"levels must have {groups * 4} columns (the weight's inputs rounded "
+                         f"up to 4), got {levels.shape[1]}")
+    out_a = np.zeros((M, weight.n_out), np.int32)
+    cdef int32_t[:, ::1] out = out_a
+    cdef const int8_t[:, :, :, ::1] packed = weight.packed
+    cdef Py_ssize_t N = weight.n_out
+    if M and N and groups:
+        with nogil:
+            cattn_i8_gemm_raw(path, M, N, groups, &levels[0, 0], levels.shape[1],
+                              &packed[0, 0, 0, 0], &out[0, 0], N)
+    return out_a
+
+
+def linear_int8(const float[:, :] x, weight, const float[::1] bias, float[:, :] out,
+                isa=None, num_threads=None):
+    """out <- x · Wᵀ + bias in int8 products: W an Int8Weight, each row of x quantized on
+    the way in (quantize_rows), the int32 sums dequantized with the bias on the way out. x
+    (rows, n_in) and out (rows, n_out) float32 with unit column stride; bias (n_out,) or
+    None. Rows are spread over the threads; a row's result does not depend on them."""
+    cdef Py_ssize_t M = x.shape[0], K = x.shape[1], N = out.shape[1], c, r0, m
+    _check_int8_weight(weight, K)
+    if weight.n_out != N:
+        raise ValueError(f"out must have {weight.n_out} columns (the weight's outputs), got {N}")
+    if out.shape[0] != M:
+        raise ValueError(f"out must have {M} rows (one per row of x), got {out.shape[0]}")
+    if (M and K and x.strides[1] != 4) or (M and N and out.strides[1] != 4):
+        raise ValueError("x and out must have unit column stride (rows may be strided)")
+    if bias is not None:
+        _check_vector(bias, N, "bias")
+    cdef int path = _int8_call_path(weight, isa)
+    cdef int nt = team_size(M * N * K // 256, num_threads)
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        np.asarray(out)[...] = 0 if bias is None else np.asarray(bias)
+        return
+    cdef const int8_t[:, :, :, ::1] packed = weight.packed
+    cdef const int32_t[::1] col_sums = weight.col_sums
+    cdef const float[::1] w_scale = weight.scale
+    cdef const float* bias_p = NULL if bias is None else &bias[0]
+    cdef Py_ssize_t ldx = x.strides[0] // 4, ldo = out.strides[0] // 4
+    cdef Py_ssize_t chunk = (M + nt - 1) // nt
+    cdef uint8_t[:, ::1] work = np.empty((nt, cattn_i8_work_bytes(K)), np.uint8)
+    with nogil:
+        for c in prange(nt, num_threads=nt, schedule="static"):
+            r0 = c * chunk
+            m = min(chunk, M - r0)
+            if m > 0:
+                cattn_i8_linear(path, m, N, K, &x[r0, 0], ldx, &packed[0, 0, 0, 0],
+                                &col_sums[0], &w_scale[0], bias_p, &out[r0, 0], ldo,
+                                &work[c, 0])

@@ -10,10 +10,15 @@ computation). Each measurement runs in a fresh process, so that thread settings 
 NumPy and PyTorch start their pools and so that memory is measured alone:
 
 1. agreement: max abs difference of the embeddings (tokenization included on both sides);
-2. speed, per thread count: `encode` of 64 short sentences and of 128 sentences of about
-   100 tokens (batch size 32, tokenization included), both models loaded in one process and
-   timed interleaved (one repeat of each in turn); medians. On CPUs with AMX, a second
-   cattn row: matmul_precision="high" (split bfloat16 products in the linear layers);
+2. speed, per thread count: `encode` of 64 short sentences, of 128 sentences of about
+   100 tokens and of 256 of mixed lengths (batch size 32, tokenization included), every
+   side loaded in one process and timed interleaved (one repeat of each in turn); medians.
+   Sides: cattn float32, cattn quantize="int8", the peer and, with onnxruntime installed,
+   ONNX Runtime float32 and int8 (the model exported by PyTorch's TorchScript exporter,
+   quantized by quantize_dynamic with per-channel int8 weights). On CPUs with AMX, a
+   cattn row with matmul_precision="high" (split bfloat16 products in the linear layers).
+   The int8 sides' quality: min / mean cosine to cattn's float32 embeddings and top-10
+   neighbour overlap on tests/data/sentences.txt (scripts/int8_quality.py);
 3. footprint, per side in its own process: import + load time, and the peak RSS of a process
    that loads the model and encodes the 128 long sentences.
 """
@@ -24,7 +29,11 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
 
 SENTENCES = [
     "How are you doing?",
@@ -63,18 +72,21 @@ SENTENCES = [
 LONG_PARTS = 9  # sentences joined into one "long" sentence: about 100 tokens
 
 
-def workloads(n_short, n_long):
+def workloads(n_short, n_long, n_mixed=256):
+    def joined(i, parts):
+        return " ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(parts))
     short = [SENTENCES[i % len(SENTENCES)] for i in range(n_short)]
-    long = [" ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(LONG_PARTS))
-            for i in range(n_long)]
-    return {"short": short, "long": long}
+    long = [joined(i, LONG_PARTS) for i in range(n_long)]
+    # 1 to 12 sentences each: about 10 to 140 tokens, in no order
+    mixed = [joined(i, 1 + (i * 7) % 12) for i in range(n_mixed)]
+    return {"short": short, "long": long, "mixed": mixed}
 
 
 # ------------------------------------------------------------------------ the two sides
 
-def load_cattn(matmul_precision="highest"):
+def load_cattn(matmul_precision="highest", quantize=None):
     from cattn.models.minilm import MiniLM
-    model = MiniLM.from_pretrained(matmul_precision=matmul_precision)
+    model = MiniLM.from_pretrained(matmul_precision=matmul_precision, quantize=quantize)
     return model, lambda batch, batch_size: model.encode(batch, batch_size=batch_size)
 
 
@@ -132,17 +144,31 @@ def worker_speed(args):
     import numpy as np
     model, ours = load_cattn()
     peer_name, theirs = load_peer()
-    sides = {"cattn": ours, "peer": theirs}
+    sides = {"cattn": ours, "cattn_int8": load_cattn(quantize="int8")[1], "peer": theirs}
     if high_precision_differs():  # a second model: switching precision repacks the weights
         sides["cattn_high"] = load_cattn("high")[1]
+    if args.onnx_dir:
+        from int8_quality import onnx_embeddings, onnx_session
+        for kind in ("f32", "int8"):
+            session = onnx_session(os.path.join(args.onnx_dir, f"model_{kind}.onnx"),
+                                   args.threads)
+            sides[f"onnx_{kind}"] = (lambda session: lambda batch, batch_size:
+                                     onnx_embeddings(session, model, batch, batch_size))(session)
     loads = workloads(args.short, args.long)
-    result = {"peer": peer_name, "threads": args.threads, "tasks": {}, "max_abs_diff": {}}
+    result = {"peer": peer_name, "threads": args.threads, "tasks": {}, "max_abs_diff": {},
+              "quality": {}}
     check = loads["short"] + loads["long"][:8]
     want = theirs(check, args.batch_size)
     for side in sides:
         if side != "peer":
             result["max_abs_diff"][side] = float(np.abs(sides[side](check, args.batch_size)
                                                         - want).max())
+    from int8_quality import agreement, load_sentences
+    texts = load_sentences()
+    reference = ours(texts, args.batch_size)
+    for side in sides:
+        if side.endswith("int8"):
+            result["quality"][side] = agreement(reference, sides[side](texts, args.batch_size))
     for name, batch in loads.items():
         tokens = sum(len(e.ids) for e in model.tokenizer.encode_batch(batch)) / len(batch)
         for fn in sides.values():  # warm up
@@ -184,6 +210,8 @@ def run_child(args, *extra, threads):
     cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads),
            "--short", str(args.short), "--long", str(args.long), "--repeats", str(args.repeats),
            "--batch-size", str(args.batch_size), *extra]
+    if args.onnx_dir:
+        cmd += ["--onnx-dir", args.onnx_dir]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -203,6 +231,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--worker", choices=["speed", "footprint"], help=argparse.SUPPRESS)
     p.add_argument("--side", choices=["cattn", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--onnx-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         args.threads = args.threads[0]
@@ -216,31 +245,55 @@ def main():
     if find_spec("torch") is None or find_spec("transformers") is None:
         sys.exit("the PyTorch peer is not installed: pip install torch==2.13.0 and "
                  "sentence-transformers (or transformers)")
-    speed = {t: run_child(args, "--worker", "speed", threads=t) for t in args.threads}
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        args.onnx_dir = None
+        if find_spec("onnxruntime") is not None:
+            from int8_quality import export_onnx
+            from cattn.models.minilm import pretrained_dir
+            try:
+                export_onnx(pretrained_dir(), onnx_dir)
+                args.onnx_dir = onnx_dir
+            except Exception as e:  # an exporter that needs what is not installed
+                print(f"(no ONNX Runtime rows: the ONNX export failed: {e})")
+        speed = {t: run_child(args, "--worker", "speed", threads=t) for t in args.threads}
+        args.onnx_dir = None
     first = speed[args.threads[0]]
     print(f"all-MiniLM-L6-v2: cattn (NumPy) vs {first['peer']} (PyTorch), batch size "
           f"{args.batch_size}, tokenization included, median of {args.repeats} interleaved "
           f"repeats")
     ours = [side for side in first["max_abs_diff"]]
-    label = {"cattn": "cattn", "cattn_high": 'cattn, matmul_precision="high"'}
+    label = {"cattn": "cattn", "cattn_high": 'cattn, matmul_precision="high"',
+             "cattn_int8": 'cattn, quantize="int8"', "onnx_f32": "ONNX Runtime float32",
+             "onnx_int8": "ONNX Runtime int8 (dynamic, per-channel)"}
+    for side, (lo, mean, overlap) in first["quality"].items():
+        print(f"{label[side]}: min cosine {lo:.4f}, mean {mean:.5f} to cattn float32, "
+              f"top-10 neighbour overlap {overlap:.3f} (tests/data/sentences.txt)")
     for side in ours:
         diff = first["max_abs_diff"][side]
-        print(f"max abs difference of the embeddings, {label[side]}: {diff:.2e} "
-              f"({'OK' if diff < 1e-5 else 'ABOVE'} the 1e-5 target)")
+        exact = side in ("cattn", "cattn_high")
+        print(f"max abs difference of the embeddings, {label[side]}: {diff:.2e}"
+              + (f" ({'OK' if diff < 1e-5 else 'ABOVE'} the 1e-5 target)" if exact else ""))
     if "cattn_high" not in ours:
         print('(matmul_precision="high" computes as "highest" on this CPU: no AMX)')
-    print(f"{'workload':34} {'threads':>7} {'cattn ms':>9} {'peer ms':>9} {'speedup':>8}"
-          f"   (best of each: cattn, peer, speedup)")
-    for name in ("short", "long"):
+    print(f"{'workload':42} {'threads':>7} {'ms':>9} {'peer ms':>9} {'speedup':>8}"
+          f"   (best of each: side, peer, speedup)")
+    for name in ("short", "long", "mixed"):
         for t in args.threads:
             task = speed[t]["tasks"][name]
             for side in ours:
-                what = (f"{task['n']} sentences, {task['tokens']:.0f} tokens avg"
-                        if side == "cattn" else '  matmul_precision="high"')
-                print(f"{what:34} {t:>7} {1e3 * task[side]:9.1f} {1e3 * task['peer']:9.1f} "
+                what = (f"{task['n']} sentences, {task['tokens']:.0f} tokens avg: cattn"
+                        if side == "cattn" else f"  {label[side]}")
+                print(f"{what:42} {t:>7} {1e3 * task[side]:9.1f} {1e3 * task['peer']:9.1f} "
                       f"{task['peer'] / task[side]:7.2f}x   "
                       f"({1e3 * task[side + '_best']:.1f}, {1e3 * task['peer_best']:.1f}, "
                       f"{task['peer_best'] / task[side + '_best']:.2f}x)")
+            if "onnx_int8" in task:
+                print(f"{'  cattn int8 / ONNX Runtime int8 speed':42} {t:>7} "
+                      f"{task['onnx_int8'] / task['cattn_int8']:9.2f}x   (best of each: "
+                      f"{task['onnx_int8_best'] / task['cattn_int8_best']:.2f}x)")
+            if "onnx_f32" in task:
+                print(f"{'  cattn float32 / ONNX Runtime float32':42} {t:>7} "
+                      f"{task['onnx_f32'] / task['cattn']:9.2f}x")
     if len(args.threads) > 1:
         lo, hi = min(args.threads), max(args.threads)
         for side in ours + ["peer"]:

@@ -52,10 +52,12 @@ def _pipeline_options(path):
     if "max_seq_length" in st_config:
         options["max_seq_length"] = int(st_config["max_seq_length"])
     options["do_lower_case"] = bool(st_config.get("do_lower_case", False))
-    similarity_name = (_read_json(path, "config_sentence_transformers.json", required=False)
-                       or {}).get("similarity_fn_name")
-    if similarity_name:
-        options["similarity_fn_name"] = similarity_name
+    st_options = _read_json(path, "config_sentence_transformers.json", required=False) or {}
+    if st_options.get("similarity_fn_name"):
+        options["similarity_fn_name"] = st_options["similarity_fn_name"]
+    for key in ("prompts", "default_prompt_name"):
+        if st_options.get(key):
+            options[key] = st_options[key]
     modules = _read_json(path, "modules.json", required=False)
     if modules is None:
         return options

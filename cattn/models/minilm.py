@@ -142,9 +142,10 @@ class MiniLM(SentenceEncoder):
                          **options)
 
     @classmethod
-    def from_pretrained(cls, path=None, dtype=np.float32, matmul_precision="highest"):
+    def from_pretrained(cls, path=None, dtype=np.float32, matmul_precision="highest",
+                        quantize=None):
         return super().from_pretrained(pretrained_dir() if path is None else path, dtype,
-                                       matmul_precision)
+                                       matmul_precision, quantize)
 
     @classmethod
     def random(cls, config=None, rng=0, dtype=np.float32):

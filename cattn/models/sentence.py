@@ -27,6 +27,7 @@ This module is the encode API (`SentenceEncoder`, quantization, similarity); the
 folder's options are read by `cattn.models._folder`, its weights by
 `cattn.models._safetensors`, and the packed pass runs in `cattn.models._packed`.
 """
+import logging
 import os
 import sys
 import time
@@ -41,13 +42,15 @@ from cattn.models._folder import (MODEL_EXTRA, POOLING_MODES,  # noqa: F401 (re-
 from cattn.models._packed import (MIN_ROWS_PER_THREAD,  # noqa: F401 (re-exported)
                                   TOKENS_PER_GROUP, layer_weights, packed_forward)
 from cattn.models._safetensors import SafetensorsTensor, read_safetensors  # noqa: F401
-from cattn.models.bert import BertConfig, BertEncoder
+from cattn.models.bert import QUANTIZATIONS, BertConfig, BertEncoder
 
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", None)
 _SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
 # With show_progress_bar=None, a bar appears for inputs of more batches than this.
-PROGRESS_MIN_BATCHES = 8
+logger = logging.getLogger(__name__)
+# encode_document's prompt: the first of these names the model's prompts hold
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
 
 
 # ------------------------------------------------------------------------- quantization
@@ -194,7 +197,13 @@ class SentenceEncoder:
     pooling : "mean" (default), "cls", "max", "mean_sqrt_len_tokens", or a sequence of them
         (their results concatenated, in the order cls, max, mean, mean_sqrt_len_tokens)
     normalize : whether the pipeline ends with a Normalize module (unit-length embeddings)
-    max_seq_length : longer inputs are truncated to this many tokens
+    max_seq_length : longer inputs are truncated to this many tokens, at tokenization (the
+        final [SEP] kept, as sentence-transformers); settable after loading
+    prompts : {name: text} prepended to the sentences by `encode(prompt_name=...)`
+        (config_sentence_transformers.json's "prompts")
+    default_prompt_name : the prompt used when encode names none
+    truncate_dim : keep only the first truncate_dim dimensions of sentence embeddings
+        (Matryoshka models); None keeps all
     do_lower_case : lower-case the text before tokenizing
     similarity_fn_name : what `similarity` computes by default ("cosine")
     matmul_precision : the float32 linear layers' precision, as PyTorch's
@@ -205,11 +214,18 @@ class SentenceEncoder:
         when CATTN_ISA caps the path below amx), and for float64 models, the same as
         "highest". Attention is always computed in the
         model's dtype. Settable after loading.
+    quantize : None (default), or "int8": the linear layers (bert.INT8_LINEARS) take int8
+        products with int32 sums -- weights quantized once per output, each token's
+        activations per row at run time -- dequantized with the bias on the way out;
+        attention, layer norms, GELU and pooling stay float32 (float32 models only).
+        all-MiniLM-L6-v2: see scripts/int8_quality.py for the measured agreement with the
+        float32 embeddings. Settable after loading.
     """
 
     def __init__(self, encoder, tokenizer, *, pooling="mean", normalize=False,
                  max_seq_length=None, do_lower_case=False, similarity_fn_name="cosine",
-                 name="custom", matmul_precision="highest"):
+                 name="custom", matmul_precision="highest", quantize=None, prompts=None,
+                 default_prompt_name=None, truncate_dim=None):
         if not isinstance(encoder, BertEncoder):
             raise TypeError(f"encoder must be a cattn.models.bert.BertEncoder, got "
                             f"{type(encoder).__name__}")
@@ -225,12 +241,45 @@ class SentenceEncoder:
         self.pooling = tuple(m for m in POOLING_MODES if m in modes)
         self.normalize = bool(normalize)
         positions = encoder.config.max_position_embeddings
-        self.max_seq_length = positions if max_seq_length is None else min(max_seq_length,
-                                                                            positions)
+        self.max_seq_length = positions if max_seq_length is None else max_seq_length
         self.do_lower_case = bool(do_lower_case)
         self.similarity_fn_name = similarity_fn_name
         self.name = name
         self.matmul_precision = matmul_precision
+        self.quantize = quantize
+        self.prompts = dict(prompts or {})
+        if default_prompt_name is not None and default_prompt_name not in self.prompts:
+            raise ValueError(f"default_prompt_name {default_prompt_name!r} is not one of the "
+                             f"prompts {sorted(self.prompts)}")
+        self.default_prompt_name = default_prompt_name
+        self.truncate_dim = None if truncate_dim is None else check_int(truncate_dim,
+                                                                        "truncate_dim", 1)
+
+    @property
+    def max_seq_length(self):
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value):
+        positions = self.encoder.config.max_position_embeddings
+        value = min(check_int(value, "max_seq_length", 1), positions)
+        # truncation at tokenization keeps the final [SEP]; a cut of longer ids would not
+        if hasattr(self.tokenizer, "enable_truncation"):
+            self.tokenizer.enable_truncation(max_length=value)
+        self._max_seq_length = value
+
+    @property
+    def quantize(self):
+        return self._quantize
+
+    @quantize.setter
+    def quantize(self, value):
+        if value not in QUANTIZATIONS:
+            raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {value!r}")
+        if value is not None and self.encoder.dtype != np.float32:
+            raise ValueError(f"quantize={value!r} needs a float32 model, this one is "
+                             f"{self.encoder.dtype}")
+        self._quantize = value
 
     @property
     def matmul_precision(self):
@@ -253,11 +302,12 @@ class SentenceEncoder:
     # ---- loading
 
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32, matmul_precision="highest"):
+    def from_pretrained(cls, path, dtype=np.float32, matmul_precision="highest",
+                        quantize=None):
         """Load a sentence-transformers model folder (BERT family): config.json,
         model.safetensors, tokenizer.json, and optionally modules.json, 1_Pooling/config.json,
-        sentence_bert_config.json, config_sentence_transformers.json. matmul_precision: see
-        the class."""
+        sentence_bert_config.json, config_sentence_transformers.json. matmul_precision,
+        quantize: see the class."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no model folder at {path!r}")
@@ -278,12 +328,11 @@ class SentenceEncoder:
         tokenizer = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
         max_seq_length = min(options.pop("max_seq_length", 512),
                              config.max_position_embeddings)
-        tokenizer.enable_truncation(max_length=max_seq_length)
         tokenizer.no_padding()
         return cls(BertEncoder(config, weights, dtype), tokenizer,
                    max_seq_length=max_seq_length,
                    name=os.path.basename(os.path.normpath(path)),
-                   matmul_precision=matmul_precision, **options)
+                   matmul_precision=matmul_precision, quantize=quantize, **options)
 
     # ---- tokens
 
@@ -323,7 +372,7 @@ class SentenceEncoder:
         flat = np.fromiter((t for row in ids for t in row), dtype=np.int64,
                            count=int(offsets[-1]))
         hidden = packed_forward(self.encoder, flat, offsets, num_threads,
-                                self.matmul_precision)
+                                self.matmul_precision, self.quantize)
         E = hidden.shape[1]
         pooled = np.empty((len(ids), E * len(self.pooling)), hidden.dtype)
         for i, mode in enumerate(self.pooling):
@@ -338,15 +387,19 @@ class SentenceEncoder:
 
     def encode(self, sentences, batch_size=32, show_progress_bar=None,
                output_value="sentence_embedding", precision="float32", convert_to_numpy=True,
-               normalize_embeddings=False, *, num_threads=None):
+               normalize_embeddings=False, *, prompt_name=None, prompt=None,
+               convert_to_tensor=False, device=None, truncate_dim=None, num_threads=None):
         """Embeddings of `sentences`, as sentence-transformers' `encode`.
 
         sentences : str or list of str. One string gives one embedding (dim,); a list gives
             (n, dim).
+        prompt_name : the name of one of the model's `prompts`, prepended to each sentence
+            (default: default_prompt_name, if any)
+        prompt : a text prepended to each sentence (instead of prompt_name's)
         batch_size : sentences per forward pass (sorted by length first, so that a batch
             holds sentences of similar lengths; results come back in the input order).
-        show_progress_bar : a bar on stderr; None shows it when there are more than
-            PROGRESS_MIN_BATCHES batches.
+        show_progress_bar : a bar on stderr; None shows it when this module's logger is at
+            INFO or DEBUG level (as sentence-transformers decides by its logger).
         output_value : "sentence_embedding"; "token_embeddings" gives one (n_tokens,
             hidden) array per sentence (its real tokens, [CLS] and [SEP] included); None
             gives one dict per sentence with both.
@@ -354,12 +407,26 @@ class SentenceEncoder:
             embeddings), "binary", "ubinary" (one bit per dimension): see
             `quantize_embeddings`.
         convert_to_numpy : True: one array; False: a list of one array per sentence.
+        convert_to_tensor : a torch tensor (needs PyTorch) instead of NumPy arrays.
+        device : None or "cpu" (cattn computes on the CPU only).
         normalize_embeddings : scale each sentence embedding to unit length (models with a
-            Normalize module always do).
+            Normalize module always do), after truncate_dim.
+        truncate_dim : keep the first truncate_dim dimensions of sentence embeddings
+            (default: the model's truncate_dim).
         num_threads : threads of cattn's kernels (default: OpenMP's default).
         """
         sentences, single = _sentences_list(sentences)
+        prompt = self._prompt(prompt_name, prompt)
+        if prompt:
+            sentences = [prompt + s for s in sentences]
         batch_size = check_int(batch_size, "batch_size", 1)
+        if device is not None and str(device) != "cpu":
+            raise ValueError(f"device must be None or 'cpu' (cattn runs on the CPU), got "
+                             f"{device!r}")
+        convert_to_tensor = check_flag(convert_to_tensor, "convert_to_tensor")
+        torch = optional_import("torch", "convert_to_tensor=True") if convert_to_tensor else None
+        truncate_dim = self.truncate_dim if truncate_dim is None else check_int(
+            truncate_dim, "truncate_dim", 1)
         if output_value not in OUTPUT_VALUES:
             raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got "
                              f"{output_value!r}")
@@ -373,7 +440,7 @@ class SentenceEncoder:
                             f"{show_progress_bar!r}")
         n_batches = -(-len(sentences) // batch_size)
         if show_progress_bar is None:
-            show_progress_bar = n_batches > PROGRESS_MIN_BATCHES
+            show_progress_bar = logger.getEffectiveLevel() in (logging.INFO, logging.DEBUG)
 
         want_tokens = output_value != "sentence_embedding"
         order = np.argsort([-len(s) for s in sentences], kind="stable")
@@ -390,6 +457,8 @@ class SentenceEncoder:
                 for i, t in zip(chunk, batch_tokens):
                     tokens[i] = t
             progress.step()
+        if truncate_dim is not None:
+            pooled = pooled[:, :truncate_dim]
         if normalize_embeddings:
             pooled = _unit_rows(pooled)
 
@@ -400,12 +469,43 @@ class SentenceEncoder:
         if output_value == "token_embeddings":
             result = tokens if precision == "float32" else quantize_embeddings(tokens,
                                                                                 precision)
+            if torch is not None:
+                result = [torch.as_tensor(t) for t in result]
             return result[0] if single else result
         if precision != "float32" and len(sentences):
             pooled = quantize_embeddings(pooled, precision)
+        if torch is not None:
+            pooled = torch.as_tensor(np.ascontiguousarray(pooled))
+            return pooled[0] if single else pooled
         if single:
             return pooled[0]
         return pooled if convert_to_numpy else list(pooled)
+
+    def _prompt(self, prompt_name, prompt):
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            return prompt
+        name = self.default_prompt_name if prompt_name is None else prompt_name
+        if name is None:
+            return ""
+        if name not in self.prompts:
+            raise ValueError(f"prompt_name {name!r} is not one of the model's prompts "
+                             f"{sorted(self.prompts)}")
+        return self.prompts[name]
+
+    def encode_query(self, sentences, prompt_name=None, prompt=None, **options):
+        """encode for search queries: the model's "query" prompt unless another is given."""
+        if prompt_name is None and prompt is None and "query" in self.prompts:
+            prompt_name = "query"
+        return self.encode(sentences, prompt_name=prompt_name, prompt=prompt, **options)
+
+    def encode_document(self, sentences, prompt_name=None, prompt=None, **options):
+        """encode for documents: the model's "document" (or "passage", "corpus") prompt
+        unless another is given."""
+        if prompt_name is None and prompt is None:
+            prompt_name = next((n for n in DOCUMENT_PROMPT_NAMES if n in self.prompts), None)
+        return self.encode(sentences, prompt_name=prompt_name, prompt=prompt, **options)
 
     def similarity(self, a, b):
         """Similarity matrix (n, m) of two sets of embeddings, with this model's similarity
