@@ -6,13 +6,14 @@
     python scripts/mutation_check.py --list        # the mutants, what each breaks, its tests
     python scripts/mutation_check.py --only merge-without-max-shift leak-100-bytes
     python scripts/mutation_check.py --keep        # keep the temporary copies (paths printed)
+    python scripts/mutation_check.py --check       # only check that every mutant still applies
 
 Each mutant below is a realistic bug: one or more edits, each an exact piece of text in a
 named file and its replacement. The script copies this tree (sources and the in-place build)
 to a temporary directory, checks that the unmutated copy passes every selected test, then
 for each mutant: makes a fresh copy, applies its edits, rebuilds the compiled core when an
-edit touches it (.pyx, .pxd, .h, setup.py, or cattn/_api.py, cattn/_varlen.py or
-cattn/_validation.py, which Cython compiles too),
+edit touches it (.pyx, .pxd, .h, setup.py, or cattn/_api.py, cattn/_plan.py, cattn/_varlen.py
+or cattn/_validation.py, which Cython compiles too),
 and runs the mutant's tests with `-x` (one mutant at a time, so a kernel rebuild per
 compiled mutant: a few minutes each on a loaded machine). A mutant is killed when a test fails; it survives
 when they all pass (a crash of the test process counts as killed). The exit status is non-zero when a mutant survives, or when one cannot
@@ -20,6 +21,11 @@ be applied or built. An edit finds its text by content: in its named file, or, w
 code has moved to another module, in the one source file that holds it; text that is gone
 (or no longer unique) fails loudly as "mutant did not apply", so the list cannot rot
 silently.
+`--check` copies, builds and runs nothing: it checks that every edit's text occurs exactly once
+in its named file (strictly: text that moved to another module counts as stale, so the file
+named here stays the module the mutant breaks) and that every test file a mutant names
+exists; tests/test_mutation_list.py runs it, so a code move that leaves a mutant stale fails
+the test suite at once.
 The score is printed per module (the file of a mutant's first edit: `cattn._paged`,
 `cattn.models`, `src/cattn_simd.h`...) and in total.
 
@@ -43,8 +49,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_NAMES = {".git", ".ci-venv", ".hypothesis", ".pytest_cache", "__pycache__", "dist",
               "out", "cattn-demo"}
 # Edits to these need a rebuild of the compiled core (as do Python modules built in place).
-COMPILED = re.compile(r"(\.pyx|\.pxd|\.h|\.c|setup\.py|cattn/_api\.py|cattn/_varlen\.py|"
-                      r"cattn/_validation\.py)$")
+COMPILED = re.compile(r"(\.pyx|\.pxd|\.h|\.c|setup\.py|cattn/_api\.py|cattn/_plan\.py|"
+                      r"cattn/_varlen\.py|cattn/_validation\.py)$")
 
 
 @dataclasses.dataclass
@@ -72,12 +78,15 @@ BF16 = "src/cattn_bf16.h"
 CONVERT, GEMM, DTYPES = "src/cattn_convert.h", "src/cattn_gemm.h", "cattn/_dtypes.py"
 DASK, RUNTIME = "cattn/dask.py", "cattn/_runtime.py"
 SENTENCE, MINILM, BERT = "cattn/models/sentence.py", "cattn/models/minilm.py", "cattn/models/bert.py"
+PLAN, VISIBILITY, CACHE = "cattn/_plan.py", "cattn/_visibility.py", "cattn/_cache.py"
+DASK_PLAN, DASK_GRAPH = "cattn/_dask_plan.py", "cattn/_dask_graph.py"
+SHARED = "cattn/_shared_prefix.py"
 
 MUTANTS = [
     # ------------------------------------------------------------ found by the audit
     Mutant("key-split-drops-tail",
            "the key-split path ignores the last S % n_splits keys (error 2e-3 at S = 2049)",
-           [Edit(API, "    split_keys = -(-S // n_splits)\n"
+           [Edit(PLAN, "    split_keys = -(-S // n_splits)\n"
                       "    split_keys = -(-split_keys // block_k) * block_k\n"
                       "    return -(-S // split_keys), split_keys\n",
                  "    return n_splits, S // n_splits\n")],
@@ -89,15 +98,18 @@ MUTANTS = [
            ["tests/test_oracles.py", "-k", "merge"]),
     Mutant("window-right-bound-off-by-one-in-front-and-reference",
            "window=(1, 0) lets a query see the next (future) key",
-           [Edit(API, 'win_right = min(_check_int(right, "window right", 0), _UNBOUNDED)',
-                 'win_right = min(_check_int(right, "window right", 0) + 1, _UNBOUNDED)'),
-            Edit(REF, "visible &= j <= i + diag + right\n",
-                 "visible &= j <= i + diag + right + 1\n")],
+           [Edit(PLAN, 'win_right = min(check_int(right, "window right", 0), UNBOUNDED)',
+                 'win_right = min(check_int(right, "window right", 0) + 1, UNBOUNDED)'),
+            # (the window's right side only: causal alone stays right, as in the front)
+            Edit(REF, "left, right = (None, None) if window is None else window\n",
+                 "left, right = (None, None) if window is None else (\n"
+                 "        window[0], None if window[1] is None else window[1] + 1)\n")],
            ["tests/test_oracles.py"]),
     Mutant("softcap-before-scale-in-front-and-reference",
            "softcap caps the raw Q·Kᵀ and the scale comes after",
-           [Edit(API, "softcap = 0.0 if softcap is None else _check_softcap(softcap, dtype)",
-                 "softcap = 0.0 if softcap is None else _check_softcap(softcap, dtype) * scale"),
+           [Edit(PLAN, "self.softcap = 0.0 if softcap is None else check_softcap(softcap, self.dtype)",
+                 "self.softcap = 0.0 if softcap is None else "
+                 "check_softcap(softcap, self.dtype) * scale"),
             Edit(REF, "    scores = (query @ np.swapaxes(key, -1, -2)) * scale\n"
                       "    if softcap is not None:\n"
                       "        cap = dtype.type(softcap)\n"
@@ -110,8 +122,9 @@ MUTANTS = [
            ["tests/test_oracles.py"]),
     Mutant("softcap-doubled-in-front-and-reference",
            "softcap=c caps at 2c",
-           [Edit(API, "softcap = 0.0 if softcap is None else _check_softcap(softcap, dtype)",
-                 "softcap = 0.0 if softcap is None else 2 * _check_softcap(softcap, dtype)"),
+           [Edit(PLAN, "self.softcap = 0.0 if softcap is None else check_softcap(softcap, self.dtype)",
+                 "self.softcap = 0.0 if softcap is None else "
+                 "2 * check_softcap(softcap, self.dtype)"),
             Edit(REF, "cap = dtype.type(softcap)", "cap = dtype.type(2 * softcap)")],
            ["tests/test_oracles.py"]),
     Mutant("k-offset-sign-flipped-in-front-and-reference",
@@ -121,22 +134,23 @@ MUTANTS = [
                       '            _offset(k_offset, "k_offset", batch_shape)',
                  'diag = _offset(q_offset, "q_offset", batch_shape) + \\\n'
                  '            _offset(k_offset, "k_offset", batch_shape)'),
-            Edit(REF, "j = _per_item(0 if k_offset is None else k_offset, batch_shape) + j_local",
-                 "j = j_local - _per_item(0 if k_offset is None else k_offset, batch_shape)")],
+            Edit(REF, "k_pos = _per_item(0 if k_offset is None else k_offset, batch_shape)",
+                 "k_pos = -_per_item(0 if k_offset is None else k_offset, batch_shape)")],
            ["tests/test_oracles.py", "-k", "offset"]),
     Mutant("num-threads-ignored",
            "num_threads has no effect: every call takes OpenMP's default team",
-           [Edit(API, "threads = _runtime.team_size(min(num_threads, n_tasks))",
+           [Edit(PLAN, "threads = _runtime.team_size(min(plan.num_threads, n_tasks))",
                  "threads = _runtime.team_size(min(_runtime.get_num_threads(), n_tasks))")],
            ["tests/test_plan.py"]),
     Mutant("default-one-thread",
            "without num_threads a call runs on one thread",
-           [Edit(API, "num_threads = _runtime.get_num_threads()", "num_threads = 1")],
+           [Edit(PLAN, "self.num_threads = (_runtime.get_num_threads() if num_threads is None",
+                 "self.num_threads = (1 if num_threads is None")],
            ["tests/test_plan.py"]),
     Mutant("no-key-tiling",
            "one block of all S keys: scratch grows with S (12.6 MB at S = 16384) and causal "
            "blocks are no longer skipped",
-           [Edit(API, "block_k = min(max(S, 1), 256)", "block_k = max(S, 1)")],
+           [Edit(PLAN, "block_k = min(max(S, 1), 256)", "block_k = max(S, 1)")],
            ["tests/test_plan.py"]),
     Mutant("leak-plan-table",
            "each call leaks its plan table (a missing DECREF: about 200 bytes a call)",
@@ -165,18 +179,20 @@ MUTANTS = [
            ["tests/test_concurrency.py", "-k", "gil"]),
     Mutant("query-offset-32-bit",
            "query offsets truncated to 32 bits: rows past element 2^31 read wrong data",
-           [Edit(KERNEL, "cdef const floating* q_block = q + t.item[COL_Q] + t.i0 * p.q_rs",
-                 "cdef const floating* q_block = q + <int> (t.item[COL_Q] + t.i0 * p.q_rs)")],
+           [Edit(KERNEL, "        return q + t.item[COL_Q] + t.i0 * p.q_rs\n",
+                 "        return q + <int> (t.item[COL_Q] + t.i0 * p.q_rs)\n"),
+            Edit(KERNEL, "src = q + t.item[m * N_COLS + COL_Q] + t.i0 * p.q_rs",
+                 "src = q + <int> (t.item[m * N_COLS + COL_Q] + t.i0 * p.q_rs)")],
            ["tests/test_large.py", "--runslow"]),
     Mutant("no-causal-block-skipping",
            "key blocks after the diagonal are computed and thrown away (+27% time)",
-           [Edit(KERNEL, "t.k_end = clamp(t.i0 + t.rows - 1 + diag + p.win_right + 1, 0, "
+           [Edit(KERNEL, "t.k_end = clamp(t.i0 + t.member_rows - 1 + diag + p.win_right + 1, 0, "
                          "kv_len)",
                  "t.k_end = kv_len")],
            ["tests/test_plan.py", "-k", "visit"]),
     Mutant("decode-never-splits",
            "a few heads decoding against a long cache run on one core",
-           [Edit(API, "_MIN_TASKS = 16\n", "_MIN_TASKS = 1\n")],
+           [Edit(PLAN, "_MIN_TASKS = 16\n", "_MIN_TASKS = 1\n")],
            ["tests/test_variants.py", "-k", "decode_against", "tests/test_key_splits.py"]),
     Mutant("split-merge-without-max-shift",
            "the kernel merges its key chunks without their common max: wrong lse, overflow",
@@ -185,12 +201,13 @@ MUTANTS = [
            ["tests/test_key_splits.py"]),
     Mutant("reference-bottom-right-ignores-key-lengths",
            "the reference aligns the last query with key S-1 instead of the last valid key",
-           [Edit(REF, 'diag = kl - L if alignment == "bottom_right" else np.zeros_like(kl)',
-                 'diag = S - L + 0 * kl if alignment == "bottom_right" else np.zeros_like(kl)')],
+           [Edit(REF, '(kl - L if alignment == "bottom_right" else 0) + q_pos - k_pos',
+                 '(S - L + 0 * kl if alignment == "bottom_right" else 0) + q_pos - k_pos')],
            ["tests/test_oracles.py"]),
     Mutant("reference-window-left-off-by-one",
            "the reference's window leaves out the key `left` positions back",
-           [Edit(REF, "in_band = j >= i + diag - left", "in_band = j > i + diag - left")],
+           [Edit(VISIBILITY, "seen = seen & ((j >= i + diag - left) | (j < kept))",
+                 "seen = seen & ((j > i + diag - left) | (j < kept))")],
            ["tests/test_oracles.py"]),
     Mutant("gqa-tiled-heads-in-front-and-reference",
            "grouped-query heads map h -> h % Hkv (tile) instead of h // group (repeat)",
@@ -287,9 +304,9 @@ MUTANTS = [
     Mutant("encoder-ignores-matmul-precision",
            "the sentence encoder packs its weights for float32 products whatever "
            "matmul_precision says",
-           [Edit("cattn/models/sentence.py",
-                 "return ops.pack_linear_weight(weight, precision=matmul_precision)",
-                 "return ops.pack_linear_weight(weight)")],
+           [Edit(BERT, "return ops.pack_linear_weight(np.ascontiguousarray(weight),\n"
+                       "                                              precision=matmul_precision)",
+                 "return ops.pack_linear_weight(np.ascontiguousarray(weight))")],
            ["tests/test_sentence_encoder.py", "-k", "precision"]),
     Mutant("serial-build",
            "the build silently drops OpenMP: every call on one thread",
@@ -302,8 +319,8 @@ MUTANTS = [
            ["tests/test_varlen.py"]),
     Mutant("varlen-keys-at-query-offset",
            "each sequence's keys are read from where its queries start",
-           [Edit(VARLEN, "table[:, _Column.K] = cu_k[seq] * k_st[0]",
-                 "table[:, _Column.K] = cu_q[seq] * k_st[0]")],
+           [Edit(VARLEN, "packed_layout(plan, cu_q, q_len, k_len, diag, group, cu_k * k_st[0], k_st[1],",
+                 "packed_layout(plan, cu_q, q_len, k_len, diag, group, cu_q * k_st[0], k_st[1],")],
            ["tests/test_varlen.py"]),
     Mutant("varlen-rows-run-past-sequence-end",
            "every task assumes the longest query length: rows spill into the next sequence",
@@ -329,17 +346,19 @@ MUTANTS = [
            ["tests/test_sinks.py", "-k", "split"]),
     Mutant("sink-missing-from-lse",
            "the lse leaves out the sink's term, so merged chunks overweight the others",
-           [Edit(KERNEL, "            lse[t.lse_row0 + i] = run_max[r] + <floating> log(run_sum[r])",
-                 "            lse[t.lse_row0 + i] = run_max[r] + <floating> log(run_sum[r] - (\n"
-                 "                exp_scalar(((<const floating*> p.sinks)[t.n]) - run_max[r])\n"
+           [Edit(KERNEL, "            lse[row_lse(p, t, r)] = run_max[r] + <floating> log(run_sum[r])",
+                 "            lse[row_lse(p, t, r)] = run_max[r] + <floating> log(run_sum[r] - (\n"
+                 "                exp_scalar(((<const floating*> p.sinks)[t.n + r // t.member_rows])"
+                 " - run_max[r])\n"
                  "                if p.sinks != NULL else 0))")],
            ["tests/test_sinks.py", "-k", "lse or merg"]),
     Mutant("sink-capped-like-the-scores",
            "softcap caps the sink too (gpt-oss does not)",
-           [Edit(API, "    sink_logits = None if sinks is None else _sink_logits(sinks, batch_shape, dtype)",
-                 "    sink_logits = None if sinks is None else _sink_logits(sinks, batch_shape, dtype)\n"
-                 "    if sink_logits is not None and softcap:\n"
-                 "        sink_logits = (softcap * np.tanh(sink_logits / softcap)).astype(dtype)")],
+           [Edit(PLAN, "            self.sinks = sink_logits(sinks, batch_shape, self.dtype)\n",
+                 "            self.sinks = sink_logits(sinks, batch_shape, self.dtype)\n"
+                 "            if self.softcap:\n"
+                 "                self.sinks = (self.softcap * np.tanh(self.sinks / self.softcap)"
+                 ").astype(self.dtype)\n")],
            ["tests/test_sinks.py", "-k", "cap"]),
     Mutant("no-visible-key-with-sink-gives-minus-inf",
            "a row that sees no key reports lse -inf instead of the sink",
@@ -365,26 +384,27 @@ MUTANTS = [
            ["tests/test_sinks.py", "-k", "keep"]),
     Mutant("keep-first-ignores-k-offset",
            "kept first keys counted from the piece's first key, not the sequence's",
-           [Edit(API, "    kept = min(keep_first, _MAX_OFFSET) - _offset(k_offset, \"k_offset\", batch_shape)",
-                 "    kept = min(keep_first, _MAX_OFFSET)")],
+           [Edit(PLAN, "    kept = min(keep_first, MAX_OFFSET) - offset(k_offset, \"k_offset\", batch_shape)",
+                 "    kept = min(keep_first, MAX_OFFSET)")],
            ["tests/test_sinks.py", "-k", "keep"]),
     # ------------------------------------------------------------ shared-prefix decoding
     Mutant("shared-prefix-sinks-counted-twice",
            "the sinks join both the prefix's and the suffix's call: counted twice",
-           [Edit("cattn/_shared_prefix.py",
-                 "        all_queries, prefix_k, prefix_v, return_lse=True, **options)",
-                 "        all_queries, prefix_k, prefix_v, return_lse=True, sinks=sinks, **options)")],
+           [Edit(SHARED, "                   alibi_slopes=alibi_slopes)\n",
+                 "                   alibi_slopes=alibi_slopes, sinks=sinks)\n"),
+            Edit(SHARED, "key_lengths=key_lengths, window=window, sinks=sinks, return_lse=True, "
+                         "**options)",
+                 "key_lengths=key_lengths, window=window, return_lse=True, **options)")],
            ["tests/test_shared_prefix.py", "-k", "sinks"]),
     Mutant("shared-prefix-suffix-top-left",
            "the suffix's causal diagonal is top-left: queries miss their own latest keys",
-           [Edit("cattn/_shared_prefix.py", 'alignment="bottom_right", key_lengths=key_lengths',
-                 'alignment="top_left", key_lengths=key_lengths')],
+           [Edit(SHARED, 'alignment="bottom_right",\n        key_lengths=key_lengths',
+                 'alignment="top_left",\n        key_lengths=key_lengths')],
            ["tests/test_shared_prefix.py"]),
     Mutant("shared-prefix-heads-regrouped-wrongly",
            "under GQA the prefix's rows are regrouped the wrong way round (requests as heads)",
-           [Edit("cattn/_shared_prefix.py",
-                 "    prefix_out = prefix_out.reshape(Hkv, group, R, L, Ev).transpose(2, 0, 1, 3, 4)",
-                 "    prefix_out = prefix_out.reshape(Hkv, R, group, L, Ev).transpose(1, 0, 2, 3, 4)")],
+           [Edit(SHARED, "    out = out.reshape(Hkv, group, R, L, Ev).transpose(2, 0, 1, 3, 4)",
+                 "    out = out.reshape(Hkv, R, group, L, Ev).transpose(1, 0, 2, 3, 4)")],
            ["tests/test_shared_prefix.py", "-k", "grouped"]),
     # ------------------------------------------------------------------ paged key/value cache
     Mutant("paged-page-index-off-by-one",
@@ -409,15 +429,15 @@ MUTANTS = [
            ["tests/test_paged.py", "-k", "bad_input"]),
     Mutant("paged-copy-on-write-skipped",
            "a sequence writes into a page it shares: the other sequence's keys change",
-           [Edit(PAGED, "elif cache.ref_counts[s.pages[i]] > 1:", "elif False:")],
+           [Edit(CACHE, "                if count > 1:\n", "                if False:\n")],
            ["tests/test_paged.py", "-k", "fork"], quick=True),
     Mutant("paged-fork-copy-empty",
            "a forked sequence's copy of the partly filled last page holds no keys",
-           [Edit(PAGED, "        self.keys[:, new] = self.keys[:, page]\n", "")],
+           [Edit(CACHE, "        self.keys[:, new] = self.keys[:, page]\n", "")],
            ["tests/test_paged.py", "-k", "fork"]),
     Mutant("paged-free-releases-shared-pages",
            "freeing a sequence returns pages another sequence still holds",
-           [Edit(PAGED, "            if self.ref_counts[page] == 0:\n",
+           [Edit(CACHE, "            if self.ref_counts[page] == 0:\n",
                  "            if True:\n")],
            ["tests/test_paged.py", "-k", "fork or free"]),
     # ------------------------------------------- float16, bfloat16 and int8 keys and values
@@ -457,7 +477,7 @@ MUTANTS = [
            ["tests/test_dtypes.py", "-k", "quantize"], quick=True),
     Mutant("int8-cache-value-scales-not-stored",
            "an int8 KVCache keeps its value scales at 1 (values decoded 100x off)",
-           [Edit(LAYERS, "(self.key_scales, key_scales),\n                      "
+           [Edit(CACHE, "(self.key_scales, key_scales),\n                      "
                  "(self.value_scales, value_scales)]", "(self.key_scales, key_scales)]")],
            ["tests/test_dtypes.py", "-k", "cache"]),
     # ------------------------------------------------ edges where the easy case passes
@@ -480,33 +500,34 @@ MUTANTS = [
     Mutant("dask-diagonal-pair-skipped",
            "a key chunk starting exactly on a query chunk's causal diagonal is skipped: the "
            "chunk's last query misses its own key",
-           [Edit(DASK, "visible &= nearest <= right", "visible &= nearest < right")],
+           [Edit(DASK_PLAN, "q_pos - k_pos, kv_len, left, right)",
+                 "q_pos - k_pos, kv_len, left, None if right is None else right - 1)")],
            ["tests/test_edges.py", "-k", "dask_chunk_boundary"], quick=True),
     Mutant("dask-window-edge-pair-skipped",
            "a key chunk ending exactly at a window's left edge is skipped",
-           [Edit(DASK, "visible &= farthest >= -left", "visible &= farthest > -left")],
+           [Edit(DASK_PLAN, "q_pos - k_pos, kv_len, left, right)",
+                 "q_pos - k_pos, kv_len, None if left is None else left - 1, right)")],
            ["tests/test_edges.py", "-k", "dask_chunk_boundary"]),
     Mutant("paged-truncate-keeps-a-page-too-many",
            "truncating to a page boundary (or to 0) keeps one more page: the pool leaks it "
            "and the next append writes after a page of stale keys",
-           [Edit(PAGED, "keep = -(-length // self.block_size)",
+           [Edit(CACHE, "keep = -(-length // self.block_size)",
                  "keep = length // self.block_size + 1")],
            ["tests/test_edges.py", "-k", "truncate"], quick=True),
     Mutant("paged-copy-on-write-not-counted",
            "an append's copies of shared pages are not counted before writing: out of blocks "
            "fails half-way (pages taken, lengths grown) with an IndexError",
-           [Edit(PAGED, "                needed += sum(cache.ref_counts[p] > 1\n"
-                        "                              for p in s.pages[first:min(last + 1, "
-                        "len(s.pages))])\n", "")],
+           [Edit(CACHE, "        if len(plan) > cache.num_free_blocks:\n",
+                 "        if sum(i >= len(s.pages) for s, i in plan) > cache.num_free_blocks:\n")],
            ["tests/test_edges.py", "-k", "copy_on_write"]),
     Mutant("bf16-query-through-float16",
            "bfloat16 queries are widened through float16: inf beyond 65504, lost below 6e-5",
-           [Edit(API, "return query.astype(np.float32, copy=False), narrow",
+           [Edit(PLAN, "return query.astype(np.float32, copy=False), narrow",
                  "return query.astype(np.float16).astype(np.float32), narrow")],
            ["tests/test_edges.py", "-k", "bfloat16_beyond"], quick=True),
     Mutant("bf16-output-through-float16",
            "a float32 result is narrowed to bfloat16 through float16 (inf beyond 65504)",
-           [Edit(API, "out = out.astype(self.result_dtype)",
+           [Edit(PLAN, "out = out.astype(self.result_dtype)",
                  "out = out.astype(np.float16).astype(self.result_dtype)")],
            ["tests/test_edges.py", "-k", "bfloat16_beyond"]),
     Mutant("threads-block-not-restored-on-exception",
@@ -517,7 +538,7 @@ MUTANTS = [
            ["tests/test_edges.py", "-k", "threads"], quick=True),
     Mutant("int8-cache-layers-share-first-scales",
            "every layer of an int8 KVCache reads layer 0's key scales",
-           [Edit(LAYERS, "self.key_scales = None if cache.key_scales is None else "
+           [Edit(CACHE, "self.key_scales = None if cache.key_scales is None else "
                          "cache.key_scales[index]",
                  "self.key_scales = None if cache.key_scales is None else cache.key_scales[0]")],
            ["tests/test_edges.py", "-k", "int8_cache"]),
@@ -546,13 +567,13 @@ MUTANTS = [
     # ------------------------------------------- likeliest bugs of the public functions
     Mutant("dask-merge-keeps-two-parts-a-group",
            "a merge task of more than two key chunks merges only its first two",
-           [Edit(DASK, "layers[node] = (_merge,) + tuple(group)",
+           [Edit(DASK_GRAPH, "layers[node] = (_merge,) + tuple(group)",
                  "layers[node] = (_merge,) + tuple(group[:2])")],
            ["tests/test_dask.py", "-k", "merge_trees"]),
     Mutant("dask-gqa-heads-follow-kv-chunks",
            "with enable_gqa the output's head chunks are the key's, not the key's times the "
            "group: chunks and shape disagree",
-           [Edit(DASK, "batch_chunks.append(tuple(c * group for c in key.chunks[axis]))",
+           [Edit(DASK_PLAN, "batch_chunks.append(tuple(c * group for c in key.chunks[axis]))",
                  "batch_chunks.append(key.chunks[axis])")],
            ["tests/test_dask.py"]),
     Mutant("quantize-kv-floor",
@@ -561,7 +582,7 @@ MUTANTS = [
            ["tests/test_dtypes.py", "-k", "quantize"]),
     Mutant("kvcache-reset-one-resets-all",
            "KVCache.reset(batch_index) forgets every sequence, not the one named",
-           [Edit(LAYERS, "self.lengths[:, batch_index] = 0", "self.lengths[...] = 0")],
+           [Edit(CACHE, "self.lengths[:, batch_index] = 0", "self.lengths[...] = 0")],
            ["tests/test_kvcache.py", "tests/test_reliability.py", "-k", "reset"]),
     Mutant("set-num-threads-ignored",
            "cattn.set_num_threads(n) checks n and then keeps OpenMP's default",
@@ -612,17 +633,17 @@ MUTANTS = [
            ["tests/test_sentence_encoder.py", "-k", "similarity"]),
     Mutant("paged-append-left-padding-ignored",
            "num_new < T appends the first num_new positions, not the last (left padding)",
-           [Edit(PAGED, "step_of.append(np.arange(T - n, T))", "step_of.append(np.arange(n))")],
+           [Edit(CACHE, "step_of.append(np.arange(T - n, T))", "step_of.append(np.arange(n))")],
            ["tests/test_paged.py"]),
     Mutant("kvcache-append-left-padding-ignored",
            "KVCache.append with num_new < T writes the first positions, not the last",
-           [Edit(LAYERS, "stored[b, :, s:s + n] = new[b, :, T - n:]",
+           [Edit(CACHE, "stored[b, :, s:s + n] = new[b, :, T - n:]",
                  "stored[b, :, s:s + n] = new[b, :, :n]")],
            ["tests/test_kvcache.py", "tests/test_layers.py"]),
     Mutant("paged-for-layer-pages-rounded-down",
            "PagedKVCache.for_layer has max_len // block_size pages per sequence: a sequence "
            "of max_len positions runs out",
-           [Edit(PAGED, "cache = cls(batch_size * -(-max_len // block_size)",
+           [Edit(CACHE, "cache = cls(batch_size * -(-max_len // block_size)",
                  "cache = cls(batch_size * (max_len // block_size)")],
            ["tests/test_paged.py", "tests/test_edges.py", "-k", "for_layer or paged"]),
     Mutant("quantize-kv-zero-row-divides-by-zero",
@@ -631,16 +652,16 @@ MUTANTS = [
            ["tests/test_dtypes.py", "-k", "quantize"]),
     Mutant("dask-key-lengths-not-local-to-the-chunk",
            "each key chunk gets the global key length, not the part that lies in it",
-           [Edit(DASK, "np.clip(block_len - k0, 0, k1 - k0), block_q + q0, block_k + k0)",
+           [Edit(DASK_GRAPH, "np.clip(block_len - k0, 0, k1 - k0), block_q + q0, block_k + k0)",
                  "np.clip(block_len, 0, k1 - k0), block_q + q0, block_k + k0)")],
            ["tests/test_dask.py"]),
     Mutant("paged-truncate-first-layer-only",
            "truncate shortens layer 0 only: the other layers keep the dropped positions",
-           [Edit(PAGED, "        sequence.lengths[:] = length", "        sequence.lengths[0] = length")],
+           [Edit(CACHE, "        sequence.lengths[:] = length", "        sequence.lengths[0] = length")],
            ["tests/test_paged.py", "tests/test_edges.py", "-k", "truncat or several_layers"]),
     Mutant("paged-fork-shares-the-lengths",
            "a fork shares its source's length array: appending to one grows both",
-           [Edit(PAGED, "self._seqs[dst] = _Sequence(pages, lengths.copy())",
+           [Edit(CACHE, "self._seqs[dst] = _Sequence(pages, lengths.copy())",
                  "self._seqs[dst] = _Sequence(pages, lengths)")],
            ["tests/test_paged.py", "tests/test_edges.py", "-k",
             "fork or copy_on_write or several_layers"]),
@@ -736,6 +757,47 @@ def locate(tree, mutant, edit):
                      f"(expected one: the module it moved to):\n{edit.find}")
 
 
+def check_mutants(tree=ROOT, mutants=None):
+    """Problems (strings) that keep mutants from applying to `tree` as written: an edit
+    whose text is not exactly once in its named file (after the mutant's earlier edits,
+    as apply() makes them), a test file that does not exist, a name used twice. Reads
+    files only: no copy, no build, no test run."""
+    mutants = MUTANTS if mutants is None else mutants
+    problems = []
+    seen = set()
+    for m in mutants:
+        if m.name in seen:
+            problems.append(f"{m.name}: the name is used by another mutant too")
+        seen.add(m.name)
+        if not m.edits:
+            problems.append(f"{m.name}: no edits")
+        texts = {}
+        for n, edit in enumerate(m.edits, 1):
+            text = texts.get(edit.path, _read(tree, edit.path))
+            if text is None:
+                problems.append(f"{m.name}: edit {n}: no file {edit.path}")
+                continue
+            count = text.count(edit.find)
+            if count != 1:
+                holders = [path for path in _sources(tree, edit.path) if path != edit.path
+                           and edit.find in (_read(tree, path) or "")]
+                where = f" (now in {', '.join(holders)})" if holders else ""
+                problems.append(f"{m.name}: edit {n}: its text occurs {count} times in "
+                                f"{edit.path}, expected once{where}:\n    "
+                                + edit.find[:200].replace("\n", "\n    "))
+                continue
+            if edit.find == edit.replace:
+                problems.append(f"{m.name}: edit {n} changes nothing")
+            texts[edit.path] = text.replace(edit.find, edit.replace)
+        for arg in m.tests:
+            if arg.startswith("tests/") or arg.endswith(".py") or "::" in arg:
+                if not os.path.isfile(os.path.join(tree, arg.split("::")[0])):
+                    problems.append(f"{m.name}: no test file {arg.split('::')[0]}")
+        if "-k" in m.tests and m.tests[-1] == "-k":
+            problems.append(f"{m.name}: -k without an expression")
+    return problems
+
+
 def apply(mutant, tree):
     """Apply the mutant's edits in `tree`; returns whether the compiled core changed."""
     rebuild = False
@@ -814,6 +876,10 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip checking that the unmutated copy passes the tests")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that every mutant's edits apply exactly once in "
+                             "their named files and its test files exist (no copy, build "
+                             "or test run); exit 1 listing the stale ones")
     args = parser.parse_args(argv)
 
     mutants = MUTANTS
@@ -829,6 +895,15 @@ def main(argv=None):
         if unknown:
             parser.error(f"no mutants in modules: {', '.join(sorted(unknown))}")
         mutants = [m for m in mutants if module_of(m) in args.module]
+    if args.check:
+        problems = check_mutants(ROOT, mutants)
+        if problems:
+            print("\n".join(problems) + f"\n\n{len(problems)} problems: update these mutants "
+                  f"to the code as it is now")
+            return 1
+        print(f"{len(mutants)} mutants, {sum(len(m.edits) for m in mutants)} edits: each "
+              f"applies exactly once, every test file exists")
+        return 0
     if args.list:
         for m in mutants:
             files = sorted({e.path for e in m.edits})
