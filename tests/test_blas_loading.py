@@ -225,3 +225,29 @@ def test_first_call_on_the_default_path_imports_no_scipy(tmp_path, rng):
         "inputs['v'])", q=q, k=k, v=v)
     assert not flags["blas_loaded"] and not flags["scipy_after"]
     compare(results, reference64(q, k, v), np.float32)
+
+
+@blas_path
+def test_blas_of_another_signature_is_refused(tmp_path):
+    """A scipy whose sgemm/dgemm take other arguments (64-bit integers, say) is refused with
+    an ImportError, never called. Bug caught: taking the capsule's pointer whatever its
+    signature (a crash, or wrong results, inside the kernel)."""
+    call = """
+import ctypes, types
+new_capsule = ctypes.pythonapi.PyCapsule_New
+new_capsule.restype = ctypes.py_object
+new_capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+name = b"void (char *, char *, long *, long *, long *)"
+fake = types.ModuleType("scipy.linalg.cython_blas")
+fake.__pyx_capi__ = {"sgemm": new_capsule(1, name, None), "dgemm": new_capsule(1, name, None)}
+sys.modules["scipy.linalg.cython_blas"] = fake
+q = np.ones((1, 1, 4, 8), np.float32)
+try:
+    cattn.scaled_dot_product_attention(q, q, q, _isa="blas")
+    raise AssertionError("no error")
+except ImportError as e:
+    assert "no sgemm of signature" in str(e), e
+got = np.zeros(1)
+"""
+    _, flags = run_fresh(tmp_path, call)
+    assert not flags["blas_loaded"]
