@@ -95,6 +95,8 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         depends=C_HEADERS,
     ),
+    # The BLAS the block GEMMs of some paths call, loaded from scipy when first needed.
+    Extension("cattn._blas", ["cattn/_blas.pyx"]),
     # The validating front, plain Python compiled as is: its per-call bookkeeping would
     # otherwise cost more than the whole computation on a tiny input.
     Extension("cattn._plan", ["cattn/_plan.py"]),

@@ -37,8 +37,6 @@ import glob
 import os
 import threading
 
-import scipy
-
 _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
             "openblas_set_num_threads64_", "openblas_set_num_threads")
 _GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
@@ -47,6 +45,7 @@ _GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads
 
 def _find_openblas():
     """(get, set) ctypes functions of the OpenBLAS that SciPy uses, or None."""
+    import scipy  # here, not at import: only calls that use BLAS pay for scipy
     root = os.path.dirname(os.path.dirname(scipy.__file__))
     patterns = [os.path.join(root, d, "*openblas*") for d in ("scipy.libs", "scipy/.dylibs")]
     for path in sorted(p for pat in patterns for p in glob.glob(pat)):
@@ -73,18 +72,35 @@ class _SingleThreadedBlas:
         self._lock = threading.Lock()
         self._depth = 0
         self._saved = None
-        self._openblas = _find_openblas()
+        self._backend = None  # found on first use
+        self._openblas = None
         self._threadpoolctl = None
-        self.backend = "openblas" if self._openblas is not None else "none"
-        if self._openblas is None:
+
+    def _find_backend(self):
+        """Find the backend on first use, outside the lock (it imports scipy); threads that
+        race here find the same one."""
+        if self._backend is not None:
+            return
+        openblas = _find_openblas()
+        backend = "openblas" if openblas is not None else "none"
+        if openblas is None:
             try:
                 import threadpoolctl
                 self._threadpoolctl = threadpoolctl
-                self.backend = "threadpoolctl"
+                backend = "threadpoolctl"
             except ImportError:
                 pass
+        self._openblas = openblas
+        self._backend = backend  # last: the test above reads it without the lock
+
+    @property
+    def backend(self):
+        """How BLAS is held on one thread: "openblas", "threadpoolctl" or "none"."""
+        self._find_backend()
+        return self._backend
 
     def __enter__(self):
+        self._find_backend()
         with self._lock:
             if self._openblas is not None:
                 get, set_ = self._openblas

@@ -24,17 +24,19 @@ portable, or CATTN_DISABLE_AVX2=1, pick the lower builds). float32 GELU uses the
 <= 1.5e-7, about one float32 rounding) with a branch-free polynomial exp; float64 uses
 libm's erf.
 
-The Python functions check shapes and dtypes (ValueError); the loops never raise.
+The Python functions check shapes and dtypes (ValueError) and num_threads (TypeError when
+it is no integer); the loops never raise.
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from cattn._blas cimport gemm_ab, gemm_abt
+from cattn._blas cimport gemm_ab, gemm_abt, require_blas
 from libc.math cimport sqrt
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t
 
 import numpy as np
 
 from cattn import _kernel, _runtime
+from cattn._validation import check_int
 
 cdef extern from *:
     """
@@ -281,10 +283,9 @@ cdef int team_size(Py_ssize_t elements, num_threads):
     cattn.threads()/set_num_threads()/OpenMP's default, within the process's budget)."""
     if num_threads is None:
         num_threads = _runtime.get_num_threads()
-    elif isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) \
-            or num_threads < 1:
-        raise ValueError(f"num_threads must be an integer >= 1, got {num_threads!r}")
-    return 1 if elements < PARALLEL_MIN_ELEMENTS else _runtime.team_size(int(num_threads))
+    else:
+        num_threads = check_int(num_threads, "num_threads", 1)
+    return 1 if elements < PARALLEL_MIN_ELEMENTS else _runtime.team_size(num_threads)
 
 
 def _check_vector(v, n, name):
@@ -503,7 +504,8 @@ def pool(const floating[:, ::1] x, const int64_t[::1] offsets, int mode,
 def _weight_width(weight, Py_ssize_t N, Py_ssize_t K, bint transposed, dtype, isa, name):
     """0 for a plain weight ((N, K), or (K, N) when `transposed`), SPLIT_BF16 for one
     packed by pack_linear_weight(..., precision="high"), else the panel width of a packed
-    one, INT8_WEIGHT for an Int8Weight; ValueError when it fits none."""
+    one, INT8_WEIGHT for an Int8Weight; ValueError when it fits none. Loads BLAS when the
+    weight's GEMM is BLAS's."""
     if isinstance(weight, Int8Weight):
         return _check_int8_layer(weight, N, K, dtype, name)
     if isinstance(weight, np.ndarray) and weight.dtype == np.uint32:
@@ -516,6 +518,7 @@ def _weight_width(weight, Py_ssize_t N, Py_ssize_t K, bint transposed, dtype, is
     if weight.shape != want or not weight.flags.c_contiguous:
         raise ValueError(f"{name} must be a C-contiguous {want} array or packed by "
                          f"pack_linear_weight, got shape {weight.shape}")
+    require_blas()
     return 0
 
 
@@ -776,6 +779,8 @@ cdef Py_ssize_t _check_packed(packed, Py_ssize_t N, Py_ssize_t K, dtype, isa) ex
     if tuple(packed.shape[:3]) != want:
         raise ValueError(f"the packed weight must have shape {want} (pack_linear_weight of an "
                          f"({N}, {K}) weight for this path), got {tuple(packed.shape[:3])}")
+    if width == 1:  # the BLAS path's: the weight itself
+        require_blas()
     return width
 
 

@@ -34,7 +34,7 @@ from cpython.mem cimport PyMem_RawMalloc, PyMem_RawFree
 
 cimport numpy as cnp
 
-from cattn._blas cimport gemm_ab, gemm_abt
+from cattn._blas cimport gemm_ab, gemm_abt, require_blas
 from cattn._simd cimport (
     CATTN_ISA_PORTABLE, CATTN_ISA_AVX2, CATTN_ISA_AVX512, CATTN_ISA_WIDE16, cattn_isa_supported,
     cattn_isa_runs_on, cattn_isa_uses_blas, CATTN_ISA_BLAS, CATTN_ISA_BEST, cattn_isa_float_path,
@@ -1205,6 +1205,8 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     cdef int level = isa if cattn_isa_runs_on(isa, SUPPORTED_ISA) else SUPPORTED_ISA
     p.isa = cattn_isa_float_path(level)
     p.blas = cattn_isa_uses_blas(p.isa)
+    if p.blas:
+        require_blas()
     cdef bint is_double = (<cnp.ndarray> q).descr.type_num == cnp.NPY_DOUBLE
     cdef size_t item = sizeof(double) if is_double else sizeof(float)
     cdef Py_ssize_t stride = scratch_elements(&p, is_double)

@@ -188,6 +188,10 @@ def test_bad_shapes_and_dtypes():
     with pytest.raises(ValueError, match="num_threads"):
         ops.bias_gelu(np.zeros((300, 300), np.float32), np.zeros(300, np.float32),
                       num_threads=0)
+    for not_an_integer in (2.0, "2", True):  # TypeError, as attention's num_threads
+        with pytest.raises(TypeError, match="num_threads must be an integer"):
+            ops.pool(x, np.array([0, 3], np.int64), 0, np.zeros((1, 4), np.float32),
+                     num_threads=not_an_integer)
     with pytest.raises(ValueError, match="out must have shape"):
         ops.bias_residual_layernorm(x, None, None, np.ones(4, np.float32),
                                     np.zeros(4, np.float32), 1e-5, np.zeros((2, 4), np.float32))
