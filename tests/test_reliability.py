@@ -223,8 +223,11 @@ ROOT = os.geteuid() == 0   # root ignores RLIMIT_NPROC: it becomes a uid of its 
 if not ROOT:   # a new user namespace, while the process is still single-threaded
     if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:   # CLONE_NEWUSER
         print("no user of our own"); sys.exit(0)
-import numpy as np, warnings, cattn
+import numpy as np, numpy.random, warnings, cattn
 from cattn import _runtime
+# Everything the child uses is loaded now, one thread, no pool: the new uid below may not
+# read every file (lazily imported modules, numpy.random, cattn's lazily loaded front).
+cattn.scaled_dot_product_attention(*(np.ones((1, 2, 4), np.float32),) * 3, num_threads=1)
 if ROOT:   # (after the imports: the new uid may not read every file)
     used = set()
     for pid in os.listdir("/proc"):
