@@ -104,6 +104,32 @@ def test_encoder_matches_float64_bert(rng, dtype):
     np.testing.assert_array_equal(mask, mask_copy)
 
 
+def test_forward_runs_embeddings_then_every_layer_in_order(rng):
+    """The one encoder loop, seen through a recording layout: embeddings first, then each
+    layer once, in order, with its own index, each step fed the previous step's output
+    (bugs: a layer skipped or run twice, the index off by one so a packed layer takes its
+    neighbour's weights, a step's result dropped)."""
+    encoder = BertEncoder(TINY, random_weights(TINY, rng))
+    steps = []
+
+    class Recording:
+        def embed(self, encoder_, input_ids, eps):
+            assert encoder_ is encoder and eps == TINY.layer_norm_eps
+            steps.append(("embed", input_ids))
+            return 0
+
+        def layer(self, index, layer, x, eps):
+            assert x == len(steps) - 1 and eps == TINY.layer_norm_eps
+            steps.append((index, layer))
+            return x + 1
+
+    ids = np.zeros((1, 2), np.int64)
+    assert encoder.forward(Recording(), ids) == TINY.num_hidden_layers
+    assert steps[0][0] == "embed" and steps[0][1] is ids
+    assert [s[0] for s in steps[1:]] == list(range(TINY.num_hidden_layers))
+    assert all(layer is encoder.layers[i] for i, layer in steps[1:])
+
+
 def test_embeddings_do_not_depend_on_batch_padding(rng):
     """Mean pooling over real tokens: a sentence's embedding is the same alone and in a
     padded batch, and unit-norm."""

@@ -1,6 +1,6 @@
 """The packed forward pass of a BertEncoder: the real tokens of all sequences one after
-another, no padding rows, through each layer's packed steps (`BertLayer.packed`), in groups
-of whole sequences."""
+another, no padding rows, in groups of whole sequences, each group a `PackedLayout` through
+the encoder's one loop (`BertEncoder.forward`: embeddings, then each layer's packed steps)."""
 import contextlib
 import math
 import threading
@@ -79,9 +79,34 @@ def _groups_forward(encoder, weights, ids, offsets, num_threads, out):
         last = b + 2 == offsets.shape[0]
         if last or tokens + int(offsets[b + 2] - offsets[b + 1]) > TOKENS_PER_GROUP:
             start, stop = offsets[first], offsets[b + 1]
-            _group_forward(encoder, weights, ids[start:stop], offsets[first:b + 2] - start,
-                           num_threads, out[start:stop])
+            layout = PackedLayout(encoder, offsets[first:b + 2] - start, weights,
+                                  num_threads, out[start:stop])
+            encoder.forward(layout, ids[start:stop])
             first, tokens = b + 1, 0
+
+
+class PackedLayout:
+    """One group of packed sequences (see packed_forward) for `BertEncoder.forward`: its
+    hidden states are written to `out` (T, hidden); `weights` holds each layer's
+    LinearWeights; the attention buffers and row scratch are this thread's workspace."""
+
+    def __init__(self, encoder, offsets, weights, num_threads, out):
+        self.positions, self.rows = _packed_rows(encoder.config, encoder.dtype, offsets,
+                                                 num_threads)
+        self.weights = weights
+        self.num_threads = num_threads
+        self.out = out
+
+    def embed(self, encoder, ids, eps):
+        ops.embed_layernorm(ids, self.positions, np.zeros(ids.shape[0], np.int64),
+                            encoder.word_embeddings, encoder.position_embeddings,
+                            encoder.token_type_embeddings, *encoder.embeddings_norm, eps,
+                            self.out, num_threads=self.num_threads)
+        return self.out
+
+    def layer(self, index, layer, x, eps):
+        layer.packed(x, self.rows, self.weights[index], eps, self.num_threads)
+        return x
 
 
 def _packed_rows(config, dtype, offsets, num_threads):
@@ -109,15 +134,3 @@ def _packed_rows(config, dtype, offsets, num_threads):
         scratch_qkv=_workspace.array("qkv", (chunks, rows, 3 * E), dtype),
         scratch_e=_workspace.array("e", (chunks, rows, 2 * E), dtype),
         scratch_f=_workspace.array("f", (chunks, rows, F), dtype))
-
-
-def _group_forward(encoder, weights, ids, offsets, num_threads, x):
-    """x (T, hidden) <- the last hidden states of one group of packed sequences."""
-    cfg = encoder.config
-    positions, rows = _packed_rows(cfg, encoder.dtype, offsets, num_threads)
-    ops.embed_layernorm(ids, positions, np.zeros(ids.shape[0], np.int64),
-                        encoder.word_embeddings, encoder.position_embeddings,
-                        encoder.token_type_embeddings, *encoder.embeddings_norm,
-                        cfg.layer_norm_eps, x, num_threads=num_threads)
-    for layer, layer_weights_ in zip(encoder.layers, weights):
-        layer.packed(x, rows, layer_weights_, cfg.layer_norm_eps, num_threads)

@@ -2,16 +2,17 @@
 whose self-attention is `cattn.MultiHeadAttention`, loaded from Hugging Face BertModel
 weights. The sentence models of `cattn.models` are built on it.
 
-A layer (`BertLayer`) runs a batch in either layout: padded, (B, L, hidden) with a padding
-mask (`BertEncoder.__call__`, layer by layer in NumPy and cattn's attention), or packed,
-the real tokens of all sequences one after another (`cattn.models.sentence`, each step a
-parallel loop of the compiled core).
+One loop, `BertEncoder.forward`, runs the embeddings and then every layer for a batch in
+either layout: padded (`PaddedLayout`: (B, L, hidden) with a padding mask, layer by layer in
+NumPy and cattn's attention; `BertEncoder.__call__`), or packed (`cattn.models._packed`: the
+real tokens of all sequences one after another, each step a parallel loop of the compiled
+core; the sentence encoders).
 """
 import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import (Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Tuple, Union,
-                    overload)
+from typing import (Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Protocol, Tuple,
+                    Union, overload)
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -404,19 +405,57 @@ class BertEncoder:
         if token_type_ids is None:
             token_type_ids = np.zeros((B, L), dtype=np.intp)
 
+        layout = PaddedLayout(padding, token_type_ids, need_weights=output_attentions)
+        x = self.forward(layout, input_ids)
+        return (x, layout.attentions) if output_attentions else x
+
+    def forward(self, layout: "EncoderLayout", input_ids: NDArray[Any]) -> NDArray[Any]:
+        """The last hidden states of `input_ids` (valid token ids) laid out as `layout`
+        says: the embeddings, then every layer in turn."""
+        eps = self.config.layer_norm_eps
+        x = layout.embed(self, input_ids, eps)
+        for index, layer in enumerate(self.layers):
+            x = layout.layer(index, layer, x, eps)
+        return x
+
+
+class EncoderLayout(Protocol):
+    """How a batch is laid out through `BertEncoder.forward`: its embedding step and its
+    layer step (index: the layer's position in the encoder)."""
+
+    def embed(self, encoder: BertEncoder, input_ids: NDArray[Any],
+              eps: float) -> NDArray[Any]: ...
+
+    def layer(self, index: int, layer: BertLayer, x: NDArray[Any],
+              eps: float) -> NDArray[Any]: ...
+
+
+class PaddedLayout:
+    """A padded batch: token ids (B, L), `padding` (B, L) True at padding (or None),
+    `token_type_ids` (B, L). With need_weights, each layer's attention weights
+    (B, heads, L, L) are collected in `attentions`."""
+
+    def __init__(self, padding: Optional[NDArray[Any]], token_type_ids: NDArray[Any],
+                 need_weights: bool = False) -> None:
+        self.padding = padding
+        self.token_type_ids = token_type_ids
+        self.need_weights = need_weights
+        self.attentions: List[Optional[NDArray[Any]]] = []
         # The feed-forward half of each layer (2/3 of the FLOPs) runs on the real tokens
         # only; hidden states at padding positions are left as the attention half made them.
-        real_rows = None
+        self.real_rows = None
         if padding is not None and padding.any():
-            real_rows = np.flatnonzero(~padding.reshape(-1))
+            self.real_rows = np.flatnonzero(~padding.reshape(-1))
 
-        x = self.word_embeddings[input_ids]
-        x += self.position_embeddings[:L]
-        x += self.token_type_embeddings[token_type_ids]
-        x = layer_norm(x, *self.embeddings_norm, cfg.layer_norm_eps)
-        attentions = []
-        for layer in self.layers:
-            x, weights = layer.padded(x, padding, real_rows, cfg.layer_norm_eps,
-                                      output_attentions)
-            attentions.append(weights)
-        return (x, attentions) if output_attentions else x
+    def embed(self, encoder: BertEncoder, input_ids: NDArray[Any],
+              eps: float) -> NDArray[Any]:
+        x = encoder.word_embeddings[input_ids]
+        x += encoder.position_embeddings[:input_ids.shape[1]]
+        x += encoder.token_type_embeddings[self.token_type_ids]
+        return layer_norm(x, *encoder.embeddings_norm, eps)
+
+    def layer(self, index: int, layer: BertLayer, x: NDArray[Any],
+              eps: float) -> NDArray[Any]:
+        x, weights = layer.padded(x, self.padding, self.real_rows, eps, self.need_weights)
+        self.attentions.append(weights)
+        return x
