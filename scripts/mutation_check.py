@@ -561,8 +561,8 @@ MUTANTS = [
            ["tests/test_edges.py", "-k", "truncation"]),
     Mutant("bert-token-types-ignored",
            "the encoder types every token 0 whatever token_type_ids says (sentence pairs)",
-           [Edit(BERT, "x += self.token_type_embeddings[token_type_ids]",
-                 "x += self.token_type_embeddings[0]")],
+           [Edit(BERT, "x += encoder.token_type_embeddings[self.token_type_ids]",
+                 "x += encoder.token_type_embeddings[0]")],
            ["tests/test_edges.py", "-k", "token_type"]),
     # ------------------------------------------- likeliest bugs of the public functions
     Mutant("dask-merge-keeps-two-parts-a-group",
