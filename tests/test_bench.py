@@ -181,3 +181,61 @@ def test_bias_preset_times_alibi_against_no_bias_and_a_dense_bias(tmp_path, monk
         assert row["max_abs_diff"] < 1e-5 and row["cattn_speedup"] > 0
     assert rows["cattn-plain"]["cattn_speedup"] == 1
     assert "| cattn-alibi | 1 |" in (tmp_path / "b.md").read_text()
+
+
+def test_admit_each_checks_every_runner_then_admits_only_correct_ones():
+    """The shared first-call loop of the presets: every implementation at every thread
+    count, a skipped one (None) left out, a wrong output recorded and not timed, nothing
+    checked without config.check (bugs: one thread count only, a wrong output timed, the
+    reference computed when checks are off)."""
+    from cattn.bench.timing import Runner, admit_each
+    config = bench.BenchConfig(threads=[1, 2], reps=1, warmup=0, min_timing=0.0)
+    made, checked = [], []
+
+    def make_runner(impl, t):
+        made.append((impl, t))
+        if impl == "skipped":
+            return None
+        return Runner(f"{impl}/{t}t", impl, t, "test", lambda impl=impl: impl)
+
+    def max_abs_diff(runner, out):
+        checked.append((runner.impl, runner.threads, out))
+        return 1.0 if out == "wrong" else 0.0
+
+    runners, wrong = [], []
+    admit_each(("right", "skipped", "wrong"), config, make_runner, max_abs_diff, 1e-5,
+               "full", runners, wrong)
+    assert made == [(i, t) for i in ("right", "skipped", "wrong") for t in (1, 2)]
+    assert checked == [(i, t, i) for i in ("right", "wrong") for t in (1, 2)]
+    assert [(r.impl, r.threads) for r in runners] == [("right", 1), ("right", 2)]
+    assert [(w.impl, w.threads) for w in wrong] == [("wrong", 1), ("wrong", 2)]
+    unchecked = bench.BenchConfig(threads=[1], check=False, min_timing=0.0)
+    checked.clear()
+    runners = []
+    admit_each(("wrong",), unchecked, make_runner, max_abs_diff, 1e-5, "full", runners, [])
+    assert not checked and [r.impl for r in runners] == ["wrong"]
+
+
+def test_paged_preset_times_each_chunk_against_its_own_mixed_call(monkeypatch):
+    """Each chunk size is its own round-robin: the per-sequence calls' ratio is over the
+    mixed call of the same chunk and threads, and the target reads the largest chunk only
+    (bugs: a ratio over another chunk's mixed call, the target on a small chunk)."""
+    from cattn.bench import mixed_paged, report, targets
+    monkeypatch.setitem(mixed_paged.SIZES, "quick", (20, 40))
+    monkeypatch.setitem(mixed_paged.CHUNKS, "quick", (3, 8))
+    config = bench.BenchConfig(threads=[1, 2], reps=3, warmup=0, quick=True)
+    case = mixed_paged.run_mixed_paged_case("paged mixed batch", config)
+    case.workload = "paged"
+    rows = {(r.options, r.impl, r.threads): r for r in case.rows}
+    assert set(rows) == {(f"chunk={c}", i, t) for c in (3, 8) for i in mixed_paged.IMPLS
+                         for t in (1, 2)}
+    for (options, impl, t), row in rows.items():
+        assert row.max_abs_diff < 1e-5
+        mixed = rows[(options, "cattn-mixed", t)].median_s
+        assert row.cattn_speedup == pytest.approx(row.median_s / mixed)
+    assert "prefilling a chunk of C queries" in mixed_paged.format_mixed_paged_case(case)
+    (target,) = targets._mixed_paged_targets({"cases": [case]})
+    assert [c.value for c in target.details] == [
+        pytest.approx(rows[("chunk=8", "cattn-per-sequence", t)].cattn_speedup)
+        for t in (1, 2)]
+    assert "| chunk=3 | cattn-per-sequence | 1 |" in "\n".join(report._markdown_table(case))

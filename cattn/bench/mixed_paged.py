@@ -1,6 +1,8 @@
 """A mixed batch over a paged cache: 8 sequences decoding one token and one prefilling a
 chunk, in one `paged_attention` call with packed queries (`cu_seqlens_q`) against one
-call per sequence, same run (round-robin).
+call per sequence, same run (round-robin), for chunks of several sizes: chunked prefill
+(vLLM's) runs small chunks beside the decodes, where the call overhead one call saves is
+a larger part of the work than beside a chunk of 512.
 
 - cattn-mixed: one call, a heaviest-first task list over every (sequence, head, block);
 - cattn-per-sequence: nine padded calls (each decode a (1, Hq, 1, E) query, the chunk a
@@ -16,17 +18,19 @@ import numpy as np
 from cattn.bench.config import BenchConfig
 from cattn.bench.results import Case, SkippedRun, WrongOutput
 from cattn.bench.specs import tolerance
-from cattn.bench.timing import Runner, admit, first_call, timed_rows
+from cattn.bench.timing import Runner, admit_each, timed_rows
 
 IMPLS = ("cattn-mixed", "cattn-per-sequence")
 DECODING, HQ, HKV, HEAD_DIM, PAGE = 8, 32, 8, 128, 16
-# (cached keys of each decoding sequence, the prefilling chunk's queries and its cache)
-SIZES = {"full": (1024, 512, 2048), "quick": (256, 128, 512)}
+# (cached keys of each decoding sequence, the prefilling chunk's cache)
+SIZES = {"full": (1024, 2048), "quick": (256, 512)}
+# the prefilling chunk's queries, one round-robin each (the target is on the largest)
+CHUNKS = {"full": (16, 64, 256, 512), "quick": (16, 128)}
 
 
-def mixed_inputs(mode: str, seed: int):
+def mixed_inputs(mode: str, chunk: int, seed: int):
     """q (Tq, Hq, E) packed, the pools, the block table, seq_lens, cu_seqlens_q."""
-    decode_len, chunk, chunk_cache = SIZES[mode]
+    decode_len, chunk_cache = SIZES[mode]
     rng = np.random.default_rng(seed)
     seq_lens = np.array([decode_len + 37 * s for s in range(DECODING)] + [chunk_cache])
     q_lens = np.array([1] * DECODING + [chunk])
@@ -84,42 +88,46 @@ def _max_abs_diff(out, q, k_cache, v_cache, table, seq_lens, cu) -> float:
 
 def run_mixed_paged_case(name: str, config: BenchConfig) -> Case:
     mode = "quick" if config.quick else "full"
-    inputs = mixed_inputs(mode, config.seed)
-    q, k_cache, v_cache, table, seq_lens, cu = inputs
-    makers = _makers(*inputs)
-    runners: List[Runner] = []
+    rows: List[Any] = []
     wrong: List[WrongOutput] = []
     skipped: List[SkippedRun] = []
-    for impl in IMPLS:
-        for t in config.threads:
-            label = f"{impl}/{t}t"
-            runner = Runner(label, impl, t, "mixed_paged", makers[impl](t))
-            res, t_single = first_call(runner, False)
-            diff = _max_abs_diff(res, *inputs) if config.check else None
-            admit(runner, t_single, diff, tolerance(np.float32), "causal", runners, wrong,
-                  config)
-    rows = timed_rows(name, runners, "causal", config, baseline="cattn-mixed")
-    decode_len, chunk, chunk_cache = SIZES[mode]
-    spec = {"decoding": DECODING, "decode_len": decode_len, "chunk": chunk,
-            "chunk_cache": chunk_cache, "Hq": HQ, "Hkv": HKV, "E": HEAD_DIM, "page": PAGE,
-            "dtype": "float32"}
-    return Case(name, "mixed_paged", spec, ["causal"], list(config.threads), rows,
-                skipped=skipped, wrong_output=wrong)
+    for chunk in CHUNKS[mode]:
+        inputs = mixed_inputs(mode, chunk, config.seed)
+        makers = _makers(*inputs)
+        runners: List[Runner] = []
+        options = f"chunk={chunk}"
+        admit_each(IMPLS, config,
+                   lambda impl, t: Runner(f"{impl}/{t}t/{options}", impl, t, "mixed_paged",
+                                          makers[impl](t)),
+                   lambda runner, out: _max_abs_diff(out, *inputs), tolerance(np.float32),
+                   options, runners, wrong)
+        rows += timed_rows(f"{name} {options}", runners, options, config,
+                           baseline="cattn-mixed")
+    decode_len, chunk_cache = SIZES[mode]
+    spec = {"decoding": DECODING, "decode_len": decode_len, "chunks": list(CHUNKS[mode]),
+            "chunk": max(CHUNKS[mode]), "chunk_cache": chunk_cache, "Hq": HQ, "Hkv": HKV,
+            "E": HEAD_DIM, "page": PAGE, "dtype": "float32"}
+    return Case(name, "mixed_paged", spec, [f"chunk={c}" for c in CHUNKS[mode]],
+                list(config.threads), rows, skipped=skipped, wrong_output=wrong)
 
 
 def format_mixed_paged_case(case: Case) -> str:
     spec = case.spec
     out = [f"== {case.name}: {spec['decoding']} sequences decoding 1 token "
-           f"({spec['decode_len']}+ cached keys) + 1 prefilling {spec['chunk']} queries "
+           f"({spec['decode_len']}+ cached keys) + 1 prefilling a chunk of C queries "
            f"({spec['chunk_cache']} cached), Hq={spec['Hq']} Hkv={spec['Hkv']} "
            f"E={spec['E']} pages of {spec['page']}, causal, {spec['dtype']}",
-           f"   {'impl':<20}{'thr':>4}{'median':>11}{'mixed x':>10}{'maxdiff':>10}"]
-    for r in sorted(case.rows, key=lambda r: (r.threads, IMPLS.index(r.impl))):
+           f"   {'C':>5}  {'impl':<20}{'thr':>4}{'median':>11}{'mixed x':>10}{'maxdiff':>10}"]
+    chunks = case.options
+    for r in sorted(case.rows, key=lambda r: (chunks.index(r.options), r.threads,
+                                              IMPLS.index(r.impl))):
         sp = None if r.impl == "cattn-mixed" else r.cattn_speedup
-        out.append(f"   {r.impl:<20}{r.threads:>4}{r.median_s * 1e3:>8.2f} ms"
+        out.append(f"   {r.options.split('=')[1]:>5}  {r.impl:<20}{r.threads:>4}"
+                   f"{r.median_s * 1e3:>8.2f} ms"
                    f"{'-' if sp is None else f'{sp:.2f}x':>10}"
                    f"{'-' if r.max_abs_diff is None else f'{r.max_abs_diff:.1e}':>10}")
     for w in case.wrong_output:
         out.append(f"   WRONG {w.label}: max abs diff {w.max_abs_diff:.3g} (not timed)")
-    out.append("   ('mixed x' = time / cattn-mixed's, same run)")
+    out.append("   ('mixed x' = time / cattn-mixed's at the same chunk and threads, same "
+               "run)")
     return "\n".join(out)

@@ -19,7 +19,7 @@ import numpy as np
 from cattn.bench.config import BenchConfig
 from cattn.bench.results import Case, SkippedRun, WrongOutput
 from cattn.bench.specs import tolerance
-from cattn.bench.timing import Runner, admit, first_call, timed_rows
+from cattn.bench.timing import Runner, admit_each, timed_rows
 
 IMPLS = ("cattn-plain", "cattn-alibi", "cattn-dense-bias", "cattn-t5", "cattn-key-mass")
 HEADS, HEAD_DIM = 8, 64
@@ -82,13 +82,11 @@ def run_position_bias_case(name: str, config: BenchConfig) -> Case:
     runners: List[Runner] = []
     wrong: List[WrongOutput] = []
     skipped: List[SkippedRun] = []
-    for impl in IMPLS:
-        for t in config.threads:
-            runner = Runner(f"{impl}/{t}t", impl, t, "position_bias", makers[impl](t))
-            res, t_single = first_call(runner, False)
-            diff = _max_abs_diff(impl, res, *inputs) if config.check else None
-            admit(runner, t_single, diff, tolerance(np.float32), "full", runners, wrong,
-                  config)
+    admit_each(IMPLS, config,
+               lambda impl, t: Runner(f"{impl}/{t}t", impl, t, "position_bias",
+                                      makers[impl](t)),
+               lambda runner, out: _max_abs_diff(runner.impl, out, *inputs),
+               tolerance(np.float32), "full", runners, wrong)
     rows = timed_rows(name, runners, "full", config, baseline="cattn-plain")
     spec = {"N": N, "H": HEADS, "E": HEAD_DIM, "dtype": "float32"}
     return Case(name, "position_bias", spec, ["full"], list(config.threads), rows,

@@ -153,9 +153,9 @@ def _markdown_table(case: Case) -> List[str]:
         from cattn.bench.position_bias import position_bias_markdown_table
         return position_bias_markdown_table(case)
     if case.kind == "mixed_paged":
-        return (["| impl | threads | median | time / cattn-mixed's | max abs diff |",
-                 "|---|---|---|---|---|"]
-                + [f"| {r.impl} | {r.threads} | {r.median_s * 1e3:.2f} ms | "
+        return (["| chunk | impl | threads | median | time / cattn-mixed's | max abs diff |",
+                 "|---|---|---|---|---|---|"]
+                + [f"| {r.options} | {r.impl} | {r.threads} | {r.median_s * 1e3:.2f} ms | "
                    f"{_fmt(r.cattn_speedup, '{:.2f}x', '-')} | "
                    f"{_fmt(r.max_abs_diff, '{:.1e}', '-')} |" for r in case.rows])
     if case.kind == "decode_loop":

@@ -192,7 +192,8 @@ def _mixed_paged_targets(result) -> List[Target]:
     """One call over a mixed paged batch against one call per sequence, same run."""
     checks = [(f"{r.threads}t", r.cattn_speedup, 1.3, True)
               for c, r in _rows(result, workload="paged", impl="cattn-per-sequence")
-              if r.cattn_speedup is not None]
+              if r.cattn_speedup is not None
+              and getattr(r, "options", None) == f"chunk={c.spec.get('chunk')}"]
     quick = any(c.spec.get("decode_len") != 1024 for c, _ in
                 _rows(result, workload="paged", impl="cattn-mixed"))
     return [_target("paged-mixed-batch", "8 sequences decoding + 1 prefilling 512 queries "

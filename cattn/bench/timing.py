@@ -118,6 +118,22 @@ def admit(runner: Runner, t_single: float, diff: Optional[float], tol: float, op
     runners.append(runner)
 
 
+def admit_each(impls, config: BenchConfig, make_runner: Callable[[str, int], Optional[Runner]],
+               max_abs_diff: Callable[[Runner, object], float], tol: float, options: str,
+               runners: List[Runner], wrong: List[WrongOutput]) -> None:
+    """For each implementation and thread count: its runner (make_runner; None: skipped),
+    the untimed first call, its output checked against the float64 reference
+    (max_abs_diff(runner, output), only with config.check), then admit."""
+    for impl in impls:
+        for threads in config.threads:
+            runner = make_runner(impl, threads)
+            if runner is None:
+                continue
+            output, t_single = first_call(runner, False)
+            diff = max_abs_diff(runner, output) if config.check else None
+            admit(runner, t_single, diff, tol, options, runners, wrong, config)
+
+
 def median(xs) -> float:
     return float(np.median(xs)) if len(xs) else float("nan")
 

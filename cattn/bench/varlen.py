@@ -20,7 +20,7 @@ from cattn.bench.config import BenchConfig
 from cattn.bench.peers import optional, torch_threads
 from cattn.bench.results import AttentionRow, Case, SkippedRun, WrongOutput
 from cattn.bench.specs import tolerance
-from cattn.bench.timing import Runner, admit, first_call, median, time_round_robin
+from cattn.bench.timing import Runner, admit_each, median, time_round_robin
 
 IMPLS = ("cattn-varlen", "cattn-padded", "torch-padded")
 # The target's batch: 16 sequences, log-uniform lengths, 12 heads of 64 features.
@@ -121,22 +121,22 @@ def run_varlen_case(name: str, config: BenchConfig) -> Case:
         options = "causal" if causal else "full"
         makers = _makers(q, k, v, cu, causal)
         expected = _expected(q, k, v, cu, causal) if config.check else None
-        for impl in IMPLS:
-            for t in config.threads:
-                label = f"{impl}/{t}t/{options}"
-                try:
-                    fn, to_packed, setup = makers[impl](t)
-                except RuntimeError as exc:
-                    skipped.append(SkippedRun(label, impl, t, options, str(exc)))
-                    continue
-                runner = Runner(label, impl, t, "varlen", fn, setup, None, to_packed,
-                                work=_flops(lengths, causal))
-                options_of[label] = options
-                res, t_single = first_call(runner, False)
-                diff = (None if expected is None
-                        else _max_abs_diff(to_packed(res), cu, expected))
-                admit(runner, t_single, diff, tolerance(np.float32), options, runners, wrong,
-                      config)
+
+        def make_runner(impl, t, makers=makers, options=options, causal=causal):
+            label = f"{impl}/{t}t/{options}"
+            try:
+                fn, to_packed, setup = makers[impl](t)
+            except RuntimeError as exc:
+                skipped.append(SkippedRun(label, impl, t, options, str(exc)))
+                return None
+            options_of[label] = options
+            return Runner(label, impl, t, "varlen", fn, setup, None, to_packed,
+                          work=_flops(lengths, causal))
+
+        admit_each(IMPLS, config, make_runner,
+                   lambda runner, out, expected=expected: _max_abs_diff(
+                       runner.to_output(out), cu, expected),
+                   tolerance(np.float32), options, runners, wrong)
     config.log(f"  {name}: {len(runners)} runners ")
     time_round_robin(runners, config.reps, config.warmup, log=config.log)
     config.log("\n")
