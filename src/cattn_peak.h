@@ -15,31 +15,7 @@
 
 #define CATTN_PEAK_ACCUMULATORS 12
 
-/* The body of every instance: acc[i] = acc[i] * a + b, `passes` times, returning a value
- * that depends on every accumulator (so that no compiler drops the loop). */
-#define CATTN_PEAK_BODY(V, ZERO, SET1, FMA, ADD, HSUM)                                    \
-    V acc[CATTN_PEAK_ACCUMULATORS];                                                     \
-    const V a = SET1(0.999999), b = SET1(1e-7);                                         \
-    for (int i = 0; i < CATTN_PEAK_ACCUMULATORS; i++) acc[i] = ZERO;                    \
-    for (long p = 0; p < passes; p++) {                                                 \
-        _Pragma("GCC unroll 12")                                                        \
-        for (int i = 0; i < CATTN_PEAK_ACCUMULATORS; i++) acc[i] = FMA(acc[i], a, b);   \
-    }                                                                                   \
-    V total = acc[0];                                                                   \
-    for (int i = 1; i < CATTN_PEAK_ACCUMULATORS; i++) total = ADD(total, acc[i]);       \
-    return HSUM(total);
-
 #if CATTN_HAVE_X86_PATHS
-CATTN_AVX512 static double cattn_peak_f32_avx512(long passes)
-{
-    CATTN_PEAK_BODY(__m512, _mm512_setzero_ps(), _mm512_set1_ps, _mm512_fmadd_ps,
-                    _mm512_add_ps, _mm512_reduce_add_ps)
-}
-CATTN_AVX512 static double cattn_peak_f64_avx512(long passes)
-{
-    CATTN_PEAK_BODY(__m512d, _mm512_setzero_pd(), _mm512_set1_pd, _mm512_fmadd_pd,
-                    _mm512_add_pd, _mm512_reduce_add_pd)
-}
 CATTN_AVX2 static double cattn_peak_hsum_ps256(__m256 x)
 {
     float lanes[8], s = 0;
@@ -54,34 +30,57 @@ CATTN_AVX2 static double cattn_peak_hsum_pd256(__m256d x)
     for (int l = 0; l < 4; l++) s += lanes[l];
     return s;
 }
-CATTN_AVX2 static double cattn_peak_f32_avx2(long passes)
-{
-    CATTN_PEAK_BODY(__m256, _mm256_setzero_ps(), _mm256_set1_ps, _mm256_fmadd_ps,
-                    _mm256_add_ps, cattn_peak_hsum_ps256)
-}
-CATTN_AVX2 static double cattn_peak_f64_avx2(long passes)
-{
-    CATTN_PEAK_BODY(__m256d, _mm256_setzero_pd(), _mm256_set1_pd, _mm256_fmadd_pd,
-                    _mm256_add_pd, cattn_peak_hsum_pd256)
-}
+
+#define ISFX avx512
+#define TGT CATTN_AVX512
+#define VF __m512
+#define VD __m512d
+#define ZEROF() _mm512_setzero_ps()
+#define ZEROD() _mm512_setzero_pd()
+#define SET1F(x) _mm512_set1_ps(x)
+#define SET1D(x) _mm512_set1_pd(x)
+#define FMAF(x, a, b) _mm512_fmadd_ps(x, a, b)
+#define FMAD(x, a, b) _mm512_fmadd_pd(x, a, b)
+#define ADDF(x, y) _mm512_add_ps(x, y)
+#define ADDD(x, y) _mm512_add_pd(x, y)
+#define HSUMF(x) _mm512_reduce_add_ps(x)
+#define HSUMD(x) _mm512_reduce_add_pd(x)
+#include "cattn_peak_impl.h"
+
+#define ISFX avx2
+#define TGT CATTN_AVX2
+#define VF __m256
+#define VD __m256d
+#define ZEROF() _mm256_setzero_ps()
+#define ZEROD() _mm256_setzero_pd()
+#define SET1F(x) _mm256_set1_ps(x)
+#define SET1D(x) _mm256_set1_pd(x)
+#define FMAF(x, a, b) _mm256_fmadd_ps(x, a, b)
+#define FMAD(x, a, b) _mm256_fmadd_pd(x, a, b)
+#define ADDF(x, y) _mm256_add_ps(x, y)
+#define ADDD(x, y) _mm256_add_pd(x, y)
+#define HSUMF(x) cattn_peak_hsum_ps256(x)
+#define HSUMD(x) cattn_peak_hsum_pd256(x)
+#include "cattn_peak_impl.h"
 #endif
 
 /* The portable path: scalars, a multiply and an add (what the baseline build may fuse or
  * vectorize is up to the compiler). */
-#define CATTN_PEAK_SCALAR_FMA(x, a, b) ((x) * (a) + (b))
-#define CATTN_PEAK_SCALAR_ADD(x, y) ((x) + (y))
-#define CATTN_PEAK_SCALAR_SET1(x) (x)
-#define CATTN_PEAK_SCALAR_HSUM(x) (x)
-static double cattn_peak_f32_portable(long passes)
-{
-    CATTN_PEAK_BODY(float, 0.0f, (float)CATTN_PEAK_SCALAR_SET1, CATTN_PEAK_SCALAR_FMA,
-                    CATTN_PEAK_SCALAR_ADD, CATTN_PEAK_SCALAR_HSUM)
-}
-static double cattn_peak_f64_portable(long passes)
-{
-    CATTN_PEAK_BODY(double, 0.0, CATTN_PEAK_SCALAR_SET1, CATTN_PEAK_SCALAR_FMA,
-                    CATTN_PEAK_SCALAR_ADD, CATTN_PEAK_SCALAR_HSUM)
-}
+#define ISFX portable
+#define TGT
+#define VF float
+#define VD double
+#define ZEROF() 0.0f
+#define ZEROD() 0.0
+#define SET1F(x) ((float)(x))
+#define SET1D(x) (x)
+#define FMAF(x, a, b) ((x) * (a) + (b))
+#define FMAD(x, a, b) ((x) * (a) + (b))
+#define ADDF(x, y) ((x) + (y))
+#define ADDD(x, y) ((x) + (y))
+#define HSUMF(x) (x)
+#define HSUMD(x) (x)
+#include "cattn_peak_impl.h"
 
 /* Flops of one pass on path `isa` (0 for a path this build lacks). */
 static inline double cattn_peak_pass_flops(int isa, int is_double)

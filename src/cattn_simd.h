@@ -8,9 +8,11 @@
  *
  * One build of each function per instruction-set path (cattn_cpu.h): AVX-512F and AVX2+FMA
  * intrinsics, each compiled with a target attribute so a default (baseline x86-64) wheel
- * still carries them, and a portable scalar version. The path is a parameter (`isa`) chosen
- * once per call from the CPU's features, so the same binary runs everywhere and the result
- * never depends on the thread that computes it.
+ * still carries them, and a portable scalar version. The vector paths are one code,
+ * cattn_simd_impl.h, included once per instruction set with its intrinsics as parameter
+ * macros (as the GEMMs: cattn_gemm.h, cattn_gemm_impl.h). The path is a parameter (`isa`)
+ * chosen once per call from the CPU's features, so the same binary runs everywhere and the
+ * result never depends on the thread that computes it.
  */
 #ifndef CATTN_SIMD_H
 #define CATTN_SIMD_H
@@ -120,77 +122,14 @@ static double cattn_exp_shift_sum_f64_generic(double *x, ptrdiff_t n, double shi
     return sum;
 }
 
-/* ------------------------------------------------------------ AVX2 + FMA path */
+/* ------------------------------------------------------------------ vector paths */
+/* name_isa: the functions of one instance of a per-instruction-set template */
+#define CATTN_SIMD_CAT_(a, b) a##_##b
+#define CATTN_SIMD_CAT(a, b) CATTN_SIMD_CAT_(a, b)
+
 #if CATTN_HAVE_X86_PATHS
 #define CATTN_AVX2 __attribute__((target("avx2,fma")))
-
-CATTN_AVX2 static inline __m256d cattn_exp_avx2_pd(__m256d x)
-{
-    const __m256d too_small = _mm256_cmp_pd(x, _mm256_set1_pd(-708.3964185322641), _CMP_LT_OQ);
-    x = _mm256_min_pd(_mm256_set1_pd(709.0), x);
-    __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634074)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93145751953125e-1), x);
-    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.42860682030941723212e-6), r);
-    __m256d y = _mm256_set1_pd(cattn_exp_d_coeffs[0]);
-    for (int c = 1; c < 12; c++) y = _mm256_fmadd_pd(y, r, _mm256_set1_pd(cattn_exp_d_coeffs[c]));
-    y = _mm256_fmadd_pd(y, r, _mm256_set1_pd(1.0));
-    y = _mm256_fmadd_pd(y, r, _mm256_set1_pd(1.0));
-    /* n is integral and within [-1022, 1024] here: build 2^n from its 64-bit exponent. */
-    __m256i n64 = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n));
-    __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(n64, _mm256_set1_epi64x(1023)), 52);
-    y = _mm256_mul_pd(y, _mm256_castsi256_pd(bits));
-    return _mm256_andnot_pd(too_small, y);
-}
-
-CATTN_AVX2 static float cattn_row_max_f32_avx2(const float *x, ptrdiff_t n)
-{
-    /* max_ps drops NaN depending on operand order: NaN is tracked separately. */
-    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, nan = _mm256_setzero_ps();
-    ptrdiff_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + 8);
-        m0 = _mm256_max_ps(m0, a);
-        m1 = _mm256_max_ps(m1, b);
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
-    }
-    for (; j + 8 <= n; j += 8) {
-        __m256 a = _mm256_loadu_ps(x + j);
-        m0 = _mm256_max_ps(m0, a);
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
-    }
-    m0 = _mm256_max_ps(m0, m1);
-    float lanes[8];
-    _mm256_storeu_ps(lanes, m0);
-    float m = cattn_row_max_f32_generic(lanes, 8);
-    float tail = cattn_row_max_f32_generic(x + j, n - j);
-    if (_mm256_movemask_ps(nan) || tail != tail) return NAN;
-    return tail > m ? tail : m;
-}
-
-CATTN_AVX2 static double cattn_row_max_f64_avx2(const double *x, ptrdiff_t n)
-{
-    __m256d m0 = _mm256_set1_pd(-INFINITY), m1 = m0, nan = _mm256_setzero_pd();
-    ptrdiff_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        __m256d a = _mm256_loadu_pd(x + j), b = _mm256_loadu_pd(x + j + 4);
-        m0 = _mm256_max_pd(m0, a);
-        m1 = _mm256_max_pd(m1, b);
-        nan = _mm256_or_pd(nan, _mm256_cmp_pd(a, b, _CMP_UNORD_Q));
-    }
-    for (; j + 4 <= n; j += 4) {
-        __m256d a = _mm256_loadu_pd(x + j);
-        m0 = _mm256_max_pd(m0, a);
-        nan = _mm256_or_pd(nan, _mm256_cmp_pd(a, a, _CMP_UNORD_Q));
-    }
-    m0 = _mm256_max_pd(m0, m1);
-    double lanes[4];
-    _mm256_storeu_pd(lanes, m0);
-    double m = cattn_row_max_f64_generic(lanes, 4);
-    double tail = cattn_row_max_f64_generic(x + j, n - j);
-    if (_mm256_movemask_pd(nan) || tail != tail) return NAN;
-    return tail > m ? tail : m;
-}
+#define CATTN_AVX512 __attribute__((target("avx512f,fma")))
 
 /* The softmax's exp(x - shift), as 2^t with t = x·log2(e) - shift·log2(e): one fused
  * multiply-add against shift·log2(e) rounded (hi), then its rounding error (lo) taken off,
@@ -219,99 +158,111 @@ cattn_neg_shift_log2e(float shift, float *hi, float *lo)
  * or NaN score) take the scalar exp(x - shift), which follows IEEE arithmetic exactly. */
 #define CATTN_SOFTMAX_EXP2_MAX_SHIFT 1e37f
 
-CATTN_AVX2 static inline __m256 cattn_softmax_exp_avx2_ps(__m256 x, __m256 neg_shift_hi,
-                                                         __m256 neg_shift_lo)
+/* AVX2's horizontal steps, lanes through memory: the max by the portable function, the
+ * sum as a fixed tree. */
+CATTN_AVX2 static inline float cattn_hmax_avx2_ps(__m256 v)
 {
-    __m256 t = _mm256_add_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(CATTN_LOG2E_F), neg_shift_hi),
-                             neg_shift_lo);
-    const __m256 too_small = _mm256_cmp_ps(t, _mm256_set1_ps(-126.0f), _CMP_LT_OQ);
-    t = _mm256_min_ps(_mm256_set1_ps(127.0f), t); /* NaN stays NaN (second operand) */
-    __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 f = _mm256_sub_ps(t, n);
-    __m256 y = _mm256_fmadd_ps(CATTN_EXP2_POLY(_mm256_fmadd_ps, _mm256_set1_ps, f), f,
-                               _mm256_set1_ps(1.0f));
-    __m256i bits = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(too_small, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
-}
-
-CATTN_AVX2 static float cattn_exp_shift_sum_f32_avx2(float *x, ptrdiff_t n, float shift)
-{
-    if (!(fabsf(shift) <= CATTN_SOFTMAX_EXP2_MAX_SHIFT))
-        return cattn_exp_shift_sum_f32_generic(x, n, shift);
-    float hi, lo;
-    cattn_neg_shift_log2e(shift, &hi, &lo);
-    const __m256 vhi = _mm256_set1_ps(hi), vlo = _mm256_set1_ps(lo);
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-    ptrdiff_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m256 e0 = cattn_softmax_exp_avx2_ps(_mm256_loadu_ps(x + j), vhi, vlo);
-        __m256 e1 = cattn_softmax_exp_avx2_ps(_mm256_loadu_ps(x + j + 8), vhi, vlo);
-        _mm256_storeu_ps(x + j, e0);
-        _mm256_storeu_ps(x + j + 8, e1);
-        s0 = _mm256_add_ps(s0, e0);
-        s1 = _mm256_add_ps(s1, e1);
-    }
-    for (; j + 8 <= n; j += 8) {
-        __m256 e0 = cattn_softmax_exp_avx2_ps(_mm256_loadu_ps(x + j), vhi, vlo);
-        _mm256_storeu_ps(x + j, e0);
-        s0 = _mm256_add_ps(s0, e0);
-    }
-    s0 = _mm256_add_ps(s0, s1);
     float lanes[8];
-    _mm256_storeu_ps(lanes, s0);
-    float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-    return sum + cattn_exp_shift_sum_f32_generic(x + j, n - j, shift);
+    _mm256_storeu_ps(lanes, v);
+    return cattn_row_max_f32_generic(lanes, 8);
 }
 
-CATTN_AVX2 static double cattn_exp_shift_sum_f64_avx2(double *x, ptrdiff_t n, double shift)
+CATTN_AVX2 static inline double cattn_hmax_avx2_pd(__m256d v)
 {
-    const __m256d vshift = _mm256_set1_pd(shift);
-    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
-    ptrdiff_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        __m256d e0 = cattn_exp_avx2_pd(_mm256_sub_pd(_mm256_loadu_pd(x + j), vshift));
-        __m256d e1 = cattn_exp_avx2_pd(_mm256_sub_pd(_mm256_loadu_pd(x + j + 4), vshift));
-        _mm256_storeu_pd(x + j, e0);
-        _mm256_storeu_pd(x + j + 4, e1);
-        s0 = _mm256_add_pd(s0, e0);
-        s1 = _mm256_add_pd(s1, e1);
-    }
-    for (; j + 4 <= n; j += 4) {
-        __m256d e0 = cattn_exp_avx2_pd(_mm256_sub_pd(_mm256_loadu_pd(x + j), vshift));
-        _mm256_storeu_pd(x + j, e0);
-        s0 = _mm256_add_pd(s0, e0);
-    }
-    s0 = _mm256_add_pd(s0, s1);
     double lanes[4];
-    _mm256_storeu_pd(lanes, s0);
-    double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-    return sum + cattn_exp_shift_sum_f64_generic(x + j, n - j, shift);
+    _mm256_storeu_pd(lanes, v);
+    return cattn_row_max_f64_generic(lanes, 4);
 }
 
-#endif /* CATTN_HAVE_X86_PATHS (AVX2) */
-
-/* ---------------------------------------------------------------- AVX-512F path */
-#if CATTN_HAVE_X86_PATHS
-#define CATTN_AVX512 __attribute__((target("avx512f,fma")))
-
-/* The same polynomial as the AVX2 double exp; 2^n is applied with scalef, which needs no
- * integer conversion. */
-CATTN_AVX512 static inline __m512d cattn_exp_avx512_pd(__m512d x)
+CATTN_AVX2 static inline float cattn_hsum_avx2_ps(__m256 v)
 {
-    const __mmask8 too_small = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-708.3964185322641), _CMP_LT_OQ);
-    x = _mm512_min_pd(_mm512_set1_pd(709.0), x);
-    __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(1.4426950408889634074)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(6.93145751953125e-1), x);
-    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.42860682030941723212e-6), r);
-    __m512d y = _mm512_set1_pd(cattn_exp_d_coeffs[0]);
-    for (int c = 1; c < 12; c++) y = _mm512_fmadd_pd(y, r, _mm512_set1_pd(cattn_exp_d_coeffs[c]));
-    y = _mm512_fmadd_pd(y, r, _mm512_set1_pd(1.0));
-    y = _mm512_fmadd_pd(y, r, _mm512_set1_pd(1.0));
-    return _mm512_maskz_mov_pd(~too_small, _mm512_scalef_pd(y, n));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+           ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
+
+CATTN_AVX2 static inline double cattn_hsum_avx2_pd(__m256d v)
+{
+    double lanes[4];
+    _mm256_storeu_pd(lanes, v);
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+/* 2^n (n integral, within the exponent's range) from its exponent bits. */
+CATTN_AVX2 static inline __m256 cattn_pow2_avx2_ps(__m256 n)
+{
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+
+CATTN_AVX2 static inline __m256d cattn_pow2_avx2_pd(__m256d n)
+{
+    __m256i n64 = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n));
+    return _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_add_epi64(n64, _mm256_set1_epi64x(1023)), 52));
+}
+
+/* AVX2 + FMA: 8 floats, 4 doubles; no masked loads, so the rows' tails are scalar. */
+#define ISFX avx2
+#define TGT CATTN_AVX2
+#define SCALAR_TAIL 1
+#define VF __m256
+#define VD __m256d
+#define WF 8
+#define WD 4
+#define NANF __m256
+#define NAND __m256d
+#define TAILF int
+#define TAILD int
+#define TAIL_MASKF(n) 0
+#define TAIL_MASKD(n) 0
+#define LOADF(p) _mm256_loadu_ps(p)
+#define LOADD(p) _mm256_loadu_pd(p)
+#define STOREF(p, v) _mm256_storeu_ps(p, v)
+#define STORED(p, v) _mm256_storeu_pd(p, v)
+#define SET1F(x) _mm256_set1_ps(x)
+#define SET1D(x) _mm256_set1_pd(x)
+#define ZEROF() _mm256_setzero_ps()
+#define ZEROD() _mm256_setzero_pd()
+#define ADDF(a, b) _mm256_add_ps(a, b)
+#define ADDD(a, b) _mm256_add_pd(a, b)
+#define SUBF(a, b) _mm256_sub_ps(a, b)
+#define SUBD(a, b) _mm256_sub_pd(a, b)
+#define MULD(a, b) _mm256_mul_pd(a, b)
+#define MAXF(a, b) _mm256_max_ps(a, b)
+#define MAXD(a, b) _mm256_max_pd(a, b)
+#define MIND(a, b) _mm256_min_pd(a, b)
+#define FMADDF(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define FMADDD(a, b, c) _mm256_fmadd_pd(a, b, c)
+#define FNMADDD(a, b, c) _mm256_fnmadd_pd(a, b, c)
+#define ROUNDF(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define ROUNDD(v) _mm256_round_pd(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define LTF(a, b) _mm256_cmp_ps(a, b, _CMP_LT_OQ)
+#define LTD(a, b) _mm256_cmp_pd(a, b, _CMP_LT_OQ)
+#define UNORDF(a, b) _mm256_cmp_ps(a, b, _CMP_UNORD_Q)
+#define UNORDD(a, b) _mm256_cmp_pd(a, b, _CMP_UNORD_Q)
+#define NAN_NONEF() _mm256_setzero_ps()
+#define NAN_NONED() _mm256_setzero_pd()
+#define NAN_ORF(s, t) _mm256_or_ps(s, t)
+#define NAN_ORD(s, t) _mm256_or_pd(s, t)
+#define NAN_ANYF(s) _mm256_movemask_ps(s)
+#define NAN_ANYD(s) _mm256_movemask_pd(s)
+#define ZERO_WHEREF(m, v) _mm256_andnot_ps(m, v)
+#define ZERO_WHERED(m, v) _mm256_andnot_pd(m, v)
+#define POW2F(y, n) _mm256_mul_ps(y, cattn_pow2_avx2_ps(n))
+#define POW2D(y, n) _mm256_mul_pd(y, cattn_pow2_avx2_pd(n))
+#define CLAMP_EXP2F(t) _mm256_min_ps(_mm256_set1_ps(127.0f), t) /* NaN stays NaN */
+#define HMAXF(v) cattn_hmax_avx2_ps(v)
+#define HMAXD(v) cattn_hmax_avx2_pd(v)
+#define HSUMF(v) cattn_hsum_avx2_ps(v)
+#define HSUMD(v) cattn_hsum_avx2_pd(v)
+#define LOAD_TAILF(p, m, fill) _mm256_loadu_ps(p)
+#define LOAD_TAILD(p, m, fill) _mm256_loadu_pd(p)
+#define STORE_TAILF(p, m, v) _mm256_storeu_ps(p, v)
+#define STORE_TAILD(p, m, v) _mm256_storeu_pd(p, v)
+#define ADD_TAILF(s, m, v) _mm256_add_ps(s, v)
+#define ADD_TAILD(s, m, v) _mm256_add_pd(s, v)
+#include "cattn_simd_impl.h"
 
 /* Lanes [0, n) of a 16- or 8-lane mask (n may be <= 0 or past the width). */
 static inline __mmask16 cattn_mask16(ptrdiff_t n)
@@ -324,109 +275,69 @@ static inline __mmask8 cattn_mask8(ptrdiff_t n)
     return n <= 0 ? 0 : n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << n) - 1);
 }
 
-CATTN_AVX512 static float cattn_row_max_f32_avx512(const float *x, ptrdiff_t n)
-{
-    /* max_ps drops NaN depending on operand order: NaN is tracked separately. */
-    const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
-    __m512 m0 = neg_inf, m1 = neg_inf;
-    __mmask16 nan = 0;
-    ptrdiff_t j = 0;
-    for (; j + 32 <= n; j += 32) {
-        __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
-        m0 = _mm512_max_ps(m0, a);
-        m1 = _mm512_max_ps(m1, b);
-        nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
-    }
-    for (; j < n; j += 16) { /* masked lanes read -inf, never past the end */
-        __m512 a = _mm512_mask_loadu_ps(neg_inf, cattn_mask16(n - j), x + j);
-        m0 = _mm512_max_ps(m0, a);
-        nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
-    }
-    return nan ? NAN : _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
-}
-
-CATTN_AVX512 static double cattn_row_max_f64_avx512(const double *x, ptrdiff_t n)
-{
-    const __m512d neg_inf = _mm512_set1_pd(-INFINITY);
-    __m512d m0 = neg_inf, m1 = neg_inf;
-    __mmask8 nan = 0;
-    ptrdiff_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m512d a = _mm512_loadu_pd(x + j), b = _mm512_loadu_pd(x + j + 8);
-        m0 = _mm512_max_pd(m0, a);
-        m1 = _mm512_max_pd(m1, b);
-        nan |= _mm512_cmp_pd_mask(a, b, _CMP_UNORD_Q);
-    }
-    for (; j < n; j += 8) {
-        __m512d a = _mm512_mask_loadu_pd(neg_inf, cattn_mask8(n - j), x + j);
-        m0 = _mm512_max_pd(m0, a);
-        nan |= _mm512_cmp_pd_mask(a, a, _CMP_UNORD_Q);
-    }
-    return nan ? NAN : _mm512_reduce_max_pd(_mm512_max_pd(m0, m1));
-}
-
-/* The softmax's exp(x - shift) as 2^t, as in cattn_softmax_exp_avx2_ps. */
-CATTN_AVX512 static inline __m512 cattn_softmax_exp_avx512_ps(__m512 x, __m512 neg_shift_hi,
-                                                             __m512 neg_shift_lo)
-{
-    const __m512 t = _mm512_add_ps(
-        _mm512_fmadd_ps(x, _mm512_set1_ps(CATTN_LOG2E_F), neg_shift_hi), neg_shift_lo);
-    const __mmask16 too_small = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_LT_OQ);
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    const __m512 y = _mm512_fmadd_ps(CATTN_EXP2_POLY(_mm512_fmadd_ps, _mm512_set1_ps, f), f,
-                                     _mm512_set1_ps(1.0f));
-    return _mm512_maskz_mov_ps(~too_small, _mm512_scalef_ps(y, n)); /* NaN stays NaN */
-}
-
-CATTN_AVX512 static float cattn_exp_shift_sum_f32_avx512(float *x, ptrdiff_t n, float shift)
-{
-    if (!(fabsf(shift) <= CATTN_SOFTMAX_EXP2_MAX_SHIFT))
-        return cattn_exp_shift_sum_f32_generic(x, n, shift);
-    float hi, lo;
-    cattn_neg_shift_log2e(shift, &hi, &lo);
-    const __m512 vhi = _mm512_set1_ps(hi), vlo = _mm512_set1_ps(lo);
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
-    ptrdiff_t j = 0;
-    for (; j + 32 <= n; j += 32) {
-        __m512 e0 = cattn_softmax_exp_avx512_ps(_mm512_loadu_ps(x + j), vhi, vlo);
-        __m512 e1 = cattn_softmax_exp_avx512_ps(_mm512_loadu_ps(x + j + 16), vhi, vlo);
-        _mm512_storeu_ps(x + j, e0);
-        _mm512_storeu_ps(x + j + 16, e1);
-        s0 = _mm512_add_ps(s0, e0);
-        s1 = _mm512_add_ps(s1, e1);
-    }
-    for (; j < n; j += 16) {
-        __mmask16 m = cattn_mask16(n - j);
-        __m512 e0 = cattn_softmax_exp_avx512_ps(_mm512_maskz_loadu_ps(m, x + j), vhi, vlo);
-        _mm512_mask_storeu_ps(x + j, m, e0);
-        s0 = _mm512_mask_add_ps(s0, m, s0, e0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-}
-
-CATTN_AVX512 static double cattn_exp_shift_sum_f64_avx512(double *x, ptrdiff_t n, double shift)
-{
-    const __m512d vshift = _mm512_set1_pd(shift);
-    __m512d s0 = _mm512_setzero_pd(), s1 = s0;
-    ptrdiff_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m512d e0 = cattn_exp_avx512_pd(_mm512_sub_pd(_mm512_loadu_pd(x + j), vshift));
-        __m512d e1 = cattn_exp_avx512_pd(_mm512_sub_pd(_mm512_loadu_pd(x + j + 8), vshift));
-        _mm512_storeu_pd(x + j, e0);
-        _mm512_storeu_pd(x + j + 8, e1);
-        s0 = _mm512_add_pd(s0, e0);
-        s1 = _mm512_add_pd(s1, e1);
-    }
-    for (; j < n; j += 8) {
-        __mmask8 m = cattn_mask8(n - j);
-        __m512d e0 = cattn_exp_avx512_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(m, x + j), vshift));
-        _mm512_mask_storeu_pd(x + j, m, e0);
-        s0 = _mm512_mask_add_pd(s0, m, s0, e0);
-    }
-    return _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
-}
-#endif /* CATTN_HAVE_X86_PATHS (AVX-512) */
+/* AVX-512F: 16 floats, 8 doubles; comparisons into mask registers, masked row tails, 2^n
+ * applied with scalef (no integer conversion, no clamp needed). */
+#define ISFX avx512
+#define TGT CATTN_AVX512
+#define SCALAR_TAIL 0
+#define VF __m512
+#define VD __m512d
+#define WF 16
+#define WD 8
+#define NANF __mmask16
+#define NAND __mmask8
+#define TAILF __mmask16
+#define TAILD __mmask8
+#define TAIL_MASKF(n) cattn_mask16(n)
+#define TAIL_MASKD(n) cattn_mask8(n)
+#define LOADF(p) _mm512_loadu_ps(p)
+#define LOADD(p) _mm512_loadu_pd(p)
+#define STOREF(p, v) _mm512_storeu_ps(p, v)
+#define STORED(p, v) _mm512_storeu_pd(p, v)
+#define SET1F(x) _mm512_set1_ps(x)
+#define SET1D(x) _mm512_set1_pd(x)
+#define ZEROF() _mm512_setzero_ps()
+#define ZEROD() _mm512_setzero_pd()
+#define ADDF(a, b) _mm512_add_ps(a, b)
+#define ADDD(a, b) _mm512_add_pd(a, b)
+#define SUBF(a, b) _mm512_sub_ps(a, b)
+#define SUBD(a, b) _mm512_sub_pd(a, b)
+#define MULD(a, b) _mm512_mul_pd(a, b)
+#define MAXF(a, b) _mm512_max_ps(a, b)
+#define MAXD(a, b) _mm512_max_pd(a, b)
+#define MIND(a, b) _mm512_min_pd(a, b)
+#define FMADDF(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define FMADDD(a, b, c) _mm512_fmadd_pd(a, b, c)
+#define FNMADDD(a, b, c) _mm512_fnmadd_pd(a, b, c)
+#define ROUNDF(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define ROUNDD(v) _mm512_roundscale_pd(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define LTF(a, b) _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ)
+#define LTD(a, b) _mm512_cmp_pd_mask(a, b, _CMP_LT_OQ)
+#define UNORDF(a, b) _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q)
+#define UNORDD(a, b) _mm512_cmp_pd_mask(a, b, _CMP_UNORD_Q)
+#define NAN_NONEF() ((__mmask16)0)
+#define NAN_NONED() ((__mmask8)0)
+#define NAN_ORF(s, t) ((__mmask16)((s) | (t)))
+#define NAN_ORD(s, t) ((__mmask8)((s) | (t)))
+#define NAN_ANYF(s) (s)
+#define NAN_ANYD(s) (s)
+#define ZERO_WHEREF(m, v) _mm512_maskz_mov_ps((__mmask16)~(m), v)
+#define ZERO_WHERED(m, v) _mm512_maskz_mov_pd((__mmask8)~(m), v)
+#define POW2F(y, n) _mm512_scalef_ps(y, n)
+#define POW2D(y, n) _mm512_scalef_pd(y, n)
+#define CLAMP_EXP2F(t) (t)
+#define HMAXF(v) _mm512_reduce_max_ps(v)
+#define HMAXD(v) _mm512_reduce_max_pd(v)
+#define HSUMF(v) _mm512_reduce_add_ps(v)
+#define HSUMD(v) _mm512_reduce_add_pd(v)
+#define LOAD_TAILF(p, m, fill) _mm512_mask_loadu_ps(fill, m, p)
+#define LOAD_TAILD(p, m, fill) _mm512_mask_loadu_pd(fill, m, p)
+#define STORE_TAILF(p, m, v) _mm512_mask_storeu_ps(p, m, v)
+#define STORE_TAILD(p, m, v) _mm512_mask_storeu_pd(p, m, v)
+#define ADD_TAILF(s, m, v) _mm512_mask_add_ps(s, m, s, v)
+#define ADD_TAILD(s, m, v) _mm512_mask_add_pd(s, m, s, v)
+#include "cattn_simd_impl.h"
+#endif /* CATTN_HAVE_X86_PATHS */
 
 /* ------------------------------------------------------------------ dispatch */
 
