@@ -97,6 +97,12 @@ cdef enum:
     N_COLS = 13
 TABLE_COLUMNS = N_COLS
 
+# A task list's columns (packed layouts): the task's first item, its query block, and how
+# many consecutive items it computes as rows of one block (they share keys and values).
+cdef enum:
+    TASK_COLS = 3
+TASK_COLUMNS = TASK_COLS
+
 
 class Column:
     """The table's columns, by name (for the front that fills them)."""
@@ -593,8 +599,9 @@ cdef inline void task_of(const Plan* p, Py_ssize_t task_index, Task* t) noexcept
     t.q_rs = p.q_rs
     if p.task_list != NULL:
         t.split = 0
-        t.n = p.task_list[2 * task_index]
-        t.i0 = p.task_list[2 * task_index + 1] * p.block_q
+        t.n = p.task_list[TASK_COLS * task_index]
+        t.i0 = p.task_list[TASK_COLS * task_index + 1] * p.block_q
+        t.members = p.task_list[TASK_COLS * task_index + 2]
         t.item = p.table + t.n * N_COLS
         n_rows = t.item[COL_Q_LEN]
         t.lse_row0 = t.item[COL_LSE]
@@ -635,7 +642,10 @@ cdef inline const Py_ssize_t* row_item(const Plan* p, const Task* t,
 
 
 cdef inline Py_ssize_t row_lse(const Plan* p, const Task* t, Py_ssize_t r) noexcept nogil:
-    """Where row r of the task keeps its lse (and its merged chunk rows: item · L + i)."""
+    """Where row r of the task keeps its lse (and its merged chunk rows: item · L + i);
+    with a task list, where its item's table row says."""
+    if p.task_list != NULL:
+        return row_item(p, t, r)[COL_LSE] + t.i0 + r % t.member_rows
     return t.lse_row0 + r // t.member_rows * p.L + t.i0 + r % t.member_rows
 
 
@@ -1023,6 +1033,7 @@ cdef Py_ssize_t scratch_elements(const Plan* p, bint is_double) noexcept:
 # Rows of one task made of grouped items, at most: 128 query heads of one decoding step (a
 # latent-attention model's) fit, a prefill block of 128 rows stays one item.
 cdef Py_ssize_t MAX_TASK_ROWS = 128
+GROUPED_TASK_ROWS = MAX_TASK_ROWS  # (for the task lists made in Python)
 
 
 cdef inline bint share_keys(const Plan* p, Py_ssize_t a, Py_ssize_t b) noexcept:
@@ -1057,6 +1068,15 @@ cdef Py_ssize_t items_per_task(const Plan* p) noexcept:
             if not share_keys(p, first, first + m):
                 return 1
     return g
+
+
+cdef Py_ssize_t most_members(cnp.ndarray tasks) noexcept:
+    """The most items one task of a task list groups (its third column)."""
+    cdef const Py_ssize_t* task = <const Py_ssize_t*> cnp.PyArray_DATA(tasks)
+    cdef Py_ssize_t n, most = 1
+    for n in range(tasks.shape[0]):
+        most = max(most, task[TASK_COLS * n + 2])
+    return most
 
 
 cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double,
@@ -1148,10 +1168,12 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     Per-thread scratch is allocated here, for num_threads threads.
     With n_splits > 1 the keys are cut into chunks of split_keys keys, processed as
     separate tasks and merged; partials then holds (n_splits, n_items, L, Ev + 2).
-    tasks (packed variable-length sequences): a C-contiguous (n_tasks, 2) intp array of
-    (item, query block) pairs, run in that order (heaviest first balances the threads);
-    every item then has its query length and lse offset in the table, L is the longest
-    query length, and keys are never split (n_splits must be 1).
+    tasks (packed variable-length sequences): a C-contiguous (n_tasks, TASK_COLS) intp
+    array of (item, query block, members), run in that order (heaviest first balances the
+    threads): the query block of items item .. item + members - 1, which share their keys
+    and values (members · the block's rows at most max(MAX_TASK_ROWS, block_q)); every
+    item then has its query length and lse offset in the table, L is the longest query
+    length, and keys are never split (n_splits must be 1).
     Between groups of tasks the call checks for signals: Ctrl-C raises KeyboardInterrupt
     within about 0.1 s and leaves NaN in `out`.
     """
@@ -1195,9 +1217,10 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.k_scale_rs = p.v_scale_rs = 0
     if kv_storage is not None:
         set_kv_storage(&p, kv_storage)
-    # (a key-mass row of the scratch belongs to one item: its tasks are not grouped)
-    p.group = (1 if tasks is not None or weights_mode or p.key_mass != NULL
-               else items_per_task(&p))
+    # (a task list says how many items each of its tasks groups; else a key-mass row of
+    # the scratch belongs to one item: its tasks are not grouped)
+    p.group = (most_members(tasks) if tasks is not None
+               else 1 if weights_mode or p.key_mass != NULL else items_per_task(&p))
     p.task_rows = p.group * block_q
     p.k_size = (<cnp.ndarray> k).descr.itemsize
     p.v_size = (<cnp.ndarray> v).descr.itemsize

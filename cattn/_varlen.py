@@ -266,8 +266,9 @@ def packed_layout(plan, cu_q, q_len, k_len, diag, group, k_starts, k_head_stride
     table[:, _Column.KEEP_FIRST] = keep[seq]
     plan.table = table
     choose_blocks(plan)
+    # (a key-mass row belongs to one item: those calls group no heads)
     plan.tasks = _task_list(q_len, k_len, diag, keep, Hq, plan.block_q, plan.win_left,
-                            plan.win_right)
+                            plan.win_right, 1 if plan.return_key_mass else group)
 
 
 def _scale_columns(table, narrow, cu_k, n, Hq, group):
@@ -290,10 +291,13 @@ def _kv_storage(narrow):
                                     for scale in (narrow.k_scale, narrow.v_scale))
 
 
-def _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right):
-    """(n_tasks, 2) intp (item, query block) pairs, heaviest first: work is rows × visible
-    keys (kept first keys included; at least one unit per row, for the output it writes),
-    equal for every head of a block; ties keep sequence order."""
+def _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right, group=1):
+    """(n_tasks, TASK_COLUMNS) intp (first item, query block, members) rows, heaviest
+    first: work is rows × visible keys (kept first keys included; at least one unit per
+    row, for the output it writes), times the members; ties keep sequence order. A task
+    computes `members` consecutive heads of one block as rows of one GEMM, heads that
+    share their keys and values (`group` query heads per K/V head): as many as fit in
+    GROUPED_TASK_ROWS rows (a decoding sequence's one row: the whole group, read once)."""
     blocks = -(-q_len // block_q)
     seq = np.repeat(np.arange(q_len.size, dtype=np.intp), blocks)
     first = np.arange(seq.size, dtype=np.intp) - np.repeat(np.cumsum(blocks) - blocks, blocks)
@@ -302,8 +306,18 @@ def _task_list(q_len, k_len, diag, keep, Hq, block_q, win_left, win_right):
     k_begin, k_end = key_span(i0, i0 + rows, diag[seq], k_len[seq], win_left, win_right)
     kept = np.minimum(keep[seq], k_begin)  # kept keys before the window's start
     work = rows * (np.maximum(k_end - k_begin, 0) + kept + 1)
-    order = np.argsort(-work, kind="stable")
-    tasks = np.empty((order.size * Hq, 2), dtype=np.intp)
-    tasks[:, 0] = (seq[order][:, None] * Hq + np.arange(Hq, dtype=np.intp)).reshape(-1)
-    tasks[:, 1] = np.repeat(first[order], Hq)
+    members = np.ones(seq.size, dtype=np.intp)
+    for divisor in range(2, group + 1):  # the largest divisor of the group that fits
+        if group % divisor == 0:
+            members[divisor * rows <= _kernel.GROUPED_TASK_ROWS] = divisor
+    per_block = Hq // members
+    block = np.repeat(np.arange(seq.size, dtype=np.intp), per_block)
+    head = (np.arange(block.size, dtype=np.intp)
+            - np.repeat(np.cumsum(per_block) - per_block, per_block)) * members[block]
+    order = np.argsort(-(work[block] * members[block]), kind="stable")
+    block = block[order]
+    tasks = np.empty((order.size, _kernel.TASK_COLUMNS), dtype=np.intp)
+    tasks[:, 0] = seq[block] * Hq + head[order]
+    tasks[:, 1] = first[block]
+    tasks[:, 2] = members[block]
     return tasks

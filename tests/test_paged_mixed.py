@@ -110,6 +110,19 @@ def test_mixed_batch_equals_the_reference_and_per_sequence_calls(dtype, options,
     np.testing.assert_array_equal(lse, each_lse)
 
 
+def test_decoding_heads_of_one_kv_head_are_one_task():
+    """A decoding sequence's query heads that share a K/V head are rows of one task (its
+    keys read once for the group), as in a padded call: 3 sequences x 2 K/V heads = 6
+    tasks for 12 heads (the bug: every head its own task, the cache read once per head)."""
+    from cattn._kernel import last_call_stats
+    rng = np.random.default_rng(7)
+    q, kc, vc, table, seq_lens, cu = mixed_batch(rng, [1, 1, 1], [50, 9, 30], Hq=4, Hkv=2)
+    out = paged(q, kc, vc, table, seq_lens, cu_seqlens_q=cu, enable_gqa=True)
+    assert last_call_stats()["n_tasks"] == 6
+    want, _ = reference_mixed(q, kc, vc, table, seq_lens, cu, enable_gqa=True)
+    np.testing.assert_allclose(out, want, **tolerance(np.float32))
+
+
 @pytest.mark.parametrize("path", _kernel.testable_isa_paths())
 def test_every_isa_path(path):
     rng = np.random.default_rng(3)

@@ -220,8 +220,28 @@ def test_task_order_is_longest_work_first():
                        2**60, 2**60)
     # sequence 3 (40 rows x 4000 keys) first, then sequence 1's two full 128-row blocks,
     # its 44-row tail, sequence 0; every head of a block in a row.
-    assert tasks.tolist() == [[6, 0], [7, 0], [2, 0], [3, 0], [2, 1], [3, 1], [2, 2],
-                              [3, 2], [0, 0], [1, 0]]
+    assert tasks.tolist() == [[6, 0, 1], [7, 0, 1], [2, 0, 1], [3, 0, 1], [2, 1, 1],
+                              [3, 1, 1], [2, 2, 1], [3, 2, 1], [0, 0, 1], [1, 0, 1]]
+
+
+def test_tasks_group_the_heads_of_one_kv_head_as_far_as_their_rows_fit():
+    """Heads sharing keys and values (group of 4) are rows of one task while they fit in
+    the kernel's grouped-task rows: a decoding sequence's 4 one-row heads in one task, a
+    block of 64 rows two heads a task, a full block of 128 one head (bugs: a head left out
+    of every task, a group that straddles two K/V heads, more rows than the scratch)."""
+    from cattn._varlen import _task_list
+    q_len = np.array([1, 64, 128])
+    k_len = np.array([500, 64, 128])
+    tasks = _task_list(q_len, k_len, k_len - q_len, np.zeros(3, np.intp), 8, 128,
+                       2**60, 0, group=4)
+    covered = sorted((item + m, block) for item, block, members in tasks.tolist()
+                     for m in range(members))
+    assert covered == sorted((s * 8 + h, 0) for s in range(3) for h in range(8))
+    members = {item: m for item, _, m in tasks.tolist()}
+    assert members == {0: 4, 4: 4, 8: 2, 10: 2, 12: 2, 14: 2,
+                       16: 1, 17: 1, 18: 1, 19: 1, 20: 1, 21: 1, 22: 1, 23: 1}
+    assert all(item % m == 0 and (item % 8) // 4 == (item % 8 + m - 1) // 4
+               for item, _, m in tasks.tolist())
 
 
 def test_lse_merges_with_other_key_chunks(rng):
