@@ -17,6 +17,7 @@ The operator computes inference only: a forward pass works on tensors that requi
 """
 from typing import Optional
 
+import numpy as np
 import torch
 
 import cattn
@@ -85,11 +86,48 @@ def empty_result(query, key, value, enable_gqa):
     return torch.empty(tuple(batch) + (L, Ev), dtype=query.dtype)
 
 
+def one_batch_axis(query, key, value):
+    """Whether the operands are (batch, heads, length, features) of one batch size, as
+    `attention_heads_last` takes them."""
+    return query.dim() == 4 and key.shape[0] == value.shape[0] == query.shape[0]
+
+
+def attention_heads_last(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                         enable_gqa=False, window=None, alignment="top_left", key_lengths=None,
+                         q_offset=None, k_offset=None, softcap=None, sinks=None):
+    """cattn.scaled_dot_product_attention of (batch, heads, L, E) tensors of one batch
+    size (see `one_batch_axis`), returned as a new (batch, L, heads, Ev) tensor: the
+    layout models reshape to (batch, L, features) for free."""
+    query_array = numpy_view(query, "query")  # (first: its dtype and device are checked)
+    batch, heads, L = query.shape[:3]
+    shape = (batch, L, heads, value.shape[-1])
+    # NumPy's memory, shared with the tensor: torch.empty's costs more per call (fresh
+    # pages from its allocator), and cattn writes through a NumPy transpose of it
+    if query.dtype is torch.bfloat16:  # (torch.from_numpy knows no ml_dtypes.bfloat16)
+        out = np.empty(shape, dtype=np.int16)
+        result = torch.from_numpy(out).view(torch.bfloat16)
+        out = out.view(query_array.dtype)
+    else:
+        out = np.empty(shape, dtype=query_array.dtype)
+        result = torch.from_numpy(out)
+    _attend(out.transpose(0, 2, 1, 3), query_array, key, value, attn_mask, is_causal, scale,
+            enable_gqa, window, alignment, key_lengths, q_offset, k_offset, softcap, sinks)
+    return result
+
+
 def attention_into(out, query, key, value, attn_mask=None, is_causal=False, scale=None,
                    enable_gqa=False, window=None, alignment="top_left", key_lengths=None,
                    q_offset=None, k_offset=None, softcap=None, sinks=None):
     """cattn.scaled_dot_product_attention on tensors, written into the tensor `out`
     (any strides); integer tensors (lengths, offsets) may stand for ints."""
+    _attend(numpy_view(out, "out"), numpy_view(query, "query"), key, value, attn_mask,
+            is_causal, scale, enable_gqa, window, alignment, key_lengths, q_offset, k_offset, softcap, sinks)
+    return out
+
+
+def _attend(out, query, key, value, attn_mask, is_causal, scale, enable_gqa, window,
+            alignment, key_lengths, q_offset, k_offset, softcap, sinks):
+    """attention_into with `out` and `query` already NumPy views."""
     if sinks is not None and sinks.dtype not in (torch.float32, torch.float64):
         sinks = sinks.float()  # a handful of logits: the kernel takes them in float32
     if isinstance(key_lengths, torch.Tensor):
@@ -99,13 +137,11 @@ def attention_into(out, query, key, value, attn_mask=None, is_causal=False, scal
     if isinstance(k_offset, torch.Tensor):
         k_offset = numpy_view(k_offset, "k_offset")
     cattn.scaled_dot_product_attention(
-        numpy_view(query, "query"), numpy_view(key, "key"), numpy_view(value, "value"),
+        query, numpy_view(key, "key"), numpy_view(value, "value"),
         None if attn_mask is None else numpy_view(attn_mask, "attn_mask"), is_causal, scale,
         enable_gqa=enable_gqa, window=window, alignment=alignment, key_lengths=key_lengths,
         q_offset=q_offset, k_offset=k_offset, softcap=softcap,
-        sinks=None if sinks is None else numpy_view(sinks, "sinks"),
-        out=numpy_view(out, "out"))
-    return out
+        sinks=None if sinks is None else numpy_view(sinks, "sinks"), out=out)
 
 
 @torch.library.custom_op("cattn::scaled_dot_product_attention", mutates_args=(),
@@ -149,6 +185,13 @@ def _setup_context(ctx, inputs, output):
 _operator.register_autograd(_no_gradient, setup_context=_setup_context)
 
 
+def traced(*tensors):
+    """Whether a call on these tensors (None: absent) is traced, by torch.compile or
+    torch.export, or recorded by autograd: then it must be the operator, which they see."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors))
+
+
 def _as_tensor(x):
     return x if x is None or isinstance(x, torch.Tensor) else torch.tensor(x)
 
@@ -175,15 +218,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     RuntimeError
         On the backward pass: cattn computes inference only.
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-            query.requires_grad or key.requires_grad or value.requires_grad
-            or (sinks is not None and sinks.requires_grad))):
+    if traced(query, key, value, sinks):
         left, right = (None, None) if window is None else window
         return _operator(query, key, value, attn_mask, is_causal, scale,
                          enable_gqa=enable_gqa, window_left=left, window_right=right,
                          alignment=alignment, key_lengths=_as_tensor(key_lengths),
                          q_offset=_as_tensor(q_offset), k_offset=_as_tensor(k_offset),
                          softcap=softcap, sinks=sinks)
+    if one_batch_axis(query, key, value):
+        return attention_heads_last(query, key, value, attn_mask, is_causal, scale,
+                                    enable_gqa, window, alignment, key_lengths, q_offset,
+                                    k_offset, softcap, sinks).transpose(1, 2)
     out = empty_result(query, key, value, enable_gqa)
     return attention_into(out, query, key, value, attn_mask, is_causal, scale, enable_gqa,
                           window, alignment, key_lengths, q_offset, k_offset, softcap, sinks)

@@ -186,18 +186,23 @@ def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0
         mask, causal, window = attention_mask, False, None
         if mask.is_floating_point() and mask.dtype not in (torch.float32, torch.float64):
             mask = mask.float()  # additive masks of 16-bit models: cattn adds in float32
-    if (query.shape[2] == 1 and query.shape[1] != key.shape[1] and s_aux is None
-            and (mask is None or mask.shape[1] == 1) and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
-                                                   or value.requires_grad))):
+    enable_gqa = query.shape[1] != key.shape[1]
+    if (cattn_torch.traced(query, key, value, s_aux)
+            or not cattn_torch.one_batch_axis(query, key, value)):
+        out = cattn_torch.scaled_dot_product_attention(
+            query, key, value, mask, causal, scaling, enable_gqa=enable_gqa, window=window,
+            alignment=alignment, q_offset=q_offset, k_offset=k_offset, softcap=softcap,
+            sinks=s_aux)
+        return out.transpose(1, 2), None
+    if (query.shape[2] == 1 and enable_gqa and s_aux is None
+            and (mask is None or mask.shape[1] == 1)):
         visible = _visible_keys(key.shape[2], causal, window, alignment, q_offset, k_offset)
         if visible is not None:
             return _one_token_grouped(query, key, value, mask, visible, scaling, softcap), None
-    out = cattn_torch.scaled_dot_product_attention(
-        query, key, value, mask, causal, scaling, enable_gqa=query.shape[1] != key.shape[1],
-        window=window, alignment=alignment, q_offset=q_offset, k_offset=k_offset,
-        softcap=softcap, sinks=s_aux)
-    return out.transpose(1, 2), None
+    # (the operator's eager path, without its checks and transposes)
+    return cattn_torch.attention_heads_last(
+        query, key, value, mask, causal, scaling, enable_gqa, window, alignment, None,
+        q_offset, k_offset, softcap, s_aux), None
 
 
 def _visible_keys(S, causal, window, alignment, q_offset, k_offset):
