@@ -316,12 +316,20 @@ def test_compiled_model_calls_the_operator(hf, torch):
     model = decoder(hf, "mistral")
     ids, mask = prompts(torch)
     want = logits_with(torch, model, "eager", ids, mask)
+    compiled_logits_match(torch, model, ids, mask, want,
+                          torch._dynamo.backends.debugging.aot_eager)
+
+
+def compiled_logits_match(torch, model, ids, mask, want, backend):
+    """model compiled by `backend`, running cattn: the graphs it compiles hold the cattn
+    operator once per layer (a graph break would run the layers' eager path instead),
+    and its logits match `want`."""
     model.set_attn_implementation("cattn")
     targets = []
 
     def recording_backend(graph_module, example_inputs):
         targets.extend(node.target for node in graph_module.graph.nodes)
-        return torch._dynamo.backends.debugging.aot_eager(graph_module, example_inputs)
+        return backend(graph_module, example_inputs)
 
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=recording_backend)
@@ -359,27 +367,13 @@ def test_output_attentions_match_eager(hf, torch, family):
 
 def test_inductor_compiled_model_matches_eager(hf, torch):
     """torch.compile(model) with the default backend, inductor (which generates C++ for
-    the rest of the graph around the operator), matches eager; the graphs it compiles
-    hold the cattn operator once per layer (a graph break would run the layers' eager
-    path instead)."""
-    from torch._inductor.compile_fx import compile_fx
+    the rest of the graph around the operator), matches eager with the operator in the
+    graphs."""
+    from torch._inductor.compile_fx import compile_fx  # what backend="inductor" runs
     model = decoder(hf, "llama")
     ids, mask = prompts(torch)
     want = logits_with(torch, model, "eager", ids, mask)
-    model.set_attn_implementation("cattn")
-    targets = []
-
-    def inductor_recording_targets(graph_module, example_inputs):
-        targets.extend(node.target for node in graph_module.graph.nodes)
-        return compile_fx(graph_module, example_inputs)  # what backend="inductor" runs
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=inductor_recording_targets)
-    with torch.no_grad():
-        got = compiled(ids, attention_mask=mask).logits
-    op = torch.ops.cattn.scaled_dot_product_attention.default
-    assert targets.count(op) == COMMON["num_hidden_layers"]
-    assert_valid_positions_close(got, want, mask, atol=1e-5 * max(1.0, want.abs().max()))
+    compiled_logits_match(torch, model, ids, mask, want, compile_fx)
 
 
 def test_masks_stay_native(hf, torch):
