@@ -20,6 +20,8 @@
   heads share their key/value heads without copies, and the result is written straight
   into the (batch, L, heads, Ev) tensor the model reshapes. The layer's `scaling`,
   `softcap` and `s_aux` (attention sinks) are applied inside the kernel.
+  `output_attentions=True` returns each layer's (batch, heads, L, S) weights as eager
+  does (outside torch.compile).
 - `cattn_mask` to `transformers.masking_utils.AttentionMaskInterface`: instead of a dense
   (batch, 1, L, S) mask, the model's mask becomes an `AttentionPattern` (causal or not, a
   sliding window, the queries' and keys' positions, and one row of valid keys per sequence
