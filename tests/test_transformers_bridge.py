@@ -316,12 +316,20 @@ def test_compiled_model_calls_the_operator(hf, torch):
     model = decoder(hf, "mistral")
     ids, mask = prompts(torch)
     want = logits_with(torch, model, "eager", ids, mask)
+    compiled_logits_match(torch, model, ids, mask, want,
+                          torch._dynamo.backends.debugging.aot_eager)
+
+
+def compiled_logits_match(torch, model, ids, mask, want, backend):
+    """model compiled by `backend`, running cattn: the graphs it compiles hold the cattn
+    operator once per layer (a graph break would run the layers' eager path instead),
+    and its logits match `want`."""
     model.set_attn_implementation("cattn")
     targets = []
 
     def recording_backend(graph_module, example_inputs):
         targets.extend(node.target for node in graph_module.graph.nodes)
-        return torch._dynamo.backends.debugging.aot_eager(graph_module, example_inputs)
+        return backend(graph_module, example_inputs)
 
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=recording_backend)
@@ -330,6 +338,42 @@ def test_compiled_model_calls_the_operator(hf, torch):
     op = torch.ops.cattn.scaled_dot_product_attention.default
     assert targets.count(op) == COMMON["num_hidden_layers"]
     assert_valid_positions_close(got, want, mask, atol=1e-5 * max(1.0, want.abs().max()))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])
+def test_output_attentions_match_eager(hf, torch, family):
+    """output_attentions=True: each layer's (batch, heads, L, S) weights equal eager's on
+    the rows of real tokens (likeliest bugs: the weights of the key/value head where the
+    query head's belong under grouped heads, weights before the softcap or without the
+    sink's share, or the output's layout disturbed by the weights)."""
+    model = decoder(hf, family)
+    ids, mask = prompts(torch)
+    outputs = {}
+    for implementation in ("eager", "cattn"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            outputs[implementation] = model(ids, attention_mask=mask, output_attentions=True)
+    want, got = outputs["eager"], outputs["cattn"]
+    assert len(got.attentions) == len(want.attentions) == COMMON["num_hidden_layers"]
+    valid = mask.bool()  # (rows of padding see no key: eager spreads them, cattn gives 0)
+    for got_layer, want_layer in zip(got.attentions, want.attentions):
+        assert got_layer.shape == want_layer.shape and got_layer.dtype == want_layer.dtype
+        np.testing.assert_allclose(got_layer.transpose(1, 2)[valid].numpy(),
+                                   want_layer.transpose(1, 2)[valid].numpy(), rtol=0,
+                                   atol=1e-5)  # (weights <= 1; float32 rounding ~1e-6)
+    assert_valid_positions_close(got.logits, want.logits, mask,
+                                 atol=1e-5 * max(1.0, want.logits.abs().max()))
+
+
+def test_inductor_compiled_model_matches_eager(hf, torch):
+    """torch.compile(model) with the default backend, inductor (which generates C++ for
+    the rest of the graph around the operator), matches eager with the operator in the
+    graphs."""
+    from torch._inductor.compile_fx import compile_fx  # what backend="inductor" runs
+    model = decoder(hf, "llama")
+    ids, mask = prompts(torch)
+    want = logits_with(torch, model, "eager", ids, mask)
+    compiled_logits_match(torch, model, ids, mask, want, compile_fx)
 
 
 def test_masks_stay_native(hf, torch):

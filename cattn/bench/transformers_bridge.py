@@ -24,7 +24,8 @@ from cattn.bench.timing import Runner, first_call, median, time_round_robin
 CONTEXTS = (2048, 8192, 16384)
 VOCAB = 1024  # the real embedding tables (150k-256k rows) would only add a large GEMM
 IMPLS = ("sdpa", "eager", "cattn")
-OVERHEAD_CALLS = 2000  # calls per timed batch of the per-call overhead
+OVERHEAD_CALLS = 100  # calls per timed batch of the per-call overhead
+OVERHEAD_ROUNDS_PER_REP = 20  # interleaved batches of each, per repetition
 
 # name: (config class, options, float32 and bfloat16?, implementations compared,
 #        prefill length, decode contexts)
@@ -161,7 +162,9 @@ def _model_rows(name: str, dtype_name: str, config: BenchConfig) -> List[Dict[st
 
 def _per_call_overhead(reps: int) -> Dict[str, Any]:
     """The bridge's cost per call over a direct cattn call on the same memory (L = S = 16,
-    Qwen2.5-0.5B's heads, causal), both on one thread: medians of interleaved batches."""
+    Qwen2.5-0.5B's heads, causal), both on one thread: short batches of each, interleaved,
+    timed by the thread's CPU clock (a loaded machine's waits for a core do not count),
+    and the median of the per-round differences."""
     import torch
     import cattn
     from cattn.integrations.transformers import AttentionPattern, cattn_attention_forward
@@ -183,15 +186,17 @@ def _per_call_overhead(reps: int) -> Dict[str, Any]:
     with cattn.threads(1), torch.inference_mode():
         for name in calls:
             calls[name]()
-        for _ in range(max(reps, 5)):
+        for _ in range(OVERHEAD_ROUNDS_PER_REP * max(reps, 5)):
             for name, call in calls.items():
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 for _ in range(number):
                     call()
-                times[name].append((time.perf_counter() - t0) / number)
-    direct, bridge = median(times["direct"]), median(times["bridge"])
-    return {"direct_us": direct * 1e6, "bridge_us": bridge * 1e6,
-            "overhead_us": (bridge - direct) * 1e6}
+                times[name].append((time.thread_time() - t0) / number)
+    differences = [b - d for b, d in zip(times["bridge"], times["direct"])]
+    return {"direct_us": median(times["direct"]) * 1e6,
+            "bridge_us": median(times["bridge"]) * 1e6,
+            "overhead_us": median(differences) * 1e6,
+            "calls": number * len(times["direct"]), "clock": "thread CPU time"}
 
 
 def run_transformers_preset(config: BenchConfig) -> Dict[str, Any]:
@@ -230,5 +235,7 @@ def format_transformers_cases(result: Dict[str, Any]) -> str:
     overhead = result["bridge_overhead"]
     lines.append(f"   bridge per call at L = S = 16 (14 heads, 2 kv heads, E = 64, 1 thread): "
                  f"direct cattn {overhead['direct_us']:.1f} us, through the bridge "
-                 f"{overhead['bridge_us']:.1f} us: +{overhead['overhead_us']:.1f} us")
+                 f"{overhead['bridge_us']:.1f} us (medians); +{overhead['overhead_us']:.1f} "
+                 f"us (median of {overhead['calls'] // OVERHEAD_CALLS} interleaved rounds' "
+                 f"differences, {overhead['clock']})")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ The operator computes inference only: a forward pass works on tensors that requi
 """
 from typing import Optional
 
+import numpy as np
 import torch
 
 import cattn
@@ -85,11 +86,70 @@ def empty_result(query, key, value, enable_gqa):
     return torch.empty(tuple(batch) + (L, Ev), dtype=query.dtype)
 
 
+def one_batch_axis(query, key, value):
+    """Whether the operands are (batch, heads, length, features) of one batch size, as
+    `attention_heads_last` takes them."""
+    return query.dim() == 4 and key.shape[0] == value.shape[0] == query.shape[0]
+
+
+def attention_heads_last(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                         enable_gqa=False, window=None, alignment="top_left", key_lengths=None,
+                         q_offset=None, k_offset=None, softcap=None, sinks=None,
+                         return_weights=False):
+    """cattn.scaled_dot_product_attention of (batch, heads, L, E) tensors of one batch
+    size (see `one_batch_axis`), returned as a new (batch, L, heads, Ev) tensor: the
+    layout models reshape to (batch, L, features) for free. With return_weights, the
+    pair of it and the (batch, heads, L, S) attention weights in the query's dtype."""
+    query_array = numpy_view(query, "query")  # (first: its dtype and device are checked)
+    batch, heads, L = query.shape[:3]
+    shape = (batch, L, heads, value.shape[-1])
+    out = result = None
+    if L > 1:  # (one query: cattn's own (batch, heads, 1, Ev) result has that layout)
+        # NumPy's memory, shared with the tensor: torch.empty's costs more per call
+        # (fresh pages from its allocator), and cattn writes through a NumPy transpose
+        out = np.empty(shape, dtype=query_array.dtype)
+        result = tensor_view(out)
+        out = out.transpose(0, 2, 1, 3)
+    returned = _attend(out, query_array, key, value, attn_mask, is_causal, scale, enable_gqa,
+                       window, alignment, key_lengths, q_offset, k_offset, softcap, sinks,
+                       return_weights)
+    if return_weights:
+        returned, weights = returned
+    if result is None:
+        result = tensor_view(returned).view(shape)
+    return (result, tensor_view(weights)) if return_weights else result
+
+
+def attention_contiguous(query, key, value, attn_mask=None, scale=None, softcap=None):
+    """cattn.scaled_dot_product_attention of tensors (no other option) as the new
+    contiguous (..., L, Ev) tensor cattn returns."""
+    return tensor_view(_attend(None, numpy_view(query, "query"), key, value, attn_mask,
+                               False, scale, False, None, "top_left", None, None, None,
+                               softcap, None))
+
+
+def tensor_view(array):
+    """A NumPy array as a tensor of the same memory (ml_dtypes.bfloat16 as
+    torch.bfloat16): the inverse of `numpy_view`."""
+    if array.dtype.kind == "V":  # bfloat16, which torch.from_numpy does not know
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 def attention_into(out, query, key, value, attn_mask=None, is_causal=False, scale=None,
                    enable_gqa=False, window=None, alignment="top_left", key_lengths=None,
                    q_offset=None, k_offset=None, softcap=None, sinks=None):
     """cattn.scaled_dot_product_attention on tensors, written into the tensor `out`
     (any strides); integer tensors (lengths, offsets) may stand for ints."""
+    _attend(numpy_view(out, "out"), numpy_view(query, "query"), key, value, attn_mask,
+            is_causal, scale, enable_gqa, window, alignment, key_lengths, q_offset, k_offset, softcap, sinks)
+    return out
+
+
+def _attend(out, query, key, value, attn_mask, is_causal, scale, enable_gqa, window,
+            alignment, key_lengths, q_offset, k_offset, softcap, sinks, return_weights=False):
+    """cattn.scaled_dot_product_attention on tensors, `out` (or None) and `query` already
+    NumPy views: what it returns, NumPy arrays."""
     if sinks is not None and sinks.dtype not in (torch.float32, torch.float64):
         sinks = sinks.float()  # a handful of logits: the kernel takes them in float32
     if isinstance(key_lengths, torch.Tensor):
@@ -98,14 +158,13 @@ def attention_into(out, query, key, value, attn_mask=None, is_causal=False, scal
         q_offset = numpy_view(q_offset, "q_offset")
     if isinstance(k_offset, torch.Tensor):
         k_offset = numpy_view(k_offset, "k_offset")
-    cattn.scaled_dot_product_attention(
-        numpy_view(query, "query"), numpy_view(key, "key"), numpy_view(value, "value"),
+    return cattn.scaled_dot_product_attention(
+        query, numpy_view(key, "key"), numpy_view(value, "value"),
         None if attn_mask is None else numpy_view(attn_mask, "attn_mask"), is_causal, scale,
         enable_gqa=enable_gqa, window=window, alignment=alignment, key_lengths=key_lengths,
         q_offset=q_offset, k_offset=k_offset, softcap=softcap,
-        sinks=None if sinks is None else numpy_view(sinks, "sinks"),
-        out=numpy_view(out, "out"))
-    return out
+        sinks=None if sinks is None else numpy_view(sinks, "sinks"), out=out,
+        return_weights=return_weights)
 
 
 @torch.library.custom_op("cattn::scaled_dot_product_attention", mutates_args=(),
@@ -149,6 +208,13 @@ def _setup_context(ctx, inputs, output):
 _operator.register_autograd(_no_gradient, setup_context=_setup_context)
 
 
+def traced(*tensors):
+    """Whether a call on these tensors (None: absent) is traced, by torch.compile or
+    torch.export, or recorded by autograd: then it must be the operator, which they see."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors))
+
+
 def _as_tensor(x):
     return x if x is None or isinstance(x, torch.Tensor) else torch.tensor(x)
 
@@ -175,15 +241,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     RuntimeError
         On the backward pass: cattn computes inference only.
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-            query.requires_grad or key.requires_grad or value.requires_grad
-            or (sinks is not None and sinks.requires_grad))):
+    if traced(query, key, value, sinks):
         left, right = (None, None) if window is None else window
         return _operator(query, key, value, attn_mask, is_causal, scale,
                          enable_gqa=enable_gqa, window_left=left, window_right=right,
                          alignment=alignment, key_lengths=_as_tensor(key_lengths),
                          q_offset=_as_tensor(q_offset), k_offset=_as_tensor(k_offset),
                          softcap=softcap, sinks=sinks)
+    if one_batch_axis(query, key, value):
+        return attention_heads_last(query, key, value, attn_mask, is_causal, scale,
+                                    enable_gqa, window, alignment, key_lengths, q_offset,
+                                    k_offset, softcap, sinks).transpose(1, 2)
     out = empty_result(query, key, value, enable_gqa)
     return attention_into(out, query, key, value, attn_mask, is_causal, scale, enable_gqa,
                           window, alignment, key_lengths, q_offset, k_offset, softcap, sinks)

@@ -20,6 +20,8 @@
   heads share their key/value heads without copies, and the result is written straight
   into the (batch, L, heads, Ev) tensor the model reshapes. The layer's `scaling`,
   `softcap` and `s_aux` (attention sinks) are applied inside the kernel.
+  `output_attentions=True` returns each layer's (batch, heads, L, S) weights as eager
+  does (outside torch.compile).
 - `cattn_mask` to `transformers.masking_utils.AttentionMaskInterface`: instead of a dense
   (batch, 1, L, S) mask, the model's mask becomes an `AttentionPattern` (causal or not, a
   sliding window, the queries' and keys' positions, and one row of valid keys per sequence
@@ -186,18 +188,44 @@ def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0
         mask, causal, window = attention_mask, False, None
         if mask.is_floating_point() and mask.dtype not in (torch.float32, torch.float64):
             mask = mask.float()  # additive masks of 16-bit models: cattn adds in float32
-    if (query.shape[2] == 1 and query.shape[1] != key.shape[1] and s_aux is None
-            and (mask is None or mask.shape[1] == 1) and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
-                                                   or value.requires_grad))):
+    enable_gqa = query.shape[1] != key.shape[1]
+    if kwargs.get("output_attentions"):
+        return _with_weights(query, key, value, mask, causal, scaling, enable_gqa, window,
+                             alignment, q_offset, k_offset, softcap, s_aux)
+    if (cattn_torch.traced(query, key, value, s_aux)
+            or not cattn_torch.one_batch_axis(query, key, value)):
+        out = cattn_torch.scaled_dot_product_attention(
+            query, key, value, mask, causal, scaling, enable_gqa=enable_gqa, window=window,
+            alignment=alignment, q_offset=q_offset, k_offset=k_offset, softcap=softcap,
+            sinks=s_aux)
+        return out.transpose(1, 2), None
+    if (query.shape[2] == 1 and enable_gqa and s_aux is None
+            and (mask is None or mask.shape[1] == 1)):
         visible = _visible_keys(key.shape[2], causal, window, alignment, q_offset, k_offset)
         if visible is not None:
             return _one_token_grouped(query, key, value, mask, visible, scaling, softcap), None
-    out = cattn_torch.scaled_dot_product_attention(
-        query, key, value, mask, causal, scaling, enable_gqa=query.shape[1] != key.shape[1],
-        window=window, alignment=alignment, q_offset=q_offset, k_offset=k_offset,
-        softcap=softcap, sinks=s_aux)
-    return out.transpose(1, 2), None
+    # (the operator's eager path, without its checks and transposes)
+    return cattn_torch.attention_heads_last(
+        query, key, value, mask, causal, scaling, enable_gqa, window, alignment, None,
+        q_offset, k_offset, softcap, s_aux), None
+
+
+def _with_weights(query, key, value, mask, causal, scaling, enable_gqa, window, alignment,
+                  q_offset, k_offset, softcap, s_aux):
+    """output_attentions=True: the output and the (batch, Hq, L, S) weights, as eager
+    returns them (a row that sees no key has weights 0 here)."""
+    if cattn_torch.traced(query, key, value, s_aux):
+        raise ValueError("cattn returns attention weights (output_attentions=True) outside "
+                         "torch.compile and autograd only: call the model under "
+                         "torch.no_grad() without compiling it, or use "
+                         "attn_implementation='eager'")
+    if not cattn_torch.one_batch_axis(query, key, value):
+        raise ValueError(f"output_attentions=True needs (batch, heads, L, E) operands of "
+                         f"one batch size, got query {tuple(query.shape)}, key "
+                         f"{tuple(key.shape)} and value {tuple(value.shape)}")
+    return cattn_torch.attention_heads_last(
+        query, key, value, mask, causal, scaling, enable_gqa, window, alignment, None,
+        q_offset, k_offset, softcap, s_aux, return_weights=True)
 
 
 def _visible_keys(S, causal, window, alignment, q_offset, k_offset):
@@ -222,16 +250,14 @@ def _one_token_grouped(query, key, value, mask, visible, scaling, softcap):
     key/value head reads each key once, where one row per query head would re-read the
     keys for every head of the group."""
     batch, heads, _, features = query.shape
-    kv_heads, value_features = key.shape[1], value.shape[-1]
+    kv_heads = key.shape[1]
     lo, hi = visible
-    group = heads // kv_heads
-    out = torch.empty((batch, 1, heads, value_features), dtype=query.dtype)
-    cattn_torch.attention_into(
-        out.view(batch, kv_heads, group, value_features),
-        query.reshape(batch, kv_heads, group, features), key[:, :, lo:hi],
+    # (cattn's (batch, kv_heads, group, Ev) result is the (batch, 1, heads, Ev) one in memory)
+    out = cattn_torch.attention_contiguous(
+        query.reshape(batch, kv_heads, heads // kv_heads, features), key[:, :, lo:hi],
         value[:, :, lo:hi], None if mask is None else mask[..., lo:hi], scale=scaling,
         softcap=softcap)
-    return out
+    return out.view(batch, 1, heads, value.shape[-1])
 
 
 def register():
