@@ -177,6 +177,7 @@ def packs_weights(dtype: DTypeLike) -> bool:
 INT8_LINEARS = ("qkv", "ff_in", "ff_out")
 QUANTIZATIONS = (None, "int8")
 
+
 def _dense(rows: NDArray[Any], quantized: Any, weight: NDArray[Any],
            bias: NDArray[Any]) -> NDArray[Any]:
     """rows (M, in) · weight (in, out) + bias, a new array: in int8 products when

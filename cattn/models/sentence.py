@@ -215,9 +215,9 @@ class SentenceEncoder:
         "highest". Attention is always computed in the
         model's dtype. Settable after loading.
     quantize : None (default: the encoder's setting), or "int8": the linear layers
-        (bert.INT8_LINEARS) take int8
-        products with int32 sums -- weights quantized once per output, each token's
-        activations per row at run time -- dequantized with the bias on the way out;
+        (bert.INT8_LINEARS) take int8 products with int32 sums -- weights quantized once
+        per output, each token's activations per row at run time -- dequantized with the
+        bias on the way out;
         attention, layer norms, GELU and pooling stay float32 (float32 models only).
         all-MiniLM-L6-v2: see scripts/int8_quality.py for the measured agreement with the
         float32 embeddings. Settable after loading; it is the encoder's own
