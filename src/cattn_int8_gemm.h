@@ -347,7 +347,8 @@ CATTN_I8_TARGET_AVX512 static void i8_gemm_avx512(i8_size rows, i8_size N, i8_si
                 for (i8_size r0 = 0; r0 < rb; r0 += I8_MR512) {
                     int mr = (int)(rb - r0 < I8_MR512 ? rb - r0 : I8_MR512);
                     const uint8_t *x = a + (rb0 + r0) * lda + kb0 * 4;
-                    int32_t *tile = sums + r0 * 64;
+                    /* one input block: no partial sums to keep, one tile's room */
+                    int32_t *tile = kg > k_block_groups ? sums + r0 * 64 : sums;
                     switch (mr * 8 + np) {
                         I8_TILE512_ROWS(1) I8_TILE512_ROWS(2) I8_TILE512_ROWS(3)
                         I8_TILE512_ROWS(4)
