@@ -291,20 +291,17 @@ I8_INLINE int32_t i8_load4(const uint8_t *p)
     return v;
 }
 
-/* AVX-512 VNNI: mr rows × np panels of 16 outputs in registers, over kg groups of 4
- * inputs; the sums start from `tile` (row stride 64) when `accumulate`, else from zero */
+/* AVX-512 VNNI: mr rows × np panels of 16 outputs in registers */
 #define I8_MR512 6
 #define I8_NP512 4
 CATTN_I8_TARGET_AVX512 I8_INLINE void i8_tile_avx512(int mr, int np, i8_size kg,
                                                       const uint8_t *a, i8_size lda,
                                                       const int8_t *w, i8_size panel_bytes,
-                                                      int32_t *tile, int accumulate)
+                                                      int32_t *tile)
 {
     __m512i acc[I8_MR512][I8_NP512];
     for (int r = 0; r < mr; r++)
-        for (int p = 0; p < np; p++)
-            acc[r][p] = accumulate ? _mm512_loadu_si512(tile + r * 64 + p * 16)
-                                   : _mm512_setzero_si512();
+        for (int p = 0; p < np; p++) acc[r][p] = _mm512_setzero_si512();
     for (i8_size g = 0; g < kg; g++) {
         __m512i wv[I8_NP512];
         for (int p = 0; p < np; p++) wv[p] = _mm512_loadu_si512(w + p * panel_bytes + g * 64);
@@ -319,43 +316,27 @@ CATTN_I8_TARGET_AVX512 I8_INLINE void i8_tile_avx512(int mr, int np, i8_size kg,
 }
 
 #define I8_TILE512_CASE(MR, NP) \
-    case (MR) * 8 + (NP): \
-        i8_tile_avx512(MR, NP, kgb, x, lda, w, panel_bytes, tile, kb0 > 0); break;
+    case (MR) * 8 + (NP): i8_tile_avx512(MR, NP, kg, x, lda, w, panel_bytes, tile); break;
 #define I8_TILE512_ROWS(NP) I8_TILE512_CASE(1, NP) I8_TILE512_CASE(2, NP) \
     I8_TILE512_CASE(3, NP) I8_TILE512_CASE(4, NP) I8_TILE512_CASE(5, NP) I8_TILE512_CASE(6, NP)
 
-/* Inputs are taken CATTN_I8_K_BLOCK at a time: a 64-output slice of the weight is then
- * 4 · K_BLOCK = 24 KB, held in the 48 KB L1 cache while every row tile of the block reads
- * it (past that, e.g. the 96 KB slice of a 1536-input layer, each row tile streamed it
- * again from L2). The partial int32 sums of a block of rows wait in `sums` between input
- * blocks: integer sums, exact in any order. */
-#define CATTN_I8_K_BLOCK 384
 CATTN_I8_TARGET_AVX512 static void i8_gemm_avx512(i8_size rows, i8_size N, i8_size kg,
                                                   const uint8_t *a, i8_size lda,
                                                   const int8_t *packed, const i8_epilogue *e)
 {
-    int32_t sums[CATTN_I8_ROW_BLOCK * 64];
-    const i8_size panel_bytes = kg * 64, k_block_groups = CATTN_I8_K_BLOCK / 4;
-    for (i8_size rb0 = 0; rb0 < rows; rb0 += CATTN_I8_ROW_BLOCK) {
-        i8_size rb = rows - rb0 < CATTN_I8_ROW_BLOCK ? rows - rb0 : CATTN_I8_ROW_BLOCK;
-        for (i8_size n0 = 0; n0 < N; n0 += 64) {
-            int np = (int)((N - n0 + 15) / 16 < I8_NP512 ? (N - n0 + 15) / 16 : I8_NP512);
-            i8_size cols = N - n0 < 64 ? N - n0 : 64;
-            for (i8_size kb0 = 0; kb0 < kg; kb0 += k_block_groups) {
-                i8_size kgb = kg - kb0 < k_block_groups ? kg - kb0 : k_block_groups;
-                const int8_t *w = packed + (n0 / 16) * panel_bytes + kb0 * 64;
-                for (i8_size r0 = 0; r0 < rb; r0 += I8_MR512) {
-                    int mr = (int)(rb - r0 < I8_MR512 ? rb - r0 : I8_MR512);
-                    const uint8_t *x = a + (rb0 + r0) * lda + kb0 * 4;
-                    /* one input block: no partial sums to keep, one tile's room */
-                    int32_t *tile = kg > k_block_groups ? sums + r0 * 64 : sums;
-                    switch (mr * 8 + np) {
-                        I8_TILE512_ROWS(1) I8_TILE512_ROWS(2) I8_TILE512_ROWS(3)
-                        I8_TILE512_ROWS(4)
-                    }
-                    if (kb0 + kgb == kg) i8_write_tile(e, tile, 64, mr, rb0 + r0, n0, cols);
-                }
+    int32_t tile[I8_MR512 * 64];
+    const i8_size panel_bytes = kg * 64;
+    for (i8_size n0 = 0; n0 < N; n0 += 64) {
+        int np = (int)((N - n0 + 15) / 16 < I8_NP512 ? (N - n0 + 15) / 16 : I8_NP512);
+        i8_size cols = N - n0 < 64 ? N - n0 : 64;
+        const int8_t *w = packed + (n0 / 16) * panel_bytes;
+        for (i8_size r0 = 0; r0 < rows; r0 += I8_MR512) {
+            int mr = (int)(rows - r0 < I8_MR512 ? rows - r0 : I8_MR512);
+            const uint8_t *x = a + r0 * lda;
+            switch (mr * 8 + np) {
+                I8_TILE512_ROWS(1) I8_TILE512_ROWS(2) I8_TILE512_ROWS(3) I8_TILE512_ROWS(4)
             }
+            i8_write_tile(e, tile, 64, mr, r0, n0, cols);
         }
     }
 }

@@ -7,9 +7,10 @@ linear_int8) on every int8 path this CPU runs (avx512_vnni, avx_vnni, avx2, port
   the float product of the unquantized operands.
 
 Shapes straddle the tiles (6 rows; 16- and 64-output panels), groups of 4 inputs (K not a
-multiple of 4), the 16-float vectors of the row quantization, the 96-row blocks and the
-blocks of 384 inputs (K = 1536, the second feed-forward layer's; K = 385 and 1000, a last
-block of 4 and of 232 inputs).
+multiple of 4), the 16-float vectors of the row quantization, the 96-row blocks, and long
+rows: K = 1536 (the second feed-forward layer's) over several row blocks and output
+slices, and K = 385 and 1000, which a kernel blocking its inputs by 384 would end with a
+short block.
 """
 import os
 import subprocess
