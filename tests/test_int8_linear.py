@@ -7,7 +7,10 @@ linear_int8) on every int8 path this CPU runs (avx512_vnni, avx_vnni, avx2, port
   the float product of the unquantized operands.
 
 Shapes straddle the tiles (6 rows; 16- and 64-output panels), groups of 4 inputs (K not a
-multiple of 4), the 16-float vectors of the row quantization and the 96-row blocks.
+multiple of 4), the 16-float vectors of the row quantization, the 96-row blocks, and long
+rows: K = 1536 (the second feed-forward layer's) over several row blocks and output
+slices, and K = 385 and 1000, which a kernel blocking its inputs by 384 would end with a
+short block.
 """
 import os
 import subprocess
@@ -24,7 +27,8 @@ PATHS = [pytest.param(name, id=name, marks=pytest.mark.skipif(
     for name in ops.INT8_PATHS]
 # (rows, outputs, inputs)
 SHAPES = [(1, 1, 1), (1, 17, 5), (7, 33, 130), (13, 64, 384), (6, 100, 67), (97, 48, 1536),
-          (200, 31, 3), (12, 129, 17), (5, 1, 64)]
+          (200, 31, 3), (12, 129, 17), (5, 1, 64), (101, 130, 1536), (98, 70, 1000),
+          (7, 20, 385)]
 
 
 def rng_for(*key):

@@ -20,21 +20,21 @@ TOKENS_PER_GROUP = 512
 MIN_ROWS_PER_THREAD = 32
 
 
-def packed_forward(encoder, ids, offsets, num_threads=None, matmul_precision="highest",
-                   quantize=None):
+def packed_forward(encoder, ids, offsets, num_threads=None, matmul_precision="highest"):
     """Last hidden states (T, hidden) of a BertEncoder for packed sequences.
 
     ids : (T,) int64, the token ids of all sequences one after another
     offsets : (B + 1,) int64, sequence b is ids[offsets[b]:offsets[b + 1]]
     matmul_precision : of the float32 linear layers (see SentenceEncoder)
-    quantize : None, or "int8": int8 products in the linear layers (see SentenceEncoder)
+
+    The linear layers are quantized as the encoder's `quantize` says.
 
     Sequences go through in groups of about TOKENS_PER_GROUP tokens. The GEMMs run on the
     real tokens only; attention runs on a padded (B, L, 3·E) copy of Q/K/V with each
     sequence's key length. Token types are 0 (single sentences).
     """
     out = np.empty((ids.shape[0], encoder.config.hidden_size), encoder.dtype)
-    weights = layer_weights(encoder, matmul_precision, quantize)
+    weights = layer_weights(encoder, matmul_precision)
     # Plain (unpacked) weights are BLAS's GEMMs, run inside cattn's threads: one BLAS
     # thread each, for this call only. Packed ones never call BLAS: its settings are left.
     calls_blas = any(isinstance(w, np.ndarray) and w.ndim == 2 for ws in weights for w in ws)
@@ -43,10 +43,10 @@ def packed_forward(encoder, ids, offsets, num_threads=None, matmul_precision="hi
     return out
 
 
-def layer_weights(encoder, matmul_precision="highest", quantize=None):
+def layer_weights(encoder, matmul_precision="highest"):
     """Per layer, its LinearWeights for the packed steps (packed once per precision and
-    quantization, by the layer)."""
-    return [layer.linear_weights(matmul_precision, quantize) for layer in encoder.layers]
+    the encoder's quantization, by the layer)."""
+    return encoder.linear_weights(matmul_precision)
 
 
 class _Workspace(threading.local):

@@ -11,8 +11,8 @@ core; the sentence encoders).
 import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import (Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Protocol, Tuple,
-                    Union, overload)
+from typing import (Any, Dict, List, Literal, Mapping, NamedTuple, Optional, Protocol, Sequence,
+                    Tuple, Union, overload)
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -178,6 +178,20 @@ def packs_weights(dtype: DTypeLike) -> bool:
 INT8_LINEARS = ("qkv", "ff_in", "ff_out")
 QUANTIZATIONS = (None, "int8")
 
+
+def _dense(rows: NDArray[Any], quantized: Any, weight: NDArray[Any],
+           bias: NDArray[Any]) -> NDArray[Any]:
+    """rows (M, in) · weight (in, out) + bias, a new array: in int8 products when
+    `quantized` is the layer's ops.Int8Weight (None or a packed weight: the float GEMM)."""
+    if isinstance(quantized, ops.Int8Weight):
+        out = np.empty((rows.shape[0], quantized.n_out), np.float32)
+        ops.linear_int8(rows, quantized, bias, out)
+        return out
+    out = rows @ weight
+    out += bias
+    return out
+
+
 Norm = Tuple[NDArray[Any], NDArray[Any]]          # a LayerNorm's (weight, bias)
 Linear = Tuple[NDArray[Any], NDArray[Any]]        # a dense layer's (weight (in, out), bias)
 
@@ -227,31 +241,57 @@ class BertLayer:
         return weights
 
     def padded(self, x: NDArray[Any], padding: Optional[NDArray[Any]],
-               real_rows: Optional[NDArray[Any]], eps: float, need_weights: bool = False
+               real_rows: Optional[NDArray[Any]], eps: float, need_weights: bool = False,
+               weights: Optional[LinearWeights] = None
                ) -> Tuple[NDArray[Any], Optional[NDArray[Any]]]:
         """(hidden states (B, L, E), attention weights or None) after this layer, for x
         (B, L, E) with `padding` (B, L) True at padding (or None). The feed-forward half
         (2/3 of the FLOPs) runs on `real_rows` of x seen as (B·L, E) only (None: all);
-        hidden states at padding positions are left as the attention half made them."""
-        B, L, _ = x.shape
-        attended, weights = self.attention(x, key_padding_mask=padding,
-                                           need_weights=need_weights,
-                                           average_attn_weights=False)
+        hidden states at padding positions are left as the attention half made them.
+        weights: the layer's `linear_weights(quantize=...)`, whose int8 weights replace the
+        float32 ones of their layers (None: all float32)."""
+        B, L, E = x.shape
+        if weights is None:
+            attended, attention_weights = self.attention(
+                x, key_padding_mask=padding, need_weights=need_weights,
+                average_attn_weights=False)
+        else:
+            attended, attention_weights = self._quantized_attention(x, padding, need_weights,
+                                                                    weights)
         attended += x
         x = layer_norm(attended, *self.attention_norm, eps)
-        (w_in, b_in), (w_out, b_out) = self.ff_in, self.ff_out
         all_rows = x.reshape(B * L, -1)
         rows = all_rows if real_rows is None else all_rows[real_rows]
-        hidden = rows @ w_in
-        hidden += b_in
-        ff = gelu(hidden) @ w_out
-        ff += b_out
+        ff_in, ff_out = (None, None) if weights is None else (weights.ff_in, weights.ff_out)
+        hidden = _dense(rows, ff_in, *self.ff_in)
+        ff = _dense(gelu(hidden), ff_out, *self.ff_out)
         ff += rows
         ff = layer_norm(ff, *self.output_norm, eps)
         if real_rows is None:
-            return ff.reshape(B, L, -1), weights
+            return ff.reshape(B, L, -1), attention_weights
         all_rows[real_rows] = ff  # x is this layer's own array: safe to write
-        return x, weights
+        return x, attention_weights
+
+    def _quantized_attention(self, x: NDArray[Any], padding: Optional[NDArray[Any]],
+                             need_weights: bool, weights: LinearWeights
+                             ) -> Tuple[NDArray[Any], Optional[NDArray[Any]]]:
+        """What self.attention(x, key_padding_mask=padding) computes, its projections
+        taken from `weights` (an int8 weight runs int8 products, any other the float32
+        GEMM on the attention's own weight)."""
+        attention = self.attention
+        B, L, E = x.shape
+        H = attention.num_heads
+        qkv = _dense(x.reshape(B * L, E), weights.qkv, attention.in_proj_weight.T,
+                     attention.in_proj_bias).reshape(B, L, 3, H, E // H)
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+        mask, key_lengths = attention._combine_masks(padding, None, B, L, L)
+        context = np.empty((B, L, E), x.dtype)
+        result = scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, key_lengths=key_lengths, return_weights=need_weights,
+            out=context.reshape(B, L, H, E // H).transpose(0, 2, 1, 3))
+        out = _dense(context.reshape(B * L, E), weights.out, attention.out_proj_weight.T,
+                     attention.out_proj_bias)
+        return out.reshape(B, L, E), result[1] if need_weights else None
 
     def packed(self, x: NDArray[Any], rows: "PackedRows", weights: LinearWeights,
                eps: float, num_threads: Optional[int] = None) -> None:
@@ -295,12 +335,20 @@ class BertEncoder:
     arrays; missing, unexpected or misshapen weights raise ValueError. Each layer's
     query/key/value/output projections are loaded into a `cattn.MultiHeadAttention` through
     its state dict (the separate q/k/v form).
+
+    quantize : None (default), or "int8" (float32 encoders only): the linear layers of
+        INT8_LINEARS take int8 products with exact int32 sums -- weights quantized once
+        per output, each token's activations per row at run time -- dequantized with the
+        bias on the way out; attention, the attention output projection, layer norms and
+        GELU stay float32. Settable after loading; the packed pass of the sentence models
+        reads the same setting.
     """
 
     def __init__(self, config: BertConfig, weights: Mapping[str, ArrayLike],
-                 dtype: DTypeLike = np.float32) -> None:
+                 dtype: DTypeLike = np.float32, quantize: Optional[str] = None) -> None:
         self.config = config
         self.dtype = np.dtype(dtype)
+        self.quantize = quantize
         weights = {(k[5:] if k.startswith("bert.") else k): v for k, v in weights.items()}
         expected = config.weight_shapes()
         missing = sorted(set(expected) - set(weights))
@@ -347,6 +395,25 @@ class BertEncoder:
                         w.pop(p + "output.dense.bias")),
                 output_norm=(w.pop(p + "output.LayerNorm.weight"),
                              w.pop(p + "output.LayerNorm.bias"))))
+
+    @property
+    def quantize(self) -> Optional[str]:
+        return self._quantize
+
+    @quantize.setter
+    def quantize(self, value: Optional[str]) -> None:
+        if value is not None and not (isinstance(value, str) and value in QUANTIZATIONS):
+            raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {value!r}")
+        if value is not None and self.dtype != np.float32:
+            raise ValueError(f"quantize={value!r} needs a float32 model, this one is "
+                             f"{self.dtype}")
+        self._quantize = value
+
+    def linear_weights(self, matmul_precision: str = "highest") -> List[LinearWeights]:
+        """Per layer, its LinearWeights for this encoder's quantization (see
+        BertLayer.linear_weights): what both the padded and the packed pass run."""
+        return [layer.linear_weights(matmul_precision, self.quantize)
+                for layer in self.layers]
 
     @classmethod
     def random(cls, config: BertConfig, rng: Union[None, int, np.random.Generator] = None,
@@ -405,7 +472,9 @@ class BertEncoder:
         if token_type_ids is None:
             token_type_ids = np.zeros((B, L), dtype=np.intp)
 
-        layout = PaddedLayout(padding, token_type_ids, need_weights=output_attentions)
+        layout = PaddedLayout(padding, token_type_ids, need_weights=output_attentions,
+                              layer_weights=(self.linear_weights() if self.quantize is not None
+                                             else None))
         x = self.forward(layout, input_ids)
         return (x, layout.attentions) if output_attentions else x
 
@@ -436,8 +505,10 @@ class PaddedLayout:
     (B, heads, L, L) are collected in `attentions`."""
 
     def __init__(self, padding: Optional[NDArray[Any]], token_type_ids: NDArray[Any],
-                 need_weights: bool = False) -> None:
+                 need_weights: bool = False,
+                 layer_weights: Optional[Sequence[Any]] = None) -> None:
         self.padding = padding
+        self.layer_weights = layer_weights  # per layer: its int8 linear weights, or None
         self.token_type_ids = token_type_ids
         self.need_weights = need_weights
         self.attentions: List[Optional[NDArray[Any]]] = []
@@ -456,6 +527,8 @@ class PaddedLayout:
 
     def layer(self, index: int, layer: BertLayer, x: NDArray[Any],
               eps: float) -> NDArray[Any]:
-        x, weights = layer.padded(x, self.padding, self.real_rows, eps, self.need_weights)
+        linear = None if self.layer_weights is None else self.layer_weights[index]
+        x, weights = layer.padded(x, self.padding, self.real_rows, eps, self.need_weights,
+                                  linear)
         self.attentions.append(weights)
         return x

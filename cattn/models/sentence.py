@@ -42,7 +42,7 @@ from cattn.models._folder import (MODEL_EXTRA, POOLING_MODES,  # noqa: F401 (re-
 from cattn.models._packed import (MIN_ROWS_PER_THREAD,  # noqa: F401 (re-exported)
                                   TOKENS_PER_GROUP, layer_weights, packed_forward)
 from cattn.models._safetensors import SafetensorsTensor, read_safetensors  # noqa: F401
-from cattn.models.bert import QUANTIZATIONS, BertConfig, BertEncoder
+from cattn.models.bert import BertConfig, BertEncoder
 
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", None)
@@ -214,12 +214,14 @@ class SentenceEncoder:
         when CATTN_ISA caps the path below amx), and for float64 models, the same as
         "highest". Attention is always computed in the
         model's dtype. Settable after loading.
-    quantize : None (default), or "int8": the linear layers (bert.INT8_LINEARS) take int8
-        products with int32 sums -- weights quantized once per output, each token's
-        activations per row at run time -- dequantized with the bias on the way out;
+    quantize : None (default: the encoder's setting), or "int8": the linear layers
+        (bert.INT8_LINEARS) take int8 products with int32 sums -- weights quantized once
+        per output, each token's activations per row at run time -- dequantized with the
+        bias on the way out;
         attention, layer norms, GELU and pooling stay float32 (float32 models only).
         all-MiniLM-L6-v2: see scripts/int8_quality.py for the measured agreement with the
-        float32 embeddings. Settable after loading.
+        float32 embeddings. Settable after loading; it is the encoder's own
+        `BertEncoder.quantize`, so the padded encoder call runs the same layers.
     """
 
     def __init__(self, encoder, tokenizer, *, pooling="mean", normalize=False,
@@ -246,7 +248,8 @@ class SentenceEncoder:
         self.similarity_fn_name = similarity_fn_name
         self.name = name
         self.matmul_precision = matmul_precision
-        self.quantize = quantize
+        if quantize is not None:
+            self.quantize = quantize
         self.prompts = dict(prompts or {})
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
             raise ValueError(f"default_prompt_name {default_prompt_name!r} is not one of the "
@@ -270,16 +273,13 @@ class SentenceEncoder:
 
     @property
     def quantize(self):
-        return self._quantize
+        """The encoder's quantization (BertEncoder.quantize): setting it sets the
+        encoder's."""
+        return self.encoder.quantize
 
     @quantize.setter
     def quantize(self, value):
-        if value not in QUANTIZATIONS:
-            raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {value!r}")
-        if value is not None and self.encoder.dtype != np.float32:
-            raise ValueError(f"quantize={value!r} needs a float32 model, this one is "
-                             f"{self.encoder.dtype}")
-        self._quantize = value
+        self.encoder.quantize = value
 
     @property
     def matmul_precision(self):
@@ -372,7 +372,7 @@ class SentenceEncoder:
         flat = np.fromiter((t for row in ids for t in row), dtype=np.int64,
                            count=int(offsets[-1]))
         hidden = packed_forward(self.encoder, flat, offsets, num_threads,
-                                self.matmul_precision, self.quantize)
+                                self.matmul_precision)
         E = hidden.shape[1]
         pooled = np.empty((len(ids), E * len(self.pooling)), hidden.dtype)
         for i, mode in enumerate(self.pooling):
