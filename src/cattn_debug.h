@@ -29,13 +29,14 @@ static void cattn_debug_fail(const char* what, const char* detail, const char* f
     abort();
 }
 
-/* Aborts unless the elements of `size` bytes from `first` to `last` (inclusive) lie in e. */
+/* Aborts unless the elements of `size` bytes from `first` to `last` (inclusive; last may lie
+ * before first, along a negative stride) lie in e. */
 static void cattn_debug_inside(cattn_extent e, const void* first, const void* last,
                                size_t size, const char* what, const char* file, int line) {
-    const char* a = (const char*)first;
-    const char* b = (const char*)last + size;
+    const char* a = (const char*)(first < last ? first : last);
+    const char* b = (const char*)(first < last ? last : first) + size;
     char detail[200];
-    if (a >= e.lo && b <= e.hi && a <= b)
+    if (a >= e.lo && b <= e.hi)
         return;
     snprintf(detail, sizeof detail,
              "outside its array: bytes [%td, %td) of an array of %td bytes",
