@@ -6,6 +6,11 @@ Environment variables:
                       OpenMP is missing or disabled (CI and release builds set it)
   CATTN_CFLAGS="..."  extra compiler flags (for instance "-march=native"); the default
                       build targets the baseline of the platform and picks AVX2 at run time.
+  CATTN_DEBUG=1       the debug build: the kernel checks that every read of its operands and
+                      every write of an output row, lse entry, key-mass row or weights row
+                      lies inside its array, and aborts naming the first that does not
+                      (src/cattn_debug.h); C asserts stay on (no -DNDEBUG). Switching an
+                      in-place build between the two needs `build_ext --inplace --force`.
 """
 import glob
 import os
@@ -77,9 +82,18 @@ class BuildExt(build_ext):
         if self.compiler.compiler_type != "msvc":
             extra_c = ["-O3", "-fno-math-errno", "-Wno-unused-function"]
         extra_c += shlex.split(os.environ.get("CATTN_CFLAGS", ""))
+        debug = os.environ.get("CATTN_DEBUG", "") not in ("", "0")
+        if debug:
+            # Python's own flags carry -DNDEBUG; the debug build keeps C asserts on.
+            for attribute in ("compiler", "compiler_so", "compiler_cxx"):
+                command = getattr(self.compiler, attribute, None)
+                if isinstance(command, list):
+                    command[:] = [flag for flag in command if flag != "-DNDEBUG"]
         for ext in self.extensions:
             own = EXTRA_GCC_ARGS.get(ext.name, []) if self.compiler.compiler_type != "msvc" else []
             ext.extra_compile_args = extra_c + own + (flags[0] if flags else [])
+            if debug:
+                ext.define_macros = ext.define_macros + [("CATTN_DEBUG", "1")]
             ext.extra_link_args = list(flags[1]) if flags else []
         super().build_extensions()
 

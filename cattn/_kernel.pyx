@@ -71,6 +71,16 @@ cdef extern from *:
     void cattn_prefetch_near(const void* p) nogil
     void cattn_prefetch_l2(const void* p) nogil
 
+# Bounds checks of the debug build (CATTN_DEBUG=1): nothing in the release build.
+cdef extern from "cattn_debug.h" nogil:
+    ctypedef struct cattn_extent:
+        const char* lo
+        const char* hi
+    const bint CATTN_DEBUG_BUILD
+    void CATTN_ASSERT(bint cond, const char* what)
+    void CATTN_ASSERT_INSIDE(cattn_extent extent, const void* first, const void* last,
+                             size_t size, const char* what)
+
 # Columns of the per-batch-item table built by the Python layer: element offsets of each
 # operand's (L, ·) matrix, then the item's key length and causal diagonal.
 # Packed variable-length calls (a task list) also fill the item's own query length and the
@@ -248,6 +258,9 @@ cdef struct Plan:
     const float* k_scale
     const float* v_scale
     Py_ssize_t k_scale_rs, v_scale_rs
+    # (debug build only) the bytes each operand spans, for the bounds checks
+    cattn_extent q_bytes, k_bytes, v_bytes, out_bytes, lse_bytes, weights_bytes, mass_bytes
+    cattn_extent partials_bytes
 
 
 # Per-thread statistics, one cache line apart so the threads never share a line.
@@ -633,6 +646,9 @@ cdef inline void task_of(const Plan* p, Py_ssize_t task_index, Task* t) noexcept
         t.k_begin = t.keep_begin
     if t.keep_end >= t.k_begin:
         t.keep_end = t.keep_begin
+    CATTN_ASSERT(0 <= t.n and t.n + t.members <= p.n_items, "task items")
+    CATTN_ASSERT(0 <= t.i0 and 0 < t.member_rows and t.i0 + t.member_rows <= p.L, "task rows")
+    CATTN_ASSERT(0 <= t.k_begin and t.k_end <= p.S and kv_len <= p.S, "task keys")
 
 
 cdef inline const Py_ssize_t* row_item(const Plan* p, const Task* t,
@@ -748,6 +764,10 @@ cdef void step_key_blocks(const Plan* p, const Task* t, int steps, Py_ssize_t kb
                 s1 = segment_end(p, s0, kb1)
                 if 0 < p.page_size <= SMALL_PAGE:
                     prefetch_pages(p, t, s0, s1, kb_last, k_item, v_item)
+                CATTN_ASSERT_INSIDE(p.k_bytes,
+                    k_item + key_row(p, t, s0, p.k_rs, p.k_page_stride) * p.k_size,
+                    k_item + (key_row(p, t, s1 - 1, p.k_rs, p.k_page_stride) + p.E - 1) * p.k_size,
+                    p.k_size, "key rows read")
                 block_scores(p, t, s1 - s0, q_block,
                              k_item + key_row(p, t, s0, p.k_rs, p.k_page_stride) * p.k_size,
                              t.k_scale + s0 * p.k_scale_rs if t.k_scale != NULL else NULL,
@@ -761,6 +781,10 @@ cdef void step_key_blocks(const Plan* p, const Task* t, int steps, Py_ssize_t kb
             s0 = kb0
             while s0 < kb1:
                 s1 = segment_end(p, s0, kb1)
+                CATTN_ASSERT_INSIDE(p.v_bytes,
+                    v_item + key_row(p, t, s0, p.v_rs, p.v_page_stride) * p.v_size,
+                    v_item + (key_row(p, t, s1 - 1, p.v_rs, p.v_page_stride) + p.Ev - 1) * p.v_size,
+                    p.v_size, "value rows read")
                 block_pv(p, t, s1 - s0, block + (s0 - kb0), ld,
                          v_item + key_row(p, t, s0, p.v_rs, p.v_page_stride) * p.v_size,
                          t.v_scale + s0 * p.v_scale_rs if t.v_scale != NULL else NULL, acc)
@@ -777,6 +801,8 @@ cdef void store_partials(const Plan* p, const Task* t, const floating* acc,
     cdef floating* part_row
     for r in range(t.rows):
         part_row = partials + (t.split * p.n_items * p.L + row_lse(p, t, r)) * (Ev + 2)
+        CATTN_ASSERT_INSIDE(p.partials_bytes, part_row, part_row + Ev + 1, sizeof(floating),
+            "partials row written")
         memcpy(part_row, acc + r * Ev, Ev * sizeof(floating))
         part_row[Ev] = run_max[r]
         part_row[Ev + 1] = run_sum[r]
@@ -793,6 +819,13 @@ cdef void finish_rows(const Plan* p, const Task* t, const floating* acc,
     for r in range(t.rows):
         i = t.i0 + r % t.member_rows
         out_row = out + row_item(p, t, r)[COL_OUT] + i * p.out_rs
+        CATTN_ASSERT_INSIDE(p.out_bytes, out_row, out_row + (Ev - 1) * p.out_cs, sizeof(floating),
+            "output row written")
+        if lse != NULL: CATTN_ASSERT_INSIDE(p.lse_bytes, lse + row_lse(p, t, r),
+            lse + row_lse(p, t, r), sizeof(floating), "lse entry written")
+        if p.weights_mode and t.k_end > weights_begin:
+            CATTN_ASSERT_INSIDE(p.weights_bytes, weights_rows + r * p.S + weights_begin,
+                weights_rows + r * p.S + t.k_end - 1, sizeof(floating), "weights row written")
         if run_sum[r] == 0:  # no visible key: output 0, lse -inf (never NaN)
             for j in range(Ev):
                 out_row[j * p.out_cs] = 0
@@ -818,6 +851,8 @@ cdef void sum_weight_columns(const Plan* p, const Task* t, const floating* weigh
     cdef const floating* row
     if t.k_end <= first_key:
         return
+    CATTN_ASSERT_INSIDE(p.mass_bytes, mass + first_key, mass + t.k_end - 1, sizeof(floating),
+        "key-mass row written")
     memcpy(mass + first_key, weights_rows + first_key,
            (t.k_end - first_key) * sizeof(floating))
     for r in range(1, t.rows):
@@ -855,6 +890,9 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     cdef floating* scores = acc + p.task_rows * p.Ev
     cdef floating* packed = scores + (0 if p.weights_mode else p.task_rows * p.block_k)
     cdef floating* weights_rows = NULL
+    CATTN_ASSERT_INSIDE(p.q_bytes, q + t.item[COL_Q] + t.i0 * p.q_rs,
+        q + row_item(p, &t, t.rows - 1)[COL_Q] + (t.i0 + t.member_rows - 1) * p.q_rs + p.E - 1,
+        sizeof(floating), "query rows read")
     cdef const floating* q_block = gather_queries(p, &t, q, scratch + p.queries_offset)
     cdef const char* k_item = <const char*> k + t.item[COL_K] * p.k_size
     cdef const char* v_item = <const char*> v + t.item[COL_V] * p.v_size
@@ -933,6 +971,10 @@ cdef void merge_split_row(const Plan* p, Py_ssize_t row, const floating* partial
     cdef const floating* part = partials + row * (Ev + 2)
     cdef floating* out_row = out + p.table[n * N_COLS + COL_OUT] + i * p.out_rs
     cdef floating m = -INFINITY, total = 0, w
+    CATTN_ASSERT_INSIDE(p.out_bytes, out_row, out_row + (Ev - 1) * p.out_cs, sizeof(floating),
+        "output row written")
+    if lse != NULL: CATTN_ASSERT_INSIDE(p.lse_bytes, lse + row, lse + row, sizeof(floating),
+        "lse entry written")
     # A chunk counts unless its sum is exactly 0 (nothing visible): a NaN sum or max (a
     # NaN or +inf score in the chunk) must poison the row, not vanish.
     for s in range(p.n_splits):
@@ -1217,6 +1259,8 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.k_scale_rs = p.v_scale_rs = 0
     if kv_storage is not None:
         set_kv_storage(&p, kv_storage)
+    if CATTN_DEBUG_BUILD:
+        set_extents(&p, q, k, v, out, lse, weights, key_mass, partials)
     # (a task list says how many items each of its tasks groups; else a key-mass row of
     # the scratch belongs to one item: its tasks are not grouped)
     p.group = (most_members(tasks) if tasks is not None
@@ -1317,6 +1361,30 @@ cdef void set_kv_storage(Plan* p, tuple kv_storage):
     if v_scale is not None:
         p.v_scale = <const float*> cnp.PyArray_DATA(<cnp.ndarray> v_scale)
         p.v_scale_rs = scale_stride(v_scale)
+
+
+cdef cattn_extent extent_of(object arr):
+    """The bytes an array spans from its lowest to its highest element (none: empty)."""
+    cdef cattn_extent e
+    cdef cnp.ndarray a
+    cdef int axis
+    e.lo = e.hi = <const char*> data_or_null(arr)
+    if arr is None or arr.size == 0:
+        return e
+    a = <cnp.ndarray> arr
+    e.hi += a.descr.itemsize
+    for axis in range(a.ndim):
+        if a.strides[axis] < 0:
+            e.lo += (a.shape[axis] - 1) * a.strides[axis]
+        else:
+            e.hi += (a.shape[axis] - 1) * a.strides[axis]
+    return e
+
+
+cdef void set_extents(Plan* p, q, k, v, out, lse, weights, key_mass, partials):
+    p.q_bytes, p.k_bytes, p.v_bytes = extent_of(q), extent_of(k), extent_of(v)
+    p.out_bytes, p.lse_bytes, p.weights_bytes = extent_of(out), extent_of(lse), extent_of(weights)
+    p.mass_bytes, p.partials_bytes = extent_of(key_mass), extent_of(partials)
 
 
 cdef Py_ssize_t scale_stride(cnp.ndarray scales):
@@ -1557,6 +1625,11 @@ def calls_blas(isa=None):
     """Whether the kernel calls BLAS on the given path (default: this process's path): only
     the test path "blas", and the portable path of a compiler without generic vectors."""
     return bool(cattn_isa_uses_blas(DEFAULT_ISA if isa is None else isa))
+
+
+def debug_checks():
+    """Whether this build checks the bounds of its reads and writes (CATTN_DEBUG=1)."""
+    return bool(CATTN_DEBUG_BUILD)
 
 
 def openmp_enabled():

@@ -312,6 +312,15 @@ MUTANTS = [
            "the build silently drops OpenMP: every call on one thread",
            [Edit("setup.py", 'if os.environ.get("CATTN_NO_OPENMP"):', "if True:")],
            ["tests/test_plan.py", "-k", "openmp"], env={"CI": "true"}),
+    Mutant("lse-one-row-late-in-the-debug-build",
+           "lse entries and key-chunk partials land one row late, the last past its array: "
+           "the debug build (CATTN_DEBUG=1) aborts naming the write, where the release "
+           "build writes out of bounds",
+           [Edit(KERNEL, "    return t.lse_row0 + r // t.member_rows * p.L + t.i0 + "
+                         "r % t.member_rows\n",
+                 "    return t.lse_row0 + r // t.member_rows * p.L + t.i0 + "
+                 "r % t.member_rows + 1\n")],
+           ["tests/test_varlen.py", "-k", "lse"], env={"CATTN_DEBUG": "1"}),
     # ---------------------------------------------------- packed variable-length sequences
     Mutant("varlen-tail-block-dropped",
            "a sequence's last partial block of queries is never computed (garbage rows)",
@@ -962,6 +971,9 @@ def main(argv=None):
                     status, detail = "killed", first_failure(lines)
                 elif code < 0:  # the tests crashed the interpreter (a signal): caught too
                     status, detail = "killed", f"crashed (signal {-code}) in {' '.join(m.tests)}"
+                    # (the debug build's bounds checks name the access they aborted on)
+                    detail += "".join(f": {line}" for line in lines
+                                      if line.startswith("cattn debug build:"))[:300]
                 elif code == 0:
                     status, detail = "SURVIVED", lines[-1] if lines else ""
                 else:

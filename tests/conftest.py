@@ -183,6 +183,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if missing:
         terminalreporter.write_sep("=", "missing optional peers", yellow=True)
         terminalreporter.write_line(missing_peers_line(missing))
+    if sum(_SLOW_DESELECTED):
+        n = sum(_SLOW_DESELECTED)
+        terminalreporter.write_line(f"{n} slow test{'s' * (n != 1)} deselected (64-bit "
+                                    f"indexing beyond 2^31): run them with --runslow")
 
 
 def pytest_addoption(parser):
@@ -192,15 +196,31 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test, run with --runslow")
+    config.addinivalue_line("markers", "debug_build: runs only in the debug build "
+                            "(CATTN_DEBUG=1), deselected in the release build")
+
+
+def _deselect(config, items, marker):
+    """Leave out the tests with `marker` (reported as deselected, not skipped); how many."""
+    left_out = [item for item in items if marker in item.keywords]
+    if left_out:
+        items[:] = [item for item in items if marker not in item.keywords]
+        config.hook.pytest_deselected(items=left_out)
+    return len(left_out)
+
+
+# (slow tests left out of this run, for the summary line)
+_SLOW_DESELECTED = []
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    # The debug build's abort tests hand the kernel wrong offsets on purpose: in a release
+    # build that would write out of bounds, so there they are not run at all.
+    if not _kernel.debug_checks():
+        _deselect(config, items, "debug_build")
+    # Slow tests are opted into, not skipped: a skip would say something is missing.
+    if not config.getoption("--runslow"):
+        _SLOW_DESELECTED.append(_deselect(config, items, "slow"))
 
 
 @pytest.fixture

@@ -497,6 +497,32 @@ def test_high_matmul_precision(rng):
         MiniLM(model.encoder, WordTokenizer(97), matmul_precision="low")
 
 
+def test_layers_pack_their_weights_for_the_matmul_precision(monkeypatch):
+    """Each layer asks the packing for its model's matmul precision. On a CPU without split
+    bfloat16 products "high" packs as "highest", so only the request shows the bug it
+    catches there: a layer that drops the precision and packs for float32 products always
+    (on AMX CPUs test_high_matmul_precision sees it in the results too)."""
+    from cattn import _encoder_ops as ops
+    asked = []
+    pack = ops.pack_linear_weight
+
+    def recording(weight, isa=None, precision="highest"):
+        asked.append(precision)
+        return pack(weight, isa, precision)
+
+    monkeypatch.setattr(ops, "pack_linear_weight", recording)
+    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=24,
+                        max_position_embeddings=16)
+    model = MiniLM(BertEncoder.random(config, rng=5), WordTokenizer(30))
+    model.encode(["one two"])
+    assert asked and set(asked) == {"highest"}
+    asked.clear()
+    model.matmul_precision = "high"
+    model.encode(["one two"])
+    assert asked and set(asked) == {"high"}
+
+
 def test_high_matmul_precision_matches_transformers(torch_bert, tmp_path):
     torch, transformers = torch_bert
     config = CONFIGS[1]

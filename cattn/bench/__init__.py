@@ -1,6 +1,6 @@
 """The cattn benchmark: cattn against the NumPy reference, PyTorch and ONNX Runtime.
 
-    python -m cattn.bench --quick                      # the whole suite, small, < 1 minute
+    python -m cattn.bench --quick                      # the whole suite, small: about 2.5 min on 2 cores
     python -m cattn.bench                              # the whole suite (the RESULTS.md run)
     python -m cattn.bench --shape 1,8,2048,2048,64 --threads 1,2 [--causal] [--dtype float64]
 
