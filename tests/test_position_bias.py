@@ -15,7 +15,10 @@ modeling_t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 sdpa = cattn.scaled_dot_product_attention
-CONFIGS = [(32, 128, True), (32, 128, False), (16, 20, True), (8, 64, False)]
+# (the last two: a max_distance far below a block of keys, so that one block holds keys
+# beyond it on both sides of the stretch read by distance)
+CONFIGS = [(32, 128, True), (32, 128, False), (16, 20, True), (8, 64, False), (8, 6, True),
+           (12, 9, False)]
 
 
 def t5_attention(heads, num_buckets, max_distance, bidirectional, table):
