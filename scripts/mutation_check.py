@@ -388,10 +388,11 @@ MUTANTS = [
                  "    kept = min(keep_first, MAX_OFFSET)")],
            ["tests/test_sinks.py", "-k", "keep"]),
     # ------------------------------------------------------ position biases and key mass
-    Mutant("t5-stretch-one-key-short",
-           "the keys read by distance stop one short of max_distance: that key gets the end's",
-           [Edit(KERNEL, "near_end = clamp(query_pos + max_distance + 1, near_begin, n)",
-                 "near_end = clamp(query_pos + max_distance, near_begin, n)")],
+    # (a stretch one key short is no bug: the key at ±max_distance reads the end value)
+    Mutant("t5-stretch-shifted-by-one",
+           "the keys within max_distance read the bias of the next distance",
+           [Edit(KERNEL, "x[j] += by_distance[j - query_pos]",
+                 "x[j] += by_distance[j - query_pos + 1]")],
            ["tests/test_position_bias.py", "-k", "compute_bias"]),
     Mutant("t5-bias-dropped-by-varlen",
            "varlen_attention takes position_bias and never hands it to the plan",
