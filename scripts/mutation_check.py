@@ -391,8 +391,8 @@ MUTANTS = [
     # (a stretch one key short is no bug: the key at ±max_distance reads the end value)
     Mutant("t5-stretch-shifted-by-one",
            "the keys within max_distance read the bias of the next distance",
-           [Edit(KERNEL, "x[j] += by_distance[j - query_pos]",
-                 "x[j] += by_distance[j - query_pos + 1]")],
+           [Edit(KERNEL, "        x[j] += by_distance[j - query_pos]\n",
+                 "        x[j] += by_distance[j - query_pos + 1]\n")],
            ["tests/test_position_bias.py", "-k", "compute_bias"]),
     Mutant("t5-bias-dropped-by-varlen",
            "varlen_attention takes position_bias and never hands it to the plan",
