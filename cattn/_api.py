@@ -121,13 +121,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         Also return the natural-log sum of exp of each row's scores, shape (..., L).
     return_weights : bool
         Also return the attention weights (..., L, S); each visible row sums to 1.
-    return_key_mass : bool
+    return_key_mass : bool or "kv_heads"
         Also return the attention mass of each key, (..., S): the sum over the call's
         queries of the key's weight (what H2O-style KV-cache eviction ranks keys by),
         float32 (float64 for float64 inputs). Computed in the kernel from each block of
         query rows once its softmax is final, without the (..., L, S) weights: its memory
         is (..., ceil(L / 128), S) partial sums, added in a fixed order (bitwise the same
         result for any thread count). Keys are then not split into chunks.
+        "kv_heads": one row per key/value head, (..., Hkv, S), summed over the Hq // Hkv
+        query heads that share it under enable_gqa (a cache that keeps one K/V per
+        key/value head evicts by it); without grouping, the same as True.
     out : ndarray, optional
         Preallocated output of shape (..., L, Ev) and the inputs' dtype (any strides).
     num_threads : int, optional
@@ -212,7 +215,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     plan.set_extras(keep_first, k_offset, sinks, batch_shape, S, alibi_slopes, position_bias)
     plan.set_outputs(batch_shape + (L, Ev), batch_shape + (L,), batch_shape + (L, S),
                      (("query", query), ("key", key), ("value", value),
-                      ("attn_mask", attn_mask)), batch_shape + (S,))
+                      ("attn_mask", attn_mask)), batch_shape + (S,), group)
     _padded_layout(plan, batch_shape, group, kv_len, diag, L, S, E, Ev)
     launch(plan)
     return plan.results()

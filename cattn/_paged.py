@@ -20,6 +20,7 @@ from cattn._plan import (Column as _Column, Plan, as_ndarray,
                          blas_ready as _blas_ready, check_array, element_strides, launch)
 from cattn._varlen import cu_seqlens, packed_layout, readable_in_place
 from cattn._cache import PagedKVCache, PagedKVCacheLayer  # noqa: F401 (their old home)
+from cattn._position_bias import RelativePositionBias
 from cattn._validation import check_ndarray, reject_masked
 
 
@@ -31,8 +32,11 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
                     window: Optional[Tuple[Optional[int], Optional[int]]] = None,
                     softcap: Optional[float] = None, sinks: Optional[ArrayLike] = None,
                     keep_first: Optional[int] = None,
-                    alibi_slopes: Optional[ArrayLike] = None, return_lse: bool = False,
-                    return_weights: bool = False, return_key_mass: bool = False, out: Optional[NDArray[Any]] = None,
+                    alibi_slopes: Optional[ArrayLike] = None,
+                    position_bias: Optional[RelativePositionBias] = None,
+                    return_lse: bool = False, return_weights: bool = False,
+                    return_key_mass: Union[bool, str] = False,
+                    out: Optional[NDArray[Any]] = None,
                     num_threads: Optional[int] = None, out_dtype: Optional[DTypeLike] = None,
                     _block_sizes: Optional[Tuple[int, int]] = None, _isa: Optional[str] = None
                     ) -> Union[NDArray[Any], Tuple[NDArray[Any], ...]]:
@@ -70,12 +74,13 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
         `scaled_dot_product_attention`.
     is_causal : bool
         Query i (the sequence's position seq_len - L + i) sees keys up to its own position.
-    scale, enable_gqa, window, softcap, sinks, keep_first, alibi_slopes, return_lse,
-    return_weights, return_key_mass, out, num_threads, out_dtype
+    scale, enable_gqa, window, softcap, sinks, keep_first, alibi_slopes, position_bias,
+    return_lse, return_weights, return_key_mass, out, num_threads, out_dtype
         As in `scaled_dot_product_attention`; the diagonal of `is_causal` and `window` is
         bottom-right (each sequence's last query is aligned with its last key). The weights
         are (B, Hq, L, max_blocks · block_size), 0 past each sequence's length, and the
-        key mass (B, Hq, max_blocks · block_size), by key position.
+        key mass (B, Hq, max_blocks · block_size), by key position ((B, Hkv, ...) with
+        return_key_mass="kv_heads").
 
     Returns
     -------
@@ -147,14 +152,14 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
     if attn_mask is not None:
         attn_mask = as_ndarray(attn_mask, "attn_mask")
         plan.set_mask(attn_mask, batch_shape, L, S)
-    plan.set_extras(keep_first, None, sinks, batch_shape, S, alibi_slopes)
+    plan.set_extras(keep_first, None, sinks, batch_shape, S, alibi_slopes, position_bias)
     inputs = (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
               ("attn_mask", attn_mask))
     # (splits and block sizes follow the longest sequence, not the table's capacity:
     # chunks past every sequence's end would be empty tasks)
     plan.longest_keys = int(seq_lens.max(initial=0))
     if packed:
-        plan.set_outputs((Tq, Hq, Ev), (Hq, Tq), None, inputs, batch_shape + (S,))
+        plan.set_outputs((Tq, Hq, Ev), (Hq, Tq), None, inputs, batch_shape + (S,), group)
         k_head_stride, v_head_stride = _pages(plan, block_table)
         packed_layout(plan, cu_q, q_len, seq_lens, seq_lens - q_len, group, 0,
                       k_head_stride, 0, v_head_stride)
@@ -162,7 +167,7 @@ def paged_attention(query: ArrayLike, key_cache: ArrayLike, value_cache: ArrayLi
                                                  Hq)
     else:
         plan.set_outputs(batch_shape + (L, Ev), batch_shape + (L,), batch_shape + (L, S),
-                         inputs, batch_shape + (S,))
+                         inputs, batch_shape + (S,), group)
         _paged_layout(plan, block_table, seq_lens, group)
     launch(plan)
     return plan.results()

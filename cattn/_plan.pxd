@@ -7,7 +7,7 @@ cdef class Plan:
     cdef public object win_left, win_right, num_threads, block_sizes, isa, block_q, block_k
     cdef public object mask, mask_kind, mask_rs, mask_cs, keep, sinks, out_rs, out_cs
     cdef public object lse, weights, kv_storage, alibi, return_key_mass, mass_shape, key_mass
-    cdef public object distance_bias
+    cdef public object distance_bias, mass_group
 
 cpdef choose_blocks(Plan plan)
 cpdef launch(Plan plan)

@@ -37,6 +37,8 @@ UNBOUNDED = 2**60
 # Positions stay far from int64 overflow once windows (up to UNBOUNDED) are added.
 MAX_OFFSET = 2**48 - 1
 ALIGNMENTS = ("top_left", "bottom_right")
+# return_key_mass's value for one row per key/value head (summed over its query heads).
+KV_HEADS = "kv_heads"
 NO_LIMIT = contextlib.nullcontext()
 # The kernel's MaskKind members as plain ints: an enum member lookup costs more than a tiny
 # call can spare.
@@ -68,8 +70,9 @@ class Plan:
     alibi                ALiBi slopes, one per item, or None
     distance_bias        (bias by distance per item, max distance) of position_bias, or None
     out, out_rs, out_cs, lse, weights, user_out   the outputs (see set_outputs())
-    return_key_mass, mass_shape, key_mass   the per-key attention mass: asked for, its
-                         shape (the items' shape, then keys), the result after launch
+    return_key_mass, mass_shape, mass_group, key_mass   the per-key attention mass: asked
+                         for (True or "kv_heads"), its shape (the items' shape, then keys),
+                         query heads summed per row, the result after launch
     """
     def __init__(self, query, key, value, out, k_scale, v_scale, out_dtype):
         """The storage step: float64 computes in float64; any mix of float32, float16,
@@ -100,6 +103,7 @@ class Plan:
         self.block_q = 0
         self.lse = self.weights = self.key_mass = None
         self.return_key_mass = False
+        self.mass_group = 1
 
     def set_options(self, is_causal, enable_gqa, return_lse, return_weights, dropout_p, scale,
                 softcap, alignment, window, num_threads, block_sizes, isa, E, S,
@@ -116,7 +120,7 @@ class Plan:
         if return_weights is not False:
             return_weights = check_flag(return_weights, "return_weights")
         if return_key_mass is not False:
-            self.return_key_mass = check_flag(return_key_mass, "return_key_mass")
+            self.return_key_mass = key_mass_option(return_key_mass)
         check_no_dropout(dropout_p)
         if (return_weights or self.return_key_mass) and S > INT32_MAX:
             asked = "return_weights" if return_weights else "return_key_mass"
@@ -156,17 +160,21 @@ class Plan:
         if alibi_slopes is not None:
             self.alibi = alibi_slopes_per_item(alibi_slopes, batch_shape, self.dtype)
         if position_bias is not None:
-            if not isinstance(position_bias, RelativePositionBias):
-                raise TypeError(f"position_bias must be a cattn.RelativePositionBias, got "
-                                f"{type(position_bias).__name__}")
-            self.distance_bias = (position_bias.per_item(batch_shape, self.query.dtype),
-                                  position_bias.max_distance)
+            self.distance_bias = (
+                distance_bias_per_item(position_bias, batch_shape, self.query.dtype),
+                position_bias.max_distance)
 
-    def set_outputs(self, out_shape, lse_shape, weights_shape, inputs, mass_shape=None):
+    def set_outputs(self, out_shape, lse_shape, weights_shape, inputs, mass_shape=None,
+                    group=1):
         """out (the user's, checked, or new), lse and weights; the kernel writes float32
         where a narrow result is rounded once afterwards. out_rs and out_cs are the
         strides of out's last two axes (a packed layout replaces them). mass_shape: the
-        key mass's, (items..., S)."""
+        key mass's per query head, (items..., Hq, S); group: query heads per key/value
+        head (consecutive items), summed into one row for return_key_mass="kv_heads"."""
+        self.mass_group = 1
+        if self.return_key_mass == KV_HEADS and group > 1:
+            self.mass_group = group
+            mass_shape = mass_shape[:-2] + (mass_shape[-2] // group, mass_shape[-1])
         self.mass_shape = mass_shape
         out = self.user_out
         narrow = self.narrow
@@ -261,8 +269,10 @@ def launch(plan):
                           kv_storage=plan.kv_storage,
                           bf16_query=narrow is not None and narrow.query_bf16)
     if key_mass is not None:
-        plan.key_mass = key_mass.reshape(n_items, n_q_blocks, plan.S).sum(axis=1).reshape(
-            plan.mass_shape)
+        # (the rows of a group's heads are consecutive: one sum over heads and query blocks)
+        plan.key_mass = key_mass.reshape(n_items // plan.mass_group,
+                                         plan.mass_group * n_q_blocks, plan.S).sum(
+            axis=1).reshape(plan.mass_shape)
 
 
 def results(out, weights, lse):
@@ -375,6 +385,18 @@ def narrow_storage(query, key, value, k_scale, v_scale, out_dtype, out):
 
 
 # ------------------------------------------------------------------------------ options
+
+def key_mass_option(x):
+    """return_key_mass: True (a row per query head) or "kv_heads" (per key/value head)."""
+    if isinstance(x, str):
+        if x != KV_HEADS:
+            raise ValueError(f"return_key_mass must be True, False or {KV_HEADS!r}, got "
+                             f"{x!r}")
+        return x
+    if x is True or isinstance(x, np.bool_):
+        return bool(x)
+    raise TypeError(f"return_key_mass must be True, False or {KV_HEADS!r}, got {x!r}")
+
 
 def check_softcap(x, dtype):
     """The kernel divides scores by the softcap: its reciprocal must be finite in the
@@ -504,6 +526,15 @@ def alibi_slopes_per_item(slopes, batch_shape, dtype):
         bad = slopes[~np.isfinite(slopes)][0]
         raise ValueError(f"alibi_slopes must be finite in {dtype}, got {bad}")
     return slopes
+
+
+def distance_bias_per_item(position_bias, batch_shape, dtype):
+    """A RelativePositionBias as one row of biases by distance per item (heads on the
+    batch shape's last axis), contiguous in `dtype`."""
+    if not isinstance(position_bias, RelativePositionBias):
+        raise TypeError(f"position_bias must be a cattn.RelativePositionBias, got "
+                        f"{type(position_bias).__name__}")
+    return position_bias.per_item(batch_shape, dtype)
 
 
 def sink_logits(sinks, batch_shape, dtype):

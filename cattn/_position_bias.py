@@ -56,7 +56,8 @@ class RelativePositionBias:
     TypeError
         A table that is not an array, sizes that are not integers, a flag not a bool.
     ValueError
-        A table that is not (num_buckets, H) floats, or holds non-finite values.
+        A table that is not (num_buckets, H) floats, or holds non-finite values; a
+        max_distance not beyond the exact buckets (T5's log-spaced ones need it).
 
     See Also
     --------
@@ -84,6 +85,14 @@ class RelativePositionBias:
         if table.dtype.kind != "f" or table.ndim != 2 or table.shape[0] != self.num_buckets:
             raise ValueError(f"table must be a float (num_buckets, H) = ({self.num_buckets}, "
                              f"H) array, got {table.dtype} {table.shape}")
+        exact = self.num_buckets // 4 if self.bidirectional else self.num_buckets // 2
+        if exact < 1 or self.max_distance <= exact:
+            # (T5's log-spaced buckets divide by log(max_distance / exact))
+            raise ValueError(f"max_distance must exceed the {exact} distances that have "
+                             f"buckets of their own (num_buckets // "
+                             f"{4 if self.bidirectional else 2}, at least 1), got "
+                             f"num_buckets={self.num_buckets}, max_distance="
+                             f"{self.max_distance}")
         if not np.isfinite(table).all():
             raise ValueError("table must hold finite values")
         self.table = table

@@ -7,6 +7,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from cattn._api import merge_attention, scaled_dot_product_attention
 from cattn._plan import as_ndarray
+from cattn._position_bias import RelativePositionBias
 from cattn._validation import broadcasts_to, check_flag, check_ndarray
 
 
@@ -24,7 +25,9 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
                             attn_mask: Optional[ArrayLike] = None,
                             softcap: Optional[float] = None,
                             sinks: Optional[ArrayLike] = None,
-                            alibi_slopes: Optional[ArrayLike] = None, enable_gqa: bool = False,
+                            alibi_slopes: Optional[ArrayLike] = None,
+                            position_bias: Optional[RelativePositionBias] = None,
+                            enable_gqa: bool = False,
                             return_lse: bool = False, num_threads: Optional[int] = None,
                             _isa: Optional[str] = None
                             ) -> Union[NDArray[Any], Tuple[NDArray[Any], NDArray[Any]]]:
@@ -70,6 +73,9 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
     alibi_slopes : array (H,) or (R, H), optional
         ALiBi's slopes, over positions in the concatenation (each request meets the prefix
         at its own positions then).
+    position_bias : cattn.RelativePositionBias, optional
+        T5's bucketed relative position bias (H heads), over positions in the
+        concatenation, as alibi_slopes.
     return_lse : bool
         Also return the lse (R, H, L) over prefix, suffix and sink.
 
@@ -133,14 +139,16 @@ def shared_prefix_attention(q: NDArray[Any], prefix_k: NDArray[Any], prefix_v: N
     exact = q.dtype in (np.float32, np.float64)
     options = dict(scale=scale, softcap=softcap, num_threads=num_threads, _isa=_isa,
                    out_dtype=None if exact else np.float32, enable_gqa=enable_gqa,
-                   alibi_slopes=alibi_slopes)
+                   alibi_slopes=alibi_slopes, position_bias=position_bias)
     prefix_mask, own_mask = _split_mask(attn_mask, (R, H, L, P + S), P)
     own_out, own_lse = scaled_dot_product_attention(
         q, k, v, attn_mask=own_mask, is_causal=is_causal, alignment="bottom_right",
         key_lengths=key_lengths, window=window, sinks=sinks, return_lse=True, **options)
     # (key_lengths is valid now: the suffix's call checked it)
     valid = np.asarray(S if key_lengths is None else key_lengths)
-    if window is None and prefix_mask is None and alibi_slopes is None and not (
+    # (a bias by position needs each query's own position: not one block of all queries)
+    by_position = alibi_slopes is not None or position_bias is not None
+    if window is None and prefix_mask is None and not by_position and not (
             is_causal and valid.size and valid.min() < L - 1):
         prefix_out, prefix_lse = _every_query_over_the_prefix(q, prefix_k, prefix_v, group,
                                                               options)
@@ -163,7 +171,7 @@ def _every_query_over_the_prefix(q, prefix_k, prefix_v, group, options):
     Hkv = prefix_k.shape[0]
     all_queries = q.reshape(R, Hkv, group, L, E).transpose(1, 2, 0, 3, 4).reshape(
         Hkv, group * R * L, E)
-    options = dict(options, enable_gqa=False)  # (alibi_slopes is None here)
+    options = dict(options, enable_gqa=False)  # (no bias by position here)
     out, lse = scaled_dot_product_attention(all_queries, prefix_k, prefix_v,
                                             return_lse=True, **options)
     Ev = out.shape[-1]

@@ -16,8 +16,8 @@ from cattn._visibility import key_span
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
                      alignment="top_left", window=None, softcap=None, scale=None,
-                     sinks=None, keep_first=None, alibi_slopes=None, enable_gqa=False,
-                     return_lse=False, return_key_mass=False,
+                     sinks=None, keep_first=None, alibi_slopes=None, position_bias=None,
+                     enable_gqa=False, return_lse=False, return_key_mass=False,
                      out=None, num_threads=None, k_scale=None, v_scale=None,
                      out_dtype=None, _block_sizes=None, _isa=None):
     """Exact attention of each packed sequence over its own keys.
@@ -60,15 +60,20 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
     alibi_slopes : array (Hq,) or (n, Hq), optional
         ALiBi's slopes, as in `scaled_dot_product_attention`: -slope·|i + diag - j| is
         added to the scores of each sequence, on its own diagonal.
+    position_bias : cattn.RelativePositionBias, optional
+        T5's bucketed relative position bias (Hq heads), as in
+        `scaled_dot_product_attention`: the distance of key j from query i is measured on
+        each sequence's own diagonal, j - (i + diag).
     enable_gqa : bool
         Grouped-query attention: Hq a multiple of Hkv; query head h reads key/value head
         h // (Hq // Hkv). Without it, Hq must equal Hkv.
     return_lse : bool
         Also return the log-sum-exp of each row, shape (Hq, Tq) (FlashAttention's
         `softmax_lse` layout for varlen calls: heads first, tokens packed).
-    return_key_mass : bool
+    return_key_mass : bool or "kv_heads"
         Also return each key's attention mass (the sum of its weights over its sequence's
-        queries, as in `scaled_dot_product_attention`), shape (Hq, Tk), last in the tuple.
+        queries, as in `scaled_dot_product_attention`), shape (Hq, Tk), last in the tuple;
+        "kv_heads": (Hkv, Tk), summed over the query heads of each key/value head.
     out : ndarray (Tq, Hq, Ev), optional
         Preallocated output (any strides), of the result's dtype.
     num_threads : int, optional
@@ -129,10 +134,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False,
                      alignment, window, num_threads, _block_sizes, _isa, E, max_k,
                      return_key_mass)
     n = cu_q.size - 1
-    plan.set_extras(keep_first, None, sinks, (n, Hq), max_k, alibi_slopes)
+    plan.set_extras(keep_first, None, sinks, (n, Hq), max_k, alibi_slopes,
+                    position_bias)
     diag = k_len - q_len if alignment == "bottom_right" else np.zeros_like(q_len)
     plan.set_outputs((Tq, Hq, Ev), (Hq, Tq), None, (("q", q), ("k", k), ("v", v)),
-                     (n, Hq, max_k))
+                     (n, Hq, max_k), group)
     k_st, v_st = element_strides(plan.key), element_strides(plan.value)
     plan.k_rs, plan.v_rs = _token_stride(plan.key), _token_stride(plan.value)
     plan.S, plan.longest_keys = max_k, max_k

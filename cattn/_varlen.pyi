@@ -7,8 +7,11 @@ from typing import Any, Literal, Optional, Tuple, TypeVar, Union, overload
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
+from cattn._position_bias import RelativePositionBias
+
 _F = TypeVar("_F", np.float32, np.float64)
 _Alignment = Literal["top_left", "bottom_right"]
+_KeyMass = Union[bool, Literal["kv_heads"]]
 _Window = Optional[Tuple[Optional[int], Optional[int]]]
 
 @overload
@@ -18,6 +21,7 @@ def varlen_attention(  # type: ignore[overload-overlap]
     window: _Window = ..., softcap: Optional[float] = ..., scale: Optional[float] = ...,
     sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
     alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     enable_gqa: bool = ...,
     return_lse: Literal[False] = ..., return_key_mass: Literal[False] = ..., out: Optional[NDArray[Any]] = ...,
     num_threads: Optional[int] = ...,
@@ -33,6 +37,7 @@ def varlen_attention(  # type: ignore[overload-overlap]
     window: _Window = ..., softcap: Optional[float] = ..., scale: Optional[float] = ...,
     sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
     alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     enable_gqa: bool = ...,
     return_lse: Literal[True], return_key_mass: Literal[False] = ..., out: Optional[NDArray[Any]] = ...,
     num_threads: Optional[int] = ...,
@@ -48,8 +53,9 @@ def varlen_attention(
     window: _Window = ..., softcap: Optional[float] = ..., scale: Optional[float] = ...,
     sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
     alibi_slopes: Optional[ArrayLike] = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
     enable_gqa: bool = ...,
-    return_lse: bool = ..., return_key_mass: bool = ..., out: Optional[NDArray[Any]] = ...,
+    return_lse: bool = ..., return_key_mass: _KeyMass = ..., out: Optional[NDArray[Any]] = ...,
     num_threads: Optional[int] = ...,
     k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,
     out_dtype: Optional[DTypeLike] = ...,
@@ -65,7 +71,8 @@ def varlen_attention(
     softcap: Optional[float] = ..., scale: Optional[float] = ...,
     sinks: Optional[ArrayLike] = ..., keep_first: Optional[int] = ...,
     alibi_slopes: Optional[ArrayLike] = ...,
-    enable_gqa: bool = ..., return_lse: bool = ..., return_key_mass: bool = ...,
+    position_bias: Optional[RelativePositionBias] = ...,
+    enable_gqa: bool = ..., return_lse: bool = ..., return_key_mass: _KeyMass = ...,
     out: Optional[NDArray[Any]] = ...,
     num_threads: Optional[int] = ...,
     k_scale: Optional[ArrayLike] = ..., v_scale: Optional[ArrayLike] = ...,

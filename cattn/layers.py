@@ -25,6 +25,8 @@ from cattn._cache import (KVCache, KVCacheLayer, PagedKVCache,  # noqa: F401 (re
                           PagedKVCacheLayer, _serves)
 from cattn._paged import paged_attention
 from cattn._plan import alibi_slopes_per_item as _alibi_slopes
+from cattn._plan import distance_bias_per_item as _distance_bias
+from cattn._position_bias import RelativePositionBias
 from cattn._interop import from_dlpack
 from cattn._validation import check_flag, check_float_dtype, check_int, check_ndarray
 
@@ -310,7 +312,8 @@ class MultiHeadAttention:
                  need_weights: bool = False, average_attn_weights: bool = True,
                  cache: Union["KVCache", "KVCacheLayer", PagedKVCache, PagedKVCacheLayer,
                               None] = None,
-                 sinks: Optional[ArrayLike] = None, alibi_slopes: Optional[ArrayLike] = None
+                 sinks: Optional[ArrayLike] = None, alibi_slopes: Optional[ArrayLike] = None,
+                 position_bias: Optional[RelativePositionBias] = None
                  ) -> Tuple[NDArray[Any], Optional[NDArray[Any]]]:
         """Attention of `query` over `key`/`value`, batch first, as nn.MultiheadAttention.
 
@@ -348,6 +351,9 @@ class MultiHeadAttention:
             ALiBi: -slope·|i - j| is added to the scores of query i and key j, computed in
             the kernel (see scaled_dot_product_attention; with a cache, i and j are
             positions in the cached sequence).
+        position_bias : cattn.RelativePositionBias, optional
+            T5's bucketed relative position bias (num_heads heads), looked up in the kernel
+            by the distance of key j from query i, positions as for alibi_slopes.
 
         Returns
         -------
@@ -401,7 +407,9 @@ class MultiHeadAttention:
             _sink_logits(sinks, heads, self.dtype)
         if alibi_slopes is not None:
             _alibi_slopes(alibi_slopes, heads, self.dtype)
-        per_head = dict(sinks=sinks, alibi_slopes=alibi_slopes)
+        if position_bias is not None:
+            _distance_bias(position_bias, heads, self.dtype)
+        per_head = dict(sinks=sinks, alibi_slopes=alibi_slopes, position_bias=position_bias)
         if cache is not None:
             out, weights = self._cached(query, key, value, self_attention, key_padding_mask,
                                         attn_mask, is_causal, need_weights, cache, per_head)
@@ -464,7 +472,7 @@ class MultiHeadAttention:
 
     def _full(self, query, key, value, self_attention, key_padding_mask, attn_mask,
               is_causal, need_weights, per_head):
-        """per_head: the sinks and alibi_slopes options (None or one value per head)."""
+        """per_head: the sinks, alibi_slopes and position_bias options (None or per head)."""
         B, L, _ = query.shape
         self._check_input(key, "key", self.kdim)
         self._check_input(value, "value", self.vdim)

@@ -396,11 +396,31 @@ MUTANTS = [
            [Edit(PLAN, "    kept = min(keep_first, MAX_OFFSET) - offset(k_offset, \"k_offset\", batch_shape)",
                  "    kept = min(keep_first, MAX_OFFSET)")],
            ["tests/test_sinks.py", "-k", "keep"]),
+    # ------------------------------------------------------ position biases and key mass
+    # (a stretch one key short is no bug: the key at ±max_distance reads the end value)
+    Mutant("t5-stretch-shifted-by-one",
+           "the keys within max_distance read the bias of the next distance",
+           [Edit(KERNEL, "        x[j] += by_distance[j - query_pos]\n",
+                 "        x[j] += by_distance[j - query_pos + 1]\n")],
+           ["tests/test_position_bias.py", "-k", "compute_bias"]),
+    Mutant("t5-bias-dropped-by-varlen",
+           "varlen_attention takes position_bias and never hands it to the plan",
+           [Edit(VARLEN, "alibi_slopes,\n                    position_bias)",
+                 "alibi_slopes)")],
+           ["tests/test_entry_points.py", "-k", "position_bias"]),
+    Mutant("key-mass-groups-interleaved",
+           "kv_heads sums query heads h, h + Hkv, ... (strided) instead of a group's neighbours",
+           [Edit(PLAN, "key_mass.reshape(n_items // plan.mass_group,\n"
+                       "                                         plan.mass_group * n_q_blocks, "
+                       "plan.S).sum(\n            axis=1)",
+                 "key_mass.reshape(plan.mass_group, n_items // plan.mass_group, n_q_blocks, "
+                 "plan.S).sum(axis=(0, 2))")],
+           ["tests/test_key_mass.py", "-k", "kv_heads"]),
     # ------------------------------------------------------------ shared-prefix decoding
     Mutant("shared-prefix-sinks-counted-twice",
            "the sinks join both the prefix's and the suffix's call: counted twice",
-           [Edit(SHARED, "                   alibi_slopes=alibi_slopes)\n",
-                 "                   alibi_slopes=alibi_slopes, sinks=sinks)\n"),
+           [Edit(SHARED, "alibi_slopes=alibi_slopes, position_bias=position_bias)\n",
+                 "alibi_slopes=alibi_slopes, position_bias=position_bias, sinks=sinks)\n"),
             Edit(SHARED, "key_lengths=key_lengths, window=window, sinks=sinks, return_lse=True, "
                          "**options)",
                  "key_lengths=key_lengths, window=window, return_lse=True, **options)")],

@@ -104,6 +104,14 @@ OPTIONS = {
     "alibi_slopes per sequence": dict(alibi_slopes=np.array([[0.5, 0.25, 2.0, 0.0]] * B,
                                                             np.float32) * [[1], [3], [0.5]],
                                       is_causal=True),
+    # T5's buckets: few exact ones and a max_distance below S, so that the log-spaced and
+    # clamped buckets are reached within 8 keys
+    "position_bias": dict(position_bias=cattn.RelativePositionBias(
+        np.array([[0.5, -1.0, 2.0, 0.0]]) * np.arange(-3, 5)[:, None], num_buckets=8,
+        max_distance=5, bidirectional=True)),
+    "position_bias causal grouped": dict(position_bias=cattn.RelativePositionBias(
+        np.array([[1.0, -0.5, 0.25, 3.0]]) * np.arange(-2, 4)[:, None], num_buckets=6,
+        max_distance=4, bidirectional=False), is_causal=True, enable_gqa=True),
     "enable_gqa": dict(enable_gqa=True),
     "return_lse": dict(return_lse=True),
     "out": dict(out=True),
@@ -125,7 +133,7 @@ def problem(name):
     """Queries, keys and values whose first P keys are shared by every sequence (the
     shared prefix entry point needs one)."""
     rng = np.random.default_rng(sum(map(ord, name)))
-    kv_heads = HKV if name == "enable_gqa" else HQ
+    kv_heads = HKV if OPTIONS[name].get("enable_gqa") else HQ
     q = rng.standard_normal((B, HQ, L, E)).astype(np.float32)
     k = rng.standard_normal((B, kv_heads, S, E)).astype(np.float32)
     v = rng.standard_normal((B, kv_heads, S, EV)).astype(np.float32)

@@ -166,8 +166,89 @@ def test_varlen_key_mass_is_packed_like_the_keys(rng):
 
 def test_bad_flag_is_refused(rng):
     q, k, v = operands(rng, np.float32, 1, 2, 2, 3, 4)
-    with pytest.raises(TypeError, match="return_key_mass"):
+    with pytest.raises(ValueError, match="True, False or 'kv_heads'"):
         sdpa(q, k, v, return_key_mass="yes")
+    with pytest.raises(TypeError, match="return_key_mass"):
+        sdpa(q, k, v, return_key_mass=1)
+
+
+# ------------------------------------------------ summed over a key/value head's group
+
+def group_sum(mass, Hkv):
+    """(..., Hq, S) -> (..., Hkv, S): the consecutive query heads of each group added."""
+    return mass.reshape(mass.shape[:-2] + (Hkv, -1, mass.shape[-1])).sum(axis=-2)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("L", [1, 37], ids=["decode", "prefill"])
+@pytest.mark.parametrize("options", [dict(is_causal=True, alignment="bottom_right"),
+                                     dict(window=(9, 2), sinks=np.array([0.5, 3.0, -1.0,
+                                                                         -np.inf]))],
+                         ids=["causal", "window sinks"])
+def test_kv_heads_mass_is_the_sum_over_each_group(options, L, path, rng):
+    # 4 query heads over 2 key/value heads: the bugs this catches are heads summed across
+    # groups (h % Hkv instead of h // group), one head of a group taken for all, and a
+    # query block of one head overwriting another head's.
+    S = 60
+    q, k, v = operands(rng, np.float32, 2, 4, 2, L, S)
+    out, mass = sdpa(q, k, v, enable_gqa=True, return_key_mass="kv_heads", _isa=path,
+                     _block_sizes=(8, 16), **options)
+    assert mass.shape == (2, 2, S) and mass.dtype == np.float32
+    want = group_sum(reference_mass(q, k, v, enable_gqa=True, **options), 2)
+    np.testing.assert_allclose(mass, want, **mass_tolerance(np.float32, 2 * L))
+    np.testing.assert_allclose(out, reference64(q, k, v, enable_gqa=True, **options),
+                               **tolerance(np.float32))
+
+
+def test_kv_heads_mass_through_varlen_and_paged(rng):
+    # The packed (Hkv, Tk) and paged (B, Hkv, S) layouts of the group sums.
+    lengths_q, lengths_k = np.array([3, 1, 5]), np.array([9, 4, 12])
+    cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]) for n in (lengths_q, lengths_k))
+    q = rng.standard_normal((cu_q[-1], 6, 8))
+    k, v = (rng.standard_normal((cu_k[-1], 2, 8)) for _ in range(2))
+    out, mass = cattn.varlen_attention(q, k, v, cu_q, cu_k, enable_gqa=True,
+                                       is_causal=True, alignment="bottom_right",
+                                       return_key_mass="kv_heads")
+    assert mass.shape == (2, cu_k[-1])
+    for s in range(3):
+        qs, ks = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
+        want = reference_mass(q[qs].transpose(1, 0, 2), k[ks].transpose(1, 0, 2),
+                              v[ks].transpose(1, 0, 2), enable_gqa=True, is_causal=True,
+                              alignment="bottom_right")
+        np.testing.assert_allclose(mass[:, ks], group_sum(want, 2), **tolerance(np.float64))
+    # pages of 4 rows, the batch's pages in reversed order
+    qb = rng.standard_normal((2, 6, 3, 8))
+    kb, vb = (rng.standard_normal((2, 2, 12, 8)) for _ in range(2))
+    k_pages, v_pages = (x.reshape(2, 2, 3, 4, 8).transpose(0, 2, 1, 3, 4).reshape(
+        6, 2, 4, 8)[::-1].copy() for x in (kb, vb))
+    table = (5 - np.arange(6).reshape(2, 3)).astype(np.int32)
+    for packed in (False, True):
+        query = qb.transpose(0, 2, 1, 3).reshape(6, 6, 8) if packed else qb
+        extra = dict(cu_seqlens_q=np.array([0, 3, 6])) if packed else {}
+        _, mass = cattn.paged_attention(query, k_pages, v_pages, table, np.array([12, 10]),
+                                        enable_gqa=True, is_causal=True,
+                                        return_key_mass="kv_heads", **extra)
+        assert mass.shape == (2, 2, 12)
+        want = group_sum(reference_mass(qb, kb, vb, enable_gqa=True, is_causal=True,
+                                        alignment="bottom_right",
+                                        key_lengths=np.array([12, 10])), 2)
+        np.testing.assert_allclose(mass, want, **tolerance(np.float64))
+
+
+def test_kv_heads_mass_is_bitwise_independent_of_the_thread_count(rng):
+    q, k, v = operands(rng, np.float32, 2, 8, 2, 300, 400)
+    runs = [sdpa(q, k, v, enable_gqa=True, is_causal=True, return_key_mass="kv_heads",
+                 num_threads=n)[1] for n in (1, 2, 3)]
+    for mass in runs[1:]:
+        np.testing.assert_array_equal(mass, runs[0])
+
+
+def test_kv_heads_without_groups_is_the_per_head_mass(rng):
+    q, k, v = operands(rng, np.float32, 1, 3, 3, 5, 7)
+    per_head = sdpa(q, k, v, return_key_mass=True)[1]
+    np.testing.assert_array_equal(sdpa(q, k, v, return_key_mass="kv_heads")[1], per_head)
+    two_d = sdpa(q[0, 0], k[0, 0], v[0, 0], return_key_mass="kv_heads")[1]
+    np.testing.assert_array_equal(two_d, per_head[0, 0])
 
 
 def test_h2o_example_runs_and_beats_a_window_of_the_same_budget(capsys):
