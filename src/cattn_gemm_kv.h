@@ -174,6 +174,49 @@ FNE(cattn_pv_direct_rows)(const int MR_, ptrdiff_t Ev, ptrdiff_t n_keys, const T
     }
 }
 
+#ifdef VTRANSPOSE
+/* c[j] = alpha · q·k[j] for one query row and keys [0, the last multiple of W), W keys at a
+ * time: each key's products summed in a vector, then the W vectors transposed in registers
+ * and added, which gives the W scores as one vector. A reduction across the lanes per key
+ * cost about as many instructions as converting a narrow key; the transpose shares them
+ * among W keys. Returns the keys done. */
+static inline __attribute__((always_inline)) TGT_KV ptrdiff_t
+FNE(cattn_qkt_direct_row_by_lanes)(ptrdiff_t n_keys, ptrdiff_t E, T alpha, const T *q,
+                                   const ET *k, ptrdiff_t k_rs, T *c)
+{
+    const ptrdiff_t E_full = E - E % W;
+    const VI tail = VMASK(E % W);
+    const ETAIL_T k_tail = ETAIL(E % W);
+    const V alpha_v = VBCAST(&alpha);
+    ptrdiff_t j0 = 0;
+    for (; j0 + W <= n_keys; j0 += W) {
+        V sums[W];
+#pragma GCC unroll 16
+        for (int jj = 0; jj < W; jj++) {
+            const ET *kj = k + (j0 + jj) * k_rs;
+            V acc0 = VZERO(), acc1 = VZERO();
+            ptrdiff_t e = 0;
+            for (; e + 2 * W <= E_full; e += 2 * W) {
+                acc0 = VFMA(VLOAD(q + e), ELOAD(kj + e), acc0);
+                acc1 = VFMA(VLOAD(q + e + W), ELOAD(kj + e + W), acc1);
+            }
+            if (e < E_full) {
+                acc0 = VFMA(VLOAD(q + e), ELOAD(kj + e), acc0);
+                e += W;
+            }
+            if (e < E) acc1 = VFMA(VMASKLOAD(q + e, tail), ELOAD_TAIL(kj + e, k_tail), acc1);
+            sums[jj] = VADD(acc0, acc1);
+        }
+        VTRANSPOSE(sums);
+        V total = sums[0];
+#pragma GCC unroll 16
+        for (int lane = 1; lane < W; lane++) total = VADD(total, sums[lane]);
+        VSTORE(c + j0, VMUL(alpha_v, total));
+    }
+    return j0;
+}
+#endif
+
 TGT_KV static void
 FNE(cattn_gemm_qkt_direct)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
                           const T *q, ptrdiff_t q_rs, const ET *k, ptrdiff_t k_rs, T *c,
@@ -184,7 +227,16 @@ FNE(cattn_gemm_qkt_direct)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alph
     switch (rows) {
     case 3: FNE(cattn_qkt_direct_rows)(3, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
     case 2: FNE(cattn_qkt_direct_rows)(2, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
-    case 1: FNE(cattn_qkt_direct_rows)(1, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
+    case 1: {
+#ifdef VTRANSPOSE
+        const ptrdiff_t done = FNE(cattn_qkt_direct_row_by_lanes)(n_keys, E, alpha, q, k, k_rs, c);
+#else
+        const ptrdiff_t done = 0;
+#endif
+        FNE(cattn_qkt_direct_rows)(1, n_keys - done, E, alpha, q, q_rs, k + done * k_rs, k_rs,
+                                   c + done, ldc);
+        break;
+    }
     default: break;
     }
 }
