@@ -432,11 +432,16 @@ def time_bf16_call(path):
     return time.perf_counter() - start
 
 
-def calibrate_bf16_path(supported):
+def calibrate_bf16_path(supported, time_path=time_bf16_call):
     """choose_bf16_path on this CPU, timing real calls (without ml_dtypes no bfloat16
-    arrays exist to multiply: then the widened path, unmeasured)."""
+    arrays exist to multiply: then the widened path, unmeasured). It runs inside the
+    user's first call, so a calibration that fails leaves the widened path and never
+    fails that call."""
     try:
         import ml_dtypes  # noqa: F401
     except ImportError:
         return choose_bf16_path(supported)
-    return choose_bf16_path(supported, time_bf16_call)
+    try:
+        return choose_bf16_path(supported, time_path)
+    except Exception as error:
+        return "avx512", f"calibration failed ({error!r}): bfloat16 widened to float32"

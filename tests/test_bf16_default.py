@@ -75,6 +75,24 @@ def test_without_a_timer_the_widened_path():
     assert path == "avx512" and "not measured" in reason
 
 
+def test_a_failing_calibration_leaves_the_widened_path():
+    """(it runs inside the user's first call: an error there must not fail that call)"""
+    pytest.importorskip("ml_dtypes")
+
+    def broken(path):
+        raise MemoryError("no memory for the probe")
+
+    path, reason = _runtime.calibrate_bf16_path(AVX512_BF16_CPU, broken)
+    assert path == "avx512" and "calibration failed" in reason and "MemoryError" in reason
+
+
+def test_the_calibration_probe_times_a_bfloat16_call():
+    pytest.importorskip("ml_dtypes")
+    seconds = _runtime.time_bf16_call("avx512")
+    assert seconds > 0
+    assert _kernel.last_call_stats()["isa"] == "avx512"
+
+
 def test_show_config_says_which_path_and_why():
     products = cattn.show_config()["bfloat16_products"]
     assert products["path"] == cattn.show_config()["isa"]
