@@ -144,7 +144,7 @@ def show_config() -> Dict[str, Any]:
         "block_gemm": _block_gemm(_kernel),
         "blas_thread_control": single_threaded_blas.backend,
         "openmp_wait_policy": _runtime.WAIT_POLICY,
-        "bfloat16_products": dict(zip(("path", "reason"), _kernel.bf16_products())),
+        "bfloat16_products": dict(zip(("path", "reason"), _runtime.bf16_products())),
     }
 
 

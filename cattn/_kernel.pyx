@@ -156,31 +156,32 @@ if BF16_PATH_PENDING:
 BF16_PATH_REASON = None
 
 
+# The calibration (cattn._runtime.calibrate_bf16_path), given by the runtime module as it
+# loads this one: the compiled kernel imports no module of cattn.
+_bf16_calibration = None
+
+
+def set_bf16_calibration(calibrate):
+    global _bf16_calibration
+    _bf16_calibration = calibrate
+
+
 cdef int settle_bf16_path() except -1:
     global DEFAULT_ISA, BF16_PATH_PENDING, BF16_PATH_REASON
-    if not BF16_PATH_PENDING:
+    if not BF16_PATH_PENDING or _bf16_calibration is None:
         return 0
     # (cleared first, under the GIL: the calibration's own calls name their paths, and a
     # call from another thread meanwhile runs the widened path)
     BF16_PATH_PENDING = False
-    from cattn import _runtime
-    path, BF16_PATH_REASON = _runtime.calibrate_bf16_path(supported_isa_paths())
+    path, BF16_PATH_REASON = _bf16_calibration(supported_isa_paths())
     DEFAULT_ISA = ISA_NAMES.index(path)
     return 0
 
 
 def bf16_products():
-    """(path, reason): the path bfloat16 products take by default and why (settled at the
-    first call on CPUs that measure it)."""
-    global BF16_PATH_REASON
+    """(path, reason): the path bfloat16 products take by default, and why when it was
+    measured (settled first on CPUs that measure it; else None)."""
     settle_bf16_path()
-    if BF16_PATH_REASON is None:
-        asked = os.environ.get("CATTN_ISA", "").strip()
-        if asked:
-            BF16_PATH_REASON = f"CATTN_ISA={asked} caps the path"
-        else:
-            from cattn import _runtime
-            BF16_PATH_REASON = _runtime.choose_bf16_path(supported_isa_paths())[1]
     return ISA_NAMES[DEFAULT_ISA], BF16_PATH_REASON
 
 

@@ -448,3 +448,16 @@ def calibrate_bf16_path(supported, time_path=time_bf16_call):
         return choose_bf16_path(supported, time_path)
     except Exception as error:
         return "avx512", f"calibration failed ({error!r}): bfloat16 widened to float32"
+
+
+def bf16_products():
+    """(path, reason): the path bfloat16 products take by default, and why."""
+    path, reason = _kernel.bf16_products()
+    if reason is None:
+        asked = os.environ.get("CATTN_ISA", "").strip()
+        reason = (f"CATTN_ISA={asked} caps the path" if asked
+                  else choose_bf16_path(_kernel.supported_isa_paths())[1])
+    return path, reason
+
+
+_kernel.set_bf16_calibration(calibrate_bf16_path)

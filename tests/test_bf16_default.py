@@ -110,3 +110,9 @@ def test_an_asked_path_is_not_measured():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "CATTN_ISA=avx2" in proc.stdout
+
+
+def test_the_kernel_measures_through_the_runtime():
+    """(catches a kernel left without its calibration: a CPU with AVX512-BF16 would then
+    keep the widened path unmeasured forever)"""
+    assert _kernel._bf16_calibration is _runtime.calibrate_bf16_path
