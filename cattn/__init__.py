@@ -111,7 +111,9 @@ def show_config() -> Dict[str, Any]:
         bfloat16 products to AVX-512) and ``isa_supported`` (every path this CPU can
         run); ``block_gemm`` (BLAS or cattn's own micro-kernels); ``blas_thread_control``
         (how BLAS is kept on one thread inside the kernel's threads); ``openmp_wait_policy``
-        (how idle OpenMP workers wait, and who chose it).
+        (how idle OpenMP workers wait, and who chose it); ``bfloat16_products`` (the path
+        bfloat16 block products take by default, and why: on a CPU with AVX512-BF16 but
+        no AMX, measured against the widened float32 products at the first call).
 
     Raises
     ------
@@ -129,7 +131,7 @@ def show_config() -> Dict[str, Any]:
     >>> config["isa"] in config["isa_supported"]
     True
     >>> sorted(config)[:3]
-    ['blas_thread_control', 'block_gemm', 'default_num_threads']
+    ['bfloat16_products', 'blas_thread_control', 'block_gemm']
     """
     from cattn import _runtime, _kernel
     from cattn._blas_threads import single_threaded_blas
@@ -142,6 +144,7 @@ def show_config() -> Dict[str, Any]:
         "block_gemm": _block_gemm(_kernel),
         "blas_thread_control": single_threaded_blas.backend,
         "openmp_wait_policy": _runtime.WAIT_POLICY,
+        "bfloat16_products": dict(zip(("path", "reason"), _runtime.bf16_products())),
     }
 
 

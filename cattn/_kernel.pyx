@@ -153,21 +153,58 @@ def _isa_cap_from_environment():
     off = os.environ.get("CATTN_DISABLE_AVX2", "")
     if off and off[0] != "0":
         return CATTN_ISA_PORTABLE
-    # Unasked, a CPU with AVX512-BF16 but no AMX widens bfloat16 to float32: there its
-    # vdpbf16ps products measured slower than the AVX-512 float32 kernels (Sapphire
-    # Rapids, bfloat16 prefill L = 2048: 86 vs 108 GF/s). Under AMX they still serve
-    # blocks of fewer than 16 rows, and CATTN_ISA=avx512_bf16 selects them.
-    return CATTN_ISA_AVX512 if cattn_isa_supported() == CATTN_ISA_AVX512_BF16 else CATTN_ISA_BEST
+    # Unasked, a CPU with AVX512-BF16 but no AMX measures which bfloat16 products are
+    # faster on it at the first call (settle_bf16_path); under AMX its vdpbf16ps still
+    # serves blocks of fewer than 16 rows.
+    return CATTN_ISA_BEST
 
 
 # Read once, at import: no later race, and the same path for every call of the process.
 cdef int SUPPORTED_ISA = cattn_isa_supported()
 cdef int DEFAULT_ISA = min(SUPPORTED_ISA, _isa_cap_from_environment())
+# Where the CPU's best is AVX512-BF16 without AMX and no CATTN_ISA names a path, calls run
+# "avx512" (bfloat16 widened) until the first one settles the default by measuring both
+# (cattn._runtime.choose_bf16_path); BF16_PATH_REASON says how the default was chosen.
+cdef bint BF16_PATH_PENDING = DEFAULT_ISA == CATTN_ISA_AVX512_BF16 and not os.environ.get(
+    "CATTN_ISA", "").strip()
+if BF16_PATH_PENDING:
+    DEFAULT_ISA = CATTN_ISA_AVX512
+BF16_PATH_REASON = None
+
+
+# The calibration (cattn._runtime.calibrate_bf16_path), given by the runtime module as it
+# loads this one: the compiled kernel imports no module of cattn.
+_bf16_calibration = None
+
+
+def set_bf16_calibration(calibrate):
+    global _bf16_calibration
+    _bf16_calibration = calibrate
+
+
+cdef int settle_bf16_path() except -1:
+    global DEFAULT_ISA, BF16_PATH_PENDING, BF16_PATH_REASON
+    if not BF16_PATH_PENDING or _bf16_calibration is None:
+        return 0
+    # (cleared first, under the GIL: the calibration's own calls name their paths, and a
+    # call from another thread meanwhile runs the widened path)
+    BF16_PATH_PENDING = False
+    path, BF16_PATH_REASON = _bf16_calibration(supported_isa_paths())
+    DEFAULT_ISA = ISA_NAMES.index(path)
+    return 0
+
+
+def bf16_products():
+    """(path, reason): the path bfloat16 products take by default, and why when it was
+    measured (settled first on CPUs that measure it; else None)."""
+    settle_bf16_path()
+    return ISA_NAMES[DEFAULT_ISA], BF16_PATH_REASON
 
 
 def isa_path():
     """The instruction-set path calls take: 'amx', 'avx512_bf16', 'avx512', 'avx2' or
     'portable' (the first two are AVX-512 with native bfloat16 block products)."""
+    settle_bf16_path()
     return ISA_NAMES[DEFAULT_ISA]
 
 
@@ -195,6 +232,7 @@ def isa_index(str name):
 
 
 def default_isa_index():
+    settle_bf16_path()
     return DEFAULT_ISA
 
 

@@ -379,3 +379,85 @@ _fork_pool_released = True
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                         after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------- the default path of bfloat16 products
+# A CPU with AVX512-BF16 but no AMX multiplies bfloat16 blocks either with its vdpbf16ps
+# instructions ("avx512_bf16") or by widening them to float32 for the AVX-512 float32
+# kernels ("avx512"). Which is faster depends on the CPU: vdpbf16ps measured slower than
+# the float32 kernels on a Sapphire Rapids Xeon (bfloat16 prefill L = 2048: 86 vs 108 GF/s)
+# and 1.4-1.65x faster on Zen 5. So no rule from one machine: the process times both once,
+# interleaved, on a small bfloat16 prefill, and keeps the faster (the native path only if
+# clearly faster: it rounds P to bfloat16, the widened path does not). AMX CPUs take their
+# tiles; CPUs without bfloat16 instructions widen.
+BF16_CALIBRATION_SHAPE = (1, 4, 256, 256, 64)   # (B, H, L, S, E): ~1 ms a call
+BF16_CALIBRATION_ROUNDS = 5
+BF16_NATIVE_MARGIN = 0.95                      # native kept when it takes < 95% of the time
+
+
+def choose_bf16_path(supported, time_path=None):
+    """(path, reason): the default path for bfloat16 products among `supported` (the
+    CPU's paths, best first, as _kernel.supported_isa_paths()). time_path(path) -> seconds
+    of one bfloat16 call on that path; called only when the CPU has both candidates."""
+    if "amx" in supported:
+        return "amx", "AMX-BF16 tiles on this CPU (vdpbf16ps for blocks under 16 rows)"
+    if "avx512_bf16" not in supported:
+        return supported[0], "no bfloat16 instructions on this CPU: bfloat16 widened to float32"
+    if time_path is None:
+        return "avx512", "not measured: bfloat16 widened to float32"
+    native, widened = [], []
+    for _ in range(BF16_CALIBRATION_ROUNDS):
+        native.append(time_path("avx512_bf16"))
+        widened.append(time_path("avx512"))
+    ratio = float(np.median(widened)) / max(float(np.median(native)), 1e-12)
+    measured = (f"measured at first use: vdpbf16ps {ratio:.2f}x the speed of the widened "
+                f"float32 products")
+    if ratio * BF16_NATIVE_MARGIN > 1.0:
+        return "avx512_bf16", measured
+    return "avx512", measured + ", not enough to round P to bfloat16: widened"
+
+
+def time_bf16_call(path):
+    """Seconds of one bfloat16 call of BF16_CALIBRATION_SHAPE on `path` (the
+    calibration's probe; bfloat16 arrays through ml_dtypes)."""
+    import importlib
+    import ml_dtypes
+    # The front is loaded by name when the probe runs (inside a call, long after every
+    # module's import): the front imports this module, not the other way round.
+    attention = importlib.import_module("cattn._api").scaled_dot_product_attention
+    B, H, L, S, E = BF16_CALIBRATION_SHAPE
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((B, H, n, E)).astype(ml_dtypes.bfloat16)
+               for n in (L, S, S))
+    attention(q, k, v, num_threads=1, _isa=path)  # (warm)
+    start = time.perf_counter()
+    attention(q, k, v, num_threads=1, _isa=path)
+    return time.perf_counter() - start
+
+
+def calibrate_bf16_path(supported, time_path=time_bf16_call):
+    """choose_bf16_path on this CPU, timing real calls (without ml_dtypes no bfloat16
+    arrays exist to multiply: then the widened path, unmeasured). It runs inside the
+    user's first call, so a calibration that fails leaves the widened path and never
+    fails that call."""
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        return choose_bf16_path(supported)
+    try:
+        return choose_bf16_path(supported, time_path)
+    except Exception as error:
+        return "avx512", f"calibration failed ({error!r}): bfloat16 widened to float32"
+
+
+def bf16_products():
+    """(path, reason): the path bfloat16 products take by default, and why."""
+    path, reason = _kernel.bf16_products()
+    if reason is None:
+        asked = os.environ.get("CATTN_ISA", "").strip()
+        reason = (f"CATTN_ISA={asked} caps the path" if asked
+                  else choose_bf16_path(_kernel.supported_isa_paths())[1])
+    return path, reason
+
+
+_kernel.set_bf16_calibration(calibrate_bf16_path)

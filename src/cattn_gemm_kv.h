@@ -13,6 +13,12 @@
  * Other element types are converted to T as they are loaded, in registers: the micro-
  * kernels stay those of T, and a decoding step reads only the bytes the cache holds.
  */
+/* Accumulator vectors the P·V stream keeps in registers (shared by its rows): 8 leave room
+ * for the loaded values within AVX2's 16 registers. */
+#ifndef CATTN_PV_STREAM_VECS
+#define CATTN_PV_STREAM_VECS 8
+#endif
+
 #define CATTN_CAT3E_(a, b, c) a##_##b##_##c
 #define CATTN_CAT3E(a, b, c) CATTN_CAT3E_(a, b, c)
 #define FNE(name) CATTN_CAT3E(name, ESFX, ISFX)
@@ -105,51 +111,111 @@ FNE(cattn_qkt_direct_rows)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha
     }
 }
 
-/* acc[r] += Σ_j p[r][j] · v[j] for r < MR_ (≤ 4): four keys per pass over the accumulator
- * rows, so each accumulator vector is loaded and stored once per four keys. */
+/* acc[r][0:NC_·W] += Σ_j p[r][j] · v[j][0:NC_·W] for r < MR_ (≤ 4): the accumulators stay
+ * in registers for all the block's keys, loaded and stored once per block, so the stream
+ * costs per element of V only its load (and conversion) and one FMA per row; each value
+ * vector is loaded once for all the rows. (Loading and storing them every few keys cost
+ * as many instructions per element as the conversion of a narrow V.) The FMAs of an
+ * element run in key order, as a key-by-key loop would. */
+static inline __attribute__((always_inline)) TGT_KV void
+FNE(cattn_pv_stream_columns)(const int MR_, const int NC_, ptrdiff_t n_keys, const T *p,
+                             ptrdiff_t ldp, const ET *v, ptrdiff_t v_rs, T *acc,
+                             ptrdiff_t ld_acc)
+{
+    V a[4][CATTN_PV_STREAM_VECS];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR_; r++)
+#pragma GCC unroll 8
+        for (int c = 0; c < NC_; c++) a[r][c] = VLOAD(acc + r * ld_acc + c * W);
+    for (ptrdiff_t j = 0; j < n_keys; j++) {
+        const ET *vj = v + j * v_rs;
+        V x[CATTN_PV_STREAM_VECS];
+#pragma GCC unroll 8
+        for (int c = 0; c < NC_; c++) x[c] = ELOAD(vj + c * W);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR_; r++) {
+            const V pr = VBCAST(p + r * ldp + j);
+#pragma GCC unroll 8
+            for (int c = 0; c < NC_; c++) a[r][c] = VFMA(pr, x[c], a[r][c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < MR_; r++)
+#pragma GCC unroll 8
+        for (int c = 0; c < NC_; c++) VSTORE(acc + r * ld_acc + c * W, a[r][c]);
+}
+
+/* acc[r] += Σ_j p[r][j] · v[j] for r < MR_ (≤ 4): the full vectors of a row in chunks of
+ * as many accumulators as the registers hold (CATTN_PV_STREAM_VECS for all the rows
+ * together), then a partial last vector key by key. */
 static inline __attribute__((always_inline)) TGT_KV void
 FNE(cattn_pv_direct_rows)(const int MR_, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p,
                          ptrdiff_t ldp, const ET *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc)
 {
+    const int chunk = MR_ == 1 ? CATTN_PV_STREAM_VECS : MR_ == 2 ? CATTN_PV_STREAM_VECS / 2
+                                                                 : CATTN_PV_STREAM_VECS / 4;
     const ptrdiff_t Ev_full = Ev - Ev % W;
-    const VI tail = VMASK(Ev % W);
-    const ETAIL_T v_tail = ETAIL(Ev % W);
-    ptrdiff_t j = 0;
-    for (; j + 4 <= n_keys; j += 4) {
-        const ET *v0 = v + j * v_rs, *v1 = v0 + v_rs, *v2 = v1 + v_rs, *v3 = v2 + v_rs;
+    ptrdiff_t e = 0;
+    for (; e + chunk * W <= Ev_full; e += chunk * W)
+        FNE(cattn_pv_stream_columns)(MR_, chunk, n_keys, p, ldp, v + e, v_rs, acc + e, ld_acc);
+    for (; e < Ev_full; e += W)
+        FNE(cattn_pv_stream_columns)(MR_, 1, n_keys, p, ldp, v + e, v_rs, acc + e, ld_acc);
+    if (e < Ev) {
+        const VI tail = VMASK(Ev % W);
+        const ETAIL_T v_tail = ETAIL(Ev % W);
 #pragma GCC unroll 4
         for (int r = 0; r < MR_; r++) {
-            const T *pr = p + r * ldp + j;
-            V a0 = VBCAST(pr), a1 = VBCAST(pr + 1), a2 = VBCAST(pr + 2), a3 = VBCAST(pr + 3);
-            T *ar = acc + r * ld_acc;
-            ptrdiff_t e = 0;
-            for (; e < Ev_full; e += W) {
-                V x = VFMA(a0, ELOAD(v0 + e), VLOAD(ar + e));
-                x = VFMA(a1, ELOAD(v1 + e), x);
-                x = VFMA(a2, ELOAD(v2 + e), x);
-                VSTORE(ar + e, VFMA(a3, ELOAD(v3 + e), x));
-            }
-            if (e < Ev) {
-                V x = VFMA(a0, ELOAD_TAIL(v0 + e, v_tail), VMASKLOAD(ar + e, tail));
-                x = VFMA(a1, ELOAD_TAIL(v1 + e, v_tail), x);
-                x = VFMA(a2, ELOAD_TAIL(v2 + e, v_tail), x);
-                VMASKSTORE(ar + e, tail, VFMA(a3, ELOAD_TAIL(v3 + e, v_tail), x));
-            }
-        }
-    }
-    for (; j < n_keys; j++) {
-        const ET *vj = v + j * v_rs;
-#pragma GCC unroll 4
-        for (int r = 0; r < MR_; r++) {
-            V a = VBCAST(p + r * ldp + j);
-            T *ar = acc + r * ld_acc;
-            ptrdiff_t e = 0;
-            for (; e < Ev_full; e += W) VSTORE(ar + e, VFMA(a, ELOAD(vj + e), VLOAD(ar + e)));
-            if (e < Ev)
-                VMASKSTORE(ar + e, tail, VFMA(a, ELOAD_TAIL(vj + e, v_tail), VMASKLOAD(ar + e, tail)));
+            T *ar = acc + r * ld_acc + e;
+            V x = VMASKLOAD(ar, tail);
+            for (ptrdiff_t j = 0; j < n_keys; j++)
+                x = VFMA(VBCAST(p + r * ldp + j), ELOAD_TAIL(v + j * v_rs + e, v_tail), x);
+            VMASKSTORE(ar, tail, x);
         }
     }
 }
+
+#ifdef VTRANSPOSE
+/* c[j] = alpha · q·k[j] for one query row and keys [0, the last multiple of W), W keys at a
+ * time: each key's products summed in a vector, then the W vectors transposed in registers
+ * and added, which gives the W scores as one vector. A reduction across the lanes per key
+ * cost about as many instructions as converting a narrow key; the transpose shares them
+ * among W keys. Returns the keys done. */
+static inline __attribute__((always_inline)) TGT_KV ptrdiff_t
+FNE(cattn_qkt_direct_row_by_lanes)(ptrdiff_t n_keys, ptrdiff_t E, T alpha, const T *q,
+                                   const ET *k, ptrdiff_t k_rs, T *c)
+{
+    const ptrdiff_t E_full = E - E % W;
+    const VI tail = VMASK(E % W);
+    const ETAIL_T k_tail = ETAIL(E % W);
+    const V alpha_v = VBCAST(&alpha);
+    ptrdiff_t j0 = 0;
+    for (; j0 + W <= n_keys; j0 += W) {
+        V sums[W];
+#pragma GCC unroll 16
+        for (int jj = 0; jj < W; jj++) {
+            const ET *kj = k + (j0 + jj) * k_rs;
+            V acc0 = VZERO(), acc1 = VZERO();
+            ptrdiff_t e = 0;
+            for (; e + 2 * W <= E_full; e += 2 * W) {
+                acc0 = VFMA(VLOAD(q + e), ELOAD(kj + e), acc0);
+                acc1 = VFMA(VLOAD(q + e + W), ELOAD(kj + e + W), acc1);
+            }
+            if (e < E_full) {
+                acc0 = VFMA(VLOAD(q + e), ELOAD(kj + e), acc0);
+                e += W;
+            }
+            if (e < E) acc1 = VFMA(VMASKLOAD(q + e, tail), ELOAD_TAIL(kj + e, k_tail), acc1);
+            sums[jj] = VADD(acc0, acc1);
+        }
+        VTRANSPOSE(sums);
+        V total = sums[0];
+#pragma GCC unroll 16
+        for (int lane = 1; lane < W; lane++) total = VADD(total, sums[lane]);
+        VSTORE(c + j0, VMUL(alpha_v, total));
+    }
+    return j0;
+}
+#endif
 
 TGT_KV static void
 FNE(cattn_gemm_qkt_direct)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
@@ -161,7 +227,16 @@ FNE(cattn_gemm_qkt_direct)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alph
     switch (rows) {
     case 3: FNE(cattn_qkt_direct_rows)(3, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
     case 2: FNE(cattn_qkt_direct_rows)(2, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
-    case 1: FNE(cattn_qkt_direct_rows)(1, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
+    case 1: {
+#ifdef VTRANSPOSE
+        const ptrdiff_t done = FNE(cattn_qkt_direct_row_by_lanes)(n_keys, E, alpha, q, k, k_rs, c);
+#else
+        const ptrdiff_t done = 0;
+#endif
+        FNE(cattn_qkt_direct_rows)(1, n_keys - done, E, alpha, q, q_rs, k + done * k_rs, k_rs,
+                                   c + done, ldc);
+        break;
+    }
     default: break;
     }
 }
