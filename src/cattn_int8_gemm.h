@@ -292,18 +292,18 @@ I8_INLINE int32_t i8_load4(const uint8_t *p)
 }
 
 /* AVX-512 VNNI: mr rows × np panels of 16 outputs in registers */
-#define I8_MR512 6
-#define I8_NP512 4
+#define CATTN_I8_MR512 6
+#define CATTN_I8_NP512 4
 CATTN_I8_TARGET_AVX512 I8_INLINE void i8_tile_avx512(int mr, int np, i8_size kg,
                                                       const uint8_t *a, i8_size lda,
                                                       const int8_t *w, i8_size panel_bytes,
                                                       int32_t *tile)
 {
-    __m512i acc[I8_MR512][I8_NP512];
+    __m512i acc[CATTN_I8_MR512][CATTN_I8_NP512];
     for (int r = 0; r < mr; r++)
         for (int p = 0; p < np; p++) acc[r][p] = _mm512_setzero_si512();
     for (i8_size g = 0; g < kg; g++) {
-        __m512i wv[I8_NP512];
+        __m512i wv[CATTN_I8_NP512];
         for (int p = 0; p < np; p++) wv[p] = _mm512_loadu_si512(w + p * panel_bytes + g * 64);
         for (int r = 0; r < mr; r++) {
             __m512i av = _mm512_set1_epi32(i8_load4(a + r * lda + g * 4));
@@ -324,14 +324,14 @@ CATTN_I8_TARGET_AVX512 static void i8_gemm_avx512(i8_size rows, i8_size N, i8_si
                                                   const uint8_t *a, i8_size lda,
                                                   const int8_t *packed, const i8_epilogue *e)
 {
-    int32_t tile[I8_MR512 * 64];
+    int32_t tile[CATTN_I8_MR512 * 64];
     const i8_size panel_bytes = kg * 64;
     for (i8_size n0 = 0; n0 < N; n0 += 64) {
-        int np = (int)((N - n0 + 15) / 16 < I8_NP512 ? (N - n0 + 15) / 16 : I8_NP512);
+        int np = (int)((N - n0 + 15) / 16 < CATTN_I8_NP512 ? (N - n0 + 15) / 16 : CATTN_I8_NP512);
         i8_size cols = N - n0 < 64 ? N - n0 : 64;
         const int8_t *w = packed + (n0 / 16) * panel_bytes;
-        for (i8_size r0 = 0; r0 < rows; r0 += I8_MR512) {
-            int mr = (int)(rows - r0 < I8_MR512 ? rows - r0 : I8_MR512);
+        for (i8_size r0 = 0; r0 < rows; r0 += CATTN_I8_MR512) {
+            int mr = (int)(rows - r0 < CATTN_I8_MR512 ? rows - r0 : CATTN_I8_MR512);
             const uint8_t *x = a + r0 * lda;
             switch (mr * 8 + np) {
                 I8_TILE512_ROWS(1) I8_TILE512_ROWS(2) I8_TILE512_ROWS(3) I8_TILE512_ROWS(4)
@@ -344,7 +344,7 @@ CATTN_I8_TARGET_AVX512 static void i8_gemm_avx512(i8_size rows, i8_size N, i8_si
 #undef I8_TILE512_CASE
 
 /* 256-bit paths: mr rows × one panel (two vectors of 8 outputs) */
-#define I8_MR256 6
+#define CATTN_I8_MR256 6
 
 /* vpdpbusd emulated: the even and odd bytes widened to 16 bits, each pair multiplied and
  * summed by vpmaddwd (exact: |255 · 127 · 2| < 2^31) */
@@ -360,7 +360,7 @@ CATTN_I8_TARGET_AVX2 I8_INLINE __m256i i8_dot4_avx2(__m256i acc, __m256i a, __m2
 CATTN_I8_TARGET_AVX2 I8_INLINE void i8_tile_avx2(int mr, i8_size kg, const uint8_t *a,
                                                   i8_size lda, const int8_t *w, int32_t *tile)
 {
-    __m256i acc[I8_MR256][2];
+    __m256i acc[CATTN_I8_MR256][2];
     for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     for (i8_size g = 0; g < kg; g++) {
         __m256i we[2], wo[2];
@@ -384,7 +384,7 @@ CATTN_I8_TARGET_AVX_VNNI I8_INLINE void i8_tile_avx_vnni(int mr, i8_size kg, con
                                                           i8_size lda, const int8_t *w,
                                                           int32_t *tile)
 {
-    __m256i acc[I8_MR256][2];
+    __m256i acc[CATTN_I8_MR256][2];
     for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     for (i8_size g = 0; g < kg; g++) {
         __m256i wv[2];
@@ -404,13 +404,13 @@ CATTN_I8_TARGET_AVX_VNNI I8_INLINE void i8_tile_avx_vnni(int mr, i8_size kg, con
 
 /* One loop nest for both 256-bit paths; TILE is the path's tile function. */
 #define I8_GEMM256_BODY(TILE)                                                              \
-    int32_t tile[I8_MR256 * 16];                                                           \
+    int32_t tile[CATTN_I8_MR256 * 16];                                                           \
     for (i8_size p = 0; p * 16 < N; p++) {                                                 \
         const int8_t *w = packed + p * kg * 64;                                            \
         i8_size cols = N - p * 16 < 16 ? N - p * 16 : 16;                                  \
-        for (i8_size r0 = 0; r0 < rows; r0 += I8_MR256) {                                  \
+        for (i8_size r0 = 0; r0 < rows; r0 += CATTN_I8_MR256) {                                  \
             const uint8_t *x = a + r0 * lda;                                               \
-            switch (rows - r0 < I8_MR256 ? (int)(rows - r0) : I8_MR256) {                 \
+            switch (rows - r0 < CATTN_I8_MR256 ? (int)(rows - r0) : CATTN_I8_MR256) {                 \
             case 1: TILE(1, kg, x, lda, w, tile); break;                                   \
             case 2: TILE(2, kg, x, lda, w, tile); break;                                   \
             case 3: TILE(3, kg, x, lda, w, tile); break;                                   \
@@ -418,7 +418,7 @@ CATTN_I8_TARGET_AVX_VNNI I8_INLINE void i8_tile_avx_vnni(int mr, i8_size kg, con
             case 5: TILE(5, kg, x, lda, w, tile); break;                                   \
             default: TILE(6, kg, x, lda, w, tile); break;                                  \
             }                                                                              \
-            int mr = (int)(rows - r0 < I8_MR256 ? rows - r0 : I8_MR256);                   \
+            int mr = (int)(rows - r0 < CATTN_I8_MR256 ? rows - r0 : CATTN_I8_MR256);                   \
             i8_write_tile(e, tile, 16, mr, r0, p * 16, cols);                     \
         }                                                                                  \
     }

@@ -133,10 +133,11 @@ def run_varlen_case(name: str, config: BenchConfig) -> Case:
             return Runner(label, impl, t, "varlen", fn, setup, None, to_packed,
                           work=_flops(lengths, causal))
 
-        admit_each(IMPLS, config, make_runner,
-                   lambda runner, out, expected=expected: _max_abs_diff(
-                       runner.to_output(out), cu, expected),
-                   tolerance(np.float32), options, runners, wrong)
+        def error(runner: Runner, out: Any, expected: Any = expected) -> float:
+            return _max_abs_diff(runner.to_output(out), cu, expected)
+
+        admit_each(IMPLS, config, make_runner, error, tolerance(np.float32), options,
+                   runners, wrong)
     config.log(f"  {name}: {len(runners)} runners ")
     time_round_robin(runners, config.reps, config.warmup, log=config.log)
     config.log("\n")
