@@ -10,13 +10,12 @@ expanded, except a matrix whose last axis is not contiguous (BLAS needs unit str
 and sinks, outputs, launch) around its own: operands, batch shape, key lengths and
 diagonal, and the padded layout's table.
 """
-import math
 
 import numpy as np
 
 from cattn import _kernel, _dtypes
 from cattn._plan import (FLOAT_DTYPES as _FLOAT_DTYPES, INT32_MAX as _INT32_MAX,
-                         MAX_OFFSET as _MAX_OFFSET, Column as _Column, Plan, launch,
+                         MAX_OFFSET as _MAX_OFFSET, Plan, launch,
                          as_ndarray as _as_ndarray, check_array as _check_array,
                          blas_ready as _blas_ready, offset as _offset,
                          per_item_integers as _per_item_integers,
@@ -297,20 +296,10 @@ def _padded_layout(plan, batch_shape, group, kv_len, diag, L, S, E, Ev):
     plan.query, plan.key, plan.value = query, key, value
     plan.L, plan.S, plan.E, plan.Ev = L, S, E, Ev
     plan.longest_keys = S
-    table = np.empty((math.prod(batch_shape), _kernel.TABLE_COLUMNS), dtype=np.intp)
-    _kernel.fill_offsets(table, _Column.Q, query, batch_shape)
-    _kernel.fill_offsets(table, _Column.K, key, batch_shape, group)
-    _kernel.fill_offsets(table, _Column.V, value, batch_shape, group)
-    _kernel.fill_offsets(table, _Column.OUT, plan.out, batch_shape)
-    _kernel.fill_offsets(table, _Column.MASK, plan.mask, batch_shape)
-    _kernel.fill_column(table, _Column.KV_LEN, kv_len)
-    _kernel.fill_column(table, _Column.DIAG, diag)
-    _kernel.fill_column(table, _Column.KEEP_FIRST, plan.keep)
     narrow = plan.narrow
-    if narrow is not None:  # (without scales the kernel never reads these columns)
-        _kernel.fill_offsets(table, _Column.K_SCALE, narrow.k_scale, batch_shape, group)
-        _kernel.fill_offsets(table, _Column.V_SCALE, narrow.v_scale, batch_shape, group)
-    plan.table = table
+    plan.table = _kernel.padded_table(
+        batch_shape, group, query, key, value, plan.out, plan.mask, kv_len, diag, plan.keep,
+        None if narrow is None else narrow.k_scale, None if narrow is None else narrow.v_scale)
 
 
 def merge_attention(outputs, lses):

@@ -1613,20 +1613,14 @@ def gemm_row_stride(cnp.ndarray x):
     return rs
 
 
-def fill_offsets(Py_ssize_t[:, ::1] table, int col, object x_or_none, tuple batch_shape,
-                 Py_ssize_t group=1):
-    """table[:, col] = element offset of each batch item's matrix in x (0 for None).
-
-    Items run in C order over batch_shape; x's leading axes broadcast against it,
-    right-aligned (an axis of size 1 always gives offset 0). With group > 1, x has
-    batch_shape[-1] // group heads on its last leading axis and item head h reads x's
-    head h // group (grouped-query attention).
-    """
-    cdef Py_ssize_t n, offset, n_items = table.shape[0]
+cdef int _offsets_into(Py_ssize_t* table, Py_ssize_t n_items, int col, object x_or_none,
+                       tuple batch_shape, Py_ssize_t group) except -1:
+    """Column col of a C-contiguous (n_items, N_COLS) table: see fill_offsets."""
+    cdef Py_ssize_t n, offset
     if x_or_none is None:
         for n in range(n_items):
-            table[n, col] = 0
-        return
+            table[n * N_COLS + col] = 0
+        return 0
     cdef cnp.ndarray x = x_or_none
     cdef int nb = len(batch_shape), lead = x.ndim - 2, a, xa
     cdef Py_ssize_t dims[64]
@@ -1644,7 +1638,7 @@ def fill_offsets(Py_ssize_t[:, ::1] table, int col, object x_or_none, tuple batc
         offset = 0
         for a in range(nb):
             offset += (idx[a] // group if a == nb - 1 else idx[a]) * steps[a]
-        table[n, col] = offset
+        table[n * N_COLS + col] = offset
         a = nb - 1
         while a >= 0:  # next item: increment the multi-index, last axis fastest
             idx[a] += 1
@@ -1652,20 +1646,76 @@ def fill_offsets(Py_ssize_t[:, ::1] table, int col, object x_or_none, tuple batc
                 break
             idx[a] = 0
             a -= 1
+    return 0
 
 
-def fill_column(Py_ssize_t[:, ::1] table, int col, object values):
-    """table[:, col] = values: one int for every item, or one per item (1-D intp array)."""
+cdef int _column_into(Py_ssize_t* table, Py_ssize_t n_items, int col,
+                      object values) except -1:
+    """Column col = values: one int for every item, or one per item (1-D intp array)."""
     cdef Py_ssize_t n, value
     cdef const Py_ssize_t[:] per_item
     if not isinstance(values, cnp.ndarray):
         value = values
-        for n in range(table.shape[0]):
-            table[n, col] = value
+        for n in range(n_items):
+            table[n * N_COLS + col] = value
     else:
         per_item = values
-        for n in range(table.shape[0]):
-            table[n, col] = per_item[n]
+        for n in range(n_items):
+            table[n * N_COLS + col] = per_item[n]
+    return 0
+
+
+def fill_offsets(Py_ssize_t[:, ::1] table, int col, object x_or_none, tuple batch_shape,
+                 Py_ssize_t group=1):
+    """table[:, col] = element offset of each batch item's matrix in x (0 for None).
+
+    Items run in C order over batch_shape; x's leading axes broadcast against it,
+    right-aligned (an axis of size 1 always gives offset 0). With group > 1, x has
+    batch_shape[-1] // group heads on its last leading axis and item head h reads x's
+    head h // group (grouped-query attention).
+    """
+    if table.shape[1] != N_COLS:
+        raise ValueError(f"the table needs {N_COLS} columns, got {table.shape[1]}")
+    if table.shape[0]:
+        _offsets_into(&table[0, 0], table.shape[0], col, x_or_none, batch_shape, group)
+
+
+def fill_column(Py_ssize_t[:, ::1] table, int col, object values):
+    """table[:, col] = values: one int for every item, or one per item (1-D intp array)."""
+    if table.shape[1] != N_COLS:
+        raise ValueError(f"the table needs {N_COLS} columns, got {table.shape[1]}")
+    if table.shape[0]:
+        _column_into(&table[0, 0], table.shape[0], col, values)
+
+
+def padded_table(tuple batch_shape, Py_ssize_t group, query, key, value, out, mask,
+                 kv_len, diag, keep_first, k_scale=None, v_scale=None):
+    """The table of a padded batch, filled in one call (it is on every call's path):
+    each item's matrix offsets (keys, values and their scales shared by a group of
+    `group` query heads), key length, diagonal and kept first keys (ints, or one intp per
+    item). Without scales, their columns are 0 (the kernel reads them only with scales)."""
+    cdef Py_ssize_t n_items = 1, d
+    for d in batch_shape:
+        n_items *= d
+    cdef cnp.ndarray table = np.empty((n_items, N_COLS), dtype=np.intp)
+    if n_items == 0:
+        return table
+    cdef Py_ssize_t* t = <Py_ssize_t*> cnp.PyArray_DATA(table)
+    _offsets_into(t, n_items, COL_Q, query, batch_shape, 1)
+    _offsets_into(t, n_items, COL_K, key, batch_shape, group)
+    _offsets_into(t, n_items, COL_V, value, batch_shape, group)
+    _offsets_into(t, n_items, COL_OUT, out, batch_shape, 1)
+    _offsets_into(t, n_items, COL_MASK, mask, batch_shape, 1)
+    _column_into(t, n_items, COL_KV_LEN, kv_len)
+    _column_into(t, n_items, COL_DIAG, diag)
+    _column_into(t, n_items, COL_KEEP_FIRST, keep_first)
+    _offsets_into(t, n_items, COL_K_SCALE, k_scale, batch_shape, group)
+    _offsets_into(t, n_items, COL_V_SCALE, v_scale, batch_shape, group)
+    for d in range(n_items):  # only packed and paged layouts use these
+        t[d * N_COLS + COL_Q_LEN] = 0
+        t[d * N_COLS + COL_LSE] = 0
+        t[d * N_COLS + COL_PAGES] = 0
+    return table
 
 
 def calls_blas(isa=None):
