@@ -34,8 +34,12 @@ def test_decode_loop_rows_and_tables(tiny_decoder):
             assert r.max_abs_diff < 1e-5  # (a wrong attention would show here)
     assert set(case.spec["stream_read_gbps"]) == {f"Hkv={h} {t}t" for h in (4, 1)
                                                   for t in (1, 2)}
+    # cores busy per core of wall time: at most every thread of the process
+    assert set(case.spec["blas_idle_cores"]) == {"1t", "2t"}
+    assert all(0 <= v < 64 for v in case.spec["blas_idle_cores"].values())
     text = decode_loop.format_decode_loop_case(case)
     assert "cattn-loop" in text and "stream read" in text
+    assert "BLAS workers keep busy while idle" in text
     markdown = format_markdown({"machine": {}, "cases": [case]})
     assert "| cattn-loop | 1 | Hkv=4 |" in markdown
     assert "Same-run ceiling" not in markdown  # (the stream rates are per heads, in the table)
@@ -43,3 +47,28 @@ def test_decode_loop_rows_and_tables(tiny_decoder):
 
 def test_decode_loop_is_a_preset():
     assert "decode-loop" in bench.suite.WORKLOADS
+
+
+
+def test_blas_idle_cores_counts_the_whole_process(monkeypatch):
+    """The probe divides the CPU time of every thread of the process (process_time) by
+    the wall time of the main thread's sleep right after the product: a worker spinning
+    through the window counts as a core. A fake clock (0.9 s of CPU per second slept)
+    keeps this independent of the machine; the bugs it catches: a probe that reads the
+    main thread's CPU time only (always ~0), or that sleeps before the product."""
+    from cattn.bench import probes
+    clock = {"cpu": 0.0, "wall": 0.0, "calls": 0}
+
+    def product():
+        clock["calls"] += 1
+        clock["cpu"] += 5.0  # the product itself: outside the measured window
+
+    def sleep(seconds):
+        clock["wall"] += seconds
+        clock["cpu"] += 0.9 * seconds
+
+    monkeypatch.setattr(probes.time, "process_time", lambda: clock["cpu"])
+    monkeypatch.setattr(probes.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(probes.time, "sleep", sleep)
+    assert abs(probes.blas_idle_cores(product, idle_s=0.02, repeats=3) - 0.9) < 1e-9
+    assert clock["calls"] == 3

@@ -19,6 +19,7 @@ Rows, at each thread count:
 KV GB/s counts the key and value bytes of one call (the whole cache of one layer); "%
 stream" is that over the same-run stream read rate.
 """
+import os
 import time
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from cattn.bench.config import BenchConfig
 from cattn.bench.peers import blas_threads, optional, torch_threads
-from cattn.bench.probes import stream_array
+from cattn.bench.probes import blas_idle_cores, stream_array
 from cattn.bench.results import AttentionRow, Case, SkippedRun
 from cattn.bench.timing import median
 
@@ -152,6 +153,7 @@ def run_decode_loop_case(name: str, mode: str, config: BenchConfig) -> Case:
     rows: List[AttentionRow] = []
     skipped: List[SkippedRun] = []
     stream_gbps: Dict[str, float] = {}
+    blas_idle: Dict[str, float] = {}
     if torch is None:
         skipped.append(SkippedRun("torch", "torch", None, None, "PyTorch not installed"))
     for kv_heads in KV_HEADS:
@@ -161,6 +163,7 @@ def run_decode_loop_case(name: str, mode: str, config: BenchConfig) -> Case:
             restore_torch = torch_threads(threads) if torch is not None else (lambda: None)
             try:
                 diff = check_attention(model, threads)
+                blas_idle[f"{threads}t"] = blas_idle_cores(lambda: model.x @ model.w_qkv)
                 runs: Dict[str, List[float]] = {impl: [] for impl in IMPLS}
                 stream: List[float] = []
                 cattn_step = numpy_step(model, threads)
@@ -223,7 +226,10 @@ def run_decode_loop_case(name: str, mode: str, config: BenchConfig) -> Case:
             "layers": layers, "steps": steps, "rounds": rounds, "kv_heads": list(KV_HEADS),
             "wait_policy": _runtime.WAIT_POLICY,
             # (per heads and threads: not the thread-keyed ceilings of other cases)
-            "stream_read_gbps": stream_gbps}
+            "stream_read_gbps": stream_gbps,
+            # cores the BLAS workers keep busy while idle right after a projection
+            "blas_idle_cores": blas_idle,
+            "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT")}
     return Case(name, "decode_loop", spec, [f"Hkv={h}" for h in KV_HEADS],
                 list(config.threads), rows, skipped=skipped)
 
@@ -235,6 +241,7 @@ def format_decode_loop_case(case: Case) -> str:
            f"{spec['steps']} steps x {spec['rounds']} rounds; OpenMP wait policy "
            f"{spec['wait_policy']}",
            "   stream read (same run): " + stream_summary(case),
+           "   " + blas_idle_summary(case),
            f"   {'impl':<12}{'thr':>4} {'heads':<8}{'median':>11}{'KV GB/s':>9}"
            f"{'%stream':>8}{'x cattn':>9}{'vs 1t':>7}{'maxdiff':>10}"]
     for line in decode_loop_lines(case):
@@ -248,6 +255,16 @@ def format_decode_loop_case(case: Case) -> str:
     out.append("   (median of one attention call; 'x cattn' = time / cattn-loop's, same "
                "heads and threads)")
     return "\n".join(out)
+
+
+def blas_idle_summary(case: Case) -> str:
+    """The BLAS workers' idle wait, which the next attention call competes with."""
+    idle = case.spec.get("blas_idle_cores") or {}
+    timeout = case.spec.get("openblas_thread_timeout")
+    return ("cores the BLAS workers keep busy while idle right after a projection: " +
+            (", ".join(f"{k} {v:.2f}" for k, v in idle.items()) or "-") +
+            (f" (OPENBLAS_THREAD_TIMEOUT={timeout})" if timeout else
+             " (OPENBLAS_THREAD_TIMEOUT unset: OpenBLAS workers spin ~0.1 s after each call)"))
 
 
 def stream_summary(case: Case) -> str:
@@ -266,6 +283,7 @@ def decode_loop_lines(case: Case) -> List[Tuple[Any, str, str]]:
 
 def decode_loop_markdown_table(case: Case) -> List[str]:
     lines = ["Stream read (same run): " + stream_summary(case), "",
+             blas_idle_summary(case)[0].upper() + blas_idle_summary(case)[1:] + ".", "",
              "| impl | threads | heads | median | KV GB/s | % stream | time / cattn-loop's "
              "| vs 1 thread |", "|---|---|---|---|---|---|---|---|"]
     for r, sp, vs1 in decode_loop_lines(case):

@@ -47,6 +47,22 @@ def make_gemm(dtype, n: int, threads: int):
 _STREAM_ARRAYS: Dict[int, np.ndarray] = {}
 
 
+def blas_idle_cores(product: Callable[[], Any], idle_s: float = 0.02,
+                    repeats: int = 3) -> float:
+    """How many cores the process keeps busy while its main thread sleeps right after
+    `product` (a BLAS call): the BLAS workers' idle wait. OpenBLAS's pthreads workers spin
+    (yielding) for about 2**28 cycles, ~0.1 s, after each call before they sleep, unless
+    OPENBLAS_THREAD_TIMEOUT (read at load) shortens it; in a decoder loop that spin takes
+    the cores the next attention call runs on. The median of `repeats` measurements."""
+    busy = []
+    for _ in range(repeats):
+        product()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        time.sleep(idle_s)
+        busy.append((time.process_time() - cpu0) / (time.perf_counter() - wall0))
+    return median(busy)
+
+
 def stream_array(mib: int) -> np.ndarray:
     """A float32 array of `mib` MiB, every page touched (kept for the whole run)."""
     if mib not in _STREAM_ARRAYS:
