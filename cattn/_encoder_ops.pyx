@@ -850,7 +850,8 @@ def linear(const floating[:, :] x, packed, const floating[::1] bias, floating[:,
            isa=None, num_threads=None):
     """out <- x · Wᵀ + bias for a weight W (n_out, n_in) given as pack_linear_weight(W, isa)
     (either precision): x (rows, n_in) and out (rows, n_out) with unit column stride (any
-    row stride); bias (n_out,) or None. Rows are spread over the threads."""
+    row stride); bias (n_out,) or None. Rows are spread over the threads, or, with fewer
+    rows than threads, the packed panels of outputs (float32 and float64 weights)."""
     cdef Py_ssize_t M = x.shape[0], K = x.shape[1], N = out.shape[1], c, r0, m
     if out.shape[0] != M:
         raise ValueError(f"out must have {M} rows (one per row of x), got {out.shape[0]}")
@@ -875,6 +876,21 @@ def linear(const floating[:, :] x, packed, const floating[::1] bias, floating[:,
     cdef Py_ssize_t chunk = (M + nt - 1) // nt
     cdef const floating* w = _weight_data(packed, width, &x[0, 0])
     cdef uint8_t[:, ::1] work = _split_work(nt, K, width)
+    cdef Py_ssize_t panels_each, n0, n1
+    if M < nt and width > 1:
+        # Fewer rows than threads (a decoder's token): each thread takes a run of the
+        # packed panels, all rows. Every output is still summed by one micro-kernel call
+        # over its panel, so results do not depend on the thread count.
+        panels_each = ((N + width - 1) // width + nt - 1) // nt
+        with nogil:
+            for c in prange(nt, num_threads=nt, schedule="static"):
+                n0 = c * panels_each * width
+                n1 = min(N, n0 + panels_each * width)
+                if n1 > n0:
+                    linear_rows(path, M, n1 - n0, K, &x[0, 0], lda, w + n0 * K, width,
+                                NULL if bias_p == NULL else bias_p + n0, &out[0, 0] + n0,
+                                ldc, &work[c, 0])
+        return
     with nogil:
         for c in prange(nt, num_threads=nt, schedule="static"):
             r0 = c * chunk

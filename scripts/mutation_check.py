@@ -636,6 +636,12 @@ MUTANTS = [
            [Edit("cattn/_encoder_ops.pyx", "scale = 1 / <floating>sqrt(<double>count)",
                  "scale = 1 / <floating>count")],
            ["tests/test_encoder_ops.py", "-k", "test_pool"]),
+    Mutant("linear-token-split-bias-unshifted",
+           "a decoder token's projection split over the threads adds the first thread's "
+           "bias to every thread's outputs (wrong outputs past the first run of panels)",
+           [Edit("cattn/_encoder_ops.pyx", "NULL if bias_p == NULL else bias_p + n0,",
+                 "bias_p,")],
+           ["tests/test_packed_linear.py", "-k", "fewer_rows_than_threads"]),
     Mutant("scalar-exp-coefficient-off",
            "the scalar float32 exp (the online softmax's rescaling factor) has a wrong "
            "Taylor coefficient: 1e-3 relative error once a row's maximum moves (a C header bug)",

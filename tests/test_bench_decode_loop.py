@@ -23,7 +23,8 @@ def test_decode_loop_rows_and_tables(tiny_decoder):
     torch_present = decode_loop.optional("torch") is not None
     config = bench.BenchConfig(threads=[1, 2], impls=["cattn", "torch"], stream_mib=8)
     case = decode_loop.run_decode_loop_case("decode loop", "quick", config)
-    impls = decode_loop.IMPLS if torch_present else ("cattn-loop", "cattn-b2b")
+    impls = decode_loop.IMPLS if torch_present else ("cattn-loop", "cattn-own-loop",
+                                                      "cattn-b2b")
     assert {(r.impl, r.threads, r.options) for r in case.rows} == {
         (impl, threads, f"Hkv={h}") for impl in impls for threads in (1, 2) for h in (4, 1)}
     for r in case.rows:
@@ -40,6 +41,10 @@ def test_decode_loop_rows_and_tables(tiny_decoder):
     text = decode_loop.format_decode_loop_case(case)
     assert "cattn-loop" in text and "stream read" in text
     assert "BLAS workers keep busy while idle" in text
+    loops = [i for i in impls if i.endswith("-loop")]
+    assert set(case.spec["layer_step_s"]) == {f"{i} Hkv={h} {t}t" for i in loops
+                                              for h in (4, 1) for t in (1, 2)}
+    assert all(v > 0 for v in case.spec["layer_step_s"].values())
     markdown = format_markdown({"machine": {}, "cases": [case]})
     assert "| cattn-loop | 1 | Hkv=4 |" in markdown
     assert "Same-run ceiling" not in markdown  # (the stream rates are per heads, in the table)
@@ -72,3 +77,15 @@ def test_blas_idle_cores_counts_the_whole_process(monkeypatch):
     monkeypatch.setattr(probes.time, "sleep", sleep)
     assert abs(probes.blas_idle_cores(product, idle_s=0.02, repeats=3) - 0.9) < 1e-9
     assert clock["calls"] == 3
+
+
+def test_own_projections_step_computes_the_numpy_step(tiny_decoder):
+    """cattn-own-loop times the same decoder step as cattn-loop, its projections on
+    cattn's linear layers (the bug: a weight packed untransposed, or the output projection
+    skipped, which would time a cheaper step)."""
+    import numpy as np
+    model = decode_loop.Decoder(kv_heads=1, context=300, layers=2, seed=0)
+    want = decode_loop.numpy_step(model, 1)([])
+    for threads in (1, 2):
+        got = decode_loop.own_step(model, threads)([])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -61,6 +61,31 @@ def test_linear_matches_reference(path, dtype, shape, rng):
 
 @pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1003, 2200), (2, 517, 4100)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fewer_rows_than_threads_split_the_outputs(path, dtype, shape, rng):
+    # A decoder's token: the threads share the output panels. The bugs: panels skipped or
+    # done twice at a thread's boundary, the bias or the output shifted by a panel, a
+    # tail panel (outputs not a multiple of the width) lost, results that change with the
+    # thread count. Big enough for a parallel team; 3 threads: more threads than rows.
+    rows, n_out, n_in = shape
+    x = rng.standard_normal((rows, n_in)).astype(dtype)
+    weight = rng.standard_normal((n_out, n_in)).astype(dtype)
+    bias = rng.standard_normal(n_out).astype(dtype)
+    packed = ops.pack_linear_weight(weight, isa=path)
+    results = []
+    for threads in (1, 2, 3):
+        big_out = np.full((rows, n_out + 7), 7.0, dtype)  # strided rows, guarded columns
+        ops.linear(x, packed, bias, big_out[:, 3:3 + n_out], isa=path, num_threads=threads)
+        assert (big_out[:, :3] == 7).all() and (big_out[:, 3 + n_out:] == 7).all()
+        check(big_out[:, 3:3 + n_out], reference(x, weight, bias), dtype, n_in)
+        results.append(big_out[:, 3:3 + n_out])
+    np.testing.assert_array_equal(results[1], results[0])
+    np.testing.assert_array_equal(results[2], results[0])
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_rows_leave_the_rest_alone(path, dtype, rng):
     # x and out as column windows of wider arrays: only out's window is written
     rows, n_out, n_in = 29, 37, 70

@@ -13,7 +13,10 @@ Rows, at each thread count:
   layer of every step of every round), cattn's `scaled_dot_product_attention` or PyTorch's
   SDPA on the same cache (shared memory), with the projections of the same library kind
   (NumPy for cattn, torch.matmul for PyTorch) on the same number of threads;
+- cattn-own-loop: cattn's step with cattn's own projections (the packed-weight linear
+  layers of its BERT encoder, on cattn's OpenMP team): no BLAS thread in the loop;
 - cattn-b2b / torch-b2b: the same attention calls back to back, nothing in between;
+- the whole step (projections, cache update, attention) of each loop, per layer;
 - the stream read of the same threads (cattn's stream_sum over 512 MiB), interleaved.
 
 KV GB/s counts the key and value bytes of one call (the whole cache of one layer); "%
@@ -37,7 +40,7 @@ CONTEXT = {"full": 4096, "quick": 2048}  # keys in each layer's cache
 LAYERS = {"full": 4, "quick": 2}
 STEPS = {"full": 8, "quick": 4}          # decoder steps per round
 ROUNDS = {"full": 5, "quick": 3}         # interleaved rounds (cattn, torch, stream, b2b)
-IMPLS = ("cattn-loop", "torch-loop", "cattn-b2b", "torch-b2b")
+IMPLS = ("cattn-loop", "cattn-own-loop", "torch-loop", "cattn-b2b", "torch-b2b")
 
 
 class Decoder:
@@ -90,6 +93,37 @@ def numpy_step(model: Decoder, threads: int) -> Callable[[List[float]], Any]:
                                                    num_threads=threads)
             times.append(time.perf_counter() - t0)
             x = x + o.reshape(1, -1) @ model.w_out
+        return x
+    return step
+
+
+def own_step(model: Decoder, threads: int) -> Callable[[List[float]], Any]:
+    """The same step with cattn's own projections (the packed-weight linear layers of its
+    BERT encoder, on its OpenMP team: no BLAS thread in the loop); appends attention
+    times."""
+    import cattn
+    from cattn import _encoder_ops as ops
+    gqa = model.kv_heads != HEADS
+    pos = model.context - 1
+    packed_qkv = ops.pack_linear_weight(np.ascontiguousarray(model.w_qkv.T))
+    packed_out = ops.pack_linear_weight(np.ascontiguousarray(model.w_out.T))
+    qkv = np.empty((1, model.w_qkv.shape[1]), np.float32)
+    projected = np.empty((1, model.w_out.shape[1]), np.float32)
+
+    def step(times: List[float]):
+        x = model.x
+        for layer in range(model.layers):
+            ops.linear(x, packed_qkv, None, qkv, num_threads=threads)
+            q, k_new, v_new = model.split(qkv)
+            model.k_cache[layer, :, :, pos] = k_new
+            model.v_cache[layer, :, :, pos] = v_new
+            t0 = time.perf_counter()
+            o = cattn.scaled_dot_product_attention(q, model.k_cache[layer],
+                                                   model.v_cache[layer], enable_gqa=gqa,
+                                                   num_threads=threads)
+            times.append(time.perf_counter() - t0)
+            ops.linear(o.reshape(1, -1), packed_out, None, projected, num_threads=threads)
+            x = x + projected
         return x
     return step
 
@@ -154,6 +188,7 @@ def run_decode_loop_case(name: str, mode: str, config: BenchConfig) -> Case:
     skipped: List[SkippedRun] = []
     stream_gbps: Dict[str, float] = {}
     blas_idle: Dict[str, float] = {}
+    step_times: Dict[str, List[float]] = {}
     if torch is None:
         skipped.append(SkippedRun("torch", "torch", None, None, "PyTorch not installed"))
     for kv_heads in KV_HEADS:
@@ -167,6 +202,7 @@ def run_decode_loop_case(name: str, mode: str, config: BenchConfig) -> Case:
                 runs: Dict[str, List[float]] = {impl: [] for impl in IMPLS}
                 stream: List[float] = []
                 cattn_step = numpy_step(model, threads)
+                cattn_own_step = own_step(model, threads)
                 torch_run = torch_step(model, threads) if torch is not None else None
                 q = model.split(model.x @ model.w_qkv)[0]
                 gqa = kv_heads != HEADS
@@ -182,14 +218,19 @@ def run_decode_loop_case(name: str, mode: str, config: BenchConfig) -> Case:
                         tq, torch.from_numpy(model.k_cache[layer]),
                         torch.from_numpy(model.v_cache[layer]), enable_gqa=gqa)
                 cattn_step([])  # (untimed: first touches)
+                cattn_own_step([])
                 if torch_run is not None:
                     torch_run([])
                 for _ in range(rounds):
-                    for _ in range(steps):
-                        cattn_step(runs["cattn-loop"])
+                    loops = [("cattn-loop", cattn_step), ("cattn-own-loop", cattn_own_step)]
                     if torch_run is not None:
+                        loops.append(("torch-loop", torch_run))
+                    for impl, run_step in loops:
                         for _ in range(steps):
-                            torch_run(runs["torch-loop"])
+                            t0 = time.perf_counter()
+                            run_step(runs[impl])
+                            step_times.setdefault(f"{impl} Hkv={kv_heads} {threads}t", []) \
+                                .append((time.perf_counter() - t0) / layers)
                     t0 = time.perf_counter()
                     _kernel.stream_sum(x, threads)
                     stream.append(time.perf_counter() - t0)
@@ -229,7 +270,9 @@ def run_decode_loop_case(name: str, mode: str, config: BenchConfig) -> Case:
             "stream_read_gbps": stream_gbps,
             # cores the BLAS workers keep busy while idle right after a projection
             "blas_idle_cores": blas_idle,
-            "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT")}
+            "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+            # median time of a whole step per layer, per loop, heads and threads
+            "layer_step_s": {k: median(v) for k, v in step_times.items()}}
     return Case(name, "decode_loop", spec, [f"Hkv={h}" for h in KV_HEADS],
                 list(config.threads), rows, skipped=skipped)
 
@@ -242,6 +285,7 @@ def format_decode_loop_case(case: Case) -> str:
            f"{spec['wait_policy']}",
            "   stream read (same run): " + stream_summary(case),
            "   " + blas_idle_summary(case),
+           "   whole step per layer (projections + attention): " + step_summary(case),
            f"   {'impl':<12}{'thr':>4} {'heads':<8}{'median':>11}{'KV GB/s':>9}"
            f"{'%stream':>8}{'x cattn':>9}{'vs 1t':>7}{'maxdiff':>10}"]
     for line in decode_loop_lines(case):
@@ -267,6 +311,11 @@ def blas_idle_summary(case: Case) -> str:
              " (OPENBLAS_THREAD_TIMEOUT unset: OpenBLAS workers spin ~0.1 s after each call)"))
 
 
+def step_summary(case: Case) -> str:
+    return ", ".join(f"{k} {v * 1e3:.2f} ms"
+                     for k, v in (case.spec.get("layer_step_s") or {}).items()) or "-"
+
+
 def stream_summary(case: Case) -> str:
     return ", ".join(f"{k} {v:.1f} GB/s" for k, v in case.spec["stream_read_gbps"].items())
 
@@ -284,6 +333,8 @@ def decode_loop_lines(case: Case) -> List[Tuple[Any, str, str]]:
 def decode_loop_markdown_table(case: Case) -> List[str]:
     lines = ["Stream read (same run): " + stream_summary(case), "",
              blas_idle_summary(case)[0].upper() + blas_idle_summary(case)[1:] + ".", "",
+             "Whole step per layer (projections + attention): " + step_summary(case) + ".",
+             "",
              "| impl | threads | heads | median | KV GB/s | % stream | time / cattn-loop's "
              "| vs 1 thread |", "|---|---|---|---|---|---|---|---|"]
     for r, sp, vs1 in decode_loop_lines(case):
