@@ -75,24 +75,34 @@ class Decoder:
                 qkv[:, k_end:].reshape(1, self.kv_heads, HEAD_DIM))
 
 
-def numpy_step(model: Decoder, threads: int) -> Callable[[List[float]], Any]:
-    """One step with NumPy projections and cattn's attention; appends attention times."""
+def cached_attention(model: Decoder, threads: int) -> Callable[..., Any]:
+    """attend(layer, qkv, times): the token's key and value written into the layer's
+    cache (its last row), then cattn's attention of the query heads against the cache,
+    timed (appended to times)."""
     import cattn
     gqa = model.kv_heads != HEADS
-    pos = model.context - 1  # the new token's key and value go to the cache's last row
+    pos = model.context - 1
+
+    def attend(layer: int, qkv, times: List[float]):
+        q, k_new, v_new = model.split(qkv)
+        model.k_cache[layer, :, :, pos] = k_new
+        model.v_cache[layer, :, :, pos] = v_new
+        t0 = time.perf_counter()
+        o = cattn.scaled_dot_product_attention(q, model.k_cache[layer], model.v_cache[layer],
+                                               enable_gqa=gqa, num_threads=threads)
+        times.append(time.perf_counter() - t0)
+        return o.reshape(1, -1)
+    return attend
+
+
+def numpy_step(model: Decoder, threads: int) -> Callable[[List[float]], Any]:
+    """One step with NumPy projections and cattn's attention; appends attention times."""
+    attend = cached_attention(model, threads)
 
     def step(times: List[float]):
         x = model.x
         for layer in range(model.layers):
-            q, k_new, v_new = model.split(x @ model.w_qkv)
-            model.k_cache[layer, :, :, pos] = k_new
-            model.v_cache[layer, :, :, pos] = v_new
-            t0 = time.perf_counter()
-            o = cattn.scaled_dot_product_attention(q, model.k_cache[layer],
-                                                   model.v_cache[layer], enable_gqa=gqa,
-                                                   num_threads=threads)
-            times.append(time.perf_counter() - t0)
-            x = x + o.reshape(1, -1) @ model.w_out
+            x = x + attend(layer, x @ model.w_qkv, times) @ model.w_out
         return x
     return step
 
@@ -101,10 +111,8 @@ def own_step(model: Decoder, threads: int) -> Callable[[List[float]], Any]:
     """The same step with cattn's own projections (the packed-weight linear layers of its
     BERT encoder, on its OpenMP team: no BLAS thread in the loop); appends attention
     times."""
-    import cattn
     from cattn import _encoder_ops as ops
-    gqa = model.kv_heads != HEADS
-    pos = model.context - 1
+    attend = cached_attention(model, threads)
     packed_qkv = ops.pack_linear_weight(np.ascontiguousarray(model.w_qkv.T))
     packed_out = ops.pack_linear_weight(np.ascontiguousarray(model.w_out.T))
     qkv = np.empty((1, model.w_qkv.shape[1]), np.float32)
@@ -114,15 +122,8 @@ def own_step(model: Decoder, threads: int) -> Callable[[List[float]], Any]:
         x = model.x
         for layer in range(model.layers):
             ops.linear(x, packed_qkv, None, qkv, num_threads=threads)
-            q, k_new, v_new = model.split(qkv)
-            model.k_cache[layer, :, :, pos] = k_new
-            model.v_cache[layer, :, :, pos] = v_new
-            t0 = time.perf_counter()
-            o = cattn.scaled_dot_product_attention(q, model.k_cache[layer],
-                                                   model.v_cache[layer], enable_gqa=gqa,
-                                                   num_threads=threads)
-            times.append(time.perf_counter() - t0)
-            ops.linear(o.reshape(1, -1), packed_out, None, projected, num_threads=threads)
+            ops.linear(attend(layer, qkv, times), packed_out, None, projected,
+                       num_threads=threads)
             x = x + projected
         return x
     return step
