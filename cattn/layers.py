@@ -6,7 +6,9 @@ and the output projection Wo. A call projects the inputs with one BLAS GEMM per 
 input (one for all of Q, K, V in self-attention), splits the heads as strided *views* of the
 projections (a (B, L, H·D) array seen as (B, H, L, D), nothing copied), and hands them to
 `cattn.scaled_dot_product_attention`, which writes the heads straight back into a
-(B, L, H, D) buffer that the output projection reads as (B·L, E).
+(B, L, H, D) buffer that the output projection reads as (B·L, E). A call's `projections`
+(`Projections`) stand in for those GEMMs (the int8 BERT encoder's quantized linear layers),
+so one forward serves the layer's float weights and any other form of them.
 
 Masks follow nn.MultiheadAttention, not scaled_dot_product_attention: in `key_padding_mask`
 *and* in a boolean `attn_mask`, True means "ignore this key" (the opposite of cattn's and
@@ -15,7 +17,7 @@ is added to the scaled scores in both places.
 """
 import math
 import numbers
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -63,6 +65,21 @@ def _linear(x, weight, bias):
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
+def _project_rows(projection, x, width):
+    """`projection` (a Projections field) over the last axis of x, as _linear would project
+    it: called once on x's (rows, in) matrix, its result checked to be (rows, width) of x's
+    dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = projection(rows)
+    if not isinstance(y, np.ndarray) or y.dtype != x.dtype:
+        raise TypeError(f"a projection must return a numpy.ndarray of {x.dtype}, got "
+                        f"{getattr(y, 'dtype', type(y).__name__)}")
+    if y.shape != (rows.shape[0], width):
+        raise ValueError(f"a projection of {rows.shape[0]} rows must return shape "
+                         f"{(rows.shape[0], width)}, got {y.shape}")
+    return y.reshape(x.shape[:-1] + (width,))
+
+
 def _split_heads(x, num_heads):
     """(B, L, H·D) -> (B, H, L, D) as a view (splitting the last axis never copies)."""
     B, L, width = x.shape
@@ -84,6 +101,24 @@ def _to_numpy(x):
 
 
 # ------------------------------------------------------------------------- the layer
+
+class Projections(NamedTuple):
+    """Stand-ins for a MultiHeadAttention's own linear layers in one call (its
+    `projections=`), e.g. quantized ones. Each is None (the layer's GEMM on its own weight)
+    or a callable taking the (M, in) rows of its input and returning a new (M, out) array
+    of the layer's dtype, bias included:
+
+    in_proj : rows (M, E) -> (M, E + 2·Hkv·D), the fused Q/K/V projection of
+        self-attention (columns Q | K | V, as `in_proj_weight`'s rows); only for calls
+        that project with it (key and value omitted, kdim = vdim = embed_dim)
+    out_proj : rows (M, E) -> (M, E), the output projection (layers with out_proj=True)
+    """
+    in_proj: Optional[Callable[[NDArray[Any]], NDArray[Any]]] = None
+    out_proj: Optional[Callable[[NDArray[Any]], NDArray[Any]]] = None
+
+
+_OWN_PROJECTIONS = Projections()  # a call without `projections`: the layer's own GEMMs
+
 
 class MultiHeadAttention:
     """Multi-head attention with PyTorch's weights, initialization and call.
@@ -313,7 +348,8 @@ class MultiHeadAttention:
                  cache: Union["KVCache", "KVCacheLayer", PagedKVCache, PagedKVCacheLayer,
                               None] = None,
                  sinks: Optional[ArrayLike] = None, alibi_slopes: Optional[ArrayLike] = None,
-                 position_bias: Optional[RelativePositionBias] = None
+                 position_bias: Optional[RelativePositionBias] = None,
+                 projections: Optional[Projections] = None
                  ) -> Tuple[NDArray[Any], Optional[NDArray[Any]]]:
         """Attention of `query` over `key`/`value`, batch first, as nn.MultiheadAttention.
 
@@ -354,6 +390,10 @@ class MultiHeadAttention:
         position_bias : cattn.RelativePositionBias, optional
             T5's bucketed relative position bias (num_heads heads), looked up in the kernel
             by the distance of key j from query i, positions as for alibi_slopes.
+        projections : cattn.layers.Projections, optional
+            Callables that stand in for the layer's input (fused Q/K/V, self-attention
+            only) and output projections in this call, e.g. quantized linear layers; masks,
+            caches and every other option apply as without them.
 
         Returns
         -------
@@ -365,10 +405,13 @@ class MultiHeadAttention:
         Raises
         ------
         TypeError
-            An input that is not an array of the layer's dtype, a flag that is not a bool.
+            An input that is not an array of the layer's dtype, a flag that is not a bool,
+            `projections` that is not a Projections of callables (or returns no array of
+            the layer's dtype).
         ValueError
             Shapes that do not fit the layer or each other, masks of the wrong shape, a
-            cache of another shape or one that would overflow its `max_len`.
+            cache of another shape or one that would overflow its `max_len`, a projection
+            given for a GEMM this call does not run.
 
         See Also
         --------
@@ -409,13 +452,16 @@ class MultiHeadAttention:
             _alibi_slopes(alibi_slopes, heads, self.dtype)
         if position_bias is not None:
             _distance_bias(position_bias, heads, self.dtype)
+        projections = self._check_projections(projections, self_attention)
         per_head = dict(sinks=sinks, alibi_slopes=alibi_slopes, position_bias=position_bias)
         if cache is not None:
             out, weights = self._cached(query, key, value, self_attention, key_padding_mask,
-                                        attn_mask, is_causal, need_weights, cache, per_head)
+                                        attn_mask, is_causal, need_weights, cache, per_head,
+                                        projections)
         else:
             out, weights = self._full(query, key, value, self_attention, key_padding_mask,
-                                      attn_mask, is_causal, need_weights, per_head)
+                                      attn_mask, is_causal, need_weights, per_head,
+                                      projections)
         if weights is not None and average_attn_weights:
             weights = weights.mean(axis=1)
         if unbatched:
@@ -442,11 +488,36 @@ class MultiHeadAttention:
             value = key
         return query, key, value, key_padding_mask, attn_mask, unbatched
 
-    def _project(self, query, key, value, self_attention):
-        """Q, K, V as (B, L|S, width) arrays, sharing one GEMM where the inputs allow."""
+    def _check_projections(self, projections, self_attention):
+        """`projections` once it fits this call (a Projections whose GEMMs this call runs);
+        None given: the layer's own GEMMs."""
+        if projections is None:
+            return _OWN_PROJECTIONS
+        if not isinstance(projections, Projections):
+            raise TypeError(f"projections must be a cattn.layers.Projections, got "
+                            f"{type(projections).__name__}")
+        for name, projection in zip(projections._fields, projections):
+            if projection is not None and not callable(projection):
+                raise TypeError(f"projections.{name} must be None or a callable (rows -> "
+                                f"projected rows), got {type(projection).__name__}")
+        if projections.in_proj is not None and not (self_attention and self.fused):
+            raise ValueError("projections.in_proj stands in for the fused Q/K/V projection "
+                             "of self-attention: it needs kdim = vdim = embed_dim and a call "
+                             "without a different key or value")
+        if projections.out_proj is not None and not self.has_out_proj:
+            raise ValueError("projections.out_proj given, but this layer has no output "
+                             "projection (out_proj=False)")
+        return projections
+
+    def _project(self, query, key, value, self_attention, in_proj=None):
+        """Q, K, V as (B, L|S, width) arrays, sharing one GEMM where the inputs allow;
+        `in_proj` (a Projections field) stands in for the fused GEMM of self-attention."""
         E, kv = self.embed_dim, self.kv_dim
         if self_attention and self.fused:
-            qkv = _linear(query, self.in_proj_weight, self.in_proj_bias)
+            if in_proj is None:
+                qkv = _linear(query, self.in_proj_weight, self.in_proj_bias)
+            else:
+                qkv = _project_rows(in_proj, query, E + 2 * kv)
             return qkv[..., :E], qkv[..., E:E + kv], qkv[..., E + kv:]
         q = _linear(query, self.q_proj_weight, self._bias_block("q"))
         if key is value and self.fused:
@@ -455,10 +526,11 @@ class MultiHeadAttention:
         return (q, _linear(key, self.k_proj_weight, self._bias_block("k")),
                 _linear(value, self.v_proj_weight, self._bias_block("v")))
 
-    def _attend(self, q, k, v, B, L, paged=False, **options):
+    def _attend(self, q, k, v, B, L, out_proj=None, paged=False, **options):
         """Heads of q/k/v (as views) through the kernel (paged_attention for pages of a
-        PagedKVCache) into a (B, L, H, D) buffer, then the output projection. Returns
-        (out (B, L, E), per-head weights or None)."""
+        PagedKVCache) into a (B, L, H, D) buffer, then the output projection (`out_proj`,
+        a Projections field, standing in for the layer's own). Returns (out (B, L, E),
+        per-head weights or None)."""
         context = np.empty((B, L, self.num_heads, self.head_dim), dtype=self.dtype)
         attention = paged_attention if paged else scaled_dot_product_attention
         result = attention(
@@ -466,13 +538,16 @@ class MultiHeadAttention:
             out=context.transpose(0, 2, 1, 3), **options)
         weights = result[1] if options.get("return_weights") else None
         context = context.reshape(B, L, self.embed_dim)
-        if self.has_out_proj:
+        if out_proj is not None:
+            context = _project_rows(out_proj, context, self.embed_dim)
+        elif self.has_out_proj:
             context = _linear(context, self.out_proj_weight, self.out_proj_bias)
         return context, weights
 
     def _full(self, query, key, value, self_attention, key_padding_mask, attn_mask,
-              is_causal, need_weights, per_head):
-        """per_head: the sinks, alibi_slopes and position_bias options (None or per head)."""
+              is_causal, need_weights, per_head, projections):
+        """per_head: the sinks, alibi_slopes and position_bias options (None or per head);
+        projections: the call's checked Projections."""
         B, L, _ = query.shape
         self._check_input(key, "key", self.kdim)
         self._check_input(value, "value", self.vdim)
@@ -484,11 +559,12 @@ class MultiHeadAttention:
                              f"and {value.shape}")
         S = key.shape[1]
         mask, key_lengths = self._combine_masks(key_padding_mask, attn_mask, B, L, S)
-        q, k, v = self._project(query, key, value, self_attention)
+        q, k, v = self._project(query, key, value, self_attention, projections.in_proj)
         q, k, v = (_split_heads(q, self.num_heads), _split_heads(k, self.num_kv_heads),
                    _split_heads(v, self.num_kv_heads))
-        return self._attend(q, k, v, B, L, attn_mask=mask, is_causal=is_causal,
-                            key_lengths=key_lengths, return_weights=need_weights, **per_head)
+        return self._attend(q, k, v, B, L, projections.out_proj, attn_mask=mask,
+                            is_causal=is_causal, key_lengths=key_lengths,
+                            return_weights=need_weights, **per_head)
 
     def _combine_masks(self, key_padding_mask, attn_mask, B, L, S):
         """PyTorch's two masks as one cattn mask broadcastable to (B, H, L, S) (boolean True =
@@ -576,7 +652,7 @@ class MultiHeadAttention:
         return layer
 
     def _cached(self, query, key, value, self_attention, key_padding_mask, attn_mask,
-                is_causal, need_weights, cache, per_head):
+                is_causal, need_weights, cache, per_head, projections):
         if not self_attention:
             raise ValueError("a cache serves incremental self-attention: call "
                              "mha(query, cache=...) without a different key or value")
@@ -600,14 +676,14 @@ class MultiHeadAttention:
             if not np.array_equal(kpm, np.arange(L) < (L - num_new)[:, None]):
                 raise ValueError("with a cache, key_padding_mask must mark left padding "
                                  "(True only before the first real token of each row)")
-        q, k, v = self._project(query, query, query, True)
+        q, k, v = self._project(query, query, query, True, projections.in_proj)
         layer.append(_split_heads(k, self.num_kv_heads), _split_heads(v, self.num_kv_heads),
                      num_new=num_new)
         q = _split_heads(q, self.num_heads)
         if paged:
             lengths = layer.seq_lens()
             out, weights = self._attend(
-                q, layer.keys, layer.values, B, L, paged=True,
+                q, layer.keys, layer.values, B, L, projections.out_proj, paged=True,
                 block_table=layer.cache.block_table(), seq_lens=lengths,
                 is_causal=is_causal, return_weights=need_weights, **per_head)
         else:
@@ -615,7 +691,8 @@ class MultiHeadAttention:
             scales = ({} if getattr(layer, "key_scales", None) is None else
                       dict(k_scale=layer.key_scales, v_scale=layer.value_scales))
             out, weights = self._attend(q, layer.keys, layer.values, B, L,
-                                        is_causal=is_causal, alignment="bottom_right",
+                                        projections.out_proj, is_causal=is_causal,
+                                        alignment="bottom_right",
                                         key_lengths=lengths, return_weights=need_weights,
                                         **per_head, **scales)
         if weights is not None:

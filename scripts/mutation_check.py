@@ -715,6 +715,31 @@ MUTANTS = [
            [Edit(LAYERS, "am = am.reshape(B, H, L, S)  # PyTorch's layout: item b·H + h",
                  "am = am.reshape(H, B, L, S).transpose(1, 0, 2, 3)")],
            ["tests/test_layers.py"]),
+    Mutant("mha-qkv-projection-stand-in-ignored",
+           "a stand-in Q/K/V projection (projections.in_proj) is ignored: the layer's float32 "
+           "GEMM runs, and an int8 encoder's attention silently projects in float32",
+           [Edit(LAYERS, "qkv = _project_rows(in_proj, query, E + 2 * kv)",
+                 "qkv = _linear(query, self.in_proj_weight, self.in_proj_bias)")],
+           ["tests/test_layers.py", "tests/test_int8_encoder.py", "-k", "projection or int8"]),
+    Mutant("mha-cached-call-drops-qkv-projection",
+           "decoding with a cache ignores projections.in_proj (the cache gets the layer's own "
+           "float keys and values)",
+           [Edit(LAYERS, "q, k, v = self._project(query, query, query, True, projections.in_proj)",
+                 "q, k, v = self._project(query, query, query, True)")],
+           ["tests/test_layers.py", "-k", "projection"]),
+    Mutant("mha-output-projection-stand-in-ignored",
+           "a stand-in output projection (projections.out_proj) is ignored: the layer's "
+           "own runs",
+           [Edit(LAYERS, "context = _project_rows(out_proj, context, self.embed_dim)",
+                 "context = _linear(context, self.out_proj_weight, self.out_proj_bias)")],
+           ["tests/test_layers.py", "-k", "projection"]),
+    Mutant("bert-padded-int8-attention-in-float32",
+           "the padded int8 encoder call projects Q/K/V in float32 (only the feed-forward "
+           "runs int8)",
+           [Edit(BERT, "projections = None if weights is None else "
+                       "_int8_projections(self.attention, weights)",
+                 "projections = None")],
+           ["tests/test_int8_encoder.py"]),
 ]
 
 

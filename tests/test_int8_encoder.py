@@ -5,12 +5,17 @@
 - the hidden states agree with the float32 encoder's (the sentence targets, on the shipped
   sentences, with the real model) and with the packed pass's on the same int8 weights
   (real tokens only: padding rows are never read);
+- the attention half is the attention layer's own call on int8 projections: bit for bit
+  the int8 linears composed around cattn's attention by hand, and NumPy's dequantized
+  arithmetic within float32 rounding;
 - the setting is the encoder's: a SentenceEncoder's `quantize` is its encoder's.
 """
 import numpy as np
 import pytest
 
+import cattn
 from cattn import _encoder_ops as ops
+from cattn import reference
 from cattn.models import bert
 from cattn.models.bert import BertConfig, BertEncoder
 from cattn.models.minilm import MiniLM, l2_normalize, mean_pooling
@@ -116,6 +121,94 @@ def test_int8_attention_weights_and_left_padding():
         np.testing.assert_allclose(w.sum(-1), 1, rtol=1e-5)
         for b in range(ids.shape[0]):
             assert not w[b][..., left_mask[b] == 0].any()
+
+
+def layer_inputs(lengths, left, seed):
+    """(an int8 encoder's first layer, its LinearWeights, hidden states x (B, L, E), padding
+    (B, L) True at padding: right padding, or left padding when `left`)."""
+    encoder = BertEncoder.random(CONFIG, rng=seed)
+    encoder.quantize = "int8"
+    rng = np.random.default_rng(seed)
+    B, L, E = len(lengths), max(lengths), CONFIG.hidden_size
+    x = rng.standard_normal((B, L, E)).astype(np.float32)
+    positions = np.arange(L)[::-1] if left else np.arange(L)
+    padding = positions >= np.array(lengths)[:, None]
+    return encoder.layers[0], encoder.linear_weights()[0], x, padding
+
+
+def linear(rows, quantized, weight, bias):
+    """rows · weightᵀ + bias: int8 products when `quantized` is an Int8Weight, else the
+    float32 GEMM on the float32 weight (out, in)."""
+    if isinstance(quantized, ops.Int8Weight):
+        out = np.empty((rows.shape[0], quantized.n_out), np.float32)
+        ops.linear_int8(rows, quantized, bias, out)
+        return out
+    return rows @ weight.T + bias
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_padding", "left_padding"])
+def test_int8_layer_is_int8_linears_around_cattn_attention(left):
+    """The padded int8 layer, composed by hand: the int8 Q/K/V product, cattn's attention
+    on its heads (key lengths for a right padding, a mask for a left one), the output
+    projection as INT8_LINEARS says, add & norm, the feed-forward: the layer's hidden
+    states and attention weights equal it bit for bit. Catches the attention layer
+    running its float32 GEMM where the weight is int8 (int8 silently lost), an int8
+    product on a layer INT8_LINEARS keeps float32, padding keys attended to."""
+    layer, weights, x, padding = layer_inputs([7, 3, 5], left, seed=21)
+    assert isinstance(weights.qkv, ops.Int8Weight)
+    attention, eps = layer.attention, CONFIG.layer_norm_eps
+    B, L, E = x.shape
+    H = CONFIG.num_attention_heads
+    qkv = linear(x.reshape(B * L, E), weights.qkv, attention.in_proj_weight,
+                 attention.in_proj_bias)
+    q, k, v = qkv.reshape(B, L, 3, H, E // H).transpose(2, 0, 3, 1, 4)
+    keys = (dict(attn_mask=~padding[:, None, None, :]) if left
+            else dict(key_lengths=(~padding).sum(1)))
+    context = np.empty((B, L, E), np.float32)
+    _, want_weights = cattn.scaled_dot_product_attention(
+        q, k, v, return_weights=True,
+        out=context.reshape(B, L, H, E // H).transpose(0, 2, 1, 3), **keys)
+    attended = linear(context.reshape(B * L, E), weights.out, attention.out_proj_weight,
+                      attention.out_proj_bias).reshape(B, L, E)
+    hidden = bert.layer_norm(attended + x, *layer.attention_norm, eps).reshape(B * L, E)
+    ff = linear(bert.gelu(linear(hidden, weights.ff_in, layer.ff_in[0].T, layer.ff_in[1])),
+                weights.ff_out, layer.ff_out[0].T, layer.ff_out[1])
+    want = bert.layer_norm(ff + hidden, *layer.output_norm, eps).reshape(B, L, E)
+    got, got_weights = layer.padded(x, padding, None, eps, True, weights)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_weights, want_weights)
+    float32, _ = layer.padded(x, padding, None, eps, True)
+    assert not np.array_equal(float32, want)  # the int8 products did change the numbers
+
+
+def test_int8_attention_equals_dequantized_numpy():
+    """The int8 layer's attention half against NumPy in float64: Q/K/V from the
+    dequantized int8 operands (rows quantized per row, weights per output), softmax
+    attention by cattn.reference, the output projection on the float64 context (int8 on
+    its float32 rounding when INT8_LINEARS holds it); within float32 rounding. Catches
+    an int8 projection on another weight or bias, heads split from the wrong columns."""
+    layer, weights, x, padding = layer_inputs([6, 2, 6, 4], False, seed=22)
+    attention = layer.attention
+    B, L, E = x.shape
+    H = CONFIG.num_attention_heads
+    got, _ = attention(x, key_padding_mask=padding,
+                       projections=bert._int8_projections(attention, weights))
+
+    def linear64(rows, quantized, weight, bias):
+        if isinstance(quantized, ops.Int8Weight):
+            return dequantized_reference(rows.astype(np.float32), quantized, bias)
+        return rows.astype(np.float64) @ weight.T.astype(np.float64) + bias
+
+    qkv = linear64(x.reshape(B * L, E), weights.qkv, attention.in_proj_weight,
+                   attention.in_proj_bias)
+    q, k, v = qkv.reshape(B, L, 3, H, E // H).transpose(2, 0, 3, 1, 4)
+    context = reference.scaled_dot_product_attention(q, k, v,
+                                                     attn_mask=~padding[:, None, None, :])
+    want = linear64(context.transpose(0, 2, 1, 3).reshape(B * L, E), weights.out,
+                    attention.out_proj_weight, attention.out_proj_bias).reshape(B, L, E)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    float32, _ = attention(x, key_padding_mask=padding)
+    assert np.abs(float32 - want).max() > 10 * np.abs(got - want).max()
 
 
 def test_quantize_is_the_encoders_setting():

@@ -439,6 +439,112 @@ def test_call_errors(rng):
             mha(**kwargs)
 
 
+# -------------------------------------------------------- stand-in projections
+
+def projections_of(mha):
+    """Projections that compute `mha`'s own GEMMs (as the layer does: bitwise the same)."""
+    return layers.Projections(
+        in_proj=lambda rows: rows @ mha.in_proj_weight.T + mha.in_proj_bias,
+        out_proj=lambda rows: rows @ mha.out_proj_weight.T + mha.out_proj_bias)
+
+
+def _decode(mha, x, cache, **kwargs):
+    """A prefill of all but the last token, then the last token, through `cache`."""
+    first, _ = mha(x[:, :-1], cache=cache, is_causal=True, **kwargs)
+    last, weights = mha(x[:, -1:], cache=cache, need_weights=True, **kwargs)
+    return np.concatenate([first, last], axis=1), weights
+
+
+@pytest.mark.parametrize("case", ["plain", "masks_and_weights", "gqa_causal_sinks",
+                                  "float64", "kv_cache", "paged_cache"])
+def test_projections_stand_in_for_the_layers_own(rng, case):
+    """A layer called with another layer's projections (`projections=`) gives that layer's
+    results bit for bit, under every kind of call: masks, per-head weights, grouped heads,
+    sinks, both caches. Catches a projection ignored on one path (the layer's own weights
+    used instead: what a quantized model would silently lose), Q/K/V taken from the wrong
+    columns of the stand-in's result, the output projection applied twice or not at all."""
+    dtype = np.float64 if case == "float64" else np.float32
+    config = dict(num_kv_heads=2) if case == "gqa_causal_sinks" else {}
+    own, other = (randomize(cattn.MultiHeadAttention(E, H, dtype=dtype, **config), rng)
+                  for _ in range(2))
+    x = rng.standard_normal((2, 6, E)).astype(dtype)
+    kwargs = {}
+    if case == "masks_and_weights":
+        padding = np.zeros((2, 6), bool)
+        padding[0, :2] = padding[1, 4] = True  # not a right padding: a mask
+        kwargs = dict(key_padding_mask=padding, need_weights=True, average_attn_weights=False,
+                      attn_mask=rng.standard_normal((6, 6)).astype(dtype))
+    elif case == "gqa_causal_sinks":
+        kwargs = dict(is_causal=True, sinks=rng.standard_normal(H).astype(dtype),
+                      need_weights=True)
+    if case in ("kv_cache", "paged_cache"):
+        kind = cattn.KVCache if case == "kv_cache" else cattn.PagedKVCache
+        got = _decode(own, x, kind.for_layer(own, 2, 8), projections=projections_of(other))
+        want = _decode(other, x, kind.for_layer(other, 2, 8))
+    else:
+        got = own(x, projections=projections_of(other), **kwargs)
+        want = other(x, **kwargs)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_each_projection_stands_in_alone(rng):
+    """One field given, the other None: the given one replaces its GEMM, the other stays
+    the layer's. Catches one field read for the other, or a None field taken as 'no
+    projections at all'."""
+    mha = randomize(cattn.MultiHeadAttention(E, H), rng)
+    other = randomize(cattn.MultiHeadAttention(E, H), rng)
+    x = rng.standard_normal((2, 5, E)).astype(np.float32)
+    own, _ = mha(x)
+    doubled_out = layers.Projections(
+        out_proj=lambda rows: 2 * (rows @ mha.out_proj_weight.T + mha.out_proj_bias))
+    np.testing.assert_array_equal(mha(x, projections=doubled_out)[0], 2 * own)
+    others_in = layers.Projections(in_proj=projections_of(other).in_proj)
+    mixed, _ = mha(x, projections=others_in)
+    heads = other(x, projections=layers.Projections(out_proj=lambda rows: rows))[0]
+    np.testing.assert_array_equal(
+        mixed, (heads.reshape(-1, E) @ mha.out_proj_weight.T
+                + mha.out_proj_bias).reshape(mixed.shape))
+    assert not np.array_equal(mixed, own)
+
+
+def test_projections_errors_change_nothing(rng):
+    """Projections that do not fit the call: a clear error, and a cache is not appended
+    to."""
+    mha = randomize(cattn.MultiHeadAttention(E, H), rng)
+    x = rng.standard_normal((2, 5, E)).astype(np.float32)
+    fits = projections_of(mha)
+    cases = [
+        (dict(projections=(fits.in_proj, fits.out_proj)), TypeError, "Projections"),
+        (dict(projections=layers.Projections(in_proj=mha.in_proj_weight)), TypeError,
+         "in_proj must be None or a callable"),
+        (dict(projections=layers.Projections(in_proj=lambda rows: rows)), ValueError,
+         r"must return shape \(10, 72\), got \(10, 24\)"),
+        (dict(projections=layers.Projections(out_proj=lambda rows: rows.astype(np.float64))),
+         TypeError, "numpy.ndarray of float32, got float64"),
+        (dict(projections=layers.Projections(out_proj=lambda rows: rows.tolist())),
+         TypeError, "got list"),
+        (dict(key=x[:, :3], projections=layers.Projections(in_proj=fits.in_proj)),
+         ValueError, "self-attention"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            mha(x, **kwargs)
+    cross = cattn.MultiHeadAttention(E, H, kdim=10, vdim=6)
+    with pytest.raises(ValueError, match="kdim = vdim = embed_dim"):
+        cross(x, rng.standard_normal((2, 3, 10)).astype(np.float32),
+              rng.standard_normal((2, 3, 6)).astype(np.float32),
+              projections=layers.Projections(in_proj=lambda rows: rows))
+    bare = cattn.MultiHeadAttention(E, H, out_proj=False)
+    with pytest.raises(ValueError, match="no output projection"):
+        bare(x, projections=layers.Projections(out_proj=lambda rows: rows))
+    cache = cattn.KVCache.for_layer(mha, 2, 8)
+    with pytest.raises(ValueError, match="must return shape"):
+        mha(x, cache=cache, projections=layers.Projections(in_proj=lambda rows: rows))
+    assert (cache.lengths == 0).all()
+    np.testing.assert_array_equal(mha(x)[0], mha(x, projections=layers.Projections())[0])
+
+
 # ------------------------------------------------------------------ against PyTorch
 
 def _torch_module(mha):

@@ -8,6 +8,7 @@ NumPy and cattn's attention; `BertEncoder.__call__`), or packed (`cattn.models._
 real tokens of all sequences one after another, each step a parallel loop of the compiled
 core; the sentence encoders).
 """
+import functools
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -20,7 +21,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 from cattn import _runtime  # noqa: F401  (first: it loads OpenMP with its wait policy)
 from cattn import _encoder_ops as ops
 from cattn._api import scaled_dot_product_attention
-from cattn.layers import MultiHeadAttention
+from cattn.layers import MultiHeadAttention, Projections
 
 
 # ----------------------------------------------------------------------- configuration
@@ -179,17 +180,35 @@ INT8_LINEARS = ("qkv", "ff_in", "ff_out")
 QUANTIZATIONS = (None, "int8")
 
 
+def _linear_int8(rows: NDArray[Any], weight: Any, bias: Optional[NDArray[Any]]
+                 ) -> NDArray[Any]:
+    """rows (M, in) · weightᵀ + bias in int8 products (weight: an ops.Int8Weight), a new
+    float32 array (M, out)."""
+    out = np.empty((rows.shape[0], weight.n_out), np.float32)
+    ops.linear_int8(rows, weight, bias, out)
+    return out
+
+
 def _dense(rows: NDArray[Any], quantized: Any, weight: NDArray[Any],
            bias: NDArray[Any]) -> NDArray[Any]:
     """rows (M, in) · weight (in, out) + bias, a new array: in int8 products when
     `quantized` is the layer's ops.Int8Weight (None or a packed weight: the float GEMM)."""
     if isinstance(quantized, ops.Int8Weight):
-        out = np.empty((rows.shape[0], quantized.n_out), np.float32)
-        ops.linear_int8(rows, quantized, bias, out)
-        return out
+        return _linear_int8(rows, quantized, bias)
     out = rows @ weight
     out += bias
     return out
+
+
+def _int8_projections(attention: MultiHeadAttention, weights: LinearWeights) -> Projections:
+    """The attention's projections that `weights` holds as int8 weights, as int8 linear
+    layers for its call (`projections=`); the others stay the layer's float32 GEMMs."""
+    def projection(weight, bias):
+        if not isinstance(weight, ops.Int8Weight):
+            return None
+        return functools.partial(_linear_int8, weight=weight, bias=bias)
+    return Projections(in_proj=projection(weights.qkv, attention.in_proj_bias),
+                       out_proj=projection(weights.out, attention.out_proj_bias))
 
 
 Norm = Tuple[NDArray[Any], NDArray[Any]]          # a LayerNorm's (weight, bias)
@@ -251,13 +270,10 @@ class BertLayer:
         weights: the layer's `linear_weights(quantize=...)`, whose int8 weights replace the
         float32 ones of their layers (None: all float32)."""
         B, L, E = x.shape
-        if weights is None:
-            attended, attention_weights = self.attention(
-                x, key_padding_mask=padding, need_weights=need_weights,
-                average_attn_weights=False)
-        else:
-            attended, attention_weights = self._quantized_attention(x, padding, need_weights,
-                                                                    weights)
+        projections = None if weights is None else _int8_projections(self.attention, weights)
+        attended, attention_weights = self.attention(
+            x, key_padding_mask=padding, need_weights=need_weights,
+            average_attn_weights=False, projections=projections)
         attended += x
         x = layer_norm(attended, *self.attention_norm, eps)
         all_rows = x.reshape(B * L, -1)
@@ -271,27 +287,6 @@ class BertLayer:
             return ff.reshape(B, L, -1), attention_weights
         all_rows[real_rows] = ff  # x is this layer's own array: safe to write
         return x, attention_weights
-
-    def _quantized_attention(self, x: NDArray[Any], padding: Optional[NDArray[Any]],
-                             need_weights: bool, weights: LinearWeights
-                             ) -> Tuple[NDArray[Any], Optional[NDArray[Any]]]:
-        """What self.attention(x, key_padding_mask=padding) computes, its projections
-        taken from `weights` (an int8 weight runs int8 products, any other the float32
-        GEMM on the attention's own weight)."""
-        attention = self.attention
-        B, L, E = x.shape
-        H = attention.num_heads
-        qkv = _dense(x.reshape(B * L, E), weights.qkv, attention.in_proj_weight.T,
-                     attention.in_proj_bias).reshape(B, L, 3, H, E // H)
-        q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-        mask, key_lengths = attention._combine_masks(padding, None, B, L, L)
-        context = np.empty((B, L, E), x.dtype)
-        result = scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, key_lengths=key_lengths, return_weights=need_weights,
-            out=context.reshape(B, L, H, E // H).transpose(0, 2, 1, 3))
-        out = _dense(context.reshape(B * L, E), weights.out, attention.out_proj_weight.T,
-                     attention.out_proj_bias)
-        return out.reshape(B, L, E), result[1] if need_weights else None
 
     def packed(self, x: NDArray[Any], rows: "PackedRows", weights: LinearWeights,
                eps: float, num_threads: Optional[int] = None) -> None:
