@@ -131,7 +131,9 @@ def scales_for(scale, name, x, x_name):
                          f"and head)")
     with np.errstate(over="ignore"):  # a scale beyond float32 becomes inf: refused below
         scale32 = scale.astype(FLOAT32, copy=False)
-    if not (np.isfinite(scale32).all() and (scale32 > 0).all()):
+    # two reductions and no temporaries (a decode's scales are read on every call); NaN
+    # propagates through min and max and fails both comparisons
+    if scale32.size and not (scale32.min() > 0 and scale32.max() < np.inf):
         raise ValueError(f"{name} must be finite and positive in float32 (int8 {x_name} "
                          f"stand for {x_name} * {name}), got a value that is NaN, infinite, "
                          f"zero, negative or beyond float32's range")

@@ -287,11 +287,11 @@ def format_decode_loop_case(case: Case) -> str:
            "   stream read (same run): " + stream_summary(case),
            "   " + blas_idle_summary(case),
            "   whole step per layer (projections + attention): " + step_summary(case),
-           f"   {'impl':<12}{'thr':>4} {'heads':<8}{'median':>11}{'KV GB/s':>9}"
+           f"   {'impl':<15}{'thr':>4} {'heads':<8}{'median':>11}{'KV GB/s':>9}"
            f"{'%stream':>8}{'x cattn':>9}{'vs 1t':>7}{'maxdiff':>10}"]
     for line in decode_loop_lines(case):
         r, sp, vs1 = line
-        out.append(f"   {r.impl:<12}{r.threads:>4} {r.options:<8}"
+        out.append(f"   {r.impl:<15}{r.threads:>4} {r.options:<8}"
                    f"{r.median_s * 1e3:>8.3f} ms{r.kv_gbps:>9.1f}{r.pct_of_stream:>7.0f}%"
                    f"{sp:>9}{vs1:>7}"
                    f"{'-' if r.max_abs_diff is None else f'{r.max_abs_diff:.1e}':>10}")
