@@ -6,11 +6,11 @@ Compiled by Cython like the front (see setup.py): the front calls these on every
 import math
 import numbers
 import operator
+import sys
 
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_MaskedArray = np.ma.MaskedArray
 # Positive numbers that stay finite and nonzero once rounded to the dtype (scale, softcap).
 _POSITIVE_RANGE = {np.dtype(np.float32): (2.0**-150, float(np.finfo(np.float32).max)),
                    np.dtype(np.float64): (0.0, math.inf)}
@@ -62,9 +62,16 @@ def check_ndarray(x, name, kinds=""):
     return x
 
 
+def is_masked_array(x):
+    """Whether x is a NumPy masked array, without importing numpy.ma (30-70 ms, most of a
+    first call's cost): a masked array exists only once numpy.ma has been imported."""
+    ma = sys.modules.get("numpy.ma")
+    return ma is not None and isinstance(x, ma.MaskedArray)
+
+
 def reject_masked(x, name):
     """A masked array's mask would be silently ignored: refuse it."""
-    if isinstance(x, _MaskedArray):
+    if is_masked_array(x):
         raise TypeError(f"{name} must be a plain numpy.ndarray, got a masked array (its mask "
                         f"would be ignored: pass .filled() data and an attn_mask instead)")
 

@@ -30,7 +30,8 @@ from cattn._plan import alibi_slopes_per_item as _alibi_slopes
 from cattn._plan import distance_bias_per_item as _distance_bias
 from cattn._position_bias import RelativePositionBias
 from cattn._interop import from_dlpack
-from cattn._validation import check_flag, check_float_dtype, check_int, check_ndarray
+from cattn._validation import (check_flag, check_float_dtype, check_int, check_ndarray,
+                               is_masked_array)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -329,7 +330,7 @@ class MultiHeadAttention:
 
     def _check_input(self, x, name, width):
         check_ndarray(x, name)
-        if isinstance(x, (np.matrix, np.ma.MaskedArray)):
+        if isinstance(x, np.matrix) or is_masked_array(x):
             raise TypeError(f"{name} must be a plain numpy.ndarray, got {type(x).__name__} "
                             f"(pass np.asarray({name}))")
         if x.dtype != self.dtype:

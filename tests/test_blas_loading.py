@@ -227,6 +227,27 @@ def test_first_call_on_the_default_path_imports_no_scipy(tmp_path, rng):
     compare(results, reference64(q, k, v), np.float32)
 
 
+def test_first_call_does_not_import_numpy_ma():
+    """Importing numpy.ma costs 30-70 ms, most of a first call's cost: `import cattn` and a
+    first call leave it unimported (a masked array can only exist once it is imported,
+    and is refused then). Bug caught: a module-level reference to np.ma."""
+    child = ("import sys, numpy as np\n"
+             "import cattn\n"
+             "q = np.ones((1, 2, 5, 8), np.float32)\n"
+             "cattn.scaled_dot_product_attention(q, q, q)\n"
+             "cattn.MultiHeadAttention(8, 2)(q[0].transpose(1, 0, 2).reshape(1, 10, 8)[:, :5])\n"
+             "print('numpy.ma' in sys.modules)\n"
+             "import numpy.ma\n"
+             "try:\n"
+             "    cattn.scaled_dot_product_attention(np.ma.masked_array(q), q, q)\n"
+             "except TypeError as e:\n"
+             "    print('masked array' in str(e))\n")
+    proc = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "True"]
+
+
 @blas_path
 def test_blas_of_another_signature_is_refused(tmp_path):
     """A scipy whose sgemm/dgemm take other arguments (64-bit integers, say) is refused with
