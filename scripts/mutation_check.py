@@ -636,6 +636,12 @@ MUTANTS = [
            [Edit("cattn/_encoder_ops.pyx", "scale = 1 / <floating>sqrt(<double>count)",
                  "scale = 1 / <floating>count")],
            ["tests/test_encoder_ops.py", "-k", "test_pool"]),
+    Mutant("first-call-imports-numpy-ma",
+           "every first call imports numpy.ma to recognise masked arrays (30-70 ms, most of "
+           "a first call's cost)",
+           [Edit("cattn/_validation.py", '    ma = sys.modules.get("numpy.ma")',
+                 "    import numpy.ma as ma")],
+           ["tests/test_blas_loading.py", "-k", "numpy_ma"]),
     Mutant("linear-token-split-bias-unshifted",
            "a decoder token's projection split over the threads adds the first thread's "
            "bias to every thread's outputs (wrong outputs past the first run of panels)",
