@@ -90,15 +90,41 @@ def test_operator_matches_the_reference(torch, rng, options):
                   for name, value in options.items()}
     got = torch.ops.cattn.scaled_dot_product_attention(
         q, k, v, key_mask, enable_gqa=True, sinks=sinks, **op_options)
-    ref_options = dict(options)
-    if "window_left" in ref_options:
-        ref_options["window"] = (ref_options.pop("window_left"),
-                                 ref_options.pop("window_right"))
     want = reference64(q.numpy(), k.numpy(), v.numpy(), key_mask.numpy(), enable_gqa=True,
-                       sinks=sinks.numpy(), **ref_options)
+                       sinks=sinks.numpy(), **_as_cattn_options(options))
     np.testing.assert_allclose(got.numpy(), want, rtol=2e-5, atol=2e-5)
     # heads-last memory, as models reshape it (a contiguous (B, H, L, E) would need a copy)
     assert got.transpose(1, 2).is_contiguous()
+
+
+def _as_cattn_options(options):
+    """The operator's window sides as cattn's window pair."""
+    options = dict(options)
+    if "window_left" in options:
+        options["window"] = (options.pop("window_left"), options.pop("window_right"))
+    return options
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=[",".join(o) for o in OPTIONS])
+def test_eager_paths_match_the_reference(torch, rng, options):
+    """The function the bridge calls outside traced graphs, on (batch, heads, L, E) tensors
+    (written heads-last) and on 3-D ones (written into a new tensor), with every option at
+    a value of its own: an option handed on under another's name (q_offset for k_offset,
+    the window's sides swapped, the sinks as the mask) changes the result."""
+    from cattn.integrations.torch import scaled_dot_product_attention
+    q, k, v = _operands(torch, rng)
+    sinks = torch.from_numpy(rng.standard_normal(4, dtype=np.float32))
+    key_mask = torch.from_numpy(rng.random((2, 1, 1, 11)) > 0.3)
+    options = _as_cattn_options(options)
+    want = reference64(q.numpy(), k.numpy(), v.numpy(), key_mask.numpy(), enable_gqa=True,
+                       sinks=sinks.numpy(), **options)
+    got = scaled_dot_product_attention(q, k, v, key_mask, enable_gqa=True, sinks=sinks,
+                                       **options)
+    np.testing.assert_allclose(got.numpy(), want, rtol=2e-5, atol=2e-5)
+    for item in range(2):
+        got = scaled_dot_product_attention(q[item], k[item], v[item], key_mask[item],
+                                           enable_gqa=True, sinks=sinks, **options)
+        np.testing.assert_allclose(got.numpy(), want[item], rtol=2e-5, atol=2e-5)
 
 
 def test_operator_passes_torch_library_checks(torch, rng):

@@ -188,33 +188,31 @@ def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0
         mask, causal, window = attention_mask, False, None
         if mask.is_floating_point() and mask.dtype not in (torch.float32, torch.float64):
             mask = mask.float()  # additive masks of 16-bit models: cattn adds in float32
-    enable_gqa = query.shape[1] != key.shape[1]
+    options = dict(attn_mask=mask, is_causal=causal, scale=scaling,
+                   enable_gqa=query.shape[1] != key.shape[1], window=window,
+                   alignment=alignment, q_offset=q_offset, k_offset=k_offset,
+                   softcap=softcap, sinks=s_aux)
     if kwargs.get("output_attentions"):
-        return _with_weights(query, key, value, mask, causal, scaling, enable_gqa, window,
-                             alignment, q_offset, k_offset, softcap, s_aux)
+        return _with_weights(query, key, value, options)
     if (cattn_torch.traced(query, key, value, s_aux)
             or not cattn_torch.one_batch_axis(query, key, value)):
-        out = cattn_torch.scaled_dot_product_attention(
-            query, key, value, mask, causal, scaling, enable_gqa=enable_gqa, window=window,
-            alignment=alignment, q_offset=q_offset, k_offset=k_offset, softcap=softcap,
-            sinks=s_aux)
+        out = cattn_torch.scaled_dot_product_attention(query, key, value, **options)
         return out.transpose(1, 2), None
-    if (query.shape[2] == 1 and enable_gqa and s_aux is None
+    if (query.shape[2] == 1 and options["enable_gqa"] and s_aux is None
             and (mask is None or mask.shape[1] == 1)):
-        visible = _visible_keys(key.shape[2], causal, window, alignment, q_offset, k_offset)
+        visible = _visible_keys(key.shape[2], is_causal=causal, window=window,
+                                alignment=alignment, q_offset=q_offset, k_offset=k_offset)
         if visible is not None:
-            return _one_token_grouped(query, key, value, mask, visible, scaling, softcap), None
+            return _one_token_grouped(query, key, value, visible, attn_mask=mask,
+                                      scale=scaling, softcap=softcap), None
     # (the operator's eager path, without its checks and transposes)
-    return cattn_torch.attention_heads_last(
-        query, key, value, mask, causal, scaling, enable_gqa, window, alignment, None,
-        q_offset, k_offset, softcap, s_aux), None
+    return cattn_torch.attention_heads_last(query, key, value, **options), None
 
 
-def _with_weights(query, key, value, mask, causal, scaling, enable_gqa, window, alignment,
-                  q_offset, k_offset, softcap, s_aux):
+def _with_weights(query, key, value, options):
     """output_attentions=True: the output and the (batch, Hq, L, S) weights, as eager
     returns them (a row that sees no key has weights 0 here)."""
-    if cattn_torch.traced(query, key, value, s_aux):
+    if cattn_torch.traced(query, key, value, options["sinks"]):
         raise ValueError("cattn returns attention weights (output_attentions=True) outside "
                          "torch.compile and autograd only: call the model under "
                          "torch.no_grad() without compiling it, or use "
@@ -223,12 +221,11 @@ def _with_weights(query, key, value, mask, causal, scaling, enable_gqa, window, 
         raise ValueError(f"output_attentions=True needs (batch, heads, L, E) operands of "
                          f"one batch size, got query {tuple(query.shape)}, key "
                          f"{tuple(key.shape)} and value {tuple(value.shape)}")
-    return cattn_torch.attention_heads_last(
-        query, key, value, mask, causal, scaling, enable_gqa, window, alignment, None,
-        q_offset, k_offset, softcap, s_aux, return_weights=True)
+    return cattn_torch.attention_heads_last(query, key, value, return_weights=True,
+                                            **options)
 
 
-def _visible_keys(S, causal, window, alignment, q_offset, k_offset):
+def _visible_keys(S, *, is_causal, window, alignment, q_offset, k_offset):
     """The keys [lo, hi) one query sees under causality and the window, or None if none."""
     if alignment == "bottom_right":
         position = S - 1
@@ -237,14 +234,14 @@ def _visible_keys(S, causal, window, alignment, q_offset, k_offset):
     else:
         position = int(q_offset) - int(k_offset)
     left, right = (None, None) if window is None else window
-    if causal:
+    if is_causal:
         right = 0 if right is None else min(right, 0)
     lo = 0 if left is None else max(0, position - left)
     hi = S if right is None else min(S, position + right + 1)
     return (lo, hi) if lo < hi else None
 
 
-def _one_token_grouped(query, key, value, mask, visible, scaling, softcap):
+def _one_token_grouped(query, key, value, visible, *, attn_mask, scale, softcap):
     """Decoding one token with grouped-query heads: the query heads of each key/value head
     become its rows, over the slice of keys the token sees. One (group, S) product per
     key/value head reads each key once, where one row per query head would re-read the
@@ -255,8 +252,8 @@ def _one_token_grouped(query, key, value, mask, visible, scaling, softcap):
     # (cattn's (batch, kv_heads, group, Ev) result is the (batch, 1, heads, Ev) one in memory)
     out = cattn_torch.attention_contiguous(
         query.reshape(batch, kv_heads, heads // kv_heads, features), key[:, :, lo:hi],
-        value[:, :, lo:hi], None if mask is None else mask[..., lo:hi], scale=scaling,
-        softcap=softcap)
+        value[:, :, lo:hi], attn_mask=None if attn_mask is None else attn_mask[..., lo:hi],
+        scale=scale, softcap=softcap)
     return out.view(batch, 1, heads, value.shape[-1])
 
 
