@@ -92,13 +92,16 @@ def one_batch_axis(query, key, value):
     return query.dim() == 4 and key.shape[0] == value.shape[0] == query.shape[0]
 
 
-def attention_heads_last(query, key, value, **options):
+def attention_heads_last(query, key, value, *, attn_mask=None, is_causal=False, scale=None,
+                         enable_gqa=False, window=None, alignment="top_left",
+                         key_lengths=None, q_offset=None, k_offset=None, softcap=None,
+                         sinks=None, return_weights=False):
     """cattn.scaled_dot_product_attention of (batch, heads, L, E) tensors of one batch
     size (see `one_batch_axis`), returned as a new (batch, L, heads, Ev) tensor: the
-    layout models reshape to (batch, L, features) for free. `options` are those of
-    cattn.scaled_dot_product_attention by name (tensors where it takes arrays, see
-    `_attend`); with return_weights=True, the pair of the result and the
-    (batch, heads, L, S) attention weights in the query's dtype."""
+    layout models reshape to (batch, L, features) for free. The options are cattn's, by
+    name (tensors where it takes arrays, see `_attend`); with return_weights=True, the
+    pair of the result and the (batch, heads, L, S) attention weights in the query's
+    dtype."""
     query_array = numpy_view(query, "query")  # (first: its dtype and device are checked)
     batch, heads, L = query.shape[:3]
     shape = (batch, L, heads, value.shape[-1])
@@ -109,8 +112,11 @@ def attention_heads_last(query, key, value, **options):
         out = np.empty(shape, dtype=query_array.dtype)
         result = tensor_view(out)
         out = out.transpose(0, 2, 1, 3)
-    returned = _attend(out, query_array, key, value, **options)
-    return_weights = options.get("return_weights", False)
+    returned = _attend(out, query_array, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                       scale=scale, enable_gqa=enable_gqa, window=window,
+                       alignment=alignment, key_lengths=key_lengths, q_offset=q_offset,
+                       k_offset=k_offset, softcap=softcap, sinks=sinks,
+                       return_weights=return_weights)
     if return_weights:
         returned, weights = returned
     if result is None:
@@ -118,10 +124,11 @@ def attention_heads_last(query, key, value, **options):
     return (result, tensor_view(weights)) if return_weights else result
 
 
-def attention_contiguous(query, key, value, **options):
-    """cattn.scaled_dot_product_attention of tensors (options by name, as for `_attend`)
-    as the new contiguous (..., L, Ev) tensor cattn returns."""
-    return tensor_view(_attend(None, numpy_view(query, "query"), key, value, **options))
+def attention_contiguous(query, key, value, *, attn_mask=None, scale=None, softcap=None):
+    """cattn.scaled_dot_product_attention of tensors (no other option) as the new
+    contiguous (..., L, Ev) tensor cattn returns."""
+    return tensor_view(_attend(None, numpy_view(query, "query"), key, value,
+                               attn_mask=attn_mask, scale=scale, softcap=softcap))
 
 
 def tensor_view(array):
@@ -139,17 +146,24 @@ def attention_into(out, query, key, value, **options):
     return out
 
 
-def _attend(out, query, key, value, *, attn_mask=None, key_lengths=None, q_offset=None,
-            k_offset=None, sinks=None, **options):
+def sinks_array(sinks):
+    """Attention sinks (a tensor or None) as cattn takes them: float32 or float64."""
+    if sinks is None:
+        return None
+    if sinks.dtype not in (torch.float32, torch.float64):
+        sinks = sinks.float()  # a handful of logits: the kernel takes them in float32
+    return numpy_view(sinks, "sinks")
+
+
+def _attend(out, query, key, value, *, attn_mask=None, is_causal=False, scale=None,
+            enable_gqa=False, window=None, alignment="top_left",
+            key_lengths=None, q_offset=None, k_offset=None, softcap=None,
+            sinks=None, return_weights=False):
     """cattn.scaled_dot_product_attention on tensors, `out` (or None) and `query` already
-    NumPy views: what it returns, NumPy arrays. The options travel by name: the tensor
-    ones are turned into arrays here (lengths and offsets may also be ints), the others
-    (is_causal, scale, enable_gqa, window, alignment, softcap, return_weights) go to
-    cattn as they are."""
-    if sinks is not None:
-        if sinks.dtype not in (torch.float32, torch.float64):
-            sinks = sinks.float()  # a handful of logits: the kernel takes them in float32
-        sinks = numpy_view(sinks, "sinks")
+    NumPy views: what it returns, NumPy arrays. The options travel by name (explicit
+    keywords all the way: a dict of them costs microseconds per call); the tensor ones
+    become arrays here (lengths and offsets may also be ints)."""
+    sinks = sinks_array(sinks)
     if isinstance(key_lengths, torch.Tensor):
         key_lengths = numpy_view(key_lengths, "key_lengths")
     if isinstance(q_offset, torch.Tensor):
@@ -158,9 +172,10 @@ def _attend(out, query, key, value, *, attn_mask=None, key_lengths=None, q_offse
         k_offset = numpy_view(k_offset, "k_offset")
     return cattn.scaled_dot_product_attention(
         query, numpy_view(key, "key"), numpy_view(value, "value"),
-        None if attn_mask is None else numpy_view(attn_mask, "attn_mask"),
-        key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset, sinks=sinks, out=out,
-        **options)
+        attn_mask=None if attn_mask is None else numpy_view(attn_mask, "attn_mask"),
+        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, window=window,
+        alignment=alignment, key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
+        softcap=softcap, sinks=sinks, out=out, return_weights=return_weights)
 
 
 @torch.library.custom_op("cattn::scaled_dot_product_attention", mutates_args=(),
