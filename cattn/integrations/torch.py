@@ -124,13 +124,6 @@ def attention_heads_last(query, key, value, *, attn_mask=None, is_causal=False, 
     return (result, tensor_view(weights)) if return_weights else result
 
 
-def attention_contiguous(query, key, value, *, attn_mask=None, scale=None, softcap=None):
-    """cattn.scaled_dot_product_attention of tensors (no other option) as the new
-    contiguous (..., L, Ev) tensor cattn returns."""
-    return tensor_view(_attend(None, numpy_view(query, "query"), key, value,
-                               attn_mask=attn_mask, scale=scale, softcap=softcap))
-
-
 def tensor_view(array):
     """A NumPy array as a tensor of the same memory (ml_dtypes.bfloat16 as
     torch.bfloat16): the inverse of `numpy_view`."""

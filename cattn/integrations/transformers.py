@@ -187,8 +187,9 @@ def cattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
             key_mask = padding[:, None, None, :]
     if isinstance(q_offset, torch.Tensor):
         # a static cache's own length counter, which its update advances before the
-        # attention reads the pattern: keep the position the mask is made for
-        q_offset = q_offset.clone()
+        # attention reads the pattern: keep the position the mask is made for (an int
+        # outside traced graphs: the layers then read no tensor for it)
+        q_offset = q_offset.clone() if torch.compiler.is_compiling() else int(q_offset)
     return _aligned(is_causal, window, key_mask, q_length, kv_length, q_offset, kv_offset)
 
 
@@ -411,16 +412,23 @@ def _one_token_grouped(query, key, value, visible, *, attn_mask, scale, softcap)
     """Decoding one token with grouped-query heads: the query heads of each key/value head
     become its rows, over the slice of keys the token sees. One (group, S) product per
     key/value head reads each key once, where one row per query head would re-read the
-    keys for every head of the group."""
-    batch, heads, _, features = query.shape
-    kv_heads = key.shape[1]
+    keys for every head of the group. (NumPy views first, shapes and slices in NumPy: after
+    a decoding call has streamed a long cache through the CPU's caches, every operation
+    runs cold, and one of torch's costs tens of microseconds there.)"""
+    queries = cattn_torch.numpy_view(query, "query")
+    keys, values = cattn_torch.numpy_view(key, "key"), cattn_torch.numpy_view(value, "value")
+    batch, heads, _, features = queries.shape
+    kv_heads = keys.shape[1]
     lo, hi = visible
+    if lo != 0 or hi != keys.shape[2]:
+        keys, values = keys[:, :, lo:hi], values[:, :, lo:hi]
+    if attn_mask is not None:
+        attn_mask = cattn_torch.numpy_view(attn_mask, "attn_mask")[..., lo:hi]
     # (cattn's (batch, kv_heads, group, Ev) result is the (batch, 1, heads, Ev) one in memory)
-    out = cattn_torch.attention_contiguous(
-        query.reshape(batch, kv_heads, heads // kv_heads, features), key[:, :, lo:hi],
-        value[:, :, lo:hi], attn_mask=None if attn_mask is None else attn_mask[..., lo:hi],
-        scale=scale, softcap=softcap)
-    return out.view(batch, 1, heads, value.shape[-1])
+    out = cattn.scaled_dot_product_attention(
+        queries.reshape(batch, kv_heads, heads // kv_heads, features), keys, values,
+        attn_mask=attn_mask, scale=scale, softcap=softcap)
+    return cattn_torch.tensor_view(out.reshape(batch, 1, heads, out.shape[-1]))
 
 
 def register():
