@@ -2,9 +2,10 @@
 
 The operator torch.ops.cattn.scaled_dot_product_attention is compared with the float64
 reference; the transformers bridge with transformers' own "eager" attention on tiny random
-models of six families built from their configs (no download): Llama (grouped-query
+models of seven families built from their configs (no download): Llama (grouped-query
 heads), Qwen2, Mistral (sliding window), Gemma 2 (softcap, alternating windows), gpt-oss
-(sinks, alternating windows) and BERT (an encoder with padding). Their weights are drawn
+(sinks, alternating windows), Llama 4 (chunked attention) and BERT (an encoder with
+padding). Their weights are drawn
 wide enough (initializer_range) that scores reach the softcap and the sinks take real
 probability mass, so a dropped option changes the logits. Under CI=true a missing torch
 or transformers fails these tests instead of skipping them.
@@ -37,6 +38,11 @@ DECODERS = {
                                     final_logit_softcapping=30.0)),
     "gpt_oss": ("GptOssConfig", dict(sliding_window=5, head_dim=16, num_local_experts=4,
                                      num_experts_per_tok=2, intermediate_size=64)),
+    # chunked attention in chunks of 8 (three chunked layers, then a full one): prompts
+    # span two chunks, generation crosses four chunk boundaries
+    "llama4": ("Llama4TextConfig", dict(num_hidden_layers=4, head_dim=16,
+                                        attention_chunk_size=8, intermediate_size_mlp=128,
+                                        num_local_experts=2, num_experts_per_tok=1)),
 }
 
 
@@ -90,15 +96,41 @@ def test_operator_matches_the_reference(torch, rng, options):
                   for name, value in options.items()}
     got = torch.ops.cattn.scaled_dot_product_attention(
         q, k, v, key_mask, enable_gqa=True, sinks=sinks, **op_options)
-    ref_options = dict(options)
-    if "window_left" in ref_options:
-        ref_options["window"] = (ref_options.pop("window_left"),
-                                 ref_options.pop("window_right"))
     want = reference64(q.numpy(), k.numpy(), v.numpy(), key_mask.numpy(), enable_gqa=True,
-                       sinks=sinks.numpy(), **ref_options)
+                       sinks=sinks.numpy(), **_as_cattn_options(options))
     np.testing.assert_allclose(got.numpy(), want, rtol=2e-5, atol=2e-5)
     # heads-last memory, as models reshape it (a contiguous (B, H, L, E) would need a copy)
     assert got.transpose(1, 2).is_contiguous()
+
+
+def _as_cattn_options(options):
+    """The operator's window sides as cattn's window pair."""
+    options = dict(options)
+    if "window_left" in options:
+        options["window"] = (options.pop("window_left"), options.pop("window_right"))
+    return options
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=[",".join(o) for o in OPTIONS])
+def test_eager_paths_match_the_reference(torch, rng, options):
+    """The function the bridge calls outside traced graphs, on (batch, heads, L, E) tensors
+    (written heads-last) and on 3-D ones (written into a new tensor), with every option at
+    a value of its own: an option handed on under another's name (q_offset for k_offset,
+    the window's sides swapped, the sinks as the mask) changes the result."""
+    from cattn.integrations.torch import scaled_dot_product_attention
+    q, k, v = _operands(torch, rng)
+    sinks = torch.from_numpy(rng.standard_normal(4, dtype=np.float32))
+    key_mask = torch.from_numpy(rng.random((2, 1, 1, 11)) > 0.3)
+    options = _as_cattn_options(options)
+    want = reference64(q.numpy(), k.numpy(), v.numpy(), key_mask.numpy(), enable_gqa=True,
+                       sinks=sinks.numpy(), **options)
+    got = scaled_dot_product_attention(q, k, v, key_mask, enable_gqa=True, sinks=sinks,
+                                       **options)
+    np.testing.assert_allclose(got.numpy(), want, rtol=2e-5, atol=2e-5)
+    for item in range(2):
+        got = scaled_dot_product_attention(q[item], k[item], v[item], key_mask[item],
+                                           enable_gqa=True, sinks=sinks, **options)
+        np.testing.assert_allclose(got.numpy(), want[item], rtol=2e-5, atol=2e-5)
 
 
 def test_operator_passes_torch_library_checks(torch, rng):
@@ -232,7 +264,7 @@ def test_greedy_generation_matches_eager(hf, torch, family):
     assert got.tolist() == want.tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "llama4"])
 def test_static_cache_generation_matches_eager(hf, torch, family):
     """A static cache: keys are a preallocated buffer, filled up to the query's position
     (a key past it must stay hidden), and for Gemma 2's sliding layers a rolled buffer of
@@ -284,7 +316,7 @@ def test_cache_keys_are_read_in_place(hf, torch, monkeypatch):
     assert read == buffers
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss", "llama4"])
 def test_bfloat16_is_as_close_as_eager(hf, torch, family):
     """A bfloat16 model: cattn's logits are no further from the float32 model's than
     eager's bfloat16 logits are (cattn computes in float32 inside)."""
@@ -340,7 +372,7 @@ def compiled_logits_match(torch, model, ids, mask, want, backend):
     assert_valid_positions_close(got, want, mask, atol=1e-5 * max(1.0, want.abs().max()))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss", "llama4"])
 def test_output_attentions_match_eager(hf, torch, family):
     """output_attentions=True: each layer's (batch, heads, L, S) weights equal eager's on
     the rows of real tokens (likeliest bugs: the weights of the key/value head where the
@@ -354,7 +386,7 @@ def test_output_attentions_match_eager(hf, torch, family):
         with torch.no_grad():
             outputs[implementation] = model(ids, attention_mask=mask, output_attentions=True)
     want, got = outputs["eager"], outputs["cattn"]
-    assert len(got.attentions) == len(want.attentions) == COMMON["num_hidden_layers"]
+    assert len(got.attentions) == len(want.attentions) == model.config.num_hidden_layers
     valid = mask.bool()  # (rows of padding see no key: eager spreads them, cattn gives 0)
     for got_layer, want_layer in zip(got.attentions, want.attentions):
         assert got_layer.shape == want_layer.shape and got_layer.dtype == want_layer.dtype
@@ -404,11 +436,96 @@ def test_masks_stay_native(hf, torch):
     assert static.k_offset == 0
     both = cattn_mask(2, 12, 12, mask_function=mu.sliding_window_bidirectional_mask_function(2))
     assert not both.is_causal and both.window == (2, 2)
-    chunked = mu.chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long))
-    dense = cattn_mask(2, 12, 12, mask_function=chunked, attention_mask=padding)
-    want = mu.sdpa_mask(2, 12, 12, mask_function=chunked, attention_mask=padding,
+    # a mask function cattn cannot express falls back to the dense boolean mask, which then
+    # matches transformers' own
+    other = mu.and_masks(mu.causal_mask_function, mu.padding_mask_function(padding))
+    dense = cattn_mask(2, 12, 12, mask_function=other, attention_mask=padding)
+    want = mu.sdpa_mask(2, 12, 12, mask_function=other, attention_mask=padding,
                         allow_is_causal_skip=False)
     assert torch.equal(dense, want)
+
+
+# (queries, keys, position of the first query, of the first key): prefill from the start,
+# prefill continuing a cache (its first keys from the previous chunk), one token from a
+# dynamic cache (the keys of the last chunk_size - 1 positions), one token into a static
+# buffer of 16 keys of which the first 12 are filled
+CHUNK_CALLS = {"prefill": (21, 21, 0, 0), "continued prefill": (6, 13, 15, 8),
+               "decoding": (1, 8, 20, 13), "static buffer": (1, 16, 11, 0)}
+
+
+@pytest.mark.parametrize("call", CHUNK_CALLS)
+@pytest.mark.parametrize("padding", [(0, 0), (0, 3), (2, 7)])
+def test_chunked_attention_matches_its_dense_mask(hf, torch, rng, call, padding):
+    """Llama 4's chunked causal mask (a query sees the keys of its own chunk up to itself,
+    chunks counted from each sequence's first real token) reaches cattn as a pattern, and
+    attention through it equals the reference under transformers' dense mask on every row
+    that sees a key. Chunks of 4: the calls span or cross several. Likeliest bugs: a chunk
+    start off by one, the left padding's shift ignored (or one item's used for all),
+    keys past the query visible in a static buffer, the keys a cache kept from the
+    previous chunk seen."""
+    from transformers import masking_utils as mu
+    from cattn.integrations.transformers import AttentionPattern, cattn_attention_forward
+    from cattn.integrations.transformers import cattn_mask
+    L, S, first_query, first_key = CHUNK_CALLS[call]
+    starts = torch.tensor(padding)
+    total = first_query + L  # the 2-D mask covers every position up to the last query
+    attention_mask = torch.arange(total)[None, :] >= starts[:, None]
+    mask_function = mu.chunked_causal_mask_function(4, starts)
+    q_offset = torch.tensor(first_query) if call == "static buffer" else first_query
+    pattern = cattn_mask(2, L, S, q_offset, first_key, mask_function=mask_function,
+                         attention_mask=attention_mask)
+    assert isinstance(pattern, AttentionPattern)
+    dense = mu.sdpa_mask(2, L, S, first_query, first_key, mask_function=mask_function,
+                         attention_mask=attention_mask, allow_is_causal_skip=False)
+    q = torch.from_numpy(rng.standard_normal((2, 4, L, 16), dtype=np.float32))
+    k = torch.from_numpy(rng.standard_normal((2, 2, S, 16), dtype=np.float32))
+    v = torch.from_numpy(rng.standard_normal((2, 2, S, 16), dtype=np.float32))
+
+    class Layer:
+        is_causal = True
+
+    got, _ = cattn_attention_forward(Layer(), q, k, v, pattern, scaling=0.3)
+    want = reference64(q.numpy(), k.numpy(), v.numpy(), dense.numpy(), enable_gqa=True,
+                       scale=0.3).transpose(0, 2, 1, 3)
+    sees_a_key = dense[:, 0].any(-1).numpy()  # (rows of padding see none)
+    np.testing.assert_allclose(got.numpy()[sees_a_key], want[sees_a_key], rtol=2e-5,
+                               atol=2e-5)
+
+
+def test_llama4_chunks_stay_native(hf, torch, monkeypatch):
+    """Llama 4's chunked layers on prompts of 20 tokens (three chunks; one row left padded,
+    so its chunks start 3 tokens later), then greedy tokens from a dynamic cache and a
+    static one: the same logits and tokens as eager, and every chunked mask reaches cattn
+    as a pattern, never as a dense mask (the model tests above match eager either way)."""
+    import cattn.integrations.transformers as bridge
+    model = decoder(hf, "llama4")
+    patterns = []
+    real = bridge.cattn_mask
+
+    def spy(*args, **kwargs):
+        made = real(*args, **kwargs)
+        if bridge._chunking(kwargs["mask_function"]) is not None:
+            patterns.append(made)
+        return made
+
+    monkeypatch.setitem(hf.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS, "cattn", spy)
+    ids, mask = prompts(torch, length=20)
+    for padding in (mask, torch.ones_like(mask)):
+        want = logits_with(torch, model, "eager", ids, padding)
+        got = logits_with(torch, model, "cattn", ids, padding)
+        assert_valid_positions_close(got, want, padding,
+                                     atol=1e-5 * max(1.0, want.abs().max()))
+    assert patterns and all(isinstance(p, bridge.AttentionPattern) for p in patterns)
+    for cache in (None, "static"):
+        tokens = {}
+        for implementation in ("eager", "cattn"):
+            model.set_attn_implementation(implementation)
+            with torch.no_grad():
+                tokens[implementation] = model.generate(
+                    ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
+                    do_sample=False, cache_implementation=cache).tolist()
+        assert tokens["cattn"] == tokens["eager"], cache
+    assert all(isinstance(p, bridge.AttentionPattern) for p in patterns)
 
 
 def test_refusals(hf, torch):

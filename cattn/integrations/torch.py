@@ -92,14 +92,16 @@ def one_batch_axis(query, key, value):
     return query.dim() == 4 and key.shape[0] == value.shape[0] == query.shape[0]
 
 
-def attention_heads_last(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                         enable_gqa=False, window=None, alignment="top_left", key_lengths=None,
-                         q_offset=None, k_offset=None, softcap=None, sinks=None,
-                         return_weights=False):
+def attention_heads_last(query, key, value, *, attn_mask=None, is_causal=False, scale=None,
+                         enable_gqa=False, window=None, alignment="top_left",
+                         key_lengths=None, q_offset=None, k_offset=None, softcap=None,
+                         sinks=None, return_weights=False):
     """cattn.scaled_dot_product_attention of (batch, heads, L, E) tensors of one batch
     size (see `one_batch_axis`), returned as a new (batch, L, heads, Ev) tensor: the
-    layout models reshape to (batch, L, features) for free. With return_weights, the
-    pair of it and the (batch, heads, L, S) attention weights in the query's dtype."""
+    layout models reshape to (batch, L, features) for free. The options are cattn's, by
+    name (tensors where it takes arrays, see `_attend`); with return_weights=True, the
+    pair of the result and the (batch, heads, L, S) attention weights in the query's
+    dtype."""
     query_array = numpy_view(query, "query")  # (first: its dtype and device are checked)
     batch, heads, L = query.shape[:3]
     shape = (batch, L, heads, value.shape[-1])
@@ -110,22 +112,16 @@ def attention_heads_last(query, key, value, attn_mask=None, is_causal=False, sca
         out = np.empty(shape, dtype=query_array.dtype)
         result = tensor_view(out)
         out = out.transpose(0, 2, 1, 3)
-    returned = _attend(out, query_array, key, value, attn_mask, is_causal, scale, enable_gqa,
-                       window, alignment, key_lengths, q_offset, k_offset, softcap, sinks,
-                       return_weights)
+    returned = _attend(out, query_array, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                       scale=scale, enable_gqa=enable_gqa, window=window,
+                       alignment=alignment, key_lengths=key_lengths, q_offset=q_offset,
+                       k_offset=k_offset, softcap=softcap, sinks=sinks,
+                       return_weights=return_weights)
     if return_weights:
         returned, weights = returned
     if result is None:
         result = tensor_view(returned).view(shape)
     return (result, tensor_view(weights)) if return_weights else result
-
-
-def attention_contiguous(query, key, value, attn_mask=None, scale=None, softcap=None):
-    """cattn.scaled_dot_product_attention of tensors (no other option) as the new
-    contiguous (..., L, Ev) tensor cattn returns."""
-    return tensor_view(_attend(None, numpy_view(query, "query"), key, value, attn_mask,
-                               False, scale, False, None, "top_left", None, None, None,
-                               softcap, None))
 
 
 def tensor_view(array):
@@ -136,22 +132,31 @@ def tensor_view(array):
     return torch.from_numpy(array)
 
 
-def attention_into(out, query, key, value, attn_mask=None, is_causal=False, scale=None,
-                   enable_gqa=False, window=None, alignment="top_left", key_lengths=None,
-                   q_offset=None, k_offset=None, softcap=None, sinks=None):
+def attention_into(out, query, key, value, **options):
     """cattn.scaled_dot_product_attention on tensors, written into the tensor `out`
-    (any strides); integer tensors (lengths, offsets) may stand for ints."""
-    _attend(numpy_view(out, "out"), numpy_view(query, "query"), key, value, attn_mask,
-            is_causal, scale, enable_gqa, window, alignment, key_lengths, q_offset, k_offset, softcap, sinks)
+    (any strides); options by name, as for `_attend`."""
+    _attend(numpy_view(out, "out"), numpy_view(query, "query"), key, value, **options)
     return out
 
 
-def _attend(out, query, key, value, attn_mask, is_causal, scale, enable_gqa, window,
-            alignment, key_lengths, q_offset, k_offset, softcap, sinks, return_weights=False):
-    """cattn.scaled_dot_product_attention on tensors, `out` (or None) and `query` already
-    NumPy views: what it returns, NumPy arrays."""
-    if sinks is not None and sinks.dtype not in (torch.float32, torch.float64):
+def sinks_array(sinks):
+    """Attention sinks (a tensor or None) as cattn takes them: float32 or float64."""
+    if sinks is None:
+        return None
+    if sinks.dtype not in (torch.float32, torch.float64):
         sinks = sinks.float()  # a handful of logits: the kernel takes them in float32
+    return numpy_view(sinks, "sinks")
+
+
+def _attend(out, query, key, value, *, attn_mask=None, is_causal=False, scale=None,
+            enable_gqa=False, window=None, alignment="top_left",
+            key_lengths=None, q_offset=None, k_offset=None, softcap=None,
+            sinks=None, return_weights=False):
+    """cattn.scaled_dot_product_attention on tensors, `out` (or None) and `query` already
+    NumPy views: what it returns, NumPy arrays. The options travel by name (explicit
+    keywords all the way: a dict of them costs microseconds per call); the tensor ones
+    become arrays here (lengths and offsets may also be ints)."""
+    sinks = sinks_array(sinks)
     if isinstance(key_lengths, torch.Tensor):
         key_lengths = numpy_view(key_lengths, "key_lengths")
     if isinstance(q_offset, torch.Tensor):
@@ -160,11 +165,10 @@ def _attend(out, query, key, value, attn_mask, is_causal, scale, enable_gqa, win
         k_offset = numpy_view(k_offset, "k_offset")
     return cattn.scaled_dot_product_attention(
         query, numpy_view(key, "key"), numpy_view(value, "value"),
-        None if attn_mask is None else numpy_view(attn_mask, "attn_mask"), is_causal, scale,
-        enable_gqa=enable_gqa, window=window, alignment=alignment, key_lengths=key_lengths,
-        q_offset=q_offset, k_offset=k_offset, softcap=softcap,
-        sinks=None if sinks is None else numpy_view(sinks, "sinks"), out=out,
-        return_weights=return_weights)
+        attn_mask=None if attn_mask is None else numpy_view(attn_mask, "attn_mask"),
+        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, window=window,
+        alignment=alignment, key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
+        softcap=softcap, sinks=sinks, out=out, return_weights=return_weights)
 
 
 @torch.library.custom_op("cattn::scaled_dot_product_attention", mutates_args=(),
@@ -182,9 +186,11 @@ def _operator(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     (The arguments after `scale` may also be given by position: an operator's tensor
     arguments cannot be keyword-only.)"""
     out = empty_result(query, key, value, enable_gqa)
-    return attention_into(out, query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                          _window(window_left, window_right), alignment, key_lengths,
-                          q_offset, k_offset, softcap, sinks)
+    return attention_into(out, query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa,
+                          window=_window(window_left, window_right), alignment=alignment,
+                          key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
+                          softcap=softcap, sinks=sinks)
 
 
 @_operator.register_fake
@@ -243,15 +249,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     """
     if traced(query, key, value, sinks):
         left, right = (None, None) if window is None else window
-        return _operator(query, key, value, attn_mask, is_causal, scale,
-                         enable_gqa=enable_gqa, window_left=left, window_right=right,
-                         alignment=alignment, key_lengths=_as_tensor(key_lengths),
-                         q_offset=_as_tensor(q_offset), k_offset=_as_tensor(k_offset),
-                         softcap=softcap, sinks=sinks)
+        return _operator(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                         scale=scale, enable_gqa=enable_gqa, window_left=left,
+                         window_right=right, alignment=alignment,
+                         key_lengths=_as_tensor(key_lengths), q_offset=_as_tensor(q_offset),
+                         k_offset=_as_tensor(k_offset), softcap=softcap, sinks=sinks)
+    options = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                   enable_gqa=enable_gqa, window=window, alignment=alignment,
+                   key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
+                   softcap=softcap, sinks=sinks)
     if one_batch_axis(query, key, value):
-        return attention_heads_last(query, key, value, attn_mask, is_causal, scale,
-                                    enable_gqa, window, alignment, key_lengths, q_offset,
-                                    k_offset, softcap, sinks).transpose(1, 2)
-    out = empty_result(query, key, value, enable_gqa)
-    return attention_into(out, query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                          window, alignment, key_lengths, q_offset, k_offset, softcap, sinks)
+        return attention_heads_last(query, key, value, **options).transpose(1, 2)
+    return attention_into(empty_result(query, key, value, enable_gqa), query, key, value,
+                          **options)
