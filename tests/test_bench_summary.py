@@ -27,3 +27,13 @@ def test_summary_of_a_full_run_names_no_indicative_targets():
     last = format_targets([target("a", "PASS"), target("b", "PASS")]).splitlines()[-1]
     assert "2 of 2 targets measured at their shapes met." in last
     assert "indicative" not in last and "not measured" not in last
+
+
+def test_markdown_of_a_preset_with_its_own_table():
+    """The dask and transformers presets print their own table and have no `cases`: their
+    markdown is the machine header and that table (the bug: a KeyError after the whole
+    run, losing the --markdown file)."""
+    from cattn.bench.report import format_markdown
+    table = "== transformers models, attn_implementation compared\n   qwen ... 1.38x sdpa"
+    text = format_markdown({"machine": {"cpu_model": "Some CPU"}, "table_text": table})
+    assert "Some CPU" in text and table in text

@@ -133,13 +133,15 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     elif args.preset == "dask":  # its own cluster, cases and table (cattn.dask)
         from cattn.bench.cluster import format_dask_cases, run_dask_preset
         result = {"machine": info, **run_dask_preset(config)}
-        print(format_dask_cases(result["dask_cases"]))
+        result["table_text"] = format_dask_cases(result["dask_cases"])
+        print(result["table_text"])
         tag, args.plot = "dask", "-"
     elif args.preset == "transformers":  # whole models: its own cases and table
         from cattn.bench.transformers_bridge import (format_transformers_cases,
                                                      run_transformers_preset)
         result = {"machine": info, **run_transformers_preset(config)}
-        print(format_transformers_cases(result))
+        result["table_text"] = format_transformers_cases(result)
+        print(result["table_text"])
         tag, args.plot = "transformers", "-"
     else:
         names = _names(args.preset) if args.preset else list(WORKLOADS)

@@ -193,6 +193,8 @@ def format_markdown(result: Dict[str, Any]) -> str:
              *[f"{line}  " for line in ceiling_lines(m)],
              f"Reps: median of {result.get('reps')} timed round-robin reps per case; GEMM "
              f"ceiling {result.get('gemm_n')}^3.", ""]
+    if "cases" not in result:  # (the dask and transformers presets: their own table)
+        return "\n".join(lines + ["```", result.get("table_text", ""), "```"])
     for case in result["cases"]:
         spec = case.spec
         if "B" in spec:
