@@ -313,13 +313,11 @@ MUTANTS = [
            [Edit("setup.py", 'if os.environ.get("CATTN_NO_OPENMP"):', "if True:")],
            ["tests/test_plan.py", "-k", "openmp"], env={"CI": "true"}),
     Mutant("lse-one-row-late-in-the-debug-build",
-           "lse entries and key-chunk partials land one row late, the last past its array: "
-           "the debug build (CATTN_DEBUG=1) aborts naming the write, where the release "
-           "build writes out of bounds",
-           [Edit(KERNEL, "    return t.lse_row0 + r // t.member_rows * p.L + t.i0 + "
-                         "r % t.member_rows\n",
-                 "    return t.lse_row0 + r // t.member_rows * p.L + t.i0 + "
-                 "r % t.member_rows + 1\n")],
+           "a packed call's lse entries land one row late, the last past its array: the "
+           "debug build (CATTN_DEBUG=1) aborts naming the write, where the release build "
+           "writes out of bounds",
+           [Edit(KERNEL, "        return row_item(p, t, r)[COL_LSE] + t.i0 + r % t.member_rows\n",
+                 "        return row_item(p, t, r)[COL_LSE] + t.i0 + r % t.member_rows + 1\n")],
            ["tests/test_varlen.py", "-k", "lse"], env={"CATTN_DEBUG": "1"}),
     # ---------------------------------------------------- packed variable-length sequences
     Mutant("varlen-tail-block-dropped",
@@ -337,7 +335,9 @@ MUTANTS = [
            ["tests/test_varlen.py"]),
     Mutant("varlen-lse-in-padded-layout",
            "the lse of a packed call lands at item x longest length, not at its tokens",
-           [Edit(KERNEL, "        t.lse_row0 = t.item[COL_LSE]\n", "        t.lse_row0 = t.n * p.L\n")],
+           [Edit(KERNEL, "        return row_item(p, t, r)[COL_LSE] + t.i0 + r % t.member_rows\n",
+                 "        return r // t.member_rows * p.L + t.n * p.L + t.i0 + "
+                 "r % t.member_rows\n")],
            ["tests/test_varlen.py"]),
     Mutant("varlen-bottom-right-global-lengths",
            "bottom-right alignment uses the packed totals instead of each sequence's lengths",
