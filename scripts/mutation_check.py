@@ -523,8 +523,10 @@ MUTANTS = [
     Mutant("lse-row-one-past",
            "every item's lse is written one row late: its first row is never written and "
            "the last item's last row lands past the array (a value check, not a crash)",
-           [Edit(KERNEL, "        t.lse_row0 = t.item[COL_LSE]\n",
-                 "        t.lse_row0 = t.item[COL_LSE] + 1\n")],
+           [Edit(KERNEL, "    return t.lse_row0 + r // t.member_rows * p.L + t.i0 + "
+                         "r % t.member_rows\n",
+                 "    return t.lse_row0 + r // t.member_rows * p.L + t.i0 + "
+                 "r % t.member_rows + 1\n")],
            ["tests/test_edges.py", "-k", "lse_values"]),
     Mutant("dask-diagonal-pair-skipped",
            "a key chunk starting exactly on a query chunk's causal diagonal is skipped: the "
