@@ -316,7 +316,8 @@ cdef enum:
 # unless keep_first leaves a gap before k_begin).
 cdef struct Task:
     Py_ssize_t n, split, i0, rows, k_begin, k_end, keep_begin, keep_end
-    Py_ssize_t lse_row0                    # lse index of the item's query row 0
+    Py_ssize_t lse_row0                    # lse index of the item's query row 0 (padded
+                                           # layout; a task list's is in its table row)
     const Py_ssize_t* item
     # rows = members · member_rows: the items n .. n + members - 1 (sharing keys and
     # values) each with query rows [i0, i0 + member_rows); their queries at row stride q_rs
@@ -664,7 +665,6 @@ cdef inline void task_of(const Plan* p, Py_ssize_t task_index, Task* t) noexcept
         t.members = p.task_list[TASK_COLS * task_index + 2]
         t.item = p.table + t.n * N_COLS
         n_rows = t.item[COL_Q_LEN]
-        t.lse_row0 = t.item[COL_LSE]
     else:
         t.split = task_index % p.n_splits
         t.members = p.group
@@ -1697,7 +1697,8 @@ def padded_table(tuple batch_shape, Py_ssize_t group, query, key, value, out, ma
     cdef Py_ssize_t n_items = 1, d
     for d in batch_shape:
         n_items *= d
-    cdef cnp.ndarray table = np.empty((n_items, N_COLS), dtype=np.intp)
+    # (zeros: the packed and paged layouts' columns stay 0 here)
+    cdef cnp.ndarray table = np.zeros((n_items, N_COLS), dtype=np.intp)
     if n_items == 0:
         return table
     cdef Py_ssize_t* t = <Py_ssize_t*> cnp.PyArray_DATA(table)
@@ -1711,10 +1712,6 @@ def padded_table(tuple batch_shape, Py_ssize_t group, query, key, value, out, ma
     _column_into(t, n_items, COL_KEEP_FIRST, keep_first)
     _offsets_into(t, n_items, COL_K_SCALE, k_scale, batch_shape, group)
     _offsets_into(t, n_items, COL_V_SCALE, v_scale, batch_shape, group)
-    for d in range(n_items):  # only packed and paged layouts use these
-        t[d * N_COLS + COL_Q_LEN] = 0
-        t[d * N_COLS + COL_LSE] = 0
-        t[d * N_COLS + COL_PAGES] = 0
     return table
 
 

@@ -199,7 +199,8 @@ def run_decode_loop_case(name: str, mode: str, config: BenchConfig) -> Case:
             restore_torch = torch_threads(threads) if torch is not None else (lambda: None)
             try:
                 diff = check_attention(model, threads)
-                blas_idle[f"{threads}t"] = blas_idle_cores(lambda: model.x @ model.w_qkv)
+                if f"{threads}t" not in blas_idle:  # a property of BLAS and the threads
+                    blas_idle[f"{threads}t"] = blas_idle_cores(lambda: model.x @ model.w_qkv)
                 runs: Dict[str, List[float]] = {impl: [] for impl in IMPLS}
                 stream: List[float] = []
                 cattn_step = numpy_step(model, threads)
