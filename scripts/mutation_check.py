@@ -279,6 +279,20 @@ MUTANTS = [
                  "#define LINEAR_ROWS(R, i) FN(cattn_linear_tile)(R, 1, kc,",
                  "#define LINEAR_ROWS(R, i) FN(cattn_linear_tile)(R, 0, kc,")],
            ["tests/test_packed_linear.py", "-k", "700 or 1100"]),
+    Mutant("exact-row-tile-drops-last-row",
+           "a few-row attention GEMM (5 to 7 grouped heads of one K/V head) leaves its last "
+           "row's scores and values unwritten",
+           [Edit("src/cattn_gemm_impl.h",
+                 "case R: if ((R) < (M)) TILE(((R) < (M) ? (R) : 1), i_); break",
+                 "case R: if ((R) < (M)) TILE(((R) < (M) && (R) > 4 ? (R) - 1 : (R) < (M) ? (R) : 1), i_); break")],
+           ["tests/test_gqa_grouped.py", "-k", "match_reference and g5"]),
+    Mutant("packed-key-squares-at-feature-zero",
+           "whole squares of packed keys are all written at the first features: scores of "
+           "E > one vector of features read the wrong keys",
+           [Edit("src/cattn_gemm_kv.h",
+                 "for (int e = 0; e < W; e++) VSTORE(panel + (e0 + e) * NR, r[e]);",
+                 "for (int e = 0; e < W; e++) VSTORE(panel + e * NR, r[e]);")],
+           ["tests/test_core.py"]),
     Mutant("linear-tail-panel-unmasked-bias",
            "the last panel of outputs takes the bias as zeros (outputs not a multiple of the "
            "panel width)",

@@ -44,6 +44,28 @@
         if (1 < (M) && (rows) - i_ >= 1) TILE(1, i_);                                      \
     } while (0)
 
+/* Rows [0, rows) as tiles of M rows, then the rest as one tile (its height a compile-time
+ * constant after inlining, M ≤ 12). For the attention GEMMs, whose few-row calls are the
+ * grouped heads of one K/V head while decoding (7 rows for 14 query heads over 2): each
+ * tile passes over all of the block's keys or values, so 7 rows as tiles of 4, 2 and 1
+ * read them three times. Every element is summed in the same order whatever its tile. */
+#define CATTN_EXACT_TILE_(R, M, i_, TILE) \
+    case R: if ((R) < (M)) TILE(((R) < (M) ? (R) : 1), i_); break
+#define CATTN_FOR_EXACT_ROW_TILES(M, rows, TILE)                                           \
+    do {                                                                                   \
+        ptrdiff_t i_ = 0;                                                                  \
+        for (; i_ + (M) <= (rows); i_ += (M)) TILE((M), i_);                               \
+        switch ((rows) - i_) {                                                             \
+            CATTN_EXACT_TILE_(1, M, i_, TILE); CATTN_EXACT_TILE_(2, M, i_, TILE);          \
+            CATTN_EXACT_TILE_(3, M, i_, TILE); CATTN_EXACT_TILE_(4, M, i_, TILE);          \
+            CATTN_EXACT_TILE_(5, M, i_, TILE); CATTN_EXACT_TILE_(6, M, i_, TILE);          \
+            CATTN_EXACT_TILE_(7, M, i_, TILE); CATTN_EXACT_TILE_(8, M, i_, TILE);          \
+            CATTN_EXACT_TILE_(9, M, i_, TILE); CATTN_EXACT_TILE_(10, M, i_, TILE);         \
+            CATTN_EXACT_TILE_(11, M, i_, TILE);                                            \
+            default: break;                                                                \
+        }                                                                                  \
+    } while (0)
+
 /* acc[r][0:NR] += Σ_e a[r][e] · panel[e][0:NR] for r < MR_ (≤ LMR, a compile-time constant
  * after inlining: the accumulators stay in registers). */
 static inline __attribute__((always_inline)) TGT void
@@ -112,7 +134,7 @@ FN(cattn_gemm_qkt)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
 {
 #define QKT_ROWS(R, i) \
     FN(cattn_qkt_rows)(R, n_keys, E, alpha, q + (i) * q_rs, q_rs, packed, c + (i) * ldc, ldc)
-    CATTN_FOR_ROW_TILES(rows, QKT_ROWS);
+    CATTN_FOR_EXACT_ROW_TILES(MR, rows, QKT_ROWS);
 #undef QKT_ROWS
 }
 
@@ -164,7 +186,7 @@ FN(cattn_pv_column)(const int MASKED_, ptrdiff_t rows, ptrdiff_t n_keys, const T
 {
 #define PV_ROWS(R, i) \
     FN(cattn_pv_tile)(R, MASKED_, n_keys, p + (i) * ldp, ldp, v, v_rs, acc + (i) * ld_acc, ld_acc, nc)
-    CATTN_FOR_ROW_TILES(rows, PV_ROWS);
+    CATTN_FOR_EXACT_ROW_TILES(MR, rows, PV_ROWS);
 #undef PV_ROWS
 }
 
@@ -328,6 +350,8 @@ FN(cattn_linear)(ptrdiff_t rows, ptrdiff_t n_out, ptrdiff_t K, const T *a, ptrdi
 #undef LKC
 #undef LMC
 #undef CATTN_FOR_ROW_TILES
+#undef CATTN_FOR_EXACT_ROW_TILES
+#undef CATTN_EXACT_TILE_
 #undef CATTN_FOR_ROW_TILES_OF
 #undef CATTN_CAT3
 #undef CATTN_CAT3_
