@@ -582,5 +582,15 @@ def test_bench_preset_runs_and_reports(hf, torch, monkeypatch):
         assert r["median_s"] > 0
         tol = 1e-4 if r["dtype"] == "float32" else 0.5  # bfloat16 logits of order 1-10
         assert r["logits_max_diff_vs_eager"] <= tol, r
+        # the attention functions' share of the step: inside it, and only where transformers
+        # looks them up by name (eager's is a direct call)
+        if r["impl"] == "eager":
+            assert r["attention_s"] is None
+        else:
+            assert 0 < r["attention_s"] < r["median_s"], r
     table = preset.format_transformers_cases(result)
-    assert "cattn" in table and "bridge per call" in table
+    assert "cattn" in table and "bridge per call" in table and "[attention " in table
+    # the clock leaves transformers' functions as it found them
+    import transformers
+    from cattn.integrations.transformers import cattn_attention_forward
+    assert transformers.AttentionInterface._global_mapping["cattn"] is cattn_attention_forward

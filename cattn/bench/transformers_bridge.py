@@ -117,26 +117,72 @@ def _decode_call(model, context: int):
     return call
 
 
+class _AttentionClock:
+    """Time spent inside the attention functions transformers looks up by name for every
+    layer call (`sdpa`, `cattn`; eager's is called directly, so it is not seen): a model
+    step's attention share, which bounds what a faster attention can gain on the step."""
+
+    def __init__(self, names):
+        import transformers
+        self._mapping = transformers.AttentionInterface._global_mapping
+        self._original = {n: self._mapping[n] for n in names if n in self._mapping}
+        self.seconds = 0.0
+
+    def __enter__(self):
+        for name, fn in self._original.items():
+            self._mapping[name] = self._timed(fn)
+        return self
+
+    def __exit__(self, *exc):
+        self._mapping.update(self._original)
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return timed
+
+    def measure(self, call, spent: List[float]):
+        """call, appending the attention seconds of each of its calls to `spent`."""
+        def measured():
+            before = self.seconds
+            try:
+                return call()
+            finally:
+                spent.append(self.seconds - before)
+        return measured
+
+
 def _compare(name: str, kind: str, models: Dict[str, Any], make_call, config: BenchConfig,
              label: str) -> List[Dict[str, Any]]:
     """Time every (implementation, threads) interleaved; each runner's first logits are
-    checked against eager's (all start from the same weights)."""
-    runners, first = [], {}
-    for threads in config.threads:
-        for impl, model in models.items():
-            r = Runner(f"{impl}/{threads}t", impl, threads, kind, make_call(model),
-                       setup=_thread_setup(threads))
-            first[r.label], _ = first_call(r, False)
-            runners.append(r)
-    config.log(f"  {name} {label}: {len(runners)} runners ")
-    time_round_robin(runners, config.reps, config.warmup, log=config.log)
+    checked against eager's (all start from the same weights), and the time its attention
+    functions took inside each step is kept beside the step's."""
+    runners, first, attention = [], {}, {}
+    with _AttentionClock(models) as clock:
+        for threads in config.threads:
+            for impl, model in models.items():
+                label_t = f"{impl}/{threads}t"
+                attention[label_t] = []
+                r = Runner(label_t, impl, threads, kind,
+                           clock.measure(make_call(model), attention[label_t]),
+                           setup=_thread_setup(threads))
+                first[r.label], _ = first_call(r, False)
+                runners.append(r)
+        config.log(f"  {name} {label}: {len(runners)} runners ")
+        time_round_robin(runners, config.reps, config.warmup, log=config.log)
     config.log("\n")
     rows = []
     for r in runners:
         reference = first.get(f"eager/{r.threads}t")
+        spent = attention[r.label][-len(r.times):]  # (the timed calls)
         rows.append({"model": name, "case": label, "kind": kind, "impl": r.impl,
                      "threads": r.threads,
                      "median_s": median(r.times),
+                     "attention_s": median(spent) if any(spent) else None,
                      "logits_max_diff_vs_eager": None if reference is None else float(
                          (first[r.label] - reference).abs().max())})
     return rows
@@ -219,13 +265,17 @@ def format_transformers_cases(result: Dict[str, Any]) -> str:
     """One line per (model, case, threads): each implementation's median time and cattn's
     speedup over the others."""
     lines = ["== transformers models, attn_implementation compared (median s per call; "
-             "decode: one token)"]
+             "decode: one token; [attention: the median time inside the attention functions "
+             "per step])"]
     grouped: Dict[tuple, Dict[str, Dict[str, Any]]] = {}
     for row in result["transformers_cases"]:
         grouped.setdefault((row["model"], row["case"], row["threads"]), {})[row["impl"]] = row
     for (model, label, threads), by_impl in grouped.items():
         cattn_row = by_impl.get("cattn")
-        parts = [f"{impl} {row['median_s'] * 1e3:9.1f} ms" for impl, row in by_impl.items()]
+        parts = [f"{impl} {row['median_s'] * 1e3:9.1f} ms" + (
+                     "" if row.get("attention_s") is None
+                     else f" [attention {row['attention_s'] * 1e3:.1f}]")
+                 for impl, row in by_impl.items()]
         ratios = [f"{by_impl[impl]['median_s'] / cattn_row['median_s']:.2f}x {impl}"
                   for impl in by_impl if impl != "cattn" and cattn_row]
         diff = cattn_row and cattn_row["logits_max_diff_vs_eager"]
