@@ -748,6 +748,13 @@ MUTANTS = [
                        "_int8_projections(self.attention, weights)",
                  "projections = None")],
            ["tests/test_int8_encoder.py"]),
+    # ------------------------------------------------- a second audit's survivors, ahead
+    Mutant("dask-causal-keeps-window-right",
+           "under is_causal the Dask plan keeps a window's right side: every chunk pair just "
+           "above the diagonal becomes a task that sees nothing",
+           [Edit(DASK_PLAN, "right = 0 if right is None else min(right, 0)",
+                 "right = 0 if right is None else right")],
+           ["tests/test_dask.py", "-k", "right_side"]),
 ]
 
 

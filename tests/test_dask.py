@@ -14,6 +14,7 @@ distributed = pytest.importorskip("distributed")
 
 import cattn  # noqa: E402
 import cattn.dask as cdask  # noqa: E402
+from cattn import reference  # noqa: E402
 from conftest import reference64, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -114,6 +115,24 @@ def test_fully_masked_chunk_pairs_add_no_task(rng):
     assert not out.any() and np.all(lse == -np.inf)
     assert_matches(compute(*lengths), reference64(q.compute(), q.compute(), q.compute(),
                                                   key_lengths=100, return_lse=True),
+                   np.float64)
+
+
+@pytest.mark.parametrize("window", [(None, 3), (10, 5)])
+def test_causal_window_with_a_right_side_computes_only_visible_pairs(rng, window):
+    """Bug caught: under is_causal the plan keeping the window's right side (instead of
+    min(right, 0)) when it picks the chunk pairs to compute: every pair just above the
+    diagonal becomes a task that sees nothing (the kernel masks it, so only the task count
+    shows it). The tasks must be exactly the pairs where the reference sees some key."""
+    chunk, n_chunks = 64, 4
+    q = randn(rng, (1, chunk * n_chunks, 8), np.float64)
+    chunked = da.from_array(q, chunks=(1, chunk, 8))
+    out = cdask.scaled_dot_product_attention(chunked, chunked, chunked, is_causal=True,
+                                             window=window)
+    seen = reference.visible_keys(q.shape[1], q.shape[1], is_causal=True, window=window)
+    pairs = seen.reshape(n_chunks, chunk, n_chunks, chunk).any(axis=(1, 3))
+    assert part_tasks(out) == np.count_nonzero(pairs)
+    assert_matches(compute(out), [reference64(q, q, q, is_causal=True, window=window)],
                    np.float64)
 
 
