@@ -755,6 +755,12 @@ MUTANTS = [
            [Edit(DASK_PLAN, "right = 0 if right is None else min(right, 0)",
                  "right = 0 if right is None else right")],
            ["tests/test_dask.py", "-k", "right_side"]),
+    Mutant("mha-two-additive-masks-keep-one",
+           "a float key_padding_mask and a float attn_mask (or a scattered boolean padding "
+           "beside a float attn_mask): the layer adds only the attn_mask",
+           [Edit(LAYERS, "mask = additive[0] if len(additive) == 1 else additive[0] + additive[1]",
+                 "mask = additive[-1]")],
+           ["tests/test_layers.py", "-k", "masks_match"]),
 ]
 
 
