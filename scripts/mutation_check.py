@@ -761,6 +761,12 @@ MUTANTS = [
            [Edit(LAYERS, "mask = additive[0] if len(additive) == 1 else additive[0] + additive[1]",
                  "mask = additive[-1]")],
            ["tests/test_layers.py", "-k", "masks_match"]),
+    Mutant("paged-truncate-checks-the-longest-layer",
+           "truncate checks the length against a sequence's longest layer: mid-step it gives "
+           "a shorter layer positions it never wrote",
+           [Edit(CACHE, "longest = int(sequence.lengths.min())",
+                 "longest = int(sequence.lengths.max())")],
+           ["tests/test_edges.py", "-k", "between_layers"]),
 ]
 
 

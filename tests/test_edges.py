@@ -262,6 +262,28 @@ def test_paged_fork_and_truncate_with_several_layers(rng):
             np.concatenate([first[layer][0], more[layer][0]], axis=1))
 
 
+def test_paged_truncate_between_layers_stays_within_the_shortest(rng):
+    """Bug caught: truncate checking the length against the longest layer, not the
+    shortest: mid-step (layer 0 appended, layer 1 not yet) a truncation past layer 1's
+    length gives that layer positions it never wrote. It must be refused, changing
+    nothing; a length every layer holds is taken by all."""
+    bs, Hkv, D = 4, 1, 4
+    cache = cattn.PagedKVCache(num_blocks=8, block_size=bs, num_kv_heads=Hkv, head_dim=D,
+                               num_layers=2)
+    seq = cache.add_sequence()
+    keys = rng.standard_normal((1, Hkv, 6, D)).astype(np.float32)
+    cache.layer(0).append(keys, keys)
+    cache.layer(1).append(keys[:, :, :4], keys[:, :, :4])
+    before = paged_state(cache)
+    with pytest.raises(ValueError, match="at most the 4 positions"):
+        cache.truncate(seq, 5)
+    assert_same_state(before, paged_state(cache))
+    cache.truncate(seq, 3)
+    assert [cache.length(seq, layer) for layer in range(2)] == [3, 3]
+    for layer in range(2):
+        np.testing.assert_array_equal(held_keys(cache, seq, layer)[0], keys[0, :, :3])
+
+
 # --------------------------------------------------- bfloat16 beyond float16's range
 
 def bf16():
