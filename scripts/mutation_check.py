@@ -767,6 +767,12 @@ MUTANTS = [
            [Edit(CACHE, "longest = int(sequence.lengths.min())",
                  "longest = int(sequence.lengths.max())")],
            ["tests/test_edges.py", "-k", "between_layers"]),
+    Mutant("token-embeddings-calibration-ignored",
+           "quantize_embeddings of a list of token embeddings ignores calibration_embeddings: "
+           "int8/uint8 levels ranged over the list itself",
+           [Edit(SENTENCE, "data = (np.concatenate(embeddings) if calibration_embeddings is None",
+                 "data = (np.concatenate(embeddings) if True")],
+           ["tests/test_sentence_encoder.py", "-k", "calibration_ranges"]),
 ]
 
 

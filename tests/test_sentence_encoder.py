@@ -12,6 +12,7 @@ import pytest
 from cattn.models import SentenceEncoder, quantize_embeddings, similarity
 from cattn.models.bert import BertConfig, BertEncoder
 from cattn.models.minilm import MiniLM, WordTokenizer
+from conftest import require_peer
 
 WORDS = ("the a dog cat fed because it was hungry i love apple phones how are you doing "
          "self attention lets every token look at other sentence quick brown fox jumps over "
@@ -267,6 +268,25 @@ def test_precisions_follow_sentence_transformers(tiny, rng):
     ranges = np.stack([x.min(0) - 1, x.max(0) + 1])
     np.testing.assert_array_equal(quantize_embeddings(x, "int8", ranges=ranges),
                                   theirs(x, precision="int8", ranges=ranges))
+
+
+def test_token_embeddings_share_their_calibration_ranges(rng):
+    """Bug caught: a list of token embeddings (ragged, one array per sentence) quantized to
+    int8/uint8 with calibration_embeddings given, but ranged over the list itself. Each
+    array must equal sentence-transformers' own quantization of it with those
+    calibration embeddings; without them, with the ranges of all the tokens together."""
+    require_peer("sentence_transformers")
+    from sentence_transformers.util.quantization import quantize_embeddings as theirs
+    tokens = [rng.standard_normal((n, 16)).astype(np.float32) for n in (3, 7, 1)]
+    calibration = 3 * rng.standard_normal((40, 16)).astype(np.float32)
+    for precision in ("int8", "uint8"):
+        for given, ranged_over in ((calibration, calibration), (None, np.concatenate(tokens))):
+            got = quantize_embeddings(tokens, precision, calibration_embeddings=given)
+            for array, sentence_tokens in zip(got, tokens):
+                want = theirs(sentence_tokens, precision=precision,
+                              calibration_embeddings=ranged_over)
+                assert array.dtype == want.dtype
+                np.testing.assert_array_equal(array, want)
 
 
 def test_similarity(tiny, rng):
