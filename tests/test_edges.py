@@ -61,6 +61,22 @@ def test_varlen_grouped_query_heads_with_several_kv_heads(rng, Hq, Hkv, is_causa
     np.testing.assert_allclose(got_lse, want_lse, **tolerance(np.float32))
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_varlen_keep_first_beyond_a_short_sequence(rng, is_causal):
+    """Bug caught: keep_first not cut to each packed sequence's key count: a sequence of
+    fewer keys than keep_first then keeps keys past its end, the next sequence's first
+    ones (the padded entry point cuts it by key_lengths; the packed one must too)."""
+    lengths_q, lengths_k = [2, 4, 3, 5], [2, 6, 1, 8]
+    q, cu_q = packed(rng, lengths_q, 2, 8)
+    k, cu_k = packed(rng, lengths_k, 2, 8)
+    v, _ = packed(rng, lengths_k, 2, 8)
+    options = dict(keep_first=4, window=(1, 0), is_causal=is_causal, alignment="bottom_right")
+    got, got_lse = cattn.varlen_attention(q, k, v, cu_q, cu_k, return_lse=True, **options)
+    want, want_lse = varlen_reference(q, k, v, cu_q, cu_k, **options)
+    np.testing.assert_allclose(got, want, **tolerance(np.float32))
+    np.testing.assert_allclose(got_lse, want_lse, **tolerance(np.float32))
+
+
 # -------------------------------------------------------------- lse at every row's place
 
 def test_lse_values_of_every_row_in_every_entry_point(rng):
@@ -546,6 +562,27 @@ def test_truncation_by_the_model_when_the_tokenizer_does_not_truncate():
     hidden = model.encoder(ids, mask)
     np.testing.assert_allclose(model.encode([long]), mean_pooling(hidden, mask), rtol=1e-9,
                                atol=1e-12)
+
+
+def test_do_lower_case_with_a_tokenizer_that_keeps_case():
+    """Bug caught: do_lower_case (sentence_bert_config.json's) ignored, which only shows
+    with a tokenizer that keeps case (BERT's own lower-cases, hiding it): "The Dog" must
+    then be embedded as "the dog" is, and not as a case-keeping model embeds it."""
+    tokenizers = require_peer("tokenizers")
+    from cattn.models import SentenceEncoder
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "The", "dog", "Dog", "ran", "RAN"]
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+        {w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    encoder = tiny_encoder().encoder
+    lowering, keeping = (SentenceEncoder(encoder, tokenizer, do_lower_case=lower)
+                         for lower in (True, False))
+    mixed, lower = ["The Dog RAN", "the Dog"], ["the dog ran", "the dog"]
+    assert lowering.tokenize(mixed)[2][0] == ["[CLS]", "the", "dog", "ran", "[SEP]"]
+    np.testing.assert_array_equal(lowering.encode(mixed), keeping.encode(lower))
+    assert not np.allclose(keeping.encode(mixed), keeping.encode(lower))
 
 
 def test_token_type_ids_of_sentence_pairs_match_transformers(tmp_path):
