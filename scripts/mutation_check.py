@@ -81,6 +81,7 @@ SENTENCE, MINILM, BERT = "cattn/models/sentence.py", "cattn/models/minilm.py", "
 PLAN, VISIBILITY, CACHE = "cattn/_plan.py", "cattn/_visibility.py", "cattn/_cache.py"
 DASK_PLAN, DASK_GRAPH = "cattn/_dask_plan.py", "cattn/_dask_graph.py"
 SHARED = "cattn/_shared_prefix.py"
+HF_BRIDGE = "cattn/integrations/transformers.py"
 
 MUTANTS = [
     # ------------------------------------------------------------ found by the audit
@@ -784,6 +785,13 @@ MUTANTS = [
            [Edit(SENTENCE, "sentences = [s.lower() for s in sentences]",
                  "sentences = list(sentences)")],
            ["tests/test_edges.py", "-k", "keeps_case"]),
+    Mutant("transformers-no-mask-window-one-wider",
+           "a transformers layer called without a mask turns sliding_window into a causal "
+           "window one key wider than transformers' sliding masks",
+           [Edit(HF_BRIDGE, "window = (sliding_window - 1, 0) if causal else "
+                            "(sliding_window, sliding_window)",
+                 "window = (sliding_window, 0) if causal else (sliding_window, sliding_window)")],
+           ["tests/test_transformers_bridge.py", "-k", "without_a_mask"]),
 ]
 
 

@@ -192,6 +192,29 @@ def test_16_bit_tensors_in_and_out(torch, rng):
 _MODELS = {}
 
 
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_layer_flags_without_a_mask_follow_transformers_sliding_masks(hf, torch, rng,
+                                                                      is_causal):
+    """Bug caught: a layer called without a mask (its own is_causal and sliding_window
+    flags) given a window one key wider or narrower than transformers' sliding masks.
+    Compared with torch's SDPA under the boolean mask transformers' own mask function
+    gives at the same positions (the last query on the last key)."""
+    import types
+    from transformers import masking_utils
+    from cattn.integrations.transformers import cattn_attention_forward
+    L, S, sliding_window = 5, 12, 4
+    q, k, v = _operands(torch, rng, L=L, S=S)
+    mask_function = (masking_utils.sliding_window_causal_mask_function if is_causal else
+                     masking_utils.sliding_window_bidirectional_mask_function)(sliding_window)
+    allowed = mask_function(0, 0, torch.arange(S - L, S)[:, None], torch.arange(S)[None, :])
+    got, _ = cattn_attention_forward(types.SimpleNamespace(is_causal=is_causal), q, k, v,
+                                     None, sliding_window=sliding_window, is_causal=is_causal)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=allowed, enable_gqa=True)
+    np.testing.assert_allclose(got.numpy(), want.transpose(1, 2).numpy(), rtol=2e-5,
+                               atol=2e-5)
+
+
 def decoder(hf, family):
     """A tiny random causal LM of `family` (built once), in float32 and eval mode."""
     if family not in _MODELS:
