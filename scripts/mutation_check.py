@@ -774,11 +774,6 @@ MUTANTS = [
            [Edit(SENTENCE, "data = (np.concatenate(embeddings) if calibration_embeddings is None",
                  "data = (np.concatenate(embeddings) if True")],
            ["tests/test_sentence_encoder.py", "-k", "calibration_ranges"]),
-    Mutant("varlen-keep-first-past-a-short-sequence",
-           "keep_first is not cut to each packed sequence's key count: a shorter sequence "
-           "keeps the next sequence's first keys",
-           [Edit(VARLEN, "keep = np.minimum(plan.keep, k_len)", "keep = plan.keep + 0 * k_len")],
-           ["tests/test_edges.py", "-k", "keep_first_beyond"]),
     Mutant("encoder-do-lower-case-ignored",
            "do_lower_case is ignored: with a tokenizer that keeps case, 'The Dog' is not "
            "embedded as 'the dog'",
