@@ -787,6 +787,11 @@ MUTANTS = [
                             "(sliding_window, sliding_window)",
                  "window = (sliding_window, 0) if causal else (sliding_window, sliding_window)")],
            ["tests/test_transformers_bridge.py", "-k", "without_a_mask"]),
+    Mutant("team-not-capped-at-twice-the-cores",
+           "one call asking for many threads takes every worker the process budget has left "
+           "(4 x cores + 1), not at most 2 x cores",
+           [Edit(RUNTIME, "wanted = min(wanted, MAX_TEAM)", "pass")],
+           ["tests/test_reliability.py", "-k", "twice_the_cores"]),
 ]
 
 
