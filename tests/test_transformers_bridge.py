@@ -215,6 +215,22 @@ def test_layer_flags_without_a_mask_follow_transformers_sliding_masks(hf, torch,
                                atol=2e-5)
 
 
+def test_dense_additive_mask_of_a_bfloat16_model(hf, torch, rng):
+    """Bug caught: a dense additive mask in a bfloat16 model's dtype handed on as it is
+    (cattn adds float32 or float64 masks, and refuses a bfloat16 one) instead of widened
+    to float32. Compared with torch's SDPA in float64 on the same bfloat16 values."""
+    import types
+    from cattn.integrations.transformers import cattn_attention_forward
+    q, k, v = (x.bfloat16() for x in _operands(torch, rng))
+    mask = torch.from_numpy(rng.standard_normal((2, 1, 7, 11), dtype=np.float32)).bfloat16()
+    got, _ = cattn_attention_forward(types.SimpleNamespace(is_causal=False), q, k, v, mask)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask.double(), enable_gqa=True)
+    assert got.dtype == torch.bfloat16
+    np.testing.assert_allclose(got.float().numpy(), want.transpose(1, 2).numpy(), rtol=0,
+                               atol=3e-2)
+
+
 def decoder(hf, family):
     """A tiny random causal LM of `family` (built once), in float32 and eval mode."""
     if family not in _MODELS:
