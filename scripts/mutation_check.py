@@ -82,6 +82,7 @@ PLAN, VISIBILITY, CACHE = "cattn/_plan.py", "cattn/_visibility.py", "cattn/_cach
 DASK_PLAN, DASK_GRAPH = "cattn/_dask_plan.py", "cattn/_dask_graph.py"
 SHARED = "cattn/_shared_prefix.py"
 HF_BRIDGE = "cattn/integrations/transformers.py"
+FOLDER = "cattn/models/_folder.py"
 
 MUTANTS = [
     # ------------------------------------------------------------ found by the audit
@@ -792,6 +793,18 @@ MUTANTS = [
            "(4 x cores + 1), not at most 2 x cores",
            [Edit(RUNTIME, "wanted = min(wanted, MAX_TEAM)", "pass")],
            ["tests/test_reliability.py", "-k", "twice_the_cores"]),
+    Mutant("transformers-16-bit-additive-mask-not-widened",
+           "a bfloat16 model's dense additive mask reaches cattn as bfloat16, which it refuses "
+           "(TypeError) instead of adding it in float32",
+           [Edit(HF_BRIDGE, "            mask = mask.float()  # additive",
+                 "            pass  # additive")],
+           ["tests/test_transformers_bridge.py", "-k", "bfloat16_model"]),
+    Mutant("folder-do-lower-case-not-read",
+           "a model folder's do_lower_case (sentence_bert_config.json) is never read: "
+           "mixed-case text is embedded as the tokenizer sees it",
+           [Edit(FOLDER, 'options["do_lower_case"] = bool(st_config.get("do_lower_case", False))',
+                 'options["do_lower_case"] = False')],
+           ["tests/test_sentence_encoder.py", "-k", "folder_options"]),
 ]
 
 

@@ -145,6 +145,35 @@ def test_matches_transformers_bert(torch_bert, tmp_path, index):
     np.testing.assert_allclose(ours64.encode(SENTENCES), want, rtol=1e-10, atol=1e-12)
 
 
+def test_folder_options_are_read_as_sentence_transformers_reads_them(torch_bert, tmp_path):
+    """Bugs caught: a model folder's do_lower_case, similarity function, prompts or
+    default prompt left unread (each falls back to its default, which the other tests'
+    folders happen to use). The folder is loaded by sentence-transformers too, and every
+    option must be the one it reads; so must the embeddings, with a query prompt."""
+    torch, transformers = torch_bert
+    st = require_peer("sentence_transformers")
+    config = CONFIGS[0]
+    save_random_bert(torch, transformers, tmp_path, config, seed=5)
+    write_tokenizer(tmp_path, config["vocab_size"])
+    write_pipeline(tmp_path, ("mean",), False)
+    with open(tmp_path / "1_Pooling" / "config.json", "w") as f:  # (sentence-transformers
+        json.dump({"word_embedding_dimension": config["hidden_size"],  # needs the width)
+                   "pooling_mode_mean_tokens": True}, f)
+    with open(tmp_path / "sentence_bert_config.json", "w") as f:
+        json.dump({"max_seq_length": 20, "do_lower_case": True}, f)
+    with open(tmp_path / "config_sentence_transformers.json", "w") as f:
+        json.dump({"similarity_fn_name": "dot", "default_prompt_name": "query",
+                   "prompts": {"query": "query: ", "document": "passage: "}}, f)
+    ours = SentenceEncoder.from_pretrained(tmp_path)
+    theirs = st.SentenceTransformer(str(tmp_path), device="cpu")
+    assert ours.do_lower_case is theirs[0].do_lower_case is True
+    assert ours.similarity_fn_name == theirs.similarity_fn_name == "dot"
+    assert ours.prompts == theirs.prompts and ours.default_prompt_name == "query"
+    assert theirs.default_prompt_name == "query"
+    np.testing.assert_allclose(ours.encode(SENTENCES), theirs.encode(SENTENCES), rtol=1e-4,
+                               atol=2e-5)
+
+
 def test_plain_transformers_folder_is_mean_pooled(torch_bert, tmp_path):
     """Without modules.json (a plain Hugging Face model): mean pooling, no normalization,
     as sentence-transformers builds it; truncation at max_seq_length."""
