@@ -805,6 +805,11 @@ MUTANTS = [
            [Edit(FOLDER, 'options["do_lower_case"] = bool(st_config.get("do_lower_case", False))',
                  'options["do_lower_case"] = False')],
            ["tests/test_sentence_encoder.py", "-k", "folder_options"]),
+    Mutant("dask-key-chunks-without-k-offset",
+           "each key chunk's task is placed at its start in the key array only, without the "
+           "call's k_offset: causal and windowed chunks meet the wrong keys",
+           [Edit(DASK_GRAPH, "block_q + q0, block_k + k0)", "block_q + q0, 0 * block_k + k0)")],
+           ["tests/test_dask.py", "-k", "key_offsets_reach"]),
 ]
 
 

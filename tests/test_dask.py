@@ -136,6 +136,21 @@ def test_causal_window_with_a_right_side_computes_only_visible_pairs(rng, window
                    np.float64)
 
 
+@pytest.mark.parametrize("q_offset, k_offset", [(20, 7), (np.array([9, 30]), 4)])
+def test_key_offsets_reach_every_key_chunk(rng, q_offset, k_offset):
+    """Bug caught: each key chunk's task placed at its start within the key array only,
+    without the call's k_offset (keys cut from a longer sequence): the causal diagonal
+    and the window then meet the wrong keys in every chunk."""
+    q = randn(rng, (2, 3, 40, 8), np.float64)
+    k, v = randn(rng, (2, 3, 50, 8), np.float64), randn(rng, (2, 3, 50, 8), np.float64)
+    options = dict(is_causal=True, window=(15, 0), q_offset=q_offset, k_offset=k_offset)
+    out, lse = cdask.scaled_dot_product_attention(
+        da.from_array(q, chunks=(1, 3, 16, 8)), da.from_array(k, chunks=(1, 3, 16, 8)),
+        da.from_array(v, chunks=(1, 3, 16, 8)), return_lse=True, **options)
+    assert_matches(compute(out, lse), reference64(q, k, v, return_lse=True, **options),
+                   np.float64)
+
+
 @pytest.mark.parametrize("L", [1, 200])
 def test_head_and_batch_chunks_equal_the_single_call_bitwise(rng, L):
     # Keys whole, heads and batch in chunks: each task is one cattn call over some heads;
