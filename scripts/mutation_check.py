@@ -810,6 +810,12 @@ MUTANTS = [
            "call's k_offset: causal and windowed chunks meet the wrong keys",
            [Edit(DASK_GRAPH, "block_q + q0, block_k + k0)", "block_q + q0, 0 * block_k + k0)")],
            ["tests/test_dask.py", "-k", "key_offsets_reach"]),
+    Mutant("transformers-grouped-decode-ignores-k-offset",
+           "decoding one token with grouped-query heads places the query at q_offset among "
+           "the keys, forgetting k_offset: the wrong keys are sliced",
+           [Edit(HF_BRIDGE, "position = int(q_offset) - int(k_offset)",
+                 "position = int(q_offset)")],
+           ["tests/test_transformers_bridge.py", "-k", "key_offset"]),
 ]
 
 

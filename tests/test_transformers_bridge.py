@@ -215,6 +215,28 @@ def test_layer_flags_without_a_mask_follow_transformers_sliding_masks(hf, torch,
                                atol=2e-5)
 
 
+def test_one_token_grouped_decoding_with_a_key_offset(hf, torch, rng):
+    """Bug caught: the one-token grouped-query path placing its query at q_offset among
+    the keys, forgetting k_offset (keys that start past position 0): it slices the wrong
+    keys. The pattern and the dense mask it stands for both come from transformers'
+    sliding-window mask at the same positions; torch's SDPA under the dense one is the
+    peer."""
+    import types
+    from transformers import masking_utils
+    from cattn.integrations.transformers import cattn_attention_forward, cattn_mask
+    q, k, v = _operands(torch, rng, L=1, S=6)  # 4 query heads over 2 key/value heads
+    where = (2, 1, 6, 5, 2, masking_utils.sliding_window_causal_mask_function(2))
+    pattern = cattn_mask(*where)
+    assert (pattern.alignment, pattern.q_offset, pattern.k_offset) == ("top_left", 5, 2)
+    dense = masking_utils.sdpa_mask(*where, allow_is_causal_skip=False)
+    got, _ = cattn_attention_forward(types.SimpleNamespace(is_causal=True), q, k, v,
+                                     pattern)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=dense, enable_gqa=True)
+    np.testing.assert_allclose(got.numpy(), want.transpose(1, 2).numpy(), rtol=2e-5,
+                               atol=2e-5)
+
+
 def test_dense_additive_mask_of_a_bfloat16_model(hf, torch, rng):
     """Bug caught: a dense additive mask in a bfloat16 model's dtype handed on as it is
     (cattn adds float32 or float64 masks, and refuses a bfloat16 one) instead of widened
