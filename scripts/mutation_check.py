@@ -816,6 +816,16 @@ MUTANTS = [
            [Edit(HF_BRIDGE, "position = int(q_offset) - int(k_offset)",
                  "position = int(q_offset)")],
            ["tests/test_transformers_bridge.py", "-k", "key_offset"]),
+    Mutant("transformers-grouped-decode-takes-per-head-masks",
+           "one-token grouped-query decoding takes a mask with a row per query head down the "
+           "path for masks shared by every head: it no longer fits the grouped rows",
+           [Edit(HF_BRIDGE, "and (mask is None or mask.shape[1] == 1) and", "and")],
+           ["tests/test_transformers_bridge.py", "-k", "mask_per_query_head"]),
+    Mutant("folder-similarity-function-not-read",
+           "a model folder's similarity_fn_name (config_sentence_transformers.json) is never "
+           "read: similarity() is cosine whatever the model says",
+           [Edit(FOLDER, 'if st_options.get("similarity_fn_name"):', "if False:")],
+           ["tests/test_sentence_encoder.py", "-k", "folder_options"]),
 ]
 
 

@@ -237,6 +237,23 @@ def test_one_token_grouped_decoding_with_a_key_offset(hf, torch, rng):
                                atol=2e-5)
 
 
+def test_one_token_grouped_decoding_with_a_mask_per_query_head(hf, torch, rng):
+    """Bug caught: one-token grouped-query decoding taking a dense mask with one row per
+    query head (batch, Hq, 1, S) down its path for masks shared by all heads, where the
+    query heads become rows of their key/value head: the mask no longer fits (an error,
+    or the wrong head's row). Against torch's SDPA under the same mask."""
+    import types
+    from cattn.integrations.transformers import cattn_attention_forward
+    q, k, v = _operands(torch, rng, L=1, S=9)  # 4 query heads over 2 key/value heads
+    mask = torch.from_numpy(rng.random((2, 4, 1, 9)) > 0.4)
+    mask[..., -1] = True  # (every row sees some key)
+    got, _ = cattn_attention_forward(types.SimpleNamespace(is_causal=True), q, k, v, mask)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+    np.testing.assert_allclose(got.numpy(), want.transpose(1, 2).numpy(), rtol=2e-5,
+                               atol=2e-5)
+
+
 def test_dense_additive_mask_of_a_bfloat16_model(hf, torch, rng):
     """Bug caught: a dense additive mask in a bfloat16 model's dtype handed on as it is
     (cattn adds float32 or float64 masks, and refuses a bfloat16 one) instead of widened
