@@ -826,6 +826,11 @@ MUTANTS = [
            "read: similarity() is cosine whatever the model says",
            [Edit(FOLDER, 'if st_options.get("similarity_fn_name"):', "if False:")],
            ["tests/test_sentence_encoder.py", "-k", "folder_options"]),
+    Mutant("quantize-embeddings-constant-dimension-divides-by-zero",
+           "int8/uint8 embedding quantization divides a constant dimension by its step 0: "
+           "0 / 0 cast to an integer (undefined; NumPy warns)",
+           [Edit(SENTENCE, "steps = np.where(steps == 0, 1, steps)", "pass")],
+           ["tests/test_sentence_encoder.py", "-k", "constant_dimension"]),
 ]
 
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -316,6 +317,22 @@ def test_token_embeddings_share_their_calibration_ranges(rng):
                               calibration_embeddings=ranged_over)
                 assert array.dtype == want.dtype
                 np.testing.assert_array_equal(array, want)
+
+
+def test_a_constant_dimension_quantizes_to_its_lowest_level(rng):
+    """Bug caught: a dimension equal in every calibration row (step 0) divided by its
+    step: 0 / 0 cast to an integer, undefined (NumPy warns). Its level must be the lowest
+    (uint8 0, int8 -128) with no warning, and the other dimensions as without it."""
+    x = rng.standard_normal((20, 8)).astype(np.float32)
+    x[:, 3] = 0.25
+    others = [0, 1, 2, 4, 5, 6, 7]
+    for precision, lowest in (("uint8", 0), ("int8", -128)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = quantize_embeddings(x, precision)
+        assert np.all(got[:, 3] == lowest)
+        np.testing.assert_array_equal(got[:, others],
+                                      quantize_embeddings(x[:, others], precision))
 
 
 def test_similarity(tiny, rng):
