@@ -831,6 +831,12 @@ MUTANTS = [
            "0 / 0 cast to an integer (undefined; NumPy warns)",
            [Edit(SENTENCE, "steps = np.where(steps == 0, 1, steps)", "pass")],
            ["tests/test_sentence_encoder.py", "-k", "constant_dimension"]),
+    Mutant("binary-quantization-sets-zero-bits",
+           "binary embedding quantization sets the bit of an exact 0 (x >= 0; "
+           "sentence-transformers has x > 0)",
+           [Edit(SENTENCE, "packed = np.packbits(embeddings > 0, axis=-1)",
+                 "packed = np.packbits(embeddings >= 0, axis=-1)")],
+           ["tests/test_sentence_encoder.py", "-k", "exact_zeros"]),
 ]
 
 

@@ -319,6 +319,23 @@ def test_token_embeddings_share_their_calibration_ranges(rng):
                 np.testing.assert_array_equal(array, want)
 
 
+def test_binary_quantization_of_exact_zeros(rng):
+    """Bug caught: binary quantization setting the bit of a value that is exactly 0 (x >= 0
+    where sentence-transformers has x > 0), which random embeddings never hold but ReLU
+    outputs and truncated or padded ones do. Against sentence-transformers' own function,
+    bit for bit."""
+    require_peer("sentence_transformers")
+    from sentence_transformers.util.quantization import quantize_embeddings as theirs
+    x = rng.standard_normal((6, 32)).astype(np.float32)
+    x[rng.random(x.shape) < 0.3] = 0.0
+    x[0] = 0.0
+    for precision in ("binary", "ubinary"):
+        want = theirs(x, precision=precision)
+        got = quantize_embeddings(x, precision)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
 def test_a_constant_dimension_quantizes_to_its_lowest_level(rng):
     """Bug caught: a dimension equal in every calibration row (step 0) divided by its
     step: 0 / 0 cast to an integer, undefined (NumPy warns). Its level must be the lowest
