@@ -837,6 +837,12 @@ MUTANTS = [
            [Edit(SENTENCE, "packed = np.packbits(embeddings > 0, axis=-1)",
                  "packed = np.packbits(embeddings >= 0, axis=-1)")],
            ["tests/test_sentence_encoder.py", "-k", "exact_zeros"]),
+    Mutant("bert-refuses-max-position-embeddings-tokens",
+           "the encoder refuses a sequence of exactly max_position_embeddings tokens, the "
+           "model's own longest input",
+           [Edit(BERT, "if L > cfg.max_position_embeddings:",
+                 "if L >= cfg.max_position_embeddings:")],
+           ["tests/test_sentence_encoder.py", "-k", "exactly_max_position"]),
 ]
 
 

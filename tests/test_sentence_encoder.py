@@ -175,6 +175,24 @@ def test_folder_options_are_read_as_sentence_transformers_reads_them(torch_bert,
                                atol=2e-5)
 
 
+def test_a_sequence_of_exactly_max_position_embeddings_tokens(torch_bert, tmp_path, rng):
+    """Bug caught: the encoder refusing a sequence of exactly max_position_embeddings
+    tokens (L >= instead of L >), the model's own longest input. Against transformers'
+    BertModel on the same ids; one token more is refused."""
+    torch, transformers = torch_bert
+    config = CONFIGS[2]
+    model = save_random_bert(torch, transformers, tmp_path, config, seed=3)
+    write_tokenizer(tmp_path, config["vocab_size"])
+    encoder = SentenceEncoder.from_pretrained(tmp_path).encoder
+    longest = config["max_position_embeddings"]
+    ids = rng.integers(0, config["vocab_size"], (2, longest))
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
+    np.testing.assert_allclose(encoder(ids), want, rtol=1e-4, atol=5e-5)
+    with pytest.raises(ValueError, match="exceed"):
+        encoder(rng.integers(0, config["vocab_size"], (1, longest + 1)))
+
+
 def test_plain_transformers_folder_is_mean_pooled(torch_bert, tmp_path):
     """Without modules.json (a plain Hugging Face model): mean pooling, no normalization,
     as sentence-transformers builds it; truncation at max_seq_length."""
