@@ -81,6 +81,8 @@ SENTENCE, MINILM, BERT = "cattn/models/sentence.py", "cattn/models/minilm.py", "
 PLAN, VISIBILITY, CACHE = "cattn/_plan.py", "cattn/_visibility.py", "cattn/_cache.py"
 DASK_PLAN, DASK_GRAPH = "cattn/_dask_plan.py", "cattn/_dask_graph.py"
 SHARED = "cattn/_shared_prefix.py"
+HF_BRIDGE = "cattn/integrations/transformers.py"
+FOLDER = "cattn/models/_folder.py"
 
 MUTANTS = [
     # ------------------------------------------------------------ found by the audit
@@ -762,6 +764,99 @@ MUTANTS = [
                        "_int8_projections(self.attention, weights)",
                  "projections = None")],
            ["tests/test_int8_encoder.py"]),
+    # ------------------------------------------------- a second audit's survivors, ahead
+    Mutant("dask-causal-keeps-window-right",
+           "under is_causal the Dask plan keeps a window's right side: every chunk pair just "
+           "above the diagonal becomes a task that sees nothing",
+           [Edit(DASK_PLAN, "right = 0 if right is None else min(right, 0)",
+                 "right = 0 if right is None else right")],
+           ["tests/test_dask.py", "-k", "right_side"]),
+    Mutant("mha-two-additive-masks-keep-one",
+           "a float key_padding_mask and a float attn_mask (or a scattered boolean padding "
+           "beside a float attn_mask): the layer adds only the attn_mask",
+           [Edit(LAYERS, "mask = additive[0] if len(additive) == 1 else additive[0] + additive[1]",
+                 "mask = additive[-1]")],
+           ["tests/test_layers.py", "-k", "masks_match"]),
+    Mutant("paged-truncate-checks-the-longest-layer",
+           "truncate checks the length against a sequence's longest layer: mid-step it gives "
+           "a shorter layer positions it never wrote",
+           [Edit(CACHE, "longest = int(sequence.lengths.min())",
+                 "longest = int(sequence.lengths.max())")],
+           ["tests/test_edges.py", "-k", "between_layers"]),
+    Mutant("token-embeddings-calibration-ignored",
+           "quantize_embeddings of a list of token embeddings ignores calibration_embeddings: "
+           "int8/uint8 levels ranged over the list itself",
+           [Edit(SENTENCE, "data = (np.concatenate(embeddings) if calibration_embeddings is None",
+                 "data = (np.concatenate(embeddings) if True")],
+           ["tests/test_sentence_encoder.py", "-k", "calibration_ranges"]),
+    Mutant("encoder-do-lower-case-ignored",
+           "do_lower_case is ignored: with a tokenizer that keeps case, 'The Dog' is not "
+           "embedded as 'the dog'",
+           [Edit(SENTENCE, "sentences = [s.lower() for s in sentences]",
+                 "sentences = list(sentences)")],
+           ["tests/test_edges.py", "-k", "keeps_case"]),
+    Mutant("transformers-no-mask-window-one-wider",
+           "a transformers layer called without a mask turns sliding_window into a causal "
+           "window one key wider than transformers' sliding masks",
+           [Edit(HF_BRIDGE, "window = (sliding_window - 1, 0) if causal else "
+                            "(sliding_window, sliding_window)",
+                 "window = (sliding_window, 0) if causal else (sliding_window, sliding_window)")],
+           ["tests/test_transformers_bridge.py", "-k", "without_a_mask"]),
+    Mutant("team-not-capped-at-twice-the-cores",
+           "one call asking for many threads takes every worker the process budget has left "
+           "(4 x cores + 1), not at most 2 x cores",
+           [Edit(RUNTIME, "wanted = min(wanted, MAX_TEAM)", "pass")],
+           ["tests/test_reliability.py", "-k", "twice_the_cores"]),
+    Mutant("transformers-16-bit-additive-mask-not-widened",
+           "a bfloat16 model's dense additive mask reaches cattn as bfloat16, which it refuses "
+           "(TypeError) instead of adding it in float32",
+           [Edit(HF_BRIDGE, "            mask = mask.float()  # additive",
+                 "            pass  # additive")],
+           ["tests/test_transformers_bridge.py", "-k", "bfloat16_model"]),
+    Mutant("folder-do-lower-case-not-read",
+           "a model folder's do_lower_case (sentence_bert_config.json) is never read: "
+           "mixed-case text is embedded as the tokenizer sees it",
+           [Edit(FOLDER, 'options["do_lower_case"] = bool(st_config.get("do_lower_case", False))',
+                 'options["do_lower_case"] = False')],
+           ["tests/test_sentence_encoder.py", "-k", "folder_options"]),
+    Mutant("dask-key-chunks-without-k-offset",
+           "each key chunk's task is placed at its start in the key array only, without the "
+           "call's k_offset: causal and windowed chunks meet the wrong keys",
+           [Edit(DASK_GRAPH, "block_q + q0, block_k + k0)", "block_q + q0, 0 * block_k + k0)")],
+           ["tests/test_dask.py", "-k", "key_offsets_reach"]),
+    Mutant("transformers-grouped-decode-ignores-k-offset",
+           "decoding one token with grouped-query heads places the query at q_offset among "
+           "the keys, forgetting k_offset: the wrong keys are sliced",
+           [Edit(HF_BRIDGE, "position = int(q_offset) - int(k_offset)",
+                 "position = int(q_offset)")],
+           ["tests/test_transformers_bridge.py", "-k", "key_offset"]),
+    Mutant("transformers-grouped-decode-takes-per-head-masks",
+           "one-token grouped-query decoding takes a mask with a row per query head down the "
+           "path for masks shared by every head: it no longer fits the grouped rows",
+           [Edit(HF_BRIDGE, "and (mask is None or mask.shape[1] == 1) and", "and")],
+           ["tests/test_transformers_bridge.py", "-k", "mask_per_query_head"]),
+    Mutant("folder-similarity-function-not-read",
+           "a model folder's similarity_fn_name (config_sentence_transformers.json) is never "
+           "read: similarity() is cosine whatever the model says",
+           [Edit(FOLDER, 'if st_options.get("similarity_fn_name"):', "if False:")],
+           ["tests/test_sentence_encoder.py", "-k", "folder_options"]),
+    Mutant("quantize-embeddings-constant-dimension-divides-by-zero",
+           "int8/uint8 embedding quantization divides a constant dimension by its step 0: "
+           "0 / 0 cast to an integer (undefined; NumPy warns)",
+           [Edit(SENTENCE, "steps = np.where(steps == 0, 1, steps)", "pass")],
+           ["tests/test_sentence_encoder.py", "-k", "constant_dimension"]),
+    Mutant("binary-quantization-sets-zero-bits",
+           "binary embedding quantization sets the bit of an exact 0 (x >= 0; "
+           "sentence-transformers has x > 0)",
+           [Edit(SENTENCE, "packed = np.packbits(embeddings > 0, axis=-1)",
+                 "packed = np.packbits(embeddings >= 0, axis=-1)")],
+           ["tests/test_sentence_encoder.py", "-k", "exact_zeros"]),
+    Mutant("bert-refuses-max-position-embeddings-tokens",
+           "the encoder refuses a sequence of exactly max_position_embeddings tokens, the "
+           "model's own longest input",
+           [Edit(BERT, "if L > cfg.max_position_embeddings:",
+                 "if L >= cfg.max_position_embeddings:")],
+           ["tests/test_sentence_encoder.py", "-k", "exactly_max_position"]),
 ]
 
 

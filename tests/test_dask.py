@@ -14,6 +14,7 @@ distributed = pytest.importorskip("distributed")
 
 import cattn  # noqa: E402
 import cattn.dask as cdask  # noqa: E402
+from cattn import reference  # noqa: E402
 from conftest import reference64, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -114,6 +115,39 @@ def test_fully_masked_chunk_pairs_add_no_task(rng):
     assert not out.any() and np.all(lse == -np.inf)
     assert_matches(compute(*lengths), reference64(q.compute(), q.compute(), q.compute(),
                                                   key_lengths=100, return_lse=True),
+                   np.float64)
+
+
+@pytest.mark.parametrize("window", [(None, 3), (10, 5)])
+def test_causal_window_with_a_right_side_computes_only_visible_pairs(rng, window):
+    """Bug caught: under is_causal the plan keeping the window's right side (instead of
+    min(right, 0)) when it picks the chunk pairs to compute: every pair just above the
+    diagonal becomes a task that sees nothing (the kernel masks it, so only the task count
+    shows it). The tasks must be exactly the pairs where the reference sees some key."""
+    chunk, n_chunks = 64, 4
+    q = randn(rng, (1, chunk * n_chunks, 8), np.float64)
+    chunked = da.from_array(q, chunks=(1, chunk, 8))
+    out = cdask.scaled_dot_product_attention(chunked, chunked, chunked, is_causal=True,
+                                             window=window)
+    seen = reference.visible_keys(q.shape[1], q.shape[1], is_causal=True, window=window)
+    pairs = seen.reshape(n_chunks, chunk, n_chunks, chunk).any(axis=(1, 3))
+    assert part_tasks(out) == np.count_nonzero(pairs)
+    assert_matches(compute(out), [reference64(q, q, q, is_causal=True, window=window)],
+                   np.float64)
+
+
+@pytest.mark.parametrize("q_offset, k_offset", [(20, 7), (np.array([9, 30]), 4)])
+def test_key_offsets_reach_every_key_chunk(rng, q_offset, k_offset):
+    """Bug caught: each key chunk's task placed at its start within the key array only,
+    without the call's k_offset (keys cut from a longer sequence): the causal diagonal
+    and the window then meet the wrong keys in every chunk."""
+    q = randn(rng, (2, 3, 40, 8), np.float64)
+    k, v = randn(rng, (2, 3, 50, 8), np.float64), randn(rng, (2, 3, 50, 8), np.float64)
+    options = dict(is_causal=True, window=(15, 0), q_offset=q_offset, k_offset=k_offset)
+    out, lse = cdask.scaled_dot_product_attention(
+        da.from_array(q, chunks=(1, 3, 16, 8)), da.from_array(k, chunks=(1, 3, 16, 8)),
+        da.from_array(v, chunks=(1, 3, 16, 8)), return_lse=True, **options)
+    assert_matches(compute(out, lse), reference64(q, k, v, return_lse=True, **options),
                    np.float64)
 
 

@@ -262,6 +262,28 @@ def test_paged_fork_and_truncate_with_several_layers(rng):
             np.concatenate([first[layer][0], more[layer][0]], axis=1))
 
 
+def test_paged_truncate_between_layers_stays_within_the_shortest(rng):
+    """Bug caught: truncate checking the length against the longest layer, not the
+    shortest: mid-step (layer 0 appended, layer 1 not yet) a truncation past layer 1's
+    length gives that layer positions it never wrote. It must be refused, changing
+    nothing; a length every layer holds is taken by all."""
+    bs, Hkv, D = 4, 1, 4
+    cache = cattn.PagedKVCache(num_blocks=8, block_size=bs, num_kv_heads=Hkv, head_dim=D,
+                               num_layers=2)
+    seq = cache.add_sequence()
+    keys = rng.standard_normal((1, Hkv, 6, D)).astype(np.float32)
+    cache.layer(0).append(keys, keys)
+    cache.layer(1).append(keys[:, :, :4], keys[:, :, :4])
+    before = paged_state(cache)
+    with pytest.raises(ValueError, match="at most the 4 positions"):
+        cache.truncate(seq, 5)
+    assert_same_state(before, paged_state(cache))
+    cache.truncate(seq, 3)
+    assert [cache.length(seq, layer) for layer in range(2)] == [3, 3]
+    for layer in range(2):
+        np.testing.assert_array_equal(held_keys(cache, seq, layer)[0], keys[0, :, :3])
+
+
 # --------------------------------------------------- bfloat16 beyond float16's range
 
 def bf16():
@@ -524,6 +546,27 @@ def test_truncation_by_the_model_when_the_tokenizer_does_not_truncate():
     hidden = model.encoder(ids, mask)
     np.testing.assert_allclose(model.encode([long]), mean_pooling(hidden, mask), rtol=1e-9,
                                atol=1e-12)
+
+
+def test_do_lower_case_with_a_tokenizer_that_keeps_case():
+    """Bug caught: do_lower_case (sentence_bert_config.json's) ignored, which only shows
+    with a tokenizer that keeps case (BERT's own lower-cases, hiding it): "The Dog" must
+    then be embedded as "the dog" is, and not as a case-keeping model embeds it."""
+    tokenizers = require_peer("tokenizers")
+    from cattn.models import SentenceEncoder
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "The", "dog", "Dog", "ran", "RAN"]
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+        {w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    encoder = tiny_encoder().encoder
+    lowering, keeping = (SentenceEncoder(encoder, tokenizer, do_lower_case=lower)
+                         for lower in (True, False))
+    mixed, lower = ["The Dog RAN", "the Dog"], ["the dog ran", "the dog"]
+    assert lowering.tokenize(mixed)[2][0] == ["[CLS]", "the", "dog", "ran", "[SEP]"]
+    np.testing.assert_array_equal(lowering.encode(mixed), keeping.encode(lower))
+    assert not np.allclose(keeping.encode(mixed), keeping.encode(lower))
 
 
 def test_token_type_ids_of_sentence_pairs_match_transformers(tmp_path):

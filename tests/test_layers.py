@@ -131,15 +131,16 @@ def _masks(rng, kind, B, L, S):
     if kind in ("kpm_right", "both_bool", "kpm_right_float_attn"):
         kpm = np.zeros((B, S), dtype=bool)
         kpm[0, S - 2:] = True  # right padding (the key-lengths path)
-    if kind == "kpm_scattered":
+    if kind in ("kpm_scattered", "kpm_scattered_float_attn"):
         kpm = rng.random((B, S)) < 0.4
         kpm[:, 0] = False
-    if kind == "kpm_float":
+    if kind in ("kpm_float", "both_float"):
         kpm = rng.standard_normal((B, S)).astype(np.float32)
     if kind in ("attn_bool_2d", "both_bool"):
         am = rng.random((L, S)) < 0.4
         am[:, 0] = False
-    if kind in ("attn_float_2d", "kpm_right_float_attn"):
+    if kind in ("attn_float_2d", "kpm_right_float_attn", "kpm_scattered_float_attn",
+                "both_float"):
         am = rng.standard_normal((L, S))
     if kind == "attn_bool_3d":
         am = rng.random((B * H, L, S)) < 0.4
@@ -149,13 +150,19 @@ def _masks(rng, kind, B, L, S):
     return kpm, am
 
 
+# (two additive masks at once, "kpm_scattered_float_attn" and "both_float": a layer that
+# keeps only one of the two sums passes every kind with a single additive part)
 MASK_KINDS = ["kpm_right", "kpm_scattered", "kpm_float", "attn_bool_2d", "attn_float_2d",
-              "attn_bool_3d", "attn_float_4d_broadcast", "both_bool", "kpm_right_float_attn"]
+              "attn_bool_3d", "attn_float_4d_broadcast", "both_bool", "kpm_right_float_attn",
+              "kpm_scattered_float_attn", "both_float"]
 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_masks_match_reference(rng, kind, is_causal):
+    """Every mask kind against the float64 layer. Bug caught by the two kinds with two
+    additive masks: a float key_padding_mask and a float attn_mask (or a scattered boolean
+    padding beside a float attn_mask) where the layer adds only one of them."""
     dtype = np.float32
     B, L, S = 2, 5, 7
     if is_causal:

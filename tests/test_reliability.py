@@ -393,6 +393,30 @@ def test_the_default_count_is_what_calls_use():
     np.testing.assert_array_equal(sdpa(q, k, v), want)
 
 
+@pytest.mark.skipif(not cattn.openmp_enabled(), reason="a serial build starts no threads")
+def test_one_call_asking_for_many_threads_gets_at_most_twice_the_cores():
+    """Bug caught: the cap on one call's team (2 x cores) dropped: a call asking for
+    4 x cores threads, with as many tasks, took every worker the process budget had left
+    (at least 2 x cores + 2). Observed in a fresh Python thread; its result must equal
+    the one-thread call's, bit for bit."""
+    cores = _runtime._CORES
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 4 * cores, 16, 8)).astype(np.float32)
+               for _ in range(3))
+    want = sdpa(q, k, v, num_threads=1)
+    seen = {}
+
+    def call():
+        seen["out"] = sdpa(q, k, v, num_threads=4 * cores)
+        seen["team"] = _kernel.last_call_stats()["team_size"]
+
+    t = threading.Thread(target=call)
+    t.start()
+    t.join()
+    assert 1 <= seen["team"] <= 2 * cores
+    np.testing.assert_array_equal(seen["out"], want)
+
+
 # ------------------------------------------------------------------- overlapping out
 
 def _offsets(shape, strides):

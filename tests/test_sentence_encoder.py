@@ -5,6 +5,7 @@ import json
 import math
 import os
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from cattn.models import SentenceEncoder, quantize_embeddings, similarity
 from cattn.models.bert import BertConfig, BertEncoder
 from cattn.models.minilm import MiniLM, WordTokenizer
+from conftest import require_peer
 
 WORDS = ("the a dog cat fed because it was hungry i love apple phones how are you doing "
          "self attention lets every token look at other sentence quick brown fox jumps over "
@@ -144,6 +146,53 @@ def test_matches_transformers_bert(torch_bert, tmp_path, index):
     np.testing.assert_allclose(ours64.encode(SENTENCES), want, rtol=1e-10, atol=1e-12)
 
 
+def test_folder_options_are_read_as_sentence_transformers_reads_them(torch_bert, tmp_path):
+    """Bugs caught: a model folder's do_lower_case, similarity function, prompts or
+    default prompt left unread (each falls back to its default, which the other tests'
+    folders happen to use). The folder is loaded by sentence-transformers too, and every
+    option must be the one it reads; so must the embeddings, with a query prompt."""
+    torch, transformers = torch_bert
+    st = require_peer("sentence_transformers")
+    config = CONFIGS[0]
+    save_random_bert(torch, transformers, tmp_path, config, seed=5)
+    write_tokenizer(tmp_path, config["vocab_size"])
+    write_pipeline(tmp_path, ("mean",), False)
+    with open(tmp_path / "1_Pooling" / "config.json", "w") as f:  # (sentence-transformers
+        json.dump({"word_embedding_dimension": config["hidden_size"],  # needs the width)
+                   "pooling_mode_mean_tokens": True}, f)
+    with open(tmp_path / "sentence_bert_config.json", "w") as f:
+        json.dump({"max_seq_length": 20, "do_lower_case": True}, f)
+    with open(tmp_path / "config_sentence_transformers.json", "w") as f:
+        json.dump({"similarity_fn_name": "dot", "default_prompt_name": "query",
+                   "prompts": {"query": "query: ", "document": "passage: "}}, f)
+    ours = SentenceEncoder.from_pretrained(tmp_path)
+    theirs = st.SentenceTransformer(str(tmp_path), device="cpu")
+    assert ours.do_lower_case is theirs[0].do_lower_case is True
+    assert ours.similarity_fn_name == theirs.similarity_fn_name == "dot"
+    assert ours.prompts == theirs.prompts and ours.default_prompt_name == "query"
+    assert theirs.default_prompt_name == "query"
+    np.testing.assert_allclose(ours.encode(SENTENCES), theirs.encode(SENTENCES), rtol=1e-4,
+                               atol=2e-5)
+
+
+def test_a_sequence_of_exactly_max_position_embeddings_tokens(torch_bert, tmp_path, rng):
+    """Bug caught: the encoder refusing a sequence of exactly max_position_embeddings
+    tokens (L >= instead of L >), the model's own longest input. Against transformers'
+    BertModel on the same ids; one token more is refused."""
+    torch, transformers = torch_bert
+    config = CONFIGS[2]
+    model = save_random_bert(torch, transformers, tmp_path, config, seed=3)
+    write_tokenizer(tmp_path, config["vocab_size"])
+    encoder = SentenceEncoder.from_pretrained(tmp_path).encoder
+    longest = config["max_position_embeddings"]
+    ids = rng.integers(0, config["vocab_size"], (2, longest))
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
+    np.testing.assert_allclose(encoder(ids), want, rtol=1e-4, atol=5e-5)
+    with pytest.raises(ValueError, match="exceed"):
+        encoder(rng.integers(0, config["vocab_size"], (1, longest + 1)))
+
+
 def test_plain_transformers_folder_is_mean_pooled(torch_bert, tmp_path):
     """Without modules.json (a plain Hugging Face model): mean pooling, no normalization,
     as sentence-transformers builds it; truncation at max_seq_length."""
@@ -267,6 +316,58 @@ def test_precisions_follow_sentence_transformers(tiny, rng):
     ranges = np.stack([x.min(0) - 1, x.max(0) + 1])
     np.testing.assert_array_equal(quantize_embeddings(x, "int8", ranges=ranges),
                                   theirs(x, precision="int8", ranges=ranges))
+
+
+def test_token_embeddings_share_their_calibration_ranges(rng):
+    """Bug caught: a list of token embeddings (ragged, one array per sentence) quantized to
+    int8/uint8 with calibration_embeddings given, but ranged over the list itself. Each
+    array must equal sentence-transformers' own quantization of it with those
+    calibration embeddings; without them, with the ranges of all the tokens together."""
+    require_peer("sentence_transformers")
+    from sentence_transformers.util.quantization import quantize_embeddings as theirs
+    tokens = [rng.standard_normal((n, 16)).astype(np.float32) for n in (3, 7, 1)]
+    calibration = 3 * rng.standard_normal((40, 16)).astype(np.float32)
+    for precision in ("int8", "uint8"):
+        for given, ranged_over in ((calibration, calibration), (None, np.concatenate(tokens))):
+            got = quantize_embeddings(tokens, precision, calibration_embeddings=given)
+            for array, sentence_tokens in zip(got, tokens):
+                want = theirs(sentence_tokens, precision=precision,
+                              calibration_embeddings=ranged_over)
+                assert array.dtype == want.dtype
+                np.testing.assert_array_equal(array, want)
+
+
+def test_binary_quantization_of_exact_zeros(rng):
+    """Bug caught: binary quantization setting the bit of a value that is exactly 0 (x >= 0
+    where sentence-transformers has x > 0), which random embeddings never hold but ReLU
+    outputs and truncated or padded ones do. Against sentence-transformers' own function,
+    bit for bit."""
+    require_peer("sentence_transformers")
+    from sentence_transformers.util.quantization import quantize_embeddings as theirs
+    x = rng.standard_normal((6, 32)).astype(np.float32)
+    x[rng.random(x.shape) < 0.3] = 0.0
+    x[0] = 0.0
+    for precision in ("binary", "ubinary"):
+        want = theirs(x, precision=precision)
+        got = quantize_embeddings(x, precision)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_constant_dimension_quantizes_to_its_lowest_level(rng):
+    """Bug caught: a dimension equal in every calibration row (step 0) divided by its
+    step: 0 / 0 cast to an integer, undefined (NumPy warns). Its level must be the lowest
+    (uint8 0, int8 -128) with no warning, and the other dimensions as without it."""
+    x = rng.standard_normal((20, 8)).astype(np.float32)
+    x[:, 3] = 0.25
+    others = [0, 1, 2, 4, 5, 6, 7]
+    for precision, lowest in (("uint8", 0), ("int8", -128)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = quantize_embeddings(x, precision)
+        assert np.all(got[:, 3] == lowest)
+        np.testing.assert_array_equal(got[:, others],
+                                      quantize_embeddings(x[:, others], precision))
 
 
 def test_similarity(tiny, rng):

@@ -16,6 +16,7 @@ import importlib
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -111,6 +112,19 @@ def _as_cattn_options(options):
     return options
 
 
+def torch_sdpa64(torch, q, k, v, mask):
+    """torch's SDPA in float64 under a boolean or additive mask (grouped-query heads
+    allowed), heads last as transformers' attention functions return it."""
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+    return want.transpose(1, 2).numpy()
+
+
+def layer_flags(is_causal):
+    """What cattn_attention_forward reads of the attention module."""
+    return types.SimpleNamespace(is_causal=is_causal)
+
+
 @pytest.mark.parametrize("options", OPTIONS, ids=[",".join(o) for o in OPTIONS])
 def test_eager_paths_match_the_reference(torch, rng, options):
     """The function the bridge calls outside traced graphs, on (batch, heads, L, E) tensors
@@ -190,6 +204,71 @@ def test_16_bit_tensors_in_and_out(torch, rng):
 # -------------------------------------------------------------- models from transformers
 
 _MODELS = {}
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_layer_flags_without_a_mask_follow_transformers_sliding_masks(hf, torch, rng,
+                                                                      is_causal):
+    """Bug caught: a layer called without a mask (its own is_causal and sliding_window
+    flags) given a window one key wider or narrower than transformers' sliding masks.
+    Compared with torch's SDPA under the boolean mask transformers' own mask function
+    gives at the same positions (the last query on the last key)."""
+    from transformers import masking_utils
+    from cattn.integrations.transformers import cattn_attention_forward
+    L, S, sliding_window = 5, 12, 4
+    q, k, v = _operands(torch, rng, L=L, S=S)
+    mask_function = (masking_utils.sliding_window_causal_mask_function if is_causal else
+                     masking_utils.sliding_window_bidirectional_mask_function)(sliding_window)
+    allowed = mask_function(0, 0, torch.arange(S - L, S)[:, None], torch.arange(S)[None, :])
+    got, _ = cattn_attention_forward(layer_flags(is_causal), q, k, v, None,
+                                     sliding_window=sliding_window, is_causal=is_causal)
+    np.testing.assert_allclose(got.numpy(), torch_sdpa64(torch, q, k, v, allowed), rtol=2e-5,
+                               atol=2e-5)
+
+
+def test_one_token_grouped_decoding_with_a_key_offset(hf, torch, rng):
+    """Bug caught: the one-token grouped-query path placing its query at q_offset among
+    the keys, forgetting k_offset (keys that start past position 0): it slices the wrong
+    keys. The pattern and the dense mask it stands for both come from transformers'
+    sliding-window mask at the same positions; torch's SDPA under the dense one is the
+    peer."""
+    from transformers import masking_utils
+    from cattn.integrations.transformers import cattn_attention_forward, cattn_mask
+    q, k, v = _operands(torch, rng, L=1, S=6)  # 4 query heads over 2 key/value heads
+    where = (2, 1, 6, 5, 2, masking_utils.sliding_window_causal_mask_function(2))
+    pattern = cattn_mask(*where)
+    assert (pattern.alignment, pattern.q_offset, pattern.k_offset) == ("top_left", 5, 2)
+    dense = masking_utils.sdpa_mask(*where, allow_is_causal_skip=False)
+    got, _ = cattn_attention_forward(layer_flags(True), q, k, v, pattern)
+    np.testing.assert_allclose(got.numpy(), torch_sdpa64(torch, q, k, v, dense), rtol=2e-5,
+                               atol=2e-5)
+
+
+def test_one_token_grouped_decoding_with_a_mask_per_query_head(hf, torch, rng):
+    """Bug caught: one-token grouped-query decoding taking a dense mask with one row per
+    query head (batch, Hq, 1, S) down its path for masks shared by all heads, where the
+    query heads become rows of their key/value head: the mask no longer fits (an error,
+    or the wrong head's row). Against torch's SDPA under the same mask."""
+    from cattn.integrations.transformers import cattn_attention_forward
+    q, k, v = _operands(torch, rng, L=1, S=9)  # 4 query heads over 2 key/value heads
+    mask = torch.from_numpy(rng.random((2, 4, 1, 9)) > 0.4)
+    mask[..., -1] = True  # (every row sees some key)
+    got, _ = cattn_attention_forward(layer_flags(True), q, k, v, mask)
+    np.testing.assert_allclose(got.numpy(), torch_sdpa64(torch, q, k, v, mask), rtol=2e-5,
+                               atol=2e-5)
+
+
+def test_dense_additive_mask_of_a_bfloat16_model(hf, torch, rng):
+    """Bug caught: a dense additive mask in a bfloat16 model's dtype handed on as it is
+    (cattn adds float32 or float64 masks, and refuses a bfloat16 one) instead of widened
+    to float32. Compared with torch's SDPA in float64 on the same bfloat16 values."""
+    from cattn.integrations.transformers import cattn_attention_forward
+    q, k, v = (x.bfloat16() for x in _operands(torch, rng))
+    mask = torch.from_numpy(rng.standard_normal((2, 1, 7, 11), dtype=np.float32)).bfloat16()
+    got, _ = cattn_attention_forward(layer_flags(False), q, k, v, mask)
+    assert got.dtype == torch.bfloat16
+    np.testing.assert_allclose(got.float().numpy(), torch_sdpa64(torch, q, k, v, mask.double()),
+                               rtol=0, atol=3e-2)
 
 
 def decoder(hf, family):
