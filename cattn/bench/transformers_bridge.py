@@ -161,7 +161,9 @@ def _compare(name: str, kind: str, models: Dict[str, Any], make_call, config: Be
     """Time every (implementation, threads) interleaved; each runner's first logits are
     checked against eager's (all start from the same weights), and the time its attention
     functions took inside each step is kept beside the step's."""
-    runners, first, attention = [], {}, {}
+    runners: List[Runner] = []
+    first: Dict[str, Any] = {}
+    attention: Dict[str, List[float]] = {}
     with _AttentionClock(models) as clock:
         for threads in config.threads:
             for impl, model in models.items():
