@@ -111,7 +111,9 @@ def show_config() -> Dict[str, Any]:
         bfloat16 products to AVX-512) and ``isa_supported`` (every path this CPU can
         run); ``block_gemm`` (BLAS or cattn's own micro-kernels); ``blas_thread_control``
         (how BLAS is kept on one thread inside the kernel's threads); ``openmp_wait_policy``
-        (how idle OpenMP workers wait, and who chose it); ``bfloat16_products`` (the path
+        (how idle OpenMP workers wait, and who chose it); ``small_calls`` (below how
+        much work a call runs on the calling thread alone: a few wake-ups of a sleeping
+        worker, as measured in this process); ``bfloat16_products`` (the path
         bfloat16 block products take by default, and why: on a CPU with AVX512-BF16 but
         no AMX, measured against the widened float32 products at the first call).
 
@@ -144,6 +146,7 @@ def show_config() -> Dict[str, Any]:
         "block_gemm": _block_gemm(_kernel),
         "blas_thread_control": single_threaded_blas.backend,
         "openmp_wait_policy": _runtime.WAIT_POLICY,
+        "small_calls": _kernel.small_call_rule(),
         "bfloat16_products": dict(zip(("path", "reason"), _runtime.bf16_products())),
     }
 

@@ -59,6 +59,18 @@ cdef extern from "cattn_omp.h" nogil:
 
 cdef extern from *:
     """
+    /* Wall-clock seconds (OpenMP's clock; clock() in a build without OpenMP, serial). */
+    #ifdef _OPENMP
+    #define cattn_seconds() omp_get_wtime()
+    #else
+    #include <time.h>
+    #define cattn_seconds() ((double)clock() / CLOCKS_PER_SEC)
+    #endif
+    """
+    double cattn_seconds() nogil
+
+cdef extern from *:
+    """
     /* A hint to load the cache line at p soon: to L1 (near) or to L2 only. */
     #if defined(__GNUC__) || defined(__clang__)
     #define cattn_prefetch_near(p) __builtin_prefetch((p), 0, 3)
@@ -307,6 +319,9 @@ cdef enum:
     COUNTER_KEY_BLOCKS = 1
     COUNTER_TEAM = 2        # (thread 0's slot only) the team size OpenMP gave
     COUNTER_BF16_BLOCKS = 3 # block products computed with native bfloat16 products
+    COUNTER_ENTRY_NS = 4    # from the region's start to the thread's entry into it
+    COUNTER_END_NS = 5      # from the region's start to the end of the thread's last task
+    COUNTER_REGION_NS = 6   # (thread 0's slot only) the region's wall time, 0: not measured
     COUNTER_STRIDE = 8
 
 
@@ -1066,18 +1081,29 @@ cdef int run_tasks(const Plan* p, int num_threads, Py_ssize_t first, Py_ssize_t 
                 merge_split_row(p, row, partials, out, lse)
         return 0
     cdef floating* mine = scratch_base
+    cdef Py_ssize_t* mine_counted
+    # (the clock around the region and each task measures what a team costs a call: see
+    # team_for_work)
+    cdef double start = cattn_seconds()
     with parallel(num_threads=num_threads):
         # Each thread owns one slice of the scratch array (no shared mutable state).
         mine = scratch_base + threadid() * scratch_stride
+        mine_counted = p.counters + threadid() * COUNTER_STRIDE
+        mine_counted[COUNTER_ENTRY_NS] = <Py_ssize_t> ((cattn_seconds() - start) * 1e9)
         if threadid() == 0:
             p.counters[COUNTER_TEAM] = omp_get_num_threads()
         for task in prange(first, last, schedule='dynamic', chunksize=1):
             attend_query_block(p, task, q, k, v, mask_add, mask_bool, out, lse, weights,
                                partials, mine, p.counters + threadid() * COUNTER_STRIDE)
+            (p.counters + threadid() * COUNTER_STRIDE)[COUNTER_END_NS] = <Py_ssize_t> (
+                (cattn_seconds() - start) * 1e9)
         # (prange ends with a barrier: every chunk is done before any row is merged)
         if merge_splits:
             for row in prange(n_rows, schedule='static'):
                 merge_split_row(p, row, partials, out, lse)
+    # (a merge is work, not overhead: such regions are not measured)
+    p.counters[COUNTER_REGION_NS] = (0 if merge_splits else
+                                     <Py_ssize_t> ((cattn_seconds() - start) * 1e9))
     return 0
 
 
@@ -1168,12 +1194,11 @@ cdef Py_ssize_t most_members(cnp.ndarray tasks) noexcept:
     return most
 
 
-cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double,
-                                Py_ssize_t n_tasks) noexcept:
-    """Tasks run between two checks for Ctrl-C: about 0.1 s of work on a fast core (more on
-    a slow one), and at least one per thread. A task list's tasks count their average rows
-    (a mixed batch's one-row decodes are not full blocks: taken as such, the call would end
-    and restart its parallel region every few tasks)."""
+cdef double task_seconds(const Plan* p, bint is_double, Py_ssize_t n_tasks) noexcept:
+    """A task's time on one thread, roughly (a fast core's rates: an underestimate on a
+    slower one): its block products at the path's rate, its keys and values streamed from
+    memory, and a microsecond of setup. A task list's tasks count their average rows (a
+    mixed batch's one-row decodes are not full blocks)."""
     cdef double keys = <double> min(p.S, p.split_keys)
     cdef double rows = p.task_rows, total_rows = 0
     cdef Py_ssize_t n
@@ -1181,13 +1206,126 @@ cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double,
         for n in range(p.n_items):
             total_rows += p.table[n * N_COLS + COL_Q_LEN]
         rows = min(rows, total_rows / n_tasks)
-    cdef double task_flops = 2.0 * rows * keys * (p.E + p.Ev) + 1.0
+    cdef double flops = 2.0 * rows * keys * (p.E + p.Ev)
     cdef double rate = (1e11 if p.isa == CATTN_ISA_AVX512 else
                         5e10 if p.isa == CATTN_ISA_AVX2 else 2e10)
     if is_double:
         rate /= 2
-    cdef double group = 0.1 * rate * threads / task_flops
+    return flops / rate + keys * (p.E * p.k_size + p.Ev * p.v_size) / 2e10 + 1e-6
+
+
+cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double,
+                                Py_ssize_t n_tasks) noexcept:
+    """Tasks run between two checks for Ctrl-C: about 0.1 s of work on a fast core (more on
+    a slow one), and at least one per thread (a group that ends early would end and
+    restart its parallel region every few tasks)."""
+    cdef double group = 0.1 * threads / task_seconds(p, is_double, n_tasks)
     return max(<Py_ssize_t> threads, <Py_ssize_t> min(group, 1e15))
+
+
+# ------------------------------------------------------- small calls: what a team costs
+# Idle workers sleep (passive waiting, see cattn._runtime), so a parallel region costs its
+# caller their wake-up and, at its end, its own (it waits for the last worker): a few
+# microseconds on bare metal, 60 us and more in some virtual machines, changing with what
+# the host does. A call whose one-thread time is under SERIAL_OVERHEADS such costs gains
+# nothing from a team, and runs on the calling thread alone. The cost is measured, not
+# assumed: each parallel region's wall time, less the longest time a thread of it spent
+# from its entry to the end of its last task, is one sample, and the median of the last
+# OVERHEAD_SAMPLES samples is the estimate. Every PROBE_EVERY-th call kept on one thread
+# runs on its team anyway, so that the estimate follows a machine whose wake-ups got
+# faster. Threads change no result bit (the work split follows from the shapes alone):
+# only the time.
+DEF OVERHEAD_SAMPLES = 8
+cdef double SERIAL_OVERHEADS = 3.0
+cdef Py_ssize_t PROBE_EVERY = 64
+cdef double overhead_samples[OVERHEAD_SAMPLES]
+cdef int overhead_next = 0
+cdef Py_ssize_t kept_serial = 0
+# CATTN_FULL_TEAM=1: every call on its full team however small (to time the parallel path)
+cdef bint full_team = os.environ.get("CATTN_FULL_TEAM", "0")[:1] not in ("", "0")
+
+
+def set_team_overhead(double seconds):
+    """Set every sample of a team's cost to `seconds` (a private hook for the tests);
+    returns the previous state, which `restore_team_overhead` puts back."""
+    global overhead_next, kept_serial
+    previous = ([overhead_samples[i] for i in range(OVERHEAD_SAMPLES)], overhead_next,
+                kept_serial)
+    for i in range(OVERHEAD_SAMPLES):
+        overhead_samples[i] = seconds
+    overhead_next, kept_serial = 0, 0
+    return previous
+
+
+def restore_team_overhead(previous):
+    global overhead_next, kept_serial
+    samples, overhead_next, kept_serial = previous
+    for i in range(OVERHEAD_SAMPLES):
+        overhead_samples[i] = samples[i]
+
+
+set_team_overhead(10e-6)  # (a prior until parallel calls have measured this machine)
+
+
+def set_full_team(bint flag):
+    """Run every call on its full team (True) or keep small calls on one thread (False,
+    the default unless CATTN_FULL_TEAM is set); returns the previous setting."""
+    global full_team
+    previous, full_team = full_team, flag
+    return previous
+
+
+def team_overhead():
+    """What a parallel region costs a call, in seconds (waking the workers, waiting for
+    the last one): the median of the last regions' measurements."""
+    cdef double ordered[OVERHEAD_SAMPLES]
+    cdef int i, j
+    cdef double x
+    for i in range(OVERHEAD_SAMPLES):  # (insertion sort of eight numbers)
+        x = overhead_samples[i]
+        j = i
+        while j > 0 and ordered[j - 1] > x:
+            ordered[j] = ordered[j - 1]
+            j -= 1
+        ordered[j] = x
+    return 0.5 * (ordered[OVERHEAD_SAMPLES // 2 - 1] + ordered[OVERHEAD_SAMPLES // 2])
+
+
+def small_call_rule():
+    """What decides a call's team, for show_config()."""
+    if full_team:
+        return "every call on its full team (CATTN_FULL_TEAM)"
+    cost = team_overhead()
+    return (f"calls under about {SERIAL_OVERHEADS * cost * 1e6:.0f} us of one-thread work "
+            f"run on one thread ({SERIAL_OVERHEADS:g} x what a team costs a call: waking "
+            f"the workers and waiting for them, now measured at {cost * 1e6:.1f} us)")
+
+
+cdef int team_for_work(int threads, double serial_seconds):
+    """The team of a call of about serial_seconds on one thread: `threads`, or 1 when the
+    team would cost more than it saves (every PROBE_EVERY-th such call runs on `threads`
+    to measure the cost again)."""
+    global kept_serial
+    if (threads <= 1 or full_team
+            or serial_seconds >= SERIAL_OVERHEADS * team_overhead()):
+        return threads
+    kept_serial += 1
+    return threads if kept_serial % PROBE_EVERY == 0 else 1
+
+
+cdef void note_team_overhead(const Py_ssize_t* counters, int threads):
+    """One sample of what the call's last region cost: its wall time less the longest
+    time a thread spent from its entry to the end of its last task."""
+    global overhead_next
+    cdef Py_ssize_t region = counters[COUNTER_REGION_NS], busiest = 0
+    cdef int th
+    if region <= 0:
+        return
+    for th in range(threads):
+        busiest = max(busiest, counters[th * COUNTER_STRIDE + COUNTER_END_NS]
+                      - counters[th * COUNTER_STRIDE + COUNTER_ENTRY_NS])
+    overhead_samples[overhead_next] = max(region - busiest, 0) * 1e-9
+    overhead_next = (overhead_next + 1) % OVERHEAD_SAMPLES
 
 
 cdef inline void* data_or_null(object arr):
@@ -1345,6 +1483,8 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         n_tasks = (<cnp.ndarray> tasks).shape[0]
     # (grouping leaves fewer tasks than the caller counted: no thread waits for none)
     cdef int threads = max(min(num_threads, n_tasks), 1)
+    if n_tasks > 0:
+        threads = team_for_work(threads, n_tasks * task_seconds(&p, is_double, n_tasks))
     cdef void* qp = data_or_null(q)
     cdef void* kp = data_or_null(k)
     cdef void* vp = data_or_null(v)
@@ -1387,6 +1527,8 @@ def attention(object q, object k, object v, object out, object lse, object weigh
                         else:
                             fill_nan[float](&p, <float*> op)
                     raise
+        if team > 1:
+            note_team_overhead(counters, team)
         for th in range(threads):
             key_blocks += counters[th * COUNTER_STRIDE + COUNTER_KEY_BLOCKS]
             bf16_blocks += counters[th * COUNTER_STRIDE + COUNTER_BF16_BLOCKS]
@@ -1479,17 +1621,6 @@ cdef extern from "cattn_peak.h" nogil:
     double cattn_peak_pass_flops(int isa, int is_double)
 
 
-cdef extern from *:
-    """
-    /* Wall-clock seconds (OpenMP's clock; clock() in a build without OpenMP, serial). */
-    #ifdef _OPENMP
-    #define cattn_seconds() omp_get_wtime()
-    #else
-    #include <time.h>
-    #define cattn_seconds() ((double)clock() / CLOCKS_PER_SEC)
-    #endif
-    """
-    double cattn_seconds() nogil
 
 
 def fma_peak(str path, bint is_double=False, int num_threads=1, double seconds=0.05):

@@ -13,9 +13,15 @@ import re
 import numpy as np
 import pytest
 
-import cattn
-from cattn import _kernel
-from cattn import reference
+# Every call on its full team, however small: the suite's inputs are small, and the tests
+# of thread counts (bitwise the same on 1, 2 and 3 threads, teams that honour num_threads)
+# must run real teams. (Set before cattn loads; subprocesses inherit it.) The rule that
+# keeps small calls on one thread is tested on its own, in test_small_calls.py.
+os.environ["CATTN_FULL_TEAM"] = "1"
+
+import cattn  # noqa: E402
+from cattn import _kernel  # noqa: E402
+from cattn import reference  # noqa: E402
 
 # Absolute/relative tolerance per dtype for outputs of unit-scale inputs. float32 attention
 # accumulates O(sqrt(S)) rounding errors of eps32 = 1.2e-7; 2e-5 leaves room for S ~ 10^4.

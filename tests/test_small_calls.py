@@ -1,0 +1,133 @@
+"""Small calls on one thread: a call whose one-thread work is under a few times what a
+team costs it (waking the sleeping workers, waiting for the last) runs on the calling
+thread alone, that cost being measured by the parallel calls themselves (the kernel's own
+clock, never this test's). The suite otherwise runs with CATTN_FULL_TEAM=1 (conftest.py);
+here the rule is switched on, and the estimate is set to values that make each decision
+certain whatever the machine's own cost: no test depends on timing.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import cattn
+from cattn import _kernel
+from conftest import last_call_stats
+
+pytestmark = pytest.mark.skipif(not _kernel.openmp_enabled(),
+                                reason="a serial build runs every call on one thread")
+
+
+@pytest.fixture
+def rule():
+    """The small-call rule on, the cost samples restored afterwards."""
+    previous_team = _kernel.set_full_team(False)
+    samples = _kernel.set_team_overhead(10e-6)
+    try:
+        yield
+    finally:
+        _kernel.restore_team_overhead(samples)
+        _kernel.set_full_team(previous_team)
+
+
+def small_operands(rng):
+    # four heads of 8 x 8: four tasks, microseconds of work
+    return [rng.standard_normal((4, 8, 16)).astype(np.float32) for _ in range(3)]
+
+
+def run(q, k, v, threads):
+    with cattn.threads(threads):
+        out = cattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out, last_call_stats()
+
+
+def test_a_small_call_runs_on_the_calling_thread_with_the_same_bits(rng, rule):
+    """Bug caught: the rule ignored (a team woken for microseconds of work), or a call kept
+    on one thread computing other bits than the team's."""
+    q, k, v = small_operands(rng)
+    _kernel.set_team_overhead(1e-3)  # a team costing 1 ms: no call here is worth one
+    out, stats = run(q, k, v, 2)
+    assert stats["n_tasks"] >= 2 and stats["team_size"] == 1, stats
+    _kernel.set_full_team(True)
+    team_out, stats = run(q, k, v, 2)
+    assert stats["team_size"] == 2, stats
+    np.testing.assert_array_equal(out, team_out)
+
+
+def test_a_call_worth_its_team_gets_it(rng, rule):
+    """Bug caught: the comparison turned around (big calls on one thread), or the rule
+    applied where wake-ups are free."""
+    q, k, v = small_operands(rng)
+    _kernel.set_team_overhead(1e-12)
+    _, stats = run(q, k, v, 2)
+    assert stats["team_size"] == 2, stats
+    # and decoding against 2 x 32k keys (milliseconds of work) is worth 0.1 ms
+    _kernel.set_team_overhead(1e-4)
+    key, value = (rng.standard_normal((2, 32768, 64)).astype(np.float32) for _ in range(2))
+    query = rng.standard_normal((2, 1, 64)).astype(np.float32)
+    with cattn.threads(2):
+        cattn.scaled_dot_product_attention(query, key, value)
+    assert last_call_stats()["team_size"] == 2, last_call_stats()
+
+
+def test_one_thread_asked_means_one_thread(rng, rule):
+    q, k, v = small_operands(rng)
+    _kernel.set_team_overhead(1e-12)
+    _, stats = run(q, k, v, 1)
+    assert stats["team_size"] == 1, stats
+
+
+def test_calls_kept_on_one_thread_probe_the_team_now_and_then(rng, rule):
+    """Bug caught: no probe, so that one slow measurement (a loaded moment) kept every
+    later call on one thread for the rest of the process; or probes so frequent that
+    small calls pay wake-ups again."""
+    q, k, v = small_operands(rng)
+    _kernel.set_team_overhead(1.0)
+    teams = [run(q, k, v, 2)[1]["team_size"] for _ in range(200)]
+    probes = teams.count(2)
+    assert 1 <= probes <= 200 // 16, teams
+    assert teams.count(1) == 200 - probes
+
+
+def test_parallel_calls_measure_what_a_team_costs(rng, rule):
+    """Bug caught: the samples never updated (the estimate stuck at its prior or at a
+    slow moment's value), recorded in the wrong unit, or taken as the whole region's
+    time (the work included)."""
+    q, k, v = small_operands(rng)
+    _kernel.set_team_overhead(10.0)  # ten seconds: no real cost is anywhere near
+    _kernel.set_full_team(True)
+    teams = [run(q, k, v, 2)[1]["team_size"] for _ in range(8)]
+    if teams.count(2) < 5:
+        pytest.skip(f"the system gave fewer than five two-thread teams: {teams}")
+    estimate = _kernel.team_overhead()
+    assert 0 <= estimate < 1.0, estimate  # measured: far below the ten seconds set
+    _kernel.set_team_overhead(0.0)
+    for _ in range(8):
+        run(q, k, v, 2)
+    assert _kernel.team_overhead() > 0  # a region takes some time, if only nanoseconds
+    # A region's cost is its time less its busiest thread's work: for calls of 64 tasks
+    # (milliseconds), a small part of the call's time. (Whatever the load: a worker that
+    # wakes late leaves the tasks to the caller, whose own work then fills the region.)
+    big = rng.standard_normal((32, 256, 64)).astype(np.float32)
+    walls = []
+    for _ in range(8):
+        start = time.perf_counter()
+        run(big, big, big, 2)
+        walls.append(time.perf_counter() - start)
+    assert _kernel.team_overhead() < 0.5 * min(walls), (_kernel.team_overhead(), walls)
+
+
+def test_show_config_and_the_environment_say_which_rule(tmp_path):
+    code = ("import json, cattn; print(json.dumps(cattn.show_config()['small_calls']))")
+    env = {k: v for k, v in os.environ.items() if k != "CATTN_FULL_TEAM"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True, cwd=tmp_path)
+    assert "waking the workers" in json.loads(default.stdout)
+    env["CATTN_FULL_TEAM"] = "1"
+    full = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, check=True, cwd=tmp_path)
+    assert "CATTN_FULL_TEAM" in json.loads(full.stdout)
