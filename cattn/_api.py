@@ -44,7 +44,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                                  alibi_slopes=None, return_lse=False, return_weights=False,
                                  return_key_mass=False, position_bias=None, out=None,
                                  num_threads=None, dropout_p=0.0, k_scale=None, v_scale=None,
-                                 out_dtype=None, _block_sizes=None, _isa=None):
+                                 out_dtype=None, _block_sizes=None, _isa=None,
+                                 _heads_last=False):
     """Exact attention softmax(Q·Kᵀ·scale + mask)·V, computed tile by tile.
 
     Parameters
@@ -214,7 +215,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     plan.set_extras(keep_first, k_offset, sinks, batch_shape, S, alibi_slopes, position_bias)
     plan.set_outputs(batch_shape + (L, Ev), batch_shape + (L,), batch_shape + (L, S),
                      (("query", query), ("key", key), ("value", value),
-                      ("attn_mask", attn_mask)), batch_shape + (S,), group)
+                      ("attn_mask", attn_mask)), batch_shape + (S,), group,
+                     heads_last=_heads_last)
     _padded_layout(plan, batch_shape, group, kv_len, diag, L, S, E, Ev)
     launch(plan)
     return plan.results()

@@ -38,6 +38,7 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
+    _heads_last: bool = ...,
 ) -> NDArray[_F]: ...
 
 @overload
@@ -57,6 +58,7 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
+    _heads_last: bool = ...,
 ) -> Tuple[NDArray[_F], NDArray[_F]]: ...
 
 @overload
@@ -76,6 +78,7 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
+    _heads_last: bool = ...,
 ) -> Tuple[NDArray[_F], NDArray[_F]]: ...
 
 @overload
@@ -95,6 +98,7 @@ def scaled_dot_product_attention(  # type: ignore[overload-overlap]
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
+    _heads_last: bool = ...,
 ) -> Tuple[NDArray[_F], NDArray[_F], NDArray[_F]]: ...
 
 @overload
@@ -113,6 +117,7 @@ def scaled_dot_product_attention(
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
+    _heads_last: bool = ...,
 ) -> Union[NDArray[_F], Tuple[NDArray[_F], ...]]: ...
 
 # DLPack producers (CPU PyTorch tensors): the dtype is only known at run time.
@@ -133,6 +138,7 @@ def scaled_dot_product_attention(
     v_scale: Optional[ArrayLike] = ..., out_dtype: Optional[DTypeLike] = ...,
     _block_sizes: Optional[Tuple[int, int]] = ...,
     _isa: Optional[str] = ...,
+    _heads_last: bool = ...,
 ) -> Any: ...
 
 

@@ -165,12 +165,15 @@ class Plan:
                 position_bias.max_distance)
 
     def set_outputs(self, out_shape, lse_shape, weights_shape, inputs, mass_shape=None,
-                    group=1):
+                    group=1, heads_last=False):
         """out (the user's, checked, or new), lse and weights; the kernel writes float32
         where a narrow result is rounded once afterwards. out_rs and out_cs are the
         strides of out's last two axes (a packed layout replaces them). mass_shape: the
         key mass's per query head, (items..., Hq, S); group: query heads per key/value
-        head (consecutive items), summed into one row for return_key_mass="kv_heads"."""
+        head (consecutive items), summed into one row for return_key_mass="kv_heads".
+        heads_last: a new 4-D out lies in memory as (batch, L, heads, Ev), the layout a
+        model reshapes to (batch, L, features) for free (a narrow result's rounding keeps
+        it)."""
         self.mass_group = 1
         if self.return_key_mass == KV_HEADS and group > 1:
             self.mass_group = group
@@ -185,7 +188,11 @@ class Plan:
         else:
             self.user_out = None
         dtype = self.dtype
-        if out is None:
+        if out is None and heads_last and len(out_shape) == 4:
+            batch, heads, L, Ev = out_shape
+            out = np.empty((batch, L, heads, Ev), dtype=dtype).transpose(0, 2, 1, 3)
+            self.out_rs, self.out_cs = heads * Ev, 1
+        elif out is None:
             out = np.empty(out_shape, dtype=dtype)
             self.out_rs, self.out_cs = out_shape[-1], 1
         else:

@@ -202,6 +202,21 @@ def test_strided_out_is_written_in_place(rng, layout, dtype):
     assert np.count_nonzero(np.isnan(buffer)) == buffer.size - out.size
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [np.float16])
+def test_a_heads_last_result_has_the_same_bits(rng, dtype):
+    """The private layout the PyTorch bridge asks for: 4-D results laid out in memory as
+    (batch, L, heads, Ev). Bug caught: its rows written with the strides of the usual
+    layout (heads overwriting each other), or a narrow result's rounding that made it
+    contiguous again (a copy per layer in a model)."""
+    q = rng.standard_normal((2, 6, 130, 12)).astype(dtype)
+    k, v = (rng.standard_normal((2, 3, 70, 12)).astype(dtype) for _ in range(2))
+    got = sdpa(q, k, v, is_causal=True, enable_gqa=True, _heads_last=True)
+    assert got.transpose(0, 2, 1, 3).flags.c_contiguous
+    np.testing.assert_array_equal(got, sdpa(q, k, v, is_causal=True, enable_gqa=True))
+    three_d = sdpa(q[0], q[0], q[0], _heads_last=True)  # (no head axis: the usual layout)
+    assert three_d.flags.c_contiguous
+
+
 # --------------------------------------------------------------------------- the scale
 
 @pytest.mark.parametrize("dtype", DTYPES)

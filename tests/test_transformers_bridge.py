@@ -197,6 +197,7 @@ def test_16_bit_tensors_in_and_out(torch, rng):
         got = torch.ops.cattn.scaled_dot_product_attention(
             q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True, enable_gqa=True)
         assert got.dtype == dtype
+        assert got.transpose(1, 2).is_contiguous()  # heads last once rounded, too
         # the 16-bit inputs' own rounding, then the result's
         np.testing.assert_allclose(got.float().numpy(), want, rtol=4 * tol, atol=4 * tol)
 

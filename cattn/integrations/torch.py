@@ -45,6 +45,10 @@ def check_cpu(tensor, name):
 
 def numpy_view(tensor, name):
     """The same memory as a NumPy array (bfloat16 as ml_dtypes.bfloat16): never a copy."""
+    try:  # (the common case first: a CPU tensor NumPy knows, outside autograd)
+        return tensor.numpy()
+    except (RuntimeError, TypeError):
+        pass
     if tensor.requires_grad:
         tensor = tensor.detach()
     if tensor.dtype is torch.bfloat16:  # NumPy has no bfloat16: share the bits
@@ -56,6 +60,13 @@ def numpy_view(tensor, name):
         check_cpu(tensor, name)
         raise TypeError(f"{name}: cattn cannot read a tensor of dtype {tensor.dtype}; "
                         f"expected float32, float16, bfloat16 or float64") from None
+
+
+def numpy_views(query, key, value):
+    """numpy_view of the three operands (the query first: its dtype and device are
+    checked first)."""
+    return (numpy_view(query, "query"), numpy_view(key, "key"),
+            numpy_view(value, "value"))
 
 
 def _window(window_left, window_right):
@@ -87,9 +98,9 @@ def empty_result(query, key, value, enable_gqa):
 
 
 def one_batch_axis(query, key, value):
-    """Whether the operands are (batch, heads, length, features) of one batch size, as
-    `attention_heads_last` takes them."""
-    return query.dim() == 4 and key.shape[0] == value.shape[0] == query.shape[0]
+    """Whether the operands (tensors or their NumPy views) are (batch, heads, length,
+    features) of one batch size, as `attention_heads_last` takes them."""
+    return query.ndim == 4 and key.shape[0] == value.shape[0] == query.shape[0]
 
 
 def attention_heads_last(query, key, value, *, attn_mask=None, is_causal=False, scale=None,
@@ -97,31 +108,28 @@ def attention_heads_last(query, key, value, *, attn_mask=None, is_causal=False, 
                          key_lengths=None, q_offset=None, k_offset=None, softcap=None,
                          sinks=None, return_weights=False):
     """cattn.scaled_dot_product_attention of (batch, heads, L, E) tensors of one batch
-    size (see `one_batch_axis`), returned as a new (batch, L, heads, Ev) tensor: the
-    layout models reshape to (batch, L, features) for free. The options are cattn's, by
-    name (tensors where it takes arrays, see `_attend`); with return_weights=True, the
-    pair of the result and the (batch, heads, L, S) attention weights in the query's
-    dtype."""
-    query_array = numpy_view(query, "query")  # (first: its dtype and device are checked)
-    batch, heads, L = query.shape[:3]
-    shape = (batch, L, heads, value.shape[-1])
-    out = result = None
-    if L > 1:  # (one query: cattn's own (batch, heads, 1, Ev) result has that layout)
-        # NumPy's memory, shared with the tensor: torch.empty's costs more per call
-        # (fresh pages from its allocator), and cattn writes through a NumPy transpose
-        out = np.empty(shape, dtype=query_array.dtype)
-        result = tensor_view(out)
-        out = out.transpose(0, 2, 1, 3)
-    returned = _attend(out, query_array, key, value, attn_mask=attn_mask, is_causal=is_causal,
-                       scale=scale, enable_gqa=enable_gqa, window=window,
-                       alignment=alignment, key_lengths=key_lengths, q_offset=q_offset,
-                       k_offset=k_offset, softcap=softcap, sinks=sinks,
-                       return_weights=return_weights)
+    size (see `one_batch_axis`), or of their NumPy views (`numpy_views`), returned as a
+    new (batch, L, heads, Ev) tensor: the layout models reshape to (batch, L, features)
+    for free. The options are cattn's, by name (tensors where it takes arrays, see
+    `_attend`); with return_weights=True, the pair of the result and the
+    (batch, heads, L, S) attention weights in the query's dtype."""
+    if not isinstance(query, np.ndarray):
+        query, key, value = numpy_views(query, key, value)
+    if not (attn_mask is key_lengths is q_offset is k_offset is sinks is None):
+        attn_mask, key_lengths, q_offset, k_offset, sinks = option_arrays(
+            attn_mask, key_lengths, q_offset, k_offset, sinks)
+    # (cattn allocates the result in the (batch, L, heads, Ev) layout itself: no `out` to
+    # check, no transposed write to set up; called directly: a layer of keywords costs a
+    # microsecond)
+    returned = cattn.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+        enable_gqa=enable_gqa, window=window, alignment=alignment, key_lengths=key_lengths,
+        q_offset=q_offset, k_offset=k_offset, softcap=softcap, sinks=sinks,
+        return_weights=return_weights, _heads_last=True)
     if return_weights:
         returned, weights = returned
-    if result is None:
-        result = tensor_view(returned).view(shape)
-    return (result, tensor_view(weights)) if return_weights else result
+        return tensor_view(returned.transpose(0, 2, 1, 3)), tensor_view(weights)
+    return tensor_view(returned.transpose(0, 2, 1, 3))
 
 
 def tensor_view(array):
@@ -135,7 +143,7 @@ def tensor_view(array):
 def attention_into(out, query, key, value, **options):
     """cattn.scaled_dot_product_attention on tensors, written into the tensor `out`
     (any strides); options by name, as for `_attend`."""
-    _attend(numpy_view(out, "out"), numpy_view(query, "query"), key, value, **options)
+    _attend(numpy_view(out, "out"), *numpy_views(query, key, value), **options)
     return out
 
 
@@ -148,27 +156,37 @@ def sinks_array(sinks):
     return numpy_view(sinks, "sinks")
 
 
-def _attend(out, query, key, value, *, attn_mask=None, is_causal=False, scale=None,
-            enable_gqa=False, window=None, alignment="top_left",
-            key_lengths=None, q_offset=None, k_offset=None, softcap=None,
-            sinks=None, return_weights=False):
-    """cattn.scaled_dot_product_attention on tensors, `out` (or None) and `query` already
-    NumPy views: what it returns, NumPy arrays. The options travel by name (explicit
-    keywords all the way: a dict of them costs microseconds per call); the tensor ones
-    become arrays here (lengths and offsets may also be ints)."""
-    sinks = sinks_array(sinks)
+def option_arrays(attn_mask, key_lengths, q_offset, k_offset, sinks):
+    """The tensor options as cattn takes them: NumPy views (sinks in float32 or float64;
+    lengths and offsets may also be ints)."""
+    if attn_mask is not None:
+        attn_mask = numpy_view(attn_mask, "attn_mask")
     if isinstance(key_lengths, torch.Tensor):
         key_lengths = numpy_view(key_lengths, "key_lengths")
     if isinstance(q_offset, torch.Tensor):
         q_offset = numpy_view(q_offset, "q_offset")
     if isinstance(k_offset, torch.Tensor):
         k_offset = numpy_view(k_offset, "k_offset")
+    return attn_mask, key_lengths, q_offset, k_offset, sinks_array(sinks)
+
+
+def _attend(out, query, key, value, *, attn_mask=None, is_causal=False, scale=None,
+            enable_gqa=False, window=None, alignment="top_left",
+            key_lengths=None, q_offset=None, k_offset=None, softcap=None,
+            sinks=None, return_weights=False, heads_last=False):
+    """cattn.scaled_dot_product_attention on NumPy views of tensors (`out` may be None):
+    what it returns, NumPy arrays (heads_last: a new result laid out as
+    (batch, L, heads, Ev) in memory). The options travel by name (explicit keywords all
+    the way: a dict of them costs microseconds per call); the tensor ones become arrays
+    here (see `option_arrays`)."""
+    if not (attn_mask is key_lengths is q_offset is k_offset is sinks is None):
+        attn_mask, key_lengths, q_offset, k_offset, sinks = option_arrays(
+            attn_mask, key_lengths, q_offset, k_offset, sinks)
     return cattn.scaled_dot_product_attention(
-        query, numpy_view(key, "key"), numpy_view(value, "value"),
-        attn_mask=None if attn_mask is None else numpy_view(attn_mask, "attn_mask"),
-        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, window=window,
-        alignment=alignment, key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
-        softcap=softcap, sinks=sinks, out=out, return_weights=return_weights)
+        query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+        enable_gqa=enable_gqa, window=window, alignment=alignment, key_lengths=key_lengths,
+        q_offset=q_offset, k_offset=k_offset, softcap=softcap, sinks=sinks, out=out,
+        return_weights=return_weights, _heads_last=heads_last)
 
 
 @torch.library.custom_op("cattn::scaled_dot_product_attention", mutates_args=(),

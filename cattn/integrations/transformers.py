@@ -306,10 +306,14 @@ def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0
     if dropout:
         raise ValueError(f"cattn computes inference only, but this layer asks for dropout "
                          f"{dropout}: call model.eval() (or set the attention dropout to 0)")
-    enable_gqa = query.shape[1] != key.shape[1]
-    # weights, traced graphs and other layouts go through the operator's general path
-    general = (kwargs.get("output_attentions") or cattn_torch.traced(query, key, value, s_aux)
-               or not cattn_torch.one_batch_axis(query, key, value))
+    # weights, traced graphs and other layouts go through the operator's general path;
+    # the common path works on NumPy views (a tensor's shape costs 0.3 us, an array's 30 ns)
+    general = kwargs.get("output_attentions") or cattn_torch.traced(query, key, value, s_aux)
+    arrays = None if general else cattn_torch.numpy_views(query, key, value)
+    shapes = (query if general else arrays[0]).shape, (key if general else arrays[1]).shape
+    enable_gqa = shapes[0][1] != shapes[1][1]
+    if not general and not cattn_torch.one_batch_axis(*arrays):
+        general, arrays = True, None
     if isinstance(attention_mask, AttentionPattern) and attention_mask.chunks is not None:
         if not general:
             return _chunked(query, key, value, attention_mask.chunks, scale=scaling,
@@ -344,16 +348,16 @@ def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0
             return _with_weights(query, key, value, options)
         out = cattn_torch.scaled_dot_product_attention(query, key, value, **options)
         return out.transpose(1, 2), None
-    if (query.shape[2] == 1 and enable_gqa and s_aux is None and key_lengths is None
+    if (shapes[0][2] == 1 and enable_gqa and s_aux is None and key_lengths is None
             and (mask is None or mask.shape[1] == 1) and getattr(q_offset, "ndim", 0) == 0):
-        visible = _visible_keys(key.shape[2], is_causal=causal, window=window,
+        visible = _visible_keys(shapes[1][2], is_causal=causal, window=window,
                                 alignment=alignment, q_offset=q_offset, k_offset=k_offset)
         if visible is not None:
-            return _one_token_grouped(query, key, value, visible, attn_mask=mask,
-                                      scale=scaling, softcap=softcap), None
+            return _one_token_grouped(*arrays, visible, attn_mask=mask, scale=scaling,
+                                      softcap=softcap), None
     # (the operator's eager path, without its checks and transposes)
     return cattn_torch.attention_heads_last(
-        query, key, value, attn_mask=mask, is_causal=causal, scale=scaling,
+        *arrays, attn_mask=mask, is_causal=causal, scale=scaling,
         enable_gqa=enable_gqa, window=window, alignment=alignment, key_lengths=key_lengths,
         q_offset=q_offset, k_offset=k_offset, softcap=softcap, sinks=s_aux), None
 
@@ -408,15 +412,13 @@ def _visible_keys(S, *, is_causal, window, alignment, q_offset, k_offset):
     return (lo, hi) if lo < hi else None
 
 
-def _one_token_grouped(query, key, value, visible, *, attn_mask, scale, softcap):
+def _one_token_grouped(queries, keys, values, visible, *, attn_mask, scale, softcap):
     """Decoding one token with grouped-query heads: the query heads of each key/value head
     become its rows, over the slice of keys the token sees. One (group, S) product per
     key/value head reads each key once, where one row per query head would re-read the
-    keys for every head of the group. (NumPy views first, shapes and slices in NumPy: after
+    keys for every head of the group. Takes NumPy views (shapes and slices in NumPy: after
     a decoding call has streamed a long cache through the CPU's caches, every operation
-    runs cold, and one of torch's costs tens of microseconds there.)"""
-    queries = cattn_torch.numpy_view(query, "query")
-    keys, values = cattn_torch.numpy_view(key, "key"), cattn_torch.numpy_view(value, "value")
+    runs cold, and one of torch's costs tens of microseconds there)."""
     batch, heads, _, features = queries.shape
     kv_heads = keys.shape[1]
     lo, hi = visible
