@@ -59,6 +59,23 @@ cdef extern from "cattn_omp.h" nogil:
 
 cdef extern from *:
     """
+    /* The calling thread's CPU time in seconds; -1 where the system has no such clock. */
+    #if defined(__linux__) || defined(__APPLE__) || defined(__FreeBSD__)
+    #include <time.h>
+    static double cattn_thread_cpu_seconds(void) {
+        struct timespec ts;
+        if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0) return -1.0;
+        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    }
+    #else
+    static double cattn_thread_cpu_seconds(void) { return -1.0; }
+    #endif
+    """
+    double cattn_thread_cpu_seconds() nogil
+
+
+cdef extern from *:
+    """
     /* Wall-clock seconds (OpenMP's clock; clock() in a build without OpenMP, serial). */
     #ifdef _OPENMP
     #define cattn_seconds() omp_get_wtime()
@@ -319,9 +336,8 @@ cdef enum:
     COUNTER_KEY_BLOCKS = 1
     COUNTER_TEAM = 2        # (thread 0's slot only) the team size OpenMP gave
     COUNTER_BF16_BLOCKS = 3 # block products computed with native bfloat16 products
-    COUNTER_ENTRY_NS = 4    # from the region's start to the thread's entry into it
-    COUNTER_END_NS = 5      # from the region's start to the end of the thread's last task
-    COUNTER_REGION_NS = 6   # (thread 0's slot only) the region's wall time, 0: not measured
+    COUNTER_CPU_NS = 4      # the thread's CPU time in the region, -1: unknown
+    COUNTER_REGION_NS = 5   # (thread 0's slot only) the region's wall time
     COUNTER_STRIDE = 8
 
 
@@ -1081,29 +1097,28 @@ cdef int run_tasks(const Plan* p, int num_threads, Py_ssize_t first, Py_ssize_t 
                 merge_split_row(p, row, partials, out, lse)
         return 0
     cdef floating* mine = scratch_base
-    cdef Py_ssize_t* mine_counted
-    # (the clock around the region and each task measures what a team costs a call: see
-    # team_for_work)
+    cdef double cpu_start
+    # (the clocks around the region and in each thread measure what a team costs a call:
+    # see team_for_work)
     cdef double start = cattn_seconds()
     with parallel(num_threads=num_threads):
         # Each thread owns one slice of the scratch array (no shared mutable state).
         mine = scratch_base + threadid() * scratch_stride
-        mine_counted = p.counters + threadid() * COUNTER_STRIDE
-        mine_counted[COUNTER_ENTRY_NS] = <Py_ssize_t> ((cattn_seconds() - start) * 1e9)
+        cpu_start = cattn_thread_cpu_seconds()
         if threadid() == 0:
             p.counters[COUNTER_TEAM] = omp_get_num_threads()
         for task in prange(first, last, schedule='dynamic', chunksize=1):
             attend_query_block(p, task, q, k, v, mask_add, mask_bool, out, lse, weights,
                                partials, mine, p.counters + threadid() * COUNTER_STRIDE)
-            (p.counters + threadid() * COUNTER_STRIDE)[COUNTER_END_NS] = <Py_ssize_t> (
-                (cattn_seconds() - start) * 1e9)
         # (prange ends with a barrier: every chunk is done before any row is merged)
         if merge_splits:
             for row in prange(n_rows, schedule='static'):
                 merge_split_row(p, row, partials, out, lse)
-    # (a merge is work, not overhead: such regions are not measured)
-    p.counters[COUNTER_REGION_NS] = (0 if merge_splits else
-                                     <Py_ssize_t> ((cattn_seconds() - start) * 1e9))
+        # (a sleeping thread spends no CPU time: waits at the barriers are not counted)
+        (p.counters + threadid() * COUNTER_STRIDE)[COUNTER_CPU_NS] = (
+            <Py_ssize_t> ((cattn_thread_cpu_seconds() - cpu_start) * 1e9)
+            if cpu_start >= 0 else -1)
+    p.counters[COUNTER_REGION_NS] = <Py_ssize_t> ((cattn_seconds() - start) * 1e9)
     return 0
 
 
@@ -1229,18 +1244,26 @@ cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double,
 # microseconds on bare metal, 60 us and more in some virtual machines, changing with what
 # the host does. A call whose one-thread time is under SERIAL_OVERHEADS such costs gains
 # nothing from a team, and runs on the calling thread alone. The cost is measured, not
-# assumed: each parallel region's wall time, less the longest time a thread of it spent
-# from its entry to the end of its last task, is one sample, and the median of the last
-# OVERHEAD_SAMPLES samples is the estimate. Every PROBE_EVERY-th call kept on one thread
-# runs on its team anyway, so that the estimate follows a machine whose wake-ups got
-# faster. Threads change no result bit (the work split follows from the shapes alone):
-# only the time.
+# assumed: each parallel region's wall time, less the most CPU time a thread of it spent
+# (its work: a thread that waits sleeps), is one sample, and the median of the last
+# OVERHEAD_SAMPLES samples is the estimate. Once the calls kept on one thread have done
+# PROBE_AFTER such costs of work, the next one runs on its team anyway (a probe costing
+# 1/PROBE_AFTER of the work kept), so that the estimate follows a machine whose wake-ups
+# got faster: after a product of NumPy's, OpenBLAS's spinning workers can hold the cores
+# for milliseconds. Threads change no result bit (the work split follows from the shapes
+# alone): only the time.
 DEF OVERHEAD_SAMPLES = 8
 cdef double SERIAL_OVERHEADS = 3.0
-cdef Py_ssize_t PROBE_EVERY = 64
+cdef double PROBE_AFTER = 64.0
 cdef double overhead_samples[OVERHEAD_SAMPLES]
 cdef int overhead_next = 0
-cdef Py_ssize_t kept_serial = 0
+cdef double kept_work = 0.0  # seconds of one-thread work kept off the team since a probe
+# How team_for_work decided (last_call_stats' "team_rule")
+cdef enum:
+    RULE_TEAM = 0        # a team: asked for, worth it, or CATTN_FULL_TEAM
+    RULE_ONE_THREAD = 1  # kept on the calling thread
+    RULE_PROBE = 2       # small, but run on the team to measure its cost again
+TEAM_RULE_NAMES = ("team", "one thread", "probe")
 # CATTN_FULL_TEAM=1: every call on its full team however small (to time the parallel path)
 cdef bint full_team = os.environ.get("CATTN_FULL_TEAM", "0")[:1] not in ("", "0")
 
@@ -1248,18 +1271,18 @@ cdef bint full_team = os.environ.get("CATTN_FULL_TEAM", "0")[:1] not in ("", "0"
 def set_team_overhead(double seconds):
     """Set every sample of a team's cost to `seconds` (a private hook for the tests);
     returns the previous state, which `restore_team_overhead` puts back."""
-    global overhead_next, kept_serial
+    global overhead_next, kept_work
     previous = ([overhead_samples[i] for i in range(OVERHEAD_SAMPLES)], overhead_next,
-                kept_serial)
+                kept_work)
     for i in range(OVERHEAD_SAMPLES):
         overhead_samples[i] = seconds
-    overhead_next, kept_serial = 0, 0
+    overhead_next, kept_work = 0, 0.0
     return previous
 
 
 def restore_team_overhead(previous):
-    global overhead_next, kept_serial
-    samples, overhead_next, kept_serial = previous
+    global overhead_next, kept_work
+    samples, overhead_next, kept_work = previous
     for i in range(OVERHEAD_SAMPLES):
         overhead_samples[i] = samples[i]
 
@@ -1301,30 +1324,47 @@ def small_call_rule():
             f"the workers and waiting for them, now measured at {cost * 1e6:.1f} us)")
 
 
-cdef int team_for_work(int threads, double serial_seconds):
+cdef int team_for_work(int threads, double serial_seconds, int* rule) noexcept:
     """The team of a call of about serial_seconds on one thread: `threads`, or 1 when the
-    team would cost more than it saves (every PROBE_EVERY-th such call runs on `threads`
-    to measure the cost again)."""
-    global kept_serial
-    if (threads <= 1 or full_team
-            or serial_seconds >= SERIAL_OVERHEADS * team_overhead()):
+    team would cost more than it saves (unless the work kept on one thread since the last
+    probe calls for another); how it was decided goes to `rule`."""
+    global kept_work
+    rule[0] = RULE_TEAM
+    if threads <= 1 or full_team:
         return threads
-    kept_serial += 1
-    return threads if kept_serial % PROBE_EVERY == 0 else 1
+    cdef double cost = team_overhead()
+    if serial_seconds >= SERIAL_OVERHEADS * cost:
+        return threads
+    kept_work += serial_seconds
+    if kept_work >= PROBE_AFTER * cost:
+        kept_work = 0.0
+        rule[0] = RULE_PROBE
+        return threads
+    rule[0] = RULE_ONE_THREAD
+    return 1
 
 
-cdef void note_team_overhead(const Py_ssize_t* counters, int threads):
-    """One sample of what the call's last region cost: its wall time less the longest
-    time a thread spent from its entry to the end of its last task."""
-    global overhead_next
-    cdef Py_ssize_t region = counters[COUNTER_REGION_NS], busiest = 0
+cdef double team_cost_of(const Py_ssize_t* counters, int threads, double* busiest_cpu):
+    """What the call's last region cost: its wall time less the most CPU time a thread of
+    it spent (what the threads waited for: each other's wake-up, a core another process
+    or library held); -1 where the system has no thread CPU clock."""
+    cdef Py_ssize_t busiest = 0, cpu
     cdef int th
-    if region <= 0:
-        return
     for th in range(threads):
-        busiest = max(busiest, counters[th * COUNTER_STRIDE + COUNTER_END_NS]
-                      - counters[th * COUNTER_STRIDE + COUNTER_ENTRY_NS])
-    overhead_samples[overhead_next] = max(region - busiest, 0) * 1e-9
+        cpu = counters[th * COUNTER_STRIDE + COUNTER_CPU_NS]
+        if cpu < 0:
+            return -1.0
+        busiest = max(busiest, cpu)
+    busiest_cpu[0] = busiest * 1e-9
+    return max(counters[COUNTER_REGION_NS] - busiest, 0) * 1e-9
+
+
+cdef void note_team_cost(double seconds):
+    """One sample of a team's cost (the oldest of the samples goes)."""
+    global overhead_next
+    if seconds < 0:
+        return  # (no thread CPU clock on this system: the estimate keeps its prior)
+    overhead_samples[overhead_next] = seconds
     overhead_next = (overhead_next + 1) % OVERHEAD_SAMPLES
 
 
@@ -1344,14 +1384,19 @@ def last_call_stats():
     its path, OpenMP team size, tasks and how many threads ran some, key chunks, block
     sizes, key blocks visited, the per-thread scratch in bytes, and how many block products
     (Q·Kᵀ or P·V of one key block) used native bfloat16 products, the path whose
-    float kernels and row operations ran ("avx512" on the bfloat16 levels), and how many
-    items sharing keys and values each task computed."""
+    float kernels and row operations ran ("avx512" on the bfloat16 levels), how many
+    items sharing keys and values each task computed, the call's estimated one-thread
+    time in seconds and how its team was decided ("team", "one thread" or "probe"), and
+    for a team, what its last region cost (seconds; None without a thread CPU clock),
+    that region's wall time and the most CPU time a thread spent in it."""
     stats = getattr(_last_call, "stats", None)
     if stats is None:
         return None
     keys = ("isa", "team_size", "threads_with_tasks", "n_tasks", "n_splits", "split_keys",
             "block_q", "block_k", "key_blocks_visited", "scratch_bytes", "interrupt_checks",
-            "bf16_native_blocks", "float_kernels", "items_per_task")
+            "bf16_native_blocks", "float_kernels", "items_per_task",
+            "one_thread_estimate", "team_rule", "team_cost", "region_seconds",
+            "busiest_cpu_seconds")
     return dict(zip(keys, stats))
 
 
@@ -1483,8 +1528,12 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         n_tasks = (<cnp.ndarray> tasks).shape[0]
     # (grouping leaves fewer tasks than the caller counted: no thread waits for none)
     cdef int threads = max(min(num_threads, n_tasks), 1)
+    cdef double one_thread_estimate = 0.0, team_cost = -1.0, region_seconds = 0.0
+    cdef double busiest_cpu = 0.0
+    cdef int team_rule = RULE_TEAM
     if n_tasks > 0:
-        threads = team_for_work(threads, n_tasks * task_seconds(&p, is_double, n_tasks))
+        one_thread_estimate = n_tasks * task_seconds(&p, is_double, n_tasks)
+        threads = team_for_work(threads, one_thread_estimate, &team_rule)
     cdef void* qp = data_or_null(q)
     cdef void* kp = data_or_null(k)
     cdef void* vp = data_or_null(v)
@@ -1528,14 +1577,19 @@ def attention(object q, object k, object v, object out, object lse, object weigh
                             fill_nan[float](&p, <float*> op)
                     raise
         if team > 1:
-            note_team_overhead(counters, team)
+            team_cost = team_cost_of(counters, team, &busiest_cpu)
+            region_seconds = counters[COUNTER_REGION_NS] * 1e-9
+            note_team_cost(team_cost)
         for th in range(threads):
             key_blocks += counters[th * COUNTER_STRIDE + COUNTER_KEY_BLOCKS]
             bf16_blocks += counters[th * COUNTER_STRIDE + COUNTER_BF16_BLOCKS]
             with_tasks += counters[th * COUNTER_STRIDE + COUNTER_TASKS] > 0
         _last_call.stats = (ISA_NAME_OF[level], team, with_tasks, n_tasks, n_splits,
                             split_keys, block_q, block_k, key_blocks, stride * item, checks,
-                            bf16_blocks, ISA_NAME_OF[p.isa], p.group)
+                            bf16_blocks, ISA_NAME_OF[p.isa], p.group,
+                            one_thread_estimate, TEAM_RULE_NAMES[team_rule],
+                            None if team_cost < 0 else team_cost, region_seconds,
+                            busiest_cpu)
     finally:
         PyMem_RawFree(sp)
         PyMem_RawFree(counters)
