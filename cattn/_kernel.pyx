@@ -1210,10 +1210,11 @@ cdef Py_ssize_t most_members(cnp.ndarray tasks) noexcept:
 
 
 cdef double task_seconds(const Plan* p, bint is_double, Py_ssize_t n_tasks) noexcept:
-    """A task's time on one thread, roughly (a fast core's rates: an underestimate on a
-    slower one): its block products at the path's rate, its keys and values streamed from
-    memory, and a microsecond of setup. A task list's tasks count their average rows (a
-    mixed batch's one-row decodes are not full blocks)."""
+    """A task's time on one thread, roughly: its block products at a fast core's rate for
+    the path, its keys and values streamed from memory at 10 GB/s (what one core of a
+    server reads, give or take a factor of 2 or 3), and a microsecond of setup. A task
+    list's tasks count their average rows (a mixed batch's one-row decodes are not full
+    blocks)."""
     cdef double keys = <double> min(p.S, p.split_keys)
     cdef double rows = p.task_rows, total_rows = 0
     cdef Py_ssize_t n
@@ -1226,7 +1227,7 @@ cdef double task_seconds(const Plan* p, bint is_double, Py_ssize_t n_tasks) noex
                         5e10 if p.isa == CATTN_ISA_AVX2 else 2e10)
     if is_double:
         rate /= 2
-    return flops / rate + keys * (p.E * p.k_size + p.Ev * p.v_size) / 2e10 + 1e-6
+    return flops / rate + keys * (p.E * p.k_size + p.Ev * p.v_size) / 1e10 + 1e-6
 
 
 cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double,
@@ -1253,7 +1254,12 @@ cdef Py_ssize_t tasks_per_group(const Plan* p, int threads, bint is_double,
 # for milliseconds. Threads change no result bit (the work split follows from the shapes
 # alone): only the time.
 DEF OVERHEAD_SAMPLES = 8
-cdef double SERIAL_OVERHEADS = 3.0
+cdef double SERIAL_OVERHEADS = 2.5  # (2 is the break-even of a perfect 2-thread split)
+# Whatever the cost, a call of more one-thread work than this keeps its team: costs of
+# milliseconds come from another library's threads holding the cores (OpenBLAS's idle
+# workers spin for ~0.1 s after a product), which the next call may not meet, and a call
+# kept on one thread by mistake loses at most about half of this.
+cdef double MAX_KEPT_SECONDS = 1e-3
 cdef double PROBE_AFTER = 64.0
 cdef double overhead_samples[OVERHEAD_SAMPLES]
 cdef int overhead_next = 0
@@ -1319,9 +1325,10 @@ def small_call_rule():
     if full_team:
         return "every call on its full team (CATTN_FULL_TEAM)"
     cost = team_overhead()
-    return (f"calls under about {SERIAL_OVERHEADS * cost * 1e6:.0f} us of one-thread work "
-            f"run on one thread ({SERIAL_OVERHEADS:g} x what a team costs a call: waking "
-            f"the workers and waiting for them, now measured at {cost * 1e6:.1f} us)")
+    return (f"calls under about {min(SERIAL_OVERHEADS * cost, MAX_KEPT_SECONDS) * 1e6:.0f} "
+            f"us of one-thread work run on one thread ({SERIAL_OVERHEADS:g} x what a team "
+            f"costs a call: waking the workers and waiting for them, now measured at "
+            f"{cost * 1e6:.1f} us; at most {MAX_KEPT_SECONDS * 1e6:.0f} us)")
 
 
 cdef int team_for_work(int threads, double serial_seconds, int* rule) noexcept:
@@ -1333,7 +1340,7 @@ cdef int team_for_work(int threads, double serial_seconds, int* rule) noexcept:
     if threads <= 1 or full_team:
         return threads
     cdef double cost = team_overhead()
-    if serial_seconds >= SERIAL_OVERHEADS * cost:
+    if serial_seconds >= min(SERIAL_OVERHEADS * cost, MAX_KEPT_SECONDS):
         return threads
     kept_work += serial_seconds
     if kept_work >= PROBE_AFTER * cost:

@@ -312,8 +312,8 @@ MUTANTS = [
     Mutant("small-calls-rule-reversed",
            "small calls get the team and calls worth one run on one thread",
            [Edit("cattn/_kernel.pyx",
-                 "    if serial_seconds >= SERIAL_OVERHEADS * cost:",
-                 "    if serial_seconds < SERIAL_OVERHEADS * cost:")],
+                 "    if serial_seconds >= min(SERIAL_OVERHEADS * cost, MAX_KEPT_SECONDS):",
+                 "    if serial_seconds < min(SERIAL_OVERHEADS * cost, MAX_KEPT_SECONDS):")],
            ["tests/test_small_calls.py"]),
     Mutant("small-calls-probe-too-soon",
            "a call kept on one thread probes its team after one team cost of work, not 64: "
@@ -321,6 +321,13 @@ MUTANTS = [
            [Edit("cattn/_kernel.pyx",
                  "    if kept_work >= PROBE_AFTER * cost:",
                  "    if kept_work >= cost:")],
+           ["tests/test_small_calls.py"]),
+    Mutant("small-calls-no-ceiling",
+           "any call, however long, runs on one thread while the team's cost measures "
+           "milliseconds (a moment of OpenBLAS's workers spinning)",
+           [Edit("cattn/_kernel.pyx",
+                 "    if serial_seconds >= min(SERIAL_OVERHEADS * cost, MAX_KEPT_SECONDS):",
+                 "    if serial_seconds >= SERIAL_OVERHEADS * cost:")],
            ["tests/test_small_calls.py"]),
     Mutant("small-calls-never-probe",
            "a call kept on one thread never runs on its team again: one slow moment's "
