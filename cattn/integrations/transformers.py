@@ -310,13 +310,14 @@ def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0
     # the common path works on NumPy views (a tensor's shape costs 0.3 us, an array's 30 ns)
     general = kwargs.get("output_attentions") or cattn_torch.traced(query, key, value, s_aux)
     arrays = None if general else cattn_torch.numpy_views(query, key, value)
-    shapes = (query if general else arrays[0]).shape, (key if general else arrays[1]).shape
-    enable_gqa = shapes[0][1] != shapes[1][1]
+    q_shape, k_shape = (query.shape, key.shape) if general else (arrays[0].shape,
+                                                                 arrays[1].shape)
+    enable_gqa = q_shape[1] != k_shape[1]
     if not general and not cattn_torch.one_batch_axis(*arrays):
         general, arrays = True, None
     if isinstance(attention_mask, AttentionPattern) and attention_mask.chunks is not None:
         if not general:
-            return _chunked(query, key, value, attention_mask.chunks, scale=scaling,
+            return _chunked(*arrays, attention_mask.chunks, scale=scaling,
                             enable_gqa=enable_gqa, softcap=softcap, sinks=s_aux), None
         attention_mask = attention_mask.dense()  # (what those calls take)
     q_offset = k_offset = key_lengths = None
@@ -348,9 +349,9 @@ def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0
             return _with_weights(query, key, value, options)
         out = cattn_torch.scaled_dot_product_attention(query, key, value, **options)
         return out.transpose(1, 2), None
-    if (shapes[0][2] == 1 and enable_gqa and s_aux is None and key_lengths is None
+    if (q_shape[2] == 1 and enable_gqa and s_aux is None and key_lengths is None
             and (mask is None or mask.shape[1] == 1) and getattr(q_offset, "ndim", 0) == 0):
-        visible = _visible_keys(shapes[1][2], is_causal=causal, window=window,
+        visible = _visible_keys(k_shape[2], is_causal=causal, window=window,
                                 alignment=alignment, q_offset=q_offset, k_offset=k_offset)
         if visible is not None:
             return _one_token_grouped(*arrays, visible, attn_mask=mask, scale=scaling,
@@ -362,14 +363,12 @@ def cattn_attention_forward(module, query, key, value, attention_mask, dropout=0
         q_offset=q_offset, k_offset=k_offset, softcap=softcap, sinks=s_aux), None
 
 
-def _chunked(query, key, value, chunks, **options):
-    """Chunked attention: each batch item's chunks as the sequences of one
-    `cattn.varlen_attention` call, over (L, heads, E) views of the item's tensors, written
-    into the (batch, L, heads, Ev) result."""
-    query_array = cattn_torch.numpy_view(query, "query")
-    keys, values = cattn_torch.numpy_view(key, "key"), cattn_torch.numpy_view(value, "value")
-    batch, heads, L = query.shape[:3]
-    out = np.empty((batch, L, heads, value.shape[-1]), dtype=query_array.dtype)
+def _chunked(query_array, keys, values, chunks, **options):
+    """Chunked attention on NumPy views of the operands: each batch item's chunks as the
+    sequences of one `cattn.varlen_attention` call, over (L, heads, E) views of the item's
+    operands, written into the (batch, L, heads, Ev) result."""
+    batch, heads, L = query_array.shape[:3]
+    out = np.empty((batch, L, heads, values.shape[-1]), dtype=query_array.dtype)
     sinks = cattn_torch.sinks_array(options.pop("sinks"))
     for item, (cu_seqlens_q, cu_seqlens_k) in enumerate(chunks):
         cattn.varlen_attention(query_array[item].transpose(1, 0, 2),
