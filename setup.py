@@ -11,6 +11,10 @@ Environment variables:
                       lies inside its array, and aborts naming the first that does not
                       (src/cattn_debug.h); C asserts stay on (no -DNDEBUG). Switching an
                       in-place build between the two needs `build_ext --inplace --force`.
+  CATTN_EMULATE_ISA=1 the emulation build, for tests: the bfloat16 levels' instructions
+                      (AVX512-BF16, AMX-BF16) and the VEX vpdpbusd in software on AVX-512
+                      (src/cattn_emulate.h), so a CPU with AVX-512 but without them runs the
+                      amx, avx512_bf16 and avx_vnni paths' logic. Slow; never for use.
 """
 import glob
 import os
@@ -89,11 +93,14 @@ class BuildExt(build_ext):
                 command = getattr(self.compiler, attribute, None)
                 if isinstance(command, list):
                     command[:] = [flag for flag in command if flag != "-DNDEBUG"]
+        emulate = os.environ.get("CATTN_EMULATE_ISA", "") not in ("", "0")
         for ext in self.extensions:
             own = EXTRA_GCC_ARGS.get(ext.name, []) if self.compiler.compiler_type != "msvc" else []
             ext.extra_compile_args = extra_c + own + (flags[0] if flags else [])
             if debug:
                 ext.define_macros = ext.define_macros + [("CATTN_DEBUG", "1")]
+            if emulate:
+                ext.define_macros = ext.define_macros + [("CATTN_EMULATE_ISA", "1")]
             ext.extra_link_args = list(flags[1]) if flags else []
         super().build_extensions()
 

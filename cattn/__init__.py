@@ -109,7 +109,8 @@ def show_config() -> Dict[str, Any]:
         ``default_num_threads`` (OpenMP's default team); ``isa`` (the path calls take:
         "amx", "avx512_bf16", "avx512", "avx2" or "portable"; the first two add native
         bfloat16 products to AVX-512) and ``isa_supported`` (every path this CPU can
-        run); ``block_gemm`` (BLAS or cattn's own micro-kernels); ``blas_thread_control``
+        run); ``isa_emulated`` (True only in a test build that runs the bfloat16 levels'
+        instructions in software, CATTN_EMULATE_ISA=1: slow, never to measure); ``block_gemm`` (BLAS or cattn's own micro-kernels); ``blas_thread_control``
         (how BLAS is kept on one thread inside the kernel's threads); ``openmp_wait_policy``
         (how idle OpenMP workers wait, and who chose it); ``small_calls`` (below how
         much work a call runs on the calling thread alone: a few wake-ups of a sleeping
@@ -143,6 +144,7 @@ def show_config() -> Dict[str, Any]:
         "default_num_threads": _kernel.default_num_threads(),
         "isa": _kernel.isa_path(),
         "isa_supported": list(_kernel.supported_isa_paths()),
+        "isa_emulated": _kernel.isa_emulated(),
         "block_gemm": _block_gemm(_kernel),
         "blas_thread_control": single_threaded_blas.backend,
         "openmp_wait_policy": _runtime.WAIT_POLICY,

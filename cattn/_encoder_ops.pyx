@@ -908,6 +908,7 @@ def linear(const floating[:, :] x, packed, const floating[::1] bias, floating[:,
 cdef extern from "cattn_int8_gemm.h":
     int CATTN_I8_PORTABLE, CATTN_I8_AVX2, CATTN_I8_AVX_VNNI, CATTN_I8_AVX512_VNNI
     int CATTN_I8_HAVE_AVX_VNNI
+    const bint CATTN_ISA_EMULATED
     int cattn_i8_supported() noexcept nogil
     size_t cattn_i8_work_bytes(Py_ssize_t K) noexcept nogil
     void cattn_i8_quantize_rows(int path, Py_ssize_t rows, Py_ssize_t K, const float* x,
@@ -934,9 +935,10 @@ cdef int INT8_SUPPORTED = cattn_i8_supported()
 
 def int8_supported_paths():
     """The int8 paths this CPU runs, best first (avx_vnni only where the CPU has it, not as
-    a step below avx512_vnni)."""
+    a step below avx512_vnni; but in the emulation build, which runs it on AVX512-VNNI)."""
     return tuple(name for i, name in enumerate(INT8_PATHS[::-1])
-                 if i <= INT8_SUPPORTED and (i != CATTN_I8_AVX_VNNI or i == INT8_SUPPORTED))[::-1]
+                 if i <= INT8_SUPPORTED and (i != CATTN_I8_AVX_VNNI or i == INT8_SUPPORTED
+                                             or CATTN_ISA_EMULATED))[::-1]
 
 
 def int8_path_index(isa=None):

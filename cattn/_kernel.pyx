@@ -106,6 +106,10 @@ cdef extern from "cattn_debug.h" nogil:
         const char* lo
         const char* hi
     const bint CATTN_DEBUG_BUILD
+
+# The emulation build (CATTN_EMULATE_ISA=1): the bfloat16 levels in software (tests only).
+cdef extern from "cattn_cpu.h" nogil:
+    const bint CATTN_ISA_EMULATED
     void CATTN_ASSERT(bint cond, const char* what)
     void CATTN_ASSERT_INSIDE(cattn_extent extent, const void* first, const void* last,
                              size_t size, const char* what)
@@ -1916,6 +1920,12 @@ def calls_blas(isa=None):
 def debug_checks():
     """Whether this build checks the bounds of its reads and writes (CATTN_DEBUG=1)."""
     return bool(CATTN_DEBUG_BUILD)
+
+
+def isa_emulated():
+    """Whether this build emulates the bfloat16 levels' instructions (CATTN_EMULATE_ISA=1,
+    src/cattn_emulate.h): a build for tests, whose amx and avx512_bf16 paths are slow."""
+    return bool(CATTN_ISA_EMULATED)
 
 
 def openmp_enabled():

@@ -70,6 +70,24 @@ class Mutant:
     quick: bool = False        # one of the few `--quick` runs (CI)
 
 
+def cpu_flags():
+    """The CPU's feature flags as Linux names them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# The bfloat16 levels' mutants run on the CPU's own instructions where it has them, and
+# otherwise in the emulation build (src/cattn_emulate.h), whose tests do not skip.
+EMULATE = {"CATTN_EMULATE_ISA": "1"}
+ON_BF16 = {} if "avx512_bf16" in cpu_flags() else EMULATE
+ON_AMX = {} if {"amx_bf16", "amx_tile"} <= cpu_flags() else EMULATE
+
 API, KERNEL, REF, LAYERS = "cattn/_api.py", "cattn/_kernel.pyx", "cattn/reference.py", \
     "cattn/layers.py"
 PAGED = "cattn/_paged.py"
@@ -248,23 +266,27 @@ MUTANTS = [
                  "_mm512_storeu_si512(d + c / 2, _mm512_inserti64x4(_mm512_castsi256_si512("
                  "_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(lo), 16))), "
                  "_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(hi), 16)), 1));")],
-           ["tests/test_bf16_native.py", "-k", "float64"]),
+           ["tests/test_bf16_native.py", "-k", "float64"],
+           env=ON_BF16),
     Mutant("bf16-values-never-native",
            "bfloat16 values are widened to float32 for P·V on the bfloat16 paths",
            [Edit(KERNEL, "p.bf16_pv = p.bf16_isa and p.v_type == CATTN_ELEM_BF16",
                  "p.bf16_pv = False")],
-           ["tests/test_bf16_native.py", "-k", "only_where"]),
+           ["tests/test_bf16_native.py", "-k", "only_where"],
+           env=ON_BF16),
     Mutant("bf16-float32-query-rounded",
            "a float32 query is cut to bfloat16 for Q·Kᵀ against bfloat16 keys",
            [Edit(KERNEL, "p.k_type == CATTN_ELEM_BF16 and bool(bf16_query)",
                  "p.k_type == CATTN_ELEM_BF16")],
-           ["tests/test_bf16_native.py", "-k", "only_where"]),
+           ["tests/test_bf16_native.py", "-k", "only_where"],
+           env=ON_BF16),
     Mutant("bf16-queries-of-the-first-block-only",
            "the bfloat16 queries are loaded for the first task of each thread only",
            [Edit(KERNEL, "if p.bf16_scores and t.rows > CATTN_DIRECT_ROWS:",
                  "if p.bf16_scores and t.rows > CATTN_DIRECT_ROWS and "
                  "counters[COUNTER_TASKS] == 0:")],
-           ["tests/test_bf16_native.py", "-k", "matches_float64"]),
+           ["tests/test_bf16_native.py", "-k", "matches_float64"],
+           env=ON_BF16),
     Mutant("bf16-key-rows-read-past-E",
            "the key packing reads whole pairs of 16 past a row's last feature",
            [Edit(BF16, "const __mmask32 m = cattn_mask32(E - 2 * e0);",
@@ -354,7 +376,8 @@ MUTANTS = [
            "matmul_precision=\"high\" forgets the inputs' low bfloat16 parts: about 8 "
            "significant bits, not 16 (AMX CPUs)",
            [Edit(BF16, "                    CATTN_AMX_PRODUCTS(); /* a_lo · w_hi */\n", "")],
-           ["tests/test_packed_linear.py", "-k", "split"]),
+           ["tests/test_packed_linear.py", "-k", "split"],
+           env=ON_AMX),
     Mutant("split-bf16-weight-remainder-zero",
            "the weight's low bfloat16 part is packed as zeros",
            [Edit("cattn/_encoder_ops.pyx",
@@ -364,7 +387,8 @@ MUTANTS = [
     Mutant("split-bf16-row-blocks-overlap",
            "every block of 128 rows is written over the first (AMX CPUs)",
            [Edit(BF16, "c + (i0 + r0) * ldc + j0, ldc);", "c + r0 * ldc + j0, ldc);")],
-           ["tests/test_packed_linear.py", "-k", "split"]),
+           ["tests/test_packed_linear.py", "-k", "split"],
+           env=ON_AMX),
     Mutant("encoder-ignores-matmul-precision",
            "the sentence encoder packs its weights for float32 products whatever "
            "matmul_precision says",
@@ -1048,6 +1072,10 @@ def child_env(extra=None):
     return env
 
 
+# Environment variables setup.py reads: a mutant's build with one of them is a full build.
+BUILD_FLAGS = {"CATTN_EMULATE_ISA", "CATTN_DEBUG", "CATTN_NO_OPENMP", "CATTN_CFLAGS"}
+
+
 def build(tree, env, force=False):
     """Build in place; incremental (only what changed) unless forced (build flags changed)."""
     command = [sys.executable, "setup.py", "build_ext", "--inplace", "-q"]
@@ -1180,8 +1208,10 @@ def main(argv=None):
             copy_tree(base, tree)
             env = child_env(m.env)
             try:
-                if apply(m, tree):
-                    build(tree, env, force=any(e.path == "setup.py" for e in m.edits))
+                # (a build flag in the mutant's environment rebuilds every module with it)
+                if apply(m, tree) or m.env.keys() & BUILD_FLAGS:
+                    build(tree, env, force=any(e.path == "setup.py" for e in m.edits)
+                          or bool(m.env.keys() & BUILD_FLAGS))
                 code, lines = run_tests(tree, m.tests, env)
                 if code == 1:
                     status, detail = "killed", first_failure(lines)

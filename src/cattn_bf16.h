@@ -96,9 +96,14 @@ static inline int cattn_isa_has_bf16_products(int isa)
 
 #if CATTN_HAVE_X86_PATHS
 
+#if CATTN_ISA_EMULATED /* the instructions below are cattn_emulate.h's, on AVX-512 */
+#define CATTN_BF16_TGT CATTN_EMU_TGT
+#define CATTN_AMX_TGT CATTN_EMU_TGT
+#else
 #define CATTN_BF16_TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
 #define CATTN_AMX_TGT \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")))
+#endif
 
 static inline __mmask32 cattn_mask32(ptrdiff_t n)
 {

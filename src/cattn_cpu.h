@@ -41,6 +41,14 @@ enum { CATTN_ISA_PORTABLE = 0, CATTN_ISA_AVX2 = 1, CATTN_ISA_AVX512 = 2,
        CATTN_ISA_AVX512_BF16 = 3, CATTN_ISA_AMX = 4, CATTN_ISA_BEST = CATTN_ISA_AMX,
        CATTN_ISA_WIDE16 = 5, CATTN_ISA_BLAS = 6 };
 
+/* The emulation build (tests only): the bfloat16 levels' instructions in software. */
+#if CATTN_HAVE_X86_PATHS && defined(CATTN_EMULATE_ISA)
+#define CATTN_ISA_EMULATED 1
+#include "cattn_emulate.h"
+#else
+#define CATTN_ISA_EMULATED 0
+#endif
+
 #if CATTN_HAVE_X86_PATHS
 #include <cpuid.h>
 #if defined(__linux__)
@@ -93,6 +101,11 @@ static int cattn_isa_supported(void)
         return CATTN_ISA_PORTABLE;
     if (!__builtin_cpu_supports("avx512f"))
         return CATTN_ISA_AVX2;
+#if CATTN_ISA_EMULATED
+    if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq"))
+        return CATTN_ISA_AMX; /* cattn_emulate.h runs the bfloat16 levels on AVX-512 */
+#endif
     if (!cattn_cpu_has_avx512_bf16())
         return CATTN_ISA_AVX512;
     return cattn_os_grants_amx() ? CATTN_ISA_AMX : CATTN_ISA_AVX512_BF16;

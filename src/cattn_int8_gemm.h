@@ -61,7 +61,12 @@ typedef ptrdiff_t i8_size;
 #if (defined(__clang__) && __clang_major__ >= 12) || \
     (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
 #define CATTN_I8_HAVE_AVX_VNNI 1
+#if CATTN_ISA_EMULATED /* the VEX vpdpbusd as AVX512-VNNI's (cattn_emulate.h) */
+#define CATTN_I8_TARGET_AVX_VNNI \
+    __attribute__((target("avx2,fma,avx512f,avx512vl,avx512vnni")))
+#else
 #define CATTN_I8_TARGET_AVX_VNNI __attribute__((target("avx2,fma,avxvnni")))
+#endif
 #else
 #define CATTN_I8_HAVE_AVX_VNNI 0
 #endif

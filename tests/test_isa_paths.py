@@ -36,6 +36,17 @@ def path_param(name):
 ALL_PATHS = [path_param(p) for p in PATHS]
 
 
+def test_the_emulation_build_only_when_asked_for():
+    """The bfloat16 levels run in software only in a build made for it (CATTN_EMULATE_ISA=1,
+    whose tests run with the same variable): an ordinary build emulates nothing, so its
+    amx and avx512_bf16 paths exist only where the CPU has them."""
+    asked = os.environ.get("CATTN_EMULATE_ISA", "") not in ("", "0")
+    assert _kernel.isa_emulated() is asked
+    assert cattn.show_config()["isa_emulated"] is asked
+    if asked:
+        assert {"amx", "avx512_bf16"} <= set(_kernel.supported_isa_paths())
+
+
 def compare(got, want, dtype):
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)

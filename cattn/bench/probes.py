@@ -290,10 +290,14 @@ def cpu_description() -> Dict[str, Any]:
 
 
 def cattn_isa(config: Dict[str, Any]) -> Optional[str]:
-    """The instruction set cattn's kernel runs on, as show_config reports it."""
+    """The instruction set cattn's kernel runs on, as show_config reports it (marked when
+    the build emulates it: a test build, whose bfloat16 figures mean nothing)."""
     if not isinstance(config, dict):
         return None
-    return config.get("isa", config.get("simd"))
+    isa = config.get("isa", config.get("simd"))
+    if config.get("isa_emulated"):
+        return f"{isa} (EMULATED in software: a test build, not for measuring)"
+    return isa
 
 
 PEAK_PATHS = ("avx512", "avx2")
