@@ -906,7 +906,7 @@ def linear(const floating[:, :] x, packed, const floating[::1] bias, floating[:,
 # point per row) and sums the products exactly in int32 on the best int8 path of the CPU.
 
 cdef extern from "cattn_int8_gemm.h":
-    int CATTN_I8_PORTABLE, CATTN_I8_AVX2, CATTN_I8_AVX_VNNI, CATTN_I8_AVX512_VNNI
+    int CATTN_I8_PORTABLE, CATTN_I8_AVX2, CATTN_I8_AVX_VNNI, CATTN_I8_AVX512_VNNI, CATTN_I8_AMX
     int CATTN_I8_HAVE_AVX_VNNI
     const bint CATTN_ISA_EMULATED
     int cattn_i8_supported() noexcept nogil
@@ -929,7 +929,7 @@ cdef extern from "cattn_int8_gemm.h":
 
 
 # best first; the path numbers of cattn_int8_gemm.h are the positions from the end
-INT8_PATHS = ("avx512_vnni", "avx_vnni", "avx2", "portable")
+INT8_PATHS = ("amx", "avx512_vnni", "avx_vnni", "avx2", "portable")
 cdef int INT8_SUPPORTED = cattn_i8_supported()
 
 
@@ -944,7 +944,7 @@ def int8_supported_paths():
 def int8_path_index(isa=None):
     """The int8 path for a call: `isa` (a name of INT8_PATHS this CPU runs), else the best
     one the attention kernel's path allows (CATTN_ISA=portable: plain C; avx2: the 256-bit
-    paths; above: all)."""
+    paths; avx512 and avx512_bf16: no AMX tiles; amx: all)."""
     if isa is not None:
         if isa not in int8_supported_paths():
             raise ValueError(f"the int8 path {isa!r} is not available on this CPU; "
@@ -955,6 +955,8 @@ def int8_path_index(isa=None):
         return CATTN_I8_PORTABLE
     if cap == CATTN_ISA_AVX2:
         return min(INT8_SUPPORTED, CATTN_I8_AVX_VNNI)
+    if cap != CATTN_ISA_AMX:
+        return min(INT8_SUPPORTED, CATTN_I8_AVX512_VNNI)
     return INT8_SUPPORTED
 
 

@@ -87,12 +87,13 @@ def cpu_flags():
 EMULATE = {"CATTN_EMULATE_ISA": "1"}
 ON_BF16 = {} if "avx512_bf16" in cpu_flags() else EMULATE
 ON_AMX = {} if {"amx_bf16", "amx_tile"} <= cpu_flags() else EMULATE
+ON_AMX_INT8 = {} if {"amx_int8", "amx_tile"} <= cpu_flags() else EMULATE
 
 API, KERNEL, REF, LAYERS = "cattn/_api.py", "cattn/_kernel.pyx", "cattn/reference.py", \
     "cattn/layers.py"
 PAGED = "cattn/_paged.py"
 VARLEN = "cattn/_varlen.py"
-BF16 = "src/cattn_bf16.h"
+BF16, INT8 = "src/cattn_bf16.h", "src/cattn_int8_gemm.h"
 CONVERT, GEMM, DTYPES = "src/cattn_convert.h", "src/cattn_gemm.h", "cattn/_dtypes.py"
 DASK, RUNTIME = "cattn/dask.py", "cattn/_runtime.py"
 SENTENCE, MINILM, BERT = "cattn/models/sentence.py", "cattn/models/minilm.py", "cattn/models/bert.py"
@@ -389,6 +390,25 @@ MUTANTS = [
            [Edit(BF16, "c + (i0 + r0) * ldc + j0, ldc);", "c + r0 * ldc + j0, ldc);")],
            ["tests/test_packed_linear.py", "-k", "split"],
            env=ON_AMX),
+    Mutant("amx-int8-last-groups-from-the-next-panel",
+           "int8 layers on AMX: when the inputs do not fill a last tile of 64, the tile reads "
+           "on into the next panel's weights instead of zeros",
+           [Edit(INT8, "    if (ng == 16) return panel + g0 * 64;",
+                 "    if (ng > 0) return panel + g0 * 64;")],
+           ["tests/test_int8_linear.py", "-k", "amx"],
+           env=ON_AMX_INT8),
+    Mutant("amx-int8-second-row-tile-dropped",
+           "int8 layers on AMX: rows 16-31 of each 32-row block are never summed",
+           [Edit(INT8, "const int two_rows = rows - r0 > 16;",
+                 "const int two_rows = rows - r0 > 32;")],
+           ["tests/test_int8_linear.py", "-k", "amx"],
+           env=ON_AMX_INT8),
+    Mutant("amx-int8-under-an-avx512-cap",
+           "CATTN_ISA=avx512 still runs int8 layers on AMX tiles",
+           [Edit("cattn/_encoder_ops.pyx", "    if cap != CATTN_ISA_AMX:\n",
+                 "    if False:\n")],
+           ["tests/test_int8_linear.py", "-k", "caps"],
+           env=ON_AMX_INT8),
     Mutant("encoder-ignores-matmul-precision",
            "the sentence encoder packs its weights for float32 products whatever "
            "matmul_precision says",

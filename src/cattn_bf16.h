@@ -318,24 +318,6 @@ CATTN_BF16_TGT static void cattn_bf16_pv_avx512(ptrdiff_t rows, ptrdiff_t Ev,
  * right operand; every tile 16 rows × 64 bytes. Configured at the start of each block
  * product and released at its end, so no tile state outlives a call on the thread. */
 
-struct cattn_tile_config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
-CATTN_AMX_TGT static void cattn_amx_configure(void)
-{
-    struct cattn_tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
-}
-
 /* The 32 × 32 result block in tmm0-3 set to zero. */
 #define CATTN_AMX_ZERO_RESULT()                                                           \
     do {                                                                                  \

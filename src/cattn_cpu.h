@@ -51,6 +51,8 @@ enum { CATTN_ISA_PORTABLE = 0, CATTN_ISA_AVX2 = 1, CATTN_ISA_AVX512 = 2,
 
 #if CATTN_HAVE_X86_PATHS
 #include <cpuid.h>
+#include <stdint.h>
+#include <string.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -67,16 +69,18 @@ static int cattn_cpu_has_avx512_bf16(void)
     return (a >> 5) & 1;
 }
 
-/* AMX-TILE and AMX-BF16 in the CPU, the tile state enabled by the operating system (XCR0
- * bits 17-18), and, on Linux, this process granted permission to use it (a request, once:
- * the kernel refuses tile instructions to a process that never asked). Elsewhere, no AMX. */
-static int cattn_os_grants_amx(void)
+/* AMX-TILE and the tile products `product_bit` names (CPUID leaf 7 EDX: 22 AMX-BF16, 25
+ * AMX-INT8) in the CPU, the tile state enabled by the operating system (XCR0 bits 17-18),
+ * and, on Linux, this process granted permission to use it (a request: the kernel refuses
+ * tile instructions to a process that never asked; asking again is harmless). Elsewhere,
+ * no AMX. */
+static int cattn_os_grants_tiles(unsigned product_bit)
 {
 #if defined(__linux__) && defined(SYS_arch_prctl)
     unsigned a, b, c, d, xcr0_lo, xcr0_hi;
     if (__get_cpuid_max(0, 0) < 7) return 0;
     __cpuid_count(7, 0, a, b, c, d);
-    if (!((d >> 24) & 1) || !((d >> 22) & 1)) return 0; /* AMX-TILE, AMX-BF16 */
+    if (!((d >> 24) & 1) || !((d >> product_bit) & 1)) return 0;
     __cpuid(1, a, b, c, d);
     if (!((c >> 27) & 1)) return 0; /* OSXSAVE: xgetbv is available */
     __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
@@ -84,8 +88,39 @@ static int cattn_os_grants_amx(void)
     /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA */
     return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
 #else
+    (void)product_bit;
     return 0;
 #endif
+}
+
+#define CATTN_AMX_BF16_BIT 22
+#define CATTN_AMX_INT8_BIT 25
+
+/* The one tile shape cattn's AMX kernels use: palette 1, tiles 0-7 of 16 rows × 64 bytes.
+ * Each block product configures it at its start and releases the tiles at its end, so no
+ * tile state outlives a call on the thread. */
+struct cattn_tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+#if CATTN_ISA_EMULATED
+#define CATTN_TILE_TGT CATTN_EMU_TGT
+#else
+#define CATTN_TILE_TGT __attribute__((target("amx-tile")))
+#endif
+
+CATTN_TILE_TGT static void cattn_amx_configure(void)
+{
+    struct cattn_tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
 }
 #endif
 
@@ -108,7 +143,7 @@ static int cattn_isa_supported(void)
 #endif
     if (!cattn_cpu_has_avx512_bf16())
         return CATTN_ISA_AVX512;
-    return cattn_os_grants_amx() ? CATTN_ISA_AMX : CATTN_ISA_AVX512_BF16;
+    return cattn_os_grants_tiles(CATTN_AMX_BF16_BIT) ? CATTN_ISA_AMX : CATTN_ISA_AVX512_BF16;
 #else
     return CATTN_ISA_PORTABLE;
 #endif

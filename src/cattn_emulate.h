@@ -1,10 +1,11 @@
 /*
  * The emulation build (CATTN_EMULATE_ISA=1 at build time, see setup.py), for tests only.
  *
- * The bfloat16 levels' instructions -- vcvtne2ps2bf16, vdpbf16ps, the AMX tile state and
- * tdpbf16ps -- are implemented here in software on AVX-512F/BW/VL, and the VEX vpdpbusd of
- * AVX-VNNI by its EVEX twin of AVX512-VNNI (the same operation). A CPU with AVX-512BW/VL is
- * then reported as having the amx level (and, with AVX512-VNNI, the avx_vnni int8 path), so
+ * The bfloat16 levels' instructions -- vcvtne2ps2bf16, vdpbf16ps, the AMX tile state,
+ * tdpbf16ps and tdpbusd -- are implemented here in software on AVX-512F/BW/VL, and the VEX
+ * vpdpbusd of AVX-VNNI by its EVEX twin of AVX512-VNNI (the same operation). A CPU with
+ * AVX-512BW/VL is then reported as having the amx level (and, with AVX512-VNNI, the amx
+ * and avx_vnni int8 paths), so
  * a machine without those instructions still runs their kernels' own logic -- packing,
  * layouts, tails, tile shapes -- through the test suite. Each instruction follows the
  * pseudo-code of Intel's manual: round to nearest even, NaNs quieted, subnormal inputs of
@@ -175,18 +176,48 @@ CATTN_EMU_TGT static void cattn_emu_tile_dpbf16ps(int c, int a, int b)
     }
 }
 
+/* tdpbusd: c[m][n] += Σ_k the four products of a[m].bytes[4k..4k+3] (unsigned) and
+ * b[k].bytes[4n..4n+3] (signed), in int32 (wrapping, as the hardware's). */
+static void cattn_emu_tile_dpbusd(int c, int a, int b)
+{
+    cattn_emu_tile_check(c);
+    cattn_emu_tile_check(a);
+    cattn_emu_tile_check(b);
+    struct cattn_emu_tile_state *s = &cattn_emu_tiles;
+    const int m_rows = s->rows[c], k_groups = s->colsb[a] / 4, n_cols = s->colsb[c] / 4;
+    if (s->rows[a] != m_rows || s->rows[b] != k_groups || s->colsb[b] != s->colsb[c] ||
+        s->colsb[a] % 4 || s->colsb[c] % 4)
+        cattn_emu_fault("tdpbusd with tile shapes that do not fit");
+    for (int m = 0; m < m_rows; m++) {
+        int32_t acc[16];
+        memcpy(acc, s->data[c][m], sizeof acc);
+        for (int k = 0; k < k_groups; k++) {
+            const uint8_t *x = s->data[a][m] + 4 * k;
+            const int8_t *y = (const int8_t *)s->data[b][k];
+            for (int n = 0; n < n_cols; n++) {
+                const int32_t dot = (int32_t)x[0] * y[4 * n] + (int32_t)x[1] * y[4 * n + 1] +
+                                    (int32_t)x[2] * y[4 * n + 2] + (int32_t)x[3] * y[4 * n + 3];
+                acc[n] = (int32_t)((uint32_t)acc[n] + (uint32_t)dot);
+            }
+        }
+        memcpy(s->data[c][m], acc, (size_t)n_cols * 4);
+    }
+}
+
 #undef _tile_loadconfig
 #undef _tile_release
 #undef _tile_loadd
 #undef _tile_stored
 #undef _tile_zero
 #undef _tile_dpbf16ps
+#undef _tile_dpbusd
 #define _tile_loadconfig(config) cattn_emu_tile_loadconfig(config)
 #define _tile_release() memset(&cattn_emu_tiles, 0, sizeof cattn_emu_tiles)
 #define _tile_loadd(t, base, stride) cattn_emu_tile_loadd((t), (base), (stride))
 #define _tile_stored(t, base, stride) cattn_emu_tile_stored((t), (base), (stride))
 #define _tile_zero(t) cattn_emu_tile_zero(t)
 #define _tile_dpbf16ps(c, a, b) cattn_emu_tile_dpbf16ps((c), (a), (b))
+#define _tile_dpbusd(c, a, b) cattn_emu_tile_dpbusd((c), (a), (b))
 
 /* ---- AVX-VNNI: the VEX vpdpbusd is AVX512-VNNI's EVEX one on 256 bits */
 

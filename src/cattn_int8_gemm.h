@@ -9,6 +9,9 @@
  * The zero point is taken out through the weight's column sums, so the products are the
  * uint8 × int8 form of vpdpbusd. Paths, chosen at run time (cattn_i8_supported):
  *
+ *   CATTN_I8_AMX          AMX-INT8 tiles (tdpbusd: 16 × 16 sums from 16 × 64 bytes by
+ *                         16 groups × 16 outputs), blocks of 32 rows × 32 outputs, for
+ *                         blocks of 16 rows or more; fewer rows take the AVX512-VNNI tiles
  *   CATTN_I8_AVX512_VNNI  vpdpbusd on 16 int32 lanes, tiles of 6 rows × 64 outputs
  *   CATTN_I8_AVX_VNNI     the VEX vpdpbusd on 8 lanes (Alder Lake and later without AVX-512)
  *   CATTN_I8_AVX2         vpdpbusd emulated exactly: bytes widened to 16 bits, vpmaddwd
@@ -35,7 +38,7 @@
 #include "cattn_cpu.h"
 
 enum { CATTN_I8_PORTABLE = 0, CATTN_I8_AVX2 = 1, CATTN_I8_AVX_VNNI = 2,
-       CATTN_I8_AVX512_VNNI = 3 };
+       CATTN_I8_AVX512_VNNI = 3, CATTN_I8_AMX = 4 };
 
 #define CATTN_I8_PANEL 16
 
@@ -70,9 +73,17 @@ typedef ptrdiff_t i8_size;
 #else
 #define CATTN_I8_HAVE_AVX_VNNI 0
 #endif
+/* the AMX-INT8 intrinsics need GCC 11 or clang 12 as well */
+#define CATTN_I8_HAVE_AMX CATTN_I8_HAVE_AVX_VNNI
+#if CATTN_ISA_EMULATED /* tdpbusd and the tile state in software (cattn_emulate.h) */
+#define CATTN_I8_TARGET_AMX CATTN_EMU_TGT
+#else
+#define CATTN_I8_TARGET_AMX __attribute__((target("avx2,fma,avx512f,amx-tile,amx-int8")))
+#endif
 #else
 #define CATTN_I8_HAVE_X86 0
 #define CATTN_I8_HAVE_AVX_VNNI 0
+#define CATTN_I8_HAVE_AMX 0
 #endif
 
 #define I8_INLINE static inline __attribute__((always_inline))
@@ -85,8 +96,16 @@ static int cattn_i8_supported(void)
     __builtin_cpu_init();
     if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
         return CATTN_I8_PORTABLE;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni"))
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni")) {
+#if CATTN_I8_HAVE_AMX
+        if (CATTN_ISA_EMULATED ? __builtin_cpu_supports("avx512bw") &&
+                                     __builtin_cpu_supports("avx512vl") &&
+                                     __builtin_cpu_supports("avx512dq")
+                               : cattn_os_grants_tiles(CATTN_AMX_INT8_BIT))
+            return CATTN_I8_AMX;
+#endif
         return CATTN_I8_AVX512_VNNI;
+    }
 #if CATTN_I8_HAVE_AVX_VNNI
     /* AVX-VNNI: CPUID leaf 7 subleaf 1, EAX bit 4 (a VEX encoding: AVX2's OS support) */
     if (__get_cpuid_max(0, 0) >= 7) {
@@ -214,7 +233,7 @@ static void cattn_i8_quantize_rows(int path, i8_size rows, i8_size K, const floa
     i8_size Kp = (K + 3) / 4 * 4;
     for (i8_size r = 0; r < rows; r++) {
 #if CATTN_I8_HAVE_X86
-        if (path == CATTN_I8_AVX512_VNNI) {
+        if (path >= CATTN_I8_AVX512_VNNI) {
             i8_quantize_row_avx512(x + r * ldx, K, Kp, q + r * ldq, scale + r, zp + r);
             continue;
         }
@@ -446,13 +465,107 @@ CATTN_I8_TARGET_AVX_VNNI static void i8_gemm_avx_vnni(i8_size rows, i8_size N, i
 #endif
 #undef I8_GEMM256_BODY
 
+#if CATTN_I8_HAVE_AMX
+/* ---- AMX-INT8: tmm0-3 a 32 × 32 block of int32 sums (two row tiles × two panels), tmm4-5
+ * two row tiles of quantized rows, tmm6-7 two panels of the weight, 16 groups of 4 inputs
+ * at a time. A panel's groups are already the tile layout tdpbusd wants for its second
+ * operand (16 outputs × 4 inputs per 64-byte row), so the weight is read in place. A
+ * block's last rows (under 16) and last groups (under 16) go through zero-padded copies:
+ * tile loads read whole 16-row, 64-byte tiles, which would run past the rows and into the
+ * next panel. */
+
+#define CATTN_I8_AMX_MIN_ROWS 16
+
+/* 16 quantized rows (`left` of them real) × groups [g0, g0 + 16) of `kg` as the first
+ * operand: the rows in place when whole, else a zero-padded copy in buf (1 KiB). */
+I8_INLINE const uint8_t *i8_amx_rows(const uint8_t *x, i8_size ld, i8_size left, i8_size g0,
+                                     i8_size kg, uint8_t *buf, i8_size *stride)
+{
+    const i8_size nr = left < 16 ? left : 16, ng = kg - g0 < 16 ? kg - g0 : 16;
+    if (nr == 16 && ng == 16) {
+        *stride = ld;
+        return x + g0 * 4;
+    }
+    memset(buf, 0, 1024);
+    for (i8_size r = 0; r < nr; r++) memcpy(buf + r * 64, x + r * ld + g0 * 4, (size_t)ng * 4);
+    *stride = 64;
+    return buf;
+}
+
+/* Groups [g0, g0 + 16) of a weight panel (16 outputs × 4 inputs per group) as the second
+ * operand: in place when whole, else a zero-padded copy in buf. */
+I8_INLINE const uint8_t *i8_amx_groups(const uint8_t *panel, i8_size g0, i8_size kg,
+                                       uint8_t *buf)
+{
+    const i8_size ng = kg - g0 < 16 ? kg - g0 : 16;
+    if (ng == 16) return panel + g0 * 64;
+    memset(buf, 0, 1024);
+    memcpy(buf, panel + g0 * 64, (size_t)ng * 64);
+    return buf;
+}
+
+CATTN_I8_TARGET_AMX static void i8_gemm_amx(i8_size rows, i8_size N, i8_size kg,
+                                            const uint8_t *a, i8_size lda,
+                                            const int8_t *packed, const i8_epilogue *e)
+{
+    int32_t sums[32 * 32] __attribute__((aligned(64)));
+    uint8_t pad[4][1024] __attribute__((aligned(64)));
+    const i8_size panel_bytes = kg * 64;
+    cattn_amx_configure();
+    for (i8_size n0 = 0; n0 < N; n0 += 32) {
+        const int two_panels = N - n0 > 16;
+        /* a panel's groups as the 16 rows of a tile: row g at packed + g · 64 */
+        const uint8_t *w0 = (const uint8_t *)packed + (n0 / 16) * panel_bytes;
+        const uint8_t *w1 = w0 + panel_bytes;
+        for (i8_size r0 = 0; r0 < rows; r0 += 32) {
+            const int two_rows = rows - r0 > 16;
+            const uint8_t *x0 = a + r0 * lda, *x1 = x0 + 16 * lda;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (i8_size g0 = 0; g0 < kg; g0 += 16) {
+                i8_size s; /* (set by i8_amx_rows before the load reads it) */
+                const uint8_t *p = i8_amx_rows(x0, lda, rows - r0, g0, kg, pad[0], &s);
+                _tile_loadd(4, p, s);
+                _tile_loadd(6, i8_amx_groups(w0, g0, kg, pad[2]), 64);
+                _tile_dpbusd(0, 4, 6);
+                if (two_panels) {
+                    _tile_loadd(7, i8_amx_groups(w1, g0, kg, pad[3]), 64);
+                    _tile_dpbusd(1, 4, 7);
+                }
+                if (two_rows) {
+                    p = i8_amx_rows(x1, lda, rows - r0 - 16, g0, kg, pad[1], &s);
+                    _tile_loadd(5, p, s);
+                    _tile_dpbusd(2, 5, 6);
+                    if (two_panels) _tile_dpbusd(3, 5, 7);
+                }
+            }
+            _tile_stored(0, sums, 128);
+            _tile_stored(1, sums + 16, 128);
+            _tile_stored(2, sums + 16 * 32, 128);
+            _tile_stored(3, sums + 16 * 32 + 16, 128);
+            i8_write_tile(e, sums, 32, (int)(rows - r0 < 32 ? rows - r0 : 32), r0, n0,
+                          N - n0 < 32 ? N - n0 : 32);
+        }
+    }
+    _tile_release();
+}
+#endif
+
 #endif /* CATTN_I8_HAVE_X86 */
 
 static void i8_gemm(int path, i8_size rows, i8_size N, i8_size kg, const uint8_t *a,
                     i8_size lda, const int8_t *packed, const i8_epilogue *e)
 {
 #if CATTN_I8_HAVE_X86
-    if (path == CATTN_I8_AVX512_VNNI) {
+#if CATTN_I8_HAVE_AMX
+    if (path == CATTN_I8_AMX && rows >= CATTN_I8_AMX_MIN_ROWS) {
+        i8_gemm_amx(rows, N, kg, a, lda, packed, e);
+        return;
+    }
+#endif
+    if (path == CATTN_I8_AVX512_VNNI || path == CATTN_I8_AMX) {
         i8_gemm_avx512(rows, N, kg, a, lda, packed, e);
         return;
     }

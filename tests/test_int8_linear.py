@@ -1,5 +1,6 @@
 """int8 linear layers (cattn._encoder_ops: Int8Weight, quantize_rows, int8_matmul,
-linear_int8) on every int8 path this CPU runs (avx512_vnni, avx_vnni, avx2, portable):
+linear_int8) on every int8 path this CPU runs (amx, avx512_vnni, avx_vnni, avx2, portable;
+the emulation build runs amx and avx_vnni on any AVX512-VNNI CPU):
 
 - the quantization of weights and rows equals the NumPy definition exactly;
 - the int32 sums equal NumPy's integer product bit for bit (uint8 × int8);
@@ -10,7 +11,9 @@ Shapes straddle the tiles (6 rows; 16- and 64-output panels), groups of 4 inputs
 multiple of 4), the 16-float vectors of the row quantization, the 96-row blocks, and long
 rows: K = 1536 (the second feed-forward layer's) over several row blocks and output
 slices, and K = 385 and 1000, which a kernel blocking its inputs by 384 would end with a
-short block.
+short block. On the amx path, blocks of 16 rows or more take the tiles: 21 and 40 rows end
+a 32-row block with a short second tile or a short first one, K = 1000 and 3 end with a
+short group of 16, and 31, 70 and 130 outputs with a short panel.
 """
 import os
 import subprocess
@@ -28,7 +31,7 @@ PATHS = [pytest.param(name, id=name, marks=pytest.mark.skipif(
 # (rows, outputs, inputs)
 SHAPES = [(1, 1, 1), (1, 17, 5), (7, 33, 130), (13, 64, 384), (6, 100, 67), (97, 48, 1536),
           (200, 31, 3), (12, 129, 17), (5, 1, 64), (101, 130, 1536), (98, 70, 1000),
-          (7, 20, 385)]
+          (7, 20, 385), (21, 20, 77), (40, 40, 200)]
 
 
 def rng_for(*key):
@@ -203,9 +206,10 @@ def test_bad_input():
         ops.int8_matmul(np.zeros((2, 6), np.uint8), weight)
 
 
-@pytest.mark.parametrize("cap", ["portable", "avx2"])
+@pytest.mark.parametrize("cap", ["portable", "avx2", "avx512"])
 def test_attention_path_caps_the_int8_path(cap):
-    """CATTN_ISA=portable runs the plain C loops, avx2 no AVX-512 instruction."""
+    """CATTN_ISA=portable runs the plain C loops, avx2 no AVX-512 instruction, avx512 no AMX
+    tile."""
     from cattn import _kernel
     if cap not in _kernel.supported_isa_paths():
         pytest.skip(f"this CPU lacks the {cap} path")
@@ -216,7 +220,8 @@ def test_attention_path_caps_the_int8_path(cap):
                           text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(
                               os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr
-    allowed = {"portable": {"portable"}, "avx2": {"avx2", "avx_vnni"}}[cap]
+    allowed = {"portable": {"portable"}, "avx2": {"avx2", "avx_vnni"},
+               "avx512": {"avx512_vnni", "avx2"}}[cap]
     assert proc.stdout.strip() in allowed
 
 
