@@ -147,18 +147,30 @@ static void cattn_emu_tile_zero(int t)
     memset(cattn_emu_tiles.data[t], 0, sizeof cattn_emu_tiles.data[t]);
 }
 
-/* tdpbf16ps: c[m][n] += Σ_k a[m].pair[k] · b[k].pair[n], per k the lower halves' product
- * first, then the upper halves'. */
-CATTN_EMU_TGT static void cattn_emu_tile_dpbf16ps(int c, int a, int b)
+/* The shapes of a tile product c += a · b (4-byte elements of c, groups of 4 bytes in a
+ * and b's rows): rows of c and a alike, one row of b per 4 bytes of a row of a, rows of b
+ * and c equally wide; anything else faults. */
+static void cattn_emu_tile_product_shapes(int c, int a, int b, const char *instruction)
 {
     cattn_emu_tile_check(c);
     cattn_emu_tile_check(a);
     cattn_emu_tile_check(b);
+    const struct cattn_emu_tile_state *s = &cattn_emu_tiles;
+    if (s->rows[a] != s->rows[c] || s->rows[b] != s->colsb[a] / 4 ||
+        s->colsb[b] != s->colsb[c] || s->colsb[a] % 4 || s->colsb[c] % 4) {
+        char what[80];
+        snprintf(what, sizeof what, "%s with tile shapes that do not fit", instruction);
+        cattn_emu_fault(what);
+    }
+}
+
+/* tdpbf16ps: c[m][n] += Σ_k a[m].pair[k] · b[k].pair[n], per k the lower halves' product
+ * first, then the upper halves'. */
+CATTN_EMU_TGT static void cattn_emu_tile_dpbf16ps(int c, int a, int b)
+{
+    cattn_emu_tile_product_shapes(c, a, b, "tdpbf16ps");
     struct cattn_emu_tile_state *s = &cattn_emu_tiles;
     const int m_rows = s->rows[c], k_pairs = s->colsb[a] / 4, n_cols = s->colsb[c] / 4;
-    if (s->rows[a] != m_rows || s->rows[b] != k_pairs || s->colsb[b] != s->colsb[c] ||
-        s->colsb[a] % 4 || s->colsb[c] % 4)
-        cattn_emu_fault("tdpbf16ps with tile shapes that do not fit");
     const __mmask16 lanes = n_cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n_cols) - 1);
     for (int m = 0; m < m_rows; m++) {
         __m512 acc = _mm512_maskz_loadu_ps(lanes, s->data[c][m]);
@@ -180,14 +192,9 @@ CATTN_EMU_TGT static void cattn_emu_tile_dpbf16ps(int c, int a, int b)
  * b[k].bytes[4n..4n+3] (signed), in int32 (wrapping, as the hardware's). */
 static void cattn_emu_tile_dpbusd(int c, int a, int b)
 {
-    cattn_emu_tile_check(c);
-    cattn_emu_tile_check(a);
-    cattn_emu_tile_check(b);
+    cattn_emu_tile_product_shapes(c, a, b, "tdpbusd");
     struct cattn_emu_tile_state *s = &cattn_emu_tiles;
     const int m_rows = s->rows[c], k_groups = s->colsb[a] / 4, n_cols = s->colsb[c] / 4;
-    if (s->rows[a] != m_rows || s->rows[b] != k_groups || s->colsb[b] != s->colsb[c] ||
-        s->colsb[a] % 4 || s->colsb[c] % 4)
-        cattn_emu_fault("tdpbusd with tile shapes that do not fit");
     for (int m = 0; m < m_rows; m++) {
         int32_t acc[16];
         memcpy(acc, s->data[c][m], sizeof acc);
