@@ -390,11 +390,14 @@ MUTANTS = [
            [Edit(BF16, "c + (i0 + r0) * ldc + j0, ldc);", "c + r0 * ldc + j0, ldc);")],
            ["tests/test_packed_linear.py", "-k", "split"],
            env=ON_AMX),
-    Mutant("amx-int8-last-groups-from-the-next-panel",
-           "int8 layers on AMX: when the inputs do not fill a last tile of 64, the tile reads "
-           "on into the next panel's weights instead of zeros",
-           [Edit(INT8, "    if (ng == 16) return panel + g0 * 64;",
-                 "    if (ng > 0) return panel + g0 * 64;")],
+    # (Either side's zero padding alone keeps the sums right: zeros times anything. So the
+    # realistic bug is the tail forgotten on both sides; one side alone only reads past.)
+    Mutant("amx-int8-last-groups-read-as-whole-tiles",
+           "int8 layers on AMX: when the inputs do not fill a last tile of 64, both operands "
+           "are read as whole tiles, the rows' next bytes against the next panel's weights",
+           [Edit(INT8, "    if (nr == 16 && ng == 16) {", "    if (nr == 16) {"),
+            Edit(INT8, "    if (ng == 16) return panel + g0 * 64;",
+                 "    return panel + g0 * 64;")],
            ["tests/test_int8_linear.py", "-k", "amx"],
            env=ON_AMX_INT8),
     Mutant("amx-int8-second-row-tile-dropped",
