@@ -106,13 +106,13 @@ cdef extern from "cattn_debug.h" nogil:
         const char* lo
         const char* hi
     const bint CATTN_DEBUG_BUILD
+    void CATTN_ASSERT(bint cond, const char* what)
+    void CATTN_ASSERT_INSIDE(cattn_extent extent, const void* first, const void* last,
+                             size_t size, const char* what)
 
 # The emulation build (CATTN_EMULATE_ISA=1): the bfloat16 levels in software (tests only).
 cdef extern from "cattn_cpu.h" nogil:
     const bint CATTN_ISA_EMULATED
-    void CATTN_ASSERT(bint cond, const char* what)
-    void CATTN_ASSERT_INSIDE(cattn_extent extent, const void* first, const void* last,
-                             size_t size, const char* what)
 
 # Columns of the per-batch-item table built by the Python layer: element offsets of each
 # operand's (L, ·) matrix, then the item's key length and causal diagonal.

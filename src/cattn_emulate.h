@@ -2,15 +2,15 @@
  * The emulation build (CATTN_EMULATE_ISA=1 at build time, see setup.py), for tests only.
  *
  * The bfloat16 levels' instructions -- vcvtne2ps2bf16, vdpbf16ps, the AMX tile state,
- * tdpbf16ps and tdpbusd -- are implemented here in software on AVX-512F/BW/VL, and the VEX
- * vpdpbusd of AVX-VNNI by its EVEX twin of AVX512-VNNI (the same operation). A CPU with
- * AVX-512BW/VL is then reported as having the amx level (and, with AVX512-VNNI, the amx
- * and avx_vnni int8 paths), so
+ * tdpbf16ps and tdpbusd -- are implemented here in software on AVX-512F/BW/VL/DQ, and the
+ * VEX vpdpbusd of AVX-VNNI by its EVEX twin of AVX512-VNNI (the same operation). A CPU with
+ * AVX-512F/BW/VL/DQ is then reported as having the amx level (and, with AVX512-VNNI, the
+ * amx and avx_vnni int8 paths), so
  * a machine without those instructions still runs their kernels' own logic -- packing,
  * layouts, tails, tile shapes -- through the test suite. Each instruction follows the
  * pseudo-code of Intel's manual: round to nearest even, NaNs quieted, subnormal inputs of
  * the products read as zero, the order of a lane's two products. (Not emulated: the
- * hardware's flush of subnormal sums to zero.) A tile instruction before a configuration,
+ * hardware's flush of subnormal sums, and of a subnormal accumulator, to zero.) A tile instruction before a configuration,
  * or with shapes the configuration does not allow, aborts where the CPU would fault.
  *
  * Emulated products are far slower than the real ones: show_config() names an emulation
@@ -19,6 +19,7 @@
 #ifndef CATTN_EMULATE_H
 #define CATTN_EMULATE_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>

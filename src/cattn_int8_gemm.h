@@ -106,7 +106,7 @@ static int cattn_i8_supported(void)
 #endif
         return CATTN_I8_AVX512_VNNI;
     }
-#if CATTN_I8_HAVE_AVX_VNNI
+#if CATTN_I8_HAVE_AVX_VNNI && !CATTN_ISA_EMULATED /* (emulated, it needs AVX512-VNNI) */
     /* AVX-VNNI: CPUID leaf 7 subleaf 1, EAX bit 4 (a VEX encoding: AVX2's OS support) */
     if (__get_cpuid_max(0, 0) >= 7) {
         __cpuid_count(7, 1, a, b, c, d);
