@@ -294,6 +294,12 @@ MUTANTS = [
                  "const __mmask32 m = cattn_mask32(2 * ldq - 2 * e0);")],
            ["tests/test_bf16_native.py", "-k", "float64 or non_finite"],
            env=ON_BF16),
+    Mutant("ctrl-c-never-checked",
+           "a long call never checks for signals: Ctrl-C waits for its end, and the output "
+           "is left complete instead of NaN",
+           [Edit(KERNEL, "                    PyErr_CheckSignals()  # raises what a signal handler raised\n",
+                 "                    pass\n")],
+           ["tests/test_isa_paths.py", "-k", "ctrl_c"]),
     Mutant("peers-skip-under-ci",
            "under CI=true a missing torch skips the comparisons instead of failing",
            [Edit("tests/conftest.py", "        if in_ci():\n            pytest.fail(",

@@ -195,12 +195,13 @@ def test_environment_names_an_unknown_path(value):
 
 def _interrupt_once_running(out, sent, done):
     """Send SIGINT once the call filling `out` (zeroed) is running: some of its rows are
-    written and some are not yet. No timer: on a loaded machine the call may start late."""
+    written and some are not yet. No timer: on a loaded machine the call may start late.
+    Records when, and the share of the call's query blocks already written."""
     row_starts = out[0, :, ::64, 0]   # the first row of every query block of every head
     while not done.is_set():
         written = row_starts != 0    # (a computed row starting with exactly 0: never here)
         if written.any() and not written.all():
-            sent.append(time.perf_counter())
+            sent.append((time.perf_counter(), float(written.mean())))
             os.kill(os.getpid(), signal.SIGINT)
             return
         time.sleep(0)  # (yield only: a sleeping sender wakes late on a busy machine)
@@ -213,11 +214,13 @@ def test_ctrl_c_interrupts_a_long_call():
     written), never after a timer, so the test holds on a fast machine and a loaded one.
     The call is sized from an uninterrupted run to check for signals at least 6 times;
     "promptly" is 0.5 s, or under half that run's time where the cores are so busy that
-    a check's 0.1 s of work takes longer. A signal that still lands after the call's end
-    (the sender descheduled at the wrong moment) leaves `out` complete: that attempt is
-    repeated, while a kernel that never checks for signals fails every attempt. A call that
-    ends before the sender saw it running (a machine so busy the sender got no turn) is
-    repeated twice as long, up to 8 attempts."""
+    a check's 0.1 s of work takes longer. A signal sent with at least half of the call
+    still to run must interrupt it: several checks remain, whatever the load, so a call
+    that ends complete then fails the test (a kernel that never checks). A signal sent
+    later (the sender got its turn late on a busy machine) may land after the last check:
+    that attempt, like a call that ended before the sender saw it running (then repeated
+    twice as long), says nothing, and is repeated, up to 12 attempts; if none says
+    anything, the machine was too busy for the test, which skips saying so."""
     rng = np.random.default_rng(5)
     heads = 16
     while True:
@@ -230,20 +233,22 @@ def test_ctrl_c_interrupts_a_long_call():
             break
         heads *= 2
     outcomes = []
-    for _ in range(8):
+    for _ in range(12):
         out = np.zeros_like(q)
         sent, done = [], threading.Event()
         sender = threading.Thread(target=_interrupt_once_running, args=(out, sent, done))
         sender.start()
         try:
             sdpa(q, q, q, out=out, num_threads=2)
-            outcomes.append(f"the call of {q.shape[1]} heads ended before the signal was "
-                            f"sent")
-            if q.shape[1] < 256:
-                q = np.concatenate([q, q], axis=1)
-            continue
+            if not sent:
+                outcomes.append(f"the call of {q.shape[1]} heads ended before the signal "
+                                f"was sent")
+                if q.shape[1] < 256:
+                    q = np.concatenate([q, q], axis=1)
+                continue
+            time.sleep(0.5)  # (the signal is on its way: let Python raise it here)
         except KeyboardInterrupt:
-            latency = time.perf_counter() - sent[0]
+            latency = time.perf_counter() - sent[0][0]
         finally:
             done.set()
             sender.join()
@@ -252,5 +257,11 @@ def test_ctrl_c_interrupts_a_long_call():
                   f"Ctrl-C answered in {latency * 1e3:.0f} ms")
             assert latency < max(0.5, uninterrupted / 2), f"Ctrl-C took {latency:.2f} s"
             return
-        outcomes.append("the signal reached Python after the call ended, out complete")
-    pytest.fail("no attempt interrupted the call: " + "; ".join(outcomes))
+        written = sent[0][1]
+        assert written > 0.5, (
+            f"SIGINT sent with {1 - written:.0%} of the call's query blocks still to run, "
+            f"yet the call ran to the end: the kernel never checked for it")
+        outcomes.append(f"the signal was sent with {written:.0%} of the call done and "
+                        f"reached Python after its end")
+    pytest.skip("the machine was too busy for a signal to arrive while the call ran: "
+                + "; ".join(outcomes))
