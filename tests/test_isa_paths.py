@@ -218,13 +218,9 @@ def test_ctrl_c_interrupts_a_long_call():
     The call is sized from an uninterrupted run to check for signals at least 6 times;
     "promptly" is 0.5 s, or under half that run's time, or under 3 check intervals at the
     interrupted call's own pace, where the cores are so busy that a check's work takes
-    longer. A signal sent with at least half of the call
-    still to run must interrupt it: several checks remain, whatever the load, so a call
-    that ends complete then fails the test (a kernel that never checks). A signal sent
-    later (the sender got its turn late on a busy machine) may land after the last check:
-    that attempt, like a call that ended before the sender saw it running (then repeated
-    twice as long), says nothing, and is repeated, up to 12 attempts; if none says
-    anything, the machine was too busy for the test, which skips saying so."""
+    longer. A signal that lands after the call's end leaves `out` complete, and a call that
+    ends before the sender saw it running is repeated twice as long: either attempt is
+    repeated, up to 12, while a kernel that never checks for signals fails every one."""
     rng = np.random.default_rng(5)
     heads = 16
     while True:
@@ -271,11 +267,6 @@ def test_ctrl_c_interrupts_a_long_call():
             assert latency < max(0.5, uninterrupted / 2, pace), (
                 f"Ctrl-C took {latency:.2f} s (checks every ~{pace / 3:.2f} s at this pace)")
             return
-        written = sent[0][1]
-        assert written > 0.5, (
-            f"SIGINT sent with {1 - written:.0%} of the call's query blocks still to run, "
-            f"yet the call ran to the end: the kernel never checked for it")
-        outcomes.append(f"the signal was sent with {written:.0%} of the call done and "
+        outcomes.append(f"the signal was sent with {sent[0][1]:.0%} of the call done and "
                         f"reached Python after its end")
-    pytest.skip("the machine was too busy for a signal to arrive while the call ran: "
-                + "; ".join(outcomes))
+    pytest.fail("no attempt interrupted the call: " + "; ".join(outcomes))
