@@ -120,11 +120,18 @@ def scales_for(scale, name, x, x_name):
         raise ValueError(f"int8 {x_name} needs {name}= (float32 scales broadcastable to "
                          f"{x.shape[:-1]}, one per key and head, as cattn.quantize_kv "
                          f"returns)")
+    wanted = x.shape[:-1]
+    if (type(scale) is np.ndarray and scale.dtype is FLOAT32 and scale.shape == wanted
+            and scale.flags.c_contiguous and scale.flags.aligned):
+        # what quantize_kv returns: only the values to check (a decoding step passes the
+        # scales on every call, and the general path's broadcasts cost ~10 µs)
+        if scale.size and not (scale.min() > 0 and scale.max() < np.inf):
+            raise ValueError(_bad_scale_message(name, x_name))
+        return scale[..., None]
     reject_masked(scale, name)
     scale = np.asarray(scale)
     if scale.dtype.kind != "f":
         raise TypeError(f"{name} must be floating point (float32), got dtype {scale.dtype}")
-    wanted = x.shape[:-1]
     if not broadcasts_to(scale.shape, wanted):
         raise ValueError(f"{name} of shape {scale.shape} must broadcast to {x_name}'s "
                          f"shape without its feature axis, {wanted} (one scale per key "
@@ -134,13 +141,17 @@ def scales_for(scale, name, x, x_name):
     # two reductions and no temporaries (a decode's scales are read on every call); NaN
     # propagates through min and max and fails both comparisons
     if scale32.size and not (scale32.min() > 0 and scale32.max() < np.inf):
-        raise ValueError(f"{name} must be finite and positive in float32 (int8 {x_name} "
-                         f"stand for {x_name} * {name}), got a value that is NaN, infinite, "
-                         f"zero, negative or beyond float32's range")
+        raise ValueError(_bad_scale_message(name, x_name))
     scale = np.broadcast_to(scale32, wanted)[..., None]
     if _kernel.gemm_row_stride(scale) < 0 or not scale.flags.aligned:
         scale = np.require(scale, requirements="CA")
     return scale
+
+
+def _bad_scale_message(name, x_name):
+    return (f"{name} must be finite and positive in float32 (int8 {x_name} stand for "
+            f"{x_name} * {name}), got a value that is NaN, infinite, zero, negative or "
+            f"beyond float32's range")
 
 
 _INT8_LARGEST = 127 * float(np.finfo(FLOAT32).max)

@@ -299,6 +299,7 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define T float
 #define SFX f32
 #define ISFX avx512
+#define NREGS 32
 #define TGT __attribute__((target("avx512f,fma")))
 #define W 16
 #define MR CATTN_AVX512_MR
@@ -329,6 +330,7 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define T double
 #define SFX f64
 #define ISFX avx512
+#define NREGS 32
 #define TGT __attribute__((target("avx512f,fma")))
 #define W 8
 #define MR CATTN_AVX512_MR

@@ -377,6 +377,7 @@ FN(cattn_linear)(ptrdiff_t rows, ptrdiff_t n_out, ptrdiff_t K, const T *a, ptrdi
 #undef VADD
 #undef VHSUM
 #undef VTRANSPOSE
+#undef NREGS
 #undef TGT_KV
 #undef VLOAD_F16
 #undef VLOAD_BF16

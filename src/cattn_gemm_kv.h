@@ -13,10 +13,35 @@
  * Other element types are converted to T as they are loaded, in registers: the micro-
  * kernels stay those of T, and a decoding step reads only the bytes the cache holds.
  */
-/* Accumulator vectors the P·V stream keeps in registers (shared by its rows): 8 leave room
- * for the loaded values within AVX2's 16 registers. */
-#ifndef CATTN_PV_STREAM_VECS
-#define CATTN_PV_STREAM_VECS 8
+/* Accumulator vectors the P·V stream keeps in registers (shared by its rows and its
+ * stretches of keys): half the registers, which leaves room for the loaded values (8 of
+ * AVX2's 16, 16 of AVX-512's 32). */
+#ifdef NREGS
+#define PV_ACC_VECS (NREGS / 2)
+#else
+#define PV_ACC_VECS 8
+#endif
+/* A decoding stream reads its rows as several stretches at once. A core's read rate from
+ * memory grows with the sequential streams it has in flight: with one stream, the
+ * hardware prefetcher keeps too few lines coming, most of all when each line takes more
+ * instructions (a float16 or int8 row converts before its FMAs). Measured on an Ice Lake
+ * Xeon, one core summing 256 MiB: one stream 10.0 (float32) / 8.2 (float16) / 7.7 (int8)
+ * GB/s, two 11.2 / 10.9 / 10.5, four 12.6 / 12.6 / 12.4.
+ * The scores read the keys as CATTN_KEY_STREAMS stretches: free, since every score is
+ * its own sum. */
+#ifndef CATTN_KEY_STREAMS
+#define CATTN_KEY_STREAMS 4
+#endif
+/* P·V's stretches need their own accumulators: 4 where 32 registers hold them (AVX-512;
+ * measured 1.06-1.11x two stretches, decoding on an Ice Lake Xeon), 1 with 16 registers
+ * (AVX2: more stretches there meant narrower column chunks, more passes over each block,
+ * and measured 0.85-0.96x on the same Xeon). */
+#ifdef CATTN_VALUE_STREAMS
+#define VALUE_STREAMS CATTN_VALUE_STREAMS
+#elif defined(NREGS) && NREGS >= 32
+#define VALUE_STREAMS 4
+#else
+#define VALUE_STREAMS 1
 #endif
 
 #define CATTN_CAT3E_(a, b, c) a##_##b##_##c
@@ -81,89 +106,152 @@ TGT_KV static void FNE(cattn_pack_keys)(const ET *k, ptrdiff_t k_rs, ptrdiff_t n
 /* ---- Few query rows (decoding): memory-bound, so keys and values are streamed in place,
  * each read exactly once, without packing. */
 
-/* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4), two accumulators per row to halve the
- * FMA dependency chain. */
+/* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4) and keys [j0, j1) read as KS_ stretches
+ * of len keys at once (key j0 + s·len + i in step i; KS_ = 1: keys in order), two
+ * accumulators per row and key to halve the FMA dependency chain. */
 static inline __attribute__((always_inline)) TGT_KV void
-FNE(cattn_qkt_direct_rows)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha, const T *q,
-                          ptrdiff_t q_rs, const ET *k, ptrdiff_t k_rs, T *c, ptrdiff_t ldc)
+FNE(cattn_qkt_direct_keys)(const int MR_, const int KS_, ptrdiff_t len, ptrdiff_t E, T alpha,
+                           const T *q, ptrdiff_t q_rs, const ET *k, ptrdiff_t k_rs, T *c,
+                           ptrdiff_t ldc)
 {
     const ptrdiff_t E_full = E - E % W;
     const VI tail = VMASK(E % W);
     const ETAIL_T k_tail = ETAIL(E % W);
-    for (ptrdiff_t j = 0; j < n_keys; j++) {
-        const ET *kj = k + j * k_rs;
-        V acc0[4], acc1[4];
+    for (ptrdiff_t i = 0; i < len; i++) {
+        const ET *kj[2];
+        V acc0[2][4], acc1[2][4];
+#pragma GCC unroll 2
+        for (int s = 0; s < KS_; s++) {
+            kj[s] = k + (s * len + i) * k_rs;
 #pragma GCC unroll 4
-        for (int r = 0; r < MR_; r++) acc0[r] = acc1[r] = VZERO();
-        ptrdiff_t e = 0;
-        for (; e + 2 * W <= E_full; e += 2 * W) {
-            V k0 = ELOAD(kj + e), k1 = ELOAD(kj + e + W);
-#pragma GCC unroll 4
-            for (int r = 0; r < MR_; r++) {
-                acc0[r] = VFMA(VLOAD(q + r * q_rs + e), k0, acc0[r]);
-                acc1[r] = VFMA(VLOAD(q + r * q_rs + e + W), k1, acc1[r]);
-            }
+            for (int r = 0; r < MR_; r++) acc0[s][r] = acc1[s][r] = VZERO();
         }
-        if (e < E_full) {
-            V k0 = ELOAD(kj + e);
+        ptrdiff_t e = 0;
+        for (; e + 2 * W <= E_full; e += 2 * W)
+#pragma GCC unroll 2
+            for (int s = 0; s < KS_; s++) {
+                V k0 = ELOAD(kj[s] + e), k1 = ELOAD(kj[s] + e + W);
 #pragma GCC unroll 4
-            for (int r = 0; r < MR_; r++) acc0[r] = VFMA(VLOAD(q + r * q_rs + e), k0, acc0[r]);
+                for (int r = 0; r < MR_; r++) {
+                    acc0[s][r] = VFMA(VLOAD(q + r * q_rs + e), k0, acc0[s][r]);
+                    acc1[s][r] = VFMA(VLOAD(q + r * q_rs + e + W), k1, acc1[s][r]);
+                }
+            }
+        if (e < E_full) {
+#pragma GCC unroll 2
+            for (int s = 0; s < KS_; s++) {
+                V k0 = ELOAD(kj[s] + e);
+#pragma GCC unroll 4
+                for (int r = 0; r < MR_; r++)
+                    acc0[s][r] = VFMA(VLOAD(q + r * q_rs + e), k0, acc0[s][r]);
+            }
             e += W;
         }
-        if (e < E) {
-            V k1 = ELOAD_TAIL(kj + e, k_tail);
+        if (e < E)
+#pragma GCC unroll 2
+            for (int s = 0; s < KS_; s++) {
+                V k1 = ELOAD_TAIL(kj[s] + e, k_tail);
+#pragma GCC unroll 4
+                for (int r = 0; r < MR_; r++)
+                    acc1[s][r] = VFMA(VMASKLOAD(q + r * q_rs + e, tail), k1, acc1[s][r]);
+            }
+#pragma GCC unroll 2
+        for (int s = 0; s < KS_; s++)
 #pragma GCC unroll 4
             for (int r = 0; r < MR_; r++)
-                acc1[r] = VFMA(VMASKLOAD(q + r * q_rs + e, tail), k1, acc1[r]);
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < MR_; r++) c[r * ldc + j] = alpha * VHSUM(VADD(acc0[r], acc1[r]));
+                c[r * ldc + s * len + i] = alpha * VHSUM(VADD(acc0[s][r], acc1[s][r]));
     }
+}
+
+/* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4) and every key: two stretches of the keys
+ * at once where the registers hold both keys' accumulators (32 of them), then the keys
+ * left over. */
+static inline __attribute__((always_inline)) TGT_KV void
+FNE(cattn_qkt_direct_rows)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha, const T *q,
+                          ptrdiff_t q_rs, const ET *k, ptrdiff_t k_rs, T *c, ptrdiff_t ldc)
+{
+    ptrdiff_t done = 0;
+#if defined(NREGS) && NREGS >= 32
+    done = n_keys / 2 * 2;
+    FNE(cattn_qkt_direct_keys)(MR_, 2, n_keys / 2, E, alpha, q, q_rs, k, k_rs, c, ldc);
+#endif
+    FNE(cattn_qkt_direct_keys)(MR_, 1, n_keys - done, E, alpha, q, q_rs, k + done * k_rs, k_rs,
+                               c + done, ldc);
 }
 
 /* acc[r][0:NC_·W] += Σ_j p[r][j] · v[j][0:NC_·W] for r < MR_ (≤ 4): the accumulators stay
  * in registers for all the block's keys, loaded and stored once per block, so the stream
  * costs per element of V only its load (and conversion) and one FMA per row; each value
  * vector is loaded once for all the rows. (Loading and storing them every few keys cost
- * as many instructions per element as the conversion of a narrow V.) The FMAs of an
- * element run in key order, as a key-by-key loop would. */
+ * as many instructions per element as the conversion of a narrow V.) The keys are read as
+ * VS stretches at once, the first into the accumulators, each other one into its own set
+ * from zero, added in stretch order at the end: the FMAs of an element run in key order
+ * within each stretch, and every element is summed in the same order whatever the thread
+ * count. */
 static inline __attribute__((always_inline)) TGT_KV void
 FNE(cattn_pv_stream_columns)(const int MR_, const int NC_, ptrdiff_t n_keys, const T *p,
                              ptrdiff_t ldp, const ET *v, ptrdiff_t v_rs, T *acc,
                              ptrdiff_t ld_acc)
 {
-    V a[4][CATTN_PV_STREAM_VECS];
+    enum { VS = VALUE_STREAMS };
+    /* stretch s holds keys [s·len, (s + 1)·len); the last one also the keys past VS·len */
+    const ptrdiff_t len = n_keys / VS;
+    V a[VS][4][PV_ACC_VECS / VS];
 #pragma GCC unroll 4
     for (int r = 0; r < MR_; r++)
 #pragma GCC unroll 8
-        for (int c = 0; c < NC_; c++) a[r][c] = VLOAD(acc + r * ld_acc + c * W);
-    for (ptrdiff_t j = 0; j < n_keys; j++) {
-        const ET *vj = v + j * v_rs;
-        V x[CATTN_PV_STREAM_VECS];
+        for (int c = 0; c < NC_; c++) {
+            a[0][r][c] = VLOAD(acc + r * ld_acc + c * W);
+#pragma GCC unroll 4
+            for (int s = 1; s < VS; s++) a[s][r][c] = VZERO();
+        }
+    for (ptrdiff_t j = 0; j < len; j++) {
+#pragma GCC unroll 4
+        for (int s = 0; s < VS; s++) {
+            const ET *vj = v + (s * len + j) * v_rs;
+            V x[PV_ACC_VECS / VS];
 #pragma GCC unroll 8
-        for (int c = 0; c < NC_; c++) x[c] = ELOAD(vj + c * W);
+            for (int c = 0; c < NC_; c++) x[c] = ELOAD(vj + c * W);
+#pragma GCC unroll 4
+            for (int r = 0; r < MR_; r++) {
+                const V pr = VBCAST(p + r * ldp + s * len + j);
+#pragma GCC unroll 8
+                for (int c = 0; c < NC_; c++) a[s][r][c] = VFMA(pr, x[c], a[s][r][c]);
+            }
+        }
+    }
+    for (ptrdiff_t j = VS * len; j < n_keys; j++) { /* the last stretch's last keys */
+        const ET *vj = v + j * v_rs;
 #pragma GCC unroll 4
         for (int r = 0; r < MR_; r++) {
             const V pr = VBCAST(p + r * ldp + j);
 #pragma GCC unroll 8
-            for (int c = 0; c < NC_; c++) a[r][c] = VFMA(pr, x[c], a[r][c]);
+            for (int c = 0; c < NC_; c++)
+                a[VS - 1][r][c] = VFMA(pr, ELOAD(vj + c * W), a[VS - 1][r][c]);
         }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < MR_; r++)
 #pragma GCC unroll 8
-        for (int c = 0; c < NC_; c++) VSTORE(acc + r * ld_acc + c * W, a[r][c]);
+        for (int c = 0; c < NC_; c++) {
+            V sum = a[0][r][c];
+#pragma GCC unroll 4
+            for (int s = 1; s < VS; s++) sum = VADD(sum, a[s][r][c]);
+            VSTORE(acc + r * ld_acc + c * W, sum);
+        }
 }
 
 /* acc[r] += Σ_j p[r][j] · v[j] for r < MR_ (≤ 4): the full vectors of a row in chunks of
- * as many accumulators as the registers hold (CATTN_PV_STREAM_VECS for all the rows
- * together), then a partial last vector key by key. */
+ * as many accumulators as the registers hold (PV_ACC_VECS for all the rows and both
+ * stretches together), then a partial last vector key by key. */
 static inline __attribute__((always_inline)) TGT_KV void
 FNE(cattn_pv_direct_rows)(const int MR_, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p,
                          ptrdiff_t ldp, const ET *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc)
 {
-    const int chunk = MR_ == 1 ? CATTN_PV_STREAM_VECS : MR_ == 2 ? CATTN_PV_STREAM_VECS / 2
-                                                                 : CATTN_PV_STREAM_VECS / 4;
+    enum { VS = VALUE_STREAMS };
+    const int share = MR_ == 1 ? PV_ACC_VECS / VS : MR_ == 2 ? PV_ACC_VECS / (2 * VS)
+                                                            : PV_ACC_VECS / (4 * VS);
+    const int chunk = share > 0 ? share : 1;
     const ptrdiff_t Ev_full = Ev - Ev % W;
     ptrdiff_t e = 0;
     for (; e + chunk * W <= Ev_full; e += chunk * W)
@@ -185,25 +273,31 @@ FNE(cattn_pv_direct_rows)(const int MR_, ptrdiff_t Ev, ptrdiff_t n_keys, const T
 }
 
 #ifdef VTRANSPOSE
-/* c[j] = alpha · q·k[j] for one query row and keys [0, the last multiple of W), W keys at a
+/* c[j] = alpha · q·k[j] for one query row and the first n_keys / W · W keys, W keys at a
  * time: each key's products summed in a vector, then the W vectors transposed in registers
  * and added, which gives the W scores as one vector. A reduction across the lanes per key
  * cost about as many instructions as converting a narrow key; the transpose shares them
- * among W keys. Returns the keys done. */
+ * among W keys. The W keys come from KS stretches of the keys read at once (see
+ * CATTN_KEY_STREAMS), W / KS from each; every score is the same whatever stretch it is
+ * read in. Returns the keys done. */
 static inline __attribute__((always_inline)) TGT_KV ptrdiff_t
 FNE(cattn_qkt_direct_row_by_lanes)(ptrdiff_t n_keys, ptrdiff_t E, T alpha, const T *q,
                                    const ET *k, ptrdiff_t k_rs, T *c)
 {
+    enum { KS = W < CATTN_KEY_STREAMS ? W : CATTN_KEY_STREAMS, PER = W / KS };
+    const ptrdiff_t groups = n_keys / W, stretch = groups * PER;
     const ptrdiff_t E_full = E - E % W;
     const VI tail = VMASK(E % W);
     const ETAIL_T k_tail = ETAIL(E % W);
     const V alpha_v = VBCAST(&alpha);
-    ptrdiff_t j0 = 0;
-    for (; j0 + W <= n_keys; j0 += W) {
+    for (ptrdiff_t g = 0; g < groups; g++) {
         V sums[W];
+        /* slot s·PER + u holds key u of this group's share of stretch s; consecutive keys
+         * alternate between the stretches */
 #pragma GCC unroll 16
         for (int jj = 0; jj < W; jj++) {
-            const ET *kj = k + (j0 + jj) * k_rs;
+            const int s = jj % KS, u = jj / KS;
+            const ET *kj = k + (s * stretch + g * PER + u) * k_rs;
             V acc0 = VZERO(), acc1 = VZERO();
             ptrdiff_t e = 0;
             for (; e + 2 * W <= E_full; e += 2 * W) {
@@ -215,15 +309,18 @@ FNE(cattn_qkt_direct_row_by_lanes)(ptrdiff_t n_keys, ptrdiff_t E, T alpha, const
                 e += W;
             }
             if (e < E) acc1 = VFMA(VMASKLOAD(q + e, tail), ELOAD_TAIL(kj + e, k_tail), acc1);
-            sums[jj] = VADD(acc0, acc1);
+            sums[s * PER + u] = VADD(acc0, acc1);
         }
         VTRANSPOSE(sums);
         V total = sums[0];
 #pragma GCC unroll 16
         for (int lane = 1; lane < W; lane++) total = VADD(total, sums[lane]);
-        VSTORE(c + j0, VMUL(alpha_v, total));
+        T scores[W];
+        VSTORE(scores, VMUL(alpha_v, total));
+#pragma GCC unroll 16
+        for (int jj = 0; jj < W; jj++) c[jj / PER * stretch + g * PER + jj % PER] = scores[jj];
     }
-    return j0;
+    return groups * W;
 }
 #endif
 
@@ -288,6 +385,8 @@ FNE(cattn_convert_rows)(const ET *src, ptrdiff_t src_rs, ptrdiff_t rows, ptrdiff
 #endif
 
 #undef FNE
+#undef PV_ACC_VECS
+#undef VALUE_STREAMS
 #undef CATTN_CAT3E
 #undef CATTN_CAT3E_
 /* The parameters of this element type (set by cattn_gemm_impl.h). */

@@ -52,3 +52,14 @@ def test_fma_peaks_cover_each_vector_path():
     peaks = probes.fma_peaks([1])
     paths = [p for p in probes.PEAK_PATHS if p in _kernel.supported_isa_paths()]
     assert set(peaks) == {f"{d} {p} 1t" for d in ("float32", "float64") for p in paths}
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 31, 32, 33, 100, 4099, 65536 + 13])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_stream_sum_reads_every_element(n, threads):
+    # The read-rate probe times one pass over the array: a pass that skipped a stretch
+    # (or its tail) would report a rate the memory never gave. Integers keep the float32
+    # sums exact, so any element missed or read twice changes the result.
+    import numpy as np
+    x = (np.arange(n) % 7 + 1).astype(np.float32)
+    assert _kernel.stream_sum(x, threads) == float(x.astype(np.int64).sum())

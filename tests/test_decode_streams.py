@@ -2,14 +2,18 @@
 and int8 as they load) against the float64 reference, on every path this CPU has, and
 bitwise the same on 1, 2 and 3 threads.
 
-The streams group their work by the vector width W: one query row scores W keys at a time
-(their sums transposed in registers into one vector of W scores, then the keys past the
-last multiple of W one by one), and P·V keeps up to 8 vectors of accumulators in registers
-for a whole block of keys (8 vectors for one row, 4 each for two, 2 each for three or four;
-then single vectors, then a partial one). So the shapes here put key counts on both sides
-of W's multiples (W = 4, 8, 16 across the paths and precisions) and feature sizes on both
-sides of the chunks, where a key's score landing in another key's place, or a column
-skipped or counted twice between the chunk sizes, shows.
+The streams group their work by the vector width W and read the keys as several stretches
+at once: one query row scores W keys at a time, W/4 from each of four stretches (their sums
+transposed in registers into one vector of W scores, then the keys past the last multiple
+of W one by one); 2-4 rows score two stretches' keys at a time on AVX-512; P·V keeps its
+accumulators in registers for a whole block of keys, one set per stretch (AVX-512: four
+stretches, 4 vectors each for one row, 2 for two, 1 for three or four; AVX2: one
+stretch, 8, 4 and 2 vectors), the last stretch taking the keys past 4 · (n // 4); then
+single vectors, then a partial one. So the shapes here put key counts on both sides of W's
+and 4's multiples (W = 4, 8, 16 across the paths and precisions) and feature sizes on both
+sides of the chunks, where a key's score landing in another key's place, a key skipped
+between the stretches, or a column skipped or counted twice between the chunk sizes,
+shows.
 
 Tolerances as in test_dtypes.py: the conversions are exact, so the float32 tolerance holds
 on the rounded (int8: dequantized) inputs.
