@@ -14,6 +14,17 @@ from cattn.bench.results import AttentionRow, WrongOutput
 IDLE_BEFORE_TIMING = 0.1
 
 
+def wait_busy(seconds: float) -> None:
+    """Wait on the calling thread without sleeping. While the other threads' pools go
+    idle, this thread keeps its core awake: when every core of a VM sleeps for 0.1 s, the
+    next call pays the machine's wake-up (a 2-thread decode on the Ice Lake Xeon VM: 8.5
+    ms after a 0.1 s sleep, 6.7 ms after a 0.1 s wait like this one, 6.3-6.6 ms back to
+    back), which is no part of any implementation's speed."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 class Runner:
     """One thing to time: fn (the call), setup (thread settings, returns a restore callable)
     and what its time means (work: flops for GEMM and attention, bytes for streams)."""
@@ -76,7 +87,7 @@ def time_round_robin(runners: List[Runner], reps: int, warmup: int,
                 # Let the previous runner's thread pools go idle first: OpenBLAS and OpenMP
                 # workers busy-wait for a while after a call and would steal the cores of
                 # whichever runner comes next.
-                time.sleep(IDLE_BEFORE_TIMING)
+                wait_busy(IDLE_BEFORE_TIMING)
                 t = r.call(r.number) / r.number
                 if rep >= warmup:
                     r.times.append(t)
