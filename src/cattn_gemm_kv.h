@@ -28,7 +28,8 @@
  * Xeon, one core summing 256 MiB: one stream 10.0 (float32) / 8.2 (float16) / 7.7 (int8)
  * GB/s, two 11.2 / 10.9 / 10.5, four 12.6 / 12.6 / 12.4.
  * The scores read the keys as CATTN_KEY_STREAMS stretches: free, since every score is
- * its own sum. */
+ * its own sum. (A whole decode gains less than a pure read: 0.97-1.07x one stream there,
+ * within that VM's noise; its stretches restart every block.) */
 #ifndef CATTN_KEY_STREAMS
 #define CATTN_KEY_STREAMS 4
 #endif
