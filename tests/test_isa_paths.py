@@ -220,7 +220,19 @@ def test_ctrl_c_interrupts_a_long_call():
     interrupted call's own pace, where the cores are so busy that a check's work takes
     longer. A signal that lands after the call's end leaves `out` complete, and a call that
     ends before the sender saw it running is repeated twice as long: either attempt is
-    repeated, up to 12, while a kernel that never checks for signals fails every one."""
+    repeated, up to 12, while a kernel that never checks for signals fails every one.
+
+    Python's own Ctrl-C handler is installed for the test: a process started in the
+    background by a non-interactive shell (as some CI runners start the suite) inherits
+    SIGINT ignored, and Python then installs none, so no signal would reach the call."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _check_ctrl_c_interrupts_a_long_call()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _check_ctrl_c_interrupts_a_long_call():
     rng = np.random.default_rng(5)
     heads = 16
     while True:
@@ -268,5 +280,6 @@ def test_ctrl_c_interrupts_a_long_call():
                 f"Ctrl-C took {latency:.2f} s (checks every ~{pace / 3:.2f} s at this pace)")
             return
         outcomes.append(f"the signal was sent with {sent[0][1]:.0%} of the call done and "
-                        f"reached Python after its end")
+                        + ("reached Python after its end" if interrupted_at is not None
+                           else "never reached Python"))
     pytest.fail("no attempt interrupted the call: " + "; ".join(outcomes))
