@@ -125,8 +125,7 @@ def scales_for(scale, name, x, x_name):
             and scale.flags.c_contiguous and scale.flags.aligned):
         # what quantize_kv returns: only the values to check (a decoding step passes the
         # scales on every call, and the general path's broadcasts cost ~10 µs)
-        if scale.size and not (scale.min() > 0 and scale.max() < np.inf):
-            raise ValueError(_bad_scale_message(name, x_name))
+        _check_scale_values(scale, name, x_name)
         return scale[..., None]
     reject_masked(scale, name)
     scale = np.asarray(scale)
@@ -138,20 +137,20 @@ def scales_for(scale, name, x, x_name):
                          f"and head)")
     with np.errstate(over="ignore"):  # a scale beyond float32 becomes inf: refused below
         scale32 = scale.astype(FLOAT32, copy=False)
-    # two reductions and no temporaries (a decode's scales are read on every call); NaN
-    # propagates through min and max and fails both comparisons
-    if scale32.size and not (scale32.min() > 0 and scale32.max() < np.inf):
-        raise ValueError(_bad_scale_message(name, x_name))
+    _check_scale_values(scale32, name, x_name)
     scale = np.broadcast_to(scale32, wanted)[..., None]
     if _kernel.gemm_row_stride(scale) < 0 or not scale.flags.aligned:
         scale = np.require(scale, requirements="CA")
     return scale
 
 
-def _bad_scale_message(name, x_name):
-    return (f"{name} must be finite and positive in float32 (int8 {x_name} stand for "
-            f"{x_name} * {name}), got a value that is NaN, infinite, zero, negative or "
-            f"beyond float32's range")
+def _check_scale_values(scale32, name, x_name):
+    """Every scale finite and positive: two reductions and no temporaries (a decode's scales
+    are read on every call); NaN propagates through min and max and fails both tests."""
+    if scale32.size and not (scale32.min() > 0 and scale32.max() < np.inf):
+        raise ValueError(f"{name} must be finite and positive in float32 (int8 {x_name} "
+                         f"stand for {x_name} * {name}), got a value that is NaN, infinite, "
+                         f"zero, negative or beyond float32's range")
 
 
 _INT8_LARGEST = 127 * float(np.finfo(FLOAT32).max)

@@ -107,8 +107,8 @@ TGT_KV static void FNE(cattn_pack_keys)(const ET *k, ptrdiff_t k_rs, ptrdiff_t n
 /* ---- Few query rows (decoding): memory-bound, so keys and values are streamed in place,
  * each read exactly once, without packing. */
 
-/* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4) and keys [j0, j1) read as KS_ stretches
- * of len keys at once (key j0 + s·len + i in step i; KS_ = 1: keys in order), two
+/* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4) and keys [0, KS_·len) read as KS_
+ * stretches of len keys at once (key s·len + i in step i; KS_ = 1: keys in order), two
  * accumulators per row and key to halve the FMA dependency chain. */
 static inline __attribute__((always_inline)) TGT_KV void
 FNE(cattn_qkt_direct_keys)(const int MR_, const int KS_, ptrdiff_t len, ptrdiff_t E, T alpha,
@@ -243,7 +243,7 @@ FNE(cattn_pv_stream_columns)(const int MR_, const int NC_, ptrdiff_t n_keys, con
 }
 
 /* acc[r] += Σ_j p[r][j] · v[j] for r < MR_ (≤ 4): the full vectors of a row in chunks of
- * as many accumulators as the registers hold (PV_ACC_VECS for all the rows and both
+ * as many accumulators as the registers hold (PV_ACC_VECS for all the rows and all the
  * stretches together), then a partial last vector key by key. */
 static inline __attribute__((always_inline)) TGT_KV void
 FNE(cattn_pv_direct_rows)(const int MR_, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p,
