@@ -342,6 +342,13 @@ MUTANTS = [
            [Edit("src/cattn_gemm_kv.h", "            kj[s] = k + (s * len + i) * k_rs;",
                  "            kj[s] = k + i * k_rs;")],
            ["tests/test_decode_streams.py", "-k", "match_reference and float32"]),
+    Mutant("stream-probe-skips-a-stretch",
+           "the read-rate probe sums three of its four stretches: it reports a rate 4/3 of "
+           "what the memory gave",
+           [Edit("src/cattn_simd.h",
+                 "        s3 = _mm256_add_ps(s3, _mm256_loadu_ps(x3 + j));\n",
+                 "")],
+           ["tests/test_bench_ceilings.py", "-k", "stream_sum"]),
     Mutant("packed-key-squares-at-feature-zero",
            "whole squares of packed keys are all written at the first features: scores of "
            "E > one vector of features read the wrong keys",
