@@ -196,7 +196,8 @@ def _isa_cap_from_environment():
 cdef int SUPPORTED_ISA = cattn_isa_supported()
 cdef int DEFAULT_ISA = min(SUPPORTED_ISA, _isa_cap_from_environment())
 # Where the CPU's best is AVX512-BF16 without AMX and no CATTN_ISA names a path, calls run
-# "avx512" (bfloat16 widened) until the first one settles the default by measuring both
+# "avx512" (bfloat16 widened) until the first one with bfloat16 keys or values (or
+# show_config) settles the default by measuring both
 # (cattn._runtime.choose_bf16_path); BF16_PATH_REASON says how the default was chosen.
 cdef bint BF16_PATH_PENDING = DEFAULT_ISA == CATTN_ISA_AVX512_BF16 and not os.environ.get(
     "CATTN_ISA", "").strip()
@@ -264,8 +265,12 @@ def isa_index(str name):
     return ISA_NAMES.index(name)
 
 
-def default_isa_index():
-    settle_bf16_path()
+def default_isa_index(bint bf16_products=False):
+    """The path a call takes when it names none. Only a call that multiplies bfloat16
+    (bf16_products) settles the bfloat16 default (a measurement, the first time): every
+    other call computes the same on either candidate, and never pays for it."""
+    if bf16_products:
+        settle_bf16_path()
     return DEFAULT_ISA
 
 

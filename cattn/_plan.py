@@ -141,7 +141,12 @@ class Plan:
         self.num_threads = (_runtime.get_num_threads() if num_threads is None
                             else check_int(num_threads, "num_threads", 1))
         self.block_sizes = None if block_sizes is None else checked_block_sizes(block_sizes)
-        self.isa = _kernel.default_isa_index() if isa is None else _kernel.isa_index(isa)
+        if isa is None:
+            bf16_products = (_dtypes.is_bfloat16(self.key.dtype)
+                             or _dtypes.is_bfloat16(self.value.dtype))
+            self.isa = _kernel.default_isa_index(bf16_products)
+        else:
+            self.isa = _kernel.isa_index(isa)
 
     def set_mask(self, attn_mask, batch_shape, L, S):
         """attn_mask (broadcastable to batch_shape + (L, S)) as the kernel reads it (no

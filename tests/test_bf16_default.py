@@ -1,6 +1,7 @@
 """The default path of bfloat16 products, decided per CPU: AMX where the CPU has it, the
 widened float32 products where it has no bfloat16 instructions, and between vdpbf16ps and
-the widened products, by timing both on the CPU itself at the first call. The decision is
+the widened products, by timing both on the CPU itself at the first call that multiplies
+bfloat16. The decision is
 tested with faked CPUs and timings (never real ones: a test must not depend on the load)."""
 import os
 import subprocess
@@ -116,3 +117,32 @@ def test_the_kernel_measures_through_the_runtime():
     """(catches a kernel left without its calibration: a CPU with AVX512-BF16 would then
     keep the widened path unmeasured forever)"""
     assert _kernel._bf16_calibration is _runtime.calibrate_bf16_path
+
+
+def test_only_a_bfloat16_call_measures():
+    """A float32 call leaves the bfloat16 default unsettled (no probe, no ml_dtypes import:
+    tens of milliseconds in a float32 user's first call); the first call with bfloat16
+    values settles it, where the CPU has both candidates. Bug caught (on such CPUs): the
+    first call of any dtype measures."""
+    pytest.importorskip("ml_dtypes")
+    child = ("import sys, numpy as np\n"
+             "import cattn\n"
+             "from cattn import _kernel\n"
+             "q = np.ones((1, 2, 5, 8), np.float32)\n"
+             "cattn.scaled_dot_product_attention(q, q, q)\n"
+             "print(_kernel.BF16_PATH_REASON is None, 'ml_dtypes' in sys.modules)\n"
+             "import ml_dtypes\n"
+             "h = q.astype(ml_dtypes.bfloat16)\n"
+             "cattn.scaled_dot_product_attention(h, h, h)\n"
+             "print(_kernel.BF16_PATH_REASON)\n")
+    env = {name: value for name, value in os.environ.items() if name != "CATTN_ISA"}
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after_float32, after_bfloat16 = proc.stdout.splitlines()
+    assert after_float32 == "True False"
+    paths = _kernel.supported_isa_paths()
+    if "avx512_bf16" in paths and "amx" not in paths:
+        assert after_bfloat16.startswith("measured at first use")
+    else:
+        assert after_bfloat16 == "None"
