@@ -318,12 +318,25 @@ MUTANTS = [
                  "case R: if ((R) < (M)) TILE(((R) < (M) ? (R) : 1), i_); break",
                  "case R: if ((R) < (M)) TILE(((R) < (M) && (R) > 4 ? (R) - 1 : (R) < (M) ? (R) : 1), i_); break")],
            ["tests/test_gqa_grouped.py", "-k", "match_reference and g5"]),
-    Mutant("key-stretch-scores-in-load-order",
-           "one query row's scores of the W keys read from four stretches are stored as if "
-           "the keys came in order: most scores land on another key",
-           [Edit("src/cattn_gemm_kv.h", "            sums[s * PER + u] = VADD(acc0, acc1);",
-                 "            sums[jj] = VADD(acc0, acc1);")],
+    Mutant("key-slots-in-load-order",
+           "the scores of W keys merged across lanes are stored as if each key's sum stayed "
+           "in its own slot's lane: most scores land on another key",
+           [Edit("src/cattn_gemm_kv.h", "            const int lane = VSLOT_LANE(slot);",
+                 "            const int lane = slot;")],
            ["tests/test_decode_streams.py", "-k", "match_reference and float32"]),
+    Mutant("lane-merge-adds-a-pair-twice",
+           "the AVX-512 merge of sums across pairs of lanes adds the first pair to itself "
+           "instead of to the second",
+           [Edit(GEMM, "        x = _mm512_shuffle_ps(a, b, 0x44); y = _mm512_shuffle_ps(a, b, 0xEE); break;",
+                 "        x = _mm512_shuffle_ps(a, b, 0x44); y = _mm512_shuffle_ps(a, b, 0x44); break;")],
+           ["tests/test_decode_streams.py", "-k", "match_reference and float32"]),
+    Mutant("grouped-rows-merge-with-the-first-row",
+           "2-4 query rows merge each key's sum with the first row's waiting sums: every "
+           "row but the first gets a mixture of rows' scores",
+           [Edit("src/cattn_gemm_kv.h",
+                 "                    sum = VMERGE_SUMS(level, waiting[r][level], sum);",
+                 "                    sum = VMERGE_SUMS(level, waiting[0][level], sum);")],
+           ["tests/test_gqa_grouped.py", "-k", "match_reference"]),
     Mutant("value-stretch-last-keys-dropped",
            "P·V over stretches forgets the keys past 4 · (n // 4) of a block",
            [Edit("src/cattn_gemm_kv.h",
@@ -335,12 +348,6 @@ MUTANTS = [
            [Edit("src/cattn_gemm_kv.h",
                  "            for (int s = 1; s < VS; s++) sum = VADD(sum, a[s][r][c]);",
                  "            for (int s = 1; s < VS - 1; s++) sum = VADD(sum, a[s][r][c]);")],
-           ["tests/test_decode_streams.py", "-k", "match_reference and float32"]),
-    Mutant("row-pair-stretches-read-one-stretch",
-           "2-4 query rows scoring two stretches of keys at once read the first stretch's "
-           "keys for both",
-           [Edit("src/cattn_gemm_kv.h", "            kj[s] = k + (s * len + i) * k_rs;",
-                 "            kj[s] = k + i * k_rs;")],
            ["tests/test_decode_streams.py", "-k", "match_reference and float32"]),
     Mutant("stream-probe-skips-a-stretch",
            "the read-rate probe sums three of its four stretches: it reports a rate 4/3 of "

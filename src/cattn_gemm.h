@@ -237,6 +237,70 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
     }
 }
 
+/* Merges that turn W vectors into one vector of their W sums, two at a time: merge level
+ * l adds two vectors each holding 2^l sums (as partial sums spread over W / 2^l lanes) into
+ * one holding 2^(l+1) such sums. Applied as a binary counter while the vectors are made
+ * (slot s merges once per trailing 1 bit of s), at most one vector per level waits in a
+ * register. A tree of W - 1 merges of three instructions each: fewer than a transpose
+ * followed by W - 1 adds, and far fewer than a reduction across the lanes per vector. The
+ * sum of slot s lands in lane CATTN_SLOT_LANE(W, P, s), P the lanes of a 128-bit part. */
+#define CATTN_SLOT_LANE(W, P, s) ((P) * ((s) % ((W) / (P))) + (s) / ((W) / (P)))
+
+__attribute__((target("avx2,fma"))) static inline __m256
+cattn_merge_sums8_ps(int level, __m256 a, __m256 b)
+{
+    __m256 x, y;
+    switch (level) {
+    case 0: /* halves: [a's 4 partials, b's 4] */
+        x = _mm256_permute2f128_ps(a, b, 0x20); y = _mm256_permute2f128_ps(a, b, 0x31); break;
+    case 1: /* pairs of lanes */
+        x = _mm256_shuffle_ps(a, b, 0x44); y = _mm256_shuffle_ps(a, b, 0xEE); break;
+    default: /* single lanes */
+        x = _mm256_shuffle_ps(a, b, 0x88); y = _mm256_shuffle_ps(a, b, 0xDD); break;
+    }
+    return _mm256_add_ps(x, y);
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256d
+cattn_merge_sums4_pd(int level, __m256d a, __m256d b)
+{
+    if (level == 0)
+        return _mm256_add_pd(_mm256_permute2f128_pd(a, b, 0x20), _mm256_permute2f128_pd(a, b, 0x31));
+    return _mm256_add_pd(_mm256_unpacklo_pd(a, b), _mm256_unpackhi_pd(a, b));
+}
+
+__attribute__((target("avx512f"))) static inline __m512
+cattn_merge_sums16_ps(int level, __m512 a, __m512 b)
+{
+    __m512 x, y;
+    switch (level) {
+    case 0: /* 256-bit halves */
+        x = _mm512_shuffle_f32x4(a, b, 0x44); y = _mm512_shuffle_f32x4(a, b, 0xEE); break;
+    case 1: /* 128-bit parts */
+        x = _mm512_shuffle_f32x4(a, b, 0x88); y = _mm512_shuffle_f32x4(a, b, 0xDD); break;
+    case 2: /* pairs of lanes within each part */
+        x = _mm512_shuffle_ps(a, b, 0x44); y = _mm512_shuffle_ps(a, b, 0xEE); break;
+    default: /* single lanes */
+        x = _mm512_shuffle_ps(a, b, 0x88); y = _mm512_shuffle_ps(a, b, 0xDD); break;
+    }
+    return _mm512_add_ps(x, y);
+}
+
+__attribute__((target("avx512f"))) static inline __m512d
+cattn_merge_sums8_pd(int level, __m512d a, __m512d b)
+{
+    __m512d x, y;
+    switch (level) {
+    case 0:
+        x = _mm512_shuffle_f64x2(a, b, 0x44); y = _mm512_shuffle_f64x2(a, b, 0xEE); break;
+    case 1:
+        x = _mm512_shuffle_f64x2(a, b, 0x88); y = _mm512_shuffle_f64x2(a, b, 0xDD); break;
+    default:
+        x = _mm512_unpacklo_pd(a, b); y = _mm512_unpackhi_pd(a, b); break;
+    }
+    return _mm512_add_pd(x, y);
+}
+
 /* ---- AVX2 + FMA, float: 8 lanes, 6×16 register tile */
 #define T float
 #define SFX f32
@@ -260,6 +324,9 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define VADD(a, b) _mm256_add_ps(a, b)
 #define VHSUM(x) cattn_hsum_ps(x)
 #define VTRANSPOSE(r) cattn_transpose8_ps(r)
+#define VMERGE_SUMS(level, a, b) cattn_merge_sums8_ps(level, a, b)
+#define VSUMS_LEVELS 3
+#define VSLOT_LANE(s) CATTN_SLOT_LANE(8, 4, s)
 /* float16 through F16C, bfloat16 widened and shifted into the top half of a float */
 #define TGT_KV __attribute__((target("avx2,fma,f16c")))
 #define VLOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
@@ -292,6 +359,9 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define VADD(a, b) _mm256_add_pd(a, b)
 #define VHSUM(x) cattn_hsum_pd(x)
 #define VTRANSPOSE(r) cattn_transpose4_pd(r)
+#define VMERGE_SUMS(level, a, b) cattn_merge_sums4_pd(level, a, b)
+#define VSUMS_LEVELS 2
+#define VSLOT_LANE(s) CATTN_SLOT_LANE(4, 2, s)
 #include "cattn_gemm_impl.h"
 
 /* ---- AVX-512F, float: 16 lanes, 12×32 register tile (the broadcasts fold into the FMAs
@@ -319,6 +389,9 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define VADD(a, b) _mm512_add_ps(a, b)
 #define VHSUM(x) _mm512_reduce_add_ps(x)
 #define VTRANSPOSE(r) cattn_transpose16_ps(r)
+#define VMERGE_SUMS(level, a, b) cattn_merge_sums16_ps(level, a, b)
+#define VSUMS_LEVELS 4
+#define VSLOT_LANE(s) CATTN_SLOT_LANE(16, 4, s)
 #define VLOAD_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #define VLOAD_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(                               \
     _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
@@ -350,6 +423,9 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
 #define VADD(a, b) _mm512_add_pd(a, b)
 #define VHSUM(x) _mm512_reduce_add_pd(x)
 #define VTRANSPOSE(r) cattn_transpose8_pd(r)
+#define VMERGE_SUMS(level, a, b) cattn_merge_sums8_pd(level, a, b)
+#define VSUMS_LEVELS 3
+#define VSLOT_LANE(s) CATTN_SLOT_LANE(8, 2, s)
 #include "cattn_gemm_impl.h"
 
 /* ---- (tests only) 16-wide generic vectors on AVX2: the AVX-512 instances' shapes. GCC

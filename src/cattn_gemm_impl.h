@@ -377,6 +377,9 @@ FN(cattn_linear)(ptrdiff_t rows, ptrdiff_t n_out, ptrdiff_t K, const T *a, ptrdi
 #undef VADD
 #undef VHSUM
 #undef VTRANSPOSE
+#undef VMERGE_SUMS
+#undef VSUMS_LEVELS
+#undef VSLOT_LANE
 #undef NREGS
 #undef TGT_KV
 #undef VLOAD_F16

@@ -29,20 +29,30 @@
  * GB/s, two 11.2 / 10.9 / 10.5, four 12.6 / 12.6 / 12.4.
  * The scores read the keys as CATTN_KEY_STREAMS stretches: free, since every score is
  * its own sum. (A whole decode gains less than a pure read: 0.97-1.07x one stream there,
- * within that VM's noise; its stretches restart every block.) */
+ * within that VM's noise; its stretches restart every block.) Since P·V's order of keys is
+ * part of its result, its stretches are chosen per row count below. */
 #ifndef CATTN_KEY_STREAMS
 #define CATTN_KEY_STREAMS 4
 #endif
-/* P·V's stretches need their own accumulators: 4 where 32 registers hold them (AVX-512;
- * measured 1.06-1.11x two stretches, decoding on an Ice Lake Xeon), 1 with 16 registers
- * (AVX2: more stretches there meant narrower column chunks, more passes over each block,
- * and measured 0.85-0.96x on the same Xeon). */
+/* P·V's stretches need their own accumulators. One query row keeps 4 sets where 32
+ * registers hold them (AVX-512; measured 1.06-1.11x two stretches on an Ice Lake Xeon, and
+ * 1.2x one stretch on an AMD EPYC Zen 4), 1 with 16 registers (AVX2: more stretches there
+ * meant narrower column chunks, more passes over each block, and measured 0.85-0.96x on the
+ * same Xeon). Two to four rows (grouped heads) keep one set: four sets left them one
+ * vector of columns per pass, eight passes over each block of 128-wide values, each pass
+ * touching one line of every value row; one set reads a block in two passes, measured
+ * 1.4-1.7x four sets on the Zen 4 (4 rows, 1 thread) and 1.05-1.2x two sets. */
 #ifdef CATTN_VALUE_STREAMS
 #define VALUE_STREAMS CATTN_VALUE_STREAMS
 #elif defined(NREGS) && NREGS >= 32
 #define VALUE_STREAMS 4
 #else
 #define VALUE_STREAMS 1
+#endif
+#ifdef CATTN_ROWS_VALUE_STREAMS
+#define ROWS_VALUE_STREAMS CATTN_ROWS_VALUE_STREAMS
+#else
+#define ROWS_VALUE_STREAMS 1
 #endif
 
 #define CATTN_CAT3E_(a, b, c) a##_##b##_##c
@@ -107,77 +117,56 @@ TGT_KV static void FNE(cattn_pack_keys)(const ET *k, ptrdiff_t k_rs, ptrdiff_t n
 /* ---- Few query rows (decoding): memory-bound, so keys and values are streamed in place,
  * each read exactly once, without packing. */
 
-/* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4) and keys [0, KS_·len) read as KS_
- * stretches of len keys at once (key s·len + i in step i; KS_ = 1: keys in order), two
- * accumulators per row and key to halve the FMA dependency chain. */
+/* dots[r] = the products q[r][e]·kj[e] for r < MR_ (≤ 4), summed over e in a vector (a
+ * key's score is the sum of its lanes), two accumulators per row to halve the FMA
+ * dependency chain. */
 static inline __attribute__((always_inline)) TGT_KV void
-FNE(cattn_qkt_direct_keys)(const int MR_, const int KS_, ptrdiff_t len, ptrdiff_t E, T alpha,
-                           const T *q, ptrdiff_t q_rs, const ET *k, ptrdiff_t k_rs, T *c,
-                           ptrdiff_t ldc)
+FNE(cattn_key_dots)(const int MR_, ptrdiff_t E, const T *q, ptrdiff_t q_rs, const ET *kj,
+                    V dots[4])
 {
     const ptrdiff_t E_full = E - E % W;
-    const VI tail = VMASK(E % W);
-    const ETAIL_T k_tail = ETAIL(E % W);
-    for (ptrdiff_t i = 0; i < len; i++) {
-        const ET *kj[2];
-        V acc0[2][4], acc1[2][4];
-#pragma GCC unroll 2
-        for (int s = 0; s < KS_; s++) {
-            kj[s] = k + (s * len + i) * k_rs;
+    V acc0[4], acc1[4];
 #pragma GCC unroll 4
-            for (int r = 0; r < MR_; r++) acc0[s][r] = acc1[s][r] = VZERO();
+    for (int r = 0; r < MR_; r++) acc0[r] = acc1[r] = VZERO();
+    ptrdiff_t e = 0;
+    for (; e + 2 * W <= E_full; e += 2 * W) {
+        const V k0 = ELOAD(kj + e), k1 = ELOAD(kj + e + W);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR_; r++) {
+            acc0[r] = VFMA(VLOAD(q + r * q_rs + e), k0, acc0[r]);
+            acc1[r] = VFMA(VLOAD(q + r * q_rs + e + W), k1, acc1[r]);
         }
-        ptrdiff_t e = 0;
-        for (; e + 2 * W <= E_full; e += 2 * W)
-#pragma GCC unroll 2
-            for (int s = 0; s < KS_; s++) {
-                V k0 = ELOAD(kj[s] + e), k1 = ELOAD(kj[s] + e + W);
-#pragma GCC unroll 4
-                for (int r = 0; r < MR_; r++) {
-                    acc0[s][r] = VFMA(VLOAD(q + r * q_rs + e), k0, acc0[s][r]);
-                    acc1[s][r] = VFMA(VLOAD(q + r * q_rs + e + W), k1, acc1[s][r]);
-                }
-            }
-        if (e < E_full) {
-#pragma GCC unroll 2
-            for (int s = 0; s < KS_; s++) {
-                V k0 = ELOAD(kj[s] + e);
-#pragma GCC unroll 4
-                for (int r = 0; r < MR_; r++)
-                    acc0[s][r] = VFMA(VLOAD(q + r * q_rs + e), k0, acc0[s][r]);
-            }
-            e += W;
-        }
-        if (e < E)
-#pragma GCC unroll 2
-            for (int s = 0; s < KS_; s++) {
-                V k1 = ELOAD_TAIL(kj[s] + e, k_tail);
-#pragma GCC unroll 4
-                for (int r = 0; r < MR_; r++)
-                    acc1[s][r] = VFMA(VMASKLOAD(q + r * q_rs + e, tail), k1, acc1[s][r]);
-            }
-#pragma GCC unroll 2
-        for (int s = 0; s < KS_; s++)
-#pragma GCC unroll 4
-            for (int r = 0; r < MR_; r++)
-                c[r * ldc + s * len + i] = alpha * VHSUM(VADD(acc0[s][r], acc1[s][r]));
     }
+    if (e < E_full) {
+        const V k0 = ELOAD(kj + e);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR_; r++) acc0[r] = VFMA(VLOAD(q + r * q_rs + e), k0, acc0[r]);
+        e += W;
+    }
+    if (e < E) {
+        const VI tail = VMASK(E % W);
+        const V k1 = ELOAD_TAIL(kj + e, ETAIL(E % W));
+#pragma GCC unroll 4
+        for (int r = 0; r < MR_; r++)
+            acc1[r] = VFMA(VMASKLOAD(q + r * q_rs + e, tail), k1, acc1[r]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < MR_; r++) dots[r] = VADD(acc0[r], acc1[r]);
 }
 
-/* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4) and every key: two stretches of the keys
- * at once where the registers hold both keys' accumulators (32 of them), then the keys
- * left over. */
+/* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4) and keys [0, n_keys), one key at a time,
+ * each score ending in a reduction across a vector's lanes (the keys past the last group
+ * of W, or every key where the instance has no merges of sums). */
 static inline __attribute__((always_inline)) TGT_KV void
 FNE(cattn_qkt_direct_rows)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha, const T *q,
                           ptrdiff_t q_rs, const ET *k, ptrdiff_t k_rs, T *c, ptrdiff_t ldc)
 {
-    ptrdiff_t done = 0;
-#if defined(NREGS) && NREGS >= 32
-    done = n_keys / 2 * 2;
-    FNE(cattn_qkt_direct_keys)(MR_, 2, n_keys / 2, E, alpha, q, q_rs, k, k_rs, c, ldc);
-#endif
-    FNE(cattn_qkt_direct_keys)(MR_, 1, n_keys - done, E, alpha, q, q_rs, k + done * k_rs, k_rs,
-                               c + done, ldc);
+    for (ptrdiff_t j = 0; j < n_keys; j++) {
+        V dots[4];
+        FNE(cattn_key_dots)(MR_, E, q, q_rs, k + j * k_rs, dots);
+#pragma GCC unroll 4
+        for (int r = 0; r < MR_; r++) c[r * ldc + j] = alpha * VHSUM(dots[r]);
+    }
 }
 
 /* acc[r][0:NC_·W] += Σ_j p[r][j] · v[j][0:NC_·W] for r < MR_ (≤ 4): the accumulators stay
@@ -190,14 +179,13 @@ FNE(cattn_qkt_direct_rows)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha
  * within each stretch, and every element is summed in the same order whatever the thread
  * count. */
 static inline __attribute__((always_inline)) TGT_KV void
-FNE(cattn_pv_stream_columns)(const int MR_, const int NC_, ptrdiff_t n_keys, const T *p,
-                             ptrdiff_t ldp, const ET *v, ptrdiff_t v_rs, T *acc,
+FNE(cattn_pv_stream_columns)(const int MR_, const int VS, const int NC_, ptrdiff_t n_keys,
+                             const T *p, ptrdiff_t ldp, const ET *v, ptrdiff_t v_rs, T *acc,
                              ptrdiff_t ld_acc)
 {
-    enum { VS = VALUE_STREAMS };
     /* stretch s holds keys [s·len, (s + 1)·len); the last one also the keys past VS·len */
     const ptrdiff_t len = n_keys / VS;
-    V a[VS][4][PV_ACC_VECS / VS];
+    V a[4][4][PV_ACC_VECS];
 #pragma GCC unroll 4
     for (int r = 0; r < MR_; r++)
 #pragma GCC unroll 8
@@ -210,7 +198,7 @@ FNE(cattn_pv_stream_columns)(const int MR_, const int NC_, ptrdiff_t n_keys, con
 #pragma GCC unroll 4
         for (int s = 0; s < VS; s++) {
             const ET *vj = v + (s * len + j) * v_rs;
-            V x[PV_ACC_VECS / VS];
+            V x[PV_ACC_VECS];
 #pragma GCC unroll 8
             for (int c = 0; c < NC_; c++) x[c] = ELOAD(vj + c * W);
 #pragma GCC unroll 4
@@ -244,21 +232,22 @@ FNE(cattn_pv_stream_columns)(const int MR_, const int NC_, ptrdiff_t n_keys, con
 
 /* acc[r] += Σ_j p[r][j] · v[j] for r < MR_ (≤ 4): the full vectors of a row in chunks of
  * as many accumulators as the registers hold (PV_ACC_VECS for all the rows and all the
- * stretches together), then a partial last vector key by key. */
+ * stretches together: VALUE_STREAMS of them for one row, ROWS_VALUE_STREAMS for more),
+ * then a partial last vector key by key. */
 static inline __attribute__((always_inline)) TGT_KV void
 FNE(cattn_pv_direct_rows)(const int MR_, ptrdiff_t Ev, ptrdiff_t n_keys, const T *p,
                          ptrdiff_t ldp, const ET *v, ptrdiff_t v_rs, T *acc, ptrdiff_t ld_acc)
 {
-    enum { VS = VALUE_STREAMS };
+    const int VS = MR_ == 1 ? VALUE_STREAMS : ROWS_VALUE_STREAMS;
     const int share = MR_ == 1 ? PV_ACC_VECS / VS : MR_ == 2 ? PV_ACC_VECS / (2 * VS)
                                                             : PV_ACC_VECS / (4 * VS);
     const int chunk = share > 0 ? share : 1;
     const ptrdiff_t Ev_full = Ev - Ev % W;
     ptrdiff_t e = 0;
     for (; e + chunk * W <= Ev_full; e += chunk * W)
-        FNE(cattn_pv_stream_columns)(MR_, chunk, n_keys, p, ldp, v + e, v_rs, acc + e, ld_acc);
+        FNE(cattn_pv_stream_columns)(MR_, VS, chunk, n_keys, p, ldp, v + e, v_rs, acc + e, ld_acc);
     for (; e < Ev_full; e += W)
-        FNE(cattn_pv_stream_columns)(MR_, 1, n_keys, p, ldp, v + e, v_rs, acc + e, ld_acc);
+        FNE(cattn_pv_stream_columns)(MR_, VS, 1, n_keys, p, ldp, v + e, v_rs, acc + e, ld_acc);
     if (e < Ev) {
         const VI tail = VMASK(Ev % W);
         const ETAIL_T v_tail = ETAIL(Ev % W);
@@ -273,57 +262,71 @@ FNE(cattn_pv_direct_rows)(const int MR_, ptrdiff_t Ev, ptrdiff_t n_keys, const T
     }
 }
 
-#ifdef VTRANSPOSE
-/* c[j] = alpha · q·k[j] for one query row and the first n_keys / W · W keys, W keys at a
- * time: each key's products summed in a vector, then the W vectors transposed in registers
- * and added, which gives the W scores as one vector. A reduction across the lanes per key
- * cost about as many instructions as converting a narrow key; the transpose shares them
- * among W keys. The W keys come from KS stretches of the keys read at once (see
- * CATTN_KEY_STREAMS), W / KS from each; every score is the same whatever stretch it is
+#ifdef VMERGE_SUMS
+/* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4) and the first n_keys / W · W keys, W keys
+ * at a time: each key's products summed in a vector per row, and the W vectors of a row
+ * merged into one vector of their W sums as they are made (VMERGE_SUMS). A reduction across
+ * the lanes per key and row cost about as many instructions as the key's FMAs; the merges
+ * share them among W keys. The W keys come from KS stretches of the keys read at once (see
+ * CATTN_KEY_STREAMS), W / KS from each, and a stretch's keys fill adjacent lanes; reads
+ * alternate between the stretches. Every score is the same whatever stretch or slot it is
  * read in. Returns the keys done. */
 static inline __attribute__((always_inline)) TGT_KV ptrdiff_t
-FNE(cattn_qkt_direct_row_by_lanes)(ptrdiff_t n_keys, ptrdiff_t E, T alpha, const T *q,
-                                   const ET *k, ptrdiff_t k_rs, T *c)
+FNE(cattn_qkt_direct_rows_by_lanes)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
+                                    const T *q, ptrdiff_t q_rs, const ET *k, ptrdiff_t k_rs,
+                                    T *c, ptrdiff_t ldc)
 {
     enum { KS = W < CATTN_KEY_STREAMS ? W : CATTN_KEY_STREAMS, PER = W / KS };
     const ptrdiff_t groups = n_keys / W, stretch = groups * PER;
-    const ptrdiff_t E_full = E - E % W;
-    const VI tail = VMASK(E % W);
-    const ETAIL_T k_tail = ETAIL(E % W);
     const V alpha_v = VBCAST(&alpha);
     for (ptrdiff_t g = 0; g < groups; g++) {
-        V sums[W];
-        /* slot s·PER + u holds key u of this group's share of stretch s; consecutive keys
-         * alternate between the stretches */
+        /* waiting[r][l]: row r's merge of 2^l keys, until its partner is made */
+        V waiting[4][VSUMS_LEVELS + 1];
 #pragma GCC unroll 16
-        for (int jj = 0; jj < W; jj++) {
-            const int s = jj % KS, u = jj / KS;
-            const ET *kj = k + (s * stretch + g * PER + u) * k_rs;
-            V acc0 = VZERO(), acc1 = VZERO();
-            ptrdiff_t e = 0;
-            for (; e + 2 * W <= E_full; e += 2 * W) {
-                acc0 = VFMA(VLOAD(q + e), ELOAD(kj + e), acc0);
-                acc1 = VFMA(VLOAD(q + e + W), ELOAD(kj + e + W), acc1);
+        for (int slot = 0; slot < W; slot++) {
+            const int lane = VSLOT_LANE(slot);
+            const ET *kj = k + ((lane / PER) * stretch + g * PER + lane % PER) * k_rs;
+            V dots[4];
+            FNE(cattn_key_dots)(MR_, E, q, q_rs, kj, dots);
+#pragma GCC unroll 4
+            for (int r = 0; r < MR_; r++) {
+                V sum = dots[r];
+                int level = 0;
+#pragma GCC unroll 4
+                for (int bits = slot; bits & 1; bits >>= 1, level++)
+                    sum = VMERGE_SUMS(level, waiting[r][level], sum);
+                waiting[r][level] = sum;
             }
-            if (e < E_full) {
-                acc0 = VFMA(VLOAD(q + e), ELOAD(kj + e), acc0);
-                e += W;
-            }
-            if (e < E) acc1 = VFMA(VMASKLOAD(q + e, tail), ELOAD_TAIL(kj + e, k_tail), acc1);
-            sums[s * PER + u] = VADD(acc0, acc1);
         }
-        VTRANSPOSE(sums);
-        V total = sums[0];
-#pragma GCC unroll 16
-        for (int lane = 1; lane < W; lane++) total = VADD(total, sums[lane]);
-        T scores[W];
-        VSTORE(scores, VMUL(alpha_v, total));
-#pragma GCC unroll 16
-        for (int jj = 0; jj < W; jj++) c[jj / PER * stretch + g * PER + jj % PER] = scores[jj];
+#pragma GCC unroll 4
+        for (int r = 0; r < MR_; r++) {
+            T scores[W];
+            VSTORE(scores, VMUL(alpha_v, waiting[r][VSUMS_LEVELS]));
+#pragma GCC unroll 4
+            for (int s = 0; s < KS; s++)
+                memcpy(c + r * ldc + s * stretch + g * PER, scores + s * PER, PER * sizeof(T));
+        }
     }
     return groups * W;
 }
 #endif
+
+/* c[r][j] = alpha · q[r]·k[j] for r < MR_ (≤ 4) and every key: W keys at a time where the
+ * instance merges sums across lanes, then the keys left over. */
+static inline __attribute__((always_inline)) TGT_KV void
+FNE(cattn_qkt_direct_rows_all)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
+                               const T *q, ptrdiff_t q_rs, const ET *k, ptrdiff_t k_rs, T *c,
+                               ptrdiff_t ldc)
+{
+#ifdef VMERGE_SUMS
+    const ptrdiff_t done = FNE(cattn_qkt_direct_rows_by_lanes)(MR_, n_keys, E, alpha, q, q_rs,
+                                                               k, k_rs, c, ldc);
+#else
+    const ptrdiff_t done = 0;
+#endif
+    FNE(cattn_qkt_direct_rows)(MR_, n_keys - done, E, alpha, q, q_rs, k + done * k_rs, k_rs,
+                               c + done, ldc);
+}
 
 TGT_KV static void
 FNE(cattn_gemm_qkt_direct)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alpha,
@@ -331,20 +334,11 @@ FNE(cattn_gemm_qkt_direct)(ptrdiff_t rows, ptrdiff_t n_keys, ptrdiff_t E, T alph
                           ptrdiff_t ldc)
 {
     for (; rows >= 4; rows -= 4, q += 4 * q_rs, c += 4 * ldc)
-        FNE(cattn_qkt_direct_rows)(4, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc);
+        FNE(cattn_qkt_direct_rows_all)(4, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc);
     switch (rows) {
-    case 3: FNE(cattn_qkt_direct_rows)(3, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
-    case 2: FNE(cattn_qkt_direct_rows)(2, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
-    case 1: {
-#ifdef VTRANSPOSE
-        const ptrdiff_t done = FNE(cattn_qkt_direct_row_by_lanes)(n_keys, E, alpha, q, k, k_rs, c);
-#else
-        const ptrdiff_t done = 0;
-#endif
-        FNE(cattn_qkt_direct_rows)(1, n_keys - done, E, alpha, q, q_rs, k + done * k_rs, k_rs,
-                                   c + done, ldc);
-        break;
-    }
+    case 3: FNE(cattn_qkt_direct_rows_all)(3, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
+    case 2: FNE(cattn_qkt_direct_rows_all)(2, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
+    case 1: FNE(cattn_qkt_direct_rows_all)(1, n_keys, E, alpha, q, q_rs, k, k_rs, c, ldc); break;
     default: break;
     }
 }
@@ -388,6 +382,7 @@ FNE(cattn_convert_rows)(const ET *src, ptrdiff_t src_rs, ptrdiff_t rows, ptrdiff
 #undef FNE
 #undef PV_ACC_VECS
 #undef VALUE_STREAMS
+#undef ROWS_VALUE_STREAMS
 #undef CATTN_CAT3E
 #undef CATTN_CAT3E_
 /* The parameters of this element type (set by cattn_gemm_impl.h). */

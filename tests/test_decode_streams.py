@@ -3,13 +3,12 @@ and int8 as they load) against the float64 reference, on every path this CPU has
 bitwise the same on 1, 2 and 3 threads.
 
 The streams group their work by the vector width W and read the keys as several stretches
-at once: one query row scores W keys at a time, W/4 from each of four stretches (their sums
-transposed in registers into one vector of W scores, then the keys past the last multiple
-of W one by one); 2-4 rows score two stretches' keys at a time on AVX-512; P·V keeps its
-accumulators in registers for a whole block of keys, one set per stretch (AVX-512: four
-stretches, 4 vectors each for one row, 2 for two, 1 for three or four; AVX2: one
-stretch, 8, 4 and 2 vectors), the last stretch taking the keys past 4 · (n // 4); then
-single vectors, then a partial one. So the shapes here put key counts on both sides of W's
+at once: 1-4 query rows score W keys at a time, W/4 from each of four stretches (each
+row's W sums merged across lanes into one vector of W scores, then the keys past the last
+multiple of W one by one); P·V keeps its accumulators in registers for a whole block of
+keys, one set per stretch (one row on AVX-512: four stretches of 4 vectors; 2-4 rows, and
+AVX2: one stretch, 16 or 8 vectors shared by the rows), the last stretch taking the keys
+past 4 · (n // 4); then single vectors, then a partial one. So the shapes here put key counts on both sides of W's
 and 4's multiples (W = 4, 8, 16 across the paths and precisions) and feature sizes on both
 sides of the chunks, where a key's score landing in another key's place, a key skipped
 between the stretches, or a column skipped or counted twice between the chunk sizes,
