@@ -338,7 +338,7 @@ MUTANTS = [
                  "                    sum = VMERGE_SUMS(level, waiting[0][level], sum);")],
            ["tests/test_gqa_grouped.py", "-k", "match_reference"]),
     Mutant("value-stretch-last-keys-dropped",
-           "P·V over stretches forgets the keys past 4 · (n // 4) of a block",
+           "P·V over stretches forgets the keys past VS · (n // VS) of a block (an odd count's last)",
            [Edit("src/cattn_gemm_kv.h",
                  "for (ptrdiff_t j = VS * len; j < n_keys; j++) { /* the last stretch's last keys */",
                  "for (ptrdiff_t j = n_keys; j < n_keys; j++) { /* the last stretch's last keys */")],

@@ -34,18 +34,21 @@
 #ifndef CATTN_KEY_STREAMS
 #define CATTN_KEY_STREAMS 4
 #endif
-/* P·V's stretches need their own accumulators. One query row keeps 4 sets where 32
- * registers hold them (AVX-512; measured 1.06-1.11x two stretches on an Ice Lake Xeon, and
- * 1.2x one stretch on an AMD EPYC Zen 4), 1 with 16 registers (AVX2: more stretches there
- * meant narrower column chunks, more passes over each block, and measured 0.85-0.96x on the
- * same Xeon). Two to four rows (grouped heads) keep one set: four sets left them one
- * vector of columns per pass, eight passes over each block of 128-wide values, each pass
- * touching one line of every value row; one set reads a block in two passes, measured
- * 1.4-1.7x four sets on the Zen 4 (4 rows, 1 thread) and 1.05-1.2x two sets. */
+/* P·V's stretches need their own accumulators. One query row keeps 2 sets where 32
+ * registers hold them (AVX-512), 8 vectors each, so a row of up to 128 values is read whole
+ * in one pass: measured 1.2-1.3x four sets of 4 vectors (two passes, each reading half of
+ * every row) on an AMD EPYC Zen 4, 1 and 2 threads; an Ice Lake Xeon had measured four sets
+ * 1.06-1.11x two (an older kernel, a noisier machine): two sets lose less on the CPUs
+ * measured. 1 set with 16 registers (AVX2: more stretches there meant narrower column
+ * chunks, more passes over each block, and measured 0.85-0.96x on the Xeon). Two to four
+ * rows (grouped heads) keep one set: four sets left them one vector of columns per pass,
+ * eight passes over each block of 128-wide values, each touching one line of every value
+ * row; one set reads a block in two passes, measured 1.4-1.7x four sets on the Zen 4 (4
+ * rows, 1 thread) and 1.05-1.2x two sets. */
 #ifdef CATTN_VALUE_STREAMS
 #define VALUE_STREAMS CATTN_VALUE_STREAMS
 #elif defined(NREGS) && NREGS >= 32
-#define VALUE_STREAMS 4
+#define VALUE_STREAMS 2
 #else
 #define VALUE_STREAMS 1
 #endif

@@ -6,11 +6,11 @@ The streams group their work by the vector width W and read the keys as several 
 at once: 1-4 query rows score W keys at a time, W/4 from each of four stretches (each
 row's W sums merged across lanes into one vector of W scores, then the keys past the last
 multiple of W one by one); P·V keeps its accumulators in registers for a whole block of
-keys, one set per stretch (one row on AVX-512: four stretches of 4 vectors; 2-4 rows, and
+keys, one set per stretch (one row on AVX-512: two stretches of 8 vectors; 2-4 rows, and
 AVX2: one stretch, 16 or 8 vectors shared by the rows), the last stretch taking the keys
-past 4 · (n // 4); then single vectors, then a partial one. So the shapes here put key counts on both sides of W's
-and 4's multiples (W = 4, 8, 16 across the paths and precisions) and feature sizes on both
-sides of the chunks, where a key's score landing in another key's place, a key skipped
+past 2 · (n // 2); then single vectors, then a partial one. So the shapes here put key
+counts on both sides of W's and 4's multiples (W = 4, 8, 16 across the paths and
+precisions), odd and even, and feature sizes on both sides of the chunks, where a key's score landing in another key's place, a key skipped
 between the stretches, or a column skipped or counted twice between the chunk sizes,
 shows.
 
