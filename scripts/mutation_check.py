@@ -321,7 +321,8 @@ MUTANTS = [
     Mutant("key-slots-in-load-order",
            "the scores of W keys merged across lanes are stored as if each key's sum stayed "
            "in its own slot's lane: most scores land on another key",
-           [Edit("src/cattn_gemm_kv.h", "            const int lane = VSLOT_LANE(slot);",
+           [Edit("src/cattn_gemm_kv.h",
+                 "            const int lane = CATTN_SLOT_LANE(W, PART, slot);",
                  "            const int lane = slot;")],
            ["tests/test_decode_streams.py", "-k", "match_reference and float32"]),
     Mutant("lane-merge-adds-a-pair-twice",

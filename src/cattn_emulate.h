@@ -77,26 +77,20 @@ CATTN_EMU_INLINE __m512 cattn_emu_flush(__m512 x)
         _mm512_mask_and_epi32(u, subnormal, u, _mm512_set1_epi32((int)0x80000000u)));
 }
 
-/* acc + the product of the bfloat16 in a and b's upper (lower) halves, as vdpbf16ps and
- * tdpbf16ps add it: the product exact in float32, the sum rounded, then flushed. */
-CATTN_EMU_INLINE __m512 cattn_emu_add_upper_product(__m512 acc, __m512i a, __m512i b)
+/* acc + x·y as vdpbf16ps and tdpbf16ps add a product of two bfloat16 (x, y widened): the
+ * product exact in float32, the sum rounded, then flushed. */
+CATTN_EMU_INLINE __m512 cattn_emu_add_product(__m512 acc, __m512 x, __m512 y)
 {
-    return cattn_emu_flush(
-        _mm512_add_ps(acc, _mm512_mul_ps(cattn_emu_bf16_upper(a), cattn_emu_bf16_upper(b))));
-}
-
-CATTN_EMU_INLINE __m512 cattn_emu_add_lower_product(__m512 acc, __m512i a, __m512i b)
-{
-    return cattn_emu_flush(
-        _mm512_add_ps(acc, _mm512_mul_ps(cattn_emu_bf16_lower(a), cattn_emu_bf16_lower(b))));
+    return cattn_emu_flush(_mm512_add_ps(acc, _mm512_mul_ps(x, y)));
 }
 
 /* vdpbf16ps: each float32 lane (a subnormal read as zero) += the product of the pairs'
  * upper halves, then += the product of their lower halves. */
 CATTN_EMU_INLINE __m512 cattn_emu_dpbf16_ps(__m512 acc, __m512i a, __m512i b)
 {
-    acc = cattn_emu_add_upper_product(cattn_emu_flush(acc), a, b);
-    return cattn_emu_add_lower_product(acc, a, b);
+    acc = cattn_emu_add_product(cattn_emu_flush(acc), cattn_emu_bf16_upper(a),
+                                cattn_emu_bf16_upper(b));
+    return cattn_emu_add_product(acc, cattn_emu_bf16_lower(a), cattn_emu_bf16_lower(b));
 }
 
 #undef _mm512_cvtne2ps_pbh
@@ -205,7 +199,8 @@ CATTN_EMU_TGT static void cattn_emu_tile_dpbf16ps(int c, int a, int b)
             memcpy(&pair, s->data[a][m] + 4 * k, 4);
             const __m512i x = _mm512_set1_epi32(pair);
             const __m512i y = _mm512_maskz_loadu_epi32(lanes, s->data[b][k]);
-            acc = cattn_emu_add_upper_product(cattn_emu_add_lower_product(acc, x, y), x, y);
+            acc = cattn_emu_add_product(acc, cattn_emu_bf16_lower(x), cattn_emu_bf16_lower(y));
+            acc = cattn_emu_add_product(acc, cattn_emu_bf16_upper(x), cattn_emu_bf16_upper(y));
         }
         _mm512_mask_storeu_ps(s->data[c][m], lanes, acc);
     }

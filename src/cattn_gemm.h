@@ -243,7 +243,8 @@ __attribute__((target("avx512f"))) static inline void cattn_transpose8_pd(__m512
  * (slot s merges once per trailing 1 bit of s), at most one vector per level waits in a
  * register. A tree of W - 1 merges of three instructions each: fewer than a transpose
  * followed by W - 1 adds, and far fewer than a reduction across the lanes per vector. The
- * sum of slot s lands in lane CATTN_SLOT_LANE(W, P, s), P the lanes of a 128-bit part. */
+ * last two levels work within 128-bit parts (P lanes each), so the sum of slot s lands in
+ * lane CATTN_SLOT_LANE(W, P, s). */
 #define CATTN_SLOT_LANE(W, P, s) ((P) * ((s) % ((W) / (P))) + (s) / ((W) / (P)))
 
 __attribute__((target("avx2,fma"))) static inline __m256
@@ -325,8 +326,6 @@ cattn_merge_sums8_pd(int level, __m512d a, __m512d b)
 #define VHSUM(x) cattn_hsum_ps(x)
 #define VTRANSPOSE(r) cattn_transpose8_ps(r)
 #define VMERGE_SUMS(level, a, b) cattn_merge_sums8_ps(level, a, b)
-#define VSUMS_LEVELS 3
-#define VSLOT_LANE(s) CATTN_SLOT_LANE(8, 4, s)
 /* float16 through F16C, bfloat16 widened and shifted into the top half of a float */
 #define TGT_KV __attribute__((target("avx2,fma,f16c")))
 #define VLOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
@@ -360,8 +359,6 @@ cattn_merge_sums8_pd(int level, __m512d a, __m512d b)
 #define VHSUM(x) cattn_hsum_pd(x)
 #define VTRANSPOSE(r) cattn_transpose4_pd(r)
 #define VMERGE_SUMS(level, a, b) cattn_merge_sums4_pd(level, a, b)
-#define VSUMS_LEVELS 2
-#define VSLOT_LANE(s) CATTN_SLOT_LANE(4, 2, s)
 #include "cattn_gemm_impl.h"
 
 /* ---- AVX-512F, float: 16 lanes, 12×32 register tile (the broadcasts fold into the FMAs
@@ -390,8 +387,6 @@ cattn_merge_sums8_pd(int level, __m512d a, __m512d b)
 #define VHSUM(x) _mm512_reduce_add_ps(x)
 #define VTRANSPOSE(r) cattn_transpose16_ps(r)
 #define VMERGE_SUMS(level, a, b) cattn_merge_sums16_ps(level, a, b)
-#define VSUMS_LEVELS 4
-#define VSLOT_LANE(s) CATTN_SLOT_LANE(16, 4, s)
 #define VLOAD_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #define VLOAD_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(                               \
     _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
@@ -424,8 +419,6 @@ cattn_merge_sums8_pd(int level, __m512d a, __m512d b)
 #define VHSUM(x) _mm512_reduce_add_pd(x)
 #define VTRANSPOSE(r) cattn_transpose8_pd(r)
 #define VMERGE_SUMS(level, a, b) cattn_merge_sums8_pd(level, a, b)
-#define VSUMS_LEVELS 3
-#define VSLOT_LANE(s) CATTN_SLOT_LANE(8, 2, s)
 #include "cattn_gemm_impl.h"
 
 /* ---- (tests only) 16-wide generic vectors on AVX2: the AVX-512 instances' shapes. GCC

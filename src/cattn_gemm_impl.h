@@ -378,8 +378,6 @@ FN(cattn_linear)(ptrdiff_t rows, ptrdiff_t n_out, ptrdiff_t K, const T *a, ptrdi
 #undef VHSUM
 #undef VTRANSPOSE
 #undef VMERGE_SUMS
-#undef VSUMS_LEVELS
-#undef VSLOT_LANE
 #undef NREGS
 #undef TGT_KV
 #undef VLOAD_F16

@@ -279,15 +279,17 @@ FNE(cattn_qkt_direct_rows_by_lanes)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E
                                     const T *q, ptrdiff_t q_rs, const ET *k, ptrdiff_t k_rs,
                                     T *c, ptrdiff_t ldc)
 {
-    enum { KS = W < CATTN_KEY_STREAMS ? W : CATTN_KEY_STREAMS, PER = W / KS };
+    enum { KS = W < CATTN_KEY_STREAMS ? W : CATTN_KEY_STREAMS, PER = W / KS,
+           PART = 16 / (int)sizeof(T),        /* lanes of a 128-bit part */
+           LEVELS = W == 16 ? 4 : W == 8 ? 3 : W == 4 ? 2 : 1 /* log2 W: the merges' levels */ };
     const ptrdiff_t groups = n_keys / W, stretch = groups * PER;
     const V alpha_v = VBCAST(&alpha);
     for (ptrdiff_t g = 0; g < groups; g++) {
         /* waiting[r][l]: row r's merge of 2^l keys, until its partner is made */
-        V waiting[4][VSUMS_LEVELS + 1];
+        V waiting[4][LEVELS + 1];
 #pragma GCC unroll 16
         for (int slot = 0; slot < W; slot++) {
-            const int lane = VSLOT_LANE(slot);
+            const int lane = CATTN_SLOT_LANE(W, PART, slot);
             const ET *kj = k + ((lane / PER) * stretch + g * PER + lane % PER) * k_rs;
             V dots[4];
             FNE(cattn_key_dots)(MR_, E, q, q_rs, kj, dots);
@@ -304,7 +306,7 @@ FNE(cattn_qkt_direct_rows_by_lanes)(const int MR_, ptrdiff_t n_keys, ptrdiff_t E
 #pragma GCC unroll 4
         for (int r = 0; r < MR_; r++) {
             T scores[W];
-            VSTORE(scores, VMUL(alpha_v, waiting[r][VSUMS_LEVELS]));
+            VSTORE(scores, VMUL(alpha_v, waiting[r][LEVELS]));
 #pragma GCC unroll 4
             for (int s = 0; s < KS; s++)
                 memcpy(c + r * ldc + s * stretch + g * PER, scores + s * PER, PER * sizeof(T));
