@@ -23,13 +23,16 @@ How it measures (so the numbers can be trusted on a shared, noisy machine):
   NumPy (the reference) and the GEMM ceiling through threadpoolctl's BLAS limit, or, when
   threadpoolctl is absent, SciPy's OpenBLAS `openblas_set_num_threads` (NumPy's own BLAS
   is then not limited; the JSON says so).
-* FLOPs: 4*B*H*L*S*E (two GEMMs of 2*L*S*E each). For causal and windowed attention the
-  GFLOP/s is "dense-equivalent" (same count as non-causal, so it measures time); the
-  "useful" GFLOP/s counts only the visible (query, key) pairs.
+* FLOPs: 4*B*H*L*S*E (two GEMMs of 2*L*S*E each; 2*B*H*L*S*(E + Ev) where the values are
+  Ev wide, as latent attention's). For causal and windowed attention the GFLOP/s is
+  "dense-equivalent" (same count as non-causal, so it measures time); the "useful"
+  GFLOP/s counts only the visible (query, key) pairs.
 * Decode (one query against a long cache) is memory-bound: it is reported as GB/s of K and
-  V read (2*H*S*E*itemsize bytes / time) against the machine's streaming read rate measured
-  in the same round-robin: the fastest of `cattn._kernel.stream_sum` (if the build has it),
-  NumPy sums over one chunk per thread, and `torch.sum`, over a 512 MiB float32 array.
+  V read (2*Hkv*S*E*itemsize bytes / time: a K/V head that grouped query heads share counts
+  once, and keys whose view the values are count once) against the machine's streaming
+  read rate measured in the same round-robin: the fastest of `cattn._kernel.stream_sum`
+  (if the build has it), NumPy sums over one chunk per thread, and `torch.sum`, over a
+  512 MiB float32 array.
 * Peak extra memory: tracemalloc around the first (checking) call; it sees NumPy
   allocations (the reference, cattn's output and scratch), not PyTorch's or ORT's own
   allocators (reported as n/a). It includes the output array.

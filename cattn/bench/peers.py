@@ -117,6 +117,8 @@ THREAD_CONTROL = {
 def _sdpa_options(spec: Spec) -> Dict[str, Any]:
     """Keyword options of cattn's (and the reference's) call for this spec."""
     opts: Dict[str, Any] = {"is_causal": spec.causal}
+    if spec.grouped:
+        opts["enable_gqa"] = True
     if spec.window is not None:
         opts["window"] = spec.window
     if spec.return_weights:
@@ -206,6 +208,8 @@ def make_numpy(spec: Spec, q, k, v, threads: int, config: BenchConfig):
         raise Skip("the NumPy reference computes in its inputs' float32/float64")
     from cattn import reference
     opts = _sdpa_options(spec)
+    if spec.Hkv == 1:  # one K/V head broadcasts over the query heads: not H copies of it
+        opts.pop("enable_gqa", None)
     sdpa = reference.scaled_dot_product_attention
 
     def fn():
@@ -233,13 +237,23 @@ def make_torch(spec: Spec, q, k, v, threads: int, config: BenchConfig):
         tq, tk, tv = (x.to(half) for x in (tq, tk, tv))
     sdpa = F.scaled_dot_product_attention
     causal = spec.causal
+    gqa = {"enable_gqa": True} if spec.grouped else {}  # (PyTorch 2.5 and later)
+    if spec.grouped or spec.Ev != spec.E:
+        try:  # one key of the same heads and widths: whether this PyTorch takes them
+            sdpa(torch.zeros(1, spec.H, 1, spec.E), torch.zeros(1, spec.Hkv, 1, spec.E),
+                 torch.zeros(1, spec.Hkv, 1, spec.Ev), **gqa)
+        except (TypeError, RuntimeError) as exc:
+            raise Skip(f"PyTorch SDPA refuses {spec.Hkv} K/V heads for {spec.H} query heads"
+                       f" with values {spec.Ev} wide: {str(exc)[:160]}")
 
     def fn():  # the inputs don't require grad: no autograd context needed (or timed)
-        return sdpa(tq, tk, tv, is_causal=causal)
+        return sdpa(tq, tk, tv, is_causal=causal, **gqa)
 
     def to_output(res):
         return res.float().numpy()
-    return fn, to_output, (lambda: torch_threads(threads)), ""
+    note = ("" if spec.Ev == spec.E else
+            "math path (PyTorch's fused CPU kernel needs values as wide as the keys)")
+    return fn, to_output, (lambda: torch_threads(threads)), note
 
 
 _ORT_SESSIONS: Dict[tuple, Any] = {}
@@ -289,9 +303,14 @@ def make_ort(spec: Spec, q, k, v, threads: int, config: BenchConfig):
         raise Skip("no attention sinks in ORT's attention ops here")
     if spec.kv is not None:
         raise Skip("ORT's CPU attention ops compute float32/float64 here")
+    own_kv = not spec.grouped and spec.value_width is None
     op = config.ort_op
-    if op == "auto":  # MultiHeadAttention is float32 only: opset-23 Attention for float64
-        op = "mha" if spec.dtype == np.float32 else "attention"
+    if op == "auto":  # MultiHeadAttention is float32 only, and one K/V head per query head
+        # with values as wide as the keys: opset-23 Attention for the others
+        op = "mha" if spec.dtype == np.float32 and own_kv else "attention"
+    if op == "mha" and not own_kv:
+        raise Skip("ORT's MultiHeadAttention takes one K/V head per query head and "
+                   "values as wide as the keys (--ort-op auto: opset-23 Attention)")
     B, H, L, S, E = spec.shape
     try:
         sess = _ort_session(op, spec.dtype, H, spec.causal, threads)
@@ -308,11 +327,14 @@ def make_ort(spec: Spec, q, k, v, threads: int, config: BenchConfig):
         note = ("com.microsoft MultiHeadAttention on (B, L, H*E) inputs "
                 "(layout transposes done once, not timed)")
     else:
-        feeds = {"Q": q, "K": k, "V": v}
+        # ORT reads contiguous inputs: values that are a view of the keys are copied once
+        # (not timed), or every call would copy them
+        feeds = {"Q": q, "K": k, "V": np.ascontiguousarray(v)}
 
         def to_output(res):
             return res[0]
-        note = "opset-23 Attention on (B, H, L, E) inputs"
+        note = "opset-23 Attention on (B, H, L, E) inputs" + (
+            "" if v.flags.c_contiguous else ", values copied from the keys once (not timed)")
     run = sess.run
 
     def fn():

@@ -2,7 +2,8 @@
 import json
 import math
 import os
-from typing import Any, Dict, List
+import textwrap
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -28,9 +29,11 @@ def _fmt_load(x) -> str:
 
 
 def _attention_rows(case: Case) -> List[Any]:
-    """The case's attention rows (not the ceilings), by options, threads, implementation."""
+    """The case's attention rows (not the ceilings), by options (a grouped case's in the
+    order of its specs, the prefill yardstick last), threads, implementation."""
     rows = [r for r in case.rows if r.kind not in ("gemm", "stream")]
-    rows.sort(key=lambda r: (r.options, r.threads, ALL_IMPLS.index(r.impl)))
+    order = case.options.index if case.kind == "grouped" else (lambda options: options)
+    rows.sort(key=lambda r: (order(r.options), r.threads, ALL_IMPLS.index(r.impl)))
     return rows
 
 
@@ -73,26 +76,59 @@ def ceiling_lines(info: Dict[str, Any]) -> List[str]:
     return lines
 
 
+# what a grouped case's figures count (float32: 4 bytes an element)
+GROUPED_NOTE = ("GFLOP/s: 2*H*L*S*(E + Ev); KV GB/s: the K/V bytes read, Hkv*S*(E + Ev)*4, "
+                "the keys once where the values are a view of them; %pref: GFLOP/s as % of "
+                "cattn's prefill at the same threads")
+
+
+def _figure_columns(kind: str) -> List[Tuple[str, Optional[str], int, Callable[[Any], str]]]:
+    """The figures a kind of case reports: (table title, Markdown title, width, text)."""
+    gflops = ("GFLOP/s", "GFLOP/s", 9, lambda r: _fmt(r.gflops))
+    kv = ("KV GB/s", "KV GB/s", 9, lambda r: _fmt(r.kv_gbps))
+    stream = ("%strm", "% stream", 7, lambda r: _fmt(r.pct_of_stream, "{:.0f}%"))
+    if kind == "decode":
+        return [kv, stream]
+    if kind == "grouped":
+        return [gflops, kv, stream,
+                ("%pref", "% prefill", 7, lambda r: _fmt(r.pct_of_prefill, "{:.0f}%"))]
+    return [gflops, ("%gemm", "% gemm", 7, lambda r: _fmt(r.pct_of_gemm, "{:.0f}%")),
+            ("useful", None, 8,
+             lambda r: _fmt(r.gflops_useful if r.options != "full" else None))]
+
+
+def _shape_text(spec: Dict[str, Any]) -> str:
+    return f"B={spec['B']} H={spec['H']} L={spec['L']} S={spec['S']} E={spec['E']}"
+
+
+def spec_text(spec: Dict[str, Any]) -> str:
+    """One Spec's shape as a reader wants it (from its JSON): B, H, L, S, E, the K/V heads
+    and the values when they are not the plain ones."""
+    text = _shape_text(spec)
+    if spec.get("kv_heads") is not None:
+        text += f", {spec['kv_heads']} K/V head{'s' if spec['kv_heads'] > 1 else ''}"
+    if spec.get("value_width") is not None:
+        text += f", values v = k[..., :{spec['value_width']}] (a view)"
+    return text
+
+
 def format_case(case: Case) -> str:
     spec = case.spec
-    out = [f"== {case.name}: B={spec['B']} H={spec['H']} L={spec['L']} S={spec['S']} "
-           f"E={spec['E']} {spec['dtype']}"]
+    if "specs" in spec:  # specs of several shapes in one round-robin
+        out = [f"== {case.name}: {spec['dtype']}, in one round-robin:"]
+        out += [f"   {s['options']:<16}{spec_text(s)}" for s in spec["specs"]]
+    else:
+        out = [f"== {case.name}: {spec_text(spec)} {spec['dtype']}"]
     if _ceilings(case):
         out.append("   ceiling (same run): " + ", ".join(_ceilings(case)))
-    decode = case.kind == "decode"
+    columns = _figure_columns(case.kind)
     out.append(f"   {'impl':<11}{'thr':>4} {'options':<16}{'median':>11}"
-               + (f"{'KV GB/s':>9}{'%strm':>7}" if decode else
-                  f"{'GFLOP/s':>9}{'%gemm':>7}{'useful':>8}")
+               + "".join(f"{title:>{width}}" for title, _, width, _ in columns)
                + f"{'cattn x':>8}{'vs 1t':>7}{'maxdiff':>10}{'peakMiB':>9}")
     rows = _attention_rows(case)
     for r in rows:
-        line = f"   {r.impl:<11}{r.threads:>4} {r.options:<16}{_fmt_time(r.median_s):>11}"
-        if decode:
-            line += f"{_fmt(r.kv_gbps):>9}{_fmt(r.pct_of_stream, '{:.0f}%'):>7}"
-        else:
-            useful = r.gflops_useful if r.options != "full" else None
-            line += (f"{_fmt(r.gflops):>9}{_fmt(r.pct_of_gemm, '{:.0f}%'):>7}"
-                     f"{_fmt(useful):>8}")
+        line = (f"   {r.impl:<11}{r.threads:>4} {r.options:<16}{_fmt_time(r.median_s):>11}"
+                + "".join(f"{text(r):>{width}}" for _, _, width, text in columns))
         sp = r.cattn_speedup if r.impl != "cattn" else None
         line += (f"{_fmt(sp, '{:.2f}x'):>8}{_fmt(r.speedup_vs_1t, '{:.2f}x'):>7}"
                  f"{_fmt(r.max_abs_diff, '{:.1e}'):>10}"
@@ -104,9 +140,12 @@ def format_case(case: Case) -> str:
         out.append(f"   WRONG OUTPUT (not timed) {w.label}: max abs diff "
                    f"{w.max_abs_diff:.3g} > tolerance {tolerance(spec['dtype']):g}"
                    + (" (less precise than float64)" if spec["dtype"] == "float64" else ""))
-    if any(r.options != "full" for r in rows) and not decode:
+    if any(r.options != "full" for r in rows) and case.kind == "attention":
         out.append("   (GFLOP/s is dense-equivalent 4*B*H*L*S*E for masked options; "
                    "'useful' counts visible pairs only)")
+    if case.kind == "grouped":
+        out += textwrap.wrap(f"({GROUPED_NOTE})", 90, initial_indent="   ",
+                             subsequent_indent="   ")
     out.append("   (cattn x = peer time / cattn time at the same threads and options)")
     return "\n".join(out)
 
@@ -161,17 +200,16 @@ def _markdown_table(case: Case) -> List[str]:
     if case.kind == "decode_loop":
         from cattn.bench.decode_loop import decode_loop_markdown_table
         return decode_loop_markdown_table(case)
-    decode = case.kind == "decode"
-    lines = [("| impl | threads | options | median | "
-              + ("KV GB/s | % stream" if decode else "GFLOP/s | % gemm")
-              + " | cattn speedup | vs 1 thread | max abs diff |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+    columns = [(title, text) for _, title, _, text in _figure_columns(case.kind) if title]
+    lines = ["| impl | threads | options | median | "
+             + "".join(f"{title} | " for title, _ in columns)
+             + "cattn speedup | vs 1 thread | max abs diff |",
+             "|---" * (len(columns) + 7) + "|"]
     for r in _attention_rows(case):
-        a, b = (r.kv_gbps, r.pct_of_stream) if decode else (r.gflops, r.pct_of_gemm)
         sp = r.cattn_speedup if r.impl != "cattn" else None
         lines.append(f"| {r.impl} | {r.threads} | {r.options} | {_fmt_time(r.median_s)} | "
-                     f"{_fmt(a)} | {_fmt(b, '{:.0f}%')} | {_fmt(sp, '{:.2f}x')} | "
-                     f"{_fmt(r.speedup_vs_1t, '{:.2f}x')} | "
+                     + "".join(f"{text(r)} | " for _, text in columns)
+                     + f"{_fmt(sp, '{:.2f}x')} | {_fmt(r.speedup_vs_1t, '{:.2f}x')} | "
                      f"{_fmt(r.max_abs_diff, '{:.1e}')} |")
     return lines
 
@@ -197,18 +235,21 @@ def format_markdown(result: Dict[str, Any]) -> str:
         return "\n".join(lines + ["```", result.get("table_text", ""), "```"])
     for case in result["cases"]:
         spec = case.spec
-        if "B" in spec:
-            lines.append(f"### {case.name} (B={spec['B']} H={spec['H']} L={spec['L']} "
-                         f"S={spec['S']} E={spec['E']} {spec['dtype']})")
+        if "B" in spec and "specs" not in spec:
+            lines.append(f"### {case.name} ({_shape_text(spec)} {spec['dtype']})")
         else:
             lines.append(f"### {case.name} ({spec['dtype']})")
         lines.append("")
+        if "specs" in spec:
+            lines += [f"- {s['options']}: {spec_text(s)}" for s in spec["specs"]] + [""]
         if _ceilings(case):
             lines += ["Same-run ceiling: " + ", ".join(_ceilings(case)), ""]
         lines += _markdown_table(case)
         if case.kind == "attention" and any(o != "full" for o in case.options):
             lines.append("\nGFLOP/s of masked options (causal, window) is dense-equivalent "
                          "(4·B·H·L·S·E / time); the JSON also has the useful GFLOP/s.")
+        if case.kind == "grouped":
+            lines.append(f"\n{GROUPED_NOTE}.")
         for s in case.skipped:
             lines.append(f"\nSkipped {s.label}: {s.reason}")
         for w in case.wrong_output:

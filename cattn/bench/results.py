@@ -1,7 +1,8 @@
 """Result rows: what one run measured, as dataclasses that write themselves as JSON.
 
 Fields marked `OMIT_IF_NONE` exist for some kinds of case only (decode bandwidth, the
-stream probe) and are left out of the JSON when unset, so each kind of row keeps its keys.
+stream probe, the grouped case's prefill yardstick) and are left out of the JSON when
+unset, so each kind of row keeps its keys.
 """
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
@@ -69,6 +70,8 @@ class AttentionRow(TimedRow):
     kv_gbps: Optional[float] = field(default=None, metadata=OMIT_IF_NONE)
     pct_of_gemm: Optional[float] = None
     pct_of_stream: Optional[float] = field(default=None, metadata=OMIT_IF_NONE)
+    # a grouped case's decode: GFLOP/s as % of the same run's cattn prefill, same threads
+    pct_of_prefill: Optional[float] = field(default=None, metadata=OMIT_IF_NONE)
     cattn_speedup: Optional[float] = None
     speedup_vs_1t: Optional[float] = None
 

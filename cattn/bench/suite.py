@@ -1,8 +1,8 @@
 """Running cases and the suite of workloads.
 
 A workload is a list of cases; a case is (name, [Spec, ...], options for the run). Specs of
-one case share shape and inputs and are timed in the same round-robin (so causal vs
-non-causal, window vs full, weights vs none are same-run ratios).
+one case are timed in the same round-robin (so causal vs non-causal, window vs full,
+weights vs none are same-run ratios); specs of one shape share their inputs.
 """
 import dataclasses
 import time
@@ -17,8 +17,8 @@ from cattn.bench.probes import (make_gemm, make_stream_probes, run_block_gemm_ca
 from cattn.bench.report import format_block_gemm_case, format_case, format_memory_case
 from cattn.bench.results import (AttentionRow, Case, CeilingRow, SkippedRun, StreamRow,
                                  TimedRow, WrongOutput)
-from cattn.bench.specs import (Spec, make_inputs, max_abs_diff, reference_check_slice,
-                               tolerance)
+from cattn.bench.specs import (Spec, input_key, make_inputs, max_abs_diff,
+                               reference_check_slice, tolerance)
 from cattn.bench.targets import check_targets, format_targets
 from cattn.bench.timing import Runner, admit, first_call, median, time_round_robin
 
@@ -26,15 +26,20 @@ from cattn.bench.timing import Runner, admit, first_call, median, time_round_rob
 def run_case(name: str, spec_list: List[Spec], config: BenchConfig, *,
              ceiling: bool = True, stream: bool = False, trace_memory: bool = True,
              kind: str = "attention") -> Case:
-    """Time every implementation of config.impls on every spec in spec_list (same shape,
-    same inputs, different options) at every thread count of config.threads, plus the GEMM
-    ceiling (and, with stream, the streaming-read probes), all in one round-robin."""
+    """Time every implementation of config.impls on every spec in spec_list (the inputs
+    made once per shape, shared by the specs of that shape) at every thread count of
+    config.threads, plus the GEMM ceiling (and, with stream, the streaming-read probes),
+    all in one round-robin."""
     base = spec_list[0]
-    q, k, v = make_inputs(base, config.seed)
+    inputs: Dict[Any, Any] = {}
     runners: List[Runner] = []
     skipped: List[SkippedRun] = []
     wrong: List[WrongOutput] = []
     for spec in spec_list:
+        key = input_key(spec)
+        if key not in inputs:
+            inputs[key] = make_inputs(spec, config.seed)
+        q, k, v = inputs[key]
         expected = reference_check_slice(spec, q, k, v) if config.check else None
         for impl in config.impls:
             for t in config.threads:
@@ -97,7 +102,8 @@ def _timed_fields(r: Runner) -> Dict[str, Any]:
 
 def summarize(name, base: Spec, spec_list, threads, runners, skipped, wrong,
               kind: str) -> Case:
-    """The case's rows from its timed runners, with the ratios within the case."""
+    """The case's rows from its timed runners, with the ratios within the case (a grouped
+    case's decodes also against its cattn prefill: the compute rate of the same run)."""
     rows: List[TimedRow] = []
     ceilings: Dict[int, float] = {}
     streams: Dict[int, float] = {}
@@ -118,7 +124,7 @@ def summarize(name, base: Spec, spec_list, threads, runners, skipped, wrong,
                 **_timed_fields(r), options=r.spec.options(), gflops=r.work / med / 1e9,
                 gflops_useful=r.spec.useful_flops() / med / 1e9, max_abs_diff=r.max_abs_diff,
                 peak_extra_mib=None if r.peak_bytes is None else r.peak_bytes / 2**20,
-                kv_gbps=r.spec.kv_bytes() / med / 1e9 if kind == "decode" else None))
+                kv_gbps=r.spec.kv_bytes() / med / 1e9 if _reads_kv(r.spec, kind) else None))
     attention = [r for r in rows if isinstance(r, AttentionRow)]
     by = {(r.impl, r.threads, r.options): r for r in attention}
     for r in attention:
@@ -131,11 +137,22 @@ def summarize(name, base: Spec, spec_list, threads, runners, skipped, wrong,
         one = by.get((r.impl, 1, r.options))
         r.speedup_vs_1t = (None if one is None or r.threads == 1
                            else one.median_s / r.median_s)
-    return Case(name, kind, base.to_json(), [s.options() for s in spec_list], list(threads),
+        prefill = by.get(("cattn", r.threads, YARDSTICK))
+        if kind == "grouped" and r.kv_gbps is not None and prefill is not None:
+            r.pct_of_prefill = 100.0 * r.gflops / prefill.gflops
+    spec = base.to_json()
+    if len({s.shape for s in spec_list}) > 1:
+        spec["specs"] = [s.to_json() for s in spec_list]
+    return Case(name, kind, spec, [s.options() for s in spec_list], list(threads),
                 rows, gemm_gflops={str(t): g for t, g in ceilings.items()},
                 stream_gbps={str(t): g for t, g in streams.items()},
                 stream_probe={str(t): p for t, p in stream_probe.items()},
                 skipped=skipped, wrong_output=wrong)
+
+
+def _reads_kv(spec: Spec, kind: str) -> bool:
+    """Rows whose speed is the K/V read rate: a decode case's, a grouped case's decodes."""
+    return kind == "decode" or (kind == "grouped" and spec.L == 1)
 
 
 def bench_shape(B, H, L, S, E, dtype="float32", causal=False,
@@ -199,6 +216,26 @@ def decode_cases(mode: str):
              {"kind": "decode", "stream": True, "ceiling": False})]
 
 
+# the grouped case's sizes: decodes' keys, latent attention's keys, the prefill's L = S
+GROUPED_S = {"full": 8192, "quick": 2048}
+MLA_S = {"full": 4096, "quick": 1024}
+YARDSTICK_L = {"full": 2048, "quick": 1024}
+YARDSTICK = "prefill"  # the tag of a grouped case's compute-rate yardstick
+
+
+def grouped_cases(mode: str):
+    """Decoding with 32 query heads over 32, 8 and 1 K/V heads, latent attention's decode
+    (DeepSeek's absorbed form: 128 query heads over one 576-wide K/V head whose first 512
+    columns are the values) and a prefill as the compute-rate yardstick, in one
+    round-robin: each decode against the stream read and the prefill of the same run."""
+    S, N = GROUPED_S[mode], YARDSTICK_L[mode]
+    specs = [Spec(1, 32, 1, S, 128, kv_heads=h) for h in (32, 8, 1)]
+    specs.append(Spec(1, 128, 1, MLA_S[mode], 576, kv_heads=1, value_width=512))
+    specs.append(Spec(1, 4, N, N, 128, tag=YARDSTICK))
+    return [(f"grouped decode S={S}", specs,
+             {"kind": "grouped", "stream": True, "ceiling": False})]
+
+
 def paged_cases(mode: str):
     """The decode shape with its keys and values in pages of 16 and of 256 positions
     (shuffled, read through the block table), against the contiguous decode, same run;
@@ -247,6 +284,7 @@ WORKLOADS = {
     "encoder": encoder_cases,
     "decode": decode_cases,
     "paged": paged_cases,
+    "grouped": grouped_cases,
     "tiny": tiny_cases,
     "float64": float64_cases,
     "variants": variant_cases,

@@ -249,6 +249,25 @@ def _narrow_targets(result) -> List[Target]:
                     "float32 with AMX-BF16 or AVX512-BF16, >=0.9x without", prefill_own)]
 
 
+def _grouped_targets(result) -> List[Target]:
+    """The grouped case's decodes against the same run's stream read (Hkv = 8: K/V bound)
+    and its prefill's GFLOP/s (Hkv = 1 and latent attention: 32 and 128 query rows a K/V
+    row, compute bound), same threads."""
+    rows = list(_rows(result, workload="grouped", impl="cattn"))
+    other = any(c.spec["S"] != 8192 for c, _ in rows)
+    return [_target("grouped-decode-stream", "decode Hq=32 over Hkv=8 K/V heads, S=8192 "
+                    "E=128, 1 and 2 threads: K/V read >=60% of the stream rate",
+                    [(f"{r.threads}t", r.pct_of_stream, 60.0, True) for c, r in rows
+                     if r.options == "Hkv=8" and r.pct_of_stream is not None], "%",
+                    indicative=other),
+            _target("grouped-decode-gemm-rate", "decode Hq=32 over one K/V head (S=8192 "
+                    "E=128) and latent attention (128 heads over one 576-wide K/V head, "
+                    "S=4096): >=50% of the same run's prefill GFLOP/s",
+                    [(f"{r.options} {r.threads}t", r.pct_of_prefill, 50.0, True)
+                     for c, r in rows if r.options in ("Hkv=1", "Hkv=1+mla")
+                     and r.pct_of_prefill is not None], "%", indicative=other)]
+
+
 def _supported_paths() -> Tuple[str, ...]:
     from cattn import _kernel
     return tuple(_kernel.supported_isa_paths())
@@ -260,7 +279,8 @@ def check_targets(result: Dict[str, Any]) -> List[Target]:
     return (_prefill_targets(result) + _encoder_decode_targets(result)
             + _memory_and_variant_targets(result) + _varlen_targets(result)
             + _mixed_paged_targets(result)
-            + _serving_targets(result) + _paged_targets(result) + _narrow_targets(result))
+            + _serving_targets(result) + _paged_targets(result) + _narrow_targets(result)
+            + _grouped_targets(result))
 
 
 def format_targets(targets: List[Target]) -> str:
