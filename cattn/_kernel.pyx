@@ -792,6 +792,13 @@ cdef inline Py_ssize_t key_row(const Plan* p, const Task* t, Py_ssize_t j,
 # ones amortize the hardware prefetcher's own start.
 cdef Py_ssize_t SMALL_PAGE = 64
 
+# Streaming rows (decoding) take P·V in runs of this many keys: their key blocks are long
+# (STREAM_BLOCK_KEYS in cattn._plan), and where P·V takes several passes over each value
+# row (2-4 rows; one row on AVX2, with half the registers), a run's values stay in L2
+# between its passes (256 float32 rows of 128 values: 128 KiB) instead of coming from
+# memory again.
+cdef Py_ssize_t VALUE_RUN_KEYS = 256
+
 
 cdef inline void prefetch_stream_starts(const char* row, Py_ssize_t rows,
                                         Py_ssize_t row_bytes, Py_ssize_t stride_bytes,
@@ -838,8 +845,8 @@ cdef void step_key_blocks(const Plan* p, const Task* t, int steps, Py_ssize_t kb
     """Visit keys [kb_first, kb_last) one block at a time, doing `steps` on each: the
     scores (into `scores`, or at the keys' own columns of it when scores_follow_keys), the
     fold into the online softmax, and acc += P·V. The GEMMs run once per run of keys
-    contiguous in memory (the whole block, or each page of paged keys within it); the fold
-    stays one per block."""
+    contiguous in memory (the whole block, or each page of paged keys within it; streaming
+    rows take P·V in runs of at most VALUE_RUN_KEYS); the fold stays one per block."""
     cdef Py_ssize_t kb0 = kb_first, kb1, s0, s1
     cdef floating* block
     while kb0 < kb_last:
@@ -868,6 +875,8 @@ cdef void step_key_blocks(const Plan* p, const Task* t, int steps, Py_ssize_t kb
             s0 = kb0
             while s0 < kb1:
                 s1 = segment_end(p, s0, kb1)
+                if t.rows <= CATTN_DIRECT_ROWS and s1 - s0 > VALUE_RUN_KEYS:
+                    s1 = s0 + VALUE_RUN_KEYS
                 CATTN_ASSERT_INSIDE(p.v_bytes,
                     v_item + key_row(p, t, s0, p.v_rs, p.v_page_stride) * p.v_size,
                     v_item + (key_row(p, t, s1 - 1, p.v_rs, p.v_page_stride) + p.Ev - 1) * p.v_size,
@@ -984,7 +993,7 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     cdef const char* k_item = <const char*> k + t.item[COL_K] * p.k_size
     cdef const char* v_item = <const char*> v + t.item[COL_V] * p.v_size
     t.converted = <float*> (packed + packed_elements(p, floating is double))
-    t.p_scaled = t.converted + (p.block_k * max(p.E, p.Ev) if converts(p) else 0)
+    t.p_scaled = t.converted + converted_elements(p)
     t.bf16_queries = <void*> (scratch + p.bf16_queries_offset)
     t.bf16_work = <void*> (scratch + p.bf16_work_offset)
     t.counters = counters
@@ -1144,8 +1153,9 @@ cdef void fill_nan(const Plan* p, floating* out) noexcept nogil:
 
 
 cdef inline Py_ssize_t packed_elements(const Plan* p, bint is_double) noexcept nogil:
-    """Scratch elements of one block of packed keys: whole panels (micro-kernels only)."""
-    if p.blas:
+    """Scratch elements of one block of packed keys: whole panels (micro-kernels only; none
+    where every task streams its keys)."""
+    if p.blas or streams(p):
         return 0
     cdef Py_ssize_t panel = cattn_panel_keys(p.isa, is_double)
     return (p.block_k + panel - 1) // panel * panel * p.E
@@ -1156,14 +1166,24 @@ cdef inline bint converts(const Plan* p) noexcept nogil:
     return p.k_type != CATTN_ELEM_NATIVE or p.v_type != CATTN_ELEM_NATIVE
 
 
+cdef inline bint streams(const Plan* p) noexcept nogil:
+    """Whether every task streams K and V in place, converting as it loads (at most
+    CATTN_DIRECT_ROWS rows, micro-kernels): no packed, converted or bfloat16 blocks."""
+    return p.task_rows <= CATTN_DIRECT_ROWS and not p.blas
+
+
+cdef inline Py_ssize_t converted_elements(const Plan* p) noexcept nogil:
+    """Scratch elements of one block of K or V converted to the type computed in."""
+    return p.block_k * max(p.E, p.Ev) if converts(p) and not streams(p) else 0
+
+
 cdef Py_ssize_t scratch_elements(const Plan* p, bint is_double) noexcept:
     """Elements of per-thread scratch, padded to 64 bytes so threads never share a line."""
     cdef Py_ssize_t n = 2 * p.task_rows + p.task_rows * p.Ev
     if not p.weights_mode:
         n += p.task_rows * p.block_k
     n += packed_elements(p, is_double)
-    if converts(p):
-        n += p.block_k * max(p.E, p.Ev)
+    n += converted_elements(p)
     if p.v_scale != NULL:
         n += p.task_rows * p.block_k
     return (n + 15) // 16 * 16
@@ -1207,6 +1227,34 @@ cdef Py_ssize_t items_per_task(const Plan* p) noexcept:
             if not share_keys(p, first, first + m):
                 return 1
     return g
+
+
+cdef Py_ssize_t task_group(Plan* p, object tasks, bint separate):
+    """Items per task: a task list's most, 1 when each item keeps its own rows of scratch
+    (weights, key mass: `separate`), else items_per_task."""
+    return (most_members(tasks) if tasks is not None
+            else 1 if separate else items_per_task(p))
+
+
+DIRECT_ROWS = CATTN_DIRECT_ROWS  # (a task of at most this many rows streams K and V)
+
+
+def items_in_a_task(cnp.ndarray table, Py_ssize_t block_q, *, object tasks=None,
+                    bint separate=False, object paged=None, object kv_storage=None):
+    """How many items, sharing their keys and values, one task of `attention` with these
+    arguments computes (its rows: that many times block_q). Whether a task streams K and V
+    decides its key blocks (cattn._plan), so the plan asks before the call."""
+    cdef Plan p
+    p.table = <const Py_ssize_t*> cnp.PyArray_DATA(table)
+    p.n_items = table.shape[0]
+    p.block_q = block_q
+    p.pages = NULL
+    if paged is not None:
+        p.pages = <const int32_t*> cnp.PyArray_DATA(<cnp.ndarray> paged[0])
+    p.k_scale = p.v_scale = NULL
+    if kv_storage is not None:
+        set_kv_storage(&p, kv_storage)
+    return task_group(&p, tasks, separate)
 
 
 cdef Py_ssize_t most_members(cnp.ndarray tasks) noexcept:
@@ -1431,7 +1479,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
       shape = (L, S, E, Ev)
       strides = (q_rs, k_rs, v_rs, out_rs, out_cs, mask_rs, mask_cs), in elements
       variant = (mask_kind, win_left, win_right, scale, softcap, weights_mode)
-      blocks = (block_q, block_k, n_splits, split_keys)
+      blocks = (block_q, block_k, n_splits, split_keys, items per task: items_in_a_task)
       run = (num_threads, isa)
       paged = (block_table, page_size, k_page_stride, v_page_stride), or None: k and v
         are pages (block_table a C-contiguous int32 array of page numbers, each item's row
@@ -1473,7 +1521,7 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     L, S, E, Ev = shape
     q_rs, k_rs, v_rs, out_rs, out_cs, mask_rs, mask_cs = strides
     mask_kind, win_left, win_right, scale, softcap, weights_mode = variant
-    block_q, block_k, n_splits, split_keys = blocks
+    block_q, block_k, n_splits, split_keys, task_items = blocks
     num_threads, isa = run
     cdef Plan p
     p.n_items = table.shape[0]
@@ -1509,8 +1557,10 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         set_extents(&p, q, k, v, out, lse, weights, key_mass, partials)
     # (a task list says how many items each of its tasks groups; else a key-mass row of
     # the scratch belongs to one item: its tasks are not grouped)
-    p.group = (most_members(tasks) if tasks is not None
-               else 1 if weights_mode or p.key_mass != NULL else items_per_task(&p))
+    p.group = task_items
+    if CATTN_DEBUG_BUILD:
+        CATTN_ASSERT(task_items == task_group(&p, tasks, weights_mode or p.key_mass != NULL),
+                     "items per task")
     p.task_rows = p.group * block_q
     p.k_size = (<cnp.ndarray> k).descr.itemsize
     p.v_size = (<cnp.ndarray> v).descr.itemsize
@@ -1527,10 +1577,10 @@ def attention(object q, object k, object v, object out, object lse, object weigh
     p.bf16_scores = p.bf16_isa and p.k_type == CATTN_ELEM_BF16 and bool(bf16_query)
     p.bf16_pv = p.bf16_isa and p.v_type == CATTN_ELEM_BF16
     p.bf16_queries_offset = stride
-    if p.bf16_scores:
+    if p.bf16_scores and not streams(&p):
         stride += (<Py_ssize_t> cattn_bf16_queries_bytes(p.task_rows, E) + 63) // 64 * 16
     p.bf16_work_offset = stride
-    if p.bf16_scores or p.bf16_pv:
+    if (p.bf16_scores or p.bf16_pv) and not streams(&p):
         stride += (<Py_ssize_t> cattn_bf16_work_bytes(p.task_rows, block_k, E, Ev) + 63) // 64 * 16
     p.queries_offset = stride
     if p.group > 1:

@@ -107,11 +107,26 @@ MUTANTS = [
     # ------------------------------------------------------------ found by the audit
     Mutant("key-split-drops-tail",
            "the key-split path ignores the last S % n_splits keys (error 2e-3 at S = 2049)",
-           [Edit(PLAN, "    split_keys = -(-S // n_splits)\n"
-                      "    split_keys = -(-split_keys // block_k) * block_k\n"
+           [Edit(PLAN, "    split_keys = -(-split_keys // align) * align\n"
                       "    return -(-S // split_keys), split_keys\n",
                  "    return n_splits, S // n_splits\n")],
            ["tests/test_key_splits.py"]),
+    Mutant("decode-blocks-by-query-length-alone",
+           "a group of 8 heads decoding packs blocks of 2048 keys (2 MiB of scratch per "
+           "thread at E = 128, out of L2)",
+           [Edit(PLAN, "    streams = group * block_q <= _kernel.DIRECT_ROWS\n",
+                 "    streams = block_q <= _kernel.DIRECT_ROWS\n")],
+           ["tests/test_plan.py", "-k", "stream"]),
+    Mutant("streaming-chunks-of-the-short-minimum",
+           "decoding cuts its keys into chunks of 512 that end its long key blocks early: "
+           "the streams restart 4x as often",
+           [Edit(PLAN, "STREAM_BLOCK_KEYS if streams else _MIN_SPLIT_KEYS", "_MIN_SPLIT_KEYS")],
+           ["tests/test_plan.py", "-k", "stream"]),
+    Mutant("streaming-tasks-keep-a-converted-block",
+           "a float16 decode allocates a converted key block it never uses (1 MiB per thread "
+           "at E = 128) on every call",
+           [Edit(KERNEL, "if converts(p) and not streams(p) else 0", "if converts(p) else 0")],
+           ["tests/test_plan.py", "-k", "stream"]),
     Mutant("merge-without-max-shift",
            "merge_attention returns NaN once the lse passes exp's range",
            [Edit(API, "safe_max = np.where(np.isfinite(lse_max), lse_max, 0).astype(dtype)",

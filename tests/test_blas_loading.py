@@ -81,7 +81,7 @@ KERNEL_BLAS_CASES = {
     "float64-causal-lse": (np.float64, None, {"is_causal": True, "return_lse": True}),
     "weights": (np.float32, None, {"return_weights": True, "return_lse": True}),
     "float16-keys-values": (np.float32, np.float16, {"window": (20, 5)}),
-    "float64-decode-split-keys": (np.float64, None, {"L": 1, "S": 3000}),
+    "float64-decode-split-keys": (np.float64, None, {"L": 1, "S": 5000}),
 }
 
 

@@ -156,14 +156,14 @@ def test_head_and_batch_chunks_equal_the_single_call_bitwise(rng, L):
     # Keys whole, heads and batch in chunks: each task is one cattn call over some heads;
     # L = 1 takes cattn's key-split path inside each task.
     q = randn(rng, (2, 6, L, 32), np.float32)
-    k, v = randn(rng, (2, 6, 2100, 32), np.float32), randn(rng, (2, 6, 2100, 16), np.float32)
+    k, v = randn(rng, (2, 6, 4200, 32), np.float32), randn(rng, (2, 6, 4200, 16), np.float32)
     want, want_lse = cattn.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                         alignment="bottom_right",
                                                         return_lse=True)
     chunks = (1, (1, 2, 3), L, 32)
     out, lse = cdask.scaled_dot_product_attention(
-        da.from_array(q, chunks=chunks), da.from_array(k, chunks=chunks[:2] + (2100, 32)),
-        da.from_array(v, chunks=chunks[:2] + (2100, 16)), is_causal=True,
+        da.from_array(q, chunks=chunks), da.from_array(k, chunks=chunks[:2] + (4200, 32)),
+        da.from_array(v, chunks=chunks[:2] + (4200, 16)), is_causal=True,
         alignment="bottom_right", return_lse=True)
     got, got_lse = compute(out, lse)
     np.testing.assert_array_equal(got, want)

@@ -71,10 +71,11 @@ def stats():
 
 
 # (Hkv, group, L, S): groups of 1 to 32 heads, one to 64 query rows, keys around the key
-# block (256) and the key chunks (from 1024 keys a decoding call splits its keys).
+# blocks (256; 2048 where a task's rows stream K and V: at most 4) and the key chunks (a
+# decoding call splits its keys from 1024 keys, or from 4096 where its rows stream).
 SHAPES = [(Hkv, group, L, S)
           for Hkv in (1, 2, 8) for group in (1, 2, 3, 4, 5, 8, 32) for L in (1, 2, 7, 64)
-          for S in (1, 255, 257, 1100, 2100)
+          for S in (1, 255, 257, 1100, 2049, 4500)
           if Hkv * group * L * S <= 600_000]
 
 
@@ -92,9 +93,9 @@ def test_grouped_heads_match_reference(rng, Hkv, group, L, S):
 
 
 def test_each_kv_head_is_read_once_per_group(rng):
-    # 32 query heads over 8 K/V heads, 2100 keys in 9 blocks (in 3 chunks: split tasks):
+    # 32 query heads over 8 K/V heads, 4500 keys in 4 blocks (in 2 chunks: split tasks):
     # key blocks visited = K/V heads x blocks, not query heads x blocks.
-    q, k, v = operands(rng, 1, 8, 4, 1, 2100, E=64, Ev=64)
+    q, k, v = operands(rng, 1, 8, 4, 1, 4500, E=64, Ev=64)
     sdpa(q, k, v, enable_gqa=True)
     s = stats()
     assert s["items_per_task"] == 4

@@ -181,8 +181,8 @@ def test_key_blocks_independent_of_page_size(rng, block_size, block_k):
 def test_long_decode_splits_keys_and_threads_agree(rng, block_size):
     """A decode against thousands of keys runs as chunks of keys merged by lse; 1, 2 and 3
     threads give the same bits."""
-    seq_lens = np.array([3001, 1200])
-    num_blocks = 2 * (-(-3001 // block_size))
+    seq_lens = np.array([6001, 1200])
+    num_blocks = 2 * (-(-6001 // block_size))
     k_cache, v_cache = make_pool(rng, num_blocks, 2, block_size, 64, 64, np.float32)
     table = shuffled_table(rng, seq_lens, block_size, num_blocks)
     q = rng.standard_normal((2, 4, 1, 64)).astype(np.float32)
@@ -649,7 +649,7 @@ def half_dtypes():
 
 
 @pytest.mark.parametrize("half", half_dtypes())
-@pytest.mark.parametrize("block_size,L,lengths", [(3, 4, (40, 7)), (16, 1, (3001, 1200)),
+@pytest.mark.parametrize("block_size,L,lengths", [(3, 4, (40, 7)), (16, 1, (6001, 1200)),
                                                   (16, 20, (100, 37))])
 def test_half_precision_pages(rng, half, block_size, L, lengths):
     """float16 / bfloat16 pages are read as stored and computed in float32: the float64

@@ -19,6 +19,7 @@ import pytest
 
 import cattn
 from cattn import _kernel
+from cattn._plan import STREAM_BLOCK_KEYS
 from conftest import in_ci, last_call_stats
 from test_core import qkv, sdpa
 
@@ -134,6 +135,41 @@ def test_reported_scratch_does_not_grow_with_the_problem(rng, L, S):
     stats = last_call_stats()
     assert stats["scratch_bytes"] <= SCRATCH_BOUND, stats
     assert stats["block_k"] < S, stats  # the keys are tiled
+
+
+# ------------------------------------------------------------ key blocks of decoding
+
+@pytest.mark.parametrize("Hq, Hkv, L, kv_dtype, streams", [
+    (6, 6, 1, np.float32, True), (6, 6, 1, np.float16, True), (8, 2, 1, np.float32, True),
+    (3, 3, 4, np.float32, True), (8, 1, 1, np.float32, False), (3, 3, 5, np.float32, False)])
+def test_tasks_that_stream_take_long_key_blocks(rng, Hq, Hkv, L, kv_dtype, streams):
+    """Tasks of at most DIRECT_ROWS rows (decoding: a query or a group of up to 4 heads)
+    stream K and V in blocks of STREAM_BLOCK_KEYS keys, in chunks at least that long, with
+    no packed block in their scratch; taller tasks pack blocks of 256 keys, chunks from 512.
+    The bugs: a rule that looks at the query length alone (an 8-head group of one query
+    would pack 2048-key blocks) or keeps the short chunks (each ending its long blocks);
+    scratch for a converted block that float16 rows streamed in place never use."""
+    S, E = 12001, 64
+    query, key, value = qkv(rng, [(Hq, L, E), (Hkv, S, E), (Hkv, S, E)], np.float32)
+    key, value = key.astype(kv_dtype), value.astype(kv_dtype)
+    sdpa(query, key, value, enable_gqa=Hq != Hkv, num_threads=1)
+    stats = last_call_stats()
+    assert (stats["items_per_task"] * L <= _kernel.DIRECT_ROWS) == streams, stats
+    assert stats["n_splits"] > 1, stats
+    if streams:
+        assert stats["block_k"] == STREAM_BLOCK_KEYS, stats
+        assert stats["split_keys"] >= STREAM_BLOCK_KEYS, stats
+        # running max and sum, output rows, scores and a group's gathered queries of at
+        # most 4 rows: no key block
+        assert stats["scratch_bytes"] <= 4 * (2 + 2 * E + STREAM_BLOCK_KEYS) * 4 + 64, stats
+    else:
+        assert stats["block_k"] == 256 and stats["split_keys"] < STREAM_BLOCK_KEYS, stats
+
+
+def test_decoding_keeps_the_block_sizes_it_is_given(rng):
+    query, key, value = qkv(rng, [(2, 1, 16), (2, 5000, 16), (2, 5000, 16)], np.float32)
+    sdpa(query, key, value, _block_sizes=(1, 48))
+    assert last_call_stats()["block_k"] == 48
 
 
 # ------------------------------------------------------------------ skipped key blocks

@@ -58,11 +58,11 @@ def test_decode_step_equals_the_last_rows_of_the_full_causal_call(rng, L, dtype)
     np.testing.assert_allclose(step, full[..., -L:, :], **tolerance(dtype))
 
 
-DECODE_OPTIONS = {  # a few query rows against a long cache (B = 3, Hq = 4, S = 2100)
+DECODE_OPTIONS = {  # a few query rows against a long cache (B = 3, Hq = 4, S = 4200)
     "plain": {},
     "causal": {"is_causal": True},
-    "lengths": {"is_causal": True, "key_lengths": [2100, 600, 0]},
-    "window": {"is_causal": True, "window": (300, None), "key_lengths": [1500, 1024, 5]},
+    "lengths": {"is_causal": True, "key_lengths": [4200, 600, 0]},
+    "window": {"is_causal": True, "window": (300, None), "key_lengths": [3000, 1024, 5]},
     "mask-row-empty": {"attn_mask": "bool"},
     "gqa-mask-softcap": {"enable_gqa": True, "attn_mask": "float32", "softcap": 5.0},
 }
@@ -76,10 +76,10 @@ def test_decode_against_a_long_cache(rng, options, L, dtype):
     # merges them, so some chunks of a row see nothing (lengths, windows, masks) and must
     # weigh nothing.
     options = dict(options, alignment="bottom_right", return_lse=True)
-    query, key, value = problem(rng, dtype, L, 2100, B=3, Hq=4,
+    query, key, value = problem(rng, dtype, L, 4200, B=3, Hq=4,
                                 Hkv=1 if options.get("enable_gqa") else 4)
     if "attn_mask" in options:
-        mask = random_mask(rng, (3, 1, L, 2100), options["attn_mask"])
+        mask = random_mask(rng, (3, 1, L, 4200), options["attn_mask"])
         mask[:, :, -1, :] = False if mask.dtype == bool else -np.inf
         options["attn_mask"] = mask
     assert_matches_reference(query, key, value, **options)
