@@ -281,6 +281,9 @@ cdef struct Plan:
     Py_ssize_t win_left, win_right        # visible keys: [i+diag-left, i+diag+right]
     double scale, softcap                  # softcap <= 0: off
     Py_ssize_t block_q, block_k, n_q_blocks
+    # Row stride of a block's scores (and of int8's scaled P): block_k, one cache line more
+    # where tasks stream K and V (below)
+    Py_ssize_t scores_rs
     # Consecutive items that share keys and values become the rows of one task (member-
     # major: row r is query row i0 + r % rows-per-member of item n + r // rows-per-member);
     # task_rows = group · block_q sizes the scratch, whose gathered queries (task_rows × E)
@@ -631,11 +634,11 @@ cdef inline void pv_converted(const Plan* p, const Task* t, Py_ssize_t n_keys,
     cdef const float* prob_row
     if v_scale != NULL:
         for r in range(rows):
-            scaled_row = t.p_scaled + r * p.block_k
+            scaled_row = t.p_scaled + r * p.scores_rs
             prob_row = probs + r * ld
             for j in range(n_keys):
                 scaled_row[j] = prob_row[j] * v_scale[j * p.v_scale_rs]
-        probs, ld = t.p_scaled, p.block_k
+        probs, ld = t.p_scaled, p.scores_rs
     if p.bf16_pv and rows > CATTN_DIRECT_ROWS:
         cattn_bf16_pv(p.bf16_isa, rows, p.Ev, n_keys, probs, ld,
                       <const unsigned short*> v_block, p.v_rs, acc, p.Ev, t.bf16_work)
@@ -984,7 +987,7 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     cdef floating* run_sum = scratch + p.task_rows
     cdef floating* acc = scratch + 2 * p.task_rows
     cdef floating* scores = acc + p.task_rows * p.Ev
-    cdef floating* packed = scores + (0 if p.weights_mode else p.task_rows * p.block_k)
+    cdef floating* packed = scores + (0 if p.weights_mode else p.task_rows * p.scores_rs)
     cdef floating* weights_rows = NULL
     CATTN_ASSERT_INSIDE(p.q_bytes, q + t.item[COL_Q] + t.i0 * p.q_rs,
         q + row_item(p, &t, t.rows - 1)[COL_Q] + (t.i0 + t.member_rows - 1) * p.q_rs + p.E - 1,
@@ -1044,10 +1047,10 @@ cdef void attend_query_block(const Plan* p, Py_ssize_t task_index,
     else:
         if keep_range:
             step_key_blocks(p, &t, STEP_SCORES | STEP_FOLD | STEP_PV, t.keep_begin,
-                            t.keep_end, q_block, k_item, v_item, packed, scores, p.block_k,
+                            t.keep_end, q_block, k_item, v_item, packed, scores, p.scores_rs,
                             False, mask_add, mask_bool, acc, run_max, run_sum, counters)
         step_key_blocks(p, &t, STEP_SCORES | STEP_FOLD | STEP_PV, t.k_begin, t.k_end,
-                        q_block, k_item, v_item, packed, scores, p.block_k, False,
+                        q_block, k_item, v_item, packed, scores, p.scores_rs, False,
                         mask_add, mask_bool, acc, run_max, run_sum, counters)
 
     if p.n_splits > 1:  # one chunk of the keys: leave the merging to merge_split_row
@@ -1181,11 +1184,11 @@ cdef Py_ssize_t scratch_elements(const Plan* p, bint is_double) noexcept:
     """Elements of per-thread scratch, padded to 64 bytes so threads never share a line."""
     cdef Py_ssize_t n = 2 * p.task_rows + p.task_rows * p.Ev
     if not p.weights_mode:
-        n += p.task_rows * p.block_k
+        n += p.task_rows * p.scores_rs
     n += packed_elements(p, is_double)
     n += converted_elements(p)
     if p.v_scale != NULL:
-        n += p.task_rows * p.block_k
+        n += p.task_rows * p.scores_rs
     return (n + 15) // 16 * 16
 
 
@@ -1572,6 +1575,9 @@ def attention(object q, object k, object v, object out, object lse, object weigh
         require_blas()
     cdef bint is_double = (<cnp.ndarray> q).descr.type_num == cnp.NPY_DOUBLE
     cdef size_t item = sizeof(double) if is_double else sizeof(float)
+    # A streaming block's rows of scores 4 KiB apart (2048 float32 keys) would fall in the
+    # same L1 sets, and P·V's loads of them alias the fold's stores: one cache line more.
+    p.scores_rs = p.block_k + (<Py_ssize_t> (64 // item) if streams(&p) else 0)
     cdef Py_ssize_t stride = scratch_elements(&p, is_double)
     p.bf16_isa = level if cattn_isa_has_bf16_products(level) and not is_double else 0
     p.bf16_scores = p.bf16_isa and p.k_type == CATTN_ELEM_BF16 and bool(bf16_query)

@@ -159,9 +159,10 @@ def test_tasks_that_stream_take_long_key_blocks(rng, Hq, Hkv, L, kv_dtype, strea
     if streams:
         assert stats["block_k"] == STREAM_BLOCK_KEYS, stats
         assert stats["split_keys"] >= STREAM_BLOCK_KEYS, stats
-        # running max and sum, output rows, scores and a group's gathered queries of at
-        # most 4 rows: no key block
-        assert stats["scratch_bytes"] <= 4 * (2 + 2 * E + STREAM_BLOCK_KEYS) * 4 + 64, stats
+        # running max and sum, output rows, scores (a cache line past each row) and a
+        # group's gathered queries of at most 4 rows: no key block
+        assert stats["scratch_bytes"] <= 4 * (2 + 2 * E + STREAM_BLOCK_KEYS + 16) * 4 + 64, \
+            stats
     else:
         assert stats["block_k"] == 256 and stats["split_keys"] < STREAM_BLOCK_KEYS, stats
 
