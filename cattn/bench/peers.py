@@ -237,7 +237,7 @@ def make_torch(spec: Spec, q, k, v, threads: int, config: BenchConfig):
         tq, tk, tv = (x.to(half) for x in (tq, tk, tv))
     sdpa = F.scaled_dot_product_attention
     causal = spec.causal
-    gqa = {"enable_gqa": True} if spec.grouped else {}  # (PyTorch 2.5 and later)
+    gqa: Dict[str, Any] = {"enable_gqa": True} if spec.grouped else {}  # (PyTorch >= 2.5)
     if spec.grouped or spec.Ev != spec.E:
         try:  # one key of the same heads and widths: whether this PyTorch takes them
             sdpa(torch.zeros(1, spec.H, 1, spec.E), torch.zeros(1, spec.Hkv, 1, spec.E),
